@@ -1,0 +1,37 @@
+//! The in-kernel flow table: per-datagram accounting stays here, userspace reads it on demand.
+
+/// A flow: one socket talking to one remote address:port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub cookie: u64,
+    pub remote: [u8; 16],
+    pub rport: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 32);
+
+/// Counters of a flow. Updated with atomic adds on the hot path; times are
+/// `bpf_ktime_get_boot_ns()`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    pub first_ns: u64,
+    pub last_tx_ns: u64,
+    pub last_rx_ns: u64,
+    pub tx_datagrams: u64,
+    pub tx_bytes: u64,
+    pub rx_datagrams: u64,
+    pub rx_bytes: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<FlowStats>() == 56);
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), no padding (checked above), every bit pattern is valid.
+unsafe impl aya::Pod for FlowKey {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowStats {}

@@ -1,0 +1,16 @@
+//! Types shared by the kernel programs (`udpmon-ebpf`) and the userspace agent (`udpmon`).
+//!
+//! Everything here is `#[repr(C)]`, `Copy` and free of implicit padding, because the same
+//! bytes are written by BPF code and read back by userspace. Size checks at the bottom of each
+//! module catch a layout change at compile time on both sides.
+#![no_std]
+
+pub mod event;
+pub mod flow;
+pub mod offsets;
+pub mod stats;
+
+pub use event::{Event, EventKind};
+pub use flow::{FlowKey, FlowStats};
+pub use offsets::Offsets;
+pub use stats::{Counter, COUNTERS};

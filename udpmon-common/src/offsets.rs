@@ -1,0 +1,84 @@
+//! Kernel struct field offsets, resolved by userspace from the running kernel's BTF and handed
+//! to the programs as a read-only global. Rust eBPF has no CO-RE, so nothing here may be a
+//! constant for one kernel.
+
+/// Byte offsets of the fields the programs read. `u32::MAX` would mean "absent"; userspace
+/// refuses to load a strategy whose required offsets are missing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offsets {
+    // struct sock / struct sock_common
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_family: u32,
+    pub skc_state: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    /// `sk->__sk_common.skc_net.net`
+    pub skc_net: u32,
+    pub sk_protocol: u32,
+    pub sk_type: u32,
+    pub sk_err: u32,
+    /// `sk->sk_error_queue.qlen`
+    pub sk_error_queue_qlen: u32,
+    /// `sk->sk_uid.val`
+    pub sk_uid: u32,
+    /// `struct net.ns.inum`
+    pub net_ns_inum: u32,
+    // struct sk_buff
+    pub skb_head: u32,
+    pub skb_data: u32,
+    pub skb_len: u32,
+    pub skb_network_header: u32,
+    pub skb_transport_header: u32,
+    pub skb_protocol: u32,
+    pub skb_dev: u32,
+    /// `struct net_device.nd_net.net`
+    pub dev_nd_net: u32,
+    /// `enum skb_drop_reason` value of `SKB_DROP_REASON_NO_SOCKET`.
+    pub drop_reason_no_socket: u32,
+    /// `struct msghdr.msg_name` (sendmsg address, fentry/kprobe strategies).
+    pub msghdr_msg_name: u32,
+    pub msghdr_msg_namelen: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<Offsets>() == 26 * 4);
+
+impl Offsets {
+    pub const fn zeroed() -> Self {
+        Self {
+            skc_daddr: 0,
+            skc_rcv_saddr: 0,
+            skc_dport: 0,
+            skc_num: 0,
+            skc_family: 0,
+            skc_state: 0,
+            skc_v6_daddr: 0,
+            skc_v6_rcv_saddr: 0,
+            skc_net: 0,
+            sk_protocol: 0,
+            sk_type: 0,
+            sk_err: 0,
+            sk_error_queue_qlen: 0,
+            sk_uid: 0,
+            net_ns_inum: 0,
+            skb_head: 0,
+            skb_data: 0,
+            skb_len: 0,
+            skb_network_header: 0,
+            skb_transport_header: 0,
+            skb_protocol: 0,
+            skb_dev: 0,
+            dev_nd_net: 0,
+            drop_reason_no_socket: 0,
+            msghdr_msg_name: 0,
+            msghdr_msg_namelen: 0,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C) of u32 only, no padding.
+unsafe impl aya::Pod for Offsets {}

@@ -1,0 +1,55 @@
+//! Datagram hooks of the tracepoint/cgroup strategy: cgroup_skb egress and ingress on the
+//! cgroup-v2 root see every datagram a UDP socket sends or receives, with both addresses
+//! and the socket cookie, on every kernel since 4.10.
+use aya_ebpf::{helpers::bpf_get_socket_cookie, programs::SkBuffContext};
+
+use crate::{
+    flow::{Datagram, Dir, on_datagram},
+    packet::{Bytes, IPPROTO_UDP, l3, udp},
+};
+
+struct Skb<'a>(&'a SkBuffContext);
+
+impl Bytes for Skb<'_> {
+    #[inline(always)]
+    fn copy(&self, off: u32, dst: &mut [u8]) -> Option<()> {
+        self.0.load_bytes(off as usize, dst).ok().map(|_| ())
+    }
+}
+
+/// cgroup_skb: offset 0 is the IP header. `in_task`: egress of a UDP datagram runs in the
+/// sender's syscall (or a kernel worker for corked sends); ingress runs in softirq.
+#[inline(always)]
+pub fn on_skb(ctx: &SkBuffContext, dir: Dir) {
+    let b = Skb(ctx);
+    let Some(ip) = l3(&b, 0) else { return };
+    if ip.proto != IPPROTO_UDP {
+        return;
+    }
+    let Some((sport, dport, bytes)) = udp(&b, ip.l4_off) else {
+        return;
+    };
+    // SAFETY: the helper accepts the program's own skb context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut _) };
+    let d = match dir {
+        Dir::Tx => Datagram {
+            cookie,
+            family: ip.family,
+            local: ip.saddr,
+            remote: ip.daddr,
+            lport: sport,
+            rport: dport,
+            bytes,
+        },
+        Dir::Rx => Datagram {
+            cookie,
+            family: ip.family,
+            local: ip.daddr,
+            remote: ip.saddr,
+            lport: dport,
+            rport: sport,
+            bytes,
+        },
+    };
+    on_datagram(&d, dir, false);
+}

@@ -1,0 +1,82 @@
+//! Socket lifecycle from the cgroup hooks: create, connect, release.
+use aya_ebpf::{
+    bindings::{bpf_sock, bpf_sock_addr},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
+};
+use udpmon_common::{
+    Event, EventKind,
+    event::{AF_INET, AF_INET6},
+};
+
+use crate::{
+    flow::{fill_identity, learn_owner},
+    maps::{OWNERS, emit},
+    packet::IPPROTO_UDP,
+};
+
+/// cgroup/sock_create: remember who created each UDP socket.
+#[inline(always)]
+pub fn on_create(sk: *mut bpf_sock) {
+    // SAFETY: the context pointer is valid for the program run.
+    let proto = unsafe { (*sk).protocol };
+    if proto != IPPROTO_UDP as u32 {
+        return;
+    }
+    // SAFETY: as above.
+    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut _) };
+    let _ = learn_owner(cookie, 0);
+}
+
+/// cgroup/connect4 and connect6: runs before the connect completes, in the caller's context.
+#[inline(always)]
+pub fn on_connect(ctx: *mut bpf_sock_addr) {
+    // SAFETY: the context pointer is valid for the program run.
+    let a = unsafe { &*ctx };
+    if a.protocol != IPPROTO_UDP as u32 {
+        return;
+    }
+    let mut ev = Event::zeroed();
+    ev.kind = EventKind::Connect as u16;
+    // SAFETY: BPF helpers on the program's own context.
+    ev.cookie = unsafe { bpf_get_socket_cookie(ctx as *mut _) };
+    ev.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
+    match a.user_family as u16 {
+        AF_INET => {
+            ev.family = AF_INET;
+            ev.remote[..4].copy_from_slice(&a.user_ip4.to_ne_bytes());
+        }
+        AF_INET6 => {
+            ev.family = AF_INET6;
+            for i in 0..4 {
+                ev.remote[i * 4..i * 4 + 4].copy_from_slice(&a.user_ip6[i].to_ne_bytes());
+            }
+        }
+        _ => return,
+    }
+    ev.rport = u16::from_be(a.user_port as u16);
+    if !fill_identity(&mut ev, true) {
+        return;
+    }
+    emit(&ev);
+}
+
+/// cgroup/sock_release: the last close of a UDP socket's file.
+#[inline(always)]
+pub fn on_release(sk: *mut bpf_sock) {
+    // SAFETY: the context pointer is valid for the program run.
+    let (proto, family) = unsafe { ((*sk).protocol, (*sk).family) };
+    if proto != IPPROTO_UDP as u32 {
+        return;
+    }
+    let mut ev = Event::zeroed();
+    ev.kind = EventKind::Close as u16;
+    ev.family = family as u16;
+    // SAFETY: BPF helpers on the program's own context.
+    ev.cookie = unsafe { bpf_get_socket_cookie(sk as *mut _) };
+    ev.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
+    if !fill_identity(&mut ev, true) {
+        return;
+    }
+    let _ = OWNERS.remove(&ev.cookie);
+    emit(&ev);
+}

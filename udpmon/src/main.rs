@@ -1,1 +1,3 @@
+mod decode;
+
 fn main() {}

@@ -24,3 +24,11 @@ pub fn read_buf(base: u64, off: u32, dst: &mut [u8]) {
         count(Counter::ReadFailed);
     }
 }
+
+/// Like `read_buf`, but reports failure instead of counting it (packet parsing probes
+/// addresses that may legitimately be out of the linear area).
+#[inline(always)]
+pub fn try_read_buf(addr: u64, dst: &mut [u8]) -> Option<()> {
+    // SAFETY: bpf_probe_read_kernel validates the address.
+    unsafe { bpf_probe_read_kernel_buf(addr as *const u8, dst) }.ok()
+}

@@ -42,9 +42,12 @@ pub struct Offsets {
     /// `struct msghdr.msg_name` (sendmsg address, fentry/kprobe strategies).
     pub msghdr_msg_name: u32,
     pub msghdr_msg_namelen: u32,
+    /// `sk->__sk_common.skc_cookie` (kprobes cannot call the cookie helper).
+    pub skc_cookie: u32,
+    pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Offsets>() == 26 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 28 * 4);
 
 impl Offsets {
     pub const fn zeroed() -> Self {
@@ -75,6 +78,8 @@ impl Offsets {
             drop_reason_no_socket: 0,
             msghdr_msg_name: 0,
             msghdr_msg_namelen: 0,
+            skc_cookie: 0,
+            _pad: 0,
         }
     }
 }

@@ -8,16 +8,30 @@ use udpmon_common::{
 use crate::{
     flow::fill_identity,
     kread::{read, read_buf},
-    maps::{emit, offsets},
+    maps::{emit, offsets, scratch_event},
     packet::IPPROTO_UDP,
 };
+
+/// Cookie of a socket from a BTF-typed pointer (fentry, fexit, tp_btf).
+#[inline(always)]
+pub fn cookie_of(sk: u64) -> u64 {
+    // SAFETY: callers pass the hook's trusted `struct sock *`.
+    unsafe { bpf_get_socket_cookie(sk as *mut _) }
+}
+
+/// Cookie of a socket from an untyped pointer (kprobes cannot call the helper): the cached
+/// `skc_cookie`, which udpmon's own hooks make the kernel generate (0 if never generated).
+#[inline(always)]
+pub fn cached_cookie(sk: u64) -> u64 {
+    read(sk, offsets().skc_cookie)
+}
 
 const EAGAIN: i32 = 11;
 const MSG_ERRQUEUE: u32 = 0x2000;
 
 /// `ret` is the syscall-level result; `kind` SendError or RecvError.
 #[inline(always)]
-pub fn on_result(sk: u64, ret: i32, msg_flags: u32, kind: EventKind) {
+pub fn on_result(sk: u64, ret: i32, msg_flags: u32, kind: EventKind, cookie: u64) {
     // Success, and the non-blocking "nothing yet", are the normal case.
     if ret >= 0 || ret == -EAGAIN || msg_flags & MSG_ERRQUEUE != 0 {
         return;
@@ -27,41 +41,71 @@ pub fn on_result(sk: u64, ret: i32, msg_flags: u32, kind: EventKind) {
     if proto != IPPROTO_UDP as u16 {
         return;
     }
-    let mut ev = Event::zeroed();
+    let Some(ev) = scratch_event() else { return };
     ev.kind = kind as u16;
     ev.ret = ret;
-    // SAFETY: BPF helpers; `sk` is the hook's socket pointer.
+    // SAFETY: BPF helper without preconditions.
     ev.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
-    ev.cookie = unsafe { bpf_get_socket_cookie(sk as *mut _) };
-    fill_sock_tuple(&mut ev, sk);
-    if !fill_identity(&mut ev, true) {
+    ev.cookie = cookie;
+    sock_tuple(sk).fill(ev);
+    if !fill_identity(ev, true) {
         return;
     }
-    emit(&ev);
+    emit(ev);
+}
+
+/// What `struct sock` says about a socket's addresses.
+pub struct SockTuple {
+    pub family: u16,
+    pub connected: bool,
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+    pub lport: u16,
+    pub rport: u16,
+    pub netns: u32,
+}
+
+impl SockTuple {
+    #[inline(always)]
+    pub fn fill(&self, ev: &mut Event) {
+        ev.family = self.family;
+        ev.local = self.local;
+        ev.remote = self.remote;
+        ev.lport = self.lport;
+        ev.rport = self.rport;
+        ev.netns = self.netns;
+        if self.connected {
+            ev.flags |= flags::CONNECTED;
+        }
+    }
 }
 
 /// Addresses, state and netns of a socket, from `struct sock`.
 #[inline(always)]
-pub fn fill_sock_tuple(ev: &mut Event, sk: u64) {
+pub fn sock_tuple(sk: u64) -> SockTuple {
     let o = offsets();
     let family: u16 = read(sk, o.skc_family);
-    ev.lport = read(sk, o.skc_num);
-    ev.rport = u16::from_be(read(sk, o.skc_dport));
     let state: u8 = read(sk, o.skc_state);
-    if state == 1 {
-        ev.flags |= flags::CONNECTED;
-    }
+    let mut t = SockTuple {
+        family: AF_INET,
+        connected: state == 1,
+        local: [0; 16],
+        remote: [0; 16],
+        lport: read(sk, o.skc_num),
+        rport: u16::from_be(read(sk, o.skc_dport)),
+        netns: 0,
+    };
     if family == AF_INET6 {
-        ev.family = AF_INET6;
-        read_buf(sk, o.skc_v6_rcv_saddr, &mut ev.local);
-        read_buf(sk, o.skc_v6_daddr, &mut ev.remote);
+        t.family = AF_INET6;
+        read_buf(sk, o.skc_v6_rcv_saddr, &mut t.local);
+        read_buf(sk, o.skc_v6_daddr, &mut t.remote);
     } else {
-        ev.family = AF_INET;
-        read_buf(sk, o.skc_rcv_saddr, &mut ev.local[..4]);
-        read_buf(sk, o.skc_daddr, &mut ev.remote[..4]);
+        read_buf(sk, o.skc_rcv_saddr, &mut t.local[..4]);
+        read_buf(sk, o.skc_daddr, &mut t.remote[..4]);
     }
     let net: u64 = read(sk, o.skc_net);
     if net != 0 {
-        ev.netns = read(net, o.net_ns_inum);
+        t.netns = read(net, o.net_ns_inum);
     }
+    t
 }

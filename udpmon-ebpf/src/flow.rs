@@ -11,7 +11,9 @@ use aya_ebpf::{
 };
 use udpmon_common::{Counter, Event, EventKind, FlowKey, FlowStats, event::flags};
 
-use crate::maps::{FLOWS, OWNERS, Owner, SENDERS, TupleKey, count, emit, self_tgid};
+use crate::maps::{
+    FLOWS, OWNERS, Owner, SENDERS, TupleKey, count, emit, scratch_event, self_tgid,
+};
 
 /// A datagram seen on the wire side of a socket. Addresses as in [`Event`].
 pub struct Datagram {
@@ -86,7 +88,7 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
         };
         let _ = SENDERS.insert(&tk, &d.cookie, 0);
     }
-    let mut ev = Event::zeroed();
+    let Some(ev) = scratch_event() else { return };
     ev.kind = match dir {
         Dir::Tx => EventKind::FirstTx,
         Dir::Rx => EventKind::FirstRx,
@@ -99,10 +101,10 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
     ev.lport = d.lport;
     ev.rport = d.rport;
     ev.ret = d.bytes as i32;
-    if !fill_identity(&mut ev, in_task) {
+    if !fill_identity(ev, in_task) {
         return;
     }
-    emit(&ev);
+    emit(ev);
 }
 
 /// Returns true when this datagram is the first of its direction.

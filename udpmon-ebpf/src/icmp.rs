@@ -196,6 +196,19 @@ pub fn on_skb_freed(skb: u64) {
     }
 }
 
+/// kretprobe of udp_err: no skb at return, but the slot can only hold this call's error.
+#[inline(always)]
+pub fn on_handler_done() {
+    let Some(slot) = PENDING_ICMP.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU slot, see `begin`.
+    let slot = unsafe { &mut *slot };
+    if slot.skb != 0 {
+        flush(slot);
+    }
+}
+
 #[inline(always)]
 fn flush(slot: &mut PendingIcmp) {
     slot.skb = 0;

@@ -4,13 +4,13 @@ use aya_ebpf::{
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
 };
 use udpmon_common::{
-    Event, EventKind,
+    EventKind,
     event::{AF_INET, AF_INET6},
 };
 
 use crate::{
     flow::{fill_identity, learn_owner},
-    maps::{OWNERS, emit},
+    maps::{OWNERS, emit, scratch_event},
     packet::IPPROTO_UDP,
 };
 
@@ -35,7 +35,7 @@ pub fn on_connect(ctx: *mut bpf_sock_addr) {
     if a.protocol != IPPROTO_UDP as u32 {
         return;
     }
-    let mut ev = Event::zeroed();
+    let Some(ev) = scratch_event() else { return };
     ev.kind = EventKind::Connect as u16;
     // SAFETY: BPF helpers on the program's own context.
     ev.cookie = unsafe { bpf_get_socket_cookie(ctx as *mut _) };
@@ -54,10 +54,10 @@ pub fn on_connect(ctx: *mut bpf_sock_addr) {
         _ => return,
     }
     ev.rport = u16::from_be(a.user_port as u16);
-    if !fill_identity(&mut ev, true) {
+    if !fill_identity(ev, true) {
         return;
     }
-    emit(&ev);
+    emit(ev);
 }
 
 /// cgroup/sock_release: the last close of a UDP socket's file.
@@ -68,15 +68,15 @@ pub fn on_release(sk: *mut bpf_sock) {
     if proto != IPPROTO_UDP as u32 {
         return;
     }
-    let mut ev = Event::zeroed();
+    let Some(ev) = scratch_event() else { return };
     ev.kind = EventKind::Close as u16;
     ev.family = family as u16;
     // SAFETY: BPF helpers on the program's own context.
     ev.cookie = unsafe { bpf_get_socket_cookie(sk as *mut _) };
     ev.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
-    if !fill_identity(&mut ev, true) {
+    if !fill_identity(ev, true) {
         return;
     }
     let _ = OWNERS.remove(&ev.cookie);
-    emit(&ev);
+    emit(ev);
 }

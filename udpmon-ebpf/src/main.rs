@@ -14,6 +14,9 @@ mod lifecycle;
 mod maps;
 mod packet;
 mod refused;
+mod sock;
+mod trampoline;
+mod kprobes;
 
 use aya_ebpf::{
     macros::{btf_tracepoint, cgroup_skb, cgroup_sock, cgroup_sock_addr},
@@ -21,7 +24,7 @@ use aya_ebpf::{
 };
 use udpmon_common::EventKind;
 
-use crate::flow::Dir;
+use crate::{apperr::cookie_of, flow::Dir};
 
 /// Every datagram a socket sends (tracepoint strategy).
 #[cgroup_skb]
@@ -99,24 +102,16 @@ pub fn skb_dropped(ctx: BtfTracePointContext) -> i32 {
 /// `sock_send_length(struct sock *sk, int ret, int flags)` tracepoint, >= 6.3.
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn udp_send_result(ctx: BtfTracePointContext) -> i32 {
-    apperr::on_result(
-        ctx.arg::<u64>(0),
-        ctx.arg::<i32>(1),
-        ctx.arg::<u32>(2),
-        EventKind::SendError,
-    );
+    let sk = ctx.arg::<u64>(0);
+    apperr::on_result(sk, ctx.arg(1), ctx.arg(2), EventKind::SendError, cookie_of(sk));
     0
 }
 
 /// `sock_recv_length(struct sock *sk, int ret, int flags)` tracepoint, >= 6.3.
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn udp_recv_result(ctx: BtfTracePointContext) -> i32 {
-    apperr::on_result(
-        ctx.arg::<u64>(0),
-        ctx.arg::<i32>(1),
-        ctx.arg::<u32>(2),
-        EventKind::RecvError,
-    );
+    let sk = ctx.arg::<u64>(0);
+    apperr::on_result(sk, ctx.arg(1), ctx.arg(2), EventKind::RecvError, cookie_of(sk));
     0
 }
 

@@ -35,6 +35,21 @@ pub static HEALTH: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0)
 #[map]
 pub static PENDING_ICMP: PerCpuArray<PendingIcmp> = PerCpuArray::with_max_entries(1, 0);
 
+/// Room to build an event: the BPF stack (512 bytes) cannot hold several.
+#[map]
+pub static SCRATCH: PerCpuArray<udpmon_common::Event> = PerCpuArray::with_max_entries(1, 0);
+
+/// A zeroed per-CPU event to fill. Programs run to completion on one CPU without
+/// preemption, so each run has the slot to itself.
+#[inline(always)]
+pub fn scratch_event() -> Option<&'static mut udpmon_common::Event> {
+    let p = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot, exclusive for this program run.
+    let ev = unsafe { &mut *p };
+    *ev = udpmon_common::Event::zeroed();
+    Some(ev)
+}
+
 #[unsafe(no_mangle)]
 pub static OFFSETS: Offsets = Offsets::zeroed();
 

@@ -1,11 +1,11 @@
 //! The mirror of the seed's server side: datagrams that reach a local port with no socket
 //! (the kernel answers them with ICMP port unreachable, rate limits permitting).
 use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
-use udpmon_common::{Counter, Event, EventKind, event::flags};
+use udpmon_common::{Counter, EventKind, event::flags};
 
 use crate::{
     icmp::{Kmem, skb_l3, skb_netns},
-    maps::{NO_SOCKET_SEEN, TupleKey, count, emit, offsets},
+    maps::{NO_SOCKET_SEEN, TupleKey, count, emit, offsets, scratch_event},
     packet::{IPPROTO_UDP, l3, udp},
 };
 
@@ -44,7 +44,7 @@ pub fn on_drop(skb: u64, reason: u32) {
         }
     }
     let _ = NO_SOCKET_SEEN.insert(&tk, &now, 0);
-    let mut ev = Event::zeroed();
+    let Some(ev) = scratch_event() else { return };
     ev.kind = EventKind::NoSocket as u16;
     ev.family = ip.family;
     ev.flags = flags::TASK_UNRELATED;
@@ -55,5 +55,5 @@ pub fn on_drop(skb: u64, reason: u32) {
     ev.lport = dport;
     ev.rport = sport;
     ev.ret = bytes as i32;
-    emit(&ev);
+    emit(ev);
 }

@@ -1,0 +1,178 @@
+//! Entry points of the kprobe strategy, for kernels that refuse trampolines. kprobes see raw
+//! registers, so arguments needed at return are stashed per thread at entry, and cookies are
+//! read from `skc_cookie` (the cookie helper needs a BTF-typed pointer). Same prototypes as
+//! in `trampoline.rs`.
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
+    macros::{kprobe, kretprobe, map},
+    maps::LruHashMap,
+    programs::{ProbeContext, RetProbeContext},
+};
+use udpmon_common::EventKind;
+
+use crate::{
+    apperr::{self, cached_cookie},
+    icmp, sock,
+};
+
+/// Which function a stash entry belongs to: udpv6_sendmsg calls udp_sendmsg on the same
+/// thread, so the key must tell them apart.
+const SEND4: u64 = 1;
+const SEND6: u64 = 2;
+const RECV: u64 = 3;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct StashKey {
+    pid_tgid: u64,
+    func: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Stash {
+    sk: u64,
+    msg: u64,
+    flags: u64,
+}
+
+/// LRU: a return that never comes (a thread killed mid-call) cannot leak entries.
+#[map]
+static STASH: LruHashMap<StashKey, Stash> = LruHashMap::with_max_entries(16384, 0);
+
+/// Position of `flags` in udp_recvmsg/udpv6_recvmsg (3 from 5.19, 4 before), from BTF.
+#[unsafe(no_mangle)]
+static RECV_FLAGS_ARG: u32 = 3;
+
+#[inline(always)]
+fn key(func: u64) -> StashKey {
+    StashKey {
+        pid_tgid: bpf_get_current_pid_tgid(),
+        func,
+    }
+}
+
+#[inline(always)]
+fn stash(func: u64, s: Stash) {
+    let _ = STASH.insert(&key(func), &s, 0);
+}
+
+#[inline(always)]
+fn unstash(func: u64) -> Option<Stash> {
+    let k = key(func);
+    // SAFETY: the value is copied out before the entry is removed.
+    let s = unsafe { STASH.get(&k) }.copied();
+    let _ = STASH.remove(&k);
+    s
+}
+
+#[kprobe]
+pub fn udp_sendmsg_kp(ctx: ProbeContext) -> u32 {
+    stash(SEND4, Stash {
+        sk: ctx.arg(0).unwrap_or(0),
+        msg: ctx.arg(1).unwrap_or(0),
+        flags: 0,
+    });
+    0
+}
+
+#[kretprobe]
+pub fn udp_sendmsg_krp(ctx: RetProbeContext) -> u32 {
+    if let Some(s) = unstash(SEND4) {
+        sock::on_sendmsg(s.sk, s.msg, ctx.ret::<i32>(), false, cached_cookie(s.sk));
+    }
+    0
+}
+
+#[kprobe]
+pub fn udpv6_sendmsg_kp(ctx: ProbeContext) -> u32 {
+    stash(SEND6, Stash {
+        sk: ctx.arg(0).unwrap_or(0),
+        msg: ctx.arg(1).unwrap_or(0),
+        flags: 0,
+    });
+    0
+}
+
+#[kretprobe]
+pub fn udpv6_sendmsg_krp(ctx: RetProbeContext) -> u32 {
+    if let Some(s) = unstash(SEND6) {
+        sock::on_sendmsg(s.sk, s.msg, ctx.ret::<i32>(), true, cached_cookie(s.sk));
+    }
+    0
+}
+
+#[kprobe]
+pub fn udp_consume_kp(ctx: ProbeContext) -> u32 {
+    let sk: u64 = ctx.arg(0).unwrap_or(0);
+    sock::on_consume(sk, ctx.arg(1).unwrap_or(0), ctx.arg(2).unwrap_or(0), cached_cookie(sk));
+    0
+}
+
+/// Attached to both udp_recvmsg and udpv6_recvmsg: they never nest.
+#[kprobe]
+pub fn udp_recvmsg_kp(ctx: ProbeContext) -> u32 {
+    // SAFETY: a read-only global set at load time.
+    let idx = unsafe { core::ptr::read_volatile(&RECV_FLAGS_ARG) };
+    let flags: u64 = if idx == 4 {
+        ctx.arg(4).unwrap_or(0)
+    } else {
+        ctx.arg(3).unwrap_or(0)
+    };
+    stash(RECV, Stash {
+        sk: ctx.arg(0).unwrap_or(0),
+        msg: 0,
+        flags,
+    });
+    0
+}
+
+#[kretprobe]
+pub fn udp_recvmsg_krp(ctx: RetProbeContext) -> u32 {
+    if let Some(s) = unstash(RECV) {
+        apperr::on_result(
+            s.sk,
+            ctx.ret::<i32>(),
+            s.flags as u32,
+            EventKind::RecvError,
+            cached_cookie(s.sk),
+        );
+    }
+    0
+}
+
+/// udp_err and udpv6_err both take the skb first.
+#[kprobe]
+pub fn udp_err_kp(ctx: ProbeContext) -> u32 {
+    icmp::on_udp_err(ctx.arg(0).unwrap_or(0));
+    0
+}
+
+#[kretprobe]
+pub fn udp_err_krp(_ctx: RetProbeContext) -> u32 {
+    icmp::on_handler_done();
+    0
+}
+
+/// __ip4_datagram_connect and __ip6_datagram_connect.
+#[kprobe]
+pub fn udp_connect_kp(ctx: ProbeContext) -> u32 {
+    let sk: u64 = ctx.arg(0).unwrap_or(0);
+    sock::on_connect(sk, ctx.arg(1).unwrap_or(0), cached_cookie(sk));
+    0
+}
+
+#[kprobe]
+pub fn udp_disconnect_kp(ctx: ProbeContext) -> u32 {
+    let sk: u64 = ctx.arg(0).unwrap_or(0);
+    sock::on_disconnect(sk, cached_cookie(sk));
+    0
+}
+
+/// udp_destroy_sock and udpv6_destroy_sock.
+#[kprobe]
+pub fn udp_destroy_kp(ctx: ProbeContext) -> u32 {
+    let sk: u64 = ctx.arg(0).unwrap_or(0);
+    sock::on_destroy(sk, cached_cookie(sk));
+    0
+}

@@ -1,0 +1,130 @@
+//! Entry points of the fentry/fexit strategy. Prototypes (`match-proto` lines) are the
+//! kernel's, and the version range each was checked for; variants are picked by userspace
+//! from the running kernel's BTF.
+use aya_ebpf::{
+    macros::{fentry, fexit},
+    programs::{FEntryContext, FExitContext},
+};
+
+use crate::{apperr, apperr::cookie_of, icmp, sock};
+use udpmon_common::EventKind;
+
+/// match-proto:v5.8:net/ipv4/udp.c:int udp_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)
+/// match-proto:v7.2:net/ipv4/udp.c:int udp_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)
+#[fexit(function = "udp_sendmsg")]
+pub fn udp_sendmsg_exit(ctx: FExitContext) -> i32 {
+    let sk = ctx.arg::<u64>(0);
+    sock::on_sendmsg(sk, ctx.arg(1), ctx.ret().unwrap_or(0), false, cookie_of(sk));
+    0
+}
+
+/// match-proto:v5.8:net/ipv6/udp.c:int udpv6_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)
+/// match-proto:v7.2:net/ipv6/udp.c:int udpv6_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)
+#[fexit(function = "udpv6_sendmsg")]
+pub fn udpv6_sendmsg_exit(ctx: FExitContext) -> i32 {
+    let sk = ctx.arg::<u64>(0);
+    sock::on_sendmsg(sk, ctx.arg(1), ctx.ret().unwrap_or(0), true, cookie_of(sk));
+    0
+}
+
+/// match-proto:v4.13:net/ipv4/udp.c:void skb_consume_udp(struct sock *sk, struct sk_buff *skb, int len)
+/// match-proto:v7.2:net/ipv4/udp.c:void skb_consume_udp(struct sock *sk, struct sk_buff *skb, int len)
+#[fentry(function = "skb_consume_udp")]
+pub fn udp_consume_entry(ctx: FEntryContext) -> i32 {
+    let sk = ctx.arg::<u64>(0);
+    sock::on_consume(sk, ctx.arg(1), ctx.arg(2), cookie_of(sk));
+    0
+}
+
+/// Receive errors. `flags` moved when `noblock` was removed (5.19), so two variants:
+/// match-proto:v5.8:net/ipv4/udp.c:int udp_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int noblock, int flags, int *addr_len)
+/// match-proto:v6.12:net/ipv4/udp.c:int udp_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int flags, int *addr_len)
+/// match-proto:v6.18:net/ipv4/udp.c:int udp_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int flags)
+/// (udpv6_recvmsg has the same history.) The return value comes from bpf_get_func_ret, so
+/// its position does not matter.
+macro_rules! recvmsg_exit {
+    ($name:ident, $func:literal, $flags:literal) => {
+        #[fexit(function = $func)]
+        pub fn $name(ctx: FExitContext) -> i32 {
+            let sk = ctx.arg::<u64>(0);
+            let ret: i32 = ctx.ret().unwrap_or(0);
+            apperr::on_result(sk, ret, ctx.arg($flags), EventKind::RecvError, cookie_of(sk));
+            0
+        }
+    };
+}
+recvmsg_exit!(udp_recvmsg_exit_f3, "udp_recvmsg", 3);
+recvmsg_exit!(udp_recvmsg_exit_f4, "udp_recvmsg", 4);
+recvmsg_exit!(udpv6_recvmsg_exit_f3, "udpv6_recvmsg", 3);
+recvmsg_exit!(udpv6_recvmsg_exit_f4, "udpv6_recvmsg", 4);
+
+/// match-proto:v5.8:net/ipv4/udp.c:int udp_err(struct sk_buff *skb, u32 info)
+/// match-proto:v7.2:net/ipv4/udp.c:int udp_err(struct sk_buff *skb, u32 info)
+/// The err_handler of UDP, reached through a function pointer, so never inlined.
+#[fentry(function = "udp_err")]
+pub fn udp_err_entry(ctx: FEntryContext) -> i32 {
+    icmp::on_udp_err(ctx.arg(0));
+    0
+}
+
+#[fexit(function = "udp_err")]
+pub fn udp_err_exit(ctx: FExitContext) -> i32 {
+    icmp::on_skb_freed(ctx.arg(0));
+    0
+}
+
+/// match-proto:v5.8:net/ipv6/udp.c:int udpv6_err(struct sk_buff *skb, struct inet6_skb_parm *opt, u8 type, u8 code, int offset, __be32 info)
+/// match-proto:v7.2:net/ipv6/udp.c:int udpv6_err(struct sk_buff *skb, struct inet6_skb_parm *opt, u8 type, u8 code, int offset, __be32 info)
+#[fentry(function = "udpv6_err")]
+pub fn udpv6_err_entry(ctx: FEntryContext) -> i32 {
+    icmp::on_udp_err(ctx.arg(0));
+    0
+}
+
+#[fexit(function = "udpv6_err")]
+pub fn udpv6_err_exit(ctx: FExitContext) -> i32 {
+    icmp::on_skb_freed(ctx.arg(0));
+    0
+}
+
+/// match-proto:v5.8:net/ipv4/datagram.c:int __ip4_datagram_connect(struct sock *sk, struct sockaddr *uaddr, int addr_len)
+/// (7.x: `struct sockaddr_unsized *uaddr`, same layout.)
+#[fentry(function = "__ip4_datagram_connect")]
+pub fn udp_connect4_entry(ctx: FEntryContext) -> i32 {
+    let sk = ctx.arg::<u64>(0);
+    sock::on_connect(sk, ctx.arg(1), cookie_of(sk));
+    0
+}
+
+/// match-proto:v5.8:net/ipv6/datagram.c:int __ip6_datagram_connect(struct sock *sk, struct sockaddr *uaddr, int addr_len)
+#[fentry(function = "__ip6_datagram_connect")]
+pub fn udp_connect6_entry(ctx: FEntryContext) -> i32 {
+    let sk = ctx.arg::<u64>(0);
+    sock::on_connect(sk, ctx.arg(1), cookie_of(sk));
+    0
+}
+
+/// match-proto:v5.8:net/ipv4/udp.c:int __udp_disconnect(struct sock *sk, int flags)
+#[fentry(function = "__udp_disconnect")]
+pub fn udp_disconnect_entry(ctx: FEntryContext) -> i32 {
+    let sk = ctx.arg::<u64>(0);
+    sock::on_disconnect(sk, cookie_of(sk));
+    0
+}
+
+/// match-proto:v5.8:net/ipv4/udp.c:void udp_destroy_sock(struct sock *sk)
+#[fentry(function = "udp_destroy_sock")]
+pub fn udp_destroy_entry(ctx: FEntryContext) -> i32 {
+    let sk = ctx.arg::<u64>(0);
+    sock::on_destroy(sk, cookie_of(sk));
+    0
+}
+
+/// match-proto:v5.8:net/ipv6/udp.c:void udpv6_destroy_sock(struct sock *sk)
+/// Dual-stack AF_INET6 sockets call only this one.
+#[fentry(function = "udpv6_destroy_sock")]
+pub fn udpv6_destroy_entry(ctx: FEntryContext) -> i32 {
+    let sk = ctx.arg::<u64>(0);
+    sock::on_destroy(sk, cookie_of(sk));
+    0
+}

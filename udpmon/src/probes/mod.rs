@@ -1,0 +1,269 @@
+//! Loading and attaching the kernel programs. Three strategies produce the same events; the
+//! first one that loads and attaches wins (`--hooks auto`), or one is forced.
+//!
+//! Each strategy is a table of hooks (data, in its own file); this module walks a table,
+//! loads and attaches every hook, and reports what a missing optional hook costs.
+mod fentry;
+mod kprobe;
+mod tracepoint;
+
+use std::{fmt, fs, os::fd::AsFd, path::PathBuf};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    programs::{
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock,
+        CgroupSockAddr, FEntry, FExit, KProbe, ProgramError,
+    },
+};
+use log::{info, warn};
+use udpmon_common::Offsets;
+
+/// The eBPF object built by udpmon/build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udpmon"));
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Strategy {
+    /// fentry/fexit (BPF trampolines): typed arguments, lowest overhead.
+    Fentry,
+    /// kprobe/kretprobe: where trampolines are refused.
+    Kprobe,
+    /// tracepoints (tp_btf) and cgroup hooks: locked-down kernels that refuse both.
+    Tracepoint,
+}
+
+impl Strategy {
+    pub const ALL: [Strategy; 3] = [Strategy::Fentry, Strategy::Kprobe, Strategy::Tracepoint];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Fentry => "fentry",
+            Strategy::Kprobe => "kprobe",
+            Strategy::Tracepoint => "tracepoint",
+        }
+    }
+
+    fn hooks(self, btf: &crate::btf::KernelBtf) -> Vec<Hook> {
+        match self {
+            Strategy::Fentry => fentry::hooks(btf),
+            Strategy::Kprobe => kprobe::hooks(btf),
+            Strategy::Tracepoint => tracepoint::hooks(),
+        }
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a program attaches.
+#[derive(Clone, Copy, Debug)]
+pub enum Target {
+    CgroupSkb(CgroupSkbAttachType),
+    CgroupSock,
+    CgroupSockAddr,
+    TpBtf(&'static str),
+    FEntry(&'static str),
+    FExit(&'static str),
+    /// kprobe or kretprobe (the program's section says which).
+    KProbe(&'static str),
+}
+
+/// One program of a strategy.
+#[derive(Clone, Copy, Debug)]
+pub struct Hook {
+    pub program: &'static str,
+    pub target: Target,
+    /// `None`: the strategy cannot work without it. `Some(loss)`: what the output lacks
+    /// when the kernel refuses it.
+    pub optional: Option<&'static str>,
+}
+
+impl Hook {
+    pub const fn required(program: &'static str, target: Target) -> Self {
+        Self {
+            program,
+            target,
+            optional: None,
+        }
+    }
+    pub const fn optional(program: &'static str, target: Target, loss: &'static str) -> Self {
+        Self {
+            program,
+            target,
+            optional: Some(loss),
+        }
+    }
+}
+
+/// The loaded, attached programs. Dropping it detaches everything.
+pub struct Probes {
+    pub ebpf: Ebpf,
+    pub strategy: Strategy,
+    /// What this kernel could not give, one line per missing optional hook.
+    pub degraded: Vec<String>,
+}
+
+pub struct LoadOptions {
+    pub max_flows: u32,
+    pub self_tgid: u32,
+    pub kernel_log: bool,
+}
+
+/// Tries `choice` (or every strategy in order for `None`) and returns the first that works.
+pub fn load(choice: Option<Strategy>, opts: &LoadOptions) -> anyhow::Result<Probes> {
+    let kbtf = crate::btf::KernelBtf::from_sys_fs()
+        .context("reading kernel BTF (/sys/kernel/btf/vmlinux); udpmon needs a kernel built with CONFIG_DEBUG_INFO_BTF")?;
+    let btf = Btf::from_sys_fs().context("parsing kernel BTF")?;
+    let offsets =
+        crate::btf::resolve_offsets(&kbtf).context("resolving kernel struct offsets from BTF")?;
+    let order: Vec<Strategy> = match choice {
+        Some(s) => vec![s],
+        None => Strategy::ALL.to_vec(),
+    };
+    let mut failures = Vec::new();
+    for strategy in order {
+        match load_strategy(strategy, &kbtf, &btf, &offsets, opts) {
+            Ok(p) => {
+                info!("hook strategy: {strategy}");
+                for d in &p.degraded {
+                    warn!("{strategy}: {d}");
+                }
+                return Ok(p);
+            }
+            Err(e) => {
+                if choice.is_none() {
+                    info!("hook strategy {strategy} unavailable: {e:#}");
+                }
+                failures.push(format!("{strategy}: {e:#}"));
+            }
+        }
+    }
+    bail!(
+        "no hook strategy could be attached:\n  {}",
+        failures.join("\n  ")
+    )
+}
+
+fn load_strategy(
+    strategy: Strategy,
+    kbtf: &crate::btf::KernelBtf,
+    btf: &Btf,
+    offsets: &Offsets,
+    opts: &LoadOptions,
+) -> anyhow::Result<Probes> {
+    // aya-log statements are pruned by the verifier when the level global says "off".
+    let log_level: u32 = if opts.kernel_log { 5 } else { 0 };
+    let mut ebpf = EbpfLoader::new()
+        .btf(Some(btf))
+        .override_global("OFFSETS", offsets, true)
+        .override_global("SELF_TGID", &opts.self_tgid, true)
+        .override_global("AYA_LOG_LEVEL", &log_level, false)
+        .map_max_entries("FLOWS", opts.max_flows.max(1024))
+        .load(EBPF_OBJECT)
+        .context("loading the eBPF object")?;
+    let mut degraded = Vec::new();
+    let mut cgroup: Option<fs::File> = None;
+    for hook in strategy.hooks(kbtf) {
+        let res = attach(&mut ebpf, btf, &hook, &mut cgroup);
+        match (res, hook.optional) {
+            (Ok(()), _) => {}
+            (Err(e), None) => {
+                return Err(e.context(format!("required hook {} ({:?})", hook.program, hook.target)));
+            }
+            (Err(e), Some(loss)) => {
+                degraded.push(format!("{} ({:?}) unavailable, {loss}: {e:#}", hook.program, hook.target));
+            }
+        }
+    }
+    Ok(Probes {
+        ebpf,
+        strategy,
+        degraded,
+    })
+}
+
+fn attach(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    hook: &Hook,
+    cgroup: &mut Option<fs::File>,
+) -> anyhow::Result<()> {
+    let prog = ebpf
+        .program_mut(hook.program)
+        .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?;
+    let verifier = |e: ProgramError| -> anyhow::Error {
+        match e {
+            ProgramError::LoadError { io_error, verifier_log } => {
+                anyhow!("load failed: {io_error}\nverifier log:\n{verifier_log}")
+            }
+            e => e.into(),
+        }
+    };
+    match hook.target {
+        Target::CgroupSkb(kind) => {
+            let p: &mut CgroupSkb = prog.try_into()?;
+            p.load().map_err(verifier)?;
+            p.attach(cgroup_root(cgroup)?.as_fd(), kind, CgroupAttachMode::AllowMultiple)?;
+        }
+        Target::CgroupSock => {
+            let p: &mut CgroupSock = prog.try_into()?;
+            p.load().map_err(verifier)?;
+            p.attach(cgroup_root(cgroup)?.as_fd(), CgroupAttachMode::AllowMultiple)?;
+        }
+        Target::CgroupSockAddr => {
+            let p: &mut CgroupSockAddr = prog.try_into()?;
+            p.load().map_err(verifier)?;
+            p.attach(cgroup_root(cgroup)?.as_fd(), CgroupAttachMode::AllowMultiple)?;
+        }
+        Target::TpBtf(tp) => {
+            let p: &mut BtfTracePoint = prog.try_into()?;
+            p.load(tp, btf).map_err(verifier)?;
+            p.attach()?;
+        }
+        Target::FEntry(f) => {
+            let p: &mut FEntry = prog.try_into()?;
+            p.load(f, btf).map_err(verifier)?;
+            p.attach()?;
+        }
+        Target::FExit(f) => {
+            let p: &mut FExit = prog.try_into()?;
+            p.load(f, btf).map_err(verifier)?;
+            p.attach()?;
+        }
+        Target::KProbe(f) => {
+            let p: &mut KProbe = prog.try_into()?;
+            p.load().map_err(verifier)?;
+            p.attach(f, 0)?;
+        }
+    }
+    Ok(())
+}
+
+/// The cgroup-v2 root: cgroup hooks attached there see every socket on the host.
+fn cgroup_root(cache: &mut Option<fs::File>) -> anyhow::Result<&fs::File> {
+    if cache.is_none() {
+        let path = cgroup2_mount()?;
+        let f = fs::File::open(&path)
+            .with_context(|| format!("opening the cgroup-v2 root {}", path.display()))?;
+        *cache = Some(f);
+    }
+    Ok(cache.as_ref().expect("set above"))
+}
+
+fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        // The shortest mount point is the root of the hierarchy when it is mounted twice.
+        .min_by_key(|p| p.as_os_str().len())
+        .ok_or_else(|| anyhow!("no cgroup2 filesystem is mounted; the tracepoint strategy needs one"))
+}

@@ -1,3 +1,4 @@
+mod btf;
 mod decode;
 
 fn main() {}

@@ -1,4 +1,5 @@
 mod btf;
 mod decode;
+mod engine;
 
 fn main() {}

@@ -1,0 +1,865 @@
+//! The lifecycle engine: decoded kernel facts in, operator-facing reports out.
+//!
+//! Pure: no kernel, no I/O, no clock. Time comes from the events (`ts_ns`) and from the
+//! caller's ticks, both CLOCK_BOOTTIME nanoseconds; kernel counters come through a callback.
+//!
+//! Rules that PRODUCT.md leaves open, decided here:
+//! - `Existing` (a socket present at startup) is learned silently: its identity, and for a
+//!   connected socket its flow, marked pre-existing, so that later events on it have context.
+//!   No CONNECT is invented for a flow whose opening was not seen, and a startup burst of
+//!   lines for every socket on the host would bury the events that matter.
+//! - A flow first seen through an ICMP error (its opening datagram predates udpmon or its
+//!   event was lost) is likewise created without a CONNECT.
+//! - Reports are transitions: a repeated UNREACHABLE (same type, code, verdict while the
+//!   flow is still unreachable) and a repeated APP-ERROR (same errno, nothing else reported
+//!   on the flow in between) are counted in the flow's CLOSE stats but not reported again.
+//! - RESUMED ends SILENT or UNREACHABLE when the peer's last datagram is newer than the
+//!   trouble, and only for a peer that had been heard before; a first reply to an
+//!   unreachable flow is its ESTABLISH.
+//! - After a CLOSE with reason `idle` or `evicted` the caller should delete the flow's
+//!   kernel entry: the kernel reports only a flow's first datagram each way, so otherwise
+//!   new traffic on that flow would never reopen it.
+#![allow(
+    dead_code,
+    reason = "main.rs does not drive the engine yet; everything here is used by the tests"
+)]
+
+mod flow;
+mod report;
+pub mod rules;
+
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    net::SocketAddr,
+    time::Duration,
+};
+
+pub use flow::{Counters, FlowId};
+use flow::{Flow, FlowTable, State};
+pub use report::{
+    CloseReason, CloseStats, Detail, Op, Owner, Report, ReportKind, Trouble, UnreachableInfo, Via,
+};
+
+use crate::decode::{Fact, Family, Icmp, KernelEvent, Verdict};
+
+/// The kernel counters of a flow, read on demand (`None`: the kernel has no entry).
+pub type CountersFn<'a> = &'a dyn Fn(&FlowId) -> Option<Counters>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// An established flow whose peer has not answered for this long is SILENT.
+    pub silent_after: Duration,
+    /// ... provided at least this many datagrams were sent since the peer's last one.
+    pub silent_min_sends: u64,
+    /// A flow without traffic for this long is closed with reason `idle`; also the period of
+    /// the REFUSED rate limit.
+    pub idle_timeout: Duration,
+    /// Most flows tracked at once (values below 1 count as 1).
+    pub max_flows: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            silent_after: Duration::from_secs(10),
+            silent_min_sends: 2,
+            idle_timeout: Duration::from_secs(120),
+            max_flows: 65536,
+        }
+    }
+}
+
+/// Health of the engine's own bookkeeping.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub flows_tracked: usize,
+    pub sockets_tracked: usize,
+    pub flows_opened: u64,
+    pub flows_closed: u64,
+    /// Flows closed to make room (`--max-flows`); each also got a CLOSE with reason evicted.
+    pub flows_evicted: u64,
+    /// REFUSED reports held back by the per-tuple rate limit or a full rate-limit table.
+    pub refused_suppressed: u64,
+    /// Events that named no usable flow (no cookie, or no remote on an unconnected socket).
+    pub events_ignored: u64,
+}
+
+/// What the engine knows about a socket.
+#[derive(Debug)]
+struct Socket {
+    owner: Option<Owner>,
+    netns: u32,
+    /// Best known local address; unspecified until seen.
+    local: SocketAddr,
+    /// The peer the socket is connected to, when known.
+    connected: Option<SocketAddr>,
+    /// Last time any event named the socket, for forgetting flowless sockets.
+    seen_ns: u64,
+    /// The last APP-ERROR reported for a call not tied to a tracked flow (errno, remote).
+    last_app_error: Option<(i32, SocketAddr)>,
+}
+
+/// The last process seen on a local port, for naming it when a peer keeps sending there.
+#[derive(Debug)]
+struct PortOwner {
+    owner: Owner,
+    /// When its socket closed; `None` while it is open.
+    closed_ns: Option<u64>,
+}
+
+pub struct Engine {
+    cfg: EngineConfig,
+    flows: FlowTable,
+    sockets: HashMap<u64, Socket>,
+    /// (netns, local port) -> last owner.
+    port_owners: HashMap<(u32, u16), PortOwner>,
+    /// (netns, local, remote) -> time of the last REFUSED report.
+    refused_at: HashMap<(u32, SocketAddr, SocketAddr), u64>,
+    stats: EngineStats,
+}
+
+fn unspecified(a: &SocketAddr) -> bool {
+    a.ip().is_unspecified() && a.port() == 0
+}
+
+fn ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn family_of(a: &SocketAddr) -> Family {
+    if a.is_ipv4() { Family::V4 } else { Family::V6 }
+}
+
+/// Keeps the most precise local address: a new port replaces the old one (a disconnect can
+/// re-bind), and a specific address replaces a wildcard one on the same port.
+fn refine_local(cur: &mut SocketAddr, seen: SocketAddr) {
+    if seen.port() == 0 {
+        return;
+    }
+    if seen.port() != cur.port() || !seen.ip().is_unspecified() {
+        *cur = seen;
+    }
+}
+
+impl Engine {
+    pub fn new(cfg: EngineConfig) -> Self {
+        Self {
+            cfg: EngineConfig {
+                max_flows: cfg.max_flows.max(1),
+                ..cfg
+            },
+            flows: FlowTable::default(),
+            sockets: HashMap::new(),
+            port_owners: HashMap::new(),
+            refused_at: HashMap::new(),
+            stats: EngineStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            flows_tracked: self.flows.len(),
+            sockets_tracked: self.sockets.len(),
+            ..self.stats
+        }
+    }
+
+    /// The flows of a socket, in address order.
+    pub fn flows_of(&self, cookie: u64) -> Vec<FlowId> {
+        self.flows.of_cookie(cookie)
+    }
+
+    /// Every tracked flow, in id order.
+    pub fn flows(&self) -> Vec<FlowId> {
+        self.flows.ids()
+    }
+
+    /// Processes one kernel fact. `counters` is consulted for the flows this event closes
+    /// (a socket's close, a disconnect, an eviction), so the caller must keep the kernel's
+    /// entries until this returns.
+    pub fn on_event(&mut self, ev: &KernelEvent, counters: CountersFn<'_>) -> Vec<Report> {
+        let mut out = Vec::new();
+        let socketless = match &ev.fact {
+            Fact::NoSocket => true,
+            Fact::Icmp(icmp) => icmp.verdict == Verdict::NoSocket || ev.cookie == 0,
+            _ => false,
+        };
+        if !socketless {
+            if ev.cookie == 0 {
+                self.stats.events_ignored += 1;
+                return out;
+            }
+            self.learn(ev);
+        }
+        match &ev.fact {
+            Fact::NoSocket => self.refused(ev, &mut out),
+            Fact::Icmp(icmp) if socketless => self.unreachable_without_socket(ev, icmp, &mut out),
+            Fact::Icmp(icmp) => self.unreachable(ev, icmp, counters, &mut out),
+            Fact::FirstTx { bytes } => {
+                self.first_datagram(ev, Via::Send, *bytes, counters, &mut out)
+            }
+            Fact::FirstRx { bytes } => {
+                self.first_datagram(ev, Via::Recv, *bytes, counters, &mut out)
+            }
+            Fact::Connect => self.connect(ev, counters, &mut out),
+            Fact::SendError { errno } => self.app_error(ev, Op::Send, *errno, &mut out),
+            Fact::RecvError { errno } => self.app_error(ev, Op::Recv, *errno, &mut out),
+            Fact::Close => self.close_socket(ev, counters, &mut out),
+            Fact::Existing => self.existing(ev, counters, &mut out),
+        }
+        out
+    }
+
+    /// Periodic work, about once a second: SILENT, RESUMED and idle expiry from the kernel
+    /// counters, and forgetting what is no longer needed.
+    pub fn on_tick(&mut self, now_ns: u64, counters: CountersFn<'_>) -> Vec<Report> {
+        let mut out = Vec::new();
+        for id in self.flows.ids() {
+            self.tick_flow(id, now_ns, counters, &mut out);
+        }
+        self.forget(now_ns);
+        out
+    }
+
+    fn tick_flow(&mut self, id: FlowId, now: u64, counters: CountersFn<'_>, out: &mut Vec<Report>) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        if let Some(c) = counters(&id) {
+            flow.counters.merge(&c);
+        }
+        let c = flow.counters;
+        if c.rx_datagrams != flow.rx_seen {
+            flow.rx_seen = c.rx_datagrams;
+            flow.tx_at_rx = c
+                .tx_datagrams
+                .saturating_sub(u64::from(c.last_tx_ns > c.last_rx_ns));
+        }
+        let resumed = match flow.state {
+            State::Silent { last_rx_ns } if c.last_rx_ns > last_rx_ns => {
+                Some((Trouble::Silent, last_rx_ns))
+            }
+            State::Unreachable {
+                since_ns,
+                last_rx_ns,
+                ..
+            } if c.last_rx_ns > since_ns && flow.first_rx_ns.is_some() => {
+                Some((Trouble::Unreachable, last_rx_ns))
+            }
+            _ => None,
+        };
+        if let Some((after, before_ns)) = resumed {
+            flow.state = State::Active;
+            let quiet_ns = c.last_rx_ns.saturating_sub(before_ns);
+            self.flow_report(
+                &id,
+                ReportKind::Resumed,
+                c.last_rx_ns,
+                Detail::Resumed { after, quiet_ns },
+                out,
+            );
+        }
+        self.flows.touch(&id, c.last_ns());
+        let last_activity = self.flows.last_activity(&id).unwrap_or(now);
+        if now.saturating_sub(last_activity) >= ns(self.cfg.idle_timeout) {
+            self.close_flow(&id, CloseReason::Idle, now, counters, out);
+            return;
+        }
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        let sends = c.tx_datagrams.saturating_sub(flow.tx_at_rx);
+        let no_reply_ns = now.saturating_sub(c.last_rx_ns);
+        if flow.state == State::Active
+            && flow.established
+            && c.last_tx_ns > c.last_rx_ns
+            && no_reply_ns >= ns(self.cfg.silent_after)
+            && sends >= self.cfg.silent_min_sends
+        {
+            flow.state = State::Silent {
+                last_rx_ns: c.last_rx_ns,
+            };
+            self.flow_report(
+                &id,
+                ReportKind::Silent,
+                now,
+                Detail::Silent { no_reply_ns, sends },
+                out,
+            );
+        }
+    }
+
+    /// Drops sockets without flows that nothing has named for the idle timeout, expired
+    /// REFUSED rate-limit entries, and the oldest closed port owners beyond the flow bound.
+    fn forget(&mut self, now: u64) {
+        let idle = ns(self.cfg.idle_timeout);
+        let flows = &self.flows;
+        self.sockets
+            .retain(|cookie, s| now.saturating_sub(s.seen_ns) < idle || flows.has_cookie(*cookie));
+        self.refused_at
+            .retain(|_, at| now.saturating_sub(*at) < idle);
+        let cap = self.cfg.max_flows;
+        if self.port_owners.len() > cap {
+            let mut closed: Vec<_> = self
+                .port_owners
+                .iter()
+                .filter_map(|(k, o)| o.closed_ns.map(|at| (at, *k)))
+                .collect();
+            closed.sort_unstable();
+            // Down to three quarters, so that a table at the bound is not sorted every tick.
+            let excess = self.port_owners.len() - cap * 3 / 4;
+            for (_, k) in closed.into_iter().take(excess) {
+                self.port_owners.remove(&k);
+            }
+        }
+    }
+
+    /// Updates what is known about the event's socket: owner, netns, local address, peer.
+    fn learn(&mut self, ev: &KernelEvent) {
+        let sock = self.sockets.entry(ev.cookie).or_insert_with(|| Socket {
+            owner: None,
+            netns: 0,
+            local: SocketAddr::new(ev.local.ip(), 0),
+            connected: None,
+            seen_ns: ev.ts_ns,
+            last_app_error: None,
+        });
+        sock.seen_ns = sock.seen_ns.max(ev.ts_ns);
+        if ev.netns != 0 {
+            sock.netns = ev.netns;
+        }
+        refine_local(&mut sock.local, ev.local);
+        if !ev.task_unrelated {
+            sock.owner = Some(Owner {
+                tgid: ev.tgid,
+                pid: ev.pid,
+                comm: ev.comm.clone(),
+                uid: ev.uid,
+                cgroup: ev.cgroup,
+                netns: sock.netns,
+            });
+        }
+        // A Connect fact's address is what the socket is being connected *to*; the other
+        // facts report the state the socket was in (the flag is only ever set when known).
+        if ev.connected && ev.fact != Fact::Connect && !unspecified(&ev.remote) {
+            sock.connected = Some(ev.remote);
+        }
+        if let Some(owner) = &sock.owner
+            && sock.local.port() != 0
+        {
+            self.port_owners.insert(
+                (sock.netns, sock.local.port()),
+                PortOwner {
+                    owner: owner.clone(),
+                    closed_ns: None,
+                },
+            );
+        }
+    }
+
+    fn owner(&self, cookie: u64) -> Owner {
+        match self.sockets.get(&cookie) {
+            Some(Socket {
+                owner: Some(o),
+                netns,
+                ..
+            }) => Owner {
+                netns: *netns,
+                ..o.clone()
+            },
+            Some(s) => Owner {
+                netns: s.netns,
+                ..Owner::default()
+            },
+            None => Owner::default(),
+        }
+    }
+
+    fn last_owner(&self, netns: u32, port: u16) -> Option<Owner> {
+        self.port_owners
+            .get(&(netns, port))
+            .map(|p| p.owner.clone())
+    }
+
+    /// The event's peer; for a connected socket whose hook could not see the address, the
+    /// peer it is connected to.
+    fn remote_of(&self, ev: &KernelEvent) -> Option<SocketAddr> {
+        if !unspecified(&ev.remote) {
+            return Some(ev.remote);
+        }
+        self.sockets.get(&ev.cookie).and_then(|s| s.connected)
+    }
+
+    fn local_of(&self, ev: &KernelEvent) -> SocketAddr {
+        let mut local = self.sockets.get(&ev.cookie).map_or(ev.local, |s| s.local);
+        refine_local(&mut local, ev.local);
+        local
+    }
+
+    fn flow_report(
+        &mut self,
+        id: &FlowId,
+        kind: ReportKind,
+        ts_ns: u64,
+        detail: Detail,
+        out: &mut Vec<Report>,
+    ) {
+        let owner = self.owner(id.cookie);
+        let Some(flow) = self.flows.get_mut(id) else {
+            return;
+        };
+        flow.reported = true;
+        if kind != ReportKind::AppError {
+            flow.last_app_errno = None;
+        }
+        out.push(Report::new(
+            kind,
+            ts_ns,
+            id.cookie,
+            &owner,
+            flow.family,
+            (flow.local, id.remote),
+            detail,
+        ));
+    }
+
+    /// Adds a flow, evicting the least recently active one when the table is full.
+    fn open_flow(
+        &mut self,
+        id: FlowId,
+        flow: Flow,
+        ts_ns: u64,
+        counters: CountersFn<'_>,
+        out: &mut Vec<Report>,
+    ) {
+        while self.flows.len() >= self.cfg.max_flows {
+            let Some(victim) = self.flows.least_active() else {
+                break;
+            };
+            self.close_flow(&victim, CloseReason::Evicted, ts_ns, counters, out);
+            self.stats.flows_evicted += 1;
+        }
+        self.flows.insert(id, flow, ts_ns);
+        self.stats.flows_opened += 1;
+    }
+
+    fn close_flow(
+        &mut self,
+        id: &FlowId,
+        reason: CloseReason,
+        ts_ns: u64,
+        counters: CountersFn<'_>,
+        out: &mut Vec<Report>,
+    ) {
+        let owner = self.owner(id.cookie);
+        let Some(mut flow) = self.flows.remove(id) else {
+            return;
+        };
+        if let Some(c) = counters(id) {
+            flow.counters.merge(&c);
+        }
+        self.stats.flows_closed += 1;
+        let c = flow.counters;
+        if reason == CloseReason::Idle
+            && !flow.reported
+            && c.tx_datagrams == 0
+            && c.rx_datagrams == 0
+        {
+            // A flow learned at startup (or from an ICMP error) that never showed anything:
+            // its expiry would be a line about nothing, once for every quiet socket.
+            return;
+        }
+        // The socket outlives its flows: keep what is known about it for another idle period.
+        if let Some(sock) = self.sockets.get_mut(&id.cookie) {
+            sock.seen_ns = sock.seen_ns.max(ts_ns);
+        }
+        let started = match c.first_ns {
+            0 => flow.opened_ns,
+            first => first.min(flow.opened_ns),
+        };
+        let stats = CloseStats {
+            duration_ns: ts_ns.saturating_sub(started),
+            tx_datagrams: c.tx_datagrams,
+            tx_bytes: c.tx_bytes,
+            rx_datagrams: c.rx_datagrams,
+            rx_bytes: c.rx_bytes,
+            last_tx_ns: c.last_tx_ns,
+            last_rx_ns: c.last_rx_ns,
+            icmp_errors: flow.icmp_errors,
+            app_errors: flow.app_errors,
+            preexisting: flow.preexisting,
+        };
+        out.push(Report::new(
+            ReportKind::Close,
+            ts_ns,
+            id.cookie,
+            &owner,
+            flow.family,
+            (flow.local, id.remote),
+            Detail::Closed { reason, stats },
+        ));
+    }
+
+    /// FirstTx / FirstRx: opens the flow (CONNECT / ACCEPT) or, once both directions have
+    /// been seen, establishes it.
+    fn first_datagram(
+        &mut self,
+        ev: &KernelEvent,
+        via: Via,
+        bytes: u32,
+        counters: CountersFn<'_>,
+        out: &mut Vec<Report>,
+    ) {
+        let Some(remote) = self.remote_of(ev) else {
+            self.stats.events_ignored += 1;
+            return;
+        };
+        let id = FlowId {
+            cookie: ev.cookie,
+            remote,
+        };
+        let local = self.local_of(ev);
+        let seen = Counters {
+            first_ns: ev.ts_ns,
+            ..if via == Via::Send {
+                Counters {
+                    tx_datagrams: 1,
+                    tx_bytes: u64::from(bytes),
+                    last_tx_ns: ev.ts_ns,
+                    ..Counters::default()
+                }
+            } else {
+                Counters {
+                    rx_datagrams: 1,
+                    rx_bytes: u64::from(bytes),
+                    last_rx_ns: ev.ts_ns,
+                    ..Counters::default()
+                }
+            }
+        };
+        let Some(flow) = self.flows.get_mut(&id) else {
+            let mut flow = Flow::new(local, ev.family, ev.ts_ns);
+            flow.counters = seen;
+            if via == Via::Send {
+                flow.first_tx_ns = Some(ev.ts_ns);
+            } else {
+                flow.first_rx_ns = Some(ev.ts_ns);
+            }
+            self.open_flow(id, flow, ev.ts_ns, counters, out);
+            let kind = if via == Via::Send {
+                ReportKind::Connect
+            } else {
+                ReportKind::Accept
+            };
+            let detail = Detail::Opened {
+                via,
+                bytes: Some(bytes),
+            };
+            self.flow_report(&id, kind, ev.ts_ns, detail, out);
+            return;
+        };
+        refine_local(&mut flow.local, local);
+        let first = if via == Via::Send {
+            &mut flow.first_tx_ns
+        } else {
+            &mut flow.first_rx_ns
+        };
+        if first.is_some() {
+            // The kernel can report a direction's first datagram twice (two CPUs racing).
+            return;
+        }
+        *first = Some(ev.ts_ns);
+        flow.counters.merge(&seen);
+        if via == Via::Recv {
+            // The peer answers: whatever the trouble was, it is over. A peer heard before
+            // gets a RESUMED from the counters; a first answer is this ESTABLISH.
+            flow.state = State::Active;
+        }
+        let established = match (flow.first_tx_ns, flow.first_rx_ns) {
+            (Some(tx), Some(rx)) if !flow.established => Some(tx.abs_diff(rx)),
+            _ => None,
+        };
+        flow.established |= established.is_some();
+        self.flows.touch(&id, ev.ts_ns);
+        if let Some(reply_after_ns) = established {
+            let detail = Detail::Established { reply_after_ns };
+            self.flow_report(&id, ReportKind::Establish, ev.ts_ns, detail, out);
+        }
+    }
+
+    /// connect(): opens the flow at once (CONNECT before any datagram); to another peer it
+    /// first closes the old flow; to AF_UNSPEC it dissolves the association.
+    fn connect(&mut self, ev: &KernelEvent, counters: CountersFn<'_>, out: &mut Vec<Report>) {
+        let Some(sock) = self.sockets.get_mut(&ev.cookie) else {
+            return;
+        };
+        let old = sock.connected;
+        if unspecified(&ev.remote) {
+            sock.connected = None;
+            // An autobound port is released by a disconnect; the next send binds a new one.
+            sock.local = SocketAddr::new(sock.local.ip(), 0);
+            if let Some(old) = old {
+                let id = FlowId {
+                    cookie: ev.cookie,
+                    remote: old,
+                };
+                self.close_flow(&id, CloseReason::Disconnected, ev.ts_ns, counters, out);
+            }
+            return;
+        }
+        if old == Some(ev.remote) {
+            return;
+        }
+        sock.connected = Some(ev.remote);
+        if let Some(old) = old {
+            let id = FlowId {
+                cookie: ev.cookie,
+                remote: old,
+            };
+            self.close_flow(&id, CloseReason::Reconnected, ev.ts_ns, counters, out);
+        }
+        let id = FlowId {
+            cookie: ev.cookie,
+            remote: ev.remote,
+        };
+        if self.flows.contains(&id) {
+            // An unconnected socket that already talked to this peer: same flow.
+            self.flows.touch(&id, ev.ts_ns);
+            return;
+        }
+        let flow = Flow::new(self.local_of(ev), family_of(&ev.remote), ev.ts_ns);
+        self.open_flow(id, flow, ev.ts_ns, counters, out);
+        let detail = Detail::Opened {
+            via: Via::Connect,
+            bytes: None,
+        };
+        self.flow_report(&id, ReportKind::Connect, ev.ts_ns, detail, out);
+    }
+
+    fn existing(&mut self, ev: &KernelEvent, counters: CountersFn<'_>, out: &mut Vec<Report>) {
+        if !ev.connected || unspecified(&ev.remote) {
+            return;
+        }
+        let id = FlowId {
+            cookie: ev.cookie,
+            remote: ev.remote,
+        };
+        if self.flows.contains(&id) {
+            return;
+        }
+        let mut flow = Flow::new(self.local_of(ev), ev.family, ev.ts_ns);
+        flow.preexisting = true;
+        self.open_flow(id, flow, ev.ts_ns, counters, out);
+    }
+
+    fn icmp_info(&self, ev: &KernelEvent, icmp: &Icmp, connected: bool) -> UnreachableInfo {
+        let table = rules::icmp_errno(ev.family, icmp.ty, icmp.code);
+        UnreachableInfo {
+            ty: icmp.ty,
+            code: icmp.code,
+            errno: icmp.errno.or(table.map(|(e, _)| e)),
+            fatal: table.map(|(_, f)| f),
+            from: icmp.from,
+            verdict: icmp.verdict,
+            connected,
+            last_owner: None,
+        }
+    }
+
+    fn unreachable(
+        &mut self,
+        ev: &KernelEvent,
+        icmp: &Icmp,
+        counters: CountersFn<'_>,
+        out: &mut Vec<Report>,
+    ) {
+        let Some(remote) = self.remote_of(ev) else {
+            self.stats.events_ignored += 1;
+            return;
+        };
+        let id = FlowId {
+            cookie: ev.cookie,
+            remote,
+        };
+        if !self.flows.contains(&id) {
+            let flow = Flow::new(self.local_of(ev), ev.family, ev.ts_ns);
+            self.open_flow(id, flow, ev.ts_ns, counters, out);
+        }
+        let connected = ev.connected
+            || self
+                .sockets
+                .get(&ev.cookie)
+                .is_some_and(|s| s.connected == Some(remote));
+        let info = self.icmp_info(ev, icmp, connected);
+        self.flows.touch(&id, ev.ts_ns);
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        flow.icmp_errors += 1;
+        let key = (icmp.ty, icmp.code, icmp.verdict);
+        if matches!(flow.state, State::Unreachable { icmp: seen, .. } if seen == key) {
+            return;
+        }
+        flow.state = State::Unreachable {
+            since_ns: ev.ts_ns,
+            icmp: key,
+            last_rx_ns: flow.counters.last_rx_ns,
+        };
+        self.flow_report(
+            &id,
+            ReportKind::Unreachable,
+            ev.ts_ns,
+            Detail::Unreachable(info),
+            out,
+        );
+    }
+
+    /// An ICMP error about a datagram whose socket is gone: reported by addresses, naming
+    /// the last process seen on the local port.
+    fn unreachable_without_socket(&mut self, ev: &KernelEvent, icmp: &Icmp, out: &mut Vec<Report>) {
+        let mut info = self.icmp_info(ev, icmp, false);
+        info.last_owner = self.last_owner(ev.netns, ev.local.port());
+        let owner = Owner {
+            netns: ev.netns,
+            ..Owner::default()
+        };
+        out.push(Report::new(
+            ReportKind::Unreachable,
+            ev.ts_ns,
+            ev.cookie,
+            &owner,
+            ev.family,
+            (ev.local, ev.remote),
+            Detail::Unreachable(info),
+        ));
+    }
+
+    fn app_error(&mut self, ev: &KernelEvent, op: Op, errno: i32, out: &mut Vec<Report>) {
+        if !rules::is_flow_error(errno) {
+            return;
+        }
+        let remote = self.remote_of(ev);
+        let id = remote.map(|remote| FlowId {
+            cookie: ev.cookie,
+            remote,
+        });
+        if let Some(id) = id.filter(|id| self.flows.contains(id)) {
+            self.flows.touch(&id, ev.ts_ns);
+            let Some(flow) = self.flows.get_mut(&id) else {
+                return;
+            };
+            flow.app_errors += 1;
+            if flow.last_app_errno == Some(errno) {
+                return;
+            }
+            flow.last_app_errno = Some(errno);
+            let after_unreachable_ns = match flow.state {
+                State::Unreachable { since_ns, .. } => Some(ev.ts_ns.saturating_sub(since_ns)),
+                _ => None,
+            };
+            let detail = Detail::AppError {
+                op,
+                errno,
+                after_unreachable_ns,
+            };
+            self.flow_report(&id, ReportKind::AppError, ev.ts_ns, detail, out);
+            return;
+        }
+        // A call that is not about a tracked flow: a sendto() refused before any datagram
+        // left (EPERM from a firewall, EMSGSIZE), or a recv on an unconnected socket.
+        let remote = remote.unwrap_or(ev.remote);
+        let local = self.local_of(ev);
+        let Some(sock) = self.sockets.get_mut(&ev.cookie) else {
+            return;
+        };
+        if sock.last_app_error == Some((errno, remote)) {
+            return;
+        }
+        sock.last_app_error = Some((errno, remote));
+        let owner = self.owner(ev.cookie);
+        out.push(Report::new(
+            ReportKind::AppError,
+            ev.ts_ns,
+            ev.cookie,
+            &owner,
+            ev.family,
+            (local, remote),
+            Detail::AppError {
+                op,
+                errno,
+                after_unreachable_ns: None,
+            },
+        ));
+    }
+
+    fn close_socket(&mut self, ev: &KernelEvent, counters: CountersFn<'_>, out: &mut Vec<Report>) {
+        for id in self.flows.of_cookie(ev.cookie) {
+            self.close_flow(&id, CloseReason::Closed, ev.ts_ns, counters, out);
+        }
+        let Some(sock) = self.sockets.remove(&ev.cookie) else {
+            return;
+        };
+        if let Some(owner) = sock.owner
+            && sock.local.port() != 0
+        {
+            self.port_owners.insert(
+                (sock.netns, sock.local.port()),
+                PortOwner {
+                    owner: Owner {
+                        netns: sock.netns,
+                        ..owner
+                    },
+                    closed_ns: Some(ev.ts_ns),
+                },
+            );
+        }
+    }
+
+    /// A peer sending to a local port without a socket: one REFUSED per (local, remote) per
+    /// idle timeout.
+    fn refused(&mut self, ev: &KernelEvent, out: &mut Vec<Report>) {
+        let key = (ev.netns, ev.local, ev.remote);
+        let idle = ns(self.cfg.idle_timeout);
+        let full = self.refused_at.len() >= self.cfg.max_flows;
+        match self.refused_at.entry(key) {
+            Entry::Occupied(mut e) => {
+                if ev.ts_ns.saturating_sub(*e.get()) < idle {
+                    self.stats.refused_suppressed += 1;
+                    return;
+                }
+                e.insert(ev.ts_ns);
+            }
+            Entry::Vacant(e) => {
+                // A flood of distinct sources must not grow the table without bound; past
+                // the flow bound, further tuples are counted, not reported, until entries
+                // expire at a tick.
+                if full {
+                    self.stats.refused_suppressed += 1;
+                    return;
+                }
+                e.insert(ev.ts_ns);
+            }
+        }
+        let last_owner = self.last_owner(ev.netns, ev.local.port());
+        let owner = Owner {
+            netns: ev.netns,
+            ..Owner::default()
+        };
+        out.push(Report::new(
+            ReportKind::Refused,
+            ev.ts_ns,
+            0,
+            &owner,
+            ev.family,
+            (ev.local, ev.remote),
+            Detail::Refused { last_owner },
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,319 @@
+//! What the engine hands to the formatters: one [`Report`] per operator-facing event.
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    str::FromStr,
+};
+
+use crate::decode::{Family, Verdict};
+
+/// The operator-facing event kinds (PRODUCT.md, "Flows and events").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ReportKind {
+    Connect,
+    Accept,
+    Establish,
+    Unreachable,
+    Silent,
+    Resumed,
+    AppError,
+    Close,
+    Refused,
+}
+
+impl ReportKind {
+    pub const ALL: [ReportKind; 9] = [
+        Self::Connect,
+        Self::Accept,
+        Self::Establish,
+        Self::Unreachable,
+        Self::Silent,
+        Self::Resumed,
+        Self::AppError,
+        Self::Close,
+        Self::Refused,
+    ];
+
+    /// The lower-case name used by `--events` and the JSON `event` key.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Accept => "accept",
+            Self::Establish => "establish",
+            Self::Unreachable => "unreachable",
+            Self::Silent => "silent",
+            Self::Resumed => "resumed",
+            Self::AppError => "app-error",
+            Self::Close => "close",
+            Self::Refused => "refused",
+        }
+    }
+
+    /// The upper-case label of the text output.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Connect => "CONNECT",
+            Self::Accept => "ACCEPT",
+            Self::Establish => "ESTABLISH",
+            Self::Unreachable => "UNREACHABLE",
+            Self::Silent => "SILENT",
+            Self::Resumed => "RESUMED",
+            Self::AppError => "APP-ERROR",
+            Self::Close => "CLOSE",
+            Self::Refused => "REFUSED",
+        }
+    }
+}
+
+impl fmt::Display for ReportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct UnknownKind(pub String);
+
+impl fmt::Display for UnknownKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown event kind '{}'", self.0)
+    }
+}
+
+impl std::error::Error for UnknownKind {}
+
+impl FromStr for ReportKind {
+    type Err = UnknownKind;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| UnknownKind(s.to_owned()))
+    }
+}
+
+/// The process a socket belongs to, as far as udpmon knows it. All zero / empty when unknown
+/// (only softirq-side facts were seen for the socket, or no socket exists).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    /// Process id.
+    pub tgid: u32,
+    /// Thread id.
+    pub pid: u32,
+    pub comm: String,
+    pub uid: u32,
+    pub cgroup: u64,
+    /// Network namespace inode.
+    pub netns: u32,
+}
+
+impl Owner {
+    pub fn is_known(&self) -> bool {
+        self.tgid != 0 || !self.comm.is_empty()
+    }
+}
+
+/// How a flow was opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// `connect()`, before any datagram.
+    Connect,
+    /// The first datagram sent to the peer.
+    Send,
+    /// The first datagram received from the peer.
+    Recv,
+}
+
+/// Which call failed for an APP-ERROR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Send,
+    Recv,
+}
+
+/// The trouble a RESUMED flow recovered from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trouble {
+    Silent,
+    Unreachable,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The socket was released.
+    Closed,
+    /// No traffic for the idle timeout.
+    Idle,
+    /// The flow table was full and this flow was the least recently active.
+    Evicted,
+    /// `connect(AF_UNSPEC)` dissolved the socket's association with the peer.
+    Disconnected,
+    /// The socket was connected to another peer.
+    Reconnected,
+}
+
+impl CloseReason {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Idle => "idle",
+            Self::Evicted => "evicted",
+            Self::Disconnected => "disconnected",
+            Self::Reconnected => "reconnected",
+        }
+    }
+}
+
+/// A flow's totals when it ends. Counts are the kernel's per-flow counters where they
+/// could be read, else what the transition events showed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CloseStats {
+    pub duration_ns: u64,
+    pub tx_datagrams: u64,
+    pub tx_bytes: u64,
+    pub rx_datagrams: u64,
+    pub rx_bytes: u64,
+    /// CLOCK_BOOTTIME of the last datagram each way, 0 for none.
+    pub last_tx_ns: u64,
+    pub last_rx_ns: u64,
+    /// ICMP errors received for the flow (each one, including unreported repeats).
+    pub icmp_errors: u64,
+    /// Failed send/recv calls (each one, including unreported repeats).
+    pub app_errors: u64,
+    /// The flow existed before udpmon started: the duration and counts are lower bounds.
+    pub preexisting: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnreachableInfo {
+    pub ty: u8,
+    pub code: u8,
+    /// The errno the kernel set, or the one it maps this ICMP to; `None` for messages that
+    /// are never an error for a UDP socket.
+    pub errno: Option<i32>,
+    /// Whether a connected socket hears about the error without IP_RECVERR.
+    pub fatal: Option<bool>,
+    /// The ICMP sender (a router for host/net errors, the peer for port unreachable).
+    pub from: IpAddr,
+    pub verdict: Verdict,
+    /// The socket was connected to this peer.
+    pub connected: bool,
+    /// For [`Verdict::NoSocket`]: the last process seen on the local port, if known.
+    pub last_owner: Option<Owner>,
+}
+
+/// Kind-specific facts of a report. Durations are nanoseconds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Detail {
+    /// CONNECT and ACCEPT. `bytes` is the first datagram's payload, `None` for connect().
+    Opened {
+        via: Via,
+        bytes: Option<u32>,
+    },
+    /// ESTABLISH: time between the first datagram one way and the first the other way.
+    Established {
+        reply_after_ns: u64,
+    },
+    Unreachable(UnreachableInfo),
+    /// SILENT: how long since the peer was last heard, and the sends since then (a lower
+    /// bound: the kernel counters are sampled about once a second).
+    Silent {
+        no_reply_ns: u64,
+        sends: u64,
+    },
+    /// RESUMED: how long the peer had not been heard.
+    Resumed {
+        after: Trouble,
+        quiet_ns: u64,
+    },
+    /// APP-ERROR, with the time since the flow's ICMP error when the flow is unreachable
+    /// (the application noticed the error that long after it arrived).
+    AppError {
+        op: Op,
+        errno: i32,
+        after_unreachable_ns: Option<u64>,
+    },
+    Closed {
+        reason: CloseReason,
+        stats: CloseStats,
+    },
+    /// REFUSED: the last process seen on the local port, if known.
+    Refused {
+        last_owner: Option<Owner>,
+    },
+}
+
+/// One operator-facing event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    pub kind: ReportKind,
+    /// CLOCK_BOOTTIME nanoseconds; the formatters convert to wall-clock time.
+    pub ts_ns: u64,
+    /// Socket cookie, 0 when no socket is involved (REFUSED, ICMP for a closed socket).
+    pub cookie: u64,
+    /// Thread id.
+    pub pid: u32,
+    /// Process id.
+    pub tgid: u32,
+    pub comm: String,
+    pub uid: u32,
+    pub cgroup: u64,
+    pub netns: u32,
+    pub family: Family,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub detail: Detail,
+}
+
+impl Report {
+    pub(super) fn new(
+        kind: ReportKind,
+        ts_ns: u64,
+        cookie: u64,
+        owner: &Owner,
+        family: Family,
+        (local, remote): (SocketAddr, SocketAddr),
+        detail: Detail,
+    ) -> Self {
+        Self {
+            kind,
+            ts_ns,
+            cookie,
+            pid: owner.pid,
+            tgid: owner.tgid,
+            comm: owner.comm.clone(),
+            uid: owner.uid,
+            cgroup: owner.cgroup,
+            netns: owner.netns,
+            family,
+            local,
+            remote,
+            detail,
+        }
+    }
+
+    /// The last owner named by REFUSED and by an ICMP error for a closed socket.
+    pub fn last_owner(&self) -> Option<&Owner> {
+        match &self.detail {
+            Detail::Refused { last_owner } => last_owner.as_ref(),
+            Detail::Unreachable(u) => u.last_owner.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_names_round_trip() {
+        for k in ReportKind::ALL {
+            assert_eq!(k.name().parse::<ReportKind>(), Ok(k));
+            assert_eq!(k.label().to_ascii_lowercase(), k.name());
+        }
+        assert_eq!("APP-ERROR".parse::<ReportKind>(), Ok(ReportKind::AppError));
+        assert!("established".parse::<ReportKind>().is_err());
+    }
+}

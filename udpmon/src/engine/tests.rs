@@ -1,0 +1,1272 @@
+use std::{cell::RefCell, collections::HashMap, net::IpAddr};
+
+use super::*;
+use crate::decode::{Icmp, KernelEvent};
+
+const MS: u64 = 1_000_000;
+const S: u64 = 1_000_000_000;
+
+fn none(_: &FlowId) -> Option<Counters> {
+    None
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// An event from `nc` (tgid 100) on socket 7, 10.0.0.1:5000 <-> 10.0.0.2:53.
+fn ev(fact: Fact, ts_ns: u64) -> KernelEvent {
+    KernelEvent {
+        fact,
+        ts_ns,
+        cookie: 7,
+        tgid: 100,
+        pid: 101,
+        comm: "nc".into(),
+        uid: 1000,
+        cgroup: 25,
+        netns: 4026531833,
+        family: Family::V4,
+        local: addr("10.0.0.1:5000"),
+        remote: addr("10.0.0.2:53"),
+        task_unrelated: false,
+        connected: false,
+        recverr: false,
+    }
+}
+
+fn icmp(ty: u8, code: u8, errno: Option<i32>, verdict: Verdict) -> Fact {
+    Fact::Icmp(Icmp {
+        ty,
+        code,
+        errno,
+        from: "10.0.0.2".parse().unwrap(),
+        verdict,
+    })
+}
+
+fn flow7() -> FlowId {
+    FlowId {
+        cookie: 7,
+        remote: addr("10.0.0.2:53"),
+    }
+}
+
+fn kinds(r: &[Report]) -> Vec<ReportKind> {
+    r.iter().map(|r| r.kind).collect()
+}
+
+fn engine() -> Engine {
+    Engine::new(EngineConfig::default())
+}
+
+/// Feeds events (without kernel counters) and returns every report.
+fn run(e: &mut Engine, evs: &[KernelEvent]) -> Vec<Report> {
+    evs.iter().flat_map(|x| e.on_event(x, &none)).collect()
+}
+
+fn close_stats(r: &Report) -> (CloseReason, CloseStats) {
+    match &r.detail {
+        Detail::Closed { reason, stats } => (*reason, *stats),
+        d => panic!("not a close: {d:?}"),
+    }
+}
+
+#[test]
+fn first_send_connects_and_the_reply_establishes() {
+    let mut e = engine();
+    let r = run(
+        &mut e,
+        &[
+            ev(Fact::FirstTx { bytes: 3 }, S),
+            ev(Fact::FirstRx { bytes: 4 }, S + 20 * MS),
+        ],
+    );
+    assert_eq!(kinds(&r), [ReportKind::Connect, ReportKind::Establish]);
+    assert_eq!(
+        r[0].detail,
+        Detail::Opened {
+            via: Via::Send,
+            bytes: Some(3)
+        }
+    );
+    assert_eq!(
+        r[1].detail,
+        Detail::Established {
+            reply_after_ns: 20 * MS
+        }
+    );
+    let first = &r[0];
+    assert_eq!(
+        (first.cookie, first.tgid, first.pid, first.comm.as_str()),
+        (7, 100, 101, "nc")
+    );
+    assert_eq!(
+        (first.uid, first.cgroup, first.netns),
+        (1000, 25, 4026531833)
+    );
+    assert_eq!(
+        (first.local, first.remote, first.family),
+        (addr("10.0.0.1:5000"), addr("10.0.0.2:53"), Family::V4)
+    );
+    assert_eq!(e.flows_of(7), [flow7()]);
+}
+
+#[test]
+fn first_receive_accepts_and_the_answer_establishes() {
+    let mut e = engine();
+    let r = run(
+        &mut e,
+        &[
+            ev(Fact::FirstRx { bytes: 3 }, S),
+            ev(Fact::FirstTx { bytes: 4 }, 2 * S),
+        ],
+    );
+    assert_eq!(kinds(&r), [ReportKind::Accept, ReportKind::Establish]);
+    assert_eq!(
+        r[0].detail,
+        Detail::Opened {
+            via: Via::Recv,
+            bytes: Some(3)
+        }
+    );
+}
+
+#[test]
+fn repeated_first_datagrams_change_nothing() {
+    let mut e = engine();
+    let r = run(
+        &mut e,
+        &[
+            ev(Fact::FirstTx { bytes: 3 }, S),
+            ev(Fact::FirstTx { bytes: 3 }, S + 1),
+            ev(Fact::FirstTx { bytes: 3 }, S + 2),
+        ],
+    );
+    assert_eq!(kinds(&r), [ReportKind::Connect]);
+    let r = run(
+        &mut e,
+        &[
+            ev(Fact::FirstRx { bytes: 1 }, 2 * S),
+            ev(Fact::FirstRx { bytes: 1 }, 2 * S + 1),
+        ],
+    );
+    assert_eq!(kinds(&r), [ReportKind::Establish]);
+}
+
+#[test]
+fn each_peer_of_an_unconnected_socket_is_its_own_flow() {
+    let mut e = engine();
+    let other = KernelEvent {
+        remote: addr("[fd00::9]:4000"),
+        family: Family::V6,
+        ..ev(Fact::FirstRx { bytes: 1 }, 2 * S)
+    };
+    let r = run(&mut e, &[ev(Fact::FirstRx { bytes: 1 }, S), other]);
+    assert_eq!(kinds(&r), [ReportKind::Accept, ReportKind::Accept]);
+    assert_eq!(r[1].family, Family::V6);
+    assert_eq!(e.flows_of(7).len(), 2);
+    assert_eq!(e.stats().flows_tracked, 2);
+}
+
+#[test]
+fn connect_opens_the_flow_before_any_datagram() {
+    let mut e = engine();
+    let r = run(&mut e, &[ev(Fact::Connect, S)]);
+    assert_eq!(kinds(&r), [ReportKind::Connect]);
+    assert_eq!(
+        r[0].detail,
+        Detail::Opened {
+            via: Via::Connect,
+            bytes: None
+        }
+    );
+    let r = run(
+        &mut e,
+        &[
+            ev(Fact::FirstTx { bytes: 3 }, 2 * S),
+            ev(Fact::FirstRx { bytes: 4 }, 3 * S),
+        ],
+    );
+    assert_eq!(kinds(&r), [ReportKind::Establish]);
+    assert_eq!(r[0].detail, Detail::Established { reply_after_ns: S });
+}
+
+#[test]
+fn connect_does_not_establish_without_traffic_both_ways() {
+    let mut e = engine();
+    let r = run(
+        &mut e,
+        &[ev(Fact::Connect, S), ev(Fact::FirstRx { bytes: 4 }, 2 * S)],
+    );
+    assert_eq!(kinds(&r), [ReportKind::Connect]);
+}
+
+#[test]
+fn reconnecting_closes_the_old_flow_and_opens_the_new_one() {
+    let mut e = engine();
+    run(
+        &mut e,
+        &[ev(Fact::Connect, S), ev(Fact::FirstTx { bytes: 3 }, 2 * S)],
+    );
+    let again = run(&mut e, &[ev(Fact::Connect, 3 * S)]);
+    assert!(again.is_empty(), "connect to the same peer: {again:?}");
+    let other = KernelEvent {
+        remote: addr("10.0.0.3:53"),
+        ..ev(Fact::Connect, 4 * S)
+    };
+    let r = run(&mut e, &[other]);
+    assert_eq!(kinds(&r), [ReportKind::Close, ReportKind::Connect]);
+    assert_eq!(r[0].remote, addr("10.0.0.2:53"));
+    let (reason, stats) = close_stats(&r[0]);
+    assert_eq!(reason, CloseReason::Reconnected);
+    assert_eq!(
+        (stats.duration_ns, stats.tx_datagrams, stats.tx_bytes),
+        (3 * S, 1, 3)
+    );
+    assert_eq!(r[1].remote, addr("10.0.0.3:53"));
+    assert_eq!(
+        e.flows_of(7),
+        [FlowId {
+            cookie: 7,
+            remote: addr("10.0.0.3:53")
+        }]
+    );
+}
+
+#[test]
+fn disconnect_closes_the_connected_flow_only() {
+    let mut e = engine();
+    let peer2 = KernelEvent {
+        remote: addr("10.0.0.9:99"),
+        ..ev(Fact::FirstRx { bytes: 1 }, S)
+    };
+    run(&mut e, &[peer2, ev(Fact::Connect, 2 * S)]);
+    let disconnect = KernelEvent {
+        remote: addr("0.0.0.0:0"),
+        ..ev(Fact::Connect, 3 * S)
+    };
+    let r = run(&mut e, std::slice::from_ref(&disconnect));
+    assert_eq!(kinds(&r), [ReportKind::Close]);
+    assert_eq!(r[0].remote, addr("10.0.0.2:53"));
+    assert_eq!(close_stats(&r[0]).0, CloseReason::Disconnected);
+    assert_eq!(e.flows_of(7).len(), 1);
+    assert!(run(&mut e, &[disconnect]).is_empty());
+}
+
+#[test]
+fn a_connected_flag_lets_a_disconnect_close_a_flow_opened_by_traffic() {
+    let mut e = engine();
+    let tx = KernelEvent {
+        connected: true,
+        ..ev(Fact::FirstTx { bytes: 1 }, S)
+    };
+    let disconnect = KernelEvent {
+        remote: addr("0.0.0.0:0"),
+        ..ev(Fact::Connect, 2 * S)
+    };
+    let r = run(&mut e, &[tx, disconnect]);
+    assert_eq!(kinds(&r), [ReportKind::Connect, ReportKind::Close]);
+}
+
+#[test]
+fn icmp_reports_unreachable_with_the_kernels_verdict() {
+    let mut e = engine();
+    let r = run(
+        &mut e,
+        &[
+            ev(Fact::FirstTx { bytes: 3 }, S),
+            ev(icmp(3, 3, Some(111), Verdict::Discarded), 2 * S),
+        ],
+    );
+    assert_eq!(kinds(&r), [ReportKind::Connect, ReportKind::Unreachable]);
+    assert_eq!(
+        r[1].detail,
+        Detail::Unreachable(UnreachableInfo {
+            ty: 3,
+            code: 3,
+            errno: Some(111),
+            fatal: Some(true),
+            from: "10.0.0.2".parse().unwrap(),
+            verdict: Verdict::Discarded,
+            connected: false,
+            last_owner: None,
+        })
+    );
+}
+
+#[test]
+fn icmp_without_errno_gets_the_kernels_mapping() {
+    let mut e = engine();
+    let r = run(&mut e, &[ev(icmp(3, 1, None, Verdict::Discarded), S)]);
+    let Detail::Unreachable(u) = &r[0].detail else {
+        panic!("{r:?}")
+    };
+    assert_eq!((u.errno, u.fatal), (Some(libc::EHOSTUNREACH), Some(false)));
+    let v6 = KernelEvent {
+        family: Family::V6,
+        remote: addr("[fd00::2]:53"),
+        ..ev(icmp(1, 1, None, Verdict::Queued), S)
+    };
+    let r = run(&mut e, &[v6]);
+    let Detail::Unreachable(u) = &r[0].detail else {
+        panic!("{r:?}")
+    };
+    assert_eq!((u.errno, u.fatal), (Some(libc::EACCES), Some(true)));
+}
+
+#[test]
+fn icmp_on_an_unknown_flow_creates_it_without_a_connect() {
+    let mut e = engine();
+    let r = run(&mut e, &[ev(icmp(3, 3, Some(111), Verdict::Notified), S)]);
+    assert_eq!(kinds(&r), [ReportKind::Unreachable]);
+    assert_eq!(e.flows_of(7), [flow7()]);
+    let r = run(&mut e, &[ev(Fact::Close, 2 * S)]);
+    assert_eq!(kinds(&r), [ReportKind::Close]);
+    assert_eq!(close_stats(&r[0]).1.icmp_errors, 1);
+}
+
+#[test]
+fn repeated_icmp_is_counted_not_reported() {
+    let mut e = engine();
+    let r = run(
+        &mut e,
+        &[
+            ev(Fact::FirstTx { bytes: 3 }, S),
+            ev(icmp(3, 3, Some(111), Verdict::Discarded), 2 * S),
+            ev(icmp(3, 3, Some(111), Verdict::Discarded), 3 * S),
+            ev(icmp(3, 3, Some(111), Verdict::Discarded), 4 * S),
+            ev(icmp(3, 1, None, Verdict::Discarded), 5 * S),
+            ev(Fact::Close, 6 * S),
+        ],
+    );
+    assert_eq!(
+        kinds(&r),
+        [
+            ReportKind::Connect,
+            ReportKind::Unreachable,
+            ReportKind::Unreachable,
+            ReportKind::Close
+        ]
+    );
+    assert_eq!(close_stats(&r[3]).1.icmp_errors, 4);
+}
+
+#[test]
+fn icmp_for_a_closed_socket_names_the_ports_last_owner() {
+    let mut e = engine();
+    run(
+        &mut e,
+        &[ev(Fact::FirstTx { bytes: 3 }, S), ev(Fact::Close, 2 * S)],
+    );
+    let orphan = KernelEvent {
+        cookie: 0,
+        task_unrelated: true,
+        tgid: 0,
+        pid: 0,
+        comm: "swapper/1".into(),
+        ..ev(icmp(3, 3, None, Verdict::NoSocket), 3 * S)
+    };
+    let r = run(&mut e, &[orphan]);
+    assert_eq!(kinds(&r), [ReportKind::Unreachable]);
+    assert_eq!((r[0].cookie, r[0].tgid, r[0].comm.as_str()), (0, 0, ""));
+    assert_eq!(r[0].netns, 4026531833);
+    let Detail::Unreachable(u) = &r[0].detail else {
+        panic!("{r:?}")
+    };
+    assert_eq!(u.verdict, Verdict::NoSocket);
+    assert_eq!(u.errno, Some(libc::ECONNREFUSED));
+    let owner = u.last_owner.as_ref().expect("last owner");
+    assert_eq!((owner.tgid, owner.comm.as_str()), (100, "nc"));
+    assert!(e.flows().is_empty(), "no flow for a socket that is gone");
+}
+
+#[test]
+fn app_error_lands_on_the_connected_flow() {
+    let mut e = engine();
+    // A connected socket's send carries no address: the flow is the connected one.
+    let send_err = KernelEvent {
+        remote: addr("0.0.0.0:0"),
+        ..ev(Fact::SendError { errno: 111 }, 3 * S)
+    };
+    let r = run(
+        &mut e,
+        &[
+            ev(Fact::Connect, S),
+            ev(icmp(3, 3, Some(111), Verdict::Notified), 2 * S),
+            send_err.clone(),
+        ],
+    );
+    assert_eq!(
+        kinds(&r),
+        [
+            ReportKind::Connect,
+            ReportKind::Unreachable,
+            ReportKind::AppError
+        ]
+    );
+    assert_eq!(r[2].remote, addr("10.0.0.2:53"));
+    assert_eq!(
+        r[2].detail,
+        Detail::AppError {
+            op: Op::Send,
+            errno: 111,
+            after_unreachable_ns: Some(S)
+        }
+    );
+    let Detail::Unreachable(u) = &r[1].detail else {
+        panic!()
+    };
+    assert!(u.connected);
+    // The same failure again is counted, not reported; a different one is reported.
+    let recv_err = KernelEvent {
+        remote: addr("0.0.0.0:0"),
+        ..ev(Fact::RecvError { errno: 113 }, 5 * S)
+    };
+    let r = run(&mut e, &[send_err, recv_err, ev(Fact::Close, 6 * S)]);
+    assert_eq!(kinds(&r), [ReportKind::AppError, ReportKind::Close]);
+    assert_eq!(close_stats(&r[1]).1.app_errors, 3);
+}
+
+#[test]
+fn eagain_and_interrupted_calls_are_not_errors() {
+    let mut e = engine();
+    run(&mut e, &[ev(Fact::Connect, S)]);
+    for errno in [libc::EAGAIN, libc::EINTR, 512] {
+        let r = run(&mut e, &[ev(Fact::RecvError { errno }, 2 * S)]);
+        assert!(r.is_empty(), "{errno}: {r:?}");
+    }
+}
+
+#[test]
+fn app_error_without_a_flow_is_reported_by_address() {
+    let mut e = engine();
+    let denied = ev(Fact::SendError { errno: libc::EPERM }, S);
+    let r = run(&mut e, &[denied.clone(), denied]);
+    assert_eq!(kinds(&r), [ReportKind::AppError]);
+    assert_eq!(
+        (r[0].local, r[0].remote),
+        (addr("10.0.0.1:5000"), addr("10.0.0.2:53"))
+    );
+    assert!(e.flows().is_empty(), "a refused send opens no flow");
+}
+
+#[test]
+fn close_reports_every_flow_with_kernel_counters() {
+    let mut e = engine();
+    let b = KernelEvent {
+        remote: addr("10.0.0.3:53"),
+        ..ev(Fact::FirstRx { bytes: 5 }, 2 * S)
+    };
+    run(&mut e, &[ev(Fact::FirstTx { bytes: 3 }, S), b]);
+    let kernel = |id: &FlowId| {
+        (id == &flow7()).then_some(Counters {
+            tx_datagrams: 2,
+            tx_bytes: 7,
+            rx_datagrams: 1,
+            rx_bytes: 4,
+            first_ns: S,
+            last_tx_ns: 3 * S,
+            last_rx_ns: 2 * S,
+        })
+    };
+    let r = e.on_event(&ev(Fact::Close, 4 * S + 200 * MS), &kernel);
+    assert_eq!(kinds(&r), [ReportKind::Close, ReportKind::Close]);
+    let (reason, stats) = close_stats(&r[0]);
+    assert_eq!(reason, CloseReason::Closed);
+    assert_eq!(
+        stats,
+        CloseStats {
+            duration_ns: 3 * S + 200 * MS,
+            tx_datagrams: 2,
+            tx_bytes: 7,
+            rx_datagrams: 1,
+            rx_bytes: 4,
+            last_tx_ns: 3 * S,
+            last_rx_ns: 2 * S,
+            icmp_errors: 0,
+            app_errors: 0,
+            preexisting: false,
+        }
+    );
+    // No kernel entry: the counts the events showed.
+    let (_, stats) = close_stats(&r[1]);
+    assert_eq!(
+        (stats.rx_datagrams, stats.rx_bytes, stats.tx_datagrams),
+        (1, 5, 0)
+    );
+    assert!(e.flows().is_empty());
+    assert_eq!(e.stats().sockets_tracked, 0);
+    assert_eq!(e.stats().flows_closed, 2);
+}
+
+#[test]
+fn refused_is_rate_limited_and_names_the_last_owner() {
+    let mut e = engine();
+    let no_socket = |ts| KernelEvent {
+        cookie: 0,
+        task_unrelated: true,
+        comm: "ksoftirqd/0".into(),
+        local: addr("10.0.0.1:5000"),
+        remote: addr("10.0.0.2:53"),
+        ..ev(Fact::NoSocket, ts)
+    };
+    let r = run(&mut e, &[no_socket(S)]);
+    assert_eq!(
+        r[0].detail,
+        Detail::Refused { last_owner: None },
+        "nothing known about the port yet"
+    );
+    run(
+        &mut e,
+        &[
+            ev(Fact::FirstRx { bytes: 3 }, 2 * S),
+            ev(Fact::Close, 3 * S),
+        ],
+    );
+    let idle = ns(e.config().idle_timeout);
+    let r = run(
+        &mut e,
+        &[
+            no_socket(4 * S),
+            no_socket(S + idle - 1),
+            no_socket(S + idle),
+            no_socket(S + idle + 1),
+        ],
+    );
+    assert_eq!(kinds(&r), [ReportKind::Refused]);
+    assert_eq!(r[0].ts_ns, S + idle);
+    assert_eq!((r[0].cookie, r[0].tgid, r[0].comm.as_str()), (0, 0, ""));
+    let owner = r[0].last_owner().expect("last owner");
+    assert_eq!((owner.tgid, owner.comm.as_str()), (100, "nc"));
+    assert_eq!(e.stats().refused_suppressed, 3);
+}
+
+#[test]
+fn existing_sockets_are_learned_silently() {
+    let mut e = engine();
+    let existing = KernelEvent {
+        connected: true,
+        task_unrelated: true,
+        tgid: 0,
+        pid: 0,
+        comm: String::new(),
+        ..ev(Fact::Existing, S)
+    };
+    assert!(run(&mut e, &[existing]).is_empty());
+    assert_eq!(e.flows_of(7), [flow7()]);
+    // Its first datagrams after startup neither reopen it nor skip the establish.
+    let r = run(
+        &mut e,
+        &[
+            ev(Fact::FirstTx { bytes: 1 }, 2 * S),
+            ev(Fact::FirstRx { bytes: 1 }, 3 * S),
+            ev(Fact::Close, 4 * S),
+        ],
+    );
+    assert_eq!(kinds(&r), [ReportKind::Establish, ReportKind::Close]);
+    assert!(close_stats(&r[1]).1.preexisting);
+    // An unconnected socket has no flow until it talks.
+    let server = KernelEvent {
+        cookie: 8,
+        remote: addr("0.0.0.0:0"),
+        ..ev(Fact::Existing, S)
+    };
+    assert!(run(&mut e, &[server]).is_empty());
+    assert!(e.flows_of(8).is_empty());
+    assert_eq!(e.stats().sockets_tracked, 1);
+}
+
+#[test]
+fn softirq_facts_use_the_sockets_learned_owner() {
+    let mut e = engine();
+    let softirq = |fact, ts| KernelEvent {
+        task_unrelated: true,
+        tgid: 0,
+        pid: 0,
+        comm: "swapper/3".into(),
+        uid: 0,
+        cgroup: 1,
+        ..ev(fact, ts)
+    };
+    run(&mut e, &[ev(Fact::FirstTx { bytes: 1 }, S)]);
+    let r = run(&mut e, &[softirq(Fact::FirstRx { bytes: 2 }, 2 * S)]);
+    assert_eq!(
+        (r[0].tgid, r[0].comm.as_str(), r[0].uid, r[0].cgroup),
+        (100, "nc", 1000, 25)
+    );
+    // A socket only ever seen from softirq has no known owner: nothing is made up.
+    let stranger = KernelEvent {
+        cookie: 9,
+        ..softirq(Fact::FirstRx { bytes: 2 }, 3 * S)
+    };
+    let r = run(&mut e, &[stranger]);
+    assert_eq!(
+        (r[0].tgid, r[0].comm.as_str(), r[0].uid, r[0].cgroup),
+        (0, "", 0, 0)
+    );
+    assert_eq!(r[0].netns, 4026531833);
+}
+
+#[test]
+fn zero_cookie_and_addressless_events_are_ignored() {
+    let mut e = engine();
+    let r = run(
+        &mut e,
+        &[
+            KernelEvent {
+                cookie: 0,
+                ..ev(Fact::FirstTx { bytes: 1 }, S)
+            },
+            KernelEvent {
+                remote: addr("0.0.0.0:0"),
+                ..ev(Fact::FirstRx { bytes: 1 }, S)
+            },
+        ],
+    );
+    assert!(r.is_empty());
+    assert_eq!(e.stats().events_ignored, 2);
+}
+
+/// A kernel flow map the tests can change between ticks.
+#[derive(Default)]
+struct Kernel(RefCell<HashMap<FlowId, Counters>>);
+
+impl Kernel {
+    fn send(&self, id: FlowId, ts: u64, n: u64) {
+        let mut m = self.0.borrow_mut();
+        let c = m.entry(id).or_default();
+        if c.first_ns == 0 {
+            c.first_ns = ts;
+        }
+        c.tx_datagrams += n;
+        c.tx_bytes += 10 * n;
+        c.last_tx_ns = ts;
+    }
+
+    fn recv(&self, id: FlowId, ts: u64) {
+        let mut m = self.0.borrow_mut();
+        let c = m.entry(id).or_default();
+        if c.first_ns == 0 {
+            c.first_ns = ts;
+        }
+        c.rx_datagrams += 1;
+        c.rx_bytes += 10;
+        c.last_rx_ns = ts;
+    }
+
+    fn get(&self, id: &FlowId) -> Option<Counters> {
+        self.0.borrow().get(id).copied()
+    }
+}
+
+/// An established flow: sent at 1 s, answered at 1.1 s.
+fn established(e: &mut Engine, k: &Kernel) {
+    k.send(flow7(), S, 1);
+    k.recv(flow7(), S + 100 * MS);
+    let r = run(
+        e,
+        &[
+            ev(Fact::FirstTx { bytes: 10 }, S),
+            ev(Fact::FirstRx { bytes: 10 }, S + 100 * MS),
+        ],
+    );
+    assert_eq!(kinds(&r), [ReportKind::Connect, ReportKind::Establish]);
+}
+
+#[test]
+fn silent_needs_sends_after_the_last_reply_for_long_enough() {
+    let mut e = engine();
+    let k = Kernel::default();
+    let get = |id: &FlowId| k.get(id);
+    established(&mut e, &k);
+    let reply = S + 100 * MS;
+    assert!(e.on_tick(2 * S, &get).is_empty());
+    // Quiet both ways: not silent, only idle.
+    assert!(e.on_tick(reply + 11 * S, &get).is_empty());
+    // One send is not enough.
+    k.send(flow7(), reply + 12 * S, 1);
+    assert!(e.on_tick(reply + 13 * S, &get).is_empty());
+    k.send(flow7(), reply + 13 * S, 1);
+    let r = e.on_tick(reply + 14 * S, &get);
+    assert_eq!(kinds(&r), [ReportKind::Silent]);
+    assert_eq!(r[0].ts_ns, reply + 14 * S);
+    assert_eq!(
+        r[0].detail,
+        Detail::Silent {
+            no_reply_ns: 14 * S,
+            sends: 2
+        }
+    );
+    // Reported once per silence.
+    k.send(flow7(), reply + 15 * S, 5);
+    assert!(e.on_tick(reply + 16 * S, &get).is_empty());
+}
+
+#[test]
+fn silent_waits_for_silent_after() {
+    let mut e = engine();
+    let k = Kernel::default();
+    let get = |id: &FlowId| k.get(id);
+    established(&mut e, &k);
+    let reply = S + 100 * MS;
+    assert!(e.on_tick(2 * S, &get).is_empty());
+    k.send(flow7(), 3 * S, 5);
+    assert!(e.on_tick(reply + 10 * S - 1, &get).is_empty());
+    assert_eq!(
+        kinds(&e.on_tick(reply + 10 * S, &get)),
+        [ReportKind::Silent]
+    );
+}
+
+#[test]
+fn never_silent_before_established() {
+    let mut e = engine();
+    let k = Kernel::default();
+    let get = |id: &FlowId| k.get(id);
+    k.send(flow7(), S, 1);
+    run(&mut e, &[ev(Fact::FirstTx { bytes: 10 }, S)]);
+    k.send(flow7(), 5 * S, 10);
+    assert!(e.on_tick(20 * S, &get).is_empty());
+}
+
+#[test]
+fn resumed_after_silent_carries_the_time_of_the_reply() {
+    let mut e = engine();
+    let k = Kernel::default();
+    let get = |id: &FlowId| k.get(id);
+    established(&mut e, &k);
+    e.on_tick(2 * S, &get);
+    k.send(flow7(), 5 * S, 3);
+    assert_eq!(kinds(&e.on_tick(12 * S, &get)), [ReportKind::Silent]);
+    k.recv(flow7(), 13 * S + 500 * MS);
+    let r = e.on_tick(14 * S, &get);
+    assert_eq!(kinds(&r), [ReportKind::Resumed]);
+    assert_eq!(r[0].ts_ns, 13 * S + 500 * MS);
+    assert_eq!(
+        r[0].detail,
+        Detail::Resumed {
+            after: Trouble::Silent,
+            quiet_ns: 12 * S + 400 * MS
+        }
+    );
+    // Silent again later, from the new reply on.
+    k.send(flow7(), 20 * S, 2);
+    assert_eq!(kinds(&e.on_tick(24 * S, &get)), [ReportKind::Silent]);
+}
+
+#[test]
+fn resumed_after_unreachable() {
+    let mut e = engine();
+    let k = Kernel::default();
+    let get = |id: &FlowId| k.get(id);
+    established(&mut e, &k);
+    e.on_tick(2 * S, &get);
+    let r = e.on_event(&ev(icmp(3, 3, Some(111), Verdict::Notified), 3 * S), &get);
+    assert_eq!(kinds(&r), [ReportKind::Unreachable]);
+    // A reply from before the ICMP does not count.
+    assert!(e.on_tick(4 * S, &get).is_empty());
+    k.recv(flow7(), 5 * S);
+    let r = e.on_tick(6 * S, &get);
+    assert_eq!(kinds(&r), [ReportKind::Resumed]);
+    assert_eq!(
+        r[0].detail,
+        Detail::Resumed {
+            after: Trouble::Unreachable,
+            quiet_ns: 5 * S - (S + 100 * MS)
+        }
+    );
+}
+
+#[test]
+fn a_first_reply_after_unreachable_is_the_establish() {
+    let mut e = engine();
+    let k = Kernel::default();
+    let get = |id: &FlowId| k.get(id);
+    k.send(flow7(), S, 1);
+    run(
+        &mut e,
+        &[
+            ev(Fact::FirstTx { bytes: 10 }, S),
+            ev(icmp(3, 1, None, Verdict::Discarded), 2 * S),
+        ],
+    );
+    k.recv(flow7(), 3 * S);
+    assert!(
+        e.on_tick(3 * S + 1, &get).is_empty(),
+        "no RESUMED before the peer was ever heard"
+    );
+    let r = e.on_event(&ev(Fact::FirstRx { bytes: 10 }, 3 * S), &get);
+    assert_eq!(kinds(&r), [ReportKind::Establish]);
+    assert!(e.on_tick(4 * S, &get).is_empty());
+}
+
+#[test]
+fn idle_flows_expire() {
+    let mut e = engine();
+    let k = Kernel::default();
+    let get = |id: &FlowId| k.get(id);
+    established(&mut e, &k);
+    k.send(flow7(), 50 * S, 1);
+    let idle = ns(e.config().idle_timeout);
+    assert!(e.on_tick(50 * S + idle - 1, &get).is_empty());
+    let r = e.on_tick(50 * S + idle, &get);
+    assert_eq!(kinds(&r), [ReportKind::Close]);
+    let (reason, stats) = close_stats(&r[0]);
+    assert_eq!(reason, CloseReason::Idle);
+    assert_eq!((stats.tx_datagrams, stats.rx_datagrams), (2, 1));
+    assert_eq!(stats.duration_ns, 50 * S + idle - S);
+    assert!(e.flows().is_empty());
+    // The socket itself is forgotten one idle period after it was last named.
+    assert_eq!(e.stats().sockets_tracked, 1);
+    e.on_tick(2 * idle + 50 * S, &get);
+    assert_eq!(e.stats().sockets_tracked, 0);
+}
+
+#[test]
+fn a_quiet_flow_from_before_udpmon_expires_without_a_report() {
+    let mut e = engine();
+    let existing = |cookie, ts| KernelEvent {
+        cookie,
+        connected: true,
+        ..ev(Fact::Existing, ts)
+    };
+    run(&mut e, &[existing(7, S), existing(8, S)]);
+    let traffic = KernelEvent {
+        cookie: 8,
+        ..ev(Fact::FirstTx { bytes: 1 }, 2 * S)
+    };
+    assert!(run(&mut e, &[traffic]).is_empty());
+    let idle = ns(e.config().idle_timeout);
+    let r = e.on_tick(2 * S + idle, &none);
+    assert_eq!(kinds(&r), [ReportKind::Close]);
+    assert_eq!(r[0].cookie, 8, "the flow that carried traffic");
+    assert!(e.flows().is_empty());
+    assert_eq!(e.stats().flows_closed, 2);
+}
+
+#[test]
+fn a_connected_flow_without_traffic_expires_too() {
+    let mut e = engine();
+    run(&mut e, &[ev(Fact::Connect, S)]);
+    let idle = ns(e.config().idle_timeout);
+    let r = e.on_tick(S + idle, &none);
+    assert_eq!(kinds(&r), [ReportKind::Close]);
+}
+
+#[test]
+fn a_full_table_evicts_the_least_recently_active_flow() {
+    let mut e = Engine::new(EngineConfig {
+        max_flows: 2,
+        ..EngineConfig::default()
+    });
+    let peer = |n: u8, ts| KernelEvent {
+        remote: SocketAddr::new(IpAddr::from([10, 0, 0, n]), 53),
+        ..ev(Fact::FirstRx { bytes: 1 }, ts)
+    };
+    run(&mut e, &[peer(2, S), peer(3, 2 * S)]);
+    // Activity on .2 makes .3 the least recently active.
+    run(
+        &mut e,
+        &[KernelEvent {
+            remote: addr("10.0.0.2:53"),
+            ..ev(Fact::FirstTx { bytes: 1 }, 3 * S)
+        }],
+    );
+    let r = run(&mut e, &[peer(4, 4 * S)]);
+    assert_eq!(kinds(&r), [ReportKind::Close, ReportKind::Accept]);
+    assert_eq!(r[0].remote, addr("10.0.0.3:53"));
+    assert_eq!(close_stats(&r[0]).0, CloseReason::Evicted);
+    let st = e.stats();
+    assert_eq!((st.flows_tracked, st.flows_evicted), (2, 1));
+}
+
+/// The seed experiment, laptop side: `nc -u -p 54321 server 12345`, "hi", "ack" comes back,
+/// the server is killed, "hello..?" draws a port unreachable.
+#[test]
+fn seed_laptop_side() {
+    let laptop = |fact, ts| KernelEvent {
+        cookie: 41,
+        tgid: 41383,
+        pid: 41383,
+        local: addr("192.168.1.4:54321"),
+        remote: addr("35.190.176.201:12345"),
+        connected: true,
+        ..ev(fact, ts)
+    };
+    let mut e = engine();
+    let icmp_ev = KernelEvent {
+        task_unrelated: true,
+        tgid: 0,
+        pid: 0,
+        comm: "swapper/0".into(),
+        ..laptop(
+            Fact::Icmp(Icmp {
+                ty: 3,
+                code: 3,
+                errno: Some(111),
+                from: "35.190.176.201".parse().unwrap(),
+                verdict: Verdict::Notified,
+            }),
+            30 * S,
+        )
+    };
+    let r = run(
+        &mut e,
+        &[
+            laptop(Fact::Connect, S),
+            laptop(Fact::FirstTx { bytes: 3 }, 5 * S),
+            laptop(Fact::FirstRx { bytes: 4 }, 10 * S),
+            icmp_ev,
+        ],
+    );
+    assert_eq!(
+        kinds(&r),
+        [
+            ReportKind::Connect,
+            ReportKind::Establish,
+            ReportKind::Unreachable
+        ]
+    );
+    assert!(r.iter().all(|r| r.tgid == 41383 && r.comm == "nc"));
+    assert!(r.iter().all(|r| r.remote == addr("35.190.176.201:12345")));
+    let Detail::Unreachable(u) = &r[2].detail else {
+        panic!("{r:?}")
+    };
+    assert_eq!(u.verdict, Verdict::Notified);
+    assert_eq!(
+        u.errno.map(rules::errno_name).as_deref(),
+        Some("ECONNREFUSED")
+    );
+    assert_eq!(u.from, "35.190.176.201".parse::<IpAddr>().unwrap());
+    assert!(u.connected);
+}
+
+/// The seed experiment, server side: `nc -u -l 0.0.0.0 12345` gets "hi", answers "ack", is
+/// killed, and the laptop's "hello..?" arrives at a port without a socket.
+#[test]
+fn seed_server_side() {
+    let server = |fact, ts| KernelEvent {
+        cookie: 19,
+        tgid: 19075,
+        pid: 19075,
+        local: addr("10.142.0.2:12345"),
+        remote: addr("51.6.191.203:54321"),
+        ..ev(fact, ts)
+    };
+    let mut e = engine();
+    let no_socket = KernelEvent {
+        cookie: 0,
+        task_unrelated: true,
+        tgid: 0,
+        pid: 0,
+        comm: "swapper/0".into(),
+        ..server(Fact::NoSocket, 40 * S)
+    };
+    let r = run(
+        &mut e,
+        &[
+            server(Fact::FirstRx { bytes: 3 }, 5 * S),
+            server(Fact::FirstTx { bytes: 4 }, 10 * S),
+            server(Fact::Close, 20 * S),
+            no_socket,
+        ],
+    );
+    assert_eq!(
+        kinds(&r),
+        [
+            ReportKind::Accept,
+            ReportKind::Establish,
+            ReportKind::Close,
+            ReportKind::Refused
+        ]
+    );
+    let (reason, stats) = close_stats(&r[2]);
+    assert_eq!(reason, CloseReason::Closed);
+    assert_eq!(
+        (
+            stats.rx_datagrams,
+            stats.rx_bytes,
+            stats.tx_datagrams,
+            stats.tx_bytes
+        ),
+        (1, 3, 1, 4)
+    );
+    assert_eq!(stats.duration_ns, 15 * S);
+    assert_eq!(r[3].local, addr("10.142.0.2:12345"));
+    assert_eq!(r[3].remote, addr("51.6.191.203:54321"));
+    let owner = r[3].last_owner().expect("last owner");
+    assert_eq!((owner.tgid, owner.comm.as_str()), (19075, "nc"));
+}
+
+mod props {
+    use std::collections::HashSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// One step of a random history. Traffic goes through a simulated kernel that, like the
+    /// real one, reports only a flow's first datagram each way.
+    #[derive(Clone, Debug)]
+    enum Step {
+        Traffic {
+            cookie: u64,
+            peer: u8,
+            tx: bool,
+        },
+        Connect {
+            cookie: u64,
+            peer: Option<u8>,
+        },
+        Icmp {
+            cookie: u64,
+            peer: u8,
+            code: u8,
+            verdict: u8,
+        },
+        AppError {
+            cookie: u64,
+            errno: i32,
+        },
+        Close {
+            cookie: u64,
+        },
+        Existing {
+            cookie: u64,
+            peer: Option<u8>,
+        },
+        NoSocket {
+            peer: u8,
+        },
+        Tick,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        let cookie = 1..5u64;
+        let peer = 0..4u8;
+        prop_oneof![
+            6 => (cookie.clone(), peer.clone(), any::<bool>())
+                .prop_map(|(cookie, peer, tx)| Step::Traffic { cookie, peer, tx }),
+            2 => (cookie.clone(), prop::option::of(peer.clone()))
+                .prop_map(|(cookie, peer)| Step::Connect { cookie, peer }),
+            2 => (cookie.clone(), peer.clone(), 0..4u8, 1..5u8)
+                .prop_map(|(cookie, peer, code, verdict)| Step::Icmp { cookie, peer, code, verdict }),
+            1 => (cookie.clone(), prop::sample::select(vec![11, 111, 1, 113]))
+                .prop_map(|(cookie, errno)| Step::AppError { cookie, errno }),
+            1 => cookie.clone().prop_map(|cookie| Step::Close { cookie }),
+            1 => (cookie, prop::option::of(peer.clone()))
+                .prop_map(|(cookie, peer)| Step::Existing { cookie, peer }),
+            1 => peer.prop_map(|peer| Step::NoSocket { peer }),
+            3 => Just(Step::Tick),
+        ]
+    }
+
+    fn remote(peer: u8) -> SocketAddr {
+        match peer {
+            3 => addr("[fd00::3]:53"),
+            p => SocketAddr::new(IpAddr::from([10, 0, 0, p]), 53),
+        }
+    }
+
+    fn family(a: &SocketAddr) -> Family {
+        if a.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
+
+    fn kev(fact: Fact, ts: u64, cookie: u64, remote: SocketAddr) -> KernelEvent {
+        KernelEvent {
+            cookie,
+            remote,
+            family: family(&remote),
+            ..ev(fact, ts)
+        }
+    }
+
+    /// What the reports say, checked against what was fed in.
+    #[derive(Default)]
+    struct Checker {
+        /// Flows reported opened (CONNECT/ACCEPT) and not yet closed.
+        open: HashSet<FlowId>,
+        /// Directions fed to the engine per flow since it was last reported closed.
+        seen: HashMap<FlowId, (bool, bool)>,
+        established: HashSet<FlowId>,
+        evictions: u64,
+    }
+
+    impl Checker {
+        fn fed(&mut self, id: FlowId, tx: bool) {
+            let s = self.seen.entry(id).or_default();
+            if tx { s.0 = true } else { s.1 = true }
+        }
+
+        fn check(&mut self, reports: &[Report], e: &Engine) -> Result<(), TestCaseError> {
+            for r in reports {
+                let id = FlowId {
+                    cookie: r.cookie,
+                    remote: r.remote,
+                };
+                match r.kind {
+                    ReportKind::Connect | ReportKind::Accept => {
+                        prop_assert!(self.open.insert(id), "opened twice: {r:?}");
+                    }
+                    ReportKind::Establish => {
+                        let (tx, rx) = self.seen.get(&id).copied().unwrap_or_default();
+                        prop_assert!(tx && rx, "established without traffic both ways: {r:?}");
+                        prop_assert!(self.established.insert(id), "established twice: {r:?}");
+                    }
+                    ReportKind::Close => {
+                        self.open.remove(&id);
+                        self.seen.remove(&id);
+                        self.established.remove(&id);
+                        if matches!(
+                            r.detail,
+                            Detail::Closed {
+                                reason: CloseReason::Evicted,
+                                ..
+                            }
+                        ) {
+                            self.evictions += 1;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let live: HashSet<FlowId> = e.flows().into_iter().collect();
+            prop_assert!(
+                self.open.is_subset(&live),
+                "reported open but neither closed nor live: {:?}",
+                self.open.difference(&live).collect::<Vec<_>>()
+            );
+            prop_assert!(live.len() <= e.config().max_flows);
+            prop_assert_eq!(e.stats().flows_tracked, live.len());
+            prop_assert_eq!(e.stats().flows_evicted, self.evictions);
+            Ok(())
+        }
+    }
+
+    fn simulate(steps: &[(Step, u64)], max_flows: usize) -> Result<(), TestCaseError> {
+        let mut e = Engine::new(EngineConfig {
+            silent_after: Duration::from_secs(3),
+            idle_timeout: Duration::from_secs(20),
+            max_flows,
+            ..EngineConfig::default()
+        });
+        let kernel = Kernel::default();
+        let mut chk = Checker::default();
+        let mut ts = S;
+        for (step, dt) in steps {
+            // Mostly forward, sometimes slightly backwards (events from other CPUs).
+            ts = (ts + dt).saturating_sub(if dt % 7 == 0 { 2 * MS } else { 0 });
+            let get = |id: &FlowId| kernel.get(id);
+            let reports = match *step {
+                Step::Traffic { cookie, peer, tx } => {
+                    let id = FlowId {
+                        cookie,
+                        remote: remote(peer),
+                    };
+                    let first = kernel.get(&id).is_none_or(|c| {
+                        if tx {
+                            c.tx_datagrams == 0
+                        } else {
+                            c.rx_datagrams == 0
+                        }
+                    });
+                    if tx {
+                        kernel.send(id, ts, 1);
+                    } else {
+                        kernel.recv(id, ts);
+                    }
+                    if first {
+                        chk.fed(id, tx);
+                        let fact = if tx {
+                            Fact::FirstTx { bytes: 10 }
+                        } else {
+                            Fact::FirstRx { bytes: 10 }
+                        };
+                        e.on_event(&kev(fact, ts, cookie, id.remote), &get)
+                    } else {
+                        Vec::new()
+                    }
+                }
+                Step::Connect { cookie, peer } => {
+                    let r = peer.map_or(addr("0.0.0.0:0"), remote);
+                    e.on_event(&kev(Fact::Connect, ts, cookie, r), &get)
+                }
+                Step::Icmp {
+                    cookie,
+                    peer,
+                    code,
+                    verdict,
+                } => {
+                    let verdict = match verdict {
+                        1 => Verdict::Notified,
+                        2 => Verdict::Queued,
+                        3 => Verdict::Discarded,
+                        _ => Verdict::NoSocket,
+                    };
+                    let cookie = if verdict == Verdict::NoSocket {
+                        0
+                    } else {
+                        cookie
+                    };
+                    e.on_event(
+                        &kev(icmp(3, code, None, verdict), ts, cookie, remote(peer)),
+                        &get,
+                    )
+                }
+                Step::AppError { cookie, errno } => {
+                    let fact = Fact::SendError { errno };
+                    e.on_event(&kev(fact, ts, cookie, addr("0.0.0.0:0")), &get)
+                }
+                Step::Close { cookie } => {
+                    let r = e.on_event(&kev(Fact::Close, ts, cookie, addr("0.0.0.0:0")), &get);
+                    kernel.0.borrow_mut().retain(|id, _| id.cookie != cookie);
+                    r
+                }
+                Step::Existing { cookie, peer } => {
+                    let ev = KernelEvent {
+                        connected: peer.is_some(),
+                        task_unrelated: true,
+                        ..kev(
+                            Fact::Existing,
+                            ts,
+                            cookie,
+                            peer.map_or(addr("0.0.0.0:0"), remote),
+                        )
+                    };
+                    e.on_event(&ev, &get)
+                }
+                Step::NoSocket { peer } => {
+                    e.on_event(&kev(Fact::NoSocket, ts, 0, remote(peer)), &get)
+                }
+                Step::Tick => e.on_tick(ts, &get),
+            };
+            chk.check(&reports, &e)?;
+            // What the caller does after an expiry or eviction, so that the flow's next
+            // datagram is reported as new.
+            for r in &reports {
+                if let Detail::Closed { reason, .. } = r.detail
+                    && matches!(reason, CloseReason::Idle | CloseReason::Evicted)
+                {
+                    kernel.0.borrow_mut().remove(&FlowId {
+                        cookie: r.cookie,
+                        remote: r.remote,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn random_histories_keep_the_invariants(
+            steps in prop::collection::vec((step(), 0..4 * S), 1..200),
+            max_flows in 1..12usize,
+        ) {
+            simulate(&steps, max_flows)?;
+        }
+    }
+}

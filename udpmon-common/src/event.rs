@@ -110,9 +110,12 @@ pub struct Event {
     pub icmp_errno: u32,
     /// The ICMP sender (outer source address), family as `family`.
     pub icmp_from: [u8; 16],
+    /// Network namespace cookie, where the hook cannot read the inode (cgroup hooks);
+    /// userspace maps it to the inode. 0 when `netns` is set or unknown.
+    pub netns_cookie: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Event>() == 128);
+const _: () = assert!(core::mem::size_of::<Event>() == 136);
 const _: () = assert!(core::mem::align_of::<Event>() == 8);
 
 impl Event {
@@ -140,6 +143,7 @@ impl Event {
             _pad: 0,
             icmp_errno: 0,
             icmp_from: [0; 16],
+            netns_cookie: 0,
         }
     }
 }

@@ -103,9 +103,17 @@ pub fn sock_tuple(sk: u64) -> SockTuple {
         read_buf(sk, o.skc_rcv_saddr, &mut t.local[..4]);
         read_buf(sk, o.skc_daddr, &mut t.remote[..4]);
     }
-    let net: u64 = read(sk, o.skc_net);
-    if net != 0 {
-        t.netns = read(net, o.net_ns_inum);
-    }
+    t.netns = sock_netns(sk);
     t
+}
+
+/// `sk->__sk_common.skc_net.net->ns.inum`.
+#[inline(always)]
+pub fn sock_netns(sk: u64) -> u32 {
+    let o = offsets();
+    let net: u64 = read(sk, o.skc_net);
+    if net == 0 {
+        return 0;
+    }
+    read(net, o.net_ns_inum)
 }

@@ -1,7 +1,10 @@
 //! Datagram hooks of the tracepoint/cgroup strategy: cgroup_skb egress and ingress on the
 //! cgroup-v2 root see every datagram a UDP socket sends or receives, with both addresses
 //! and the socket cookie, on every kernel since 4.10.
-use aya_ebpf::{helpers::bpf_get_socket_cookie, programs::SkBuffContext};
+use aya_ebpf::{
+    helpers::{bpf_get_socket_cookie, bpf_skb_load_bytes},
+    programs::SkBuffContext,
+};
 
 use crate::{
     flow::{Datagram, Dir, on_datagram},
@@ -13,7 +16,18 @@ struct Skb<'a>(&'a SkBuffContext);
 impl Bytes for Skb<'_> {
     #[inline(always)]
     fn copy(&self, off: u32, dst: &mut [u8]) -> Option<()> {
-        self.0.load_bytes(off as usize, dst).ok().map(|_| ())
+        // The helper directly, with the constant length: aya's `load_bytes` clamps the
+        // length to what is left of the packet, which the verifier sees as possibly zero.
+        // SAFETY: `dst` is valid for `dst.len()` bytes; the helper checks the skb bounds.
+        let rc = unsafe {
+            bpf_skb_load_bytes(
+                self.0.skb.skb as *const _,
+                off,
+                dst.as_mut_ptr() as *mut _,
+                dst.len() as u32,
+            )
+        };
+        (rc == 0).then_some(())
     }
 }
 
@@ -40,6 +54,7 @@ pub fn on_skb(ctx: &SkBuffContext, dir: Dir) {
             lport: sport,
             rport: dport,
             bytes,
+            sk: 0,
         },
         Dir::Rx => Datagram {
             cookie,
@@ -49,6 +64,7 @@ pub fn on_skb(ctx: &SkBuffContext, dir: Dir) {
             lport: dport,
             rport: sport,
             bytes,
+            sk: 0,
         },
     };
     on_datagram(&d, dir, false);

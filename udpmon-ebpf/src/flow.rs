@@ -24,6 +24,9 @@ pub struct Datagram {
     pub lport: u16,
     pub rport: u16,
     pub bytes: u32,
+    /// The socket, where the hook has a typed pointer to it (0 for cgroup hooks): its
+    /// netns is read only when an event is emitted, off the per-datagram path.
+    pub sk: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -101,6 +104,9 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
     ev.lport = d.lport;
     ev.rport = d.rport;
     ev.ret = d.bytes as i32;
+    if d.sk != 0 {
+        ev.netns = crate::apperr::sock_netns(d.sk);
+    }
     if !fill_identity(ev, in_task) {
         return;
     }
@@ -174,6 +180,7 @@ fn set_owner(ev: &mut Event, o: &Owner) {
     ev.comm = o.comm;
     if ev.netns == 0 {
         ev.netns = o.netns;
+        ev.netns_cookie = o.netns_cookie;
     }
 }
 
@@ -188,17 +195,18 @@ pub fn current_owner() -> Owner {
         // SAFETY: BPF helper without preconditions.
         cgroup: unsafe { bpf_get_current_cgroup_id() },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        netns_cookie: 0,
     }
 }
 
 /// Records the current task as the owner of `cookie` (process-context hooks).
 #[inline(always)]
-pub fn learn_owner(cookie: u64, netns: u32) -> Option<Owner> {
+pub fn learn_owner(cookie: u64, netns_cookie: u64) -> Option<Owner> {
     let mut o = current_owner();
     if o.tgid == self_tgid() {
         return None;
     }
-    o.netns = netns;
+    o.netns_cookie = netns_cookie;
     let _ = OWNERS.insert(&cookie, &o, 0);
     Some(o)
 }

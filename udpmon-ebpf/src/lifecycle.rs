@@ -1,7 +1,7 @@
 //! Socket lifecycle from the cgroup hooks: create, connect, release.
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
 };
 use udpmon_common::{
     EventKind,
@@ -22,14 +22,17 @@ pub fn on_create(sk: *mut bpf_sock) {
     if proto != IPPROTO_UDP as u32 {
         return;
     }
-    // SAFETY: as above.
+    // SAFETY: helpers on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(sk as *mut _) };
-    let _ = learn_owner(cookie, 0);
+    let netns = unsafe { bpf_get_netns_cookie(sk as *mut _) };
+    let _ = learn_owner(cookie, netns);
 }
 
 /// cgroup/connect4 and connect6: runs before the connect completes, in the caller's context.
+/// `V6`: the verifier lets only connect6 programs read `user_ip6`, so each family gets its
+/// own instance.
 #[inline(always)]
-pub fn on_connect(ctx: *mut bpf_sock_addr) {
+pub fn on_connect<const V6: bool>(ctx: *mut bpf_sock_addr) {
     // SAFETY: the context pointer is valid for the program run.
     let a = unsafe { &*ctx };
     if a.protocol != IPPROTO_UDP as u32 {
@@ -40,18 +43,21 @@ pub fn on_connect(ctx: *mut bpf_sock_addr) {
     // SAFETY: BPF helpers on the program's own context.
     ev.cookie = unsafe { bpf_get_socket_cookie(ctx as *mut _) };
     ev.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
-    match a.user_family as u16 {
-        AF_INET => {
+    ev.netns_cookie = unsafe { bpf_get_netns_cookie(ctx as *mut _) };
+    if V6 {
+        ev.family = AF_INET6;
+        for i in 0..4 {
+            ev.remote[i * 4..i * 4 + 4].copy_from_slice(&a.user_ip6[i].to_ne_bytes());
+        }
+        if ev.remote[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
+            // A v4-mapped peer of a dual-stack socket: reported as IPv4, as on the wire.
             ev.family = AF_INET;
-            ev.remote[..4].copy_from_slice(&a.user_ip4.to_ne_bytes());
+            ev.remote.copy_within(12..16, 0);
+            ev.remote[4..].fill(0);
         }
-        AF_INET6 => {
-            ev.family = AF_INET6;
-            for i in 0..4 {
-                ev.remote[i * 4..i * 4 + 4].copy_from_slice(&a.user_ip6[i].to_ne_bytes());
-            }
-        }
-        _ => return,
+    } else {
+        ev.family = AF_INET;
+        ev.remote[..4].copy_from_slice(&a.user_ip4.to_ne_bytes());
     }
     ev.rport = u16::from_be(a.user_port as u16);
     if !fill_identity(ev, true) {

@@ -55,13 +55,13 @@ pub fn udp_sock_release(ctx: SockContext) -> i32 {
 /// Must return 1: 0 would refuse the application's connect().
 #[cgroup_sock_addr(connect4)]
 pub fn udp_connect4(ctx: SockAddrContext) -> i32 {
-    lifecycle::on_connect(ctx.sock_addr);
+    lifecycle::on_connect::<false>(ctx.sock_addr);
     1
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn udp_connect6(ctx: SockAddrContext) -> i32 {
-    lifecycle::on_connect(ctx.sock_addr);
+    lifecycle::on_connect::<true>(ctx.sock_addr);
     1
 }
 

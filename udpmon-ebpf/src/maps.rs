@@ -66,6 +66,8 @@ pub struct Owner {
     pub netns: u32,
     pub cgroup: u64,
     pub comm: [u8; 16],
+    /// Where only the netns cookie is known (cgroup hooks): see `Event::netns_cookie`.
+    pub netns_cookie: u64,
 }
 
 #[repr(C)]

@@ -87,6 +87,7 @@ pub fn on_sendmsg(sk: u64, msg: u64, ret: i32, v6_entry: bool, cookie: u64) {
         lport: t.lport,
         rport,
         bytes: ret as u32,
+        sk,
     };
     on_datagram(&d, Dir::Tx, true);
 }
@@ -117,6 +118,7 @@ pub fn on_consume(sk: u64, skb: u64, len: i32, cookie: u64) {
         lport: dport,
         rport: sport,
         bytes,
+        sk,
     };
     on_datagram(&d, Dir::Rx, true);
 }

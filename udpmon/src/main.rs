@@ -1,5 +1,6 @@
 mod btf;
 mod decode;
 mod engine;
+mod existing;
 
 fn main() {}

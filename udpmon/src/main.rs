@@ -1,6 +1,7 @@
 mod btf;
 mod decode;
 mod engine;
+mod report;
 mod existing;
 
 fn main() {}

@@ -1,0 +1,168 @@
+//! One JSON object per line. The schema is stable; keys are only ever added.
+//!
+//! Every line has:
+//! - `ts`: wall-clock time, RFC 3339 UTC with nanoseconds (`2026-11-27T23:41:00.123456789Z`)
+//! - `event`: `connect`, `accept`, `establish`, `unreachable`, `silent`, `resumed`,
+//!   `app-error`, `close` or `refused`
+//! - `pid` (process id), `tid` (thread id), `comm`, `uid`, `cgroup` (v2 id), `netns` (inode),
+//!   `cookie` (socket cookie): 0 / "" when unknown or when no socket is involved
+//! - `family`: `ipv4` or `ipv6`; `local`, `remote`: `addr:port`, IPv6 as `[addr]:port`
+//!
+//! and, by event:
+//! - connect, accept: `via` (`connect`, `send`, `recv`), `bytes` (first datagram's payload;
+//!   null for connect())
+//! - establish: `reply_after_ms` (first datagram one way to first the other way)
+//! - unreachable: `icmp` {`type`, `code`, `from`, `errno` (name or null), `fatal` (bool or
+//!   null), `verdict` (`notified`, `queued`, `discarded`, `no-socket`)}; with verdict
+//!   `no-socket` also `last_owner` (see refused)
+//! - silent: `no_reply_ms`, `sends` (since the last reply, a lower bound)
+//! - resumed: `after` (`silent`, `unreachable`), `quiet_ms` (since the peer was last heard)
+//! - app-error: `op` (`send`, `recv`), `errno` (name), `after_unreachable_ms` (time since the
+//!   flow's ICMP error, or null)
+//! - close: `reason` (`closed`, `idle`, `evicted`, `disconnected`, `reconnected`), `stats`
+//!   {`duration_ms`, `tx_datagrams`, `tx_bytes`, `rx_datagrams`, `rx_bytes`, `last_tx`,
+//!   `last_rx` (RFC 3339 or null), `icmp_errors`, `app_errors`, `preexisting` (the flow
+//!   predates udpmon: counts and duration are lower bounds)}
+//! - refused: `last_owner` {`pid`, `comm`, `uid`} of the last process seen on the local
+//!   port, or null
+use serde_json::{Map, Value, json};
+use time::macros::format_description;
+
+use super::{ClockOffset, family_name, ms, verdict_name};
+use crate::engine::{
+    CloseStats, Detail, Op, Owner, Report, Trouble, UnreachableInfo, Via, rules::errno_name,
+};
+
+pub struct JsonFormat {
+    clock: ClockOffset,
+}
+
+impl JsonFormat {
+    pub fn new(clock: ClockOffset) -> Self {
+        Self { clock }
+    }
+
+    pub fn format(&self, r: &Report) -> String {
+        let mut m = Map::new();
+        m.insert("ts".into(), self.ts(r.ts_ns).into());
+        m.insert("event".into(), r.kind.name().into());
+        m.insert("pid".into(), r.tgid.into());
+        m.insert("tid".into(), r.pid.into());
+        m.insert("comm".into(), r.comm.clone().into());
+        m.insert("uid".into(), r.uid.into());
+        m.insert("cgroup".into(), r.cgroup.into());
+        m.insert("netns".into(), r.netns.into());
+        m.insert("cookie".into(), r.cookie.into());
+        m.insert("family".into(), family_name(r.family).into());
+        m.insert("local".into(), r.local.to_string().into());
+        m.insert("remote".into(), r.remote.to_string().into());
+        self.detail(&r.detail, &mut m);
+        Value::Object(m).to_string()
+    }
+
+    fn ts(&self, boot_ns: u64) -> String {
+        self.clock
+            .wall(boot_ns)
+            .format(format_description!(
+                "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:9]Z"
+            ))
+            .unwrap_or_default()
+    }
+
+    /// A kernel timestamp that may be "never" (0).
+    fn ts_or_null(&self, boot_ns: u64) -> Value {
+        match boot_ns {
+            0 => Value::Null,
+            t => self.ts(t).into(),
+        }
+    }
+
+    fn detail(&self, d: &Detail, m: &mut Map<String, Value>) {
+        let mut put = |k: &str, v: Value| {
+            m.insert(k.into(), v);
+        };
+        match d {
+            Detail::Opened { via, bytes } => {
+                let via = match via {
+                    Via::Connect => "connect",
+                    Via::Send => "send",
+                    Via::Recv => "recv",
+                };
+                put("via", via.into());
+                put("bytes", (*bytes).into());
+            }
+            Detail::Established { reply_after_ns } => {
+                put("reply_after_ms", ms(*reply_after_ns).into());
+            }
+            Detail::Unreachable(u) => {
+                put("icmp", icmp(u));
+                if u.verdict == crate::decode::Verdict::NoSocket {
+                    put("last_owner", owner(u.last_owner.as_ref()));
+                }
+            }
+            Detail::Silent { no_reply_ns, sends } => {
+                put("no_reply_ms", ms(*no_reply_ns).into());
+                put("sends", (*sends).into());
+            }
+            Detail::Resumed { after, quiet_ns } => {
+                let after = match after {
+                    Trouble::Silent => "silent",
+                    Trouble::Unreachable => "unreachable",
+                };
+                put("after", after.into());
+                put("quiet_ms", ms(*quiet_ns).into());
+            }
+            Detail::AppError {
+                op,
+                errno,
+                after_unreachable_ns,
+            } => {
+                let op = match op {
+                    Op::Send => "send",
+                    Op::Recv => "recv",
+                };
+                put("op", op.into());
+                put("errno", errno_name(*errno).into());
+                put("after_unreachable_ms", after_unreachable_ns.map(ms).into());
+            }
+            Detail::Closed { reason, stats } => {
+                put("reason", reason.name().into());
+                put("stats", self.stats(stats));
+            }
+            Detail::Refused { last_owner } => put("last_owner", owner(last_owner.as_ref())),
+        }
+    }
+
+    fn stats(&self, s: &CloseStats) -> Value {
+        json!({
+            "duration_ms": ms(s.duration_ns),
+            "tx_datagrams": s.tx_datagrams,
+            "tx_bytes": s.tx_bytes,
+            "rx_datagrams": s.rx_datagrams,
+            "rx_bytes": s.rx_bytes,
+            "last_tx": self.ts_or_null(s.last_tx_ns),
+            "last_rx": self.ts_or_null(s.last_rx_ns),
+            "icmp_errors": s.icmp_errors,
+            "app_errors": s.app_errors,
+            "preexisting": s.preexisting,
+        })
+    }
+}
+
+fn icmp(u: &UnreachableInfo) -> Value {
+    json!({
+        "type": u.ty,
+        "code": u.code,
+        "from": u.from.to_string(),
+        "errno": u.errno.map(errno_name),
+        "fatal": u.fatal,
+        "verdict": verdict_name(u.verdict),
+    })
+}
+
+fn owner(o: Option<&Owner>) -> Value {
+    match o {
+        Some(o) if o.is_known() => json!({ "pid": o.tgid, "comm": o.comm, "uid": o.uid }),
+        _ => Value::Null,
+    }
+}

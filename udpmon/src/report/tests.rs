@@ -1,0 +1,482 @@
+use serde_json::Value;
+use time::UtcOffset;
+
+use super::*;
+use crate::engine::{
+    CloseReason, CloseStats, Detail, Op, Owner, ReportKind, Trouble, UnreachableInfo, Via,
+};
+
+const S: u64 = 1_000_000_000;
+/// Boot time 1000 s is 2026-11-27T23:41:00Z.
+const CLOCK: ClockOffset = ClockOffset((1_795_822_860 - 1000) * S as i128);
+const AT: u64 = 1000 * S + 123_456_789;
+
+fn laptop(kind: ReportKind, detail: Detail) -> Report {
+    Report {
+        kind,
+        ts_ns: AT,
+        cookie: 4097,
+        pid: 41384,
+        tgid: 41383,
+        comm: "nc".into(),
+        uid: 1000,
+        cgroup: 25,
+        netns: 4026531833,
+        family: Family::V4,
+        local: "192.168.1.4:54321".parse().unwrap(),
+        remote: "35.190.176.201:12345".parse().unwrap(),
+        detail,
+    }
+}
+
+fn unreachable(verdict: Verdict, connected: bool) -> Report {
+    laptop(
+        ReportKind::Unreachable,
+        Detail::Unreachable(UnreachableInfo {
+            ty: 3,
+            code: 3,
+            errno: Some(111),
+            fatal: Some(true),
+            from: "10.0.0.2".parse().unwrap(),
+            verdict,
+            connected,
+            last_owner: None,
+        }),
+    )
+}
+
+fn nc_owner() -> Owner {
+    Owner {
+        tgid: 123,
+        pid: 123,
+        comm: "nc".into(),
+        uid: 1000,
+        cgroup: 25,
+        netns: 4026531833,
+    }
+}
+
+fn refused(last_owner: Option<Owner>) -> Report {
+    Report {
+        cookie: 0,
+        pid: 0,
+        tgid: 0,
+        comm: String::new(),
+        uid: 0,
+        cgroup: 0,
+        local: "10.142.0.2:12345".parse().unwrap(),
+        remote: "51.6.191.203:54321".parse().unwrap(),
+        ..laptop(ReportKind::Refused, Detail::Refused { last_owner })
+    }
+}
+
+fn close(reason: CloseReason) -> Report {
+    laptop(
+        ReportKind::Close,
+        Detail::Closed {
+            reason,
+            stats: CloseStats {
+                duration_ns: 3_200_000_000,
+                tx_datagrams: 2,
+                tx_bytes: 7,
+                rx_datagrams: 1,
+                rx_bytes: 4,
+                last_tx_ns: AT - S,
+                last_rx_ns: 0,
+                icmp_errors: 0,
+                app_errors: 0,
+                preexisting: false,
+            },
+        },
+    )
+}
+
+/// One report of every kind (and every detail shape).
+fn every_kind() -> Vec<Report> {
+    vec![
+        laptop(
+            ReportKind::Connect,
+            Detail::Opened {
+                via: Via::Connect,
+                bytes: None,
+            },
+        ),
+        laptop(
+            ReportKind::Connect,
+            Detail::Opened {
+                via: Via::Send,
+                bytes: Some(3),
+            },
+        ),
+        laptop(
+            ReportKind::Accept,
+            Detail::Opened {
+                via: Via::Recv,
+                bytes: Some(3),
+            },
+        ),
+        laptop(
+            ReportKind::Establish,
+            Detail::Established {
+                reply_after_ns: 12_000_000,
+            },
+        ),
+        unreachable(Verdict::Notified, true),
+        unreachable(Verdict::Queued, false),
+        unreachable(Verdict::Discarded, false),
+        Report {
+            cookie: 0,
+            ..laptop(
+                ReportKind::Unreachable,
+                Detail::Unreachable(UnreachableInfo {
+                    ty: 3,
+                    code: 3,
+                    errno: None,
+                    fatal: None,
+                    from: "10.0.0.2".parse().unwrap(),
+                    verdict: Verdict::NoSocket,
+                    connected: false,
+                    last_owner: Some(nc_owner()),
+                }),
+            )
+        },
+        laptop(
+            ReportKind::Silent,
+            Detail::Silent {
+                no_reply_ns: 10_200_000_000,
+                sends: 5,
+            },
+        ),
+        laptop(
+            ReportKind::Resumed,
+            Detail::Resumed {
+                after: Trouble::Unreachable,
+                quiet_ns: 4 * S,
+            },
+        ),
+        laptop(
+            ReportKind::AppError,
+            Detail::AppError {
+                op: Op::Recv,
+                errno: 111,
+                after_unreachable_ns: Some(S / 2),
+            },
+        ),
+        laptop(
+            ReportKind::AppError,
+            Detail::AppError {
+                op: Op::Send,
+                errno: 1,
+                after_unreachable_ns: None,
+            },
+        ),
+        close(CloseReason::Closed),
+        close(CloseReason::Evicted),
+        refused(Some(nc_owner())),
+        refused(None),
+    ]
+}
+
+fn text() -> TextFormat {
+    TextFormat::with_offset(CLOCK, UtcOffset::from_hms(1, 0, 0).unwrap())
+}
+
+#[test]
+fn text_lines() {
+    let t = text();
+    assert_eq!(
+        t.header(),
+        "TIME             PID COMM            LOCAL                 REMOTE                EVENT       DETAIL"
+    );
+    assert_eq!(
+        t.format(&unreachable(Verdict::Notified, true)),
+        "00:41:00.123   41383 nc              192.168.1.4:54321     35.190.176.201:12345  UNREACHABLE ICMP port unreachable from 10.0.0.2; next send/recv fails with ECONNREFUSED"
+    );
+    assert_eq!(
+        t.format(&close(CloseReason::Closed)),
+        "00:41:00.123   41383 nc              192.168.1.4:54321     35.190.176.201:12345  CLOSE       closed after 3.2s: tx 2 dgrams/7 B, rx 1 dgram/4 B"
+    );
+    assert_eq!(
+        t.format(&refused(Some(nc_owner()))),
+        "00:41:00.123       - -               10.142.0.2:12345      51.6.191.203:54321    REFUSED     datagram to closed port 12345 (last owner: nc pid 123)"
+    );
+    let v6 = Report {
+        family: Family::V6,
+        local: "[fd00::1]:54321".parse().unwrap(),
+        remote: "[fd00::2]:53".parse().unwrap(),
+        ..laptop(
+            ReportKind::AppError,
+            Detail::AppError {
+                op: Op::Send,
+                errno: 111,
+                after_unreachable_ns: Some(52_000_000),
+            },
+        )
+    };
+    assert_eq!(
+        t.format(&v6),
+        "00:41:00.123   41383 nc              [fd00::1]:54321       [fd00::2]:53          APP-ERROR   send failed with ECONNREFUSED: the application noticed the ICMP error 52ms later"
+    );
+}
+
+#[test]
+fn text_details() {
+    let details: Vec<String> = every_kind()
+        .iter()
+        .map(|r| {
+            let line = text().format(r);
+            line.split_once(r.kind.label()).unwrap().1.trim().to_owned()
+        })
+        .collect();
+    assert_eq!(
+        details,
+        [
+            "connect(): flow opened, nothing sent yet",
+            "first datagram sent: 3 B",
+            "first datagram from a new peer: 3 B",
+            "traffic both ways, first answer after 12ms",
+            "ICMP port unreachable from 10.0.0.2; next send/recv fails with ECONNREFUSED",
+            "ICMP port unreachable from 10.0.0.2 queued on the error queue (IP_RECVERR): ECONNREFUSED",
+            "ICMP port unreachable from 10.0.0.2 discarded: unconnected socket without IP_RECVERR, the application cannot know",
+            "ICMP port unreachable from 10.0.0.2: no socket on local port 54321 any more (last owner: nc pid 123)",
+            "no reply for 10.2s after 5 sends, no ICMP",
+            "peer answered again after 4.0s, despite the ICMP error",
+            "recv failed with ECONNREFUSED: the application noticed the ICMP error 500ms later",
+            "send failed with EPERM",
+            "closed after 3.2s: tx 2 dgrams/7 B, rx 1 dgram/4 B",
+            "evicted (flow table full) after 3.2s: tx 2 dgrams/7 B, rx 1 dgram/4 B",
+            "datagram to closed port 12345 (last owner: nc pid 123)",
+            "datagram to closed port 12345",
+        ]
+    );
+    let discarded = text().format(&unreachable(Verdict::Discarded, true));
+    assert!(
+        discarded.ends_with("discarded: not fatal to a connected socket without IP_RECVERR, the application cannot know"),
+        "{discarded}"
+    );
+}
+
+#[test]
+fn text_counts_errors_and_marks_preexisting_flows() {
+    let mut r = close(CloseReason::Idle);
+    if let Detail::Closed { stats, .. } = &mut r.detail {
+        stats.icmp_errors = 3;
+        stats.app_errors = 1;
+        stats.preexisting = true;
+    }
+    assert!(
+        text().format(&r).ends_with(
+            "expired idle after >3.2s: tx 2 dgrams/7 B, rx 1 dgram/4 B, 3 ICMP errors, 1 app error"
+        ),
+        "{}",
+        text().format(&r)
+    );
+}
+
+#[test]
+fn text_in_utc_when_the_local_offset_is_unknown() {
+    let t = TextFormat::utc_fallback(CLOCK);
+    assert!(t.is_utc_fallback());
+    assert!(
+        t.header().starts_with("TIME(UTC)        PID COMM"),
+        "{}",
+        t.header()
+    );
+    assert!(
+        t.format(&close(CloseReason::Closed))
+            .starts_with("23:41:00.123 ")
+    );
+}
+
+#[test]
+fn json_lines() {
+    let j = JsonFormat::new(CLOCK);
+    assert_eq!(
+        j.format(&unreachable(Verdict::Notified, true)),
+        concat!(
+            r#"{"ts":"2026-11-27T23:41:00.123456789Z","event":"unreachable","pid":41383,"tid":41384,"#,
+            r#""comm":"nc","uid":1000,"cgroup":25,"netns":4026531833,"cookie":4097,"family":"ipv4","#,
+            r#""local":"192.168.1.4:54321","remote":"35.190.176.201:12345","#,
+            r#""icmp":{"type":3,"code":3,"from":"10.0.0.2","errno":"ECONNREFUSED","fatal":true,"verdict":"notified"}}"#
+        )
+    );
+    assert_eq!(
+        j.format(&close(CloseReason::Closed)),
+        concat!(
+            r#"{"ts":"2026-11-27T23:41:00.123456789Z","event":"close","pid":41383,"tid":41384,"#,
+            r#""comm":"nc","uid":1000,"cgroup":25,"netns":4026531833,"cookie":4097,"family":"ipv4","#,
+            r#""local":"192.168.1.4:54321","remote":"35.190.176.201:12345","reason":"closed","#,
+            r#""stats":{"duration_ms":3200,"tx_datagrams":2,"tx_bytes":7,"rx_datagrams":1,"rx_bytes":4,"#,
+            r#""last_tx":"2026-11-27T23:40:59.123456789Z","last_rx":null,"icmp_errors":0,"app_errors":0,"#,
+            r#""preexisting":false}}"#
+        )
+    );
+    let v6 = Report {
+        family: Family::V6,
+        local: "[fd00::1]:54321".parse().unwrap(),
+        remote: "[fd00::2]:53".parse().unwrap(),
+        ..refused(None)
+    };
+    assert_eq!(
+        j.format(&v6),
+        concat!(
+            r#"{"ts":"2026-11-27T23:41:00.123456789Z","event":"refused","pid":0,"tid":0,"comm":"","#,
+            r#""uid":0,"cgroup":0,"netns":4026531833,"cookie":0,"family":"ipv6","#,
+            r#""local":"[fd00::1]:54321","remote":"[fd00::2]:53","last_owner":null}"#
+        )
+    );
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Ty {
+    Str,
+    Uint,
+    Bool,
+    Obj,
+}
+
+fn has(v: &Value, key: &str, ty: Ty, nullable: bool) {
+    let x = v
+        .get(key)
+        .unwrap_or_else(|| panic!("missing key {key} in {v}"));
+    let ok = match ty {
+        _ if nullable && x.is_null() => true,
+        Ty::Str => x.is_string(),
+        Ty::Uint => x.is_u64(),
+        Ty::Bool => x.is_boolean(),
+        Ty::Obj => x.is_object(),
+    };
+    assert!(ok, "{key} is not {ty:?} (nullable {nullable}) in {v}");
+}
+
+fn one_of(v: &Value, key: &str, allowed: &[&str]) {
+    let s = v[key].as_str().unwrap_or_default();
+    assert!(
+        allowed.contains(&s),
+        "{key}={s:?} not one of {allowed:?} in {v}"
+    );
+}
+
+fn owner_schema(v: &Value) {
+    if !v["last_owner"].is_null() {
+        let o = &v["last_owner"];
+        has(o, "pid", Ty::Uint, false);
+        has(o, "comm", Ty::Str, false);
+        has(o, "uid", Ty::Uint, false);
+    }
+}
+
+#[test]
+fn json_schema_of_every_kind() {
+    let j = JsonFormat::new(CLOCK);
+    let reports = every_kind();
+    let mut seen: Vec<ReportKind> = reports.iter().map(|r| r.kind).collect();
+    seen.dedup();
+    assert_eq!(seen, ReportKind::ALL, "the fixture covers every kind");
+    for r in &reports {
+        let line = j.format(r);
+        assert!(!line.contains('\n'));
+        let v: Value = serde_json::from_str(&line).unwrap();
+        for key in ["ts", "comm", "family", "local", "remote"] {
+            has(&v, key, Ty::Str, false);
+        }
+        for key in ["pid", "tid", "uid", "cgroup", "netns", "cookie"] {
+            has(&v, key, Ty::Uint, false);
+        }
+        assert_eq!(v["event"], r.kind.name());
+        let ts = v["ts"].as_str().unwrap();
+        assert_eq!(ts.len(), "2026-11-27T23:41:00.123456789Z".len(), "{ts}");
+        assert!(ts.ends_with('Z'));
+        one_of(&v, "family", &["ipv4", "ipv6"]);
+        for key in ["local", "remote"] {
+            let a = v[key].as_str().unwrap();
+            assert!(a.parse::<std::net::SocketAddr>().is_ok(), "{key}={a}");
+        }
+        match r.kind {
+            ReportKind::Connect | ReportKind::Accept => {
+                one_of(&v, "via", &["connect", "send", "recv"]);
+                has(&v, "bytes", Ty::Uint, true);
+            }
+            ReportKind::Establish => has(&v, "reply_after_ms", Ty::Uint, false),
+            ReportKind::Unreachable => {
+                has(&v, "icmp", Ty::Obj, false);
+                let i = &v["icmp"];
+                has(i, "type", Ty::Uint, false);
+                has(i, "code", Ty::Uint, false);
+                has(i, "from", Ty::Str, false);
+                has(i, "errno", Ty::Str, true);
+                has(i, "fatal", Ty::Bool, true);
+                one_of(
+                    i,
+                    "verdict",
+                    &["notified", "queued", "discarded", "no-socket"],
+                );
+                if i["verdict"] == "no-socket" {
+                    has(&v, "last_owner", Ty::Obj, true);
+                    owner_schema(&v);
+                }
+            }
+            ReportKind::Silent => {
+                has(&v, "no_reply_ms", Ty::Uint, false);
+                has(&v, "sends", Ty::Uint, false);
+            }
+            ReportKind::Resumed => {
+                one_of(&v, "after", &["silent", "unreachable"]);
+                has(&v, "quiet_ms", Ty::Uint, false);
+            }
+            ReportKind::AppError => {
+                one_of(&v, "op", &["send", "recv"]);
+                has(&v, "errno", Ty::Str, false);
+                assert!(v["errno"].as_str().unwrap().starts_with('E'), "{v}");
+                has(&v, "after_unreachable_ms", Ty::Uint, true);
+            }
+            ReportKind::Close => {
+                one_of(
+                    &v,
+                    "reason",
+                    &["closed", "idle", "evicted", "disconnected", "reconnected"],
+                );
+                has(&v, "stats", Ty::Obj, false);
+                let s = &v["stats"];
+                for key in [
+                    "duration_ms",
+                    "tx_datagrams",
+                    "tx_bytes",
+                    "rx_datagrams",
+                    "rx_bytes",
+                    "icmp_errors",
+                    "app_errors",
+                ] {
+                    has(s, key, Ty::Uint, false);
+                }
+                has(s, "last_tx", Ty::Str, true);
+                has(s, "last_rx", Ty::Str, true);
+                has(s, "preexisting", Ty::Bool, false);
+            }
+            ReportKind::Refused => {
+                has(&v, "last_owner", Ty::Obj, true);
+                owner_schema(&v);
+            }
+        }
+    }
+}
+
+#[test]
+fn formatter_dispatches() {
+    let r = close(CloseReason::Closed);
+    let t = Formatter::Text(text());
+    let j = Formatter::Json(JsonFormat::new(CLOCK));
+    assert_eq!(t.header(), Some(text().header()));
+    assert_eq!(t.format(&r), text().format(&r));
+    assert_eq!(j.header(), None);
+    assert!(j.format(&r).starts_with(r#"{"ts":"#));
+}
+
+#[test]
+fn wall_clock_is_boot_time_plus_offset() {
+    assert_eq!(CLOCK.wall(1000 * S).unix_timestamp(), 1_795_822_860);
+    assert_eq!(
+        ClockOffset(i128::MAX).wall(0),
+        time::OffsetDateTime::UNIX_EPOCH
+    );
+}

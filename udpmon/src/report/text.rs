@@ -1,0 +1,304 @@
+//! One aligned, plain-English line per report, in the spirit of `tcplife` / `tcpstates`.
+use std::fmt::Write as _;
+
+use time::{UtcOffset, macros::format_description};
+
+use super::ClockOffset;
+use crate::{
+    decode::{Family, Verdict},
+    engine::{
+        CloseReason, CloseStats, Detail, Op, Owner, Report, Trouble, UnreachableInfo, Via,
+        rules::errno_name,
+    },
+};
+
+/// Widest IPv4 `addr:port` ("255.255.255.255:65535"); IPv6 addresses overflow the column.
+const ADDR_WIDTH: usize = 21;
+/// `comm` is at most 15 bytes (TASK_COMM_LEN - 1).
+const COMM_WIDTH: usize = 15;
+
+pub struct TextFormat {
+    clock: ClockOffset,
+    offset: UtcOffset,
+    /// The local offset could not be determined: times are UTC, and the header says so.
+    utc_fallback: bool,
+}
+
+impl TextFormat {
+    /// Times in the given offset from UTC.
+    pub fn with_offset(clock: ClockOffset, offset: UtcOffset) -> Self {
+        Self {
+            clock,
+            offset,
+            utc_fallback: false,
+        }
+    }
+
+    /// Times in the local time zone, or in UTC (labelled in the header) when it cannot be
+    /// determined. The `time` crate refuses to read the local offset once the process has
+    /// several threads (the C library's time-zone access is not thread-safe), so call this
+    /// before starting any.
+    pub fn local(clock: ClockOffset) -> Self {
+        match UtcOffset::current_local_offset() {
+            Ok(offset) => Self::with_offset(clock, offset),
+            Err(_) => Self::utc_fallback(clock),
+        }
+    }
+
+    pub(super) fn utc_fallback(clock: ClockOffset) -> Self {
+        Self {
+            utc_fallback: true,
+            ..Self::with_offset(clock, UtcOffset::UTC)
+        }
+    }
+
+    /// True when times are UTC because the local offset was unavailable.
+    pub fn is_utc_fallback(&self) -> bool {
+        self.utc_fallback
+    }
+
+    pub fn header(&self) -> String {
+        let time = if self.utc_fallback {
+            "TIME(UTC)"
+        } else {
+            "TIME"
+        };
+        format!(
+            "{time:<12} {:>7} {:<COMM_WIDTH$} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:<11} DETAIL",
+            "PID", "COMM", "LOCAL", "REMOTE", "EVENT"
+        )
+    }
+
+    pub fn format(&self, r: &Report) -> String {
+        let t = self.clock.wall(r.ts_ns).to_offset(self.offset);
+        let time = t
+            .format(format_description!(
+                "[hour]:[minute]:[second].[subsecond digits:3]"
+            ))
+            .unwrap_or_default();
+        let pid = match r.tgid {
+            0 => "-".to_owned(),
+            p => p.to_string(),
+        };
+        let comm = if r.comm.is_empty() { "-" } else { &r.comm };
+        format!(
+            "{time:<12} {pid:>7} {comm:<COMM_WIDTH$} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:<11} {}",
+            r.local.to_string(),
+            r.remote.to_string(),
+            r.kind.label(),
+            detail(r)
+        )
+    }
+}
+
+fn detail(r: &Report) -> String {
+    match &r.detail {
+        Detail::Opened {
+            via: Via::Connect, ..
+        } => "connect(): flow opened, nothing sent yet".to_owned(),
+        Detail::Opened { via, bytes } => {
+            let dir = if *via == Via::Send {
+                "first datagram sent"
+            } else {
+                "first datagram from a new peer"
+            };
+            match bytes {
+                Some(b) => format!("{dir}: {b} B"),
+                None => dir.to_owned(),
+            }
+        }
+        Detail::Established { reply_after_ns } => format!(
+            "traffic both ways, first answer after {}",
+            duration(*reply_after_ns)
+        ),
+        Detail::Unreachable(u) => unreachable(r.family, r.local.port(), u),
+        Detail::Silent { no_reply_ns, sends } => format!(
+            "no reply for {} after {}, no ICMP",
+            duration(*no_reply_ns),
+            plural(*sends, "send")
+        ),
+        Detail::Resumed {
+            after: Trouble::Silent,
+            quiet_ns,
+        } => format!(
+            "peer answered again after {} of silence",
+            duration(*quiet_ns)
+        ),
+        Detail::Resumed {
+            after: Trouble::Unreachable,
+            quiet_ns,
+        } => format!(
+            "peer answered again after {}, despite the ICMP error",
+            duration(*quiet_ns)
+        ),
+        Detail::AppError {
+            op,
+            errno,
+            after_unreachable_ns,
+        } => {
+            let call = if *op == Op::Send { "send" } else { "recv" };
+            let mut s = format!("{call} failed with {}", errno_name(*errno));
+            if let Some(after) = after_unreachable_ns {
+                let _ = write!(
+                    s,
+                    ": the application noticed the ICMP error {} later",
+                    duration(*after)
+                );
+            }
+            s
+        }
+        Detail::Closed { reason, stats } => closed(*reason, stats),
+        Detail::Refused { last_owner } => format!(
+            "datagram to closed port {}{}",
+            r.local.port(),
+            owner_note(last_owner.as_ref())
+        ),
+    }
+}
+
+fn unreachable(family: Family, local_port: u16, u: &UnreachableInfo) -> String {
+    let what = format!("{} from {}", icmp_name(family, u.ty, u.code), u.from);
+    let errno = u.errno.map(errno_name);
+    match u.verdict {
+        Verdict::Notified => match errno {
+            Some(e) => format!("{what}; next send/recv fails with {e}"),
+            None => format!("{what}; next send/recv fails"),
+        },
+        Verdict::Queued => match errno {
+            Some(e) => format!("{what} queued on the error queue (IP_RECVERR): {e}"),
+            None => format!("{what} queued on the error queue (IP_RECVERR)"),
+        },
+        Verdict::Discarded if u.connected => format!(
+            "{what} discarded: not fatal to a connected socket without IP_RECVERR, the application cannot know"
+        ),
+        Verdict::Discarded => format!(
+            "{what} discarded: unconnected socket without IP_RECVERR, the application cannot know"
+        ),
+        Verdict::NoSocket => format!(
+            "{what}: no socket on local port {local_port} any more{}",
+            owner_note(u.last_owner.as_ref())
+        ),
+    }
+}
+
+fn owner_note(owner: Option<&Owner>) -> String {
+    match owner {
+        Some(o) if o.is_known() => format!(" (last owner: {} pid {})", o.comm, o.tgid),
+        _ => String::new(),
+    }
+}
+
+fn closed(reason: CloseReason, s: &CloseStats) -> String {
+    let what = match reason {
+        CloseReason::Closed => "closed",
+        CloseReason::Idle => "expired idle",
+        CloseReason::Evicted => "evicted (flow table full)",
+        CloseReason::Disconnected => "disconnected",
+        CloseReason::Reconnected => "reconnected to another peer",
+    };
+    let more = if s.preexisting { ">" } else { "" };
+    let mut out = format!(
+        "{what} after {more}{}: tx {}/{} B, rx {}/{} B",
+        duration(s.duration_ns),
+        plural(s.tx_datagrams, "dgram"),
+        s.tx_bytes,
+        plural(s.rx_datagrams, "dgram"),
+        s.rx_bytes
+    );
+    if s.icmp_errors > 0 {
+        let _ = write!(out, ", {}", plural(s.icmp_errors, "ICMP error"));
+    }
+    if s.app_errors > 0 {
+        let _ = write!(out, ", {}", plural(s.app_errors, "app error"));
+    }
+    out
+}
+
+fn plural(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+/// Short human durations: microseconds below 1 ms (replies on a LAN), whole milliseconds
+/// below 1 s, else seconds with one decimal.
+fn duration(ns: u64) -> String {
+    match ns {
+        0..1_000_000 => format!("{}us", ns / 1_000),
+        1_000_000..1_000_000_000 => format!("{}ms", ns / 1_000_000),
+        _ => format!("{:.1}s", ns as f64 / 1e9),
+    }
+}
+
+/// The ICMP message in words (RFC 792 / RFC 4443 names).
+fn icmp_name(family: Family, ty: u8, code: u8) -> String {
+    let name = match family {
+        Family::V4 => match (ty, code) {
+            (3, 0) => "net unreachable",
+            (3, 1) => "host unreachable",
+            (3, 2) => "protocol unreachable",
+            (3, 3) => "port unreachable",
+            (3, 4) => "fragmentation needed",
+            (3, 5) => "source route failed",
+            (3, 6) => "destination net unknown",
+            (3, 7) => "destination host unknown",
+            (3, 8) => "source host isolated",
+            (3, 9) => "net administratively prohibited",
+            (3, 10) => "host administratively prohibited",
+            (3, 11) => "net unreachable for TOS",
+            (3, 12) => "host unreachable for TOS",
+            (3, 13) => "communication administratively prohibited",
+            (3, 14) => "host precedence violation",
+            (3, 15) => "precedence cutoff",
+            (4, _) => "source quench",
+            (5, _) => "redirect",
+            (11, _) => "time exceeded",
+            (12, _) => "parameter problem",
+            _ => "",
+        },
+        Family::V6 => match (ty, code) {
+            (1, 0) => "no route to destination",
+            (1, 1) => "communication administratively prohibited",
+            (1, 2) => "beyond scope of source address",
+            (1, 3) => "address unreachable",
+            (1, 4) => "port unreachable",
+            (1, 5) => "source address failed policy",
+            (1, 6) => "reject route to destination",
+            (2, _) => "packet too big",
+            (3, _) => "time exceeded",
+            (4, _) => "parameter problem",
+            _ => "",
+        },
+    };
+    let proto = match family {
+        Family::V4 => "ICMP",
+        Family::V6 => "ICMPv6",
+    };
+    if name.is_empty() {
+        format!("{proto} type {ty} code {code}")
+    } else {
+        format!("{proto} {name}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(duration(42_000), "42us");
+        assert_eq!(duration(120_000_000), "120ms");
+        assert_eq!(duration(3_240_000_000), "3.2s");
+        assert_eq!(duration(125_000_000_000), "125.0s");
+    }
+
+    #[test]
+    fn icmp_names() {
+        assert_eq!(icmp_name(Family::V4, 3, 3), "ICMP port unreachable");
+        assert_eq!(icmp_name(Family::V6, 1, 4), "ICMPv6 port unreachable");
+        assert_eq!(icmp_name(Family::V4, 3, 42), "ICMP type 3 code 42");
+    }
+}

@@ -1,4 +1,5 @@
 mod btf;
+mod cli;
 mod decode;
 mod engine;
 mod report;

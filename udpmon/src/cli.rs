@@ -1,0 +1,710 @@
+//! The command line, and the report filter it describes.
+#![allow(
+    dead_code,
+    reason = "main.rs does not parse the command line yet; everything here is used by the tests"
+)]
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    str::FromStr,
+    time::Duration,
+};
+
+use clap::{
+    ArgAction, Parser, ValueEnum,
+    builder::{PossibleValuesParser, TypedValueParser as _},
+};
+
+use crate::{
+    decode::Family,
+    engine::{EngineConfig, Report, ReportKind},
+};
+
+/// Watch every UDP socket on this host and report how each UDP flow lives and dies:
+/// who opened it, when the peer first answered, when an ICMP error said the peer is gone
+/// (and whether the application was told), when a peer went quiet, and when it closed.
+#[derive(Parser, Debug, Clone, PartialEq, Eq)]
+#[command(
+    name = "udpmon",
+    version,
+    after_help = "Filters of different kinds must all match; repeated values of one filter \
+                  match any.\n\n\
+                  Examples:\n  \
+                  udpmon                                    every UDP flow on the host\n  \
+                  udpmon --comm nc --events unreachable,app-error\n  \
+                  udpmon --peer 10.0.0.0/8:53 --format json --output /var/log/udpmon.jsonl\n  \
+                  udpmon -6 --peer '[fd00::/64]:443' --silent-after 3s"
+)]
+pub struct Cli {
+    /// Only sockets of these processes (process ids; repeat the flag or separate with commas).
+    /// Also matches the last owner named by REFUSED.
+    #[arg(
+        long,
+        value_name = "PID",
+        value_delimiter = ',',
+        help_heading = "Filters"
+    )]
+    pub pid: Vec<u32>,
+
+    /// Only sockets of processes with this command name (as in /proc/PID/comm, at most 15
+    /// bytes; longer names are cut to 15). Repeatable.
+    #[arg(
+        long,
+        value_name = "NAME",
+        value_delimiter = ',',
+        help_heading = "Filters"
+    )]
+    pub comm: Vec<String>,
+
+    /// Only flows with this local or remote port. Repeatable.
+    #[arg(
+        long,
+        value_name = "PORT",
+        value_delimiter = ',',
+        help_heading = "Filters"
+    )]
+    pub port: Vec<u16>,
+
+    /// Only flows whose remote end is this address or prefix, optionally with a port:
+    /// 10.0.0.2, 10.0.0.0/8, 10.0.0.0/8:53, fd00::1, fd00::/64, [fd00::1]:53,
+    /// [fd00::/64]:53. Repeatable.
+    #[arg(long, value_name = "ADDR|CIDR[:PORT]", help_heading = "Filters")]
+    pub peer: Vec<Peer>,
+
+    /// Only sockets in this network namespace (the inode number of /proc/PID/ns/net, as
+    /// shown by `ls -Li`). Repeatable.
+    #[arg(long, value_name = "INODE", help_heading = "Filters")]
+    pub netns: Vec<u32>,
+
+    /// Only sockets of processes in this cgroup (v2 cgroup id: the inode number of its
+    /// directory under /sys/fs/cgroup). Repeatable.
+    #[arg(long, value_name = "ID", help_heading = "Filters")]
+    pub cgroup: Vec<u64>,
+
+    /// Only IPv4 flows.
+    #[arg(
+        short = '4',
+        long = "ipv4",
+        conflicts_with = "ipv6",
+        help_heading = "Filters"
+    )]
+    pub ipv4: bool,
+
+    /// Only IPv6 flows.
+    #[arg(short = '6', long = "ipv6", help_heading = "Filters")]
+    pub ipv6: bool,
+
+    /// Only these event kinds (comma-separated or repeated).
+    #[arg(
+        long,
+        value_name = "KIND,...",
+        value_delimiter = ',',
+        value_parser = PossibleValuesParser::new(ReportKind::ALL.map(ReportKind::name))
+            .try_map(|s| s.parse::<ReportKind>()),
+        help_heading = "Filters"
+    )]
+    pub events: Vec<ReportKind>,
+
+    /// Report an established flow as SILENT when the peer has not answered for this long
+    /// while the local side keeps sending (durations: 500ms, 10s, 2m, 1h).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = parse_duration,
+        help_heading = "Timing"
+    )]
+    pub silent_after: Duration,
+
+    /// SILENT also needs at least this many datagrams sent since the peer's last one.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 2,
+        value_parser = clap::value_parser!(u64).range(1..),
+        help_heading = "Timing"
+    )]
+    pub silent_min_sends: u64,
+
+    /// Close a flow (reason "idle") after this long without traffic either way. Also the
+    /// period of the REFUSED rate limit (one report per local/remote pair).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "120s",
+        value_parser = parse_duration,
+        help_heading = "Timing"
+    )]
+    pub idle_timeout: Duration,
+
+    /// Track at most this many flows; beyond it the least recently active flow is closed
+    /// (reason "evicted") and counted.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 65536,
+        value_parser = parse_max_flows,
+        help_heading = "Timing"
+    )]
+    pub max_flows: usize,
+
+    /// Kernel hook set. auto tries fentry, then kprobe, then tracepoint and uses the first
+    /// that loads; the others force one (and fail if it cannot load).
+    #[arg(long, value_enum, default_value_t = Hooks::Auto)]
+    pub hooks: Hooks,
+
+    /// Output format: aligned text lines for people, or one JSON object per line for log
+    /// shippers.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    /// Write events to this file instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// More diagnostics on standard error: -v debug, -vv trace (default: info).
+    #[arg(short, long, action = ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Hooks {
+    Fentry,
+    Kprobe,
+    Tracepoint,
+    Auto,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+impl Cli {
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            silent_after: self.silent_after,
+            silent_min_sends: self.silent_min_sends,
+            idle_timeout: self.idle_timeout,
+            max_flows: self.max_flows,
+        }
+    }
+
+    pub fn log_level(&self) -> log::LevelFilter {
+        match self.verbose {
+            0 => log::LevelFilter::Info,
+            1 => log::LevelFilter::Debug,
+            _ => log::LevelFilter::Trace,
+        }
+    }
+}
+
+/// `500ms`, `10s`, `1.5s`, `2m`, `1h`; strictly positive.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    const EXPECTED: &str = "expected a number and a unit: ms, s, m or h (e.g. 500ms, 10s, 2m)";
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or(EXPECTED)?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| EXPECTED)?;
+    let secs = match unit {
+        "ms" => n / 1e3,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(EXPECTED.into()),
+    };
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be greater than 0".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn parse_max_flows(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A `--peer` value: an address prefix and an optional port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub net: IpAddr,
+    pub prefix: u8,
+    pub port: Option<u16>,
+}
+
+impl FromStr for Peer {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (cidr, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (inner, after) = rest
+                .split_once(']')
+                .ok_or("missing ']' after a bracketed address")?;
+            let port = match after {
+                "" => None,
+                p => Some(p.strip_prefix(':').ok_or("expected ':PORT' after ']'")?),
+            };
+            (inner, port)
+        } else if s.matches(':').count() >= 2 {
+            // An IPv6 address; a port needs brackets.
+            (s, None)
+        } else {
+            match s.split_once(':') {
+                Some((a, p)) => (a, Some(p)),
+                None => (s, None),
+            }
+        };
+        let port = port
+            .map(|p| p.parse::<u16>().map_err(|_| format!("invalid port '{p}'")))
+            .transpose()?;
+        let (addr, prefix) = match cidr.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (cidr, None),
+        };
+        let net: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("invalid IP address '{addr}'"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => return Err(format!("invalid prefix length '/{p}' (0 to {max})")),
+            },
+        };
+        Ok(Self { net, prefix, port })
+    }
+}
+
+impl Peer {
+    pub fn matches(&self, a: &SocketAddr) -> bool {
+        if self.port.is_some_and(|p| p != a.port()) {
+            return false;
+        }
+        // A dual-stack socket talking to an IPv4 peer sees it as ::ffff:a.b.c.d.
+        let ip = match a.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        let same_prefix = |a: u128, b: u128, bits: u8| {
+            let shift = u32::from(bits - self.prefix);
+            self.prefix == 0 || (a ^ b) >> shift == 0
+        };
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(x)) => {
+                same_prefix(u32::from(n).into(), u32::from(x).into(), 32)
+            }
+            (IpAddr::V6(n), IpAddr::V6(x)) => same_prefix(n.into(), x.into(), 128),
+            _ => false,
+        }
+    }
+}
+
+/// Which reports to print. Empty lists mean "no constraint".
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    pids: Vec<u32>,
+    comms: Vec<String>,
+    ports: Vec<u16>,
+    peers: Vec<Peer>,
+    netns: Vec<u32>,
+    cgroups: Vec<u64>,
+    family: Option<Family>,
+    events: Vec<ReportKind>,
+}
+
+/// The kernel keeps TASK_COMM_LEN - 1 bytes of a command name.
+const COMM_MAX: usize = 15;
+
+impl From<&Cli> for Filter {
+    fn from(cli: &Cli) -> Self {
+        let comms = cli
+            .comm
+            .iter()
+            .map(|c| {
+                let mut end = c.len().min(COMM_MAX);
+                while !c.is_char_boundary(end) {
+                    end -= 1;
+                }
+                c[..end].to_owned()
+            })
+            .collect();
+        let family = match (cli.ipv4, cli.ipv6) {
+            (true, false) => Some(Family::V4),
+            (false, true) => Some(Family::V6),
+            _ => None,
+        };
+        Self {
+            pids: cli.pid.clone(),
+            comms,
+            ports: cli.port.clone(),
+            peers: cli.peer.clone(),
+            netns: cli.netns.clone(),
+            cgroups: cli.cgroup.clone(),
+            family,
+            events: cli.events.clone(),
+        }
+    }
+}
+
+fn any_of<T>(allowed: &[T], is: impl FnMut(&T) -> bool) -> bool {
+    allowed.is_empty() || allowed.iter().any(is)
+}
+
+impl Filter {
+    pub fn matches(&self, r: &Report) -> bool {
+        // REFUSED and ICMP errors for closed sockets have no process of their own; the
+        // process filters apply to the last owner they name.
+        let owner = r.last_owner();
+        any_of(&self.events, |k| *k == r.kind)
+            && self.family.is_none_or(|f| f == r.family)
+            && any_of(&self.pids, |p| {
+                *p == r.tgid || owner.is_some_and(|o| o.tgid == *p)
+            })
+            && any_of(&self.comms, |c| {
+                *c == r.comm || owner.is_some_and(|o| o.comm == *c)
+            })
+            && any_of(&self.ports, |p| {
+                *p == r.local.port() || *p == r.remote.port()
+            })
+            && any_of(&self.peers, |p| p.matches(&r.remote))
+            && any_of(&self.netns, |n| *n == r.netns)
+            && any_of(&self.cgroups, |c| *c == r.cgroup)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, error::ErrorKind};
+
+    use super::*;
+    use crate::engine::{Detail, Owner, Via};
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("udpmon").chain(args.iter().copied()))
+    }
+
+    fn ok(args: &[&str]) -> Cli {
+        parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    #[test]
+    fn the_command_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults() {
+        let c = ok(&[]);
+        assert_eq!(c.silent_after, Duration::from_secs(10));
+        assert_eq!(c.silent_min_sends, 2);
+        assert_eq!(c.idle_timeout, Duration::from_secs(120));
+        assert_eq!(c.max_flows, 65536);
+        assert_eq!((c.hooks, c.format), (Hooks::Auto, Format::Text));
+        assert_eq!((c.output, c.verbose), (None, 0));
+        assert_eq!(ok(&[]).engine_config(), EngineConfig::default());
+        assert_eq!(Filter::from(&ok(&[])), Filter::default());
+    }
+
+    #[test]
+    fn good_values() {
+        let c = ok(&[
+            "--pid",
+            "1,2",
+            "--pid",
+            "3",
+            "--comm",
+            "nc",
+            "--port",
+            "53,123",
+            "--peer",
+            "10.0.0.0/8:53",
+            "--peer",
+            "[fd00::/64]:443",
+            "--netns",
+            "4026531833",
+            "--cgroup",
+            "25",
+            "-4",
+            "--events",
+            "connect,app-error",
+            "--events",
+            "refused",
+            "--silent-after",
+            "500ms",
+            "--silent-min-sends",
+            "5",
+            "--idle-timeout",
+            "2m",
+            "--max-flows",
+            "10",
+            "--hooks",
+            "tracepoint",
+            "--format",
+            "json",
+            "-o",
+            "/tmp/x.jsonl",
+            "-vv",
+        ]);
+        assert_eq!(c.pid, [1, 2, 3]);
+        assert_eq!(c.port, [53, 123]);
+        assert_eq!(c.peer.len(), 2);
+        assert!(c.ipv4 && !c.ipv6);
+        assert_eq!(
+            c.events,
+            [
+                ReportKind::Connect,
+                ReportKind::AppError,
+                ReportKind::Refused
+            ]
+        );
+        assert_eq!(c.silent_after, Duration::from_millis(500));
+        assert_eq!(c.idle_timeout, Duration::from_secs(120));
+        assert_eq!((c.silent_min_sends, c.max_flows), (5, 10));
+        assert_eq!((c.hooks, c.format), (Hooks::Tracepoint, Format::Json));
+        assert_eq!(c.output, Some(PathBuf::from("/tmp/x.jsonl")));
+        assert_eq!(c.log_level(), log::LevelFilter::Trace);
+        assert_eq!(ok(&["-6", "-v"]).log_level(), log::LevelFilter::Debug);
+    }
+
+    #[test]
+    fn durations() {
+        for (s, d) in [
+            ("500ms", Duration::from_millis(500)),
+            ("10s", Duration::from_secs(10)),
+            ("1.5s", Duration::from_millis(1500)),
+            ("2m", Duration::from_secs(120)),
+            ("1h", Duration::from_secs(3600)),
+        ] {
+            assert_eq!(parse_duration(s), Ok(d), "{s}");
+        }
+        for bad in ["10", "s", "10x", "-1s", "0s", "1e3s", "", "1.2.3s", "10 s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_flag_and_exit_2() {
+        for (args, flag) in [
+            (&["--pid", "x"][..], "--pid"),
+            (&["--port", "70000"], "--port"),
+            (&["--peer", "10.0.0.0/33"], "--peer"),
+            (&["--peer", "[fd00::1"], "--peer"),
+            (&["--peer", "[fd00::1]53"], "--peer"),
+            (&["--peer", "10.0.0.1:x"], "--peer"),
+            (&["--peer", "fd00::/129"], "--peer"),
+            (&["--peer", "example.com"], "--peer"),
+            (&["--netns", "x"], "--netns"),
+            (&["--cgroup=-1"], "--cgroup"),
+            (&["--events", "connect,bogus"], "--events"),
+            (&["--silent-after", "10"], "--silent-after"),
+            (&["--silent-after", "0s"], "--silent-after"),
+            (&["--silent-min-sends", "0"], "--silent-min-sends"),
+            (&["--idle-timeout", "soon"], "--idle-timeout"),
+            (&["--max-flows", "0"], "--max-flows"),
+            (&["--max-flows=-5"], "--max-flows"),
+            (&["--idle-timeout=-1s"], "--idle-timeout"),
+            (&["--hooks", "uprobe"], "--hooks"),
+            (&["--format", "xml"], "--format"),
+            (&["-4", "-6"], "--ipv4"),
+        ] {
+            let e = parse(args).expect_err(&format!("{args:?} should fail"));
+            let msg = e.to_string();
+            assert!(msg.contains(flag), "{args:?}: {msg}");
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+            assert_ne!(e.kind(), ErrorKind::DisplayHelp);
+        }
+    }
+
+    #[test]
+    fn help_explains_every_flag() {
+        let help = Cli::command().render_long_help().to_string();
+        for flag in [
+            "--pid",
+            "--comm",
+            "--port",
+            "--peer",
+            "--netns",
+            "--cgroup",
+            "--ipv4",
+            "--ipv6",
+            "--events",
+            "--silent-after",
+            "--silent-min-sends",
+            "--idle-timeout",
+            "--max-flows",
+            "--hooks",
+            "--format",
+            "--output",
+            "--verbose",
+        ] {
+            assert!(help.contains(flag), "{flag} missing from --help");
+        }
+        for arg in Cli::command().get_arguments() {
+            let id = arg.get_id().as_str();
+            if id != "help" && id != "version" {
+                assert!(arg.get_help().is_some(), "--{id} has no help text");
+            }
+        }
+    }
+
+    fn peer(s: &str) -> Peer {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn peers_parse() {
+        let v4: IpAddr = "10.0.0.2".parse().unwrap();
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        for (s, net, prefix, port) in [
+            ("10.0.0.2", v4, 32, None),
+            ("10.0.0.2:53", v4, 32, Some(53)),
+            ("10.0.0.2/8", v4, 8, None),
+            ("10.0.0.2/8:53", v4, 8, Some(53)),
+            ("fd00::1", v6, 128, None),
+            ("fd00::1/64", v6, 64, None),
+            ("[fd00::1]", v6, 128, None),
+            ("[fd00::1]:53", v6, 128, Some(53)),
+            ("[fd00::1/64]:53", v6, 64, Some(53)),
+        ] {
+            assert_eq!(peer(s), Peer { net, prefix, port }, "{s}");
+        }
+    }
+
+    #[test]
+    fn peer_matching() {
+        let p = peer("10.0.0.0/8");
+        assert!(p.matches(&sa("10.200.0.2:1")));
+        assert!(!p.matches(&sa("11.0.0.1:1")));
+        assert!(!p.matches(&sa("[fd00::1]:1")));
+        assert!(p.matches(&sa("[::ffff:10.1.2.3]:1")), "v4-mapped");
+        assert!(peer("0.0.0.0/0").matches(&sa("1.2.3.4:5")));
+        assert!(!peer("0.0.0.0/0").matches(&sa("[::1]:5")));
+        assert!(peer("10.0.0.2").matches(&sa("10.0.0.2:9")));
+        assert!(!peer("10.0.0.2").matches(&sa("10.0.0.3:9")));
+        let p = peer("10.0.0.0/8:53");
+        assert!(p.matches(&sa("10.9.9.9:53")));
+        assert!(!p.matches(&sa("10.9.9.9:54")));
+        let p = peer("[fd00::/64]:443");
+        assert!(p.matches(&sa("[fd00::abcd]:443")));
+        assert!(p.matches(&sa("[fd00:0:0:0:ffff::1]:443")));
+        assert!(!p.matches(&sa("[fd00:0:0:1::1]:443")));
+        assert!(!p.matches(&sa("[fd00::abcd]:80")));
+        assert!(!p.matches(&sa("10.0.0.1:443")));
+        assert!(peer("::/0").matches(&sa("[2001:db8::1]:1")));
+        assert!(peer("fd00::/7").matches(&sa("[fdff::1]:1")));
+        assert!(!peer("fd00::/8").matches(&sa("[fc00::1]:1")));
+    }
+
+    fn report(kind: ReportKind) -> Report {
+        Report {
+            kind,
+            ts_ns: 0,
+            cookie: 1,
+            pid: 11,
+            tgid: 10,
+            comm: "dnsmasq".into(),
+            uid: 0,
+            cgroup: 25,
+            netns: 4026531833,
+            family: Family::V4,
+            local: sa("10.0.0.1:53"),
+            remote: sa("10.0.0.2:40000"),
+            detail: Detail::Opened {
+                via: Via::Recv,
+                bytes: Some(1),
+            },
+        }
+    }
+
+    fn filter(args: &[&str]) -> Filter {
+        Filter::from(&ok(args))
+    }
+
+    #[test]
+    fn filter_matching() {
+        let r = report(ReportKind::Accept);
+        let yes = |args: &[&str]| assert!(filter(args).matches(&r), "{args:?}");
+        let no = |args: &[&str]| assert!(!filter(args).matches(&r), "{args:?}");
+        yes(&[]);
+        yes(&["--pid", "1,10"]);
+        no(&["--pid", "11"]);
+        yes(&["--comm", "dnsmasq"]);
+        no(&["--comm", "dns"]);
+        yes(&["--port", "53"]);
+        yes(&["--port", "40000"]);
+        no(&["--port", "54"]);
+        yes(&["--peer", "10.0.0.0/24"]);
+        yes(&["--peer", "10.0.0.2:40000"]);
+        no(&["--peer", "10.0.0.2:53"]);
+        no(&["--peer", "10.0.0.1"]);
+        yes(&["--peer", "192.168.0.0/16", "--peer", "10.0.0.2"]);
+        yes(&["--netns", "4026531833"]);
+        no(&["--netns", "1"]);
+        yes(&["--cgroup", "25"]);
+        no(&["--cgroup", "26"]);
+        yes(&["-4"]);
+        no(&["-6"]);
+        yes(&["--events", "accept,close"]);
+        no(&["--events", "connect"]);
+        yes(&["--pid", "10", "--port", "53", "--events", "accept"]);
+        no(&["--pid", "10", "--port", "54"]);
+    }
+
+    #[test]
+    fn comm_filters_compare_what_the_kernel_keeps() {
+        let r = Report {
+            comm: "systemd-resolve".into(),
+            ..report(ReportKind::Accept)
+        };
+        assert!(filter(&["--comm", "systemd-resolved"]).matches(&r));
+        assert!(filter(&["--comm", "systemd-resolve"]).matches(&r));
+        assert!(!filter(&["--comm", "systemd"]).matches(&r));
+    }
+
+    #[test]
+    fn filter_matches_v6_peers_and_family() {
+        let r = Report {
+            family: Family::V6,
+            local: sa("[fd00::1]:5000"),
+            remote: sa("[fd00:200::2]:7000"),
+            ..report(ReportKind::Connect)
+        };
+        assert!(filter(&["-6", "--peer", "fd00:200::/32"]).matches(&r));
+        assert!(filter(&["--peer", "[fd00:200::/32]:7000"]).matches(&r));
+        assert!(!filter(&["--peer", "[fd00:200::/32]:7001"]).matches(&r));
+        assert!(!filter(&["--peer", "fd00:300::/32"]).matches(&r));
+        assert!(!filter(&["-4"]).matches(&r));
+    }
+
+    #[test]
+    fn process_filters_follow_the_last_owner_of_a_closed_port() {
+        let r = Report {
+            tgid: 0,
+            pid: 0,
+            comm: String::new(),
+            detail: Detail::Refused {
+                last_owner: Some(Owner {
+                    tgid: 123,
+                    comm: "nc".into(),
+                    ..Owner::default()
+                }),
+            },
+            ..report(ReportKind::Refused)
+        };
+        assert!(filter(&["--pid", "123"]).matches(&r));
+        assert!(filter(&["--comm", "nc"]).matches(&r));
+        assert!(!filter(&["--pid", "10"]).matches(&r));
+        assert!(!filter(&["--comm", "dnsmasq"]).matches(&r));
+    }
+}

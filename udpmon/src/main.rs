@@ -1,8 +1,118 @@
+//! udpmon: watches every UDP socket on the host and reports each UDP flow's life.
+//!
+//! Data flows one way: kernel hooks (`probes`) -> ring buffer -> `decode` -> `engine` (pure
+//! lifecycle rules) -> `cli::Filter` -> `report` (text or JSON) -> output. `agent` runs that
+//! loop; `existing` seeds the engine with the sockets already open at startup.
+mod agent;
 mod btf;
 mod cli;
+mod clock;
 mod decode;
 mod engine;
-mod report;
 mod existing;
+mod health;
+mod privileges;
+mod probes;
+mod report;
 
-fn main() {}
+use std::{
+    fs::OpenOptions,
+    io::{self, IsTerminal as _, Write},
+    process::ExitCode,
+};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use log::info;
+
+use crate::{
+    agent::{Agent, Stop},
+    cli::{Cli, Filter, Format, Hooks},
+    engine::Engine,
+    probes::{LoadOptions, Strategy},
+    report::{ClockOffset, Formatter, JsonFormat, TextFormat},
+};
+
+fn main() -> ExitCode {
+    // clap exits with code 2 and a one-line error naming the flag on bad usage.
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        .filter_level(cli.log_level())
+        .format_target(false)
+        .parse_default_env()
+        .init();
+    if let Err(msg) = privileges::check() {
+        eprintln!("udpmon: {msg}");
+        return ExitCode::from(1);
+    }
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("udpmon: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    let clock = ClockOffset(clock::wall_minus_boot_ns());
+    // Before any thread exists: the local time zone cannot be read safely afterwards.
+    let formatter = match cli.format {
+        Format::Text => Formatter::Text(TextFormat::local(clock)),
+        Format::Json => Formatter::Json(JsonFormat::new(clock)),
+    };
+    let (out, terminal): (Box<dyn Write>, bool) = match &cli.output {
+        Some(path) => {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening --output {}", path.display()))?;
+            (Box::new(io::BufWriter::new(f)), false)
+        }
+        None => (
+            Box::new(io::BufWriter::new(io::stdout())),
+            io::stdout().is_terminal(),
+        ),
+    };
+    let strategy = match cli.hooks {
+        Hooks::Auto => None,
+        Hooks::Fentry => Some(Strategy::Fentry),
+        Hooks::Kprobe => Some(Strategy::Kprobe),
+        Hooks::Tracepoint => Some(Strategy::Tracepoint),
+    };
+    let probes = probes::load(
+        strategy,
+        &LoadOptions {
+            max_flows: u32::try_from(cli.max_flows).unwrap_or(u32::MAX),
+            self_tgid: std::process::id(),
+            kernel_log: cli.verbose >= 2,
+        },
+    )?;
+    let strategy = probes.strategy;
+    let mut engine = Engine::new(cli.engine_config());
+    // After the hooks are attached, so no socket falls between the snapshot and the events.
+    match existing::existing_sockets_with_stats() {
+        Ok((events, stats)) => {
+            info!("{stats}");
+            let none = |_: &engine::FlowId| None;
+            for ev in &events {
+                engine.on_event(ev, &none);
+            }
+        }
+        Err(e) => log::warn!("existing sockets not learned: {e:#}"),
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let mut agent = Agent::new(probes, engine, Filter::from(cli), formatter, out, terminal)?;
+    eprintln!("udpmon: watching UDP sockets (hooks: {strategy})");
+    let stop = rt.block_on(agent.run())?;
+    let summary = agent.summary();
+    match stop {
+        Stop::Signal => eprintln!("udpmon: stopped; {summary}"),
+        Stop::OutputClosed => eprintln!("udpmon: output closed; {summary}"),
+    }
+    Ok(())
+}

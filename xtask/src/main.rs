@@ -1,1 +1,81 @@
-fn main() {}
+//! Developer tasks: `cargo xtask run -- [UDPMON ARGS]`, `cargo xtask test`, `cargo xtask
+//! bootstrap`, `cargo xtask build`, `cargo xtask lint`. Each installs what it needs first.
+mod bootstrap;
+mod build;
+mod test;
+mod util;
+mod vm;
+
+use std::process::{Command, ExitCode};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "udpmon developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install everything the build and the tests need (toolchain parts, bpf-linker, Debian
+    /// packages, VM kernels).
+    Bootstrap,
+    /// Build udpmon (release) with its eBPF object embedded.
+    Build,
+    /// Build udpmon and run it as root with the given arguments.
+    Run {
+        /// Arguments for udpmon (after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test tier: lint, unit, host integration (root), VM matrix.
+    Test(test::TestArgs),
+    /// cargo fmt --check and clippy -D warnings for the userspace and the eBPF crates.
+    Lint,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Bootstrap => bootstrap_all(),
+        Cmd::Build => build::release().map(|_| ()),
+        Cmd::Run { args } => run(&args),
+        Cmd::Test(t) => test::run(&t),
+        Cmd::Lint => build::lint(),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bootstrap_all() -> anyhow::Result<()> {
+    bootstrap::build_env()?;
+    bootstrap::musl_target()?;
+    bootstrap::apt(bootstrap::TEST_PACKAGES)?;
+    vm::ensure_kernels(vm::DEFAULT_KERNELS)?;
+    Ok(())
+}
+
+fn run(args: &[String]) -> anyhow::Result<()> {
+    let bin = build::release()?;
+    let mut cmd = if bootstrap::is_root() {
+        Command::new(&bin)
+    } else {
+        // udpmon needs root (or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN).
+        let mut c = Command::new("sudo");
+        c.arg("-E").arg(&bin);
+        c
+    };
+    let status = cmd
+        .args(args)
+        .status()
+        .with_context(|| format!("running {}", bin.display()))?;
+    std::process::exit(status.code().unwrap_or(1));
+}

@@ -24,6 +24,10 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
+/// The VM matrix `cargo xtask test` runs: Debian's 6.1 and 6.12 (bookworm), and the newest
+/// from unstable.
+pub const DEFAULT_KERNELS: &[&str] = &["6.1", "6.12", "7.x"];
+
 /// A kernel unpacked in the cache, ready to boot.
 #[derive(Debug, Clone)]
 pub struct VmKernel {

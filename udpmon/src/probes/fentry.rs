@@ -1,5 +1,42 @@
-use super::Hook;
+//! The trampoline strategy: fentry/fexit on the UDP functions themselves (typed arguments,
+//! the return value at exit), plus the two BTF tracepoints every strategy shares.
+use super::{Hook, Target, recv_flags_arg, shared_tracepoints};
+use crate::btf::KernelBtf;
 
-pub fn hooks(_btf: &crate::btf::KernelBtf) -> Vec<Hook> {
-    Vec::new()
+pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
+    // udp_recvmsg lost `noblock` in 5.19, which moved `flags`: pick the matching variant.
+    let (recv4, recv6) = match recv_flags_arg(btf) {
+        4 => ("udp_recvmsg_exit_f4", "udpv6_recvmsg_exit_f4"),
+        _ => ("udp_recvmsg_exit_f3", "udpv6_recvmsg_exit_f3"),
+    };
+    let mut hooks = vec![
+        Hook::required("udp_sendmsg_exit", Target::FExit("udp_sendmsg")),
+        Hook::required("udpv6_sendmsg_exit", Target::FExit("udpv6_sendmsg")),
+        Hook::required("udp_consume_entry", Target::FEntry("skb_consume_udp")),
+        Hook::required("udp_err_entry", Target::FEntry("udp_err")),
+        Hook::required("udp_err_exit", Target::FExit("udp_err")),
+        Hook::required("udpv6_err_entry", Target::FEntry("udpv6_err")),
+        Hook::required("udpv6_err_exit", Target::FExit("udpv6_err")),
+        Hook::required("udp_connect4_entry", Target::FEntry("__ip4_datagram_connect")),
+        Hook::required("udp_connect6_entry", Target::FEntry("__ip6_datagram_connect")),
+        Hook::required("udp_destroy_entry", Target::FEntry("udp_destroy_sock")),
+        Hook::required("udpv6_destroy_entry", Target::FEntry("udpv6_destroy_sock")),
+        Hook::optional(
+            "udp_disconnect_entry",
+            Target::FEntry("__udp_disconnect"),
+            "connect(AF_UNSPEC) is seen only at the next datagram",
+        ),
+        Hook::optional(
+            recv4,
+            Target::FExit("udp_recvmsg"),
+            "failed IPv4 receives are not reported as APP-ERROR",
+        ),
+        Hook::optional(
+            recv6,
+            Target::FExit("udpv6_recvmsg"),
+            "failed IPv6 receives are not reported as APP-ERROR",
+        ),
+    ];
+    hooks.extend(shared_tracepoints());
+    hooks
 }

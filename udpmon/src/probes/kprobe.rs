@@ -1,5 +1,56 @@
-use super::Hook;
+//! The kprobe strategy, for kernels that refuse BPF trampolines: the same functions as the
+//! fentry strategy through kprobe/kretprobe pairs (arguments stashed per thread at entry).
+use super::{Hook, Target, shared_tracepoints};
+use crate::btf::KernelBtf;
 
-pub fn hooks(_btf: &crate::btf::KernelBtf) -> Vec<Hook> {
-    Vec::new()
+pub fn hooks(_btf: &KernelBtf) -> Vec<Hook> {
+    let mut hooks = vec![
+        Hook::required("udp_sendmsg_kp", Target::KProbe("udp_sendmsg")),
+        Hook::required("udp_sendmsg_krp", Target::KProbe("udp_sendmsg")),
+        Hook::required("udpv6_sendmsg_kp", Target::KProbe("udpv6_sendmsg")),
+        Hook::required("udpv6_sendmsg_krp", Target::KProbe("udpv6_sendmsg")),
+        Hook::required("udp_consume_kp", Target::KProbe("skb_consume_udp")),
+        Hook::required("udp_err_kp", Target::KProbe("udp_err")),
+        Hook::required("udp_err_kp", Target::KProbe("udpv6_err")),
+        Hook::required("udp_err_krp", Target::KProbe("udp_err")),
+        Hook::required("udp_err_krp", Target::KProbe("udpv6_err")),
+        Hook::required("udp_connect_kp", Target::KProbe("__ip4_datagram_connect")),
+        Hook::required("udp_connect_kp", Target::KProbe("__ip6_datagram_connect")),
+        Hook::required("udp_destroy_kp", Target::KProbe("udp_destroy_sock")),
+        Hook::required("udp_destroy_kp", Target::KProbe("udpv6_destroy_sock")),
+        Hook::optional(
+            "udp_disconnect_kp",
+            Target::KProbe("__udp_disconnect"),
+            "connect(AF_UNSPEC) is seen only at the next datagram",
+        ),
+        Hook::optional(
+            "udp_recvmsg_kp",
+            Target::KProbe("udp_recvmsg"),
+            "failed IPv4 receives are not reported as APP-ERROR",
+        ),
+        Hook::optional(
+            "udp_recvmsg_kp",
+            Target::KProbe("udpv6_recvmsg"),
+            "failed IPv6 receives are not reported as APP-ERROR",
+        ),
+        Hook::optional(
+            "udp_recvmsg_krp",
+            Target::KProbe("udp_recvmsg"),
+            "failed IPv4 receives are not reported as APP-ERROR",
+        ),
+        Hook::optional(
+            "udp_recvmsg_krp",
+            Target::KProbe("udpv6_recvmsg"),
+            "failed IPv6 receives are not reported as APP-ERROR",
+        ),
+        // kprobes cannot call the cookie helper; this makes the kernel generate each new
+        // socket's cookie so that `skc_cookie` can be read.
+        Hook::optional(
+            "udp_sock_create",
+            Target::CgroupSock,
+            "sockets no other hook has named carry cookie 0",
+        ),
+    ];
+    hooks.extend(shared_tracepoints());
+    hooks
 }

@@ -99,6 +99,30 @@ impl Hook {
     }
 }
 
+/// BTF tracepoints that every strategy uses: they need no trampoline.
+fn shared_tracepoints() -> [Hook; 2] {
+    [
+        Hook::optional(
+            "icmp_error_report",
+            Target::TpBtf("inet_sk_error_report"),
+            "ICMP verdicts cannot tell notified from discarded (kernel < 5.14)",
+        ),
+        Hook::optional(
+            "skb_dropped",
+            Target::TpBtf("kfree_skb"),
+            "datagrams to closed local ports (REFUSED) are not reported",
+        ),
+    ]
+}
+
+/// Index of `flags` in udp_recvmsg's prototype: 3 from 5.19 on, 4 before (after `noblock`).
+fn recv_flags_arg(btf: &crate::btf::KernelBtf) -> u32 {
+    btf.func_params("udp_recvmsg")
+        .ok()
+        .and_then(|p| p.iter().position(|n| n == "flags"))
+        .map_or(3, |i| i as u32)
+}
+
 /// The loaded, attached programs. Dropping it detaches everything.
 pub struct Probes {
     pub ebpf: Ebpf,
@@ -156,12 +180,13 @@ fn load_strategy(
     opts: &LoadOptions,
 ) -> anyhow::Result<Probes> {
     // aya-log statements are pruned by the verifier when the level global says "off".
-    let log_level: u32 = if opts.kernel_log { 5 } else { 0 };
+    let log_level: u8 = if opts.kernel_log { 5 } else { 0 };
     let mut ebpf = EbpfLoader::new()
         .btf(Some(btf))
         .override_global("OFFSETS", offsets, true)
         .override_global("SELF_TGID", &opts.self_tgid, true)
-        .override_global("AYA_LOG_LEVEL", &log_level, false)
+        .override_global(aya_log::LEVEL, &log_level, false)
+        .override_global("RECV_FLAGS_ARG", &recv_flags_arg(kbtf), true)
         .map_max_entries("FLOWS", opts.max_flows.max(1024))
         .load(EBPF_OBJECT)
         .context("loading the eBPF object")?;
@@ -195,10 +220,17 @@ fn attach(
     let prog = ebpf
         .program_mut(hook.program)
         .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?;
+    // One program may serve several targets (udp_err and udpv6_err): load it once.
+    let loaded = prog.fd().is_ok();
     let verifier = |e: ProgramError| -> anyhow::Error {
         match e {
             ProgramError::LoadError { io_error, verifier_log } => {
-                anyhow!("load failed: {io_error}\nverifier log:\n{verifier_log}")
+                // The verdict is at the end of the log; all of it is at debug level.
+                log::debug!("{} verifier log:\n{verifier_log}", hook.program);
+                let log = verifier_log.to_string();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(6)..].join("\n    ");
+                anyhow!("load failed: {io_error}; verifier log ends:\n    {tail}")
             }
             e => e.into(),
         }
@@ -206,44 +238,60 @@ fn attach(
     match hook.target {
         Target::CgroupSkb(kind) => {
             let p: &mut CgroupSkb = prog.try_into()?;
-            p.load().map_err(verifier)?;
-            p.attach(cgroup_root(cgroup)?.as_fd(), kind, CgroupAttachMode::AllowMultiple)?;
+            if !loaded {
+                p.load().map_err(verifier)?;
+            }
+            p.attach(cgroup_root(cgroup)?.as_fd(), kind, CgroupAttachMode::Single)?;
         }
         Target::CgroupSock => {
             let p: &mut CgroupSock = prog.try_into()?;
-            p.load().map_err(verifier)?;
-            p.attach(cgroup_root(cgroup)?.as_fd(), CgroupAttachMode::AllowMultiple)?;
+            if !loaded {
+                p.load().map_err(verifier)?;
+            }
+            p.attach(cgroup_root(cgroup)?.as_fd(), CgroupAttachMode::Single)?;
         }
         Target::CgroupSockAddr => {
             let p: &mut CgroupSockAddr = prog.try_into()?;
-            p.load().map_err(verifier)?;
-            p.attach(cgroup_root(cgroup)?.as_fd(), CgroupAttachMode::AllowMultiple)?;
+            if !loaded {
+                p.load().map_err(verifier)?;
+            }
+            p.attach(cgroup_root(cgroup)?.as_fd(), CgroupAttachMode::Single)?;
         }
         Target::TpBtf(tp) => {
             let p: &mut BtfTracePoint = prog.try_into()?;
-            p.load(tp, btf).map_err(verifier)?;
+            if !loaded {
+                p.load(tp, btf).map_err(verifier)?;
+            }
             p.attach()?;
         }
         Target::FEntry(f) => {
             let p: &mut FEntry = prog.try_into()?;
-            p.load(f, btf).map_err(verifier)?;
+            if !loaded {
+                p.load(f, btf).map_err(verifier)?;
+            }
             p.attach()?;
         }
         Target::FExit(f) => {
             let p: &mut FExit = prog.try_into()?;
-            p.load(f, btf).map_err(verifier)?;
+            if !loaded {
+                p.load(f, btf).map_err(verifier)?;
+            }
             p.attach()?;
         }
         Target::KProbe(f) => {
             let p: &mut KProbe = prog.try_into()?;
-            p.load().map_err(verifier)?;
+            if !loaded {
+                p.load().map_err(verifier)?;
+            }
             p.attach(f, 0)?;
         }
     }
     Ok(())
 }
 
-/// The cgroup-v2 root: cgroup hooks attached there see every socket on the host.
+/// The cgroup-v2 root: cgroup hooks attached there see every socket on the host. Attached
+/// as bpf_links (every kernel >= 5.7 does), which coexist with other programs on the same
+/// cgroup; the link API rejects the legacy ALLOW_MULTI flag, hence `Single` (flags 0).
 fn cgroup_root(cache: &mut Option<fs::File>) -> anyhow::Result<&fs::File> {
     if cache.is_none() {
         let path = cgroup2_mount()?;

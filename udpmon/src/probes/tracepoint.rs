@@ -3,10 +3,10 @@
 //! ICMP errors, their verdict, drops and application errors.
 use aya::programs::CgroupSkbAttachType;
 
-use super::{Hook, Target};
+use super::{Hook, Target, shared_tracepoints};
 
 pub fn hooks() -> Vec<Hook> {
-    vec![
+    let mut hooks = vec![
         Hook::required("udp_egress", Target::CgroupSkb(CgroupSkbAttachType::Egress)),
         Hook::required("udp_ingress", Target::CgroupSkb(CgroupSkbAttachType::Ingress)),
         Hook::required("udp_sock_release", Target::CgroupSock),
@@ -18,13 +18,9 @@ pub fn hooks() -> Vec<Hook> {
             "receive-only sockets are named after the first process that sends on them",
         ),
         Hook::required("icmp_receive", Target::TpBtf("netif_receive_skb")),
+        // The end of an ICMP's handling is its skb being freed: consumed, or dropped (the
+        // kfree_skb hook shared with the other strategies).
         Hook::required("icmp_consumed", Target::TpBtf("consume_skb")),
-        Hook::required("skb_dropped", Target::TpBtf("kfree_skb")),
-        Hook::optional(
-            "icmp_error_report",
-            Target::TpBtf("inet_sk_error_report"),
-            "ICMP verdicts cannot tell notified from discarded (kernel < 5.14)",
-        ),
         Hook::optional(
             "udp_send_result",
             Target::TpBtf("sock_send_length"),
@@ -35,5 +31,7 @@ pub fn hooks() -> Vec<Hook> {
             Target::TpBtf("sock_recv_length"),
             "failed receives are not reported as APP-ERROR (kernel < 6.3)",
         ),
-    ]
+    ];
+    hooks.extend(shared_tracepoints());
+    hooks
 }

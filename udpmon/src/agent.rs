@@ -1,0 +1,201 @@
+//! The running agent: kernel ring buffer -> decoder -> engine -> filter -> output, plus a
+//! one-second tick for the engine's timers and the health counters.
+use std::{
+    io::{self, Write},
+    time::{Duration, Instant},
+};
+
+use anyhow::anyhow;
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use log::warn;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+};
+use udpmon_common::{FlowKey, FlowStats};
+
+use crate::{
+    cli::Filter,
+    clock,
+    decode::{self, Fact},
+    engine::{CloseReason, Counters, Detail, Engine, FlowId, Report},
+    health::{self, Health, Warner},
+    probes::Probes,
+    report::Formatter,
+};
+
+/// Why the agent stopped.
+pub enum Stop {
+    Signal,
+    /// The reader of our output went away (`udpmon | head`): not an error.
+    OutputClosed,
+}
+
+pub struct Agent {
+    probes: Probes,
+    flows: BpfHashMap<MapData, FlowKey, FlowStats>,
+    healthmap: PerCpuArray<MapData, u64>,
+    engine: Engine,
+    filter: Filter,
+    formatter: Formatter,
+    out: Box<dyn Write>,
+    /// Print the column titles first (text on a terminal).
+    header: bool,
+    health: Health,
+    warner: Warner,
+}
+
+impl Agent {
+    pub fn new(
+        mut probes: Probes,
+        engine: Engine,
+        filter: Filter,
+        formatter: Formatter,
+        out: Box<dyn Write>,
+        header: bool,
+    ) -> anyhow::Result<Self> {
+        let mut take = |name: &str| {
+            probes
+                .ebpf
+                .take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+        };
+        let flows = BpfHashMap::try_from(take("FLOWS")?)?;
+        let healthmap = PerCpuArray::try_from(take("HEALTH")?)?;
+        Ok(Self {
+            flows,
+            healthmap,
+            probes,
+            engine,
+            filter,
+            formatter,
+            out,
+            header,
+            health: Health::default(),
+            warner: Warner::new(Duration::from_secs(10)),
+        })
+    }
+
+    pub async fn run(&mut self) -> anyhow::Result<Stop> {
+        let ring = self
+            .probes
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| anyhow!("EVENTS map missing"))?;
+        let ring = RingBuf::try_from(ring)?;
+        // SAFETY: the ring buffer's fd is owned by the value moved into the AsyncFd, so it
+        // stays open and unchanged for the AsyncFd's whole life.
+        let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(|e| anyhow!("polling the ring buffer: {e}"))?;
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        if self.header {
+            if let Some(h) = self.formatter.header() {
+                self.write(&h)?;
+            }
+        }
+        loop {
+            let step = tokio::select! {
+                guard = ring.readable_mut() => {
+                    let mut guard = guard?;
+                    let rb = guard.get_inner_mut();
+                    let mut reports = Vec::new();
+                    // Drain fully before clearing readiness, or a wakeup is lost.
+                    while let Some(item) = rb.next() {
+                        self.health.events_read += 1;
+                        match decode::decode(&item) {
+                            Ok(ev) => {
+                                let closing = match ev.fact {
+                                    Fact::Close => self.engine.flows_of(ev.cookie),
+                                    _ => Vec::new(),
+                                };
+                                let flows = &self.flows;
+                                let read = |id: &FlowId| read_counters(flows, id);
+                                reports.extend(self.engine.on_event(&ev, &read));
+                                // The socket is gone: so are its kernel flow entries.
+                                for id in &closing {
+                                    let _ = self.flows.remove(&FlowKey::from(id));
+                                }
+                            }
+                            Err(e) => {
+                                self.health.decode_errors += 1;
+                                log::debug!("undecodable event: {e}");
+                            }
+                        }
+                    }
+                    guard.clear_ready();
+                    self.emit(&reports)
+                }
+                _ = tick.tick() => {
+                    let now = clock::boot_ns();
+                    let flows = &self.flows;
+                    let read = |id: &FlowId| read_counters(flows, id);
+                    let reports = self.engine.on_tick(now, &read);
+                    let r = self.emit(&reports);
+                    self.check_health();
+                    r
+                }
+                _ = sigint.recv() => return Ok(Stop::Signal),
+                _ = sigterm.recv() => return Ok(Stop::Signal),
+            };
+            match step {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(Stop::OutputClosed),
+                Err(e) => return Err(anyhow::Error::new(e).context("writing events")),
+            }
+        }
+    }
+
+    fn emit(&mut self, reports: &[Report]) -> io::Result<()> {
+        for r in reports {
+            if let Detail::Closed {
+                reason: CloseReason::Idle | CloseReason::Evicted,
+                ..
+            } = r.detail
+            {
+                // Without its kernel entry, new traffic reopens the flow with fresh events.
+                let _ = self.flows.remove(&FlowKey::from(&FlowId {
+                    cookie: r.cookie,
+                    remote: r.remote,
+                }));
+            }
+            if self.filter.matches(r) {
+                let line = self.formatter.format(r);
+                self.write(&line)?;
+            }
+        }
+        if !reports.is_empty() {
+            self.out.flush()?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, line: &str) -> io::Result<()> {
+        self.out.write_all(line.as_bytes())?;
+        self.out.write_all(b"\n")
+    }
+
+    fn check_health(&mut self) {
+        if let Err(e) = health::read_kernel(&self.healthmap, &mut self.health) {
+            warn!("reading the kernel health counters: {e}");
+        }
+        let es = self.engine.stats();
+        self.health.flows_evicted = es.flows_evicted;
+        self.health.flows_tracked = es.flows_tracked as u64;
+        if let Some(msg) = self.warner.check(Instant::now(), &self.health) {
+            warn!("events lost: {msg}");
+        }
+    }
+
+    /// Final health, read once more from the kernel.
+    pub fn summary(&mut self) -> String {
+        self.check_health();
+        self.health.summary()
+    }
+}
+
+fn read_counters(flows: &BpfHashMap<MapData, FlowKey, FlowStats>, id: &FlowId) -> Option<Counters> {
+    flows.get(&FlowKey::from(id), 0).ok().map(Counters::from)
+}

@@ -1,0 +1,135 @@
+//! Health: in-kernel loss counters (per CPU, summed here) and userspace ones. Reported when
+//! they change (at most every few seconds) and in the summary at exit: never silently lost.
+use std::time::{Duration, Instant};
+
+use aya::maps::{MapData, PerCpuArray};
+use udpmon_common::Counter;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Health {
+    pub ringbuf_full: u64,
+    pub flow_insert_failed: u64,
+    pub kernel_read_failed: u64,
+    pub events_sent: u64,
+    pub no_socket_suppressed: u64,
+    pub events_read: u64,
+    pub decode_errors: u64,
+    pub flows_evicted: u64,
+    pub flows_tracked: u64,
+}
+
+impl Health {
+    /// The counters whose growth means something was lost.
+    fn losses(&self) -> [(&'static str, u64); 4] {
+        [
+            ("ring-buffer drops", self.ringbuf_full),
+            ("decode errors", self.decode_errors),
+            ("kernel flow-map insert failures", self.flow_insert_failed),
+            ("flows evicted (--max-flows)", self.flows_evicted),
+        ]
+    }
+
+    /// One line naming every loss that grew since `before`, or None.
+    pub fn growth(&self, before: &Health) -> Option<String> {
+        let parts: Vec<String> = self
+            .losses()
+            .iter()
+            .zip(before.losses())
+            .filter(|((_, now), (_, then))| now > then)
+            .map(|((name, now), (_, then))| format!("{name} +{} (total {now})", now - then))
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(", "))
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "events read {}, ring-buffer drops {}, decode errors {}, flows tracked {}, flows evicted {}, kernel read failures {}, flow-map insert failures {}, closed-port reports rate-limited {}",
+            self.events_read,
+            self.ringbuf_full,
+            self.decode_errors,
+            self.flows_tracked,
+            self.flows_evicted,
+            self.kernel_read_failed,
+            self.flow_insert_failed,
+            self.no_socket_suppressed
+        )
+    }
+}
+
+/// Reads the kernel side of the counters.
+pub fn read_kernel(map: &PerCpuArray<MapData, u64>, h: &mut Health) -> Result<(), aya::maps::MapError> {
+    let sum = |c: Counter| -> Result<u64, aya::maps::MapError> {
+        Ok(map.get(&(c as u32), 0)?.iter().sum())
+    };
+    h.ringbuf_full = sum(Counter::RingbufFull)?;
+    h.flow_insert_failed = sum(Counter::FlowInsertFailed)?;
+    h.kernel_read_failed = sum(Counter::ReadFailed)?;
+    h.events_sent = sum(Counter::EventsSent)?;
+    h.no_socket_suppressed = sum(Counter::NoSocketSuppressed)?;
+    Ok(())
+}
+
+/// Rate limit for health warnings.
+pub struct Warner {
+    last: Option<Instant>,
+    reported: Health,
+    every: Duration,
+}
+
+impl Warner {
+    pub fn new(every: Duration) -> Self {
+        Self {
+            last: None,
+            reported: Health::default(),
+            every,
+        }
+    }
+
+    /// A warning to print now, if losses grew and the last one is old enough.
+    pub fn check(&mut self, now: Instant, h: &Health) -> Option<String> {
+        if self.last.is_some_and(|t| now.duration_since(t) < self.every) {
+            return None;
+        }
+        let msg = h.growth(&self.reported)?;
+        self.last = Some(now);
+        self.reported = *h;
+        Some(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn growth_names_what_was_lost() {
+        let a = Health::default();
+        let b = Health {
+            ringbuf_full: 3,
+            events_read: 10,
+            ..a
+        };
+        assert_eq!(b.growth(&a).unwrap(), "ring-buffer drops +3 (total 3)");
+        assert_eq!(b.growth(&b), None);
+    }
+
+    #[test]
+    fn warnings_are_rate_limited_but_not_lost() {
+        let mut w = Warner::new(Duration::from_secs(5));
+        let t0 = Instant::now();
+        let h1 = Health {
+            decode_errors: 1,
+            ..Health::default()
+        };
+        assert!(w.check(t0, &h1).is_some());
+        let h2 = Health {
+            decode_errors: 4,
+            ..h1
+        };
+        assert_eq!(w.check(t0 + Duration::from_secs(1), &h2), None);
+        assert_eq!(
+            w.check(t0 + Duration::from_secs(6), &h2).unwrap(),
+            "decode errors +3 (total 4)"
+        );
+    }
+}

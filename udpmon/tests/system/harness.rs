@@ -1,0 +1,394 @@
+//! Building blocks of the scenarios: network namespaces, udpmon as a child process with its
+//! JSON events, real programs, and waiting for conditions with deadlines.
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    net::UdpSocket,
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub enum Outcome {
+    Pass,
+    Skip(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    Fentry,
+    Kprobe,
+    Tracepoint,
+}
+
+impl Strategy {
+    pub const ALL: [Strategy; 3] = [Strategy::Fentry, Strategy::Kprobe, Strategy::Tracepoint];
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Fentry => "fentry",
+            Strategy::Kprobe => "kprobe",
+            Strategy::Tracepoint => "tracepoint",
+        }
+    }
+}
+
+pub struct Scenario {
+    pub name: &'static str,
+    pub run: fn(Strategy) -> Outcome,
+}
+
+/// Software-emulated VMs are an order of magnitude slower than the host.
+pub fn slow() -> u32 {
+    if std::env::var("UDPMON_TIER").is_ok_and(|t| t.starts_with("vm")) {
+        10
+    } else {
+        1
+    }
+}
+
+pub fn deadline(secs: u64) -> Duration {
+    Duration::from_secs(secs * slow() as u64)
+}
+
+pub fn kernel_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+pub fn udpmon_bin() -> PathBuf {
+    std::env::var_os("UDPMON_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_udpmon")))
+}
+
+/// Whether udpmon can attach this strategy here: start it and see.
+pub fn strategy_available(st: Strategy) -> Result<(), String> {
+    match Udpmon::start(st, &[]) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!(
+            "strategy {} unavailable on {}: {e}",
+            st.name(),
+            kernel_release()
+        )),
+    }
+}
+
+/// Skips the scenario unless every tool is on PATH.
+pub fn need_tools(tools: &[&str]) -> Result<(), Outcome> {
+    for t in tools {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(t).exists()))
+            .unwrap_or(false);
+        if !found {
+            return Err(Outcome::Skip(format!("{t} is not installed")));
+        }
+    }
+    Ok(())
+}
+
+/// udpmon running with `--format json`; its events arrive on a channel.
+pub struct Udpmon {
+    child: Child,
+    rx: mpsc::Receiver<Line>,
+    pub seen: Vec<Value>,
+    pub stderr: Vec<String>,
+}
+
+enum Line {
+    Out(String),
+    Err(String),
+}
+
+impl Udpmon {
+    /// Starts udpmon and waits until it says it is attached (or exits).
+    pub fn start(st: Strategy, extra: &[&str]) -> Result<Udpmon, String> {
+        let mut child = Command::new(udpmon_bin())
+            .args(["--format", "json", "--hooks", st.name()])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawning {}: {e}", udpmon_bin().display()))?;
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().expect("piped");
+        let err = child.stderr.take().expect("piped");
+        let tx2 = tx.clone();
+        thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(Line::Out(l)).is_err() {
+                    break;
+                }
+            }
+        });
+        thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx2.send(Line::Err(l)).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut u = Udpmon {
+            child,
+            rx,
+            seen: Vec::new(),
+            stderr: Vec::new(),
+        };
+        let end = Instant::now() + deadline(60);
+        loop {
+            if u.stderr.iter().any(|l| l.contains("watching UDP sockets")) {
+                return Ok(u);
+            }
+            if let Ok(Some(status)) = u.child.try_wait() {
+                u.drain(Duration::from_millis(200));
+                return Err(format!(
+                    "udpmon exited ({status}): {}",
+                    u.stderr.join(" / ")
+                ));
+            }
+            if Instant::now() > end {
+                return Err(format!(
+                    "udpmon not ready after {:?}: {}",
+                    deadline(60),
+                    u.stderr.join(" / ")
+                ));
+            }
+            u.drain(Duration::from_millis(100));
+        }
+    }
+
+    fn drain(&mut self, wait: Duration) {
+        let end = Instant::now() + wait;
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            match self.rx.recv_timeout(left) {
+                Ok(Line::Out(l)) => match serde_json::from_str::<Value>(&l) {
+                    Ok(v) => self.seen.push(v),
+                    Err(e) => panic!("udpmon printed a line that is not JSON ({e}): {l}"),
+                },
+                Ok(Line::Err(l)) => {
+                    eprintln!("  [udpmon] {l}");
+                    self.stderr.push(l);
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Waits until an event matching `pred` has been printed; returns it.
+    pub fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let end = Instant::now() + deadline(20);
+        loop {
+            if let Some(v) = self.seen.iter().find(|v| pred(v)) {
+                return v.clone();
+            }
+            if Instant::now() > end {
+                panic!(
+                    "no {what} event within {:?}; udpmon printed:\n{}",
+                    deadline(20),
+                    self.dump()
+                );
+            }
+            self.drain(Duration::from_millis(100));
+        }
+    }
+
+    /// All events so far that match `pred`, in output order.
+    pub fn all(&mut self, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        self.drain(Duration::from_millis(50));
+        self.seen.iter().filter(|v| pred(v)).cloned().collect()
+    }
+
+    pub fn dump(&self) -> String {
+        self.seen
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// SIGTERM, then the exit status and the rest of the output.
+    pub fn stop(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + deadline(20);
+        let status = loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                break s;
+            }
+            assert!(Instant::now() < end, "udpmon did not exit after SIGTERM");
+            self.drain(Duration::from_millis(50));
+        };
+        self.drain(Duration::from_millis(300));
+        (status, self.stderr.clone())
+    }
+}
+
+impl Drop for Udpmon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two network namespaces ("client" and "server") joined by a veth pair:
+/// 10.200.0.1/24 + fd00:200::1/64 and 10.200.0.2/24 + fd00:200::2/64. ICMP rate limits are
+/// off on both sides (KERNEL.md §7) so that every error the tests provoke is sent.
+pub struct TwoHosts {
+    pub client: String,
+    pub server: String,
+}
+
+pub const CLIENT4: &str = "10.200.0.1";
+pub const SERVER4: &str = "10.200.0.2";
+pub const CLIENT6: &str = "fd00:200::1";
+pub const SERVER6: &str = "fd00:200::2";
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl TwoHosts {
+    pub fn new(tag: &str) -> TwoHosts {
+        let id = std::process::id();
+        let h = TwoHosts {
+            client: format!("um{tag}{id}c"),
+            server: format!("um{tag}{id}s"),
+        };
+        let (c, s) = (h.client.as_str(), h.server.as_str());
+        ip(&["netns", "add", c]);
+        ip(&["netns", "add", s]);
+        ip(&[
+            "link", "add", "vc", "netns", c, "type", "veth", "peer", "name", "vs", "netns", s,
+        ]);
+        ip(&["-n", c, "addr", "add", "10.200.0.1/24", "dev", "vc"]);
+        ip(&["-n", s, "addr", "add", "10.200.0.2/24", "dev", "vs"]);
+        ip(&[
+            "-n",
+            c,
+            "addr",
+            "add",
+            "fd00:200::1/64",
+            "dev",
+            "vc",
+            "nodad",
+        ]);
+        ip(&[
+            "-n",
+            s,
+            "addr",
+            "add",
+            "fd00:200::2/64",
+            "dev",
+            "vs",
+            "nodad",
+        ]);
+        for (n, dev) in [(c, "vc"), (s, "vs")] {
+            ip(&["-n", n, "link", "set", "lo", "up"]);
+            ip(&["-n", n, "link", "set", dev, "up"]);
+            in_netns(n, || {
+                for (k, v) in [
+                    ("net/ipv4/icmp_ratelimit", "0"),
+                    ("net/ipv4/icmp_ratemask", "0"),
+                    ("net/ipv6/icmp/ratelimit", "0"),
+                ] {
+                    fs::write(format!("/proc/sys/{k}"), v).expect("setting ICMP rate limits");
+                }
+            });
+        }
+        h
+    }
+
+    pub fn netns_inode(name: &str) -> u64 {
+        use std::os::unix::fs::MetadataExt as _;
+        fs::metadata(format!("/run/netns/{name}"))
+            .expect("netns file")
+            .ino()
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for n in [&self.client, &self.server] {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+/// Runs `f` on a thread that has joined network namespace `name`. Sockets created there stay
+/// in that namespace wherever they are used afterwards.
+pub fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{name}");
+    thread::spawn(move || {
+        let ns = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns on this thread only, with a valid fd.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("netns thread panicked")
+}
+
+/// A UDP socket created in a namespace.
+pub fn udp_socket_in(netns: &str, bind: &str) -> UdpSocket {
+    let bind = bind.to_string();
+    in_netns(netns, move || UdpSocket::bind(&bind).expect("bind"))
+}
+
+/// A program started with `ip netns exec`, so that its pid and comm are its own.
+pub fn spawn_in(netns: &str, prog: &str, args: &[&str]) -> Child {
+    Command::new("ip")
+        .args(["netns", "exec", netns, prog])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {prog}: {e}"))
+}
+
+/// Waits for a condition, polling, up to `secs` (scaled for slow VMs).
+pub fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline(secs);
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads one line from a child's stdout, with a deadline.
+pub fn read_line(child: &mut Child, secs: u64) -> String {
+    let out = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut r = BufReader::new(out);
+        let mut l = String::new();
+        let _ = r.read_line(&mut l);
+        let _ = tx.send((l, r.into_inner()));
+    });
+    let (line, out) = rx
+        .recv_timeout(deadline(secs))
+        .expect("no line from the child in time");
+    child.stdout = Some(out);
+    line
+}
+
+/// Field accessors for udpmon's JSON events.
+pub fn is(v: &Value, event: &str) -> bool {
+    v["event"] == event
+}
+pub fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v[k].as_str().unwrap_or("")
+}

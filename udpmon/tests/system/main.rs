@@ -1,0 +1,88 @@
+//! System scenarios: the real udpmon binary, real programs, real traffic between network
+//! namespaces. Run as root by `cargo xtask test` on the host and inside each VM kernel.
+//!
+//! Every scenario runs once per hook strategy; a strategy the kernel refuses, or a tool that
+//! is missing, makes the scenario SKIPPED with the reason. The last line has libtest's shape
+//! so that runners can collect it: `test result: ok. N passed; M failed; K skipped`.
+mod harness;
+mod scenarios;
+
+use std::{panic, process::ExitCode, time::Instant};
+
+use harness::{Outcome, Strategy};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    if args.iter().any(|a| a == "--list") {
+        for s in scenarios::ALL {
+            for st in Strategy::ALL {
+                println!("{}::{}: test", s.name, st.name());
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIPPED all system scenarios: they need root (network namespaces, BPF)");
+        println!(
+            "test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; {} skipped",
+            scenarios::ALL.len() * 3
+        );
+        return ExitCode::SUCCESS;
+    }
+    let tier = std::env::var("UDPMON_TIER").unwrap_or_else(|_| "host".into());
+    println!(
+        "system scenarios, tier {tier}, kernel {}",
+        harness::kernel_release()
+    );
+    let (mut passed, mut failed, mut skipped, mut filtered) = (0, 0, 0, 0);
+    let started = Instant::now();
+    for st in Strategy::ALL {
+        let avail = harness::strategy_available(st);
+        for s in scenarios::ALL {
+            let name = format!("{}::{}", s.name, st.name());
+            if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
+                filtered += 1;
+                continue;
+            }
+            if let Err(why) = &avail {
+                println!("test {name} ... SKIPPED ({why})");
+                skipped += 1;
+                continue;
+            }
+            let t = Instant::now();
+            let res = panic::catch_unwind(|| (s.run)(st));
+            let secs = t.elapsed().as_secs_f64();
+            match res {
+                Ok(Outcome::Pass) => {
+                    println!("test {name} ... ok ({secs:.1}s)");
+                    passed += 1;
+                }
+                Ok(Outcome::Skip(why)) => {
+                    println!("test {name} ... SKIPPED ({why})");
+                    skipped += 1;
+                }
+                Err(e) => {
+                    let msg = e
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    println!("test {name} ... FAILED ({secs:.1}s): {msg}");
+                    failed += 1;
+                }
+            }
+        }
+    }
+    let status = if failed == 0 { "ok" } else { "FAILED" };
+    println!(
+        "test result: {status}. {passed} passed; {failed} failed; 0 ignored; 0 measured; {filtered} filtered out; {skipped} skipped; finished in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,209 @@
+//! The scenarios. Each asserts the fields of the events, not only that events came.
+use std::io::Write as _;
+
+use serde_json::Value;
+
+use crate::harness::{
+    CLIENT4, CLIENT6, Outcome, SERVER4, SERVER6, Scenario, Strategy, TwoHosts, Udpmon, is,
+    need_tools, read_line, s, spawn_in, udp_socket_in, wait_until,
+};
+
+pub const ALL: &[Scenario] = &[
+    Scenario {
+        name: "smoke",
+        run: smoke,
+    },
+    Scenario {
+        name: "seed_ipv4",
+        run: |st| seed(st, false),
+    },
+    Scenario {
+        name: "seed_ipv6",
+        run: |st| seed(st, true),
+    },
+];
+
+/// Waits until a UDP port is bound in a namespace (its udp table lists it).
+fn wait_until_bound(netns: &str, port: u16, v6: bool) {
+    let table = if v6 { "/proc/net/udp6" } else { "/proc/net/udp" };
+    let needle = format!(":{port:04X} ");
+    wait_until(&format!("UDP port {port} to be bound in {netns}"), 10, || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", netns, "cat", table])
+            .output()
+            .expect("reading the udp table");
+        String::from_utf8_lossy(&out.stdout).contains(&needle)
+    });
+}
+
+fn addr(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
+/// The pipeline end to end: a program attached, one datagram sent, its events out of the
+/// ring buffer and through the engine into udpmon's JSON output.
+fn smoke(st: Strategy) -> Outcome {
+    let h = TwoHosts::new("sm");
+    let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
+    let srv = udp_socket_in(&h.server, "10.200.0.2:7000");
+    let cli = udp_socket_in(&h.client, "10.200.0.1:0");
+    let cport = cli.local_addr().unwrap().port();
+    cli.send_to(b"smoke", "10.200.0.2:7000").unwrap();
+    let mut buf = [0u8; 16];
+    let (n, from) = srv.recv_from(&mut buf).unwrap();
+    assert_eq!((n, from.port()), (5, cport));
+
+    let me = std::process::id() as u64;
+    let local = addr(CLIENT4, cport);
+    let c = u.wait_for("connect", |v| {
+        is(v, "connect") && s(v, "local") == local && s(v, "remote") == "10.200.0.2:7000"
+    });
+    assert_eq!(c["pid"], me, "{c}");
+    assert_eq!(c["family"], "ipv4");
+    assert_eq!(c["netns"], TwoHosts::netns_inode(&h.client), "{c}");
+    assert!(c["cookie"].as_u64().unwrap() > 0, "{c}");
+    let a = u.wait_for("accept", |v| {
+        is(v, "accept") && s(v, "local") == "10.200.0.2:7000" && s(v, "remote") == local
+    });
+    assert_eq!(a["pid"], me, "{a}");
+    assert_eq!(a["netns"], TwoHosts::netns_inode(&h.server), "{a}");
+    assert_ne!(a["cookie"], c["cookie"]);
+    let (status, _) = u.stop();
+    assert!(
+        status.success(),
+        "udpmon exit status after SIGTERM: {status}"
+    );
+    Outcome::Pass
+}
+
+/// shared/seed/udp-connections-with-netcat.md, both hosts, with Debian's netcat-openbsd.
+fn seed(st: Strategy, v6: bool) -> Outcome {
+    if let Err(o) = need_tools(&["nc", "ip"]) {
+        return o;
+    }
+    let (cip, sip) = if v6 {
+        (CLIENT6, SERVER6)
+    } else {
+        (CLIENT4, SERVER4)
+    };
+    let h = TwoHosts::new(if v6 { "s6" } else { "s4" });
+    let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
+    let srv_local = addr(sip, 12345);
+    let cli_local = addr(cip, 54321);
+
+    // jim@remote:~$ nc -u -l 0.0.0.0 12345
+    let mut server = spawn_in(&h.server, "nc", &["-u", "-l", sip, "12345"]);
+    // Wait for the server's socket rather than sleeping.
+    wait_until_bound(&h.server, 12345, v6);
+    // jim@local:~$ nc -u -p 54321 <server> 12345
+    let mut client = spawn_in(&h.client, "nc", &["-u", "-p", "54321", sip, "12345"]);
+    let (cpid, spid) = (client.id() as u64, server.id() as u64);
+
+    // CONNECT comes from nc's connect(), before any packet.
+    let c = u.wait_for("client connect", |v| {
+        is(v, "connect") && v["pid"] == cpid && s(v, "remote") == srv_local
+    });
+    assert_eq!(s(&c, "comm"), "nc");
+    assert!(
+        !u.all(|v| v["pid"] == spid).iter().any(|v| is(v, "accept")),
+        "the server must not know of the client before the first datagram"
+    );
+
+    client.stdin.as_mut().unwrap().write_all(b"hi\n").unwrap();
+    assert_eq!(read_line(&mut server, 10), "hi\n");
+    let acc = u.wait_for("server accept", |v| {
+        is(v, "accept") && v["pid"] == spid && s(v, "remote") == cli_local
+    });
+    assert_eq!(s(&acc, "local"), srv_local);
+    assert_eq!(s(&acc, "comm"), "nc");
+
+    server.stdin.as_mut().unwrap().write_all(b"ack\n").unwrap();
+    assert_eq!(read_line(&mut client, 10), "ack\n");
+    let est_c = u.wait_for("client establish", |v| {
+        is(v, "establish") && v["pid"] == cpid && s(v, "remote") == srv_local
+    });
+    let est_s = u.wait_for("server establish", |v| {
+        is(v, "establish") && v["pid"] == spid && s(v, "remote") == cli_local
+    });
+    assert_eq!(est_c["cookie"], c["cookie"]);
+    assert_eq!(est_s["cookie"], acc["cookie"]);
+
+    // ^C on the server.
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let close = u.wait_for("server close", |v| {
+        is(v, "close") && v["cookie"] == acc["cookie"]
+    });
+    assert_eq!(close["pid"], spid, "{close}");
+    assert_eq!(close["stats"]["rx_datagrams"], 1, "{close}");
+    assert_eq!(close["stats"]["tx_datagrams"], 1, "{close}");
+    assert_eq!(close["stats"]["rx_bytes"], 3, "{close}");
+    assert_eq!(close["stats"]["tx_bytes"], 4, "{close}");
+
+    // "hello..?" to the dead server: ICMP port unreachable, delivered to the connected nc.
+    client
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"hello..?\n")
+        .unwrap();
+    let un = u.wait_for("client unreachable", |v| {
+        is(v, "unreachable") && v["cookie"] == c["cookie"]
+    });
+    let icmp = &un["icmp"];
+    let (ty, code) = if v6 { (1, 4) } else { (3, 3) };
+    assert_eq!(
+        (icmp["type"].clone(), icmp["code"].clone()),
+        (Value::from(ty), Value::from(code)),
+        "{un}"
+    );
+    assert_eq!(icmp["verdict"], "notified", "{un}");
+    assert_eq!(icmp["errno"], "ECONNREFUSED", "{un}");
+    assert_eq!(icmp["from"], sip, "{un}");
+    assert_eq!(s(&un, "local"), cli_local);
+    assert_eq!(s(&un, "remote"), srv_local);
+
+    let refused = u.wait_for("server-side refused", |v| {
+        is(v, "refused") && s(v, "local") == srv_local && s(v, "remote") == cli_local
+    });
+    assert_eq!(
+        refused["netns"],
+        TwoHosts::netns_inode(&h.server),
+        "{refused}"
+    );
+
+    // nc learns of the error at its next call and exits.
+    wait_until("client nc to exit", 10, || {
+        client.try_wait().unwrap().is_some()
+    });
+
+    // The client's story, in order.
+    let story: Vec<String> = u
+        .all(|v| v["cookie"] == c["cookie"])
+        .iter()
+        .map(|v| s(v, "event").to_string())
+        .filter(|e| e != "app-error" && e != "close")
+        .collect();
+    assert_eq!(
+        story,
+        ["connect", "establish", "unreachable"],
+        "{}",
+        u.dump()
+    );
+    let server_story: Vec<String> = u
+        .all(|v| v["cookie"] == acc["cookie"])
+        .iter()
+        .map(|v| s(v, "event").to_string())
+        .collect();
+    assert_eq!(
+        server_story,
+        ["accept", "establish", "close"],
+        "{}",
+        u.dump()
+    );
+    Outcome::Pass
+}

@@ -13,4 +13,4 @@ pub mod stats;
 pub use event::{Event, EventKind};
 pub use flow::{FlowKey, FlowStats};
 pub use offsets::Offsets;
-pub use stats::{Counter, COUNTERS};
+pub use stats::{COUNTERS, Counter};

@@ -11,9 +11,7 @@ use aya_ebpf::{
 };
 use udpmon_common::{Counter, Event, EventKind, FlowKey, FlowStats, event::flags};
 
-use crate::maps::{
-    FLOWS, OWNERS, Owner, SENDERS, TupleKey, count, emit, scratch_event, self_tgid,
-};
+use crate::maps::{FLOWS, OWNERS, Owner, SENDERS, TupleKey, count, emit, scratch_event, self_tgid};
 
 /// A datagram seen on the wire side of a socket. Addresses as in [`Event`].
 pub struct Datagram {
@@ -46,7 +44,7 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
     };
     // SAFETY: BPF helper without preconditions.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let first = match FLOWS.get_ptr_mut(&key) {
+    let first = match FLOWS.get_ptr_mut(key) {
         Some(st) => bump(st, dir, d.bytes, now),
         None => {
             let mut st = FlowStats {
@@ -65,10 +63,10 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
                     st.last_rx_ns = now;
                 }
             }
-            match FLOWS.insert(&key, &st, BPF_NOEXIST as u64) {
+            match FLOWS.insert(key, st, BPF_NOEXIST as u64) {
                 Ok(()) => true,
                 // Another CPU created it between our lookup and insert.
-                Err(_) => match FLOWS.get_ptr_mut(&key) {
+                Err(_) => match FLOWS.get_ptr_mut(key) {
                     Some(st) => bump(st, dir, d.bytes, now),
                     None => {
                         count(Counter::FlowInsertFailed);
@@ -89,7 +87,7 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
             family: d.family,
             _pad: 0,
         };
-        let _ = SENDERS.insert(&tk, &d.cookie, 0);
+        let _ = SENDERS.insert(tk, d.cookie, 0);
     }
     let Some(ev) = scratch_event() else { return };
     ev.kind = match dir {
@@ -154,7 +152,7 @@ pub fn fill_identity(ev: &mut Event, in_task: bool) -> bool {
         }
         set_owner(ev, &owner);
         if ev.cookie != 0 && unsafe { OWNERS.get(ev.cookie) }.is_none() {
-            let _ = OWNERS.insert(&ev.cookie, &owner, 0);
+            let _ = OWNERS.insert(ev.cookie, owner, 0);
         }
         return true;
     }
@@ -207,6 +205,6 @@ pub fn learn_owner(cookie: u64, netns_cookie: u64) -> Option<Owner> {
         return None;
     }
     o.netns_cookie = netns_cookie;
-    let _ = OWNERS.insert(&cookie, &o, 0);
+    let _ = OWNERS.insert(cookie, o, 0);
     Some(o)
 }

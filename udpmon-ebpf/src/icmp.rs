@@ -79,7 +79,15 @@ pub fn on_receive(skb: u64) {
         return;
     }
     // The offending datagram follows the 8-byte ICMP header.
-    begin(skb, &b, outer.l4_off + 8, icmp[0], icmp[1], &outer.saddr, skb_netns(skb));
+    begin(
+        skb,
+        &b,
+        outer.l4_off + 8,
+        icmp[0],
+        icmp[1],
+        &outer.saddr,
+        skb_netns(skb),
+    );
 }
 
 /// Trampoline/kprobe strategies: at udp_err/udpv6_err entry `skb->data` is the inner IP
@@ -96,12 +104,22 @@ pub fn on_udp_err(skb: u64) {
     }
     let outer = Kmem(skb_l3(skb));
     let Some(out) = l3(&outer, 0) else { return };
-    begin(skb, &Kmem(data), 0, icmp[0], icmp[1], &out.saddr, skb_netns(skb));
+    begin(
+        skb,
+        &Kmem(data),
+        0,
+        icmp[0],
+        icmp[1],
+        &out.saddr,
+        skb_netns(skb),
+    );
 }
 
 #[inline(always)]
 fn begin<B: Bytes>(skb: u64, b: &B, inner_off: u32, ty: u8, code: u8, from: &[u8; 16], netns: u32) {
-    let Some(inner) = l3(b, inner_off) else { return };
+    let Some(inner) = l3(b, inner_off) else {
+        return;
+    };
     if inner.proto != IPPROTO_UDP {
         return;
     }
@@ -138,7 +156,7 @@ fn begin<B: Bytes>(skb: u64, b: &B, inner_off: u32, ty: u8, code: u8, from: &[u8
         _pad: 0,
     };
     // SAFETY: the value is copied out at once.
-    if let Some(c) = unsafe { SENDERS.get(&tk) } {
+    if let Some(c) = unsafe { SENDERS.get(tk) } {
         ev.cookie = *c;
     }
     *slot = PendingIcmp { skb, event: ev };

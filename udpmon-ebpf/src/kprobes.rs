@@ -54,25 +54,28 @@ fn key(func: u64) -> StashKey {
 
 #[inline(always)]
 fn stash(func: u64, s: Stash) {
-    let _ = STASH.insert(&key(func), &s, 0);
+    let _ = STASH.insert(key(func), s, 0);
 }
 
 #[inline(always)]
 fn unstash(func: u64) -> Option<Stash> {
     let k = key(func);
     // SAFETY: the value is copied out before the entry is removed.
-    let s = unsafe { STASH.get(&k) }.copied();
-    let _ = STASH.remove(&k);
+    let s = unsafe { STASH.get(k) }.copied();
+    let _ = STASH.remove(k);
     s
 }
 
 #[kprobe]
 pub fn udp_sendmsg_kp(ctx: ProbeContext) -> u32 {
-    stash(SEND4, Stash {
-        sk: ctx.arg(0).unwrap_or(0),
-        msg: ctx.arg(1).unwrap_or(0),
-        flags: 0,
-    });
+    stash(
+        SEND4,
+        Stash {
+            sk: ctx.arg(0).unwrap_or(0),
+            msg: ctx.arg(1).unwrap_or(0),
+            flags: 0,
+        },
+    );
     0
 }
 
@@ -86,11 +89,14 @@ pub fn udp_sendmsg_krp(ctx: RetProbeContext) -> u32 {
 
 #[kprobe]
 pub fn udpv6_sendmsg_kp(ctx: ProbeContext) -> u32 {
-    stash(SEND6, Stash {
-        sk: ctx.arg(0).unwrap_or(0),
-        msg: ctx.arg(1).unwrap_or(0),
-        flags: 0,
-    });
+    stash(
+        SEND6,
+        Stash {
+            sk: ctx.arg(0).unwrap_or(0),
+            msg: ctx.arg(1).unwrap_or(0),
+            flags: 0,
+        },
+    );
     0
 }
 
@@ -105,7 +111,12 @@ pub fn udpv6_sendmsg_krp(ctx: RetProbeContext) -> u32 {
 #[kprobe]
 pub fn udp_consume_kp(ctx: ProbeContext) -> u32 {
     let sk: u64 = ctx.arg(0).unwrap_or(0);
-    sock::on_consume(sk, ctx.arg(1).unwrap_or(0), ctx.arg(2).unwrap_or(0), cached_cookie(sk));
+    sock::on_consume(
+        sk,
+        ctx.arg(1).unwrap_or(0),
+        ctx.arg(2).unwrap_or(0),
+        cached_cookie(sk),
+    );
     0
 }
 
@@ -119,11 +130,14 @@ pub fn udp_recvmsg_kp(ctx: ProbeContext) -> u32 {
     } else {
         ctx.arg(3).unwrap_or(0)
     };
-    stash(RECV, Stash {
-        sk: ctx.arg(0).unwrap_or(0),
-        msg: 0,
-        flags,
-    });
+    stash(
+        RECV,
+        Stash {
+            sk: ctx.arg(0).unwrap_or(0),
+            msg: 0,
+            flags,
+        },
+    );
     0
 }
 

@@ -83,6 +83,6 @@ pub fn on_release(sk: *mut bpf_sock) {
     if !fill_identity(ev, true) {
         return;
     }
-    let _ = OWNERS.remove(&ev.cookie);
+    let _ = OWNERS.remove(ev.cookie);
     emit(ev);
 }

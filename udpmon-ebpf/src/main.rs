@@ -3,12 +3,16 @@
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
-#![allow(internal_features, reason = "atomic_xadd: the only non-fetching atomic add")]
+#![allow(
+    internal_features,
+    reason = "atomic_xadd: the only non-fetching atomic add"
+)]
 
 mod apperr;
 mod datagram;
 mod flow;
 mod icmp;
+mod kprobes;
 mod kread;
 mod lifecycle;
 mod maps;
@@ -16,7 +20,6 @@ mod packet;
 mod refused;
 mod sock;
 mod trampoline;
-mod kprobes;
 
 use aya_ebpf::{
     macros::{btf_tracepoint, cgroup_skb, cgroup_sock, cgroup_sock_addr},
@@ -103,7 +106,13 @@ pub fn skb_dropped(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn udp_send_result(ctx: BtfTracePointContext) -> i32 {
     let sk = ctx.arg::<u64>(0);
-    apperr::on_result(sk, ctx.arg(1), ctx.arg(2), EventKind::SendError, cookie_of(sk));
+    apperr::on_result(
+        sk,
+        ctx.arg(1),
+        ctx.arg(2),
+        EventKind::SendError,
+        cookie_of(sk),
+    );
     0
 }
 
@@ -111,7 +120,13 @@ pub fn udp_send_result(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn udp_recv_result(ctx: BtfTracePointContext) -> i32 {
     let sk = ctx.arg::<u64>(0);
-    apperr::on_result(sk, ctx.arg(1), ctx.arg(2), EventKind::RecvError, cookie_of(sk));
+    apperr::on_result(
+        sk,
+        ctx.arg(1),
+        ctx.arg(2),
+        EventKind::RecvError,
+        cookie_of(sk),
+    );
     0
 }
 

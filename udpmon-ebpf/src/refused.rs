@@ -37,13 +37,13 @@ pub fn on_drop(skb: u64, reason: u32) {
         _pad: 0,
     };
     // SAFETY: the value is copied out at once.
-    if let Some(last) = unsafe { NO_SOCKET_SEEN.get(&tk) } {
-        if now.saturating_sub(*last) < REPORT_EVERY_NS {
-            count(Counter::NoSocketSuppressed);
-            return;
-        }
+    if let Some(last) = unsafe { NO_SOCKET_SEEN.get(tk) }
+        && now.saturating_sub(*last) < REPORT_EVERY_NS
+    {
+        count(Counter::NoSocketSuppressed);
+        return;
     }
-    let _ = NO_SOCKET_SEEN.insert(&tk, &now, 0);
+    let _ = NO_SOCKET_SEEN.insert(tk, now, 0);
     let Some(ev) = scratch_event() else { return };
     ev.kind = EventKind::NoSocket as u16;
     ev.family = ip.family;

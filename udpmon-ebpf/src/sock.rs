@@ -186,7 +186,7 @@ pub fn on_destroy(sk: u64, cookie: u64) {
     ev.cookie = cookie;
     sock_tuple(sk).fill(ev);
     if fill_identity(ev, true) {
-        let _ = OWNERS.remove(&cookie);
+        let _ = OWNERS.remove(cookie);
         emit(ev);
     }
 }

@@ -48,7 +48,13 @@ macro_rules! recvmsg_exit {
         pub fn $name(ctx: FExitContext) -> i32 {
             let sk = ctx.arg::<u64>(0);
             let ret: i32 = ctx.ret().unwrap_or(0);
-            apperr::on_result(sk, ret, ctx.arg($flags), EventKind::RecvError, cookie_of(sk));
+            apperr::on_result(
+                sk,
+                ret,
+                ctx.arg($flags),
+                EventKind::RecvError,
+                cookie_of(sk),
+            );
             0
         }
     };

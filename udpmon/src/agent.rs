@@ -20,6 +20,7 @@ use crate::{
     decode::{self, Fact},
     engine::{CloseReason, Counters, Detail, Engine, FlowId, Report},
     health::{self, Health, Warner},
+    netns::NetnsMap,
     probes::Probes,
     report::Formatter,
 };
@@ -43,6 +44,7 @@ pub struct Agent {
     header: bool,
     health: Health,
     warner: Warner,
+    netns: NetnsMap,
 }
 
 impl Agent {
@@ -73,6 +75,7 @@ impl Agent {
             header,
             health: Health::default(),
             warner: Warner::new(Duration::from_secs(10)),
+            netns: NetnsMap::default(),
         })
     }
 
@@ -91,10 +94,8 @@ impl Agent {
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        if self.header {
-            if let Some(h) = self.formatter.header() {
-                self.write(&h)?;
-            }
+        if let Some(h) = self.formatter.header().filter(|_| self.header) {
+            self.write(&h)?;
         }
         loop {
             let step = tokio::select! {
@@ -105,7 +106,13 @@ impl Agent {
                     // Drain fully before clearing readiness, or a wakeup is lost.
                     while let Some(item) = rb.next() {
                         self.health.events_read += 1;
-                        match decode::decode(&item) {
+                        match decode::raw(&item).and_then(|raw| {
+                            let mut ev = decode::decode_event(&raw)?;
+                            if ev.netns == 0 && raw.netns_cookie != 0 {
+                                ev.netns = self.netns.inode(raw.netns_cookie).unwrap_or(0);
+                            }
+                            Ok(ev)
+                        }) {
                             Ok(ev) => {
                                 let closing = match ev.fact {
                                     Fact::Close => self.engine.flows_of(ev.cookie),

@@ -2,8 +2,6 @@
 //! member offsets, enumerator values and function parameter names at load time. Rust eBPF has no
 //! CO-RE, and aya 0.14 keeps its BTF member lookup private, so the programs get their offsets
 //! from here (see `udpmon_common::Offsets`).
-#![allow(dead_code, reason = "used by the loader, wired next")]
-
 use std::{error::Error, fmt, path::Path};
 
 use udpmon_common::Offsets;
@@ -260,6 +258,7 @@ impl KernelBtf {
         }
     }
 
+    #[cfg(test)]
     pub fn struct_size(&self, struct_name: &str) -> Result<u32, BtfError> {
         let id = self.ids_named(struct_name, &[KIND_STRUCT]).next();
         id.map(|id| self.types[id as usize].size_or_type)

@@ -1,8 +1,4 @@
 //! The command line, and the report filter it describes.
-#![allow(
-    dead_code,
-    reason = "main.rs does not parse the command line yet; everything here is used by the tests"
-)]
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,

@@ -41,16 +41,24 @@ pub struct Icmp {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fact {
     /// First datagram sent on the flow; payload bytes.
-    FirstTx { bytes: u32 },
+    FirstTx {
+        bytes: u32,
+    },
     /// First datagram received on the flow; payload bytes.
-    FirstRx { bytes: u32 },
+    FirstRx {
+        bytes: u32,
+    },
     /// connect() to `remote`; `remote` unspecified (0.0.0.0:0) for AF_UNSPEC (disconnect).
     Connect,
     Icmp(Icmp),
     /// A send call failed with this (positive) errno.
-    SendError { errno: i32 },
+    SendError {
+        errno: i32,
+    },
     /// A receive call failed with this (positive) errno.
-    RecvError { errno: i32 },
+    RecvError {
+        errno: i32,
+    },
     /// The socket was released.
     Close,
     /// A datagram from `remote` reached local port `local` where no socket listens.
@@ -119,14 +127,14 @@ fn comm(raw: &[u8; 16]) -> String {
     String::from_utf8_lossy(&raw[..end]).into_owned()
 }
 
-/// Decodes one ring-buffer record.
-pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
+/// The record as the kernel wrote it (for the fields the typed event leaves out, such as the
+/// netns cookie that userspace resolves).
+pub fn raw(bytes: &[u8]) -> Result<Event, DecodeError> {
     if bytes.len() != size_of::<Event>() {
         return Err(DecodeError::Size(bytes.len()));
     }
     // SAFETY: the length is checked, Event is Pod; read_unaligned copes with any alignment.
-    let ev: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    decode_event(&ev)
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
 }
 
 pub fn decode_event(ev: &Event) -> Result<KernelEvent, DecodeError> {
@@ -189,7 +197,11 @@ pub fn decode_event(ev: &Event) -> Result<KernelEvent, DecodeError> {
 mod tests {
     use super::*;
 
-    fn raw(ev: &Event) -> Vec<u8> {
+    fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
+        decode_event(&raw(bytes)?)
+    }
+
+    fn bytes(ev: &Event) -> Vec<u8> {
         // SAFETY: Event is repr(C) without padding.
         unsafe { std::slice::from_raw_parts((ev as *const Event).cast::<u8>(), size_of::<Event>()) }
             .to_vec()
@@ -214,7 +226,7 @@ mod tests {
         ev.verdict = verdict::NOTIFIED;
         ev.icmp_from[..4].copy_from_slice(&[10, 200, 0, 2]);
         ev.flags = flags::CONNECTED;
-        let d = decode(&raw(&ev)).unwrap();
+        let d = decode(&bytes(&ev)).unwrap();
         assert_eq!(d.comm, "nc");
         assert_eq!(d.local, "10.200.0.1:54321".parse().unwrap());
         assert_eq!(d.remote, "10.200.0.2:12345".parse().unwrap());
@@ -239,7 +251,7 @@ mod tests {
         ev.remote = "fd00:200::2".parse::<Ipv6Addr>().unwrap().octets();
         ev.rport = 7000;
         ev.ret = -111;
-        let d = decode(&raw(&ev)).unwrap();
+        let d = decode(&bytes(&ev)).unwrap();
         assert_eq!(d.remote, "[fd00:200::2]:7000".parse().unwrap());
         assert_eq!(d.fact, Fact::SendError { errno: 111 });
     }
@@ -249,9 +261,9 @@ mod tests {
         assert_eq!(decode(&[0; 3]), Err(DecodeError::Size(3)));
         let mut ev = Event::zeroed();
         ev.kind = 999;
-        assert_eq!(decode(&raw(&ev)), Err(DecodeError::UnknownKind(999)));
+        assert_eq!(decode(&bytes(&ev)), Err(DecodeError::UnknownKind(999)));
         ev.kind = EventKind::FirstTx as u16;
         ev.family = 1;
-        assert_eq!(decode(&raw(&ev)), Err(DecodeError::UnknownFamily(1)));
+        assert_eq!(decode(&bytes(&ev)), Err(DecodeError::UnknownFamily(1)));
     }
 }

@@ -5,8 +5,6 @@
 //!
 //! sock_diag only dumps the caller's network namespace, so a dedicated thread `setns()`es into
 //! each namespace in turn: network namespaces are per thread, the rest of the process stays put.
-#![allow(dead_code, reason = "called by the agent at startup, wired next")]
-
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fmt, fs, io,
@@ -78,6 +76,7 @@ impl fmt::Display for ExistingStats {
     }
 }
 
+#[cfg(test)]
 /// One `Fact::Existing` event per UDP socket in every network namespace on the host.
 pub fn existing_sockets() -> anyhow::Result<Vec<KernelEvent>> {
     existing_sockets_with_stats().map(|(events, _)| events)
@@ -152,16 +151,6 @@ pub fn existing_sockets_with_stats() -> anyhow::Result<(Vec<KernelEvent>, Existi
     Ok((events, stats))
 }
 
-fn boot_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid clock id and out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Numeric /proc entries, ascending, so that the first owner found is the lowest pid.
 fn pids() -> Vec<u32> {
     let mut pids: Vec<u32> = fs::read_dir("/proc")
@@ -176,7 +165,7 @@ fn pids() -> Vec<u32> {
 
 /// Network namespace inode -> paths that open it. Threads are looked at too: a thread may have
 /// `setns()`ed or `unshare()`d away from its process, and its sockets with it.
-fn network_namespaces() -> anyhow::Result<BTreeMap<u64, Vec<PathBuf>>> {
+pub(crate) fn network_namespaces() -> anyhow::Result<BTreeMap<u64, Vec<PathBuf>>> {
     // A stale /run/netns entry whose mount is gone is a plain tmpfs file: accept only nsfs.
     let nsfs = fs::metadata("/proc/self/ns/net")
         .context("/proc/self/ns/net")?
@@ -246,7 +235,7 @@ fn dump_namespaces(namespaces: BTreeMap<u64, Vec<PathBuf>>) -> anyhow::Result<Ve
                 .map(|(inode, paths)| {
                     let mut ts_ns = 0;
                     let result = enter(inode, &paths, &mut current).and_then(|()| {
-                        ts_ns = boot_ns();
+                        ts_ns = crate::clock::boot_ns();
                         let mut diag = SockDiag::open()?;
                         let mut sockets = diag.dump(libc::AF_INET as u8).context("IPv4")?;
                         sockets.extend(diag.dump(libc::AF_INET6 as u8).context("IPv6")?);
@@ -267,7 +256,11 @@ fn dump_namespaces(namespaces: BTreeMap<u64, Vec<PathBuf>>) -> anyhow::Result<Ve
 
 /// Moves the calling thread into network namespace `inode`, through the first path that still
 /// leads to it (a pid may have been reused for a process elsewhere).
-fn enter(inode: u64, paths: &[PathBuf], current: &mut Option<u64>) -> anyhow::Result<()> {
+pub(crate) fn enter(
+    inode: u64,
+    paths: &[PathBuf],
+    current: &mut Option<u64>,
+) -> anyhow::Result<()> {
     if *current == Some(inode) {
         return Ok(());
     }
@@ -844,7 +837,7 @@ mod tests {
         assert_eq!(u64::from(ev.netns), inode_of("/proc/self/ns/net"));
         assert_ne!(ev.cookie, 0);
         assert_eq!(ev.cookie, so_cookie(&sock));
-        assert!(ev.ts_ns > 0 && ev.ts_ns <= boot_ns());
+        assert!(ev.ts_ns > 0 && ev.ts_ns <= crate::clock::boot_ns());
         assert!(stats.netns_scanned >= 1 && stats.sockets >= 1);
     }
 

@@ -57,7 +57,10 @@ impl Health {
 }
 
 /// Reads the kernel side of the counters.
-pub fn read_kernel(map: &PerCpuArray<MapData, u64>, h: &mut Health) -> Result<(), aya::maps::MapError> {
+pub fn read_kernel(
+    map: &PerCpuArray<MapData, u64>,
+    h: &mut Health,
+) -> Result<(), aya::maps::MapError> {
     let sum = |c: Counter| -> Result<u64, aya::maps::MapError> {
         Ok(map.get(&(c as u32), 0)?.iter().sum())
     };
@@ -87,7 +90,10 @@ impl Warner {
 
     /// A warning to print now, if losses grew and the last one is old enough.
     pub fn check(&mut self, now: Instant, h: &Health) -> Option<String> {
-        if self.last.is_some_and(|t| now.duration_since(t) < self.every) {
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.every)
+        {
             return None;
         }
         let msg = h.growth(&self.reported)?;

@@ -11,6 +11,7 @@ mod decode;
 mod engine;
 mod existing;
 mod health;
+mod netns;
 mod privileges;
 mod probes;
 mod report;

@@ -66,7 +66,10 @@ mod tests {
     fn an_unprivileged_user_is_told_what_is_missing() {
         let m = missing("CapEff:\t0000000000000000\n").unwrap();
         assert!(m.contains("run as root"), "{m}");
-        assert!(m.contains("missing: CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"), "{m}");
+        assert!(
+            m.contains("missing: CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"),
+            "{m}"
+        );
         let only_bpf = 1u64 << CAP_BPF;
         let m = missing(&format!("CapEff:\t{only_bpf:016x}\n")).unwrap();
         assert!(m.contains("missing: CAP_PERFMON, CAP_NET_ADMIN"), "{m}");

@@ -46,17 +46,32 @@ fn step(msg: &str) {
 pub fn nightly() -> anyhow::Result<()> {
     if !cmd_ok(Command::new("rustc").args(["+nightly", "--version"])) {
         step("installing the nightly toolchain");
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     }
     let out = Command::new("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
         .output()
         .context("running rustup")?;
-    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("rust-src")) {
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
         step("nightly rust-src: present");
     } else {
         step("nightly rust-src: installing");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     Ok(())
 }
@@ -67,7 +82,10 @@ pub fn musl_target() -> anyhow::Result<()> {
         .args(["target", "list", "--installed"])
         .output()
         .context("running rustup")?;
-    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l == "x86_64-unknown-linux-musl") {
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l == "x86_64-unknown-linux-musl")
+    {
         step("x86_64-unknown-linux-musl target: present");
     } else {
         step("x86_64-unknown-linux-musl target: installing");
@@ -105,7 +123,9 @@ pub fn bpf_linker() -> anyhow::Result<PathBuf> {
         step(&format!("bpf-linker (against {llvm}): cached"));
         return Ok(bin);
     }
-    step(&format!("bpf-linker: building against {llvm} (about a minute)"));
+    step(&format!(
+        "bpf-linker: building against {llvm} (about a minute)"
+    ));
     let lib = prefix.join("lib");
     fs::create_dir_all(&lib)?;
     for name in ["libLLVM.so", llvm.as_str()] {
@@ -116,7 +136,13 @@ pub fn bpf_linker() -> anyhow::Result<PathBuf> {
     run(Command::new("cargo")
         .args(["install", "--locked", "--root"])
         .arg(&prefix)
-        .args(["bpf-linker", "--version", "=0.13.0", "--no-default-features", "--features"])
+        .args([
+            "bpf-linker",
+            "--version",
+            "=0.13.0",
+            "--no-default-features",
+            "--features",
+        ])
         .arg(format!("llvm-{major}"))
         .env("LLVM_PREFIX", &prefix))?;
     Ok(bin)
@@ -137,9 +163,15 @@ pub fn apt(pkgs: &[&str]) -> anyhow::Result<()> {
         return Ok(());
     }
     if !is_root() {
-        bail!("Debian packages missing ({}); run as root to install them", missing.join(" "));
+        bail!(
+            "Debian packages missing ({}); run as root to install them",
+            missing.join(" ")
+        );
     }
-    step(&format!("Debian packages: installing {}", missing.join(" ")));
+    step(&format!(
+        "Debian packages: installing {}",
+        missing.join(" ")
+    ));
     run(Command::new("apt-get").args(["update", "-q"]))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])

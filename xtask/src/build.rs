@@ -63,7 +63,10 @@ pub fn musl_binaries(path: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
         .find_map(|v| v["executable"].as_str().map(PathBuf::from))
         .context("no executable for the system tests in cargo's output")?;
     Ok((
-        workspace_root().join("target").join(TARGET).join("release/udpmon"),
+        workspace_root()
+            .join("target")
+            .join(TARGET)
+            .join("release/udpmon"),
         test_bin,
     ))
 }
@@ -105,6 +108,9 @@ pub fn lint_with(path: &str) -> anyhow::Result<()> {
             "-D",
             "warnings",
         ])
-        .env("CARGO_ENCODED_RUSTFLAGS", "--cfg=bpf_target_arch=\"x86_64\""))?;
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "--cfg=bpf_target_arch=\"x86_64\"",
+        ))?;
     Ok(())
 }

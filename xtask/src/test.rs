@@ -51,7 +51,14 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     }));
     tiers.push(timed("unit", || {
         libtest(build::cargo(&path).args([
-            "test", "-p", "udpmon", "--bins", "-p", "udpmon-common", "-p", "xtask",
+            "test",
+            "-p",
+            "udpmon",
+            "--bins",
+            "-p",
+            "udpmon-common",
+            "-p",
+            "xtask",
         ]))
     }));
     tiers.push(host_tier(&path, &args.filter));
@@ -142,7 +149,15 @@ fn host_tier(path: &str, filter: &[String]) -> Tier {
     timed("host", || {
         libtest(
             build::cargo(path)
-                .args(["test", "--release", "-p", "udpmon", "--test", "system", "--"])
+                .args([
+                    "test",
+                    "--release",
+                    "-p",
+                    "udpmon",
+                    "--test",
+                    "system",
+                    "--",
+                ])
                 .args(["--test-threads=1"])
                 .args(filter)
                 .env("UDPMON_TIER", "host"),

@@ -169,10 +169,6 @@ impl FlowTable {
         self.flows.len()
     }
 
-    pub fn get(&self, id: &FlowId) -> Option<&Flow> {
-        self.flows.get(id).map(|(_, f)| f)
-    }
-
     pub fn get_mut(&mut self, id: &FlowId) -> Option<&mut Flow> {
         self.flows.get_mut(id).map(|(_, f)| f)
     }

@@ -19,11 +19,6 @@
 //! - After a CLOSE with reason `idle` or `evicted` the caller should delete the flow's
 //!   kernel entry: the kernel reports only a flow's first datagram each way, so otherwise
 //!   new traffic on that flow would never reopen it.
-#![allow(
-    dead_code,
-    reason = "main.rs does not drive the engine yet; everything here is used by the tests"
-)]
-
 mod flow;
 mod report;
 pub mod rules;
@@ -156,6 +151,7 @@ impl Engine {
         }
     }
 
+    #[cfg(test)]
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
     }
@@ -173,6 +169,7 @@ impl Engine {
         self.flows.of_cookie(cookie)
     }
 
+    #[cfg(test)]
     /// Every tracked flow, in id order.
     pub fn flows(&self) -> Vec<FlowId> {
         self.flows.ids()

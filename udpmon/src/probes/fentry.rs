@@ -17,8 +17,14 @@ pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
         Hook::required("udp_err_exit", Target::FExit("udp_err")),
         Hook::required("udpv6_err_entry", Target::FEntry("udpv6_err")),
         Hook::required("udpv6_err_exit", Target::FExit("udpv6_err")),
-        Hook::required("udp_connect4_entry", Target::FEntry("__ip4_datagram_connect")),
-        Hook::required("udp_connect6_entry", Target::FEntry("__ip6_datagram_connect")),
+        Hook::required(
+            "udp_connect4_entry",
+            Target::FEntry("__ip4_datagram_connect"),
+        ),
+        Hook::required(
+            "udp_connect6_entry",
+            Target::FEntry("__ip6_datagram_connect"),
+        ),
         Hook::required("udp_destroy_entry", Target::FEntry("udp_destroy_sock")),
         Hook::required("udpv6_destroy_entry", Target::FEntry("udpv6_destroy_sock")),
         Hook::optional(

@@ -193,14 +193,26 @@ fn load_strategy(
     let mut degraded = Vec::new();
     let mut cgroup: Option<fs::File> = None;
     for hook in strategy.hooks(kbtf) {
-        let res = attach(&mut ebpf, btf, &hook, &mut cgroup);
+        let res = match hook.target {
+            // A clearer reason than the loader's when a kernel renamed or inlined a function.
+            Target::FEntry(f) | Target::FExit(f) | Target::KProbe(f) if !kbtf.has_func(f) => {
+                Err(anyhow!("kernel function {f} is not in this kernel's BTF"))
+            }
+            _ => attach(&mut ebpf, btf, &hook, &mut cgroup),
+        };
         match (res, hook.optional) {
             (Ok(()), _) => {}
             (Err(e), None) => {
-                return Err(e.context(format!("required hook {} ({:?})", hook.program, hook.target)));
+                return Err(e.context(format!(
+                    "required hook {} ({:?})",
+                    hook.program, hook.target
+                )));
             }
             (Err(e), Some(loss)) => {
-                degraded.push(format!("{} ({:?}) unavailable, {loss}: {e:#}", hook.program, hook.target));
+                degraded.push(format!(
+                    "{} ({:?}) unavailable, {loss}: {e:#}",
+                    hook.program, hook.target
+                ));
             }
         }
     }
@@ -224,7 +236,10 @@ fn attach(
     let loaded = prog.fd().is_ok();
     let verifier = |e: ProgramError| -> anyhow::Error {
         match e {
-            ProgramError::LoadError { io_error, verifier_log } => {
+            ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            } => {
                 // The verdict is at the end of the log; all of it is at debug level.
                 log::debug!("{} verifier log:\n{verifier_log}", hook.program);
                 let log = verifier_log.to_string();
@@ -313,5 +328,7 @@ fn cgroup2_mount() -> anyhow::Result<PathBuf> {
         })
         // The shortest mount point is the root of the hierarchy when it is mounted twice.
         .min_by_key(|p| p.as_os_str().len())
-        .ok_or_else(|| anyhow!("no cgroup2 filesystem is mounted; the tracepoint strategy needs one"))
+        .ok_or_else(|| {
+            anyhow!("no cgroup2 filesystem is mounted; the tracepoint strategy needs one")
+        })
 }

@@ -8,7 +8,10 @@ use super::{Hook, Target, shared_tracepoints};
 pub fn hooks() -> Vec<Hook> {
     let mut hooks = vec![
         Hook::required("udp_egress", Target::CgroupSkb(CgroupSkbAttachType::Egress)),
-        Hook::required("udp_ingress", Target::CgroupSkb(CgroupSkbAttachType::Ingress)),
+        Hook::required(
+            "udp_ingress",
+            Target::CgroupSkb(CgroupSkbAttachType::Ingress),
+        ),
         Hook::required("udp_sock_release", Target::CgroupSock),
         Hook::required("udp_connect4", Target::CgroupSockAddr),
         Hook::required("udp_connect6", Target::CgroupSockAddr),

@@ -3,11 +3,6 @@
 //! Formatting is pure: the wall-clock time of a report is its CLOCK_BOOTTIME stamp plus a
 //! [`ClockOffset`] the caller measures once at startup, so the same report always formats
 //! the same way.
-#![allow(
-    dead_code,
-    reason = "main.rs does not drive the formatters yet; everything here is used by the tests"
-)]
-
 mod json;
 mod text;
 

@@ -52,6 +52,7 @@ impl TextFormat {
         }
     }
 
+    #[cfg(test)]
     /// True when times are UTC because the local offset was unavailable.
     pub fn is_utc_fallback(&self) -> bool {
         self.utc_fallback

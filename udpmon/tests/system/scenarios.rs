@@ -25,15 +25,23 @@ pub const ALL: &[Scenario] = &[
 
 /// Waits until a UDP port is bound in a namespace (its udp table lists it).
 fn wait_until_bound(netns: &str, port: u16, v6: bool) {
-    let table = if v6 { "/proc/net/udp6" } else { "/proc/net/udp" };
+    let table = if v6 {
+        "/proc/net/udp6"
+    } else {
+        "/proc/net/udp"
+    };
     let needle = format!(":{port:04X} ");
-    wait_until(&format!("UDP port {port} to be bound in {netns}"), 10, || {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", netns, "cat", table])
-            .output()
-            .expect("reading the udp table");
-        String::from_utf8_lossy(&out.stdout).contains(&needle)
-    });
+    wait_until(
+        &format!("UDP port {port} to be bound in {netns}"),
+        10,
+        || {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", netns, "cat", table])
+                .output()
+                .expect("reading the udp table");
+            String::from_utf8_lossy(&out.stdout).contains(&needle)
+        },
+    );
 }
 
 fn addr(ip: &str, port: u16) -> String {

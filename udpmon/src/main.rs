@@ -1,20 +1,5 @@
-//! udpmon: watches every UDP socket on the host and reports each UDP flow's life.
-//!
-//! Data flows one way: kernel hooks (`probes`) -> ring buffer -> `decode` -> `engine` (pure
-//! lifecycle rules) -> `cli::Filter` -> `report` (text or JSON) -> output. `agent` runs that
-//! loop; `existing` seeds the engine with the sockets already open at startup.
-mod agent;
-mod btf;
-mod cli;
-mod clock;
-mod decode;
-mod engine;
-mod existing;
-mod health;
-mod netns;
-mod privileges;
-mod probes;
-mod report;
+//! udpmon: watches every UDP socket on the host and reports each UDP flow's life. The parts
+//! live in the library (src/lib.rs); this is the command line around them.
 
 use std::{
     fs::OpenOptions,
@@ -26,10 +11,12 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use log::info;
 
-use crate::{
+use udpmon::{
     agent::{Agent, Stop},
     cli::{Cli, Filter, Format, Hooks},
+    clock, engine,
     engine::Engine,
+    existing, privileges, probes,
     probes::{LoadOptions, Strategy},
     report::{ClockOffset, Formatter, JsonFormat, TextFormat},
 };

@@ -54,6 +54,7 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
             "test",
             "-p",
             "udpmon",
+            "--lib",
             "--bins",
             "-p",
             "udpmon-common",

@@ -1,0 +1,16 @@
+//! udpmon as a library: the agent's parts, so that the binary, the benchmarks and the tests
+//! share them. Data flows one way: kernel hooks (`probes`) -> ring buffer -> `decode` ->
+//! `engine` (pure lifecycle rules) -> `cli::Filter` -> `report` (text or JSON) -> output.
+//! `agent` runs that loop; `existing` seeds the engine with the sockets open at startup.
+pub mod agent;
+pub mod btf;
+pub mod cli;
+pub mod clock;
+pub mod decode;
+pub mod engine;
+pub mod existing;
+pub mod health;
+pub mod netns;
+pub mod privileges;
+pub mod probes;
+pub mod report;

@@ -5,7 +5,9 @@
 //! is missing, makes the scenario SKIPPED with the reason. The last line has libtest's shape
 //! so that runners can collect it: `test result: ok. N passed; M failed; K skipped`.
 mod harness;
+mod peers;
 mod scenarios;
+mod util;
 
 use std::{panic, process::ExitCode, time::Instant};
 

@@ -21,6 +21,23 @@ pub const ALL: &[Scenario] = &[
         name: "seed_ipv6",
         run: |st| seed(st, true),
     },
+    // Issue 5: real-world UDP patterns.
+    Scenario {
+        name: "peers_discarded_ipv4",
+        run: |st| crate::peers::peers(st, false, false),
+    },
+    Scenario {
+        name: "peers_queued_ipv4",
+        run: |st| crate::peers::peers(st, false, true),
+    },
+    Scenario {
+        name: "peers_discarded_ipv6",
+        run: |st| crate::peers::peers(st, true, false),
+    },
+    Scenario {
+        name: "peers_queued_ipv6",
+        run: |st| crate::peers::peers(st, true, true),
+    },
 ];
 
 /// Waits until a UDP port is bound in a namespace (its udp table lists it).

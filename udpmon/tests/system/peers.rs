@@ -1,0 +1,184 @@
+//! Issue 5, scenario 1: one unconnected socket talking to several peers with sendto (the
+//! statsd / DNS-client pattern). One peer closes its socket; the next datagram to it draws an
+//! ICMP port unreachable that only that peer's flow reports. Without IP_RECVERR the kernel
+//! drops the error (verdict `discarded`: an unconnected socket is never told); with
+//! IP_RECVERR / IPV6_RECVERR it is queued on the error queue (verdict `queued`).
+use std::net::{SocketAddr, UdpSocket};
+
+use crate::{
+    harness::{
+        CLIENT4, CLIENT6, Outcome, SERVER4, SERVER6, Strategy, TwoHosts, Udpmon, is, s,
+        udp_socket_in,
+    },
+    util::{
+        addr, assert_close, assert_event, assert_icmp, assert_story, local_of, of_flow,
+        read_errqueue, set_recverr,
+    },
+};
+
+/// This thread's command name, as the kernel (and so udpmon) sees it.
+pub fn my_comm() -> String {
+    std::fs::read_to_string("/proc/thread-self/comm")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn exchange(sender: &UdpSocket, peer: &UdpSocket, msg: &str, reply: &str) {
+    let to = peer.local_addr().unwrap();
+    sender.send_to(msg.as_bytes(), to).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = peer.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], msg.as_bytes());
+    assert_eq!(from, sender.local_addr().unwrap());
+    peer.send_to(reply.as_bytes(), from).unwrap();
+    let (n, from) = sender.recv_from(&mut buf).unwrap();
+    assert_eq!((&buf[..n], from), (reply.as_bytes(), to));
+}
+
+pub fn peers(st: Strategy, v6: bool, recverr: bool) -> Outcome {
+    let (cip, sip) = if v6 {
+        (CLIENT6, SERVER6)
+    } else {
+        (CLIENT4, SERVER4)
+    };
+    let tag = match (v6, recverr) {
+        (false, false) => "p4",
+        (false, true) => "q4",
+        (true, false) => "p6",
+        (true, true) => "q6",
+    };
+    let h = TwoHosts::new(tag);
+    let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
+    let me = std::process::id() as u64;
+    let comm = my_comm();
+
+    let mut peers: Vec<Option<UdpSocket>> = (1..=3)
+        .map(|i| Some(udp_socket_in(&h.server, &addr(sip, 7100 + i))))
+        .collect();
+    let remotes: Vec<String> = (1..=3).map(|i| addr(sip, 7100 + i)).collect();
+    let sender = udp_socket_in(&h.client, &addr(cip, 0));
+    if recverr {
+        set_recverr(&sender);
+    }
+    let local = local_of(&sender);
+
+    // Round 1: every peer hears from the sender and answers.
+    for (i, p) in peers.iter().enumerate() {
+        let p = p.as_ref().unwrap();
+        exchange(&sender, p, &format!("hello {i}"), &format!("ack {i}"));
+    }
+    let mut sender_cookie = None;
+    let mut peer_cookies = Vec::new();
+    for r in &remotes {
+        let c = u.wait_for("sender connect", |v| {
+            is(v, "connect") && s(v, "local") == local && s(v, "remote") == r
+        });
+        assert_event(&c, "connect", me, &comm, &local, r);
+        assert_eq!(c["via"], "send", "{c}");
+        assert_eq!(c["bytes"], 7, "{c}");
+        assert_eq!(c["family"], if v6 { "ipv6" } else { "ipv4" }, "{c}");
+        // One socket, one cookie, three flows.
+        let ck = sender_cookie.get_or_insert_with(|| c["cookie"].clone());
+        assert_eq!(&c["cookie"], ck, "one socket, one cookie: {c}");
+        let ck = ck.clone();
+        u.wait_for("sender establish", |v| {
+            is(v, "establish") && of_flow(v, &ck, r)
+        });
+        let a = u.wait_for("peer accept", |v| {
+            is(v, "accept") && s(v, "local") == r && s(v, "remote") == local
+        });
+        assert_event(&a, "accept", me, &comm, r, &local);
+        assert_eq!(a["via"], "recv", "{a}");
+        let pc = a["cookie"].clone();
+        u.wait_for("peer establish", |v| {
+            is(v, "establish") && of_flow(v, &pc, &local)
+        });
+        peer_cookies.push(pc);
+    }
+    let sender_cookie = sender_cookie.unwrap();
+
+    // Peer 2 goes away.
+    drop(peers[1].take());
+    let pc2 = peer_cookies[1].clone();
+    let close2 = u.wait_for("closed peer's close", |v| {
+        is(v, "close") && of_flow(v, &pc2, &local)
+    });
+    assert_close(&close2, "closed", (1, 5), (1, 7));
+
+    // The next datagram to it draws an ICMP port unreachable.
+    let dead: SocketAddr = remotes[1].parse().unwrap();
+    sender.send_to(b"again 1", dead).unwrap();
+    let un = u.wait_for("unreachable", |v| {
+        is(v, "unreachable") && of_flow(v, &sender_cookie, &remotes[1])
+    });
+    assert_event(&un, "unreachable", me, &comm, &local, &remotes[1]);
+    let (ty, code) = if v6 { (1, 4) } else { (3, 3) };
+    let verdict = if recverr { "queued" } else { "discarded" };
+    assert_icmp(&un, ty, code, sip, "ECONNREFUSED", verdict);
+    if recverr {
+        // The application can read it from the error queue: what udpmon said it could.
+        let q = read_errqueue(&sender);
+        assert_eq!(q.errno, libc::ECONNREFUSED as u32, "{q:?}");
+        assert_eq!(q.origin, if v6 { 3 } else { 2 }, "{q:?}");
+        assert_eq!((q.ty, q.code), (ty, code), "{q:?}");
+        assert_eq!(q.dest, Some(dead), "{q:?}");
+        assert_eq!(q.offender, Some(sip.parse().unwrap()), "{q:?}");
+    }
+    let refused = u.wait_for("server-side refused", |v| {
+        is(v, "refused") && s(v, "local") == remotes[1] && s(v, "remote") == local
+    });
+    assert_eq!(refused["last_owner"]["pid"], me, "{refused}");
+    assert_eq!(refused["netns"], TwoHosts::netns_inode(&h.server));
+
+    // Round 2: the live peers still answer; their flows know nothing of the error.
+    for (i, p) in peers.iter().enumerate() {
+        if let Some(p) = p {
+            exchange(&sender, p, &format!("again {i}"), &format!("ack2 {i}"));
+        }
+    }
+    drop(sender);
+    let mut closes = Vec::new();
+    for r in &remotes {
+        let c = u.wait_for("sender close", |v| {
+            is(v, "close") && of_flow(v, &sender_cookie, r)
+        });
+        assert_event(&c, "close", me, &comm, &local, r);
+        closes.push(c);
+    }
+    assert_close(&closes[0], "closed", (2, 14), (2, 11));
+    assert_close(&closes[1], "closed", (2, 14), (1, 5));
+    assert_close(&closes[2], "closed", (2, 14), (2, 11));
+    assert_eq!(closes[1]["stats"]["icmp_errors"], 1, "{}", closes[1]);
+    assert_eq!(closes[0]["stats"]["icmp_errors"], 0, "{}", closes[0]);
+    assert_eq!(closes[2]["stats"]["icmp_errors"], 0, "{}", closes[2]);
+    drop(peers);
+    for (i, pc) in peer_cookies.iter().enumerate() {
+        u.wait_for("peer close", |v| is(v, "close") && of_flow(v, pc, &local));
+        if i != 1 {
+            let c = u.all(|v| is(v, "close") && of_flow(v, pc, &local));
+            assert_close(&c[0], "closed", (2, 11), (2, 14));
+        }
+    }
+
+    let full = ["connect", "establish", "close"];
+    assert_story(&mut u, "sender->peer0", &sender_cookie, &remotes[0], &full);
+    assert_story(
+        &mut u,
+        "sender->peer1 (closed)",
+        &sender_cookie,
+        &remotes[1],
+        &["connect", "establish", "unreachable", "close"],
+    );
+    assert_story(&mut u, "sender->peer2", &sender_cookie, &remotes[2], &full);
+    for (i, pc) in peer_cookies.iter().enumerate() {
+        assert_story(
+            &mut u,
+            &format!("peer{i}"),
+            pc,
+            &local,
+            &["accept", "establish", "close"],
+        );
+    }
+    Outcome::Pass
+}

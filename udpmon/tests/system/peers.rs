@@ -11,7 +11,7 @@ use crate::{
         udp_socket_in,
     },
     util::{
-        addr, assert_close, assert_event, assert_icmp, assert_story, local_of, of_flow,
+        Who, addr, assert_close, assert_event, assert_icmp, assert_story, local_of, of_flow,
         read_errqueue, set_recverr,
     },
 };
@@ -52,6 +52,15 @@ pub fn peers(st: Strategy, v6: bool, recverr: bool) -> Outcome {
     let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
     let me = std::process::id() as u64;
     let comm = my_comm();
+    let cli = Who {
+        pid: me,
+        comm: &comm,
+        netns: TwoHosts::netns_inode(&h.client),
+    };
+    let srv = Who {
+        netns: TwoHosts::netns_inode(&h.server),
+        ..cli.clone()
+    };
 
     let mut peers: Vec<Option<UdpSocket>> = (1..=3)
         .map(|i| Some(udp_socket_in(&h.server, &addr(sip, 7100 + i))))
@@ -74,7 +83,7 @@ pub fn peers(st: Strategy, v6: bool, recverr: bool) -> Outcome {
         let c = u.wait_for("sender connect", |v| {
             is(v, "connect") && s(v, "local") == local && s(v, "remote") == r
         });
-        assert_event(&c, "connect", me, &comm, &local, r);
+        assert_event(&c, "connect", &cli, &local, r);
         assert_eq!(c["via"], "send", "{c}");
         assert_eq!(c["bytes"], 7, "{c}");
         assert_eq!(c["family"], if v6 { "ipv6" } else { "ipv4" }, "{c}");
@@ -88,7 +97,7 @@ pub fn peers(st: Strategy, v6: bool, recverr: bool) -> Outcome {
         let a = u.wait_for("peer accept", |v| {
             is(v, "accept") && s(v, "local") == r && s(v, "remote") == local
         });
-        assert_event(&a, "accept", me, &comm, r, &local);
+        assert_event(&a, "accept", &srv, r, &local);
         assert_eq!(a["via"], "recv", "{a}");
         let pc = a["cookie"].clone();
         u.wait_for("peer establish", |v| {
@@ -112,7 +121,7 @@ pub fn peers(st: Strategy, v6: bool, recverr: bool) -> Outcome {
     let un = u.wait_for("unreachable", |v| {
         is(v, "unreachable") && of_flow(v, &sender_cookie, &remotes[1])
     });
-    assert_event(&un, "unreachable", me, &comm, &local, &remotes[1]);
+    assert_event(&un, "unreachable", &cli, &local, &remotes[1]);
     let (ty, code) = if v6 { (1, 4) } else { (3, 3) };
     let verdict = if recverr { "queued" } else { "discarded" };
     assert_icmp(&un, ty, code, sip, "ECONNREFUSED", verdict);
@@ -129,7 +138,7 @@ pub fn peers(st: Strategy, v6: bool, recverr: bool) -> Outcome {
         is(v, "refused") && s(v, "local") == remotes[1] && s(v, "remote") == local
     });
     assert_eq!(refused["last_owner"]["pid"], me, "{refused}");
-    assert_eq!(refused["netns"], TwoHosts::netns_inode(&h.server));
+    assert_eq!(refused["netns"], srv.netns, "{refused}");
 
     // Round 2: the live peers still answer; their flows know nothing of the error.
     for (i, p) in peers.iter().enumerate() {
@@ -143,7 +152,7 @@ pub fn peers(st: Strategy, v6: bool, recverr: bool) -> Outcome {
         let c = u.wait_for("sender close", |v| {
             is(v, "close") && of_flow(v, &sender_cookie, r)
         });
-        assert_event(&c, "close", me, &comm, &local, r);
+        assert_event(&c, "close", &cli, &local, r);
         closes.push(c);
     }
     assert_close(&closes[0], "closed", (2, 14), (2, 11));

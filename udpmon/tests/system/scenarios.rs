@@ -38,6 +38,10 @@ pub const ALL: &[Scenario] = &[
         name: "peers_queued_ipv6",
         run: |st| crate::peers::peers(st, true, true),
     },
+    Scenario {
+        name: "dns_dnsmasq_dig",
+        run: crate::dns::dns,
+    },
 ];
 
 /// Waits until a UDP port is bound in a namespace (its udp table lists it).

@@ -94,11 +94,20 @@ pub fn assert_story(u: &mut Udpmon, who: &str, cookie: &Value, remote: &str, wan
     );
 }
 
-/// Asserts the identity fields of an event: kind, pid, comm, local and remote address.
-pub fn assert_event(v: &Value, event: &str, pid: u64, comm: &str, local: &str, remote: &str) {
+/// Who an event should name: process id, command name (of the thread) and netns inode.
+#[derive(Clone, Debug)]
+pub struct Who<'a> {
+    pub pid: u64,
+    pub comm: &'a str,
+    pub netns: u64,
+}
+
+/// Asserts the identity fields of an event: kind, pid, comm, netns, local and remote address.
+pub fn assert_event(v: &Value, event: &str, who: &Who, local: &str, remote: &str) {
     assert_eq!(s(v, "event"), event, "{v}");
-    assert_eq!(v["pid"], pid, "pid of {v}");
-    assert_eq!(s(v, "comm"), comm, "comm of {v}");
+    assert_eq!(v["pid"], who.pid, "pid of {v}");
+    assert_eq!(s(v, "comm"), who.comm, "comm of {v}");
+    assert_eq!(v["netns"], who.netns, "netns of {v}");
     assert_eq!(s(v, "local"), local, "local address of {v}");
     assert_eq!(s(v, "remote"), remote, "remote address of {v}");
 }

@@ -1,5 +1,6 @@
 //! Developer tasks: `cargo xtask run -- [UDPMON ARGS]`, `cargo xtask test`, `cargo xtask
 //! bootstrap`, `cargo xtask build`, `cargo xtask lint`. Each installs what it needs first.
+mod bench;
 mod bootstrap;
 mod build;
 mod test;
@@ -35,6 +36,9 @@ enum Cmd {
     Test(test::TestArgs),
     /// cargo fmt --check and clippy -D warnings for the userspace and the eBPF crates.
     Lint,
+    /// Measure what running udpmon costs (hot path, event pipeline, engine, startup): one
+    /// table against baselines from the same run. `--smoke`: every step once, tiny durations.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
         Cmd::Run { args } => run(&args),
         Cmd::Test(t) => test::run(&t),
         Cmd::Lint => build::lint(),
+        Cmd::Bench(b) => bench::run(&b),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

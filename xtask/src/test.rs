@@ -63,6 +63,7 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
         ]))
     }));
     tiers.push(host_tier(&path, &args.filter));
+    tiers.push(bench_smoke_tier());
     if want_vm {
         let series: Vec<&str> = if args.vms.is_empty() {
             vm::DEFAULT_KERNELS.to_vec()
@@ -164,6 +165,19 @@ fn host_tier(path: &str, filter: &[String]) -> Tier {
                 .env("UDPMON_TIER", "host"),
         )
     })
+}
+
+/// `cargo xtask bench --smoke`: every bench step once, numbers not checked.
+fn bench_smoke_tier() -> Tier {
+    if !bootstrap::is_root() {
+        return Tier {
+            name: "bench-smoke".into(),
+            outcome: Outcome::Skipped("needs root: run `sudo cargo xtask test`".into()),
+            results: Vec::new(),
+            secs: 0.0,
+        };
+    }
+    timed("bench-smoke", || crate::bench::smoke().map(|()| Vec::new()))
 }
 
 fn vm_tiers(path: &str, series: &[&str], filter: &[String]) -> Vec<Tier> {

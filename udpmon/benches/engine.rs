@@ -1,0 +1,203 @@
+//! Lifecycle-engine benchmarks: events per second on one core, and memory per tracked flow.
+//!
+//! `cargo bench -p udpmon --bench engine` runs the divan benchmarks. `cargo xtask bench`
+//! runs the same binary in two machine-readable modes (one `key value` line per figure):
+//! - `engine --udpmon-rate REPS EVENTS`: events/s of the realistic workload, one line per
+//!   repetition (`events_per_sec N`).
+//! - `engine --udpmon-rss FLOWS PEERS_PER_SOCKET`: resident memory before and after the
+//!   engine holds FLOWS flows (`rss_before_bytes`, `rss_after_bytes`, `flows_tracked`).
+use std::{
+    hint::black_box,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use udpmon::{
+    decode::{Fact, Family, KernelEvent},
+    engine::{Counters, Engine, EngineConfig, FlowId},
+};
+
+/// Sockets open at once in the realistic workload.
+const LIVE_SOCKETS: usize = 1000;
+/// Peers per socket in the realistic workload (a mix of a resolver and its upstreams).
+const PEERS: usize = 4;
+
+fn event(fact: Fact, ts_ns: u64, cookie: u64, local_port: u16, remote: SocketAddr) -> KernelEvent {
+    KernelEvent {
+        fact,
+        ts_ns,
+        cookie,
+        tgid: 4242,
+        pid: 4242,
+        comm: "bench-client".into(),
+        uid: 1000,
+        cgroup: 1,
+        netns: 4026531840 + (cookie / 60_000) as u32,
+        family: Family::V4,
+        local: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), local_port),
+        remote,
+        task_unrelated: false,
+        connected: false,
+        recverr: false,
+    }
+}
+
+fn peer(socket: usize, p: usize) -> SocketAddr {
+    let n = (socket * PEERS + p) as u32;
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x0a01_0000 + n)), 53)
+}
+
+/// The realistic sequence for `sockets` sockets: each sends to PEERS peers (FirstTx, a
+/// CONNECT each), hears back from them (FirstRx, an ESTABLISH each) and closes (one CLOSE per
+/// flow), with about LIVE_SOCKETS sockets open at any time.
+pub fn workload(sockets: usize) -> Vec<KernelEvent> {
+    let mut out = Vec::with_capacity(sockets * (2 * PEERS + 1));
+    let mut ts = 1_000_000_000u64;
+    let port = |s: usize| 1024 + (s % 60_000) as u16;
+    for step in 0..sockets + LIVE_SOCKETS {
+        ts += 1_000;
+        if step < sockets {
+            for p in 0..PEERS {
+                let fact = Fact::FirstTx { bytes: 40 };
+                out.push(event(fact, ts, step as u64 + 1, port(step), peer(step, p)));
+            }
+        }
+        if let Some(s) = step.checked_sub(LIVE_SOCKETS / 2).filter(|s| *s < sockets) {
+            for p in 0..PEERS {
+                let fact = Fact::FirstRx { bytes: 120 };
+                out.push(event(fact, ts, s as u64 + 1, port(s), peer(s, p)));
+            }
+        }
+        if let Some(s) = step.checked_sub(LIVE_SOCKETS).filter(|s| *s < sockets) {
+            let unspec = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+            out.push(event(Fact::Close, ts, s as u64 + 1, port(s), unspec));
+        }
+    }
+    out
+}
+
+fn config(max_flows: usize) -> EngineConfig {
+    EngineConfig {
+        max_flows,
+        ..EngineConfig::default()
+    }
+}
+
+/// Kernel counters as the agent would read them for a closing flow.
+fn counters(_: &FlowId) -> Option<Counters> {
+    Some(Counters {
+        tx_datagrams: 3,
+        tx_bytes: 120,
+        rx_datagrams: 3,
+        rx_bytes: 360,
+        first_ns: 1,
+        last_tx_ns: 2,
+        last_rx_ns: 3,
+    })
+}
+
+/// Feeds every event to a fresh engine; returns the number of reports.
+fn run(events: &[KernelEvent]) -> usize {
+    let mut engine = Engine::new(config(65536));
+    let mut reports = 0;
+    for ev in events {
+        reports += black_box(engine.on_event(ev, &counters)).len();
+    }
+    reports
+}
+
+#[divan::bench(args = [1_000, 25_000])]
+fn lifecycle(bencher: divan::Bencher, sockets: usize) {
+    let events = workload(sockets);
+    bencher
+        .counter(divan::counter::ItemsCount::new(events.len()))
+        .bench_local(|| run(&events));
+}
+
+/// The periodic tick over a table of held flows (SILENT / idle checks).
+#[divan::bench(args = [10_000])]
+fn tick(bencher: divan::Bencher, flows: usize) {
+    let mut engine = Engine::new(config(flows * 2));
+    for ev in workload(flows / PEERS)
+        .iter()
+        .filter(|e| e.fact != Fact::Close)
+    {
+        engine.on_event(ev, &counters);
+    }
+    let mut now = 2_000_000_000u64;
+    bencher
+        .counter(divan::counter::ItemsCount::new(flows))
+        .bench_local(|| {
+            now += 1_000_000_000;
+            black_box(engine.on_tick(now, &counters))
+        });
+}
+
+fn rate(reps: usize, events: usize) {
+    let evs = workload(events.div_ceil(2 * PEERS + 1).max(1));
+    run(&evs); // warm-up
+    for _ in 0..reps {
+        let start = Instant::now();
+        let reports = run(&evs);
+        let secs = start.elapsed().as_secs_f64().max(1e-9);
+        black_box(reports);
+        println!("events_per_sec {:.0}", evs.len() as f64 / secs);
+    }
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("reading /proc/self/statm");
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("statm has a resident field");
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * u64::try_from(page).unwrap_or(4096)
+}
+
+/// Resident memory growth while an engine holds `flows` flows, `peers` per socket. Events
+/// are made one at a time and dropped, so only the engine's own memory grows.
+fn rss(flows: usize, peers: usize) {
+    let peers = peers.max(1);
+    let mut engine = Engine::new(EngineConfig {
+        idle_timeout: Duration::from_secs(3600),
+        ..config(flows + 1)
+    });
+    let before = rss_bytes();
+    for i in 0..flows {
+        let socket = i / peers;
+        let n = u32::try_from(i).expect("fewer than 2^32 flows");
+        let remote = SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)), 53);
+        let port = 1024 + (socket % 60_000) as u16;
+        let ev = event(
+            Fact::FirstTx { bytes: 40 },
+            1_000_000_000 + i as u64,
+            socket as u64 + 1,
+            port,
+            remote,
+        );
+        black_box(engine.on_event(&ev, &counters));
+    }
+    let after = rss_bytes();
+    println!("rss_before_bytes {before}");
+    println!("rss_after_bytes {after}");
+    println!("flows_tracked {}", engine.stats().flows_tracked);
+    println!("sockets_tracked {}", engine.stats().sockets_tracked);
+    black_box(engine);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let num = |i: usize| -> usize {
+        args.get(i)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("argument {i} must be a number: {args:?}"))
+    };
+    match args.get(1).map(String::as_str) {
+        Some("--udpmon-rate") => rate(num(2), num(3)),
+        Some("--udpmon-rss") => rss(num(2), num(3)),
+        _ => divan::main(),
+    }
+}

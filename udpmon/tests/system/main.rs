@@ -5,6 +5,7 @@
 //! is missing, makes the scenario SKIPPED with the reason. The last line has libtest's shape
 //! so that runners can collect it: `test result: ok. N passed; M failed; K skipped`.
 mod dns;
+mod firewall;
 mod harness;
 mod peers;
 mod scenarios;

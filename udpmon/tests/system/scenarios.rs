@@ -42,6 +42,18 @@ pub const ALL: &[Scenario] = &[
         name: "dns_dnsmasq_dig",
         run: crate::dns::dns,
     },
+    Scenario {
+        name: "silent_nft_drop",
+        run: crate::firewall::silent_drop,
+    },
+    Scenario {
+        name: "nft_reject_admin_ipv4",
+        run: |st| crate::firewall::reject_admin(st, false),
+    },
+    Scenario {
+        name: "nft_reject_admin_ipv6",
+        run: |st| crate::firewall::reject_admin(st, true),
+    },
 ];
 
 /// Waits until a UDP port is bound in a namespace (its udp table lists it).

@@ -112,6 +112,24 @@ pub fn assert_event(v: &Value, event: &str, who: &Who, local: &str, remote: &str
     assert_eq!(s(v, "remote"), remote, "remote address of {v}");
 }
 
+/// Asserts the CONNECT that connect() produced: it must name its flow (netns, local address)
+/// like the flow's later events do. Scenarios check this last: on the tracepoint strategy
+/// the cgroup connect hook's CONNECT has netns 0 and local 0.0.0.0:0 (issue-5 report), and
+/// the rest of a scenario is worth verifying before that failure.
+pub fn assert_connect(c: &Value, who: &Who, local: &str, remote: &str) {
+    assert_eq!(c["via"], "connect", "{c}");
+    assert_eq!(c["bytes"], Value::Null, "{c}");
+    assert_eq!(s(c, "remote"), remote, "remote address of {c}");
+    let (netns, loc) = (c["netns"].clone(), s(c, "local").to_string());
+    assert!(
+        netns == who.netns && loc == local,
+        "the CONNECT from connect() does not name its flow like its later events do: \
+         netns {netns} (want {}), local {loc} (want {local}): {c}",
+        who.netns
+    );
+    assert_event(c, "connect", who, local, remote);
+}
+
 /// Asserts an UNREACHABLE's ICMP part.
 pub fn assert_icmp(v: &Value, ty: u8, code: u8, from: &str, errno: &str, verdict: &str) {
     let i = &v["icmp"];
@@ -445,7 +463,7 @@ pub fn recvmmsg(sock: &UdpSocket, want: usize) -> Vec<(Vec<u8>, Option<SocketAdd
                 sock.as_raw_fd(),
                 hdrs.as_mut_ptr(),
                 n as u32,
-                libc::MSG_WAITFORONE,
+                libc::MSG_WAITFORONE as _, // glibc takes c_int, musl c_uint
                 std::ptr::null_mut(),
             )
         };

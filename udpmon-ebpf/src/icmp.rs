@@ -3,7 +3,7 @@
 //! All three steps run synchronously on one CPU in the ICMP's softirq, so a per-CPU slot
 //! carries the error from one hook to the next:
 //! 1. `begin` when the ICMP error is parsed (tp_btf netif_receive_skb in the tracepoint
-//!    strategy, entry of udp_err/udpv6_err with trampolines or kprobes);
+//!    strategy, entry of udp_err/icmpv6_notify with trampolines or kprobes);
 //! 2. `on_error_report` from tp_btf inet_sk_error_report, which fires only when the kernel
 //!    sets sk_err or queues the error (KERNEL.md §3): that gives the socket and the verdict;
 //! 3. `finish` when the ICMP skb is freed (tracepoint strategy) or udp_err returns.
@@ -90,8 +90,8 @@ pub fn on_receive(skb: u64) {
     );
 }
 
-/// Trampoline/kprobe strategies: at udp_err/udpv6_err entry `skb->data` is the inner IP
-/// header and `skb->head + transport_header` the ICMP header.
+/// Trampoline/kprobe strategies: at udp_err and icmpv6_notify entry `skb->data` is the
+/// inner IP header and `skb->head + transport_header` the ICMP header.
 #[inline(always)]
 pub fn on_udp_err(skb: u64) {
     let o = offsets();

@@ -155,7 +155,7 @@ pub fn udp_recvmsg_krp(ctx: RetProbeContext) -> u32 {
     0
 }
 
-/// udp_err and udpv6_err both take the skb first.
+/// udp_err and icmpv6_notify (see trampoline.rs) both take the skb first.
 #[kprobe]
 pub fn udp_err_kp(ctx: ProbeContext) -> u32 {
     icmp::on_udp_err(ctx.arg(0).unwrap_or(0));

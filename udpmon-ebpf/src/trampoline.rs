@@ -79,16 +79,19 @@ pub fn udp_err_exit(ctx: FExitContext) -> i32 {
     0
 }
 
-/// match-proto:v5.8:net/ipv6/udp.c:int udpv6_err(struct sk_buff *skb, struct inet6_skb_parm *opt, u8 type, u8 code, int offset, __be32 info)
-/// match-proto:v7.2:net/ipv6/udp.c:int udpv6_err(struct sk_buff *skb, struct inet6_skb_parm *opt, u8 type, u8 code, int offset, __be32 info)
-#[fentry(function = "udpv6_err")]
-pub fn udpv6_err_entry(ctx: FEntryContext) -> i32 {
+/// match-proto:v5.8:net/ipv6/icmp.c:void icmpv6_notify(struct sk_buff *skb, u8 type, u8 code, __be32 info)
+/// match-proto:v7.2:net/ipv6/icmp.c:void icmpv6_notify(struct sk_buff *skb, u8 type, u8 code, __be32 info)
+/// The IPv6 counterpart of udp_err is udpv6_err, but Debian's 6.1 and 6.12 kernels refuse
+/// both a trampoline (EBUSY) and a kprobe (EINVAL) on it; icmpv6_notify is the exported
+/// function that calls it, with `skb->data` already at the inner IPv6 header.
+#[fentry(function = "icmpv6_notify")]
+pub fn icmpv6_notify_entry(ctx: FEntryContext) -> i32 {
     icmp::on_udp_err(ctx.arg(0));
     0
 }
 
-#[fexit(function = "udpv6_err")]
-pub fn udpv6_err_exit(ctx: FExitContext) -> i32 {
+#[fexit(function = "icmpv6_notify")]
+pub fn icmpv6_notify_exit(ctx: FExitContext) -> i32 {
     icmp::on_skb_freed(ctx.arg(0));
     0
 }

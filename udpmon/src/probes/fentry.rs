@@ -15,8 +15,8 @@ pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
         Hook::required("udp_consume_entry", Target::FEntry("skb_consume_udp")),
         Hook::required("udp_err_entry", Target::FEntry("udp_err")),
         Hook::required("udp_err_exit", Target::FExit("udp_err")),
-        Hook::required("udpv6_err_entry", Target::FEntry("udpv6_err")),
-        Hook::required("udpv6_err_exit", Target::FExit("udpv6_err")),
+        Hook::required("icmpv6_notify_entry", Target::FEntry("icmpv6_notify")),
+        Hook::required("icmpv6_notify_exit", Target::FExit("icmpv6_notify")),
         Hook::required(
             "udp_connect4_entry",
             Target::FEntry("__ip4_datagram_connect"),

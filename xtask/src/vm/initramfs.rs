@@ -23,7 +23,8 @@ pub(super) struct Init {
     pub test_args: Vec<String>,
 }
 
-/// Modules for veth pairs and nftables reject rules. The cloud kernels build all of them
+/// Modules for veth pairs, nftables reject rules and the sock_diag dump of UDP sockets
+/// (udpmon learns the sockets open at its start from it). The cloud kernels build all of them
 /// as modules, and nothing in the VM would autoload them: there is no modprobe config
 /// and no module tree beyond these files.
 const MODULES: &[&str] = &[
@@ -37,6 +38,8 @@ const MODULES: &[&str] = &[
     // them nft fails with ENOENT.
     "nft_reject_ipv4",
     "nft_reject_ipv6",
+    "inet_diag",
+    "udp_diag",
 ];
 
 /// A host program copied into the VM's /bin.

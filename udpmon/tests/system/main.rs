@@ -7,7 +7,9 @@
 mod dns;
 mod firewall;
 mod harness;
+mod kill;
 mod peers;
+mod relay;
 mod scenarios;
 mod util;
 

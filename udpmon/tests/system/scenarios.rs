@@ -54,6 +54,18 @@ pub const ALL: &[Scenario] = &[
         name: "nft_reject_admin_ipv6",
         run: |st| crate::firewall::reject_admin(st, true),
     },
+    Scenario {
+        name: "socat_relay_burst",
+        run: crate::relay::socat_relay,
+    },
+    Scenario {
+        name: "disconnect_reconnect",
+        run: crate::relay::reconnect,
+    },
+    Scenario {
+        name: "sigkill_nc",
+        run: crate::kill::sigkill_nc,
+    },
 ];
 
 /// Waits until a UDP port is bound in a namespace (its udp table lists it).

@@ -25,6 +25,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, cgroup_skb, cgroup_sock, cgroup_sock_addr},
     programs::{BtfTracePointContext, SkBuffContext, SockAddrContext, SockContext},
 };
+use aya_log_ebpf::debug;
 use udpmon_common::EventKind;
 
 use crate::{apperr::cookie_of, flow::Dir};
@@ -80,6 +81,8 @@ pub fn icmp_receive(ctx: BtfTracePointContext) -> i32 {
 /// sk_error_report() when an error is set or queued on an AF_INET/AF_INET6 socket.
 #[btf_tracepoint(function = "inet_sk_error_report")]
 pub fn icmp_error_report(ctx: BtfTracePointContext) -> i32 {
+    // Diagnostics for `udpmon -vv`; with the level global at 0 the verifier prunes them.
+    debug!(&ctx, "inet_sk_error_report");
     icmp::on_error_report(ctx.arg::<u64>(0));
     0
 }

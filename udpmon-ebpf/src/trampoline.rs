@@ -6,6 +6,8 @@ use aya_ebpf::{
     programs::{FEntryContext, FExitContext},
 };
 
+use aya_log_ebpf::debug;
+
 use crate::{apperr, apperr::cookie_of, icmp, sock};
 use udpmon_common::EventKind;
 
@@ -69,6 +71,7 @@ recvmsg_exit!(udpv6_recvmsg_exit_f4, "udpv6_recvmsg", 4);
 /// The err_handler of UDP, reached through a function pointer, so never inlined.
 #[fentry(function = "udp_err")]
 pub fn udp_err_entry(ctx: FEntryContext) -> i32 {
+    debug!(&ctx, "udp_err");
     icmp::on_udp_err(ctx.arg(0));
     0
 }

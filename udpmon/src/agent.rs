@@ -42,6 +42,8 @@ pub struct Agent {
     out: Box<dyn Write>,
     /// Print the column titles first (text on a terminal).
     header: bool,
+    /// Forward the programs' aya-log records (udpmon -vv).
+    pub kernel_log: bool,
     health: Health,
     warner: Warner,
     netns: NetnsMap,
@@ -73,6 +75,7 @@ impl Agent {
             formatter,
             out,
             header,
+            kernel_log: false,
             health: Health::default(),
             warner: Warner::new(Duration::from_secs(10)),
             netns: NetnsMap::default(),
@@ -90,6 +93,19 @@ impl Agent {
         // stays open and unchanged for the AsyncFd's whole life.
         let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
             .map_err(|e| anyhow!("polling the ring buffer: {e}"))?;
+        // Kernel-side aya-log records (only with -vv: otherwise the programs carry none).
+        let mut klog = if self.kernel_log {
+            match aya_log::EbpfLogger::init(&mut self.probes.ebpf) {
+                // SAFETY: the logger owns its fd for the AsyncFd's whole life.
+                Ok(l) => unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }.ok(),
+                Err(e) => {
+                    warn!("kernel logs unavailable: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -143,6 +159,12 @@ impl Agent {
                     let r = self.emit(&reports);
                     self.check_health();
                     r
+                }
+                guard = async { klog.as_mut().expect("guarded").readable_mut().await }, if klog.is_some() => {
+                    let mut guard = guard?;
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                    Ok(())
                 }
                 _ = sigint.recv() => return Ok(Stop::Signal),
                 _ = sigterm.recv() => return Ok(Stop::Signal),

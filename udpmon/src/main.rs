@@ -95,6 +95,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     let mut agent = Agent::new(probes, engine, Filter::from(cli), formatter, out, terminal)?;
+    agent.kernel_log = cli.verbose >= 2;
     eprintln!("udpmon: watching UDP sockets (hooks: {strategy})");
     let stop = rt.block_on(agent.run())?;
     let summary = agent.summary();

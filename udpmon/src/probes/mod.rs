@@ -243,6 +243,14 @@ fn attach(
                 // The verdict is at the end of the log; all of it is at debug level.
                 log::debug!("{} verifier log:\n{verifier_log}", hook.program);
                 let log = verifier_log.to_string();
+                let log = log.trim_matches(|c: char| c.is_whitespace() || c == '\0');
+                if log.is_empty() && io_error.raw_os_error() == Some(libc::EPERM) {
+                    // Refused before the verifier ran: a policy (lockdown) forbids this
+                    // program type, as locked-down kernels do for trampolines.
+                    return anyhow!(
+                        "the kernel refuses this program type (EPERM before verification)"
+                    );
+                }
                 let lines: Vec<&str> = log.lines().collect();
                 let tail = lines[lines.len().saturating_sub(6)..].join("\n    ");
                 anyhow!("load failed: {io_error}; verifier log ends:\n    {tail}")

@@ -213,15 +213,27 @@ impl Udpmon {
     }
 
     /// SIGTERM, then the exit status and the rest of the output.
-    pub fn stop(mut self) -> (std::process::ExitStatus, Vec<String>) {
+    pub fn stop(self) -> (std::process::ExitStatus, Vec<String>) {
+        self.signal(libc::SIGTERM)
+    }
+
+    /// SIGINT (^C), then the exit status and the rest of the output.
+    pub fn interrupt(self) -> (std::process::ExitStatus, Vec<String>) {
+        self.signal(libc::SIGINT)
+    }
+
+    fn signal(mut self, sig: i32) -> (std::process::ExitStatus, Vec<String>) {
         // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(self.child.id() as i32, sig) };
         let end = Instant::now() + deadline(20);
         let status = loop {
             if let Ok(Some(s)) = self.child.try_wait() {
                 break s;
             }
-            assert!(Instant::now() < end, "udpmon did not exit after SIGTERM");
+            assert!(
+                Instant::now() < end,
+                "udpmon did not exit after signal {sig}"
+            );
             self.drain(Duration::from_millis(50));
         };
         self.drain(Duration::from_millis(300));

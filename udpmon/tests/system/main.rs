@@ -4,6 +4,7 @@
 //! Every scenario runs once per hook strategy; a strategy the kernel refuses, or a tool that
 //! is missing, makes the scenario SKIPPED with the reason. The last line has libtest's shape
 //! so that runners can collect it: `test result: ok. N passed; M failed; K skipped`.
+mod behaviour;
 mod dns;
 mod firewall;
 mod harness;

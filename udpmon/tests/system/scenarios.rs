@@ -66,6 +66,22 @@ pub const ALL: &[Scenario] = &[
         name: "sigkill_nc",
         run: crate::kill::sigkill_nc,
     },
+    Scenario {
+        name: "unprivileged",
+        run: crate::behaviour::unprivileged,
+    },
+    Scenario {
+        name: "bad_flag",
+        run: crate::behaviour::bad_flag,
+    },
+    Scenario {
+        name: "sigint",
+        run: crate::behaviour::sigint,
+    },
+    Scenario {
+        name: "closed_stdout",
+        run: crate::behaviour::closed_stdout,
+    },
 ];
 
 /// Waits until a UDP port is bound in a namespace (its udp table lists it).

@@ -1,0 +1,126 @@
+//! How udpmon behaves as a program: privileges, bad flags, signals, a closed stdout.
+use std::{
+    io::{BufRead as _, BufReader},
+    net::UdpSocket,
+    os::unix::process::CommandExt as _,
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use crate::harness::{Outcome, Strategy, Udpmon, deadline, udpmon_bin, wait_until};
+
+/// These do not depend on the hook strategy: they run once, with the one every kernel has.
+fn once(st: Strategy) -> Result<(), Outcome> {
+    if st == Strategy::Tracepoint {
+        Ok(())
+    } else {
+        Err(Outcome::Skip(
+            "strategy-independent; runs once, with --hooks tracepoint".into(),
+        ))
+    }
+}
+
+/// Not root and without capabilities: one line naming what is missing, exit code 1, nothing
+/// attached (the check comes before any BPF call).
+pub fn unprivileged(st: Strategy) -> Outcome {
+    if let Err(o) = once(st) {
+        return o;
+    }
+    // Switching from root to another uid clears the effective capabilities.
+    let out = Command::new(udpmon_bin())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("running udpmon as nobody");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
+    assert!(
+        stderr.contains("run as root") && stderr.contains("CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+    Outcome::Pass
+}
+
+/// A bad value: one line naming the flag, exit code 2.
+pub fn bad_flag(st: Strategy) -> Outcome {
+    if let Err(o) = once(st) {
+        return o;
+    }
+    for (args, flag) in [
+        (&["--max-flows", "0"][..], "--max-flows"),
+        (&["--silent-after", "soon"][..], "--silent-after"),
+        (&["--hooks", "uprobe"][..], "--hooks"),
+        (&["--peer", "10.0.0.0/33"][..], "--peer"),
+    ] {
+        let out = Command::new(udpmon_bin())
+            .args(args)
+            .output()
+            .expect("running udpmon");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+    }
+    Outcome::Pass
+}
+
+/// SIGINT detaches, prints the health summary on stderr and exits 0.
+pub fn sigint(st: Strategy) -> Outcome {
+    let u = Udpmon::start(st, &[]).expect("udpmon starts");
+    let (status, stderr) = u.interrupt();
+    assert!(status.success(), "exit status after SIGINT: {status}");
+    let summary = stderr
+        .iter()
+        .find(|l| l.starts_with("udpmon: stopped;"))
+        .unwrap_or_else(|| panic!("no summary line on stderr: {stderr:?}"));
+    assert!(summary.contains("ring-buffer drops 0"), "{summary}");
+    assert!(summary.contains("decode errors 0"), "{summary}");
+    Outcome::Pass
+}
+
+/// `udpmon | head -1`: when the reader goes away udpmon ends cleanly (exit 0, a note on
+/// stderr), instead of dying of SIGPIPE or looping on write errors.
+pub fn closed_stdout(st: Strategy) -> Outcome {
+    let mut child = Command::new(udpmon_bin())
+        .args(["--format", "json", "--hooks", st.name()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning udpmon");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let end = Instant::now() + deadline(60);
+    let mut line = String::new();
+    while !line.contains("watching UDP sockets") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "udpmon exited early"
+        );
+        assert!(Instant::now() < end, "udpmon not ready");
+    }
+    // Loopback traffic until one event line arrives; then the reader leaves.
+    let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    tx.send_to(b"x", rx.local_addr().unwrap()).unwrap();
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert!(first.starts_with('{'), "{first}");
+    drop(out);
+    // Each datagram to a new port is a new flow, so udpmon has lines to write.
+    let mut port = 20000;
+    wait_until("udpmon to exit after its stdout closed", 20, || {
+        port += 1;
+        let _ = tx.send_to(b"x", ("127.0.0.1", port));
+        child.try_wait().unwrap().is_some()
+    });
+    let status = child.wait().unwrap();
+    let rest: Vec<String> = stderr.lines().map_while(Result::ok).collect();
+    assert!(status.success(), "exit status: {status}; stderr: {rest:?}");
+    assert!(
+        rest.iter().any(|l| l.starts_with("udpmon: output closed;")),
+        "{rest:?}"
+    );
+    Outcome::Pass
+}

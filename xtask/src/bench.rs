@@ -214,8 +214,10 @@ struct HotRow {
     label: String,
     is_target: bool,
     unit: &'static str,
-    /// ops/s per repetition, per tool (index as TOOLS).
+    /// Wall-clock ops/s per repetition, per tool (index as TOOLS).
     rates: [Vec<f64>; 3],
+    /// CPU ns per op per repetition, per tool.
+    cpu: [Vec<f64>; 3],
     datagrams: f64,
 }
 
@@ -257,6 +259,7 @@ fn hot_path(plan: &Plan, bin: &FsPath, tmp: &TempDir) -> anyhow::Result<Hot> {
                 Shape::PingPong => "round trips/s",
             },
             rates: [Vec::new(), Vec::new(), Vec::new()],
+            cpu: [Vec::new(), Vec::new(), Vec::new()],
             datagrams: w.datagrams(),
         })
         .collect();
@@ -270,7 +273,8 @@ fn hot_path(plan: &Plan, bin: &FsPath, tmp: &TempDir) -> anyhow::Result<Hot> {
             for (w, row) in work.iter().zip(rows.iter_mut()) {
                 let r = load::measure(&paths[w.path], &w.shape, w.size, plan.dur)
                     .with_context(|| format!("{} with {}", row.label, tool_name(tool)))?;
-                row.rates[ti].push(r);
+                row.rates[ti].push(r.rate);
+                row.cpu[ti].push(r.cpu_ns);
             }
             udpmon_drops += detach(attached)?;
             println!(
@@ -322,22 +326,26 @@ fn detach(a: Attached) -> anyhow::Result<u64> {
     }
 }
 
-/// Per repetition: ns added per datagram and % throughput lost against that repetition's
-/// baseline.
-fn overhead(row: &HotRow, ti: usize) -> (Spread, Spread) {
-    let base = &row.rates[0];
-    let with = &row.rates[ti];
-    let ns: Vec<f64> = base
+/// Per repetition, against that repetition's baseline: CPU ns added per datagram, the
+/// throughput a CPU-bound workload loses for it (1 - cpu_base / cpu_with), and the
+/// wall-clock throughput lost (which also moves with whatever else the machine runs).
+fn overhead(row: &HotRow, ti: usize) -> (Spread, Spread, Spread) {
+    let pairs = |v: &[f64], f: &dyn Fn(f64, f64) -> f64| -> Spread {
+        spread(
+            &v.iter()
+                .zip(&row.cpu[0])
+                .map(|(w, b)| f(*b, *w))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let ns = pairs(&row.cpu[ti], &|b, w| (w - b) / row.datagrams);
+    let lost_cpu = pairs(&row.cpu[ti], &|b, w| (1.0 - b / w) * 100.0);
+    let wall: Vec<f64> = row.rates[0]
         .iter()
-        .zip(with)
-        .map(|(b, w)| (1e9 / w - 1e9 / b) / row.datagrams)
-        .collect();
-    let lost: Vec<f64> = base
-        .iter()
-        .zip(with)
+        .zip(&row.rates[ti])
         .map(|(b, w)| (1.0 - w / b) * 100.0)
         .collect();
-    (spread(&ns), spread(&lost))
+    (ns, lost_cpu, spread(&wall))
 }
 
 /// Where udpmon's hot-path cost goes: a separate loopback 64-byte flood with the kernel's
@@ -357,7 +365,7 @@ fn prog_costs(plan: &Plan, bin: &FsPath, tmp: &TempDir) -> anyhow::Result<ProgCo
     std::fs::write(KNOB, "1").context("enabling bpf_stats")?;
     let res = (|| {
         let start = Instant::now();
-        let rate = load::measure(&Path::Loopback, &Shape::Flood, 64, plan.dur)?;
+        let rate = load::measure(&Path::Loopback, &Shape::Flood, 64, plan.dur)?.rate;
         let datagrams = rate * start.elapsed().as_secs_f64().min(plan.dur.as_secs_f64());
         let stats = tools::prog_stats(u.pid())?;
         anyhow::Ok((datagrams, stats))
@@ -644,14 +652,16 @@ fn table(
     );
     let _ = writeln!(t, "|---|---|---|---|---|---|");
     for row in &hot.rows {
+        let base_cpu = spread(&row.cpu[0]);
         let base = spread(&row.rates[0]);
-        let (u_ns, u_lost) = overhead(row, 1);
-        let (b_ns, b_lost) = overhead(row, 2);
-        let cell = |ns: Spread, lost: Spread| {
+        let (u_ns, u_lost, u_wall) = overhead(row, 1);
+        let (b_ns, b_lost, b_wall) = overhead(row, 2);
+        let cell = |ns: Spread, lost: Spread, wall: Spread| {
             format!(
-                "{} per datagram; {} throughput lost",
+                "+{} CPU per datagram; {} throughput lost (CPU-bound); wall clock: {} lost",
                 fmt_spread(ns, 0, " ns"),
-                fmt_spread(lost, 1, " %")
+                fmt_spread(lost, 1, " %"),
+                fmt_spread(wall, 1, " %")
             )
         };
         let (target, met) = if row.is_target {
@@ -665,8 +675,18 @@ fn table(
         };
         let _ = writeln!(
             t,
-            "| hot path: {} | {} {} | {} | {} | {target} | {met} |",
+            "| hot path: {} | {} CPU per datagram; {} {} wall clock | {} | {} | {target} | {met} |",
             row.label,
+            fmt_spread(
+                Spread {
+                    median: base_cpu.median / row.datagrams,
+                    min: base_cpu.min / row.datagrams,
+                    max: base_cpu.max / row.datagrams,
+                    n: base_cpu.n
+                },
+                0,
+                " ns"
+            ),
             fmt_spread(
                 Spread {
                     median: base.median / 1e3,
@@ -678,8 +698,8 @@ fn table(
                 "k"
             ),
             row.unit,
-            cell(u_ns, u_lost),
-            cell(b_ns, b_lost),
+            cell(u_ns, u_lost, u_wall),
+            cell(b_ns, b_lost, b_wall),
         );
     }
     let _ = writeln!(

@@ -142,9 +142,32 @@ impl Shape {
     }
 }
 
-/// Runs one workload for `dur`; returns operations per second: datagrams sent (flood) or
-/// round trips (ping-pong).
-pub fn measure(path: &Path, shape: &Shape, size: usize, dur: Duration) -> anyhow::Result<f64> {
+/// One run of a workload. An operation is a datagram sent (flood) or a round trip
+/// (ping-pong).
+#[derive(Clone, Copy, Debug)]
+pub struct Measured {
+    /// Operations per second of wall-clock time.
+    pub rate: f64,
+    /// CPU time per operation (ns): the sender's (flood), both threads' (ping-pong). This kernel has no IRQ time accounting,
+    /// so the softirq work a thread triggers (loopback and veth deliver the datagram in the
+    /// sender's softirq, with the ingress hooks) is charged to it; unlike the wall-clock rate,
+    /// this does not move when other processes take the CPUs.
+    pub cpu_ns: f64,
+}
+
+/// CPU time of the calling thread, ns.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// Runs one workload for `dur`.
+pub fn measure(path: &Path, shape: &Shape, size: usize, dur: Duration) -> anyhow::Result<Measured> {
     match shape {
         Shape::Flood => flood(path, size, dur),
         Shape::PingPong => ping_pong(path, size, dur),
@@ -159,15 +182,17 @@ fn bind_in(ns: Option<&PathBuf>, cpu: usize, addr: Ipv4Addr) -> anyhow::Result<U
     Ok(s)
 }
 
-/// Sender pinned to CPU 0 and receiver to CPU 1; the rate is the sender's successful send()
-/// calls per second (on loopback and veth the kernel delivers the datagram to the receiving
-/// socket in the sender's softirq, so both directions' hooks are on the sender's clock).
-fn flood(path: &Path, size: usize, dur: Duration) -> anyhow::Result<f64> {
+/// Sender pinned to CPU 0 and receiver to CPU 1; an operation is a successful send(). On
+/// loopback and veth the kernel delivers the datagram to the receiving socket in the
+/// sender's softirq, so both directions' hooks run on the sender's CPU time, which is what
+/// `cpu_ns` counts. The receiver only drains: its share moves with how many datagrams it
+/// finds room for (a full buffer drops them cheaply), which is not the cost being measured.
+fn flood(path: &Path, size: usize, dur: Duration) -> anyhow::Result<Measured> {
     let (tx_ns, rx_ns, addr) = path.ends();
     let stop = AtomicBool::new(false);
     let (port_tx, port_rx) = mpsc::channel();
     thread::scope(|s| {
-        let receiver = s.spawn(|| -> anyhow::Result<u64> {
+        let receiver = s.spawn(|| -> anyhow::Result<(u64, u64)> {
             let sock = bind_in(rx_ns.as_ref(), 1, addr);
             let sock = match sock {
                 Ok(sock) => {
@@ -181,25 +206,27 @@ fn flood(path: &Path, size: usize, dur: Duration) -> anyhow::Result<f64> {
             };
             let mut buf = vec![0u8; 2048];
             let mut got = 0;
+            let cpu0 = thread_cpu_ns();
             let deadline = Instant::now() + dur + Duration::from_secs(10);
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                 if sock.recv(&mut buf).is_ok() {
                     got += 1;
                 }
             }
-            Ok(got)
+            Ok((got, thread_cpu_ns() - cpu0))
         });
-        let sent = (|| -> anyhow::Result<(u64, f64)> {
+        let sent = (|| -> anyhow::Result<(u64, f64, u64)> {
             let to: SocketAddr = port_rx
                 .recv_timeout(Duration::from_secs(5))
                 .context("receiver did not start")?
                 .map_err(anyhow::Error::msg)?;
             thread::scope(|s2| {
-                s2.spawn(|| -> anyhow::Result<(u64, f64)> {
+                s2.spawn(|| -> anyhow::Result<(u64, f64, u64)> {
                     enter(tx_ns.as_ref(), 0)?;
                     let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
                     sock.connect(to)?;
                     let buf = vec![0x5au8; size];
+                    let cpu0 = thread_cpu_ns();
                     let start = Instant::now();
                     let mut sent = 0u64;
                     let mut n = 0u64;
@@ -212,7 +239,8 @@ fn flood(path: &Path, size: usize, dur: Duration) -> anyhow::Result<f64> {
                             break;
                         }
                     }
-                    Ok((sent, start.elapsed().as_secs_f64()))
+                    let secs = start.elapsed().as_secs_f64();
+                    Ok((sent, secs, thread_cpu_ns() - cpu0))
                 })
                 .join()
                 .map_err(|_| anyhow::anyhow!("sender thread panicked"))?
@@ -222,23 +250,26 @@ fn flood(path: &Path, size: usize, dur: Duration) -> anyhow::Result<f64> {
         let got = receiver
             .join()
             .map_err(|_| anyhow::anyhow!("receiver thread panicked"))?;
-        let (sent, secs) = sent?;
-        let got = got?;
+        let (sent, secs, tx_cpu) = sent?;
+        let (got, _rx_cpu) = got?;
         if sent == 0 || got == 0 {
             bail!("flood over {}: sent {sent}, received {got}", path.name());
         }
-        Ok(sent as f64 / secs)
+        Ok(Measured {
+            rate: sent as f64 / secs,
+            cpu_ns: tx_cpu as f64 / sent as f64,
+        })
     })
 }
 
 /// Client on CPU 0 sends a datagram and waits for the echo from the server on CPU 1; the
 /// rate is round trips per second (two datagrams each).
-fn ping_pong(path: &Path, size: usize, dur: Duration) -> anyhow::Result<f64> {
+fn ping_pong(path: &Path, size: usize, dur: Duration) -> anyhow::Result<Measured> {
     let (cl_ns, sv_ns, addr) = path.ends();
     let stop = AtomicBool::new(false);
     let (port_tx, port_rx) = mpsc::channel();
     thread::scope(|s| {
-        let server = s.spawn(|| -> anyhow::Result<()> {
+        let server = s.spawn(|| -> anyhow::Result<u64> {
             let sock = match bind_in(sv_ns.as_ref(), 1, addr) {
                 Ok(sock) => {
                     port_tx.send(Ok(sock.local_addr()?))?;
@@ -250,27 +281,29 @@ fn ping_pong(path: &Path, size: usize, dur: Duration) -> anyhow::Result<f64> {
                 }
             };
             let mut buf = vec![0u8; 2048];
+            let cpu0 = thread_cpu_ns();
             let deadline = Instant::now() + dur + Duration::from_secs(10);
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                 if let Ok((n, from)) = sock.recv_from(&mut buf) {
                     let _ = sock.send_to(&buf[..n], from);
                 }
             }
-            Ok(())
+            Ok(thread_cpu_ns() - cpu0)
         });
-        let res = (|| -> anyhow::Result<(u64, f64)> {
+        let res = (|| -> anyhow::Result<(u64, f64, u64)> {
             let to: SocketAddr = port_rx
                 .recv_timeout(Duration::from_secs(5))
                 .context("server did not start")?
                 .map_err(anyhow::Error::msg)?;
             thread::scope(|s2| {
-                s2.spawn(|| -> anyhow::Result<(u64, f64)> {
+                s2.spawn(|| -> anyhow::Result<(u64, f64, u64)> {
                     enter(cl_ns.as_ref(), 0)?;
                     let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
                     sock.connect(to)?;
                     sock.set_read_timeout(Some(Duration::from_millis(200)))?;
                     let buf = vec![0x5au8; size];
                     let mut back = vec![0u8; 2048];
+                    let cpu0 = thread_cpu_ns();
                     let start = Instant::now();
                     let mut trips = 0u64;
                     let mut n = 0u64;
@@ -289,21 +322,25 @@ fn ping_pong(path: &Path, size: usize, dur: Duration) -> anyhow::Result<f64> {
                             Err(e) => return Err(e).context("ping-pong receive"),
                         }
                     }
-                    Ok((trips, start.elapsed().as_secs_f64()))
+                    let secs = start.elapsed().as_secs_f64();
+                    Ok((trips, secs, thread_cpu_ns() - cpu0))
                 })
                 .join()
                 .map_err(|_| anyhow::anyhow!("client thread panicked"))?
             })
         })();
         stop.store(true, Ordering::Relaxed);
-        server
+        let sv_cpu = server
             .join()
             .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
-        let (trips, secs) = res?;
+        let (trips, secs, cl_cpu) = res?;
         if trips == 0 {
             bail!("ping-pong over {}: no round trip completed", path.name());
         }
-        Ok(trips as f64 / secs)
+        Ok(Measured {
+            rate: trips as f64 / secs,
+            cpu_ns: (cl_cpu + sv_cpu) as f64 / trips as f64,
+        })
     })
 }
 

@@ -21,8 +21,8 @@ use serde_json::Value;
 
 use crate::{
     harness::{
-        CLIENT4, CLIENT6, Outcome, SERVER4, SERVER6, Strategy, TwoHosts, Udpmon, is, need_tools, s,
-        udp_socket_in,
+        CLIENT4, CLIENT6, Outcome, SERVER4, SERVER6, Strategy, TwoHosts, Udpmon, deadline, is,
+        need_tools, s, udp_socket_in,
     },
     peers::my_comm,
     util::{
@@ -31,7 +31,7 @@ use crate::{
     },
 };
 
-/// Answers every datagram with "pong" until stopped; counts what it received and sent.
+/// Echoes every datagram until stopped; counts what it received and sent.
 struct Echo {
     stop: Arc<AtomicBool>,
     rx: Arc<AtomicU64>,
@@ -51,9 +51,9 @@ impl Echo {
             let mut buf = [0u8; 64];
             while !st.load(Ordering::SeqCst) {
                 match sock.recv_from(&mut buf) {
-                    Ok((_, from)) => {
+                    Ok((n, from)) => {
                         r.fetch_add(1, Ordering::SeqCst);
-                        sock.send_to(b"pong", from).unwrap();
+                        sock.send_to(&buf[..n], from).unwrap();
                         t.fetch_add(1, Ordering::SeqCst);
                     }
                     Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
@@ -81,7 +81,7 @@ impl Echo {
     }
 }
 
-/// A connected client sending "ping" every 100 ms and reading the answers, until stopped.
+/// A connected client sending "ping" every 100 ms and reading the echoes, until stopped.
 struct Pinger {
     stop: Arc<AtomicBool>,
     tx: Arc<AtomicU64>,
@@ -117,11 +117,17 @@ impl Pinger {
                     }
                 }
             }
-            // A last read of answers still in flight, so that the counts are final.
-            sock.set_read_timeout(Some(Duration::from_millis(300)))
-                .unwrap();
-            while sock.recv(&mut buf).is_ok() {
+            // A last datagram; its echo comes after every echo still in flight, so once it
+            // is here the counts are final and no echo can hit a closed socket.
+            sock.send(b"last").unwrap();
+            t.fetch_add(1, Ordering::SeqCst);
+            sock.set_read_timeout(Some(deadline(10))).unwrap();
+            loop {
+                let n = sock.recv(&mut buf).expect("the echo of the last datagram");
                 r.fetch_add(1, Ordering::SeqCst);
+                if &buf[..n] == b"last" {
+                    break;
+                }
             }
         });
         Pinger {

@@ -176,7 +176,8 @@ fn set_owner(ev: &mut Event, o: &Owner) {
     ev.uid = o.uid;
     ev.cgroup = o.cgroup;
     ev.comm = o.comm;
-    if ev.netns == 0 {
+    // What the hook itself saw of the namespace wins over what is known of the owner.
+    if ev.netns == 0 && ev.netns_cookie == 0 {
         ev.netns = o.netns;
         ev.netns_cookie = o.netns_cookie;
     }

@@ -60,6 +60,23 @@ pub fn on_connect<const V6: bool>(ctx: *mut bpf_sock_addr) {
         ev.remote[..4].copy_from_slice(&a.user_ip4.to_ne_bytes());
     }
     ev.rport = u16::from_be(a.user_port as u16);
+    // The local address as bound so far: an unbound socket gets its port (and any socket its
+    // source address) only inside connect(), after this hook; the engine learns them from
+    // the socket's next event.
+    // SAFETY: `sk` is the context's socket, which the kernel guarantees to be set.
+    let sk = unsafe { &*a.__bindgen_anon_1.sk };
+    ev.lport = sk.src_port as u16;
+    if V6 {
+        for i in 0..4 {
+            ev.local[i * 4..i * 4 + 4].copy_from_slice(&sk.src_ip6[i].to_ne_bytes());
+        }
+        if ev.family == AF_INET {
+            ev.local.copy_within(12..16, 0);
+            ev.local[4..].fill(0);
+        }
+    } else {
+        ev.local[..4].copy_from_slice(&sk.src_ip4.to_ne_bytes());
+    }
     if !fill_identity(ev, true) {
         return;
     }

@@ -260,7 +260,7 @@ pub fn dns(st: Strategy) -> Outcome {
         (&c2, &local2, &dig2),
         (&c3, &local3, &dig3),
     ] {
-        assert_connect(c, dig, local, &server);
+        assert_connect(st, c, dig, local, &server);
     }
     Outcome::Pass
 }

@@ -263,7 +263,7 @@ pub fn silent_drop(st: Strategy) -> Outcome {
         &local,
         &["accept", "establish", "close"],
     );
-    assert_connect(&c, &cli, &local, &server);
+    assert_connect(st, &c, &cli, &local, &server);
     Outcome::Pass
 }
 
@@ -405,6 +405,6 @@ pub fn reject_admin(st: Strategy, v6: bool) -> Outcome {
         refused.is_empty(),
         "REFUSED for a firewall reject: {refused:?}"
     );
-    assert_connect(&c, &cli, &local, &server);
+    assert_connect(st, &c, &cli, &local, &server);
     Outcome::Pass
 }

@@ -85,6 +85,6 @@ pub fn sigkill_nc(st: Strategy) -> Outcome {
         &client,
         &["accept", "establish", "close"],
     );
-    assert_connect(&c, &cw, &client, &server);
+    assert_connect(st, &c, &cw, &client, &server);
     Outcome::Pass
 }

@@ -109,14 +109,9 @@ pub fn udpv6_sendmsg_krp(ctx: RetProbeContext) -> u32 {
 }
 
 #[kprobe]
-pub fn udp_consume_kp(ctx: ProbeContext) -> u32 {
+pub fn udp_enqueue_kp(ctx: ProbeContext) -> u32 {
     let sk: u64 = ctx.arg(0).unwrap_or(0);
-    sock::on_consume(
-        sk,
-        ctx.arg(1).unwrap_or(0),
-        ctx.arg(2).unwrap_or(0),
-        cached_cookie(sk),
-    );
+    sock::on_enqueue(sk, ctx.arg(1).unwrap_or(0), cached_cookie(sk));
     0
 }
 

@@ -1,4 +1,4 @@
-//! Socket-level hooks of the trampoline and kprobe strategies (udp_sendmsg, skb_consume_udp,
+//! Socket-level hooks of the trampoline and kprobe strategies (udp_sendmsg, __udp_enqueue_schedule_skb,
 //! udp_recvmsg, connect, disconnect, destroy). Each takes raw kernel pointers so that the
 //! fentry and the kprobe entry points can share it.
 use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
@@ -92,11 +92,13 @@ pub fn on_sendmsg(sk: u64, msg: u64, ret: i32, v6_entry: bool, cookie: u64) {
     on_datagram(&d, Dir::Tx, true);
 }
 
-/// skb_consume_udp(sk, skb, len): one delivered datagram, headers still intact. `len < 0`
-/// is a MSG_PEEK, which does not consume.
+/// __udp_enqueue_schedule_skb(sk, skb): a datagram queued to a socket, in softirq, before
+/// the receive-buffer check: the point where the kernel, and the tracepoint strategy's
+/// cgroup_skb ingress, count it as received. (Counting when the application reads it
+/// instead would reorder the seed's server: `nc -l` peeks, connect()s, then reads.)
 #[inline(always)]
-pub fn on_consume(sk: u64, skb: u64, len: i32, cookie: u64) {
-    if len < 0 || !is_udp(sk) {
+pub fn on_enqueue(sk: u64, skb: u64, cookie: u64) {
+    if !is_udp(sk) {
         return;
     }
     let o = offsets();
@@ -120,7 +122,7 @@ pub fn on_consume(sk: u64, skb: u64, len: i32, cookie: u64) {
         bytes,
         sk,
     };
-    on_datagram(&d, Dir::Rx, true);
+    on_datagram(&d, Dir::Rx, false);
 }
 
 /// __ip4_datagram_connect/__ip6_datagram_connect(sk, uaddr, addr_len): a connect() that

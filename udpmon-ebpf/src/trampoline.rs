@@ -29,12 +29,13 @@ pub fn udpv6_sendmsg_exit(ctx: FExitContext) -> i32 {
     0
 }
 
-/// match-proto:v4.13:net/ipv4/udp.c:void skb_consume_udp(struct sock *sk, struct sk_buff *skb, int len)
-/// match-proto:v7.2:net/ipv4/udp.c:void skb_consume_udp(struct sock *sk, struct sk_buff *skb, int len)
-#[fentry(function = "skb_consume_udp")]
-pub fn udp_consume_entry(ctx: FEntryContext) -> i32 {
+/// match-proto:v4.11:net/ipv4/udp.c:int __udp_enqueue_schedule_skb(struct sock *sk, struct sk_buff *skb)
+/// match-proto:v7.2:net/ipv4/udp.c:int __udp_enqueue_schedule_skb(struct sock *sk, struct sk_buff *skb)
+/// Exported (IPv6 calls it too), so never inlined away.
+#[fentry(function = "__udp_enqueue_schedule_skb")]
+pub fn udp_enqueue_entry(ctx: FEntryContext) -> i32 {
     let sk = ctx.arg::<u64>(0);
-    sock::on_consume(sk, ctx.arg(1), ctx.arg(2), cookie_of(sk));
+    sock::on_enqueue(sk, ctx.arg(1), cookie_of(sk));
     0
 }
 

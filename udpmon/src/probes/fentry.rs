@@ -1,6 +1,6 @@
 //! The trampoline strategy: fentry/fexit on the UDP functions themselves (typed arguments,
 //! the return value at exit), plus the two BTF tracepoints every strategy shares.
-use super::{Hook, Target, recv_flags_arg, shared_tracepoints};
+use super::{Hook, Target, recv_flags_arg, shared_hooks};
 use crate::btf::KernelBtf;
 
 pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
@@ -12,7 +12,10 @@ pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
     let mut hooks = vec![
         Hook::required("udp_sendmsg_exit", Target::FExit("udp_sendmsg")),
         Hook::required("udpv6_sendmsg_exit", Target::FExit("udpv6_sendmsg")),
-        Hook::required("udp_consume_entry", Target::FEntry("skb_consume_udp")),
+        Hook::required(
+            "udp_enqueue_entry",
+            Target::FEntry("__udp_enqueue_schedule_skb"),
+        ),
         Hook::required("udp_err_entry", Target::FEntry("udp_err")),
         Hook::required("udp_err_exit", Target::FExit("udp_err")),
         Hook::required("icmpv6_notify_entry", Target::FEntry("icmpv6_notify")),
@@ -43,6 +46,6 @@ pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
             "failed IPv6 receives are not reported as APP-ERROR",
         ),
     ];
-    hooks.extend(shared_tracepoints());
+    hooks.extend(shared_hooks());
     hooks
 }

@@ -1,6 +1,6 @@
 //! The kprobe strategy, for kernels that refuse BPF trampolines: the same functions as the
 //! fentry strategy through kprobe/kretprobe pairs (arguments stashed per thread at entry).
-use super::{Hook, Target, shared_tracepoints};
+use super::{Hook, Target, shared_hooks};
 use crate::btf::KernelBtf;
 
 pub fn hooks(_btf: &KernelBtf) -> Vec<Hook> {
@@ -9,7 +9,10 @@ pub fn hooks(_btf: &KernelBtf) -> Vec<Hook> {
         Hook::required("udp_sendmsg_krp", Target::KProbe("udp_sendmsg")),
         Hook::required("udpv6_sendmsg_kp", Target::KProbe("udpv6_sendmsg")),
         Hook::required("udpv6_sendmsg_krp", Target::KProbe("udpv6_sendmsg")),
-        Hook::required("udp_consume_kp", Target::KProbe("skb_consume_udp")),
+        Hook::required(
+            "udp_enqueue_kp",
+            Target::KProbe("__udp_enqueue_schedule_skb"),
+        ),
         Hook::required("udp_err_kp", Target::KProbe("udp_err")),
         Hook::required("udp_err_kp", Target::KProbe("icmpv6_notify")),
         Hook::required("udp_err_krp", Target::KProbe("udp_err")),
@@ -43,14 +46,7 @@ pub fn hooks(_btf: &KernelBtf) -> Vec<Hook> {
             Target::KProbe("udpv6_recvmsg"),
             "failed IPv6 receives are not reported as APP-ERROR",
         ),
-        // kprobes cannot call the cookie helper; this makes the kernel generate each new
-        // socket's cookie so that `skc_cookie` can be read.
-        Hook::optional(
-            "udp_sock_create",
-            Target::CgroupSock,
-            "sockets no other hook has named carry cookie 0",
-        ),
     ];
-    hooks.extend(shared_tracepoints());
+    hooks.extend(shared_hooks());
     hooks
 }

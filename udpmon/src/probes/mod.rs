@@ -99,9 +99,17 @@ impl Hook {
     }
 }
 
-/// BTF tracepoints that every strategy uses: they need no trampoline.
-fn shared_tracepoints() -> [Hook; 2] {
+/// Hooks every strategy uses: BTF tracepoints and a cgroup hook, which need no trampoline.
+fn shared_hooks() -> [Hook; 3] {
     [
+        // Names the owner of each new socket, for the events that run in softirq (receive,
+        // ICMP); with kprobes it also makes the kernel generate the socket's cookie, which
+        // they can only read from `skc_cookie`.
+        Hook::optional(
+            "udp_sock_create",
+            Target::CgroupSock,
+            "sockets that only receive are named after the first process that sends on them",
+        ),
         Hook::optional(
             "icmp_error_report",
             Target::TpBtf("inet_sk_error_report"),

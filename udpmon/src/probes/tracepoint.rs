@@ -3,7 +3,7 @@
 //! ICMP errors, their verdict, drops and application errors.
 use aya::programs::CgroupSkbAttachType;
 
-use super::{Hook, Target, shared_tracepoints};
+use super::{Hook, Target, shared_hooks};
 
 pub fn hooks() -> Vec<Hook> {
     let mut hooks = vec![
@@ -15,11 +15,6 @@ pub fn hooks() -> Vec<Hook> {
         Hook::required("udp_sock_release", Target::CgroupSock),
         Hook::required("udp_connect4", Target::CgroupSockAddr),
         Hook::required("udp_connect6", Target::CgroupSockAddr),
-        Hook::optional(
-            "udp_sock_create",
-            Target::CgroupSock,
-            "receive-only sockets are named after the first process that sends on them",
-        ),
         Hook::required("icmp_receive", Target::TpBtf("netif_receive_skb")),
         // The end of an ICMP's handling is its skb being freed: consumed, or dropped (the
         // kfree_skb hook shared with the other strategies).
@@ -35,6 +30,6 @@ pub fn hooks() -> Vec<Hook> {
             "failed receives are not reported as APP-ERROR (kernel < 6.3)",
         ),
     ];
-    hooks.extend(shared_tracepoints());
+    hooks.extend(shared_hooks());
     hooks
 }

@@ -16,6 +16,23 @@ struct Skb<'a>(&'a SkBuffContext);
 impl Bytes for Skb<'_> {
     #[inline(always)]
     fn copy(&self, off: u32, dst: &mut [u8]) -> Option<()> {
+        // Direct packet access when the bytes are in the linear area (the common case, and
+        // no helper call: this runs for every datagram); the helper otherwise.
+        // SAFETY: the context's skb; data/data_end are the verifier-checked packet bounds.
+        let (data, end) = unsafe {
+            (
+                (*self.0.skb.skb).data as usize,
+                (*self.0.skb.skb).data_end as usize,
+            )
+        };
+        let start = data + (off as usize & 0xff);
+        if start + dst.len() <= end {
+            for (i, b) in dst.iter_mut().enumerate() {
+                // SAFETY: within [data, data_end), checked above.
+                *b = unsafe { *((start + i) as *const u8) };
+            }
+            return Some(());
+        }
         // The helper directly, with the constant length: aya's `load_bytes` clamps the
         // length to what is left of the packet, which the verifier sees as possibly zero.
         // SAFETY: `dst` is valid for `dst.len()` bytes; the helper checks the skb bounds.

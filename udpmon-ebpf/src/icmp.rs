@@ -68,8 +68,22 @@ fn is_error(proto: u8, ty: u8) -> bool {
 /// about a UDP datagram.
 #[inline(always)]
 pub fn on_receive(skb: u64) {
-    let l3_addr = skb_l3(skb);
-    let b = Kmem(l3_addr);
+    // At this tracepoint `skb->data` is the L3 header: one read instead of head + offset.
+    let b = Kmem(read(skb, offsets().skb_data));
+    // This runs for every packet the host receives: look at the protocol byte alone before
+    // parsing anything (IPv4: byte 9; IPv6: next header, byte 6).
+    let mut h = [0u8; 10];
+    if b.copy(0, &mut h).is_none() {
+        return;
+    }
+    let proto = match h[0] >> 4 {
+        4 => h[9],
+        6 => h[6],
+        _ => return,
+    };
+    if proto != IPPROTO_ICMP && proto != IPPROTO_ICMPV6 {
+        return;
+    }
     let Some(outer) = l3(&b, 0) else { return };
     if outer.proto != IPPROTO_ICMP && outer.proto != IPPROTO_ICMPV6 {
         return;

@@ -20,6 +20,7 @@ use crate::{
 const SEND4: u64 = 1;
 const SEND6: u64 = 2;
 const RECV: u64 = 3;
+const CONNECT: u64 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -163,11 +164,28 @@ pub fn udp_err_krp(_ctx: RetProbeContext) -> u32 {
     0
 }
 
-/// __ip4_datagram_connect and __ip6_datagram_connect.
+/// __ip4_datagram_connect and __ip6_datagram_connect (never nested): reported at return,
+/// once the source address is chosen, and only when the connect succeeded.
 #[kprobe]
 pub fn udp_connect_kp(ctx: ProbeContext) -> u32 {
-    let sk: u64 = ctx.arg(0).unwrap_or(0);
-    sock::on_connect(sk, ctx.arg(1).unwrap_or(0), cached_cookie(sk));
+    stash(
+        CONNECT,
+        Stash {
+            sk: ctx.arg(0).unwrap_or(0),
+            msg: ctx.arg(1).unwrap_or(0),
+            flags: 0,
+        },
+    );
+    0
+}
+
+#[kretprobe]
+pub fn udp_connect_krp(ctx: RetProbeContext) -> u32 {
+    if let Some(s) = unstash(CONNECT)
+        && ctx.ret::<i32>() == 0
+    {
+        sock::on_connect(s.sk, s.msg, cached_cookie(s.sk));
+    }
     0
 }
 

@@ -101,19 +101,24 @@ pub fn icmpv6_notify_exit(ctx: FExitContext) -> i32 {
 }
 
 /// match-proto:v5.8:net/ipv4/datagram.c:int __ip4_datagram_connect(struct sock *sk, struct sockaddr *uaddr, int addr_len)
-/// (7.x: `struct sockaddr_unsized *uaddr`, same layout.)
-#[fentry(function = "__ip4_datagram_connect")]
-pub fn udp_connect4_entry(ctx: FEntryContext) -> i32 {
+/// (7.x: `struct sockaddr_unsized *uaddr`, same layout.) At exit the route has chosen the
+/// source address, so CONNECT names the full local address.
+#[fexit(function = "__ip4_datagram_connect")]
+pub fn udp_connect4_exit(ctx: FExitContext) -> i32 {
     let sk = ctx.arg::<u64>(0);
-    sock::on_connect(sk, ctx.arg(1), cookie_of(sk));
+    if ctx.ret::<i32>().unwrap_or(-1) == 0 {
+        sock::on_connect(sk, ctx.arg(1), cookie_of(sk));
+    }
     0
 }
 
 /// match-proto:v5.8:net/ipv6/datagram.c:int __ip6_datagram_connect(struct sock *sk, struct sockaddr *uaddr, int addr_len)
-#[fentry(function = "__ip6_datagram_connect")]
-pub fn udp_connect6_entry(ctx: FEntryContext) -> i32 {
+#[fexit(function = "__ip6_datagram_connect")]
+pub fn udp_connect6_exit(ctx: FExitContext) -> i32 {
     let sk = ctx.arg::<u64>(0);
-    sock::on_connect(sk, ctx.arg(1), cookie_of(sk));
+    if ctx.ret::<i32>().unwrap_or(-1) == 0 {
+        sock::on_connect(sk, ctx.arg(1), cookie_of(sk));
+    }
     0
 }
 

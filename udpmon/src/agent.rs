@@ -108,6 +108,11 @@ impl Agent {
         };
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
+        // Only now: a SIGINT from here on detaches cleanly (before, it would kill udpmon).
+        eprintln!(
+            "udpmon: watching UDP sockets (hooks: {})",
+            self.probes.strategy
+        );
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         if let Some(h) = self.formatter.header().filter(|_| self.header) {

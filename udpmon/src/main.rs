@@ -77,7 +77,6 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             kernel_log: cli.verbose >= 2,
         },
     )?;
-    let strategy = probes.strategy;
     let mut engine = Engine::new(cli.engine_config());
     // After the hooks are attached, so no socket falls between the snapshot and the events.
     match existing::existing_sockets_with_stats() {
@@ -96,7 +95,6 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         .context("starting the runtime")?;
     let mut agent = Agent::new(probes, engine, Filter::from(cli), formatter, out, terminal)?;
     agent.kernel_log = cli.verbose >= 2;
-    eprintln!("udpmon: watching UDP sockets (hooks: {strategy})");
     let stop = rt.block_on(agent.run())?;
     let summary = agent.summary();
     match stop {

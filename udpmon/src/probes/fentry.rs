@@ -20,14 +20,8 @@ pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
         Hook::required("udp_err_exit", Target::FExit("udp_err")),
         Hook::required("icmpv6_notify_entry", Target::FEntry("icmpv6_notify")),
         Hook::required("icmpv6_notify_exit", Target::FExit("icmpv6_notify")),
-        Hook::required(
-            "udp_connect4_entry",
-            Target::FEntry("__ip4_datagram_connect"),
-        ),
-        Hook::required(
-            "udp_connect6_entry",
-            Target::FEntry("__ip6_datagram_connect"),
-        ),
+        Hook::required("udp_connect4_exit", Target::FExit("__ip4_datagram_connect")),
+        Hook::required("udp_connect6_exit", Target::FExit("__ip6_datagram_connect")),
         Hook::required("udp_destroy_entry", Target::FEntry("udp_destroy_sock")),
         Hook::required("udpv6_destroy_entry", Target::FEntry("udpv6_destroy_sock")),
         Hook::optional(

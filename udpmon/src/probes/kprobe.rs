@@ -19,6 +19,8 @@ pub fn hooks(_btf: &KernelBtf) -> Vec<Hook> {
         Hook::required("udp_err_krp", Target::KProbe("icmpv6_notify")),
         Hook::required("udp_connect_kp", Target::KProbe("__ip4_datagram_connect")),
         Hook::required("udp_connect_kp", Target::KProbe("__ip6_datagram_connect")),
+        Hook::required("udp_connect_krp", Target::KProbe("__ip4_datagram_connect")),
+        Hook::required("udp_connect_krp", Target::KProbe("__ip6_datagram_connect")),
         Hook::required("udp_destroy_kp", Target::KProbe("udp_destroy_sock")),
         Hook::required("udp_destroy_kp", Target::KProbe("udpv6_destroy_sock")),
         Hook::optional(

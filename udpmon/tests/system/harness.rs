@@ -198,6 +198,14 @@ impl Udpmon {
         }
     }
 
+    /// Whether udpmon declared, at startup, that this kernel cannot give it APP-ERROR
+    /// (the tracepoint strategy before 6.3). Scenarios then expect exactly that absence.
+    pub fn without_app_errors(&self) -> bool {
+        self.stderr
+            .iter()
+            .any(|l| l.contains("not reported as APP-ERROR"))
+    }
+
     /// All events so far that match `pred`, in output order.
     pub fn all(&mut self, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
         self.drain(Duration::from_millis(50));

@@ -3,9 +3,12 @@ use std::io::Write as _;
 
 use serde_json::Value;
 
-use crate::harness::{
-    CLIENT4, CLIENT6, Outcome, SERVER4, SERVER6, Scenario, Strategy, TwoHosts, Udpmon, is,
-    need_tools, read_line, s, spawn_in, udp_socket_in, wait_until,
+use crate::{
+    harness::{
+        CLIENT4, CLIENT6, Outcome, SERVER4, SERVER6, Scenario, Strategy, TwoHosts, Udpmon, is,
+        need_tools, read_line, s, spawn_in, udp_socket_in, wait_until,
+    },
+    util::{addr, wait_until_bound},
 };
 
 pub const ALL: &[Scenario] = &[
@@ -83,35 +86,6 @@ pub const ALL: &[Scenario] = &[
         run: crate::behaviour::closed_stdout,
     },
 ];
-
-/// Waits until a UDP port is bound in a namespace (its udp table lists it).
-fn wait_until_bound(netns: &str, port: u16, v6: bool) {
-    let table = if v6 {
-        "/proc/net/udp6"
-    } else {
-        "/proc/net/udp"
-    };
-    let needle = format!(":{port:04X} ");
-    wait_until(
-        &format!("UDP port {port} to be bound in {netns}"),
-        10,
-        || {
-            let out = std::process::Command::new("ip")
-                .args(["netns", "exec", netns, "cat", table])
-                .output()
-                .expect("reading the udp table");
-            String::from_utf8_lossy(&out.stdout).contains(&needle)
-        },
-    );
-}
-
-fn addr(ip: &str, port: u16) -> String {
-    if ip.contains(':') {
-        format!("[{ip}]:{port}")
-    } else {
-        format!("{ip}:{port}")
-    }
-}
 
 /// The pipeline end to end: a program attached, one datagram sent, its events out of the
 /// ring buffer and through the engine into udpmon's JSON output.

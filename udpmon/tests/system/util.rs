@@ -28,45 +28,35 @@ pub fn local_of(sock: &UdpSocket) -> String {
     sock.local_addr().expect("local_addr").to_string()
 }
 
-/// Waits until a UDP port is bound in a namespace (its udp table lists it).
-pub fn wait_until_bound(netns: &str, port: u16, v6: bool) {
+/// Whether a UDP port is bound in a namespace (its udp table lists it).
+fn udp_port_bound(netns: &str, port: u16, v6: bool) -> bool {
     let table = if v6 {
         "/proc/net/udp6"
     } else {
         "/proc/net/udp"
     };
-    let needle = format!(":{port:04X} ");
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "cat", table])
+        .output()
+        .expect("reading the udp table");
+    String::from_utf8_lossy(&out.stdout).contains(&format!(":{port:04X} "))
+}
+
+/// Waits until a UDP port is bound in a namespace.
+pub fn wait_until_bound(netns: &str, port: u16, v6: bool) {
     wait_until(
         &format!("UDP port {port} to be bound in {netns}"),
         10,
-        || {
-            let out = Command::new("ip")
-                .args(["netns", "exec", netns, "cat", table])
-                .output()
-                .expect("reading the udp table");
-            String::from_utf8_lossy(&out.stdout).contains(&needle)
-        },
+        || udp_port_bound(netns, port, v6),
     );
 }
 
 /// Waits until a UDP port is no longer bound in a namespace.
 pub fn wait_until_unbound(netns: &str, port: u16, v6: bool) {
-    let table = if v6 {
-        "/proc/net/udp6"
-    } else {
-        "/proc/net/udp"
-    };
-    let needle = format!(":{port:04X} ");
     wait_until(
         &format!("UDP port {port} to be released in {netns}"),
         10,
-        || {
-            let out = Command::new("ip")
-                .args(["netns", "exec", netns, "cat", table])
-                .output()
-                .expect("reading the udp table");
-            !String::from_utf8_lossy(&out.stdout).contains(&needle)
-        },
+        || !udp_port_bound(netns, port, v6),
     );
 }
 

@@ -41,10 +41,6 @@ pub struct Stash {
 #[map]
 static STASH: LruHashMap<StashKey, Stash> = LruHashMap::with_max_entries(16384, 0);
 
-/// Position of `flags` in udp_recvmsg/udpv6_recvmsg (3 from 5.19, 4 before), from BTF.
-#[unsafe(no_mangle)]
-static RECV_FLAGS_ARG: u32 = 3;
-
 #[inline(always)]
 fn key(func: u64) -> StashKey {
     StashKey {
@@ -116,26 +112,27 @@ pub fn udp_enqueue_kp(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// Attached to both udp_recvmsg and udpv6_recvmsg: they never nest.
-#[kprobe]
-pub fn udp_recvmsg_kp(ctx: ProbeContext) -> u32 {
-    // SAFETY: a read-only global set at load time.
-    let idx = unsafe { core::ptr::read_volatile(&RECV_FLAGS_ARG) };
-    let flags: u64 = if idx == 4 {
-        ctx.arg(4).unwrap_or(0)
-    } else {
-        ctx.arg(3).unwrap_or(0)
+/// Attached to both udp_recvmsg and udpv6_recvmsg: they never nest. `flags` is argument 3
+/// from 5.19 on and 4 before (after `noblock`); userspace picks the variant from BTF, as for
+/// fentry (one program reading either register would be a ctx access the verifier refuses).
+macro_rules! recvmsg_entry {
+    ($name:ident, $flags:literal) => {
+        #[kprobe]
+        pub fn $name(ctx: ProbeContext) -> u32 {
+            stash(
+                RECV,
+                Stash {
+                    sk: ctx.arg(0).unwrap_or(0),
+                    msg: 0,
+                    flags: ctx.arg($flags).unwrap_or(0),
+                },
+            );
+            0
+        }
     };
-    stash(
-        RECV,
-        Stash {
-            sk: ctx.arg(0).unwrap_or(0),
-            msg: 0,
-            flags,
-        },
-    );
-    0
 }
+recvmsg_entry!(udp_recvmsg_kp_f3, 3);
+recvmsg_entry!(udp_recvmsg_kp_f4, 4);
 
 #[kretprobe]
 pub fn udp_recvmsg_krp(ctx: RetProbeContext) -> u32 {

@@ -1,9 +1,13 @@
 //! The kprobe strategy, for kernels that refuse BPF trampolines: the same functions as the
 //! fentry strategy through kprobe/kretprobe pairs (arguments stashed per thread at entry).
-use super::{Hook, Target, shared_hooks};
+use super::{Hook, Target, recv_flags_arg, shared_hooks};
 use crate::btf::KernelBtf;
 
-pub fn hooks(_btf: &KernelBtf) -> Vec<Hook> {
+pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
+    let recv = match recv_flags_arg(btf) {
+        4 => "udp_recvmsg_kp_f4",
+        _ => "udp_recvmsg_kp_f3",
+    };
     let mut hooks = vec![
         Hook::required("udp_sendmsg_kp", Target::KProbe("udp_sendmsg")),
         Hook::required("udp_sendmsg_krp", Target::KProbe("udp_sendmsg")),
@@ -29,12 +33,12 @@ pub fn hooks(_btf: &KernelBtf) -> Vec<Hook> {
             "connect(AF_UNSPEC) is seen only at the next datagram",
         ),
         Hook::optional(
-            "udp_recvmsg_kp",
+            recv,
             Target::KProbe("udp_recvmsg"),
             "failed IPv4 receives are not reported as APP-ERROR",
         ),
         Hook::optional(
-            "udp_recvmsg_kp",
+            recv,
             Target::KProbe("udpv6_recvmsg"),
             "failed IPv6 receives are not reported as APP-ERROR",
         ),

@@ -194,7 +194,6 @@ fn load_strategy(
         .override_global("OFFSETS", offsets, true)
         .override_global("SELF_TGID", &opts.self_tgid, true)
         .override_global(aya_log::LEVEL, &log_level, false)
-        .override_global("RECV_FLAGS_ARG", &recv_flags_arg(kbtf), true)
         .map_max_entries("FLOWS", opts.max_flows.max(1024))
         .load(EBPF_OBJECT)
         .context("loading the eBPF object")?;

@@ -23,8 +23,8 @@ use crate::{
     },
     peers::my_comm,
     util::{
-        Who, addr, assert_close, assert_connect, assert_event, assert_story, disconnect, local_of,
-        of_flow, recvmmsg, sendmmsg, sigterm, wait_until_bound,
+        Who, addr, assert_close, assert_connect, assert_event, assert_send_connect, assert_story,
+        disconnect, local_of, of_flow, recvmmsg, sendmmsg, sigterm, wait_until_bound,
     },
 };
 
@@ -125,8 +125,7 @@ pub fn socat_relay(st: Strategy) -> Outcome {
     let s_con = u.wait_for("socat S connect", |v| {
         is(v, "connect") && v["pid"] == socat_who.pid && s(v, "remote") == backend
     });
-    assert_event(&s_con, "connect", &socat_who, &s_local, &backend);
-    assert_eq!(s_con["via"], "send", "{s_con}");
+    assert_send_connect(st, &s_con, &socat_who, &s_local, &backend);
     let sck = s_con["cookie"].clone();
     let s_est = u.wait_for("socat S establish", |v| {
         is(v, "establish") && of_flow(v, &sck, &backend)

@@ -102,6 +102,25 @@ pub fn assert_event(v: &Value, event: &str, who: &Who, local: &str, remote: &str
     assert_eq!(s(v, "remote"), remote, "remote address of {v}");
 }
 
+/// Asserts the CONNECT that a socket's first datagram produced. With fentry and kprobe
+/// the sending hook sees the socket, not the packet: an unconnected socket bound to a
+/// wildcard address shows the wildcard with its port there, as the README documents; the
+/// flow's later events carry the address the route chose.
+pub fn assert_send_connect(st: Strategy, c: &Value, who: &Who, local: &str, remote: &str) {
+    assert_eq!(c["via"], "send", "{c}");
+    let mut c = c.clone();
+    if st != Strategy::Tracepoint {
+        let seen: SocketAddr = s(&c, "local").parse().expect("local address");
+        let want: SocketAddr = local.parse().expect("local address");
+        assert!(
+            seen == want || (seen.ip().is_unspecified() && seen.port() == want.port()),
+            "CONNECT local {seen} is neither {want} nor the wildcard with its port: {c}"
+        );
+        c["local"] = Value::from(local);
+    }
+    assert_event(&c, "connect", who, local, remote);
+}
+
 /// Asserts the CONNECT that connect() produced: it names its flow (netns, local address) like
 /// the flow's later events do. The tracepoint strategy's cgroup connect hook runs before
 /// connect() picks the source address and, for a socket not bound to a port, the port: there

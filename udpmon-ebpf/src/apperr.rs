@@ -8,7 +8,7 @@ use udpmon_common::{
 use crate::{
     flow::fill_identity,
     kread::{read, read_buf},
-    maps::{emit, offsets, scratch_event},
+    maps::{TASK, emit, offsets, scratch_event},
     packet::IPPROTO_UDP,
 };
 
@@ -41,7 +41,9 @@ pub fn on_result(sk: u64, ret: i32, msg_flags: u32, kind: EventKind, cookie: u64
     if proto != IPPROTO_UDP as u16 {
         return;
     }
-    let Some(ev) = scratch_event() else { return };
+    let Some(ev) = scratch_event(TASK) else {
+        return;
+    };
     ev.kind = kind as u16;
     ev.ret = ret;
     // SAFETY: BPF helper without preconditions.

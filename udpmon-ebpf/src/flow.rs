@@ -11,7 +11,9 @@ use aya_ebpf::{
 };
 use udpmon_common::{Counter, Event, EventKind, FlowKey, FlowStats, event::flags};
 
-use crate::maps::{FLOWS, OWNERS, Owner, SENDERS, TupleKey, count, emit, scratch_event, self_tgid};
+use crate::maps::{
+    FLOWS, OWNERS, Owner, SENDERS, SOFTIRQ, TASK, TupleKey, count, emit, scratch_event, self_tgid,
+};
 
 /// A datagram seen on the wire side of a socket. Addresses as in [`Event`].
 pub struct Datagram {
@@ -89,7 +91,14 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
         };
         let _ = SENDERS.insert(tk, d.cookie, 0);
     }
-    let Some(ev) = scratch_event() else { return };
+    // Sends run in process context, receives (cgroup ingress, enqueue) in softirq.
+    let slot = match dir {
+        Dir::Tx => TASK,
+        Dir::Rx => SOFTIRQ,
+    };
+    let Some(ev) = scratch_event(slot) else {
+        return;
+    };
     ev.kind = match dir {
         Dir::Tx => EventKind::FirstTx,
         Dir::Rx => EventKind::FirstRx,

@@ -10,7 +10,7 @@ use udpmon_common::{
 
 use crate::{
     flow::{fill_identity, learn_owner},
-    maps::{OWNERS, emit, scratch_event},
+    maps::{OWNERS, TASK, emit, scratch_event},
     packet::IPPROTO_UDP,
 };
 
@@ -38,7 +38,9 @@ pub fn on_connect<const V6: bool>(ctx: *mut bpf_sock_addr) {
     if a.protocol != IPPROTO_UDP as u32 {
         return;
     }
-    let Some(ev) = scratch_event() else { return };
+    let Some(ev) = scratch_event(TASK) else {
+        return;
+    };
     ev.kind = EventKind::Connect as u16;
     // SAFETY: BPF helpers on the program's own context.
     ev.cookie = unsafe { bpf_get_socket_cookie(ctx as *mut _) };
@@ -91,7 +93,9 @@ pub fn on_release(sk: *mut bpf_sock) {
     if proto != IPPROTO_UDP as u32 {
         return;
     }
-    let Some(ev) = scratch_event() else { return };
+    let Some(ev) = scratch_event(TASK) else {
+        return;
+    };
     ev.kind = EventKind::Close as u16;
     ev.family = family as u16;
     // SAFETY: BPF helpers on the program's own context.

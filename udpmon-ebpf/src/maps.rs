@@ -37,14 +37,20 @@ pub static PENDING_ICMP: PerCpuArray<PendingIcmp> = PerCpuArray::with_max_entrie
 
 /// Room to build an event: the BPF stack (512 bytes) cannot hold several.
 #[map]
-pub static SCRATCH: PerCpuArray<udpmon_common::Event> = PerCpuArray::with_max_entries(1, 0);
+pub static SCRATCH: PerCpuArray<udpmon_common::Event> = PerCpuArray::with_max_entries(2, 0);
 
-/// A zeroed per-CPU event to fill. Programs run to completion on one CPU without
-/// preemption, so each run has the slot to itself.
+/// Scratch slot of programs that run in process context (send, connect, close, errors).
+pub const TASK: u32 = 0;
+/// Scratch slot of programs that run in softirq (receive, drops). A softirq can interrupt a
+/// process-context program on the same CPU mid-event (tracing and cgroup programs run with
+/// migration, not bottom halves, disabled), so the two must not share a slot.
+pub const SOFTIRQ: u32 = 1;
+
+/// A zeroed per-CPU event to fill, in the slot of the calling context.
 #[inline(always)]
-pub fn scratch_event() -> Option<&'static mut udpmon_common::Event> {
-    let p = SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: per-CPU slot, exclusive for this program run.
+pub fn scratch_event(slot: u32) -> Option<&'static mut udpmon_common::Event> {
+    let p = SCRATCH.get_ptr_mut(slot)?;
+    // SAFETY: per-CPU slot of this context; programs of one context do not nest.
     let ev = unsafe { &mut *p };
     *ev = udpmon_common::Event::zeroed();
     Some(ev)

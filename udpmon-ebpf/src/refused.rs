@@ -5,7 +5,7 @@ use udpmon_common::{Counter, EventKind, event::flags};
 
 use crate::{
     icmp::{Kmem, skb_l3, skb_netns},
-    maps::{NO_SOCKET_SEEN, TupleKey, count, emit, offsets, scratch_event},
+    maps::{NO_SOCKET_SEEN, SOFTIRQ, TupleKey, count, emit, offsets, scratch_event},
     packet::{IPPROTO_UDP, l3, udp},
 };
 
@@ -44,7 +44,9 @@ pub fn on_drop(skb: u64, reason: u32) {
         return;
     }
     let _ = NO_SOCKET_SEEN.insert(tk, now, 0);
-    let Some(ev) = scratch_event() else { return };
+    let Some(ev) = scratch_event(SOFTIRQ) else {
+        return;
+    };
     ev.kind = EventKind::NoSocket as u16;
     ev.family = ip.family;
     ev.flags = flags::TASK_UNRELATED;

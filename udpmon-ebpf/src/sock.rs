@@ -12,7 +12,7 @@ use crate::{
     flow::{Datagram, Dir, fill_identity, on_datagram},
     icmp::Kmem,
     kread::read,
-    maps::{OWNERS, emit, offsets, scratch_event},
+    maps::{OWNERS, TASK, emit, offsets, scratch_event},
     packet::{Bytes, IPPROTO_UDP, l3, udp},
 };
 
@@ -135,7 +135,9 @@ pub fn on_connect(sk: u64, uaddr: u64, cookie: u64) {
     let Some((family, remote, rport)) = sockaddr(uaddr) else {
         return;
     };
-    let Some(ev) = scratch_event() else { return };
+    let Some(ev) = scratch_event(TASK) else {
+        return;
+    };
     ev.kind = EventKind::Connect as u16;
     // SAFETY: BPF helper without preconditions.
     ev.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
@@ -160,7 +162,9 @@ pub fn on_disconnect(sk: u64, cookie: u64) {
     if !is_udp(sk) {
         return;
     }
-    let Some(ev) = scratch_event() else { return };
+    let Some(ev) = scratch_event(TASK) else {
+        return;
+    };
     ev.kind = EventKind::Connect as u16;
     // SAFETY: BPF helper without preconditions.
     ev.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
@@ -181,7 +185,9 @@ pub fn on_destroy(sk: u64, cookie: u64) {
     if !is_udp(sk) {
         return;
     }
-    let Some(ev) = scratch_event() else { return };
+    let Some(ev) = scratch_event(TASK) else {
+        return;
+    };
     ev.kind = EventKind::Close as u16;
     // SAFETY: BPF helper without preconditions.
     ev.ts_ns = unsafe { bpf_ktime_get_boot_ns() };

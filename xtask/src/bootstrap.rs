@@ -31,7 +31,7 @@ pub const TEST_PACKAGES: &[&str] = &[
 /// Where downloads and builds are cached (bpf-linker, VM kernels): $UDPMON_CACHE or
 /// ~/.cache/udpmon.
 pub fn cache_dir() -> PathBuf {
-    if let Some(d) = env::var_os("UDPMON_CACHE") {
+    if let Some(d) = env::var_os("UDPMON_CACHE").filter(|d| !d.is_empty()) {
         return PathBuf::from(d);
     }
     let home = env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);

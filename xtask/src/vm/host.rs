@@ -11,11 +11,7 @@ use anyhow::{Context as _, Result, bail};
 
 /// `$UDPMON_CACHE`, else `~/.cache/udpmon`: the same root that holds bpf-linker.
 pub(super) fn cache_root() -> Result<PathBuf> {
-    if let Some(dir) = env::var_os("UDPMON_CACHE").filter(|d| !d.is_empty()) {
-        return Ok(PathBuf::from(dir));
-    }
-    let home = env::var_os("HOME").context("neither UDPMON_CACHE nor HOME is set")?;
-    Ok(PathBuf::from(home).join(".cache/udpmon"))
+    Ok(crate::bootstrap::cache_dir())
 }
 
 /// Cargo's target dir of this workspace, so VM logs sit next to the binaries they tested.

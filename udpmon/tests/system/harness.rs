@@ -19,23 +19,8 @@ pub enum Outcome {
     Skip(String),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Strategy {
-    Fentry,
-    Kprobe,
-    Tracepoint,
-}
-
-impl Strategy {
-    pub const ALL: [Strategy; 3] = [Strategy::Fentry, Strategy::Kprobe, Strategy::Tracepoint];
-    pub fn name(self) -> &'static str {
-        match self {
-            Strategy::Fentry => "fentry",
-            Strategy::Kprobe => "kprobe",
-            Strategy::Tracepoint => "tracepoint",
-        }
-    }
-}
+/// The hook strategies, and their `--hooks` names, as udpmon itself defines them.
+pub use udpmon::probes::Strategy;
 
 pub struct Scenario {
     pub name: &'static str,

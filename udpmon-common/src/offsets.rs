@@ -39,15 +39,22 @@ pub struct Offsets {
     pub dev_nd_net: u32,
     /// `enum skb_drop_reason` value of `SKB_DROP_REASON_NO_SOCKET`.
     pub drop_reason_no_socket: u32,
-    /// `struct msghdr.msg_name` (sendmsg address, fentry/kprobe strategies).
-    pub msghdr_msg_name: u32,
-    pub msghdr_msg_namelen: u32,
     /// `sk->__sk_common.skc_cookie` (kprobes cannot call the cookie helper).
     pub skc_cookie: u32,
-    pub _pad: u32,
+    /// `struct sk_buff.sk`
+    pub skb_sk: u32,
+    // struct flowi4 / flowi6: the addresses udp_send_skb/udp_v6_send_skb send with (the
+    // route's source address, even for a socket bound to the wildcard). `ports` is
+    // `uli.ports`: dport, then sport.
+    pub fl4_saddr: u32,
+    pub fl4_daddr: u32,
+    pub fl4_ports: u32,
+    pub fl6_saddr: u32,
+    pub fl6_daddr: u32,
+    pub fl6_ports: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Offsets>() == 28 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 32 * 4);
 
 impl Offsets {
     pub const fn zeroed() -> Self {
@@ -76,10 +83,14 @@ impl Offsets {
             skb_dev: 0,
             dev_nd_net: 0,
             drop_reason_no_socket: 0,
-            msghdr_msg_name: 0,
-            msghdr_msg_namelen: 0,
             skc_cookie: 0,
-            _pad: 0,
+            skb_sk: 0,
+            fl4_saddr: 0,
+            fl4_daddr: 0,
+            fl4_ports: 0,
+            fl6_saddr: 0,
+            fl6_daddr: 0,
+            fl6_ports: 0,
         }
     }
 }

@@ -14,18 +14,22 @@ pub enum Counter {
     /// A NO_SOCKET datagram was not reported because its tuple was reported less than a
     /// second ago (rate limit, not a loss: the counter shows how many).
     NoSocketSuppressed = 4,
+    /// A datagram was sent on a socket whose cookie the kernel never generated (the
+    /// fentry/kprobe send hook can only read the cached one): it was not counted.
+    NoCookie = 5,
 }
 
 /// Number of slots in the `HEALTH` per-CPU array.
 pub const COUNTERS: u32 = 8;
 
 impl Counter {
-    pub const ALL: [Counter; 5] = [
+    pub const ALL: [Counter; 6] = [
         Counter::RingbufFull,
         Counter::FlowInsertFailed,
         Counter::ReadFailed,
         Counter::EventsSent,
         Counter::NoSocketSuppressed,
+        Counter::NoCookie,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -35,6 +39,7 @@ impl Counter {
             Counter::ReadFailed => "kernel_read_failed",
             Counter::EventsSent => "events_sent",
             Counter::NoSocketSuppressed => "no_socket_suppressed",
+            Counter::NoCookie => "no_cookie",
         }
     }
 }

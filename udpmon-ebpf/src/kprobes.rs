@@ -69,7 +69,7 @@ pub fn udp_sendmsg_kp(ctx: ProbeContext) -> u32 {
         SEND4,
         Stash {
             sk: ctx.arg(0).unwrap_or(0),
-            msg: ctx.arg(1).unwrap_or(0),
+            msg: 0,
             flags: 0,
         },
     );
@@ -79,7 +79,7 @@ pub fn udp_sendmsg_kp(ctx: ProbeContext) -> u32 {
 #[kretprobe]
 pub fn udp_sendmsg_krp(ctx: RetProbeContext) -> u32 {
     if let Some(s) = unstash(SEND4) {
-        sock::on_sendmsg(s.sk, s.msg, ctx.ret::<i32>(), false, cached_cookie(s.sk));
+        sock::on_send_result(s.sk, ctx.ret::<i32>(), false, cached_cookie(s.sk));
     }
     0
 }
@@ -90,7 +90,7 @@ pub fn udpv6_sendmsg_kp(ctx: ProbeContext) -> u32 {
         SEND6,
         Stash {
             sk: ctx.arg(0).unwrap_or(0),
-            msg: ctx.arg(1).unwrap_or(0),
+            msg: 0,
             flags: 0,
         },
     );
@@ -100,8 +100,21 @@ pub fn udpv6_sendmsg_kp(ctx: ProbeContext) -> u32 {
 #[kretprobe]
 pub fn udpv6_sendmsg_krp(ctx: RetProbeContext) -> u32 {
     if let Some(s) = unstash(SEND6) {
-        sock::on_sendmsg(s.sk, s.msg, ctx.ret::<i32>(), true, cached_cookie(s.sk));
+        sock::on_send_result(s.sk, ctx.ret::<i32>(), true, cached_cookie(s.sk));
     }
+    0
+}
+
+/// udp_send_skb and udp_v6_send_skb (see trampoline.rs): entry only.
+#[kprobe]
+pub fn udp_send_skb_kp(ctx: ProbeContext) -> u32 {
+    sock::on_send_skb(ctx.arg(0).unwrap_or(0), ctx.arg(1).unwrap_or(0), false);
+    0
+}
+
+#[kprobe]
+pub fn udp_v6_send_skb_kp(ctx: ProbeContext) -> u32 {
+    sock::on_send_skb(ctx.arg(0).unwrap_or(0), ctx.arg(1).unwrap_or(0), true);
     0
 }
 

@@ -3,7 +3,7 @@
 //! fentry and the kprobe entry points can share it.
 use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
 use udpmon_common::{
-    EventKind,
+    Counter, EventKind,
     event::{AF_INET, AF_INET6},
 };
 
@@ -11,8 +11,8 @@ use crate::{
     apperr::{self, sock_tuple},
     flow::{Datagram, Dir, fill_identity, on_datagram},
     icmp::Kmem,
-    kread::read,
-    maps::{OWNERS, TASK, emit, offsets, scratch_event},
+    kread::{read, read_buf},
+    maps::{OWNERS, TASK, count, emit, offsets, scratch_event},
     packet::{Bytes, IPPROTO_UDP, l3, udp},
 };
 
@@ -50,46 +50,72 @@ fn sockaddr(addr: u64) -> Option<(u16, [u8; 16], u16)> {
     }
 }
 
-/// After udp_sendmsg/udpv6_sendmsg returned `ret` for `msg` on `sk`.
-/// `v6_entry`: the hook is on udpv6_sendmsg; udp_sendmsg entered from there (a v4-mapped
-/// destination) is skipped so that the datagram is counted once.
+/// udp_send_skb/udp_v6_send_skb(skb, flow, cork): one datagram handed to IP, in the
+/// sender's context and before it can reach the peer, so a reply can never be counted
+/// ahead of it (at udp_sendmsg's exit it could: the peer may answer while the sender is
+/// still inside the call). The flow carries the route's source address, the real local
+/// address even for a socket bound to the wildcard. Corked sends (MSG_MORE, UDP_CORK) pass
+/// here once per datagram, not once per call. The cookie is the socket's cached one: the
+/// socket pointer here is read, not typed, and udpmon makes the kernel generate every UDP
+/// socket's cookie (cgroup sock_create, and sock_diag for the sockets that already exist).
 #[inline(always)]
-pub fn on_sendmsg(sk: u64, msg: u64, ret: i32, v6_entry: bool, cookie: u64) {
-    if !is_udp(sk) {
-        return;
-    }
+pub fn on_send_skb(skb: u64, fl: u64, v6: bool) {
     let o = offsets();
-    let family: u16 = read(sk, o.skc_family);
-    if !v6_entry && family == AF_INET6 {
+    let sk: u64 = read(skb, o.skb_sk);
+    if sk == 0 || !is_udp(sk) {
         return;
     }
-    if ret < 0 {
-        apperr::on_result(sk, ret, 0, EventKind::SendError, cookie);
+    let cookie = apperr::cached_cookie(sk);
+    if cookie == 0 {
+        count(Counter::NoCookie);
         return;
     }
-    let t = sock_tuple(sk);
-    let name: u64 = read(msg, o.msghdr_msg_name);
-    let (fam, remote, rport) = match if name != 0 { sockaddr(name) } else { None } {
-        Some(a) => a,
-        None => (t.family, t.remote, t.rport),
+    let (mut local, mut remote) = ([0u8; 16], [0u8; 16]);
+    let (family, ports_off) = if v6 {
+        read_buf(fl, o.fl6_saddr, &mut local);
+        read_buf(fl, o.fl6_daddr, &mut remote);
+        (AF_INET6, o.fl6_ports)
+    } else {
+        read_buf(fl, o.fl4_saddr, &mut local[..4]);
+        read_buf(fl, o.fl4_daddr, &mut remote[..4]);
+        (AF_INET, o.fl4_ports)
     };
-    let mut local = t.local;
-    if fam == AF_INET && t.family == AF_INET6 {
-        // Dual-stack socket: its v6 local address is v4-mapped.
-        local = [0; 16];
-        local[..4].copy_from_slice(&t.local[12..16]);
-    }
+    let ports: [u8; 4] = read(fl, ports_off);
+    // As the kernel computes it there: skb->len minus the transport offset, minus the header.
+    let len: u32 = read(skb, o.skb_len);
+    let data: u64 = read(skb, o.skb_data);
+    let head: u64 = read(skb, o.skb_head);
+    let th: u16 = read(skb, o.skb_transport_header);
+    let l4_off = (head + th as u64).wrapping_sub(data) as u32;
     let d = Datagram {
         cookie,
-        family: fam,
+        family,
         local,
         remote,
-        lport: t.lport,
-        rport,
-        bytes: ret as u32,
+        lport: u16::from_be_bytes([ports[2], ports[3]]),
+        rport: u16::from_be_bytes([ports[0], ports[1]]),
+        bytes: len.saturating_sub(l4_off).saturating_sub(UDP_HDR),
         sk,
     };
     on_datagram(&d, Dir::Tx, true);
+}
+
+const UDP_HDR: u32 = 8;
+
+/// After udp_sendmsg/udpv6_sendmsg returned `ret` on `sk`: only failures matter here (the
+/// datagram itself is counted at udp_send_skb). `v6_entry`: the hook is on udpv6_sendmsg;
+/// udp_sendmsg entered from there (a v4-mapped destination) is skipped so that one failure
+/// is reported once.
+#[inline(always)]
+pub fn on_send_result(sk: u64, ret: i32, v6_entry: bool, cookie: u64) {
+    if ret >= 0 {
+        return;
+    }
+    let family: u16 = read(sk, offsets().skc_family);
+    if !v6_entry && family == AF_INET6 {
+        return;
+    }
+    apperr::on_result(sk, ret, 0, EventKind::SendError, cookie);
 }
 
 /// __udp_enqueue_schedule_skb(sk, skb): a datagram queued to a socket, in softirq, before

@@ -11,12 +11,16 @@ use aya_log_ebpf::debug;
 use crate::{apperr, apperr::cookie_of, icmp, sock};
 use udpmon_common::EventKind;
 
+/// Failed sends (APP-ERROR); the datagrams themselves are counted at udp_send_skb.
 /// match-proto:v5.8:net/ipv4/udp.c:int udp_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)
 /// match-proto:v7.2:net/ipv4/udp.c:int udp_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)
 #[fexit(function = "udp_sendmsg")]
 pub fn udp_sendmsg_exit(ctx: FExitContext) -> i32 {
-    let sk = ctx.arg::<u64>(0);
-    sock::on_sendmsg(sk, ctx.arg(1), ctx.ret().unwrap_or(0), false, cookie_of(sk));
+    let ret: i32 = ctx.ret().unwrap_or(0);
+    if ret < 0 {
+        let sk = ctx.arg::<u64>(0);
+        sock::on_send_result(sk, ret, false, cookie_of(sk));
+    }
     0
 }
 
@@ -24,8 +28,30 @@ pub fn udp_sendmsg_exit(ctx: FExitContext) -> i32 {
 /// match-proto:v7.2:net/ipv6/udp.c:int udpv6_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)
 #[fexit(function = "udpv6_sendmsg")]
 pub fn udpv6_sendmsg_exit(ctx: FExitContext) -> i32 {
-    let sk = ctx.arg::<u64>(0);
-    sock::on_sendmsg(sk, ctx.arg(1), ctx.ret().unwrap_or(0), true, cookie_of(sk));
+    let ret: i32 = ctx.ret().unwrap_or(0);
+    if ret < 0 {
+        let sk = ctx.arg::<u64>(0);
+        sock::on_send_result(sk, ret, true, cookie_of(sk));
+    }
+    0
+}
+
+/// Static, but out of line (a BTF FUNC) in Debian's 6.1, 6.12 and 7.2 builds and on 6.18: it
+/// has two callers, udp_sendmsg and udp_push_pending_frames. Where a build inlined it, the
+/// attach fails and the strategy is not used.
+/// match-proto:v6.1:net/ipv4/udp.c:static int udp_send_skb(struct sk_buff *skb, struct flowi4 *fl4, struct inet_cork *cork)
+/// match-proto:v7.2:net/ipv4/udp.c:static int udp_send_skb(struct sk_buff *skb, struct flowi4 *fl4, struct inet_cork *cork)
+#[fentry(function = "udp_send_skb")]
+pub fn udp_send_skb_entry(ctx: FEntryContext) -> i32 {
+    sock::on_send_skb(ctx.arg(0), ctx.arg(1), false);
+    0
+}
+
+/// match-proto:v6.1:net/ipv6/udp.c:static int udp_v6_send_skb(struct sk_buff *skb, struct flowi6 *fl6, struct inet_cork *cork)
+/// match-proto:v7.2:net/ipv6/udp.c:static int udp_v6_send_skb(struct sk_buff *skb, struct flowi6 *fl6, struct inet_cork *cork)
+#[fentry(function = "udp_v6_send_skb")]
+pub fn udp_v6_send_skb_entry(ctx: FEntryContext) -> i32 {
+    sock::on_send_skb(ctx.arg(0), ctx.arg(1), true);
     0
 }
 

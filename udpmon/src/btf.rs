@@ -445,11 +445,15 @@ pub fn resolve_offsets(btf: &KernelBtf) -> Result<Offsets, BtfError> {
         skb_dev: skb("skb_dev", "dev")?,
         dev_nd_net: at("dev_nd_net", "net_device", "nd_net.net")?,
         drop_reason_no_socket: no_socket_reason(btf).map_err(in_field("drop_reason_no_socket"))?,
-        msghdr_msg_name: at("msghdr_msg_name", "msghdr", "msg_name")?,
-        msghdr_msg_namelen: at("msghdr_msg_namelen", "msghdr", "msg_namelen")?,
         // atomic64_t wraps `counter`; resolving it confirms the 8-byte read.
         skc_cookie: sk("skc_cookie", "__sk_common.skc_cookie.counter")?,
-        _pad: 0,
+        skb_sk: skb("skb_sk", "sk")?,
+        fl4_saddr: at("fl4_saddr", "flowi4", "saddr")?,
+        fl4_daddr: at("fl4_daddr", "flowi4", "daddr")?,
+        fl4_ports: at("fl4_ports", "flowi4", "uli.ports.dport")?,
+        fl6_saddr: at("fl6_saddr", "flowi6", "saddr")?,
+        fl6_daddr: at("fl6_daddr", "flowi6", "daddr")?,
+        fl6_ports: at("fl6_ports", "flowi6", "uli.ports.dport")?,
     })
 }
 
@@ -757,6 +761,14 @@ mod tests {
                 .iter()
                 .all(|&f| f < skb)
         );
+        // flowi4 { common; saddr; daddr; uli } and flowi6 { common; daddr; saddr; ... uli }.
+        assert_eq!(
+            (o.fl4_daddr, o.fl4_ports),
+            (o.fl4_saddr + 4, o.fl4_saddr + 8)
+        );
+        assert_eq!(o.fl6_saddr, o.fl6_daddr + 16);
+        assert!(o.fl6_ports > o.fl6_saddr && o.skb_sk < skb);
+        assert!(btf.has_func("udp_send_skb") && btf.has_func("udp_v6_send_skb"));
         assert_eq!(
             btf.func_params("udp_sendmsg").unwrap(),
             ["sk", "msg", "len"]

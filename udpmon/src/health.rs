@@ -12,6 +12,7 @@ pub struct Health {
     pub kernel_read_failed: u64,
     pub events_sent: u64,
     pub no_socket_suppressed: u64,
+    pub no_cookie: u64,
     pub events_read: u64,
     pub decode_errors: u64,
     pub flows_evicted: u64,
@@ -20,12 +21,13 @@ pub struct Health {
 
 impl Health {
     /// The counters whose growth means something was lost.
-    fn losses(&self) -> [(&'static str, u64); 4] {
+    fn losses(&self) -> [(&'static str, u64); 5] {
         [
             ("ring-buffer drops", self.ringbuf_full),
             ("decode errors", self.decode_errors),
             ("kernel flow-map insert failures", self.flow_insert_failed),
             ("flows evicted (--max-flows)", self.flows_evicted),
+            ("datagrams sent on sockets without a cookie", self.no_cookie),
         ]
     }
 
@@ -43,7 +45,7 @@ impl Health {
 
     pub fn summary(&self) -> String {
         format!(
-            "events read {}, ring-buffer drops {}, decode errors {}, flows tracked {}, flows evicted {}, kernel read failures {}, flow-map insert failures {}, closed-port reports rate-limited {}",
+            "events read {}, ring-buffer drops {}, decode errors {}, flows tracked {}, flows evicted {}, kernel read failures {}, flow-map insert failures {}, uncounted sends (no socket cookie) {}, closed-port reports rate-limited {}",
             self.events_read,
             self.ringbuf_full,
             self.decode_errors,
@@ -51,6 +53,7 @@ impl Health {
             self.flows_evicted,
             self.kernel_read_failed,
             self.flow_insert_failed,
+            self.no_cookie,
             self.no_socket_suppressed
         )
     }
@@ -69,6 +72,7 @@ pub fn read_kernel(
     h.kernel_read_failed = sum(Counter::ReadFailed)?;
     h.events_sent = sum(Counter::EventsSent)?;
     h.no_socket_suppressed = sum(Counter::NoSocketSuppressed)?;
+    h.no_cookie = sum(Counter::NoCookie)?;
     Ok(())
 }
 

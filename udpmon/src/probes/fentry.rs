@@ -12,6 +12,8 @@ pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
     let mut hooks = vec![
         Hook::required("udp_sendmsg_exit", Target::FExit("udp_sendmsg")),
         Hook::required("udpv6_sendmsg_exit", Target::FExit("udpv6_sendmsg")),
+        Hook::required("udp_send_skb_entry", Target::FEntry("udp_send_skb")),
+        Hook::required("udp_v6_send_skb_entry", Target::FEntry("udp_v6_send_skb")),
         Hook::required(
             "udp_enqueue_entry",
             Target::FEntry("__udp_enqueue_schedule_skb"),
@@ -40,6 +42,6 @@ pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
             "failed IPv6 receives are not reported as APP-ERROR",
         ),
     ];
-    hooks.extend(shared_hooks());
+    hooks.extend(shared_hooks(true));
     hooks
 }

@@ -13,6 +13,8 @@ pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
         Hook::required("udp_sendmsg_krp", Target::KProbe("udp_sendmsg")),
         Hook::required("udpv6_sendmsg_kp", Target::KProbe("udpv6_sendmsg")),
         Hook::required("udpv6_sendmsg_krp", Target::KProbe("udpv6_sendmsg")),
+        Hook::required("udp_send_skb_kp", Target::KProbe("udp_send_skb")),
+        Hook::required("udp_v6_send_skb_kp", Target::KProbe("udp_v6_send_skb")),
         Hook::required(
             "udp_enqueue_kp",
             Target::KProbe("__udp_enqueue_schedule_skb"),
@@ -53,6 +55,6 @@ pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
             "failed IPv6 receives are not reported as APP-ERROR",
         ),
     ];
-    hooks.extend(shared_hooks());
+    hooks.extend(shared_hooks(true));
     hooks
 }

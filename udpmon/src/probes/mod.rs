@@ -100,16 +100,23 @@ impl Hook {
 }
 
 /// Hooks every strategy uses: BTF tracepoints and a cgroup hook, which need no trampoline.
-fn shared_hooks() -> [Hook; 3] {
-    [
-        // Names the owner of each new socket, for the events that run in softirq (receive,
-        // ICMP); with kprobes it also makes the kernel generate the socket's cookie, which
-        // they can only read from `skc_cookie`.
+/// `counts_by_cached_cookie`: the strategy counts sent datagrams at udp_send_skb, where only
+/// the socket's cached cookie can be read, so the hook that makes the kernel generate it for
+/// every new socket is required, not optional.
+fn shared_hooks(counts_by_cached_cookie: bool) -> [Hook; 3] {
+    // Names the owner of each new socket, for the events that run in softirq (receive,
+    // ICMP), and makes the kernel generate the socket's cookie.
+    let create = if counts_by_cached_cookie {
+        Hook::required("udp_sock_create", Target::CgroupSock)
+    } else {
         Hook::optional(
             "udp_sock_create",
             Target::CgroupSock,
             "sockets that only receive are named after the first process that sends on them",
-        ),
+        )
+    };
+    [
+        create,
         Hook::optional(
             "icmp_error_report",
             Target::TpBtf("inet_sk_error_report"),

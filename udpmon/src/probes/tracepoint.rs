@@ -30,6 +30,6 @@ pub fn hooks() -> Vec<Hook> {
             "failed receives are not reported as APP-ERROR (kernel < 6.3)",
         ),
     ];
-    hooks.extend(shared_hooks());
+    hooks.extend(shared_hooks(false));
     hooks
 }

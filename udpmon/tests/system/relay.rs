@@ -125,7 +125,7 @@ pub fn socat_relay(st: Strategy) -> Outcome {
     let s_con = u.wait_for("socat S connect", |v| {
         is(v, "connect") && v["pid"] == socat_who.pid && s(v, "remote") == backend
     });
-    assert_send_connect(st, &s_con, &socat_who, &s_local, &backend);
+    assert_send_connect(&s_con, &socat_who, &s_local, &backend);
     let sck = s_con["cookie"].clone();
     let s_est = u.wait_for("socat S establish", |v| {
         is(v, "establish") && of_flow(v, &sck, &backend)

@@ -12,6 +12,7 @@ mod kill;
 mod peers;
 mod relay;
 mod scenarios;
+mod syscalls;
 mod util;
 
 use std::{panic, process::ExitCode, time::Instant};

@@ -65,6 +65,15 @@ pub const ALL: &[Scenario] = &[
         name: "disconnect_reconnect",
         run: crate::relay::reconnect,
     },
+    // Issue 3, point 8: every send and receive syscall variant.
+    Scenario {
+        name: "syscalls_ipv4",
+        run: |st| crate::syscalls::syscalls(st, false),
+    },
+    Scenario {
+        name: "syscalls_ipv6",
+        run: |st| crate::syscalls::syscalls(st, true),
+    },
     Scenario {
         name: "sigkill_nc",
         run: crate::kill::sigkill_nc,

@@ -494,3 +494,57 @@ pub fn recvmmsg(sock: &UdpSocket, want: usize) -> Vec<(Vec<u8>, Option<SocketAdd
     sock.set_read_timeout(None).unwrap();
     got
 }
+
+/// Sends one datagram with sendmsg(2): to `to` (msg_name set), or with msg_name NULL to the
+/// connected peer. Returns the bytes sent.
+pub fn sendmsg(sock: &UdpSocket, payload: &[u8], to: Option<SocketAddr>) -> usize {
+    let mut name = to.as_ref().map(std_to_sockaddr);
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr() as *mut libc::c_void,
+        iov_len: payload.len(),
+    };
+    // SAFETY: zeroed plain C struct, filled in below.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    if let Some((ss, len)) = name.as_mut() {
+        msg.msg_name = (ss as *mut libc::sockaddr_storage).cast();
+        msg.msg_namelen = *len;
+    }
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    // SAFETY: msg points at a live iovec, buffer and address.
+    let rc = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
+    assert!(rc >= 0, "sendmsg: {}", io::Error::last_os_error());
+    rc as usize
+}
+
+/// Receives one datagram with recvmsg(2), blocking up to a deadline (SO_RCVTIMEO, restored
+/// afterwards). Returns the payload and its sender (msg_name).
+pub fn recvmsg(sock: &UdpSocket) -> (Vec<u8>, Option<SocketAddr>) {
+    let old = sock.read_timeout().unwrap();
+    sock.set_read_timeout(Some(deadline(10))).unwrap();
+    let mut data = [0u8; 2048];
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut name: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: zeroed plain C struct, filled in below.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_name = (&mut name as *mut libc::sockaddr_storage).cast();
+    msg.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    // SAFETY: msg points at live buffers of the stated sizes.
+    let rc = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, 0) };
+    let err = io::Error::last_os_error();
+    sock.set_read_timeout(old).unwrap();
+    assert!(rc >= 0, "recvmsg (deadline {:?}): {err}", deadline(10));
+    assert_eq!(msg.msg_flags & libc::MSG_TRUNC, 0, "recvmsg: truncated");
+    let from = if msg.msg_namelen > 0 {
+        sockaddr_to_std(&name)
+    } else {
+        None
+    };
+    (data[..rc as usize].to_vec(), from)
+}

@@ -312,7 +312,7 @@ pub fn syscalls(st: Strategy, v6: bool) -> Outcome {
         if spec.client_connected {
             assert_connect(st, &c, &cli, &client_local, &server_local);
         } else {
-            assert_send_connect(st, &c, &cli, &client_local, &server_local);
+            assert_send_connect(&c, &cli, &client_local, &server_local);
             assert_eq!(c["bytes"], req[0].len(), "{what}: first datagram of {c}");
         }
         assert_common(&c, family);

@@ -3,10 +3,11 @@
 //! All three steps run synchronously on one CPU in the ICMP's softirq, so a per-CPU slot
 //! carries the error from one hook to the next:
 //! 1. `begin` when the ICMP error is parsed (tp_btf netif_receive_skb in the tracepoint
-//!    strategy, entry of udp_err/icmpv6_notify with trampolines or kprobes);
+//!    strategy, entry of icmp_rcv/icmpv6_rcv with trampolines or kprobes);
 //! 2. `on_error_report` from tp_btf inet_sk_error_report, which fires only when the kernel
 //!    sets sk_err or queues the error (KERNEL.md §3): that gives the socket and the verdict;
-//! 3. `finish` when the ICMP skb is freed (tracepoint strategy) or udp_err returns.
+//! 3. `finish` when the ICMP skb is freed (tracepoint strategy) or icmp_rcv/icmpv6_rcv
+//!    return (the UDP error handler, which ties the error to its socket, runs inside them).
 use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_ktime_get_boot_ns};
 use udpmon_common::{
     Event, EventKind,
@@ -64,14 +65,26 @@ fn is_error(proto: u8, ty: u8) -> bool {
     }
 }
 
-/// Tracepoint strategy: parse a received packet; start tracking it if it is an ICMP error
-/// about a UDP datagram.
+/// Tracepoint strategy (tp_btf netif_receive_skb): every received packet. At this
+/// tracepoint `skb->data` is the L3 header: one read instead of head + offset.
 #[inline(always)]
 pub fn on_receive(skb: u64) {
-    // At this tracepoint `skb->data` is the L3 header: one read instead of head + offset.
-    let b = Kmem(read(skb, offsets().skb_data));
-    // This runs for every packet the host receives: look at the protocol byte alone before
-    // parsing anything (IPv4: byte 9; IPv6: next header, byte 6).
+    on_packet(skb, &Kmem(read(skb, offsets().skb_data)));
+}
+
+/// Trampoline/kprobe strategies: entry of icmp_rcv/icmpv6_rcv, where `skb->data` is
+/// already past the IP header, so the L3 header is found from `network_header`.
+#[inline(always)]
+pub fn on_icmp_rcv(skb: u64) {
+    on_packet(skb, &Kmem(skb_l3(skb)));
+}
+
+/// Starts tracking a packet (its L3 header at `b`) if it is an ICMP error about a UDP
+/// datagram.
+#[inline(always)]
+fn on_packet(skb: u64, b: &Kmem) {
+    // This can run for every packet the host receives: look at the protocol byte alone
+    // before parsing anything (IPv4: byte 9; IPv6: next header, byte 6).
     let mut h = [0u8; 10];
     if b.copy(0, &mut h).is_none() {
         return;
@@ -84,7 +97,7 @@ pub fn on_receive(skb: u64) {
     if proto != IPPROTO_ICMP && proto != IPPROTO_ICMPV6 {
         return;
     }
-    let Some(outer) = l3(&b, 0) else { return };
+    let Some(outer) = l3(b, 0) else { return };
     if outer.proto != IPPROTO_ICMP && outer.proto != IPPROTO_ICMPV6 {
         return;
     }
@@ -95,36 +108,11 @@ pub fn on_receive(skb: u64) {
     // The offending datagram follows the 8-byte ICMP header.
     begin(
         skb,
-        &b,
+        b,
         outer.l4_off + 8,
         icmp[0],
         icmp[1],
         &outer.saddr,
-        skb_netns(skb),
-    );
-}
-
-/// Trampoline/kprobe strategies: at udp_err and icmpv6_notify entry `skb->data` is the
-/// inner IP header and `skb->head + transport_header` the ICMP header.
-#[inline(always)]
-pub fn on_udp_err(skb: u64) {
-    let o = offsets();
-    let head: u64 = read(skb, o.skb_head);
-    let data: u64 = read(skb, o.skb_data);
-    let th: u16 = read(skb, o.skb_transport_header);
-    let mut icmp = [0u8; 2];
-    if Kmem(head + th as u64).copy(0, &mut icmp).is_none() {
-        return;
-    }
-    let outer = Kmem(skb_l3(skb));
-    let Some(out) = l3(&outer, 0) else { return };
-    begin(
-        skb,
-        &Kmem(data),
-        0,
-        icmp[0],
-        icmp[1],
-        &out.saddr,
         skb_netns(skb),
     );
 }
@@ -228,7 +216,7 @@ pub fn on_skb_freed(skb: u64) {
     }
 }
 
-/// kretprobe of udp_err: no skb at return, but the slot can only hold this call's error.
+/// kretprobe of icmp_rcv/icmpv6_rcv: no skb at return, but the slot can only hold this call's error.
 #[inline(always)]
 pub fn on_handler_done() {
     let Some(slot) = PENDING_ICMP.get_ptr_mut(0) else {

@@ -161,15 +161,15 @@ pub fn udp_recvmsg_krp(ctx: RetProbeContext) -> u32 {
     0
 }
 
-/// udp_err and icmpv6_notify (see trampoline.rs) both take the skb first.
+/// icmp_rcv and icmpv6_rcv (see trampoline.rs): ICMP handlers never nest on a CPU.
 #[kprobe]
-pub fn udp_err_kp(ctx: ProbeContext) -> u32 {
-    icmp::on_udp_err(ctx.arg(0).unwrap_or(0));
+pub fn icmp_rcv_kp(ctx: ProbeContext) -> u32 {
+    icmp::on_icmp_rcv(ctx.arg(0).unwrap_or(0));
     0
 }
 
 #[kretprobe]
-pub fn udp_err_krp(_ctx: RetProbeContext) -> u32 {
+pub fn icmp_rcv_krp(_ctx: RetProbeContext) -> u32 {
     icmp::on_handler_done();
     0
 }

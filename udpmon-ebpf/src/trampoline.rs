@@ -93,35 +93,35 @@ recvmsg_exit!(udp_recvmsg_exit_f4, "udp_recvmsg", 4);
 recvmsg_exit!(udpv6_recvmsg_exit_f3, "udpv6_recvmsg", 3);
 recvmsg_exit!(udpv6_recvmsg_exit_f4, "udpv6_recvmsg", 4);
 
-/// match-proto:v5.8:net/ipv4/udp.c:int udp_err(struct sk_buff *skb, u32 info)
-/// match-proto:v7.2:net/ipv4/udp.c:int udp_err(struct sk_buff *skb, u32 info)
-/// The err_handler of UDP, reached through a function pointer, so never inlined.
-#[fentry(function = "udp_err")]
-pub fn udp_err_entry(ctx: FEntryContext) -> i32 {
-    debug!(&ctx, "udp_err");
-    icmp::on_udp_err(ctx.arg(0));
+/// ICMP errors. The UDP error handlers that tie an error to its socket (udp_err,
+/// udpv6_err) run inside these; the socket and the verdict come from the
+/// inet_sk_error_report tracepoint in between (see icmp.rs).
+/// match-proto:v5.8:net/ipv4/icmp.c:int icmp_rcv(struct sk_buff *skb)
+/// match-proto:v7.2:net/ipv4/icmp.c:int icmp_rcv(struct sk_buff *skb)
+/// match-proto:v5.8:net/ipv6/icmp.c:static int icmpv6_rcv(struct sk_buff *skb)
+/// match-proto:v7.2:net/ipv6/icmp.c:static int icmpv6_rcv(struct sk_buff *skb)
+/// Both are protocol handlers reached through a function pointer, so never inlined.
+#[fentry(function = "icmp_rcv")]
+pub fn icmp_rcv_entry(ctx: FEntryContext) -> i32 {
+    debug!(&ctx, "icmp_rcv");
+    icmp::on_icmp_rcv(ctx.arg(0));
     0
 }
 
-#[fexit(function = "udp_err")]
-pub fn udp_err_exit(ctx: FExitContext) -> i32 {
+#[fexit(function = "icmp_rcv")]
+pub fn icmp_rcv_exit(ctx: FExitContext) -> i32 {
     icmp::on_skb_freed(ctx.arg(0));
     0
 }
 
-/// match-proto:v5.8:net/ipv6/icmp.c:void icmpv6_notify(struct sk_buff *skb, u8 type, u8 code, __be32 info)
-/// match-proto:v7.2:net/ipv6/icmp.c:void icmpv6_notify(struct sk_buff *skb, u8 type, u8 code, __be32 info)
-/// The IPv6 counterpart of udp_err is udpv6_err, but Debian's 6.1 and 6.12 kernels refuse
-/// both a trampoline (EBUSY) and a kprobe (EINVAL) on it; icmpv6_notify is the exported
-/// function that calls it, with `skb->data` already at the inner IPv6 header.
-#[fentry(function = "icmpv6_notify")]
-pub fn icmpv6_notify_entry(ctx: FEntryContext) -> i32 {
-    icmp::on_udp_err(ctx.arg(0));
+#[fentry(function = "icmpv6_rcv")]
+pub fn icmpv6_rcv_entry(ctx: FEntryContext) -> i32 {
+    icmp::on_icmp_rcv(ctx.arg(0));
     0
 }
 
-#[fexit(function = "icmpv6_notify")]
-pub fn icmpv6_notify_exit(ctx: FExitContext) -> i32 {
+#[fexit(function = "icmpv6_rcv")]
+pub fn icmpv6_rcv_exit(ctx: FExitContext) -> i32 {
     icmp::on_skb_freed(ctx.arg(0));
     0
 }

@@ -246,7 +246,7 @@ fn attach(
     let prog = ebpf
         .program_mut(hook.program)
         .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?;
-    // One program may serve several targets (udp_err and icmpv6_notify): load it once.
+    // One program may serve several targets (icmp_rcv and icmpv6_rcv): load it once.
     let loaded = prog.fd().is_ok();
     let verifier = |e: ProgramError| -> anyhow::Error {
         match e {

@@ -2,11 +2,12 @@
 //! one-second tick for the engine's timers and the health counters.
 use std::{
     io::{self, Write},
+    os::fd::{AsFd, OwnedFd},
     time::{Duration, Instant},
 };
 
 use anyhow::anyhow;
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf};
 use log::warn;
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -19,6 +20,7 @@ use crate::{
     clock,
     decode::{self, Fact},
     engine::{CloseReason, Counters, Detail, Engine, FlowId, Report},
+    flowmap::Snapshot,
     health::{self, Health, Warner},
     netns::NetnsMap,
     probes::Probes,
@@ -35,6 +37,10 @@ pub enum Stop {
 pub struct Agent {
     probes: Probes,
     flows: BpfHashMap<MapData, FlowKey, FlowStats>,
+    /// The same map, for batch reads (aya has no batch API).
+    flows_fd: OwnedFd,
+    /// The tick's bulk read of every flow's counters; None once batch reads failed.
+    snapshot: Option<Snapshot>,
     healthmap: PerCpuArray<MapData, u64>,
     engine: Engine,
     filter: Filter,
@@ -64,10 +70,17 @@ impl Agent {
                 .take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
         };
-        let flows = BpfHashMap::try_from(take("FLOWS")?)?;
+        let flows = take("FLOWS")?;
+        let flows_fd = match &flows {
+            Map::LruHashMap(m) => m.fd().as_fd().try_clone_to_owned()?,
+            _ => return Err(anyhow!("map FLOWS is not an LRU hash map")),
+        };
+        let flows = BpfHashMap::try_from(flows)?;
         let healthmap = PerCpuArray::try_from(take("HEALTH")?)?;
         Ok(Self {
             flows,
+            flows_fd,
+            snapshot: Some(Snapshot::default()),
             healthmap,
             probes,
             engine,
@@ -158,9 +171,20 @@ impl Agent {
                 }
                 _ = tick.tick() => {
                     let now = clock::boot_ns();
-                    let flows = &self.flows;
-                    let read = |id: &FlowId| read_counters(flows, id);
-                    let reports = self.engine.on_tick(now, &read);
+                    self.read_snapshot();
+                    let reports = match &self.snapshot {
+                        Some(snap) => {
+                            let read = |id: &FlowId| {
+                                snap.entries.get(&FlowKey::from(id)).copied().map(Counters::from)
+                            };
+                            self.engine.on_tick(now, &read)
+                        }
+                        None => {
+                            let flows = &self.flows;
+                            let read = |id: &FlowId| read_counters(flows, id);
+                            self.engine.on_tick(now, &read)
+                        }
+                    };
                     let r = self.emit(&reports);
                     self.check_health();
                     r
@@ -179,6 +203,16 @@ impl Agent {
                 Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(Stop::OutputClosed),
                 Err(e) => return Err(anyhow::Error::new(e).context("writing events")),
             }
+        }
+    }
+
+    /// Refreshes the snapshot; on failure falls back, for good, to one lookup per flow.
+    fn read_snapshot(&mut self) {
+        if let Some(snap) = &mut self.snapshot
+            && let Err(e) = snap.read(self.flows_fd.as_fd())
+        {
+            warn!("batch reads of the flow map failed ({e}): reading flows one by one");
+            self.snapshot = None;
         }
     }
 

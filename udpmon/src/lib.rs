@@ -9,6 +9,7 @@ pub mod clock;
 pub mod decode;
 pub mod engine;
 pub mod existing;
+pub mod flowmap;
 pub mod health;
 pub mod netns;
 pub mod privileges;

@@ -5,9 +5,10 @@ use aya_ebpf::{
 };
 use udpmon_common::{COUNTERS, Counter, FlowKey, FlowStats, Offsets};
 
-/// Transitions only; 1 MiB holds ~7000 events, far above any steady transition rate.
+/// Transitions only. 4 MiB holds ~29000 events: a second and more of new flows at 20k/s
+/// while userspace is busy with its once-a-second pass over every flow.
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
 /// Per-flow counters. Size is set by userspace from `--max-flows`.
 #[map]

@@ -130,6 +130,23 @@ fn shared_hooks(counts_by_cached_cookie: bool) -> [Hook; 3] {
     ]
 }
 
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK, often 8 MiB or less: the flow map
+/// alone needs more at the default --max-flows. Later kernels charge the memory cgroup and
+/// ignore the limit, so a failure here only matters there, where map creation will say so.
+fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass and nothing else.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        log::debug!(
+            "raising RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Index of `flags` in udp_recvmsg's prototype: 3 from 5.19 on, 4 before (after `noblock`).
 fn recv_flags_arg(btf: &crate::btf::KernelBtf) -> u32 {
     btf.func_params("udp_recvmsg")
@@ -154,6 +171,7 @@ pub struct LoadOptions {
 
 /// Tries `choice` (or every strategy in order for `None`) and returns the first that works.
 pub fn load(choice: Option<Strategy>, opts: &LoadOptions) -> anyhow::Result<Probes> {
+    raise_memlock();
     let kbtf = crate::btf::KernelBtf::from_sys_fs()
         .context("reading kernel BTF (/sys/kernel/btf/vmlinux); udpmon needs a kernel built with CONFIG_DEBUG_INFO_BTF")?;
     let btf = Btf::from_sys_fs().context("parsing kernel BTF")?;

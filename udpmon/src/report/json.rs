@@ -25,6 +25,8 @@
 //!   predates udpmon: counts and duration are lower bounds)}
 //! - refused: `last_owner` {`pid`, `comm`, `uid`} of the last process seen on the local
 //!   port, or null
+use std::fmt::Write as _;
+
 use serde_json::{Map, Value, json};
 use time::macros::format_description;
 
@@ -43,21 +45,34 @@ impl JsonFormat {
     }
 
     pub fn format(&self, r: &Report) -> String {
+        // The fields every line has are written directly: building them as a
+        // `serde_json::Value` map first cost an allocation or two per field, on the path
+        // that must keep up with bursts of new flows. Addresses and names need no escaping;
+        // `comm` (any bytes) goes through serde_json.
+        let mut out = String::with_capacity(384);
+        let comm = serde_json::to_string(&r.comm).unwrap_or_else(|_| "\"\"".into());
+        let _ = write!(
+            out,
+            r#"{{"ts":"{}","event":"{}","pid":{},"tid":{},"comm":{comm},"uid":{},"cgroup":{},"netns":{},"cookie":{},"family":"{}","local":"{}","remote":"{}""#,
+            self.ts(r.ts_ns),
+            r.kind.name(),
+            r.tgid,
+            r.pid,
+            r.uid,
+            r.cgroup,
+            r.netns,
+            r.cookie,
+            family_name(r.family),
+            r.local,
+            r.remote,
+        );
         let mut m = Map::new();
-        m.insert("ts".into(), self.ts(r.ts_ns).into());
-        m.insert("event".into(), r.kind.name().into());
-        m.insert("pid".into(), r.tgid.into());
-        m.insert("tid".into(), r.pid.into());
-        m.insert("comm".into(), r.comm.clone().into());
-        m.insert("uid".into(), r.uid.into());
-        m.insert("cgroup".into(), r.cgroup.into());
-        m.insert("netns".into(), r.netns.into());
-        m.insert("cookie".into(), r.cookie.into());
-        m.insert("family".into(), family_name(r.family).into());
-        m.insert("local".into(), r.local.to_string().into());
-        m.insert("remote".into(), r.remote.to_string().into());
         self.detail(&r.detail, &mut m);
-        Value::Object(m).to_string()
+        for (k, v) in &m {
+            let _ = write!(out, ",{}:{v}", Value::from(k.as_str()));
+        }
+        out.push('}');
+        out
     }
 
     fn ts(&self, boot_ns: u64) -> String {

@@ -480,3 +480,12 @@ fn wall_clock_is_boot_time_plus_offset() {
         time::OffsetDateTime::UNIX_EPOCH
     );
 }
+
+#[test]
+fn json_escapes_any_comm() {
+    let j = JsonFormat::new(CLOCK);
+    let mut r = close(CloseReason::Closed);
+    r.comm = "a\"b\\c\td\u{1}é".into();
+    let v: Value = serde_json::from_str(&j.format(&r)).unwrap();
+    assert_eq!(v["comm"], r.comm.as_str());
+}

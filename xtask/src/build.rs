@@ -30,11 +30,13 @@ pub fn release() -> anyhow::Result<PathBuf> {
     Ok(workspace_root().join("target/release/udpmon"))
 }
 
+/// The target of the static binaries that go into the VMs.
+const MUSL: &str = "x86_64-unknown-linux-musl";
+
 /// Static (musl) builds of udpmon and of its system-test binary, for the VMs.
 pub fn musl_binaries(path: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
-    const TARGET: &str = "x86_64-unknown-linux-musl";
-    println!("[build] static udpmon and system tests ({TARGET})");
-    run(cargo(path).args(["build", "--release", "-p", "udpmon", "--target", TARGET]))?;
+    println!("[build] static udpmon and system tests ({MUSL})");
+    run(cargo(path).args(["build", "--release", "-p", "udpmon", "--target", MUSL]))?;
     let out = cargo(path)
         .args([
             "test",
@@ -46,7 +48,7 @@ pub fn musl_binaries(path: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
             "--no-run",
             "--message-format=json",
             "--target",
-            TARGET,
+            MUSL,
         ])
         .output()
         .context("building the system tests")?;
@@ -65,10 +67,28 @@ pub fn musl_binaries(path: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((
         workspace_root()
             .join("target")
-            .join(TARGET)
+            .join(MUSL)
             .join("release/udpmon"),
         test_bin,
     ))
+}
+
+/// Static (musl) builds of udpmon and of xtask itself, for the in-VM bench (`xtask
+/// bench-guest`, which reuses the host bench's load generator).
+pub fn musl_bench_binaries(path: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    println!("[build] static udpmon and xtask ({MUSL})");
+    run(cargo(path).args([
+        "build",
+        "--release",
+        "-p",
+        "udpmon",
+        "-p",
+        "xtask",
+        "--target",
+        MUSL,
+    ]))?;
+    let dir = workspace_root().join("target").join(MUSL).join("release");
+    Ok((dir.join("udpmon"), dir.join("xtask")))
 }
 
 pub fn lint() -> anyhow::Result<()> {

@@ -38,7 +38,12 @@ enum Cmd {
     Lint,
     /// Measure what running udpmon costs (hot path, event pipeline, engine, startup): one
     /// table against baselines from the same run. `--smoke`: every step once, tiny durations.
+    /// `--vm KERNEL`: the hot path per hook strategy in a VM instead (ratios only).
     Bench(bench::BenchArgs),
+    /// Inside a bench VM (`cargo xtask bench --vm`): the hot-path measurements, as console
+    /// marker lines.
+    #[command(hide = true)]
+    BenchGuest(bench::GuestArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +55,7 @@ fn main() -> ExitCode {
         Cmd::Test(t) => test::run(&t),
         Cmd::Lint => build::lint(),
         Cmd::Bench(b) => bench::run(&b),
+        Cmd::BenchGuest(g) => bench::guest(&g),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

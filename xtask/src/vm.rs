@@ -1,6 +1,8 @@
 //! VM test tier: the test binary runs as the only program of a busybox initramfs booted
 //! under qemu on Debian cloud kernels, because the host kernel refuses the fentry and
-//! kprobe programs that production kernels allow (see ../shared/TOOLCHAIN.md).
+//! kprobe programs that production kernels allow (see ../shared/TOOLCHAIN.md). The bench
+//! (`cargo xtask bench --vm`) boots the same VMs with a static xtask as that program
+//! ([`run_program_in_vm`]).
 //!
 //! qemu runs with TCG (software emulation): KVM aborts or hangs on these machines.
 //!
@@ -82,19 +84,84 @@ pub fn run_in_vm(
     test_args: &[String],
     timeout: Duration,
 ) -> Result<VmRun> {
-    let work = host::target_dir().join("vm").join(&kernel.name);
+    let mut args = vec!["--test-threads=1".to_string()];
+    args.extend(test_args.iter().cloned());
+    run_program_in_vm(
+        kernel,
+        udpmon_bin,
+        &GuestProgram {
+            work_dir: "vm",
+            tier: format!("vm-{}", kernel.name),
+            program: test_bin.to_path_buf(),
+            name: "udpmon-tests".into(),
+            args,
+            late_cpus: false,
+            boot_timeout: None,
+            qemu_args: Vec::new(),
+        },
+        timeout,
+    )
+}
+
+/// What a VM's /init runs (the system tests, or the bench's guest) and how the VM boots.
+pub struct GuestProgram {
+    /// Directory under the target dir for the initramfs and console log:
+    /// `<target>/<work_dir>/<kernel>/`.
+    pub work_dir: &'static str,
+    /// `UDPMON_TIER` in its environment.
+    pub tier: String,
+    /// A static binary on the host, copied to `/bin/<name>`.
+    pub program: PathBuf,
+    pub name: String,
+    pub args: Vec<String>,
+    /// Boot on one CPU (`maxcpus=1`) and bring the others online from /init: under qemu's
+    /// icount (single-threaded TCG), 6.1 hangs bringing up a second CPU at boot
+    /// ("x86: Booting SMP configuration:") but not when the CPU is hot-plugged later.
+    pub late_cpus: bool,
+    /// Give up early when the kernel has not started /init by then (a kernel that hangs
+    /// on this qemu configuration).
+    pub boot_timeout: Option<Duration>,
+    /// Added to qemu's command line.
+    pub qemu_args: Vec<String>,
+}
+
+/// Like [`run_in_vm`] with any program as the VM's only job: /init runs
+/// `UDPMON_BIN=/bin/udpmon /bin/<name> <args>`, then reports its exit code in the
+/// `UDPMON-VM-RESULT` marker and powers off. Console lines carrying a `UDPMON-VM-` marker
+/// come back in [`VmRun::summary`]; `UDPMON-VM-DATA` lines are collected and logged but not
+/// echoed.
+pub fn run_program_in_vm(
+    kernel: &VmKernel,
+    udpmon_bin: &Path,
+    guest: &GuestProgram,
+    timeout: Duration,
+) -> Result<VmRun> {
+    let work = host::target_dir().join(guest.work_dir).join(&kernel.name);
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let initrd = work.join("initrd.cpio");
     let log = work.join("console.log");
 
     let init = initramfs::Init {
-        tier: format!("vm-{}", kernel.name),
-        test_args: test_args.to_vec(),
+        tier: guest.tier.clone(),
+        program: guest.program.clone(),
+        program_name: guest.name.clone(),
+        args: guest.args.clone(),
+        online_cpus: guest.late_cpus,
     };
-    initramfs::build(kernel, udpmon_bin, test_bin, &init, &initrd)
+    initramfs::build(kernel, udpmon_bin, &init, &initrd)
         .with_context(|| format!("building the initramfs for {}", kernel.name))?;
 
-    let outcome = qemu::boot(kernel, &initrd, &log, timeout)?;
+    let outcome = qemu::boot(
+        kernel,
+        &initrd,
+        &log,
+        &qemu::Machine {
+            timeout,
+            boot_timeout: guest.boot_timeout,
+            kernel_args: if guest.late_cpus { "maxcpus=1" } else { "" },
+            extra_args: &guest.qemu_args,
+        },
+    )?;
     Ok(VmRun {
         kernel: kernel.name.clone(),
         passed: outcome.rc == Some(0),

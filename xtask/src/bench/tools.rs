@@ -39,10 +39,13 @@ impl Udpmon {
         let lines = stderr.clone();
         let reader = thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if line.starts_with(READY_LINE) {
-                    let _ = tx.send(Instant::now());
-                }
+                let at = Instant::now();
+                let ready = line.starts_with(READY_LINE);
+                // Stored before the signal, so whoever waited for it finds the line.
                 lines.lock().expect("stderr lock").push(line);
+                if ready {
+                    let _ = tx.send(at);
+                }
             }
         });
         Ok(Self {
@@ -56,6 +59,21 @@ impl Udpmon {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Everything udpmon printed on stderr so far.
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.lock().expect("stderr lock").clone()
+    }
+
+    /// The "watching UDP sockets (hooks: ...)" line, once printed.
+    pub fn ready_line(&self) -> Option<String> {
+        self.stderr
+            .lock()
+            .expect("stderr lock")
+            .iter()
+            .find(|l| l.starts_with(READY_LINE))
+            .cloned()
     }
 
     fn stderr_text(&self) -> String {

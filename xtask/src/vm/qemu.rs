@@ -23,14 +23,29 @@ pub(super) struct Outcome {
 
 const MARKER: &str = "UDPMON-VM-";
 const RESULT_MARKER: &str = "UDPMON-VM-RESULT rc=";
+/// Machine-readable lines (bench measurements): collected and logged, not echoed.
+const DATA_MARKER: &str = "UDPMON-VM-DATA ";
 const POWEROFF_GRACE: Duration = Duration::from_secs(30);
+
+/// How to run the VM.
+pub(super) struct Machine<'a> {
+    /// The whole run; qemu is killed after it.
+    pub timeout: Duration,
+    /// Killed earlier when /init has not said `UDPMON-VM-BOOTED` by then.
+    pub boot_timeout: Option<Duration>,
+    /// Appended to the kernel command line.
+    pub kernel_args: &'a str,
+    /// Appended to qemu's command line.
+    pub extra_args: &'a [String],
+}
 
 pub(super) fn boot(
     kernel: &VmKernel,
     initrd: &Path,
     log_path: &Path,
-    timeout: Duration,
+    machine: &Machine<'_>,
 ) -> Result<Outcome> {
+    let timeout = machine.timeout;
     host::ensure_packages(&["qemu-system-x86"])?;
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2048"])
@@ -41,7 +56,9 @@ pub(super) fn boot(
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .arg("-append")
+        .arg(format!("console=ttyS0 panic=-1 quiet {}", machine.kernel_args).trim_end())
+        .args(machine.extra_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -66,6 +83,11 @@ pub(super) fn boot(
     ];
 
     let mut deadline = start + timeout;
+    let full_deadline = deadline;
+    if let Some(b) = machine.boot_timeout {
+        deadline = deadline.min(start + b);
+    }
+    let mut booted = false;
     let mut rc = None;
     let mut summary = Vec::new();
     let mut timed_out = false;
@@ -89,9 +111,14 @@ pub(super) fn boot(
         if line.trim().is_empty() {
             continue;
         }
-        println!("[vm {}] {line}", kernel.name);
-        if let Some(marker) = line.find(MARKER).map(|i| &line[i..]) {
+        let marker = line.find(MARKER).map(|i| &line[i..]);
+        if !marker.is_some_and(|m| m.starts_with(DATA_MARKER)) {
+            println!("[vm {}] {line}", kernel.name);
+        }
+        if let Some(marker) = marker {
             if marker.starts_with("UDPMON-VM-BOOTED") {
+                booted = true;
+                deadline = full_deadline;
                 println!(
                     "vm {}: booted after {:.1}s",
                     kernel.name,
@@ -115,6 +142,11 @@ pub(super) fn boot(
         let _ = child.kill();
         let note = if rc.is_some() {
             "UDPMON-VM-TIMEOUT the guest did not power off".to_string()
+        } else if !booted && let Some(b) = machine.boot_timeout {
+            format!(
+                "UDPMON-VM-TIMEOUT the guest did not boot within {}s",
+                b.as_secs()
+            )
         } else {
             format!("UDPMON-VM-TIMEOUT after {}s", timeout.as_secs())
         };

@@ -164,17 +164,9 @@ pub fn silent_drop(st: Strategy) -> Outcome {
     let h = TwoHosts::new("sd");
     let mut u = Udpmon::start(st, &["--silent-after", "1s", "--silent-min-sends", "2"])
         .expect("udpmon starts");
-    let me = std::process::id() as u64;
     let comm = my_comm();
-    let cli = Who {
-        pid: me,
-        comm: &comm,
-        netns: TwoHosts::netns_inode(&h.client),
-    };
-    let srv = Who {
-        netns: TwoHosts::netns_inode(&h.server),
-        ..cli.clone()
-    };
+    let (cli, srv) = Who::test_process(&h, &comm);
+    let me = cli.pid;
     let server = addr(SERVER4, 7300);
     let ssock = udp_socket_in(&h.server, &server);
     let csock = udp_socket_in(&h.client, &addr(CLIENT4, 0));
@@ -278,17 +270,9 @@ pub fn reject_admin(st: Strategy, v6: bool) -> Outcome {
     };
     let h = TwoHosts::new(if v6 { "r6" } else { "r4" });
     let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
-    let me = std::process::id() as u64;
     let comm = my_comm();
-    let cli = Who {
-        pid: me,
-        comm: &comm,
-        netns: TwoHosts::netns_inode(&h.client),
-    };
-    let srv = Who {
-        netns: TwoHosts::netns_inode(&h.server),
-        ..cli.clone()
-    };
+    let (cli, srv) = Who::test_process(&h, &comm);
+    let me = cli.pid;
     let server = addr(sip, 7600);
     let ssock = udp_socket_in(&h.server, &server);
     let csock = udp_socket_in(&h.client, &addr(cip, 0));

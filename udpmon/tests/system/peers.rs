@@ -50,17 +50,9 @@ pub fn peers(st: Strategy, v6: bool, recverr: bool) -> Outcome {
     };
     let h = TwoHosts::new(tag);
     let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
-    let me = std::process::id() as u64;
     let comm = my_comm();
-    let cli = Who {
-        pid: me,
-        comm: &comm,
-        netns: TwoHosts::netns_inode(&h.client),
-    };
-    let srv = Who {
-        netns: TwoHosts::netns_inode(&h.server),
-        ..cli.clone()
-    };
+    let (cli, srv) = Who::test_process(&h, &comm);
+    let me = cli.pid;
 
     let mut peers: Vec<Option<UdpSocket>> = (1..=3)
         .map(|i| Some(udp_socket_in(&h.server, &addr(sip, 7100 + i))))

@@ -258,17 +258,9 @@ pub fn syscalls(st: Strategy, v6: bool) -> Outcome {
     };
     let h = TwoHosts::new(if v6 { "y6" } else { "y4" });
     let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
-    let me = std::process::id() as u64;
     let comm = my_comm();
-    let cli = Who {
-        pid: me,
-        comm: &comm,
-        netns: TwoHosts::netns_inode(&h.client),
-    };
-    let srv = Who {
-        netns: TwoHosts::netns_inode(&h.server),
-        ..cli.clone()
-    };
+    let (cli, srv) = Who::test_process(&h, &comm);
+    let me = cli.pid;
 
     let mut flows = Vec::new();
     for (i, spec) in SPECS.iter().enumerate() {
@@ -382,22 +374,20 @@ pub fn syscalls(st: Strategy, v6: bool) -> Outcome {
         let what = &f.what;
         let (ck, sck) = (&f.client_cookie, &f.server_cookie);
         let (cl, sl) = (&f.client_local, &f.server_local);
-        let c = u.wait_for(&format!("{what}: client close"), |v| {
-            is(v, "close") && of_flow(v, ck, sl)
-        });
-        assert_event(&c, "close", &cli, cl, sl);
-        assert_common(&c, family);
-        assert_close(&c, "closed", f.tx, f.rx);
-        assert_eq!(c["stats"]["icmp_errors"], 0, "{what}: {c}");
-        assert_eq!(c["stats"]["app_errors"], 0, "{what}: {c}");
-        let sc = u.wait_for(&format!("{what}: server close"), |v| {
-            is(v, "close") && of_flow(v, sck, cl)
-        });
-        assert_event(&sc, "close", &srv, sl, cl);
-        assert_common(&sc, family);
-        assert_close(&sc, "closed", f.rx, f.tx);
-        assert_eq!(sc["stats"]["icmp_errors"], 0, "{what}: {sc}");
-        assert_eq!(sc["stats"]["app_errors"], 0, "{what}: {sc}");
+        // Each side's CLOSE: its own tx is the other side's rx.
+        for (side, who, cookie, local, remote, tx, rx) in [
+            ("client", &cli, ck, cl, sl, f.tx, f.rx),
+            ("server", &srv, sck, sl, cl, f.rx, f.tx),
+        ] {
+            let c = u.wait_for(&format!("{what}: {side} close"), |v| {
+                is(v, "close") && of_flow(v, cookie, remote)
+            });
+            assert_event(&c, "close", who, local, remote);
+            assert_common(&c, family);
+            assert_close(&c, "closed", tx, rx);
+            assert_eq!(c["stats"]["icmp_errors"], 0, "{what}: {c}");
+            assert_eq!(c["stats"]["app_errors"], 0, "{what}: {c}");
+        }
     }
     for f in &flows {
         assert_story(

@@ -12,7 +12,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::harness::{Strategy, Udpmon, deadline, s, wait_until};
+use crate::harness::{Strategy, TwoHosts, Udpmon, deadline, s, wait_until};
 
 /// `ip:port` as udpmon prints it (IPv6 in brackets).
 pub fn addr(ip: &str, port: u16) -> String {
@@ -90,6 +90,22 @@ pub struct Who<'a> {
     pub pid: u64,
     pub comm: &'a str,
     pub netns: u64,
+}
+
+impl<'a> Who<'a> {
+    /// This test process (named `comm`) as seen in the client and in the server namespace.
+    pub fn test_process(h: &TwoHosts, comm: &'a str) -> (Who<'a>, Who<'a>) {
+        let cli = Who {
+            pid: std::process::id() as u64,
+            comm,
+            netns: TwoHosts::netns_inode(&h.client),
+        };
+        let srv = Who {
+            netns: TwoHosts::netns_inode(&h.server),
+            ..cli.clone()
+        };
+        (cli, srv)
+    }
 }
 
 /// Asserts the identity fields of an event: kind, pid, comm, netns, local and remote address.

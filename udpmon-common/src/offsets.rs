@@ -43,6 +43,9 @@ pub struct Offsets {
     pub skc_cookie: u32,
     /// `struct sk_buff.sk`
     pub skb_sk: u32,
+    /// `struct sk_buff._skb_refdst`: the route, still attached to an ICMP skb when it is
+    /// freed, dropped from a socket's received skbs before theirs are.
+    pub skb_refdst: u32,
     // struct flowi4 / flowi6: the addresses udp_send_skb/udp_v6_send_skb send with (the
     // route's source address, even for a socket bound to the wildcard). `ports` is
     // `uli.ports`: dport, then sport.
@@ -54,7 +57,7 @@ pub struct Offsets {
     pub fl6_ports: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Offsets>() == 32 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 33 * 4);
 
 impl Offsets {
     pub const fn zeroed() -> Self {
@@ -85,6 +88,7 @@ impl Offsets {
             drop_reason_no_socket: 0,
             skc_cookie: 0,
             skb_sk: 0,
+            skb_refdst: 0,
             fl4_saddr: 0,
             fl4_daddr: 0,
             fl4_ports: 0,

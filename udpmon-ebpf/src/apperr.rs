@@ -8,7 +8,7 @@ use udpmon_common::{
 use crate::{
     flow::fill_identity,
     kread::{read, read_buf},
-    maps::{TASK, emit, offsets, scratch_event},
+    maps::{emit, offsets},
     packet::IPPROTO_UDP,
 };
 
@@ -29,9 +29,10 @@ pub fn cached_cookie(sk: u64) -> u64 {
 const EAGAIN: i32 = 11;
 const MSG_ERRQUEUE: u32 = 0x2000;
 
-/// `ret` is the syscall-level result; `kind` SendError or RecvError.
+/// `ret` is the syscall-level result; `kind` SendError or RecvError. `cookie` is called only
+/// for a failure on a UDP socket.
 #[inline(always)]
-pub fn on_result(sk: u64, ret: i32, msg_flags: u32, kind: EventKind, cookie: u64) {
+pub fn on_result(sk: u64, ret: i32, msg_flags: u32, kind: EventKind, cookie: impl FnOnce() -> u64) {
     // Success, and the non-blocking "nothing yet", are the normal case.
     if ret >= 0 || ret == -EAGAIN || msg_flags & MSG_ERRQUEUE != 0 {
         return;
@@ -41,19 +42,16 @@ pub fn on_result(sk: u64, ret: i32, msg_flags: u32, kind: EventKind, cookie: u64
     if proto != IPPROTO_UDP as u16 {
         return;
     }
-    let Some(ev) = scratch_event(TASK) else {
-        return;
-    };
-    ev.kind = kind as u16;
-    ev.ret = ret;
-    // SAFETY: BPF helper without preconditions.
-    ev.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
-    ev.cookie = cookie;
-    sock_tuple(sk).fill(ev);
-    if !fill_identity(ev, true) {
-        return;
-    }
-    emit(ev);
+    let cookie = cookie();
+    emit(|ev| {
+        ev.kind = kind as u16;
+        ev.ret = ret;
+        // SAFETY: BPF helper without preconditions.
+        ev.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
+        ev.cookie = cookie;
+        sock_tuple(sk).fill(ev);
+        fill_identity(ev, true)
+    });
 }
 
 /// What `struct sock` says about a socket's addresses.

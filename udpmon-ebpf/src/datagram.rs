@@ -1,88 +1,99 @@
 //! Datagram hooks of the tracepoint/cgroup strategy: cgroup_skb egress and ingress on the
 //! cgroup-v2 root see every datagram a UDP socket sends or receives, with both addresses
 //! and the socket cookie, on every kernel since 4.10.
+//!
+//! They also see every packet of every other protocol on the host (each TCP segment, both
+//! ways), so the protocol is decided from the packet's own bytes before any helper call or
+//! map access, and a UDP datagram's headers are then copied once into aligned words: byte
+//! arrays here cost a byte-at-a-time memset and copy loop each in BPF.
+use core::mem::MaybeUninit;
+
+use crate::{
+    flow::{Datagram, Dir, on_datagram},
+    packet::{HDR_WORDS, IPPROTO_UDP, udp_words},
+};
 use aya_ebpf::{
+    bindings::__sk_buff,
     helpers::{bpf_get_socket_cookie, bpf_skb_load_bytes},
     programs::SkBuffContext,
 };
 
-use crate::{
-    flow::{Datagram, Dir, on_datagram},
-    packet::{Bytes, IPPROTO_UDP, l3, udp},
-};
+/// IPv4 header without options and UDP header.
+const HDRS4: u32 = 28;
 
-struct Skb<'a>(&'a SkBuffContext);
-
-impl Bytes for Skb<'_> {
-    #[inline(always)]
-    fn copy(&self, off: u32, dst: &mut [u8]) -> Option<()> {
-        // Direct packet access when the bytes are in the linear area (the common case, and
-        // no helper call: this runs for every datagram); the helper otherwise.
-        // SAFETY: the context's skb; data/data_end are the verifier-checked packet bounds.
-        let (data, end) = unsafe {
-            (
-                (*self.0.skb.skb).data as usize,
-                (*self.0.skb.skb).data_end as usize,
-            )
-        };
-        let start = data + (off as usize & 0xff);
-        if start + dst.len() <= end {
-            for (i, b) in dst.iter_mut().enumerate() {
-                // SAFETY: within [data, data_end), checked above.
-                *b = unsafe { *((start + i) as *const u8) };
-            }
-            return Some(());
-        }
-        // The helper directly, with the constant length: aya's `load_bytes` clamps the
-        // length to what is left of the packet, which the verifier sees as possibly zero.
-        // SAFETY: `dst` is valid for `dst.len()` bytes; the helper checks the skb bounds.
-        let rc = unsafe {
-            bpf_skb_load_bytes(
-                self.0.skb.skb as *const _,
-                off,
-                dst.as_mut_ptr() as *mut _,
-                dst.len() as u32,
-            )
-        };
-        (rc == 0).then_some(())
-    }
-}
-
-/// cgroup_skb: offset 0 is the IP header. `in_task`: egress of a UDP datagram runs in the
-/// sender's syscall (or a kernel worker for corked sends); ingress runs in softirq.
+/// cgroup_skb: offset 0 is the IP header. Egress of a UDP datagram runs in the sender's
+/// syscall (or a kernel worker for corked sends); ingress runs in softirq.
 #[inline(always)]
 pub fn on_skb(ctx: &SkBuffContext, dir: Dir) {
-    let b = Skb(ctx);
-    let Some(ip) = l3(&b, 0) else { return };
-    if ip.proto != IPPROTO_UDP {
+    let skb = ctx.skb.skb;
+    // SAFETY: the context's skb; data/data_end are the verifier-checked packet bounds.
+    let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
+    // The version and protocol bytes are linear for every packet cgroup_skb sees.
+    if data + 10 > end {
         return;
     }
-    let Some((sport, dport, bytes)) = udp(&b, ip.l4_off) else {
-        return;
+    // SAFETY: within [data, data_end), checked above.
+    let (vihl, proto4, proto6) = unsafe {
+        (
+            *(data as *const u8),
+            *((data + 9) as *const u8),
+            *((data + 6) as *const u8),
+        )
     };
+    let v6 = match vihl >> 4 {
+        4 if proto4 == IPPROTO_UDP => false,
+        6 if proto6 == IPPROTO_UDP => true,
+        _ => return,
+    };
+    // Words, not bytes, and left uninitialised for the helper to fill: zeroing it would be a
+    // call to a byte-at-a-time memset.
+    let mut h = MaybeUninit::<[u32; HDR_WORDS]>::uninit();
+    let w = h.as_mut_ptr() as *mut u32;
+    let ihl = (vihl & 0x0f) as u32 * 4;
+    let loaded = if v6 {
+        load(skb, 0, w, HDR_WORDS as u32 * 4)
+    } else if ihl == 20 {
+        load(skb, 0, w, HDRS4)
+    } else {
+        // IPv4 options: the UDP header goes where it would be without them.
+        // SAFETY: word 5 of 12.
+        load(skb, 0, w, 20) && load(skb, ihl, unsafe { w.add(5) }, 8)
+    };
+    if !loaded {
+        return;
+    }
+    // SAFETY: only words the helper wrote are read (IPv4: 0..7, IPv6: 0..12).
+    let u = udp_words(|i| unsafe { w.add(i).read() }, v6);
     // SAFETY: the helper accepts the program's own skb context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut _) };
+    let cookie = unsafe { bpf_get_socket_cookie(skb as *mut _) };
     let d = match dir {
         Dir::Tx => Datagram {
             cookie,
-            family: ip.family,
-            local: ip.saddr,
-            remote: ip.daddr,
-            lport: sport,
-            rport: dport,
-            bytes,
+            family: u.family,
+            local: u.saddr,
+            remote: u.daddr,
+            lport: u.sport,
+            rport: u.dport,
+            bytes: u.bytes,
             sk: 0,
         },
         Dir::Rx => Datagram {
             cookie,
-            family: ip.family,
-            local: ip.daddr,
-            remote: ip.saddr,
-            lport: dport,
-            rport: sport,
-            bytes,
+            family: u.family,
+            local: u.daddr,
+            remote: u.saddr,
+            lport: u.dport,
+            rport: u.sport,
+            bytes: u.bytes,
             sk: 0,
         },
     };
     on_datagram(&d, dir, false);
+}
+
+/// `len` bytes of the packet at `off` into `dst`.
+#[inline(always)]
+fn load(skb: *mut __sk_buff, off: u32, dst: *mut u32, len: u32) -> bool {
+    // SAFETY: callers pass room for `len` bytes; the helper checks the skb bounds.
+    unsafe { bpf_skb_load_bytes(skb as *const _, off, dst as *mut _, len) == 0 }
 }

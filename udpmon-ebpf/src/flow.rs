@@ -11,9 +11,7 @@ use aya_ebpf::{
 };
 use udpmon_common::{Counter, Event, EventKind, FlowKey, FlowStats, event::flags};
 
-use crate::maps::{
-    FLOWS, OWNERS, Owner, SENDERS, SOFTIRQ, TASK, TupleKey, count, emit, scratch_event, self_tgid,
-};
+use crate::maps::{FLOWS, OWNERS, Owner, SENDERS, TupleKey, count, emit, self_tgid};
 
 /// A datagram seen on the wire side of a socket. Addresses as in [`Event`].
 pub struct Datagram {
@@ -91,33 +89,24 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
         };
         let _ = SENDERS.insert(tk, d.cookie, 0);
     }
-    // Sends run in process context, receives (cgroup ingress, enqueue) in softirq.
-    let slot = match dir {
-        Dir::Tx => TASK,
-        Dir::Rx => SOFTIRQ,
-    };
-    let Some(ev) = scratch_event(slot) else {
-        return;
-    };
-    ev.kind = match dir {
-        Dir::Tx => EventKind::FirstTx,
-        Dir::Rx => EventKind::FirstRx,
-    } as u16;
-    ev.family = d.family;
-    ev.ts_ns = now;
-    ev.cookie = d.cookie;
-    ev.local = d.local;
-    ev.remote = d.remote;
-    ev.lport = d.lport;
-    ev.rport = d.rport;
-    ev.ret = d.bytes as i32;
-    if d.sk != 0 {
-        ev.netns = crate::apperr::sock_netns(d.sk);
-    }
-    if !fill_identity(ev, in_task) {
-        return;
-    }
-    emit(ev);
+    emit(|ev| {
+        ev.kind = match dir {
+            Dir::Tx => EventKind::FirstTx,
+            Dir::Rx => EventKind::FirstRx,
+        } as u16;
+        ev.family = d.family;
+        ev.ts_ns = now;
+        ev.cookie = d.cookie;
+        ev.local = d.local;
+        ev.remote = d.remote;
+        ev.lport = d.lport;
+        ev.rport = d.rport;
+        ev.ret = d.bytes as i32;
+        if d.sk != 0 {
+            ev.netns = crate::apperr::sock_netns(d.sk);
+        }
+        fill_identity(ev, in_task)
+    });
 }
 
 /// Returns true when this datagram is the first of its direction.

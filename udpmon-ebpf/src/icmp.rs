@@ -1,25 +1,29 @@
-//! ICMP errors: which flow they are about, and whether the application was told.
-//!
-//! All three steps run synchronously on one CPU in the ICMP's softirq, so a per-CPU slot
-//! carries the error from one hook to the next:
-//! 1. `begin` when the ICMP error is parsed (tp_btf netif_receive_skb in the tracepoint
-//!    strategy, entry of icmp_rcv/icmpv6_rcv with trampolines or kprobes);
-//! 2. `on_error_report` from tp_btf inet_sk_error_report, which fires only when the kernel
-//!    sets sk_err or queues the error (KERNEL.md §3): that gives the socket and the verdict;
-//! 3. `finish` when the ICMP skb is freed (tracepoint strategy) or icmp_rcv/icmpv6_rcv
-//!    return (the UDP error handler, which ties the error to its socket, runs inside them).
+//! ICMP errors: which flow they are about, and whether the application was told. The same
+//! two tracepoints serve every strategy, and neither runs for ordinary traffic:
+//! 1. tp_btf inet_sk_error_report fires only when the kernel sets sk_err or queues the error
+//!    on a socket (KERNEL.md §3), inside the UDP error handler: `on_error_report` keeps what
+//!    it says in a per-CPU slot;
+//! 2. the ICMP skb is freed (consume_skb, or kfree_skb) as soon as icmp_rcv/icmpv6_rcv are
+//!    done with it, on the same CPU: `on_skb_freed` recognises it, parses the datagram it
+//!    quotes and reports the error with the slot's verdict if the slot is about that
+//!    datagram's socket, else as discarded (or no socket). One skb is handled at a time
+//!    from report to free, so two errors in one NAPI batch cannot take each other's verdict.
 use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_ktime_get_boot_ns};
 use udpmon_common::{
-    Event, EventKind,
-    event::{AF_INET, flags, verdict},
+    EventKind,
+    event::{flags, verdict},
 };
 
 use crate::{
     flow::fill_identity,
     kread::read,
-    maps::{PENDING_ICMP, PendingIcmp, SENDERS, TupleKey, emit, offsets},
+    maps::{ERROR_REPORT, ErrorReport, SENDERS, TupleKey, emit, field, off, offsets},
     packet::{Bytes, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, l3, udp},
 };
+
+/// A report and the free of the ICMP skb it is about are microseconds apart on one CPU; an
+/// older report came from something else (`ss -K`, a TCP-style abort) and is not used.
+const REPORT_VALID_NS: u64 = 1_000_000;
 
 /// Kernel memory from a base address, read with bpf_probe_read_kernel.
 pub struct Kmem(pub u64);
@@ -65,186 +69,149 @@ fn is_error(proto: u8, ty: u8) -> bool {
     }
 }
 
-/// Tracepoint strategy (tp_btf netif_receive_skb): every received packet. At this
-/// tracepoint `skb->data` is the L3 header: one read instead of head + offset.
+/// tp_btf consume_skb and kfree_skb: every skb the kernel frees, on every strategy: each
+/// packet a NIC transmits, and the received skbs a socket frees on another CPU than the one
+/// they arrived on. So plain loads rule out all but ICMP errors before any helper call: an
+/// ICMP skb belongs to no socket, still has its route, and its data starts right after the
+/// 8-byte ICMP header (icmp_rcv and icmpv6_rcv pull it, leaving `data` at the quoted
+/// datagram). Transmitted skbs have a socket or an L2 header at `data`; deferred received
+/// ones have had their route dropped.
 #[inline(always)]
-pub fn on_receive(skb: u64) {
-    on_packet(skb, &Kmem(read(skb, offsets().skb_data)));
-}
-
-/// Trampoline/kprobe strategies: entry of icmp_rcv/icmpv6_rcv, where `skb->data` is
-/// already past the IP header, so the L3 header is found from `network_header`.
-#[inline(always)]
-pub fn on_icmp_rcv(skb: u64) {
-    on_packet(skb, &Kmem(skb_l3(skb)));
-}
-
-/// Starts tracking a packet (its L3 header at `b`) if it is an ICMP error about a UDP
-/// datagram.
-#[inline(always)]
-fn on_packet(skb: u64, b: &Kmem) {
-    // This can run for every packet the host receives: look at the protocol byte alone
-    // before parsing anything (IPv4: byte 9; IPv6: next header, byte 6).
-    let mut h = [0u8; 10];
-    if b.copy(0, &mut h).is_none() {
+pub fn on_skb_freed(skb: u64) {
+    let sk: u64 = field(skb, off!(skb_sk));
+    let dst: u64 = field(skb, off!(skb_refdst));
+    if sk != 0 || dst == 0 {
         return;
     }
-    let proto = match h[0] >> 4 {
-        4 => h[9],
-        6 => h[6],
-        _ => return,
+    let head: u64 = field(skb, off!(skb_head));
+    let data: u64 = field(skb, off!(skb_data));
+    let th: u16 = field(skb, off!(skb_transport_header));
+    if data != head + th as u64 + 8 {
+        return;
+    }
+    let nh: u16 = field(skb, off!(skb_network_header));
+    let Some(outer) = l3(&Kmem(head + nh as u64), 0) else {
+        return;
     };
-    if proto != IPPROTO_ICMP && proto != IPPROTO_ICMPV6 {
-        return;
-    }
-    let Some(outer) = l3(b, 0) else { return };
     if outer.proto != IPPROTO_ICMP && outer.proto != IPPROTO_ICMPV6 {
         return;
     }
     let mut icmp = [0u8; 2];
-    if b.copy(outer.l4_off, &mut icmp).is_none() || !is_error(outer.proto, icmp[0]) {
+    if Kmem(head + th as u64).copy(0, &mut icmp).is_none() || !is_error(outer.proto, icmp[0]) {
         return;
     }
-    // The offending datagram follows the 8-byte ICMP header.
-    begin(
-        skb,
-        b,
-        outer.l4_off + 8,
-        icmp[0],
-        icmp[1],
-        &outer.saddr,
-        skb_netns(skb),
-    );
-}
-
-#[inline(always)]
-fn begin<B: Bytes>(skb: u64, b: &B, inner_off: u32, ty: u8, code: u8, from: &[u8; 16], netns: u32) {
-    let Some(inner) = l3(b, inner_off) else {
+    let b = Kmem(data);
+    let Some(inner) = l3(&b, 0) else {
         return;
     };
     if inner.proto != IPPROTO_UDP {
         return;
     }
-    let Some((sport, dport, _)) = udp(b, inner.l4_off) else {
+    let Some((sport, dport, _)) = udp(&b, inner.l4_off) else {
         return;
     };
-    let Some(slot) = PENDING_ICMP.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: per-CPU slot; softirq processing on this CPU is not re-entered.
-    let slot = unsafe { &mut *slot };
-    if slot.skb != 0 {
-        flush(slot);
-    }
-    let mut ev = Event::zeroed();
-    ev.kind = EventKind::Icmp as u16;
-    ev.family = inner.family;
     // SAFETY: BPF helper without preconditions.
-    ev.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
-    ev.netns = netns;
-    // The inner datagram is one we sent: its source is us, its destination the peer.
-    ev.local = inner.saddr;
-    ev.remote = inner.daddr;
-    ev.lport = sport;
-    ev.rport = dport;
-    ev.icmp_type = ty;
-    ev.icmp_code = code;
-    ev.icmp_from = *from;
-    let tk = TupleKey {
-        remote: inner.daddr,
-        lport: sport,
-        rport: dport,
-        family: inner.family,
-        _pad: 0,
-    };
-    // SAFETY: the value is copied out at once.
-    if let Some(c) = unsafe { SENDERS.get(tk) } {
-        ev.cookie = *c;
-    }
-    *slot = PendingIcmp { skb, event: ev };
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let report = take_report(sport, now);
+    emit(|ev| {
+        ev.kind = EventKind::Icmp as u16;
+        ev.family = inner.family;
+        ev.ts_ns = now;
+        ev.netns = skb_netns(skb);
+        // The quoted datagram is one we sent: its source is us, its destination the peer.
+        ev.local = inner.saddr;
+        ev.remote = inner.daddr;
+        ev.lport = sport;
+        ev.rport = dport;
+        ev.icmp_type = icmp[0];
+        ev.icmp_code = icmp[1];
+        ev.icmp_from = outer.saddr;
+        if let Some(r) = report {
+            ev.cookie = r.cookie;
+            ev.verdict = r.verdict;
+            ev.icmp_errno = r.errno;
+            ev.flags |= r.flags;
+        } else {
+            let tk = TupleKey {
+                remote: inner.daddr,
+                lport: sport,
+                rport: dport,
+                family: inner.family,
+                _pad: 0,
+            };
+            // SAFETY: the value is copied out at once.
+            if let Some(c) = unsafe { SENDERS.get(tk) } {
+                ev.cookie = *c;
+            }
+        }
+        if ev.verdict == 0 {
+            ev.verdict = if ev.cookie != 0 {
+                verdict::DISCARDED
+            } else {
+                verdict::NO_SOCKET
+            };
+        }
+        fill_identity(ev, false)
+    });
 }
 
-/// tp_btf inet_sk_error_report: the kernel told (or queued for) the socket.
+/// The report this CPU's slot holds about local port `lport`, if recent; the slot is emptied
+/// either way, since the ICMP now being freed is the one any recent report was about.
+#[inline(always)]
+fn take_report(lport: u16, now: u64) -> Option<ErrorReport> {
+    let slot = ERROR_REPORT.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot, written and read only in this softirq on this CPU.
+    let slot = unsafe { &mut *slot };
+    let r = *slot;
+    slot.ts_ns = 0;
+    let fresh = r.ts_ns != 0 && now.saturating_sub(r.ts_ns) < REPORT_VALID_NS;
+    (fresh && r.lport == lport).then_some(r)
+}
+
+/// tp_btf inet_sk_error_report: the kernel told (or queued for) a socket. Fires twice for
+/// an IP_RECVERR socket: first for the queued error (sk_err still 0), then with sk_err set.
 #[inline(always)]
 pub fn on_error_report(sk: u64) {
-    let Some(slot) = PENDING_ICMP.get_ptr_mut(0) else {
+    let proto: u16 = field(sk, off!(sk_protocol));
+    if proto != IPPROTO_UDP as u16 {
+        return;
+    }
+    let Some(slot) = ERROR_REPORT.get_ptr_mut(0) else {
         return;
     };
-    // SAFETY: per-CPU slot, see `begin`.
+    // SAFETY: per-CPU slot, see `take_report`.
     let slot = unsafe { &mut *slot };
-    if slot.skb == 0 {
-        // Not an ICMP we parsed (e.g. `ss -K` aborting a socket).
-        return;
-    }
-    let o = offsets();
-    let lport: u16 = read(sk, o.skc_num);
-    if lport != slot.event.lport {
-        return;
-    }
-    let qlen: u32 = read(sk, o.sk_error_queue_qlen);
-    let err: i32 = read(sk, o.sk_err);
-    let state: u8 = read(sk, o.skc_state);
-    let ev = &mut slot.event;
-    // SAFETY: `sk` is the tracepoint's trusted socket pointer.
-    ev.cookie = unsafe { bpf_get_socket_cookie(sk as *mut _) };
-    // With IP_RECVERR the report fires twice: first for the queued error (sk_err still 0),
-    // then with sk_err set.
+    // SAFETY: BPF helper without preconditions; `sk` is the tracepoint's trusted pointer.
+    let (now, cookie) = unsafe { (bpf_ktime_get_boot_ns(), bpf_get_socket_cookie(sk as *mut _)) };
+    let qlen: u32 = field(sk, off!(sk_error_queue_qlen));
+    let err: i32 = field(sk, off!(sk_err));
+    let state: u8 = field(sk, off!(skc_state));
+    let again = slot.ts_ns != 0 && slot.cookie == cookie;
+    let mut r = if again {
+        *slot
+    } else {
+        ErrorReport {
+            ts_ns: 0,
+            cookie,
+            lport: field(sk, off!(skc_num)),
+            verdict: 0,
+            _pad: [0; 5],
+            errno: 0,
+            flags: 0,
+        }
+    };
+    r.ts_ns = now;
     if qlen > 0 {
-        ev.verdict = verdict::QUEUED;
-        ev.flags |= flags::RECVERR;
-    } else if err != 0 && ev.verdict != verdict::QUEUED {
-        ev.verdict = verdict::NOTIFIED;
+        r.verdict = verdict::QUEUED;
+        r.flags |= flags::RECVERR;
+    } else if err != 0 && r.verdict != verdict::QUEUED {
+        r.verdict = verdict::NOTIFIED;
     }
     if err != 0 {
-        ev.icmp_errno = err as u32;
+        r.errno = err as u32;
     }
     if state == 1 {
-        ev.flags |= flags::CONNECTED;
+        r.flags |= flags::CONNECTED;
     }
-}
-
-/// End of the ICMP's processing: emit it with its verdict.
-#[inline(always)]
-pub fn on_skb_freed(skb: u64) {
-    let Some(slot) = PENDING_ICMP.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: per-CPU slot, see `begin`.
-    let slot = unsafe { &mut *slot };
-    if slot.skb != 0 && slot.skb == skb {
-        flush(slot);
-    }
-}
-
-/// kretprobe of icmp_rcv/icmpv6_rcv: no skb at return, but the slot can only hold this call's error.
-#[inline(always)]
-pub fn on_handler_done() {
-    let Some(slot) = PENDING_ICMP.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: per-CPU slot, see `begin`.
-    let slot = unsafe { &mut *slot };
-    if slot.skb != 0 {
-        flush(slot);
-    }
-}
-
-#[inline(always)]
-fn flush(slot: &mut PendingIcmp) {
-    slot.skb = 0;
-    let ev = &mut slot.event;
-    if ev.verdict == 0 {
-        ev.verdict = if ev.cookie != 0 {
-            verdict::DISCARDED
-        } else {
-            verdict::NO_SOCKET
-        };
-    }
-    if ev.family == 0 {
-        ev.family = AF_INET;
-    }
-    if !fill_identity(ev, false) {
-        return;
-    }
-    emit(ev);
+    *slot = r;
 }

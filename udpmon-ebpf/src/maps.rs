@@ -1,9 +1,11 @@
 //! Maps and globals shared by every program.
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
-use udpmon_common::{COUNTERS, Counter, FlowKey, FlowStats, Offsets};
+use udpmon_common::{COUNTERS, Counter, Event, FlowKey, FlowStats, Offsets};
 
 /// Transitions only. 4 MiB holds ~29000 events: a second and more of new flows at 20k/s
 /// while userspace is busy with its once-a-second pass over every flow.
@@ -28,34 +30,18 @@ pub static SENDERS: LruHashMap<TupleKey, u64> = LruHashMap::with_max_entries(655
 #[map]
 pub static NO_SOCKET_SEEN: LruHashMap<TupleKey, u64> = LruHashMap::with_max_entries(4096, 0);
 
+/// Per-CPU budget of closed-port reports (see refused.rs).
+#[map]
+pub static NO_SOCKET_BUDGET: PerCpuArray<Budget> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 pub static HEALTH: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
 
-/// An ICMP error being processed on this CPU (between the ICMP receive and the end of its
-/// handling), so that the error report in between can set the verdict.
+/// What the kernel last told a UDP socket on this CPU (tp_btf inet_sk_error_report), for
+/// the ICMP error being handled there: its skb is freed right after, on the same CPU, and
+/// that is where the error is reported (see icmp.rs).
 #[map]
-pub static PENDING_ICMP: PerCpuArray<PendingIcmp> = PerCpuArray::with_max_entries(1, 0);
-
-/// Room to build an event: the BPF stack (512 bytes) cannot hold several.
-#[map]
-pub static SCRATCH: PerCpuArray<udpmon_common::Event> = PerCpuArray::with_max_entries(2, 0);
-
-/// Scratch slot of programs that run in process context (send, connect, close, errors).
-pub const TASK: u32 = 0;
-/// Scratch slot of programs that run in softirq (receive, drops). A softirq can interrupt a
-/// process-context program on the same CPU mid-event (tracing and cgroup programs run with
-/// migration, not bottom halves, disabled), so the two must not share a slot.
-pub const SOFTIRQ: u32 = 1;
-
-/// A zeroed per-CPU event to fill, in the slot of the calling context.
-#[inline(always)]
-pub fn scratch_event(slot: u32) -> Option<&'static mut udpmon_common::Event> {
-    let p = SCRATCH.get_ptr_mut(slot)?;
-    // SAFETY: per-CPU slot of this context; programs of one context do not nest.
-    let ev = unsafe { &mut *p };
-    *ev = udpmon_common::Event::zeroed();
-    Some(ev)
-}
+pub static ERROR_REPORT: PerCpuArray<ErrorReport> = PerCpuArray::with_max_entries(1, 0);
 
 #[unsafe(no_mangle)]
 pub static OFFSETS: Offsets = Offsets::zeroed();
@@ -89,10 +75,24 @@ pub struct TupleKey {
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct PendingIcmp {
-    /// The ICMP skb, to recognise the end of its processing; 0 = slot empty.
-    pub skb: u64,
-    pub event: udpmon_common::Event,
+pub struct Budget {
+    pub window_ns: u64,
+    pub used: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ErrorReport {
+    /// When it was made; a report older than an ICMP's handling is not about that ICMP.
+    pub ts_ns: u64,
+    pub cookie: u64,
+    pub lport: u16,
+    pub verdict: u8,
+    pub _pad: [u8; 5],
+    /// `sk_err` (positive errno), 0 while only queued.
+    pub errno: u32,
+    /// `Event::flags` bits learned from the socket (CONNECTED, RECVERR).
+    pub flags: u32,
 }
 
 #[inline(always)]
@@ -108,19 +108,58 @@ pub fn self_tgid() -> u32 {
     unsafe { core::ptr::read_volatile(&SELF_TGID) }
 }
 
+/// Adds one to a health counter. Atomic although per-CPU: a softirq program can interrupt a
+/// process-context one on the same CPU between its load and its store.
 #[inline(always)]
 pub fn count(c: Counter) {
     if let Some(p) = HEALTH.get_ptr_mut(c as u32) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *p += 1 };
+        // SAFETY: a valid per-CPU map value for this program run.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, 1) };
     }
 }
 
-/// Sends `ev` to userspace, counting the loss if the ring buffer is full.
+/// Builds an event in place in the ring buffer: `fill` gets a zeroed record and returns
+/// whether to send it (false discards it, e.g. for udpmon's own sockets). Each program run
+/// owns its reservation, so programs that interrupt each other on a CPU cannot mix their
+/// events, and nothing is copied.
 #[inline(always)]
-pub fn emit(ev: &udpmon_common::Event) {
-    match EVENTS.output::<udpmon_common::Event>(ev, 0) {
-        Ok(()) => count(Counter::EventsSent),
-        Err(_) => count(Counter::RingbufFull),
+pub fn emit(fill: impl FnOnce(&mut Event) -> bool) {
+    let Some(mut rec) = EVENTS.reserve::<Event>(0) else {
+        count(Counter::RingbufFull);
+        return;
+    };
+    // Zeroed a word at a time: `Event::zeroed()` would be a call to a byte-at-a-time memset.
+    let words = rec.as_mut_ptr() as *mut u64;
+    for i in 0..size_of::<Event>() / 8 {
+        // SAFETY: within the reserved record, which is 8-byte aligned.
+        unsafe { words.add(i).write_volatile(0) };
+    }
+    // SAFETY: every byte was just written, and all-zero is a valid Event.
+    if fill(unsafe { rec.assume_init_mut() }) {
+        rec.submit(0);
+        count(Counter::EventsSent);
+    } else {
+        rec.discard(0);
     }
 }
+
+/// A field of a BTF-typed kernel pointer (tp_btf and fentry arguments, and pointers loaded
+/// from them) with a plain load: the verifier checks it against the kernel's BTF and makes a
+/// faulting load read zero, so no helper is called. `off` must be a verifier-known constant:
+/// an `off!` field of the read-only `OFFSETS`. kprobes must use `kread::read` instead.
+#[inline(always)]
+pub fn field<T: Copy>(base: u64, off: u32) -> T {
+    // SAFETY: see above; the load is checked by the verifier, not by Rust.
+    unsafe { core::ptr::read_volatile((base + off as u64) as *const T) }
+}
+
+/// One field of `OFFSETS`, as a single load from the frozen read-only map, which the
+/// verifier then knows as a constant (what `field` needs).
+macro_rules! off {
+    ($f:ident) => {
+        // SAFETY: a read-only global set at load time; volatile keeps the compiler from
+        // folding its zeroed initial value.
+        unsafe { core::ptr::read_volatile(&raw const $crate::maps::OFFSETS.$f) }
+    };
+}
+pub(crate) use off;

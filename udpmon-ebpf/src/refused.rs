@@ -5,13 +5,16 @@ use udpmon_common::{Counter, EventKind, event::flags};
 
 use crate::{
     icmp::{Kmem, skb_l3, skb_netns},
-    maps::{NO_SOCKET_SEEN, SOFTIRQ, TupleKey, count, emit, offsets, scratch_event},
+    maps::{NO_SOCKET_BUDGET, NO_SOCKET_SEEN, TupleKey, count, emit, offsets},
     packet::{IPPROTO_UDP, l3, udp},
 };
 
 /// A peer that keeps sending is reported at most once a second per tuple; the suppressed
 /// ones are counted.
 const REPORT_EVERY_NS: u64 = 1_000_000_000;
+/// And at most this many tuples a second per CPU: a flood from random sources or to random
+/// ports must not fill the ring buffer and push out every other event.
+const REPORTS_PER_SEC_PER_CPU: u64 = 256;
 
 /// tp_btf kfree_skb: `reason` is `enum skb_drop_reason` (resolved from BTF by userspace).
 #[inline(always)]
@@ -43,19 +46,39 @@ pub fn on_drop(skb: u64, reason: u32) {
         count(Counter::NoSocketSuppressed);
         return;
     }
-    let _ = NO_SOCKET_SEEN.insert(tk, now, 0);
-    let Some(ev) = scratch_event(SOFTIRQ) else {
+    if !within_budget(now) {
+        count(Counter::NoSocketSuppressed);
         return;
+    }
+    let _ = NO_SOCKET_SEEN.insert(tk, now, 0);
+    emit(|ev| {
+        ev.kind = EventKind::NoSocket as u16;
+        ev.family = ip.family;
+        ev.flags = flags::TASK_UNRELATED;
+        ev.ts_ns = now;
+        ev.netns = skb_netns(skb);
+        ev.local = ip.daddr;
+        ev.remote = ip.saddr;
+        ev.lport = dport;
+        ev.rport = sport;
+        ev.ret = bytes as i32;
+        true
+    });
+}
+
+/// Takes one report from this CPU's budget for the current second.
+#[inline(always)]
+fn within_budget(now: u64) -> bool {
+    let Some(b) = NO_SOCKET_BUDGET.get_ptr_mut(0) else {
+        return false;
     };
-    ev.kind = EventKind::NoSocket as u16;
-    ev.family = ip.family;
-    ev.flags = flags::TASK_UNRELATED;
-    ev.ts_ns = now;
-    ev.netns = skb_netns(skb);
-    ev.local = ip.daddr;
-    ev.remote = ip.saddr;
-    ev.lport = dport;
-    ev.rport = sport;
-    ev.ret = bytes as i32;
-    emit(ev);
+    // SAFETY: per-CPU slot; the kernel never runs a tracing program nested in itself on one
+    // CPU (it skips the inner run and counts a recursion miss).
+    let b = unsafe { &mut *b };
+    if now.saturating_sub(b.window_ns) >= 1_000_000_000 {
+        b.window_ns = now;
+        b.used = 0;
+    }
+    b.used += 1;
+    b.used <= REPORTS_PER_SEC_PER_CPU
 }

@@ -1,7 +1,9 @@
-//! Socket-level hooks of the trampoline and kprobe strategies (udp_sendmsg, __udp_enqueue_schedule_skb,
+//! Socket-level hooks of the fentry and kprobe strategies (udp_send_skb, __udp_enqueue_schedule_skb,
 //! udp_recvmsg, connect, disconnect, destroy). Each takes raw kernel pointers so that the
 //! fentry and the kprobe entry points can share it.
-use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
+use core::mem::MaybeUninit;
+
+use aya_ebpf::helpers::{bpf_ktime_get_boot_ns, bpf_probe_read_kernel_buf};
 use udpmon_common::{
     Counter, EventKind,
     event::{AF_INET, AF_INET6},
@@ -11,14 +13,14 @@ use crate::{
     apperr::{self, sock_tuple},
     flow::{Datagram, Dir, fill_identity, on_datagram},
     icmp::Kmem,
-    kread::{read, read_buf},
-    maps::{OWNERS, TASK, count, emit, offsets, scratch_event},
-    packet::{Bytes, IPPROTO_UDP, l3, udp},
+    kread::{Kernel, Probe, read},
+    maps::{OWNERS, count, emit, off, offsets},
+    packet::{Bytes, HDR_WORDS, IPPROTO_UDP, UdpHeaders, addr_bytes, ip_proto, udp, udp_words},
 };
 
 #[inline(always)]
-fn is_udp(sk: u64) -> bool {
-    let proto: u16 = read(sk, offsets().sk_protocol);
+fn is_udp<K: Kernel>(sk: u64) -> bool {
+    let proto: u16 = K::get(sk, off!(sk_protocol));
     proto == IPPROTO_UDP as u16
 }
 
@@ -59,41 +61,47 @@ fn sockaddr(addr: u64) -> Option<(u16, [u8; 16], u16)> {
 /// socket pointer here is read, not typed, and udpmon makes the kernel generate every UDP
 /// socket's cookie (cgroup sock_create, and sock_diag for the sockets that already exist).
 #[inline(always)]
-pub fn on_send_skb(skb: u64, fl: u64, v6: bool) {
-    let o = offsets();
-    let sk: u64 = read(skb, o.skb_sk);
-    if sk == 0 || !is_udp(sk) {
+pub fn on_send_skb<K: Kernel>(skb: u64, fl: u64, v6: bool) {
+    let sk: u64 = K::get(skb, off!(skb_sk));
+    if sk == 0 || !is_udp::<K>(sk) {
         return;
     }
-    let cookie = apperr::cached_cookie(sk);
+    let cookie: u64 = K::get(sk, off!(skc_cookie));
     if cookie == 0 {
         count(Counter::NoCookie);
         return;
     }
-    let (mut local, mut remote) = ([0u8; 16], [0u8; 16]);
-    let (family, ports_off) = if v6 {
-        read_buf(fl, o.fl6_saddr, &mut local);
-        read_buf(fl, o.fl6_daddr, &mut remote);
-        (AF_INET6, o.fl6_ports)
+    let (family, local, remote, ports) = if v6 {
+        (
+            AF_INET6,
+            K::addr(fl, off!(fl6_saddr), true),
+            K::addr(fl, off!(fl6_daddr), true),
+            off!(fl6_ports),
+        )
     } else {
-        read_buf(fl, o.fl4_saddr, &mut local[..4]);
-        read_buf(fl, o.fl4_daddr, &mut remote[..4]);
-        (AF_INET, o.fl4_ports)
+        (
+            AF_INET,
+            K::addr(fl, off!(fl4_saddr), false),
+            K::addr(fl, off!(fl4_daddr), false),
+            off!(fl4_ports),
+        )
     };
-    let ports: [u8; 4] = read(fl, ports_off);
+    // `ports` is `fl_ip_dport` then `fl_ip_sport`, each a member of its own.
+    let rport: u16 = K::get(fl, ports);
+    let lport: u16 = K::get(fl, ports + 2);
     // As the kernel computes it there: skb->len minus the transport offset, minus the header.
-    let len: u32 = read(skb, o.skb_len);
-    let data: u64 = read(skb, o.skb_data);
-    let head: u64 = read(skb, o.skb_head);
-    let th: u16 = read(skb, o.skb_transport_header);
+    let len: u32 = K::get(skb, off!(skb_len));
+    let data: u64 = K::get(skb, off!(skb_data));
+    let head: u64 = K::get(skb, off!(skb_head));
+    let th: u16 = K::get(skb, off!(skb_transport_header));
     let l4_off = (head + th as u64).wrapping_sub(data) as u32;
     let d = Datagram {
         cookie,
         family,
         local,
         remote,
-        lport: u16::from_be_bytes([ports[2], ports[3]]),
-        rport: u16::from_be_bytes([ports[0], ports[1]]),
+        lport: u16::from_be(lport),
+        rport: u16::from_be(rport),
         bytes: len.saturating_sub(l4_off).saturating_sub(UDP_HDR),
         sk,
     };
@@ -107,7 +115,7 @@ const UDP_HDR: u32 = 8;
 /// udp_sendmsg entered from there (a v4-mapped destination) is skipped so that one failure
 /// is reported once.
 #[inline(always)]
-pub fn on_send_result(sk: u64, ret: i32, v6_entry: bool, cookie: u64) {
+pub fn on_send_result(sk: u64, ret: i32, v6_entry: bool, cookie: impl FnOnce() -> u64) {
     if ret >= 0 {
         return;
     }
@@ -123,29 +131,56 @@ pub fn on_send_result(sk: u64, ret: i32, v6_entry: bool, cookie: u64) {
 /// cgroup_skb ingress, count it as received. (Counting when the application reads it
 /// instead would reorder the seed's server: `nc -l` peeks, connect()s, then reads.)
 #[inline(always)]
-pub fn on_enqueue(sk: u64, skb: u64, cookie: u64) {
-    if !is_udp(sk) {
+pub fn on_enqueue<K: Kernel>(sk: u64, skb: u64, cookie: u64) {
+    if !is_udp::<K>(sk) {
         return;
     }
-    let o = offsets();
-    let head: u64 = read(skb, o.skb_head);
-    let nh: u16 = read(skb, o.skb_network_header);
-    let b = Kmem(head + nh as u64);
-    let Some(ip) = l3(&b, 0) else { return };
-    if ip.proto != IPPROTO_UDP {
+    let head: u64 = K::get(skb, off!(skb_head));
+    let nh: u16 = K::get(skb, off!(skb_network_header));
+    // Both headers in one read: the skb's head buffer always extends past them, so the words
+    // an IPv4 header leaves unused are read too, and ignored.
+    let mut h = MaybeUninit::<[u32; HDR_WORDS]>::uninit();
+    // SAFETY: `h` has room for HDR_WORDS words; the helper validates the kernel address.
+    let rc = unsafe {
+        bpf_probe_read_kernel_buf(
+            (head + nh as u64) as *const u8,
+            core::slice::from_raw_parts_mut(h.as_mut_ptr() as *mut u8, HDR_WORDS * 4),
+        )
+    };
+    if rc.is_err() {
         return;
     }
-    let Some((sport, dport, bytes)) = udp(&b, ip.l4_off) else {
+    let w = h.as_ptr() as *const u32;
+    // SAFETY: the helper filled every word.
+    let word = |i: usize| unsafe { w.add(i).read() };
+    let (version, proto, ihl) = ip_proto(word);
+    if proto != IPPROTO_UDP || (version != 4 && version != 6) {
         return;
+    }
+    let u = if version == 6 || ihl == 20 {
+        udp_words(word, version == 6)
+    } else {
+        // IPv4 options: the UDP header is further on.
+        let Some((sport, dport, bytes)) = udp(&Kmem(head + nh as u64), ihl) else {
+            return;
+        };
+        UdpHeaders {
+            family: AF_INET,
+            saddr: addr_bytes([word(3), 0, 0, 0]),
+            daddr: addr_bytes([word(4), 0, 0, 0]),
+            sport,
+            dport,
+            bytes,
+        }
     };
     let d = Datagram {
         cookie,
-        family: ip.family,
-        local: ip.daddr,
-        remote: ip.saddr,
-        lport: dport,
-        rport: sport,
-        bytes,
+        family: u.family,
+        local: u.daddr,
+        remote: u.saddr,
+        lport: u.dport,
+        rport: u.sport,
+        bytes: u.bytes,
         sk,
     };
     on_datagram(&d, Dir::Rx, false);
@@ -155,72 +190,63 @@ pub fn on_enqueue(sk: u64, skb: u64, cookie: u64) {
 /// reached UDP (AF_UNSPEC disconnects go to `on_disconnect` instead).
 #[inline(always)]
 pub fn on_connect(sk: u64, uaddr: u64, cookie: u64) {
-    if !is_udp(sk) {
+    if !is_udp::<Probe>(sk) {
         return;
     }
     let Some((family, remote, rport)) = sockaddr(uaddr) else {
         return;
     };
-    let Some(ev) = scratch_event(TASK) else {
-        return;
-    };
-    ev.kind = EventKind::Connect as u16;
-    // SAFETY: BPF helper without preconditions.
-    ev.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
-    ev.cookie = cookie;
-    sock_tuple(sk).fill(ev);
-    ev.family = family;
-    ev.remote = remote;
-    ev.rport = rport;
-    if family == AF_INET && ev.local[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
-        let l = ev.local;
-        ev.local = [0; 16];
-        ev.local[..4].copy_from_slice(&l[12..16]);
-    }
-    if fill_identity(ev, true) {
-        emit(ev);
-    }
+    emit(|ev| {
+        ev.kind = EventKind::Connect as u16;
+        // SAFETY: BPF helper without preconditions.
+        ev.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
+        ev.cookie = cookie;
+        sock_tuple(sk).fill(ev);
+        ev.family = family;
+        ev.remote = remote;
+        ev.rport = rport;
+        if family == AF_INET && ev.local[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
+            let l = ev.local;
+            ev.local = [0; 16];
+            ev.local[..4].copy_from_slice(&l[12..16]);
+        }
+        fill_identity(ev, true)
+    });
 }
 
 /// __udp_disconnect(sk, flags): connect(AF_UNSPEC), also reached from udp_abort.
 #[inline(always)]
 pub fn on_disconnect(sk: u64, cookie: u64) {
-    if !is_udp(sk) {
+    if !is_udp::<Probe>(sk) {
         return;
     }
-    let Some(ev) = scratch_event(TASK) else {
-        return;
-    };
-    ev.kind = EventKind::Connect as u16;
-    // SAFETY: BPF helper without preconditions.
-    ev.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
-    ev.cookie = cookie;
-    sock_tuple(sk).fill(ev);
-    // Family 0 and no remote: the decoder's "disconnect".
-    ev.family = 0;
-    ev.remote = [0; 16];
-    ev.rport = 0;
-    if fill_identity(ev, true) {
-        emit(ev);
-    }
+    emit(|ev| {
+        ev.kind = EventKind::Connect as u16;
+        // SAFETY: BPF helper without preconditions.
+        ev.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
+        ev.cookie = cookie;
+        sock_tuple(sk).fill(ev);
+        // Family 0 and no remote: the decoder's "disconnect".
+        ev.family = 0;
+        ev.remote = [0; 16];
+        ev.rport = 0;
+        fill_identity(ev, true)
+    });
 }
 
 /// udp_destroy_sock/udpv6_destroy_sock(sk): called once per UDP socket, at close.
 #[inline(always)]
 pub fn on_destroy(sk: u64, cookie: u64) {
-    if !is_udp(sk) {
+    if !is_udp::<Probe>(sk) {
         return;
     }
-    let Some(ev) = scratch_event(TASK) else {
-        return;
-    };
-    ev.kind = EventKind::Close as u16;
-    // SAFETY: BPF helper without preconditions.
-    ev.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
-    ev.cookie = cookie;
-    sock_tuple(sk).fill(ev);
-    if fill_identity(ev, true) {
-        let _ = OWNERS.remove(cookie);
-        emit(ev);
-    }
+    emit(|ev| {
+        ev.kind = EventKind::Close as u16;
+        // SAFETY: BPF helper without preconditions.
+        ev.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
+        ev.cookie = cookie;
+        sock_tuple(sk).fill(ev);
+        fill_identity(ev, true)
+    });
+    let _ = OWNERS.remove(cookie);
 }

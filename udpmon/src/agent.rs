@@ -23,7 +23,7 @@ use crate::{
     flowmap::Snapshot,
     health::{self, Health, Warner},
     netns::NetnsMap,
-    probes::Probes,
+    probes::{Probes, map},
     report::Formatter,
 };
 
@@ -70,13 +70,13 @@ impl Agent {
                 .take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
         };
-        let flows = take("FLOWS")?;
+        let flows = take(map::FLOWS)?;
         let flows_fd = match &flows {
             Map::LruHashMap(m) => m.fd().as_fd().try_clone_to_owned()?,
             _ => return Err(anyhow!("map FLOWS is not an LRU hash map")),
         };
         let flows = BpfHashMap::try_from(flows)?;
-        let healthmap = PerCpuArray::try_from(take("HEALTH")?)?;
+        let healthmap = PerCpuArray::try_from(take(map::HEALTH)?)?;
         Ok(Self {
             flows,
             flows_fd,
@@ -99,7 +99,7 @@ impl Agent {
         let ring = self
             .probes
             .ebpf
-            .take_map("EVENTS")
+            .take_map(map::EVENTS)
             .ok_or_else(|| anyhow!("EVENTS map missing"))?;
         let ring = RingBuf::try_from(ring)?;
         // SAFETY: the ring buffer's fd is owned by the value moved into the AsyncFd, so it

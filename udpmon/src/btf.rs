@@ -448,6 +448,7 @@ pub fn resolve_offsets(btf: &KernelBtf) -> Result<Offsets, BtfError> {
         // atomic64_t wraps `counter`; resolving it confirms the 8-byte read.
         skc_cookie: sk("skc_cookie", "__sk_common.skc_cookie.counter")?,
         skb_sk: skb("skb_sk", "sk")?,
+        skb_refdst: skb("skb_refdst", "_skb_refdst")?,
         fl4_saddr: at("fl4_saddr", "flowi4", "saddr")?,
         fl4_daddr: at("fl4_daddr", "flowi4", "daddr")?,
         fl4_ports: at("fl4_ports", "flowi4", "uli.ports.dport")?,
@@ -767,7 +768,7 @@ mod tests {
             (o.fl4_saddr + 4, o.fl4_saddr + 8)
         );
         assert_eq!(o.fl6_saddr, o.fl6_daddr + 16);
-        assert!(o.fl6_ports > o.fl6_saddr && o.skb_sk < skb);
+        assert!(o.fl6_ports > o.fl6_saddr && o.skb_sk < skb && o.skb_refdst < skb);
         assert!(btf.has_func("udp_send_skb") && btf.has_func("udp_v6_send_skb"));
         assert_eq!(
             btf.func_params("udp_sendmsg").unwrap(),

@@ -2,15 +2,20 @@
 //! throughput figure is a difference or ratio against a baseline measured in the same run,
 //! repeated (median and min..max), with the configurations alternated to spread drift.
 //!
-//! Steps: (1) hot path: send flood and ping-pong, loopback and veth between two network
-//! namespaces, 64 and 1400 bytes, with nothing attached, udpmon attached, and a bpftrace
-//! script doing the same per-datagram accounting; (2) event pipeline: a ramp of new flows per
-//! second, ring-buffer drops from udpmon's exit summary and its CPU use; (3) engine: events
-//! per second on one core and resident memory per tracked flow (`udpmon/benches/engine.rs`),
-//! and the kernel FLOWS map entry size; (4) startup: spawn to first event, peak RSS.
+//! Steps: (1) hot path: UDP send flood and ping-pong, loopback and veth between two network
+//! namespaces, 64 and 1400 bytes, and TCP traffic udpmon must not slow down (request/response
+//! over both paths, a bulk stream over loopback), with nothing attached, udpmon attached, and
+//! a bpftrace script doing the same per-datagram accounting; then udpmon's program time per
+//! UDP datagram and per TCP segment from the kernel's bpf_stats; (2) event pipeline: a ramp
+//! of new flows per second, ring-buffer drops from udpmon's exit summary and its CPU use;
+//! (3) engine: events per second on one core and resident memory per tracked flow
+//! (`udpmon/benches/engine.rs`), and the kernel FLOWS map entry size; (4) startup: spawn to
+//! first event, peak RSS.
 //! `--smoke` runs every step once with tiny durations, asserting nothing about the numbers
-//! but failing if a step fails (a tier of `cargo xtask test`). `--vm KERNEL` runs the hot
-//! path per hook strategy in qemu VMs instead (see `in_vm`), where fentry and kprobes exist.
+//! but failing if a step fails (a tier of `cargo xtask test`). `--against BIN` adds another
+//! udpmon binary (an older build) to the hot path and per-program steps, in the same rotation,
+//! so that a before/after comparison comes from one run. `--vm KERNEL` runs the hot path per
+//! hook strategy in qemu VMs instead (see `in_vm`), where fentry and kprobes exist.
 mod in_vm;
 mod load;
 mod tools;
@@ -51,6 +56,11 @@ pub struct BenchArgs {
     /// move with whatever else the host runs.
     #[arg(long, requires = "vm")]
     vm_realtime: bool,
+    /// Another udpmon binary (say, built from an older commit) to measure as the extra
+    /// configuration "udpmon (against)" in the hot-path and per-program steps, side by side
+    /// with this tree's in the same run.
+    #[arg(long, value_name = "PATH", conflicts_with = "vm")]
+    against: Option<PathBuf>,
 }
 
 pub use in_vm::{GuestArgs, guest};
@@ -108,6 +118,7 @@ pub fn smoke() -> anyhow::Result<()> {
         secs: None,
         vm: Vec::new(),
         vm_realtime: false,
+        against: None,
     })
 }
 
@@ -118,20 +129,29 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if !bootstrap::is_root() {
         bail!("the bench attaches eBPF programs and creates network namespaces: run it as root");
     }
+    // Checked before the build, which takes minutes.
+    let against = args
+        .against
+        .as_deref()
+        .map(|p| std::fs::canonicalize(p).with_context(|| format!("--against {}", p.display())))
+        .transpose()?;
     let plan = Plan::new(args);
     let path = bootstrap::build_env()?;
     bootstrap::apt(&["bpftrace", "bpftool", "iproute2"])?;
-    let bin = build::release()?;
+    let bins = Bins {
+        udpmon: build::release()?,
+        against,
+    };
     let engine_bin = engine_bench(&path)?;
     let tmp = TempDir::new()?;
 
-    let hot = hot_path(&plan, &bin, &tmp)?;
-    let progs = prog_costs(&plan, &bin, &tmp)?;
-    let pipe = pipeline(&plan, &bin)?;
+    let hot = hot_path(&plan, &bins, &tmp)?;
+    let progs = prog_costs(&plan, &bins, &tmp)?;
+    let pipe = pipeline(&plan, &bins.udpmon)?;
     let eng = engine(&plan, &engine_bin)?;
-    let start = startup(&plan, &bin, &tmp)?;
+    let start = startup(&plan, &bins.udpmon, &tmp)?;
 
-    print!("{}", table(&plan, &hot, &progs, &pipe, &eng, &start));
+    print!("{}", table(&plan, &bins, &hot, &progs, &pipe, &eng, &start));
     Ok(())
 }
 
@@ -184,6 +204,27 @@ fn fmt_spread(s: Spread, digits: usize, unit: &str) -> String {
     }
 }
 
+/// `s` with every figure divided by `by` (> 0).
+fn div(s: Spread, by: f64) -> Spread {
+    Spread {
+        median: s.median / by,
+        min: s.min / by,
+        max: s.max / by,
+        n: s.n,
+    }
+}
+
+/// f(baseline, with) per repetition, each paired with the same repetition's baseline.
+fn paired(base: &[f64], with: &[f64], f: impl Fn(f64, f64) -> f64) -> Spread {
+    spread(
+        &base
+            .iter()
+            .zip(with)
+            .map(|(b, w)| f(*b, *w))
+            .collect::<Vec<_>>(),
+    )
+}
+
 fn si(x: f64) -> String {
     if x >= 1e6 {
         format!("{:.2}M", x / 1e6)
@@ -201,11 +242,41 @@ fn si(x: f64) -> String {
 enum Tool {
     Nothing,
     Udpmon,
+    /// The `--against` binary.
+    Against,
     Bpftrace,
 }
 
-const TOOLS: [Tool; 3] = [Tool::Nothing, Tool::Udpmon, Tool::Bpftrace];
+/// The udpmon binaries under test: this tree's, and `--against`'s if given.
+struct Bins {
+    udpmon: PathBuf,
+    against: Option<PathBuf>,
+}
 
+impl Bins {
+    /// The hot-path configurations, in table order (the baseline first).
+    fn tools(&self) -> Vec<Tool> {
+        let mut t = vec![Tool::Nothing, Tool::Udpmon];
+        if self.against.is_some() {
+            t.push(Tool::Against);
+        }
+        t.push(Tool::Bpftrace);
+        t
+    }
+
+    /// (tool, binary) of every udpmon under test.
+    fn udpmons(&self) -> Vec<(Tool, &FsPath)> {
+        let mut u = vec![(Tool::Udpmon, self.udpmon.as_path())];
+        u.extend(self.against.as_deref().map(|b| (Tool::Against, b)));
+        u
+    }
+}
+
+/// Indices into the paths of [`hot_paths`].
+const LOOPBACK: usize = 0;
+const VETH: usize = 1;
+
+#[derive(Clone, Copy)]
 struct Workload {
     path: usize,
     shape: Shape,
@@ -214,57 +285,88 @@ struct Workload {
 
 impl Workload {
     fn label(&self, paths: &[Path]) -> String {
-        format!(
-            "{} {} {} B",
-            paths[self.path].name(),
-            self.shape.name(),
-            self.size
-        )
+        let size = if self.size >= 1024 && self.size.is_multiple_of(1024) {
+            format!("{} KiB", self.size / 1024)
+        } else {
+            format!("{} B", self.size)
+        };
+        format!("{} {} {size}", paths[self.path].name(), self.shape.name())
     }
-    /// Datagrams per operation (a round trip is two).
-    fn datagrams(&self) -> f64 {
+
+    /// Datagrams per operation (a round trip is two); None for TCP, whose cost is not
+    /// counted per packet in the hot-path rows but as the rate kept.
+    fn datagrams(&self) -> Option<f64> {
         match self.shape {
-            Shape::Flood => 1.0,
-            Shape::PingPong => 2.0,
+            Shape::Flood => Some(1.0),
+            Shape::PingPong => Some(2.0),
+            Shape::TcpRr | Shape::TcpStream => None,
+        }
+    }
+
+    /// (what the baseline's CPU is given per, the rate's unit).
+    fn units(&self) -> (&'static str, &'static str) {
+        match self.shape {
+            Shape::Flood => ("datagram", "dgram/s"),
+            Shape::PingPong => ("datagram", "round trips/s"),
+            Shape::TcpRr => ("round trip", "round trips/s"),
+            Shape::TcpStream => ("write", "writes/s"),
         }
     }
 }
 
 struct HotRow {
+    work: Workload,
     label: String,
-    is_target: bool,
-    unit: &'static str,
-    /// Wall-clock ops/s per repetition, per configuration (index as TOOLS on the host).
+    /// Wall-clock ops/s per repetition, per configuration (index as [`Hot::tools`]).
     rates: Vec<Vec<f64>>,
     /// CPU ns per op per repetition, per configuration.
     cpu: Vec<Vec<f64>>,
-    datagrams: f64,
 }
 
 struct Hot {
+    tools: Vec<Tool>,
     rows: Vec<HotRow>,
-    /// Ring-buffer drops summed over udpmon's runs.
-    udpmon_drops: u64,
+    /// Ring-buffer drops summed over each configuration's runs.
+    drops: Vec<u64>,
 }
 
-/// The hot-path workloads: loopback and veth (index into the paths of [`hot_paths`]), flood
-/// and ping-pong, 64 and 1400 bytes.
+impl Hot {
+    fn col(&self, tool: Tool) -> Option<usize> {
+        self.tools.iter().position(|t| *t == tool)
+    }
+
+    fn row(&self, path: usize, shape: Shape, size: usize) -> Option<&HotRow> {
+        self.rows
+            .iter()
+            .find(|r| (r.work.path, r.work.shape, r.work.size) == (path, shape, size))
+    }
+}
+
+/// The hot-path workloads: UDP flood and ping-pong over loopback and veth, 64 and 1400
+/// bytes; then TCP, whose cost udpmon must keep near nothing: request/response over both
+/// paths and a bulk stream of 64 KiB writes over loopback. New rows go last, so that the
+/// row indices of the in-VM data stay those of older runs.
 fn workloads() -> Vec<Workload> {
     let mut work = Vec::new();
-    for path in 0..2 {
+    for path in [LOOPBACK, VETH] {
         for shape in [Shape::Flood, Shape::PingPong] {
             for size in [64, 1400] {
-                work.push(Workload {
-                    path,
-                    shape: match shape {
-                        Shape::Flood => Shape::Flood,
-                        Shape::PingPong => Shape::PingPong,
-                    },
-                    size,
-                });
+                work.push(Workload { path, shape, size });
             }
         }
     }
+    for path in [LOOPBACK, VETH] {
+        work.push(Workload {
+            path,
+            shape: Shape::TcpRr,
+            size: 64,
+        });
+    }
+    work.push(Workload {
+        path: LOOPBACK,
+        shape: Shape::TcpStream,
+        size: 64 << 10,
+    });
     work
 }
 
@@ -278,15 +380,10 @@ fn hot_paths() -> anyhow::Result<[Path; 2]> {
 fn hot_rows(work: &[Workload], paths: &[Path], configs: usize) -> Vec<HotRow> {
     work.iter()
         .map(|w| HotRow {
+            work: *w,
             label: w.label(paths),
-            is_target: w.path == 0 && matches!(w.shape, Shape::Flood),
-            unit: match w.shape {
-                Shape::Flood => "dgram/s",
-                Shape::PingPong => "round trips/s",
-            },
             rates: vec![Vec::new(); configs],
             cpu: vec![Vec::new(); configs],
-            datagrams: w.datagrams(),
         })
         .collect()
 }
@@ -308,26 +405,27 @@ fn measure_workloads(
     Ok(())
 }
 
-fn hot_path(plan: &Plan, bin: &FsPath, tmp: &TempDir) -> anyhow::Result<Hot> {
+fn hot_path(plan: &Plan, bins: &Bins, tmp: &TempDir) -> anyhow::Result<Hot> {
     println!(
         "\n[bench] hot path: {} repetition(s) of {:?} per measurement",
         plan.reps, plan.dur
     );
     let paths = hot_paths()?;
     let work = workloads();
-    let mut rows = hot_rows(&work, &paths, TOOLS.len());
-    let mut udpmon_drops = 0;
+    let tools = bins.tools();
+    let mut rows = hot_rows(&work, &paths, tools.len());
+    let mut drops = vec![0; tools.len()];
     for rep in 0..plan.reps {
         // Rotate the order of the configurations every repetition to spread drift.
-        for k in 0..TOOLS.len() {
-            let ti = (k + rep) % TOOLS.len();
-            let tool = TOOLS[ti];
-            let attached = attach(tool, bin, tmp)?;
+        for k in 0..tools.len() {
+            let ti = (k + rep) % tools.len();
+            let tool = tools[ti];
+            let attached = attach(tool, bins, tmp)?;
             measure_workloads(&paths, &work, plan.dur, tool_name(tool), |i, r| {
                 rows[i].rates[ti].push(r.rate);
                 rows[i].cpu[ti].push(r.cpu_ns);
             })?;
-            udpmon_drops += detach(attached)?;
+            drops[ti] += detach(attached)?;
             println!(
                 "[bench]   repetition {}/{}: {} done",
                 rep + 1,
@@ -336,13 +434,14 @@ fn hot_path(plan: &Plan, bin: &FsPath, tmp: &TempDir) -> anyhow::Result<Hot> {
             );
         }
     }
-    Ok(Hot { rows, udpmon_drops })
+    Ok(Hot { tools, rows, drops })
 }
 
 fn tool_name(t: Tool) -> &'static str {
     match t {
         Tool::Nothing => "nothing attached",
         Tool::Udpmon => "udpmon (tracepoint)",
+        Tool::Against => "udpmon (against)",
         Tool::Bpftrace => "bpftrace",
     }
 }
@@ -353,16 +452,21 @@ enum Attached {
     Bpftrace(Bpftrace),
 }
 
-fn attach(tool: Tool, bin: &FsPath, tmp: &TempDir) -> anyhow::Result<Attached> {
-    Ok(match tool {
-        Tool::Nothing => Attached::Nothing,
-        Tool::Udpmon => {
-            let mut u = Udpmon::spawn(bin, HOST_STRATEGY, &tmp.file("hot.jsonl"))?;
-            u.wait_ready(Duration::from_secs(60))?;
-            Attached::Udpmon(u)
-        }
-        Tool::Bpftrace => Attached::Bpftrace(Bpftrace::start(&tmp.file("acct.bt"))?),
-    })
+fn start_udpmon(bin: &FsPath, out: &FsPath) -> anyhow::Result<Udpmon> {
+    let mut u = Udpmon::spawn(bin, HOST_STRATEGY, out)?;
+    u.wait_ready(Duration::from_secs(60))
+        .with_context(|| format!("starting {}", bin.display()))?;
+    Ok(u)
+}
+
+fn attach(tool: Tool, bins: &Bins, tmp: &TempDir) -> anyhow::Result<Attached> {
+    let bin = match tool {
+        Tool::Nothing => return Ok(Attached::Nothing),
+        Tool::Bpftrace => return Ok(Attached::Bpftrace(Bpftrace::start(&tmp.file("acct.bt"))?)),
+        Tool::Udpmon => &bins.udpmon,
+        Tool::Against => bins.against.as_ref().context("no --against binary")?,
+    };
+    Ok(Attached::Udpmon(start_udpmon(bin, &tmp.file("hot.jsonl"))?))
 }
 
 /// Stops the tool; returns udpmon's ring-buffer drops.
@@ -377,69 +481,141 @@ fn detach(a: Attached) -> anyhow::Result<u64> {
     }
 }
 
-/// Per repetition, against that repetition's baseline: CPU ns added per datagram, the
-/// throughput a CPU-bound workload loses for it (1 - cpu_base / cpu_with), and the
-/// wall-clock throughput lost (which also moves with whatever else the machine runs).
-fn overhead(row: &HotRow, ti: usize) -> (Spread, Spread, Spread) {
-    let pairs = |v: &[f64], f: &dyn Fn(f64, f64) -> f64| -> Spread {
-        spread(
-            &v.iter()
-                .zip(&row.cpu[0])
-                .map(|(w, b)| f(*b, *w))
-                .collect::<Vec<_>>(),
-        )
-    };
-    let ns = pairs(&row.cpu[ti], &|b, w| (w - b) / row.datagrams);
-    let lost_cpu = pairs(&row.cpu[ti], &|b, w| (1.0 - b / w) * 100.0);
-    let wall: Vec<f64> = row.rates[0]
-        .iter()
-        .zip(&row.rates[ti])
-        .map(|(b, w)| (1.0 - w / b) * 100.0)
-        .collect();
-    (ns, lost_cpu, spread(&wall))
+/// Per repetition, against that repetition's baseline, for a UDP row of `datagrams` per
+/// operation: CPU ns added per datagram, the throughput a CPU-bound workload loses for it
+/// (1 - cpu_base / cpu_with), and the wall-clock throughput lost (which also moves with
+/// whatever else the machine runs).
+fn overhead(row: &HotRow, ti: usize, datagrams: f64) -> (Spread, Spread, Spread) {
+    let base = &row.cpu[0];
+    (
+        paired(base, &row.cpu[ti], |b, w| (w - b) / datagrams),
+        paired(base, &row.cpu[ti], |b, w| (1.0 - b / w) * 100.0),
+        paired(&row.rates[0], &row.rates[ti], |b, w| (1.0 - w / b) * 100.0),
+    )
 }
 
-/// Where udpmon's hot-path cost goes: a separate loopback 64-byte flood with the kernel's
-/// per-program statistics on (they add their own clock reads, so never during the measured
-/// runs). Returns (program, runs per datagram, ns per run), and the total ns per datagram.
-struct ProgCosts {
+/// Per repetition, against that repetition's baseline: the rate kept, %, CPU-bound
+/// (cpu_base / cpu_with) and wall clock (rate_with / rate_base).
+fn kept(row: &HotRow, ti: usize) -> (Spread, Spread) {
+    (
+        paired(&row.cpu[0], &row.cpu[ti], |b, w| b / w * 100.0),
+        paired(&row.rates[0], &row.rates[ti], |b, w| w / b * 100.0),
+    )
+}
+
+/// Where udpmon's hot-path cost goes, from separate runs with the kernel's per-program
+/// statistics on (they add their own clock reads, so never during the measured runs):
+/// (program, runs per unit, ns per run), busiest first, and the total program ns per unit
+/// (a UDP datagram or a TCP segment).
+struct ProgCost {
     progs: Vec<(String, f64, f64)>,
     total_ns: f64,
 }
 
-fn prog_costs(plan: &Plan, bin: &FsPath, tmp: &TempDir) -> anyhow::Result<ProgCosts> {
-    println!("\n[bench] udpmon per-program cost (kernel.bpf_stats_enabled, separate run)");
+/// One udpmon binary's program costs.
+struct BinCost {
+    tool: Tool,
+    /// During a loopback 64-byte UDP flood, per datagram.
+    udp: ProgCost,
+    /// During a loopback 64-byte TCP request/response, per segment.
+    tcp: ProgCost,
+}
+
+impl BinCost {
+    fn of(&self, tcp: bool) -> &ProgCost {
+        if tcp { &self.tcp } else { &self.udp }
+    }
+}
+
+/// Per udpmon binary under test.
+struct ProgCosts(Vec<BinCost>);
+
+impl ProgCosts {
+    fn of(&self, tool: Tool) -> Option<&BinCost> {
+        self.0.iter().find(|c| c.tool == tool)
+    }
+}
+
+fn prog_costs(plan: &Plan, bins: &Bins, tmp: &TempDir) -> anyhow::Result<ProgCosts> {
+    println!("\n[bench] udpmon per-program cost (kernel.bpf_stats_enabled, separate runs)");
+    let udpmons = bins.udpmons();
+    let mut udp = Vec::new();
+    for (_, bin) in &udpmons {
+        let cost = prog_run(bin, tmp, "the UDP flood", || {
+            let start = Instant::now();
+            let rate = load::measure(&Path::Loopback, &Shape::Flood, 64, plan.dur)?.rate;
+            Ok(rate * start.elapsed().as_secs_f64().min(plan.dur.as_secs_f64()))
+        })?;
+        // Unlike TCP, where none running would be the ideal.
+        if cost.total_ns == 0.0 {
+            bail!("no udpmon program ran during the UDP flood (bpf_stats)");
+        }
+        udp.push(cost);
+    }
+    let mut tcp = Vec::new();
+    // The binaries in the other order, to spread drift between them.
+    for (_, bin) in udpmons.iter().rev() {
+        tcp.push(prog_run(bin, tmp, "the TCP request/response", || {
+            // Loopback: every segment sent is also received, in the namespace whose counter
+            // this reads.
+            let segs = load::tcp_out_segs()?;
+            load::measure(&Path::Loopback, &Shape::TcpRr, 64, plan.dur)?;
+            Ok(load::tcp_out_segs()?.saturating_sub(segs) as f64)
+        })?);
+    }
+    tcp.reverse();
+    Ok(ProgCosts(
+        udpmons
+            .iter()
+            .zip(udp.into_iter().zip(tcp))
+            .map(|((tool, _), (udp, tcp))| BinCost {
+                tool: *tool,
+                udp,
+                tcp,
+            })
+            .collect(),
+    ))
+}
+
+/// Runs `bin` with the kernel's per-program statistics on during `work`, which returns how
+/// many units (datagrams, segments) it carried.
+fn prog_run(
+    bin: &FsPath,
+    tmp: &TempDir,
+    what: &str,
+    work: impl FnOnce() -> anyhow::Result<f64>,
+) -> anyhow::Result<ProgCost> {
     const KNOB: &str = "/proc/sys/kernel/bpf_stats_enabled";
     let before = std::fs::read_to_string(KNOB).context("reading bpf_stats_enabled")?;
-    let mut u = Udpmon::spawn(bin, HOST_STRATEGY, &tmp.file("stats.jsonl"))?;
-    u.wait_ready(Duration::from_secs(60))?;
+    let u = start_udpmon(bin, &tmp.file("stats.jsonl"))?;
     std::fs::write(KNOB, "1").context("enabling bpf_stats")?;
     let res = (|| {
-        let start = Instant::now();
-        let rate = load::measure(&Path::Loopback, &Shape::Flood, 64, plan.dur)?.rate;
-        let datagrams = rate * start.elapsed().as_secs_f64().min(plan.dur.as_secs_f64());
+        let units = work()?;
         let stats = tools::prog_stats(u.pid())?;
-        anyhow::Ok((datagrams, stats))
+        anyhow::Ok((units, stats))
     })();
     let _ = std::fs::write(KNOB, before.trim());
     u.stop()?;
-    let (datagrams, stats) = res?;
-    if stats.is_empty() {
-        bail!("no udpmon program ran during the flood (bpf_stats)");
-    }
-    let progs: Vec<(String, f64, f64)> = stats
-        .iter()
-        .map(|(name, runs, ns)| {
-            (
-                name.clone(),
-                *runs as f64 / datagrams.max(1.0),
-                *ns as f64 / (*runs).max(1) as f64,
-            )
-        })
-        .filter(|(_, per_dgram, _)| *per_dgram >= 0.01)
-        .collect();
-    let total_ns = progs.iter().map(|(_, r, ns)| r * ns).sum();
-    Ok(ProgCosts { progs, total_ns })
+    let (units, stats) = res.with_context(|| format!("{what} with bpf_stats"))?;
+    let per_unit = |runs: u64| runs as f64 / units.max(1.0);
+    Ok(ProgCost {
+        // Every program counts in the total; the list leaves out the ones that hardly ran.
+        total_ns: stats
+            .iter()
+            .map(|(_, _, ns)| *ns as f64 / units.max(1.0))
+            .sum(),
+        progs: stats
+            .iter()
+            .map(|(name, runs, ns)| {
+                (
+                    name.clone(),
+                    per_unit(*runs),
+                    *ns as f64 / (*runs).max(1) as f64,
+                )
+            })
+            .filter(|(_, per, _)| *per >= 0.01)
+            .collect(),
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -664,8 +840,136 @@ fn yes_no(ok: bool) -> &'static str {
     if ok { "yes" } else { "NO" }
 }
 
+/// "yes" or "NO", unless a spread is wider than `range`: repetitions that disagree by more
+/// than twice the margin a target leaves cannot tell a pass from a fail.
+fn verdict(ok: bool, spreads: &[Spread], range: f64) -> &'static str {
+    if spreads.iter().any(|s| s.n > 1 && s.max - s.min > range) {
+        "inconclusive (repetitions spread wider than twice the target's margin)"
+    } else {
+        yes_no(ok)
+    }
+}
+
+/// The table's text. Every row has a cell for "udpmon (against)", the fourth, written only
+/// with --against so that the table without it is as it always was.
+struct Table {
+    text: String,
+    against: bool,
+}
+
+impl Table {
+    fn row(&mut self, cells: [&str; 7]) {
+        self.text.push('|');
+        for (i, c) in cells.iter().enumerate() {
+            if i != 3 || self.against {
+                let _ = write!(self.text, " {c} |");
+            }
+        }
+        self.text.push('\n');
+    }
+}
+
+/// The target rows, each after the figures it judges. They judge this tree's udpmon; the
+/// against column is there to compare.
+fn targets(tb: &mut Table, hot: &Hot, progs: &ProgCosts) {
+    for (name, tcp, limit) in [
+        (
+            "program time per UDP datagram (bpf_stats, loopback flood 64 B)",
+            false,
+            150.0,
+        ),
+        (
+            "program time per TCP segment (bpf_stats, loopback tcp rr 64 B)",
+            true,
+            30.0,
+        ),
+    ] {
+        let ns = |tool: Tool| progs.of(tool).map(|c| c.of(tcp).total_ns);
+        let show = |ns: Option<f64>| ns.map_or("-".to_string(), |v| format!("{v:.0} ns"));
+        tb.row([
+            name,
+            "-",
+            &show(ns(Tool::Udpmon)),
+            &show(ns(Tool::Against)),
+            "-",
+            &format!("<= {limit:.0} ns"),
+            yes_no(ns(Tool::Udpmon).is_some_and(|v| v <= limit)),
+        ]);
+    }
+    // (name, rows, shown as the rate lost rather than kept, least rate kept %).
+    let kept_targets = [
+        (
+            "TCP rr loopback / veth: rate kept (CPU-bound)",
+            vec![(LOOPBACK, Shape::TcpRr, 64), (VETH, Shape::TcpRr, 64)],
+            false,
+            98.0,
+        ),
+        (
+            "UDP ping-pong loopback 64 B / 1400 B: rate kept (CPU-bound)",
+            vec![
+                (LOOPBACK, Shape::PingPong, 64),
+                (LOOPBACK, Shape::PingPong, 1400),
+            ],
+            false,
+            90.0,
+        ),
+        (
+            "loopback flood 64 B throughput loss (CPU-bound)",
+            vec![(LOOPBACK, Shape::Flood, 64)],
+            true,
+            90.0,
+        ),
+    ];
+    for (name, which, lost, least) in kept_targets {
+        let rows: Vec<&HotRow> = which
+            .iter()
+            .filter_map(|(p, s, z)| hot.row(*p, *s, *z))
+            .collect();
+        let kept_of = |tool: Tool| -> Option<Vec<Spread>> {
+            let ti = hot.col(tool)?;
+            Some(rows.iter().map(|r| kept(r, ti).0).collect())
+        };
+        let fig = |tool: Tool| {
+            kept_of(tool).map_or("-".to_string(), |v| {
+                v.iter()
+                    .map(|k| {
+                        let k = if lost {
+                            Spread {
+                                median: 100.0 - k.median,
+                                min: 100.0 - k.max,
+                                max: 100.0 - k.min,
+                                n: k.n,
+                            }
+                        } else {
+                            *k
+                        };
+                        fmt_spread(k, 1, " %")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            })
+        };
+        let ours = kept_of(Tool::Udpmon).unwrap_or_default();
+        let ok = !ours.is_empty() && ours.iter().all(|k| k.median >= least);
+        tb.row([
+            name,
+            "-",
+            &fig(Tool::Udpmon),
+            &fig(Tool::Against),
+            &fig(Tool::Bpftrace),
+            &if lost {
+                format!("<= {:.0} %", 100.0 - least)
+            } else {
+                format!(">= {least:.0} %")
+            },
+            verdict(ok, &ours, 2.0 * (100.0 - least)),
+        ]);
+    }
+}
+
 fn table(
     plan: &Plan,
+    bins: &Bins,
     hot: &Hot,
     progs: &ProgCosts,
     pipe: &[RampStep],
@@ -683,7 +987,7 @@ fn table(
         t,
         "\nudpmon bench{}: {cores} cores, kernel {kernel}, hook strategy {HOST_STRATEGY} \
          (the only one this kernel allows), {} repetition(s) x {:?} per hot-path figure, \
-         median [min..max], configurations alternated; load average at the end: {}",
+         median [min..max], configurations alternated; load average at the end: {}{}",
         if plan.smoke {
             " (SMOKE: numbers meaningless)"
         } else {
@@ -694,89 +998,119 @@ fn table(
         load.split_whitespace()
             .take(3)
             .collect::<Vec<_>>()
-            .join(" ")
+            .join(" "),
+        bins.against.as_ref().map_or(String::new(), |b| format!(
+            "; \"udpmon (against)\" is {}",
+            b.display()
+        )),
     );
-    let _ = writeln!(
-        t,
-        "\n| measure | baseline (nothing attached) | udpmon, {HOST_STRATEGY} | \
-         bpftrace peer (tracepoints) | target | met |"
-    );
-    let _ = writeln!(t, "|---|---|---|---|---|---|");
+    let _ = writeln!(t);
+    let mut tb = Table {
+        text: t,
+        against: bins.against.is_some(),
+    };
+    tb.row([
+        "measure",
+        "baseline (nothing attached)",
+        &format!("udpmon, {HOST_STRATEGY}"),
+        &format!("udpmon (against), {HOST_STRATEGY}"),
+        "bpftrace peer (tracepoints)",
+        "target",
+        "met",
+    ]);
+    let columns = if tb.against { 7 } else { 6 };
+    let _ = writeln!(tb.text, "|{}", "---|".repeat(columns));
     for row in &hot.rows {
-        let base_cpu = spread(&row.cpu[0]);
-        let base = spread(&row.rates[0]);
-        let (u_ns, u_lost, u_wall) = overhead(row, 1);
-        let (b_ns, b_lost, b_wall) = overhead(row, 2);
-        let cell = |ns: Spread, lost: Spread, wall: Spread| {
-            format!(
-                "{} CPU added per datagram; {} throughput lost (CPU-bound); wall clock: {} lost",
-                fmt_spread(ns, 0, " ns"),
-                fmt_spread(lost, 1, " %"),
-                fmt_spread(wall, 1, " %")
-            )
-        };
-        let (target, met) = if row.is_target {
-            let ok = u_ns.median <= 150.0 && u_lost.median <= 3.0 && u_ns.median < b_ns.median;
-            // A range wider than the target itself cannot tell a pass from a fail.
-            let verdict = if u_ns.n > 1 && u_ns.max - u_ns.min > 300.0 {
-                "inconclusive (repetitions spread wider than the target; see bpf_stats row)"
-            } else {
-                yes_no(ok)
+        let (per, unit) = row.work.units();
+        let datagrams = row.work.datagrams();
+        let cell = |tool: Tool| {
+            let Some(ti) = hot.col(tool) else {
+                return "-".to_string();
             };
-            (
-                "<= 150 ns, <= 3 %, < bpftrace".to_string(),
-                verdict.to_string(),
-            )
-        } else {
-            ("-".to_string(), "-".to_string())
+            match datagrams {
+                Some(d) => {
+                    let (ns, lost, wall) = overhead(row, ti, d);
+                    format!(
+                        "{} CPU added per datagram; {} throughput lost (CPU-bound); wall clock: {} lost",
+                        fmt_spread(ns, 0, " ns"),
+                        fmt_spread(lost, 1, " %"),
+                        fmt_spread(wall, 1, " %")
+                    )
+                }
+                None => {
+                    let (cpu, wall) = kept(row, ti);
+                    format!(
+                        "{} rate kept (CPU-bound); wall clock: {} kept",
+                        fmt_spread(cpu, 1, " %"),
+                        fmt_spread(wall, 1, " %")
+                    )
+                }
+            }
         };
-        let _ = writeln!(
-            t,
-            "| hot path: {} | {} CPU per datagram; {} {} wall clock | {} | {} | {target} | {met} |",
-            row.label,
-            fmt_spread(
-                Spread {
-                    median: base_cpu.median / row.datagrams,
-                    min: base_cpu.min / row.datagrams,
-                    max: base_cpu.max / row.datagrams,
-                    n: base_cpu.n
-                },
-                0,
-                " ns"
+        tb.row([
+            &format!("hot path: {}", row.label),
+            &format!(
+                "{} CPU per {per}; {} {unit} wall clock",
+                fmt_spread(div(spread(&row.cpu[0]), datagrams.unwrap_or(1.0)), 0, " ns"),
+                fmt_spread(div(spread(&row.rates[0]), 1e3), 0, "k"),
             ),
-            fmt_spread(
-                Spread {
-                    median: base.median / 1e3,
-                    min: base.min / 1e3,
-                    max: base.max / 1e3,
-                    n: base.n
-                },
-                0,
-                "k"
-            ),
-            row.unit,
-            cell(u_ns, u_lost, u_wall),
-            cell(b_ns, b_lost, b_wall),
-        );
+            &cell(Tool::Udpmon),
+            &cell(Tool::Against),
+            &cell(Tool::Bpftrace),
+            "-",
+            "-",
+        ]);
     }
-    let _ = writeln!(
-        t,
-        "| hot path: udpmon ring-buffer drops, all runs | - | {} | - | 0 | {} |",
-        hot.udpmon_drops,
-        yes_no(hot.udpmon_drops == 0)
-    );
-    let _ = writeln!(
-        t,
-        "| hot path: where udpmon's cost goes (bpf_stats, loopback flood 64 B, separate run; \
-         program: runs per datagram x ns per run) | - | {:.0} ns of program time per datagram: {} | - | - | - |",
-        progs.total_ns,
-        progs
+    let drops = |tool: Tool| hot.col(tool).map(|ti| hot.drops[ti]);
+    let show = |n: Option<u64>| n.map_or("-".to_string(), |n| n.to_string());
+    tb.row([
+        "hot path: udpmon ring-buffer drops, all runs",
+        "-",
+        &show(drops(Tool::Udpmon)),
+        &show(drops(Tool::Against)),
+        "-",
+        "0",
+        yes_no(drops(Tool::Udpmon) == Some(0)),
+    ]);
+    let breakdown = |tool: Tool, tcp: bool, per: &str| {
+        let Some(c) = progs.of(tool) else {
+            return "-".to_string();
+        };
+        let c = c.of(tcp);
+        let list = c
             .progs
             .iter()
             .map(|(n, r, ns)| format!("{n} {r:.2}x{ns:.0}"))
             .collect::<Vec<_>>()
-            .join(", ")
-    );
+            .join(", ");
+        format!(
+            "{:.0} ns of program time per {per}: {}",
+            c.total_ns,
+            if list.is_empty() { "none ran" } else { &list }
+        )
+    };
+    tb.row([
+        "hot path: where udpmon's cost goes (bpf_stats, loopback flood 64 B, separate run; \
+         program: runs per datagram x ns per run)",
+        "-",
+        &breakdown(Tool::Udpmon, false, "datagram"),
+        &breakdown(Tool::Against, false, "datagram"),
+        "-",
+        "-",
+        "-",
+    ]);
+    tb.row([
+        "hot path: where udpmon's cost goes on TCP (bpf_stats, loopback tcp rr 64 B, separate \
+         run; segments counted by the kernel's Tcp: OutSegs; program: runs per segment x ns \
+         per run)",
+        "-",
+        &breakdown(Tool::Udpmon, true, "segment"),
+        &breakdown(Tool::Against, true, "segment"),
+        "-",
+        "-",
+        "-",
+    ]);
+    targets(&mut tb, hot, progs);
     let mut best_zero = None;
     let mut clean = true;
     for s in pipe {
@@ -786,98 +1120,113 @@ fn table(
             best_zero = Some(s.target);
         }
         let (target, met) = if s.target == 100_000 {
-            ("0 drops".to_string(), yes_no(s.drops == 0).to_string())
+            ("0 drops", yes_no(s.drops == 0))
         } else {
-            ("-".to_string(), "-".to_string())
+            ("-", "-")
         };
-        let _ = writeln!(
-            t,
-            "| new flows at {}/s offered | generator achieves {}/s | achieves {}/s; \
-             ring-buffer drops {} (sum over {} runs); events read {}; udpmon CPU {} of one core | - | {target} | {met} |",
-            si(s.target as f64),
-            si(spread(&s.base_rate).median),
-            si(rate.median),
-            s.drops,
-            s.rate.len(),
-            si(spread(&s.events).median),
-            fmt_spread(spread(&s.cpu_pct), 1, " %"),
-        );
+        tb.row([
+            &format!("new flows at {}/s offered", si(s.target as f64)),
+            &format!("generator achieves {}/s", si(spread(&s.base_rate).median)),
+            &format!(
+                "achieves {}/s; ring-buffer drops {} (sum over {} runs); events read {}; \
+                 udpmon CPU {} of one core",
+                si(rate.median),
+                s.drops,
+                s.rate.len(),
+                si(spread(&s.events).median),
+                fmt_spread(spread(&s.cpu_pct), 1, " %"),
+            ),
+            "-",
+            "-",
+            target,
+            met,
+        ]);
     }
-    let _ = writeln!(
-        t,
-        "| highest new-flow rate with zero ring-buffer drops (ramp {}) | - | {} | - | >= 100k/s | {} |",
-        plan.ramp
-            .iter()
-            .map(|r| si(*r as f64))
-            .collect::<Vec<_>>()
-            .join(", "),
-        best_zero.map_or("none".to_string(), |r| format!("{}/s", si(r as f64))),
-        yes_no(best_zero.is_some_and(|r| r >= 100_000))
-    );
-    let _ = writeln!(
-        t,
-        "| engine: events/s on one core (FirstTx, FirstRx, Close; 4 peers per socket, 1000 sockets live) | - | {} | - | >= 2M | {} |",
-        fmt_spread(
-            Spread {
-                median: eng.rate.median / 1e6,
-                min: eng.rate.min / 1e6,
-                max: eng.rate.max / 1e6,
-                n: eng.rate.n
-            },
-            2,
-            "M"
+    tb.row([
+        &format!(
+            "highest new-flow rate with zero ring-buffer drops (ramp {})",
+            plan.ramp
+                .iter()
+                .map(|r| si(*r as f64))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
-        yes_no(eng.rate.median >= 2e6)
-    );
+        "-",
+        &best_zero.map_or("none".to_string(), |r| format!("{}/s", si(r as f64))),
+        "-",
+        "-",
+        ">= 100k/s",
+        yes_no(best_zero.is_some_and(|r| r >= 100_000)),
+    ]);
+    tb.row([
+        "engine: events/s on one core (FirstTx, FirstRx, Close; 4 peers per socket, 1000 \
+         sockets live)",
+        "-",
+        &fmt_spread(div(eng.rate, 1e6), 2, "M"),
+        "-",
+        "-",
+        ">= 2M",
+        yes_no(eng.rate.median >= 2e6),
+    ]);
     for (n, one, many) in &eng.rss {
-        let _ = writeln!(
-            t,
-            "| engine: resident memory per tracked flow at {} flows (RSS growth / flows) | - | \
-             {one:.0} B (1 flow per socket); {many:.0} B (64 flows per socket) | - | <= 256 B | {} |",
-            si(*n as f64),
-            yes_no(*one <= 256.0)
-        );
+        tb.row([
+            &format!(
+                "engine: resident memory per tracked flow at {} flows (RSS growth / flows)",
+                si(*n as f64)
+            ),
+            "-",
+            &format!("{one:.0} B (1 flow per socket); {many:.0} B (64 flows per socket)"),
+            "-",
+            "-",
+            "<= 256 B",
+            yes_no(*one <= 256.0),
+        ]);
     }
     match (&st.flows_map, &st.flows_map_err) {
-        (Some((k, v, max, memlock)), _) => {
-            let _ = writeln!(
-                t,
-                "| kernel FLOWS map per entry (LRU hash, preallocated: memlock / max_entries) | - | \
-                 {:.0} B (key {k} B + value {v} B + overhead); {max} entries = {:.1} MiB | - | - | - |",
+        (Some((k, v, max, memlock)), _) => tb.row([
+            "kernel FLOWS map per entry (LRU hash, preallocated: memlock / max_entries)",
+            "-",
+            &format!(
+                "{:.0} B (key {k} B + value {v} B + overhead); {max} entries = {:.1} MiB",
                 *memlock as f64 / (*max).max(1) as f64,
                 *memlock as f64 / f64::from(1 << 20)
-            );
-        }
-        (None, err) => {
-            let _ = writeln!(
-                t,
-                "| kernel FLOWS map per entry | - | not measured: {} | - | - | - |",
-                err.as_deref().unwrap_or("unknown")
-            );
-        }
+            ),
+            "-",
+            "-",
+            "-",
+            "-",
+        ]),
+        (None, err) => tb.row([
+            "kernel FLOWS map per entry",
+            "-",
+            &format!("not measured: {}", err.as_deref().unwrap_or("unknown")),
+            "-",
+            "-",
+            "-",
+            "-",
+        ]),
     }
-    let _ = writeln!(
-        t,
-        "| startup: spawn to attached (\"watching\" line) | - | {} | - | - | - |",
-        fmt_spread(st.ready, 0, " ms")
-    );
-    let _ = writeln!(
-        t,
-        "| startup: spawn to first event (a datagram every 2 ms) | - | {} | - | - | - |",
-        fmt_spread(st.first_event, 0, " ms")
-    );
-    let _ = writeln!(
-        t,
-        "| startup: peak RSS (VmHWM) | - | {} | - | - | - |",
-        fmt_spread(st.hwm, 1, " MiB")
-    );
-    let _ = writeln!(
-        t,
-        "| fentry vs kprobe vs tracepoint ratios | - | not measured here: this kernel refuses \
-         trampolines and has no kprobes; `cargo xtask bench --vm 6.12` measures them in a VM \
-         under qemu TCG (software CPU emulation), as ratios only | - | - | - |"
-    );
-    t
+    for (what, figure) in [
+        (
+            "startup: spawn to attached (\"watching\" line)",
+            fmt_spread(st.ready, 0, " ms"),
+        ),
+        (
+            "startup: spawn to first event (a datagram every 2 ms)",
+            fmt_spread(st.first_event, 0, " ms"),
+        ),
+        ("startup: peak RSS (VmHWM)", fmt_spread(st.hwm, 1, " MiB")),
+        (
+            "fentry vs kprobe vs tracepoint ratios",
+            "not measured here: this kernel refuses trampolines and has no kprobes; `cargo \
+             xtask bench --vm 6.12` measures them in a VM under qemu TCG (software CPU \
+             emulation), as ratios only"
+                .to_string(),
+        ),
+    ] {
+        tb.row([what, "-", &figure, "-", "-", "-", "-"]);
+    }
+    tb.text
 }
 
 // ---------------------------------------------------------------------------------------

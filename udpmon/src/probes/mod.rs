@@ -7,6 +7,12 @@ mod fentry;
 mod kprobe;
 mod tracepoint;
 
+/// The names of the embedded object's programs, maps and globals (see udpmon/build.rs).
+mod names {
+    include!(concat!(env!("OUT_DIR"), "/ebpf_names.rs"));
+}
+pub use names::{global, map, program};
+
 use std::{fmt, fs, os::fd::AsFd, path::PathBuf};
 
 use anyhow::{Context as _, anyhow, bail};
@@ -103,27 +109,30 @@ impl Hook {
 /// `counts_by_cached_cookie`: the strategy counts sent datagrams at udp_send_skb, where only
 /// the socket's cached cookie can be read, so the hook that makes the kernel generate it for
 /// every new socket is required, not optional.
-fn shared_hooks(counts_by_cached_cookie: bool) -> [Hook; 3] {
+fn shared_hooks(counts_by_cached_cookie: bool) -> [Hook; 4] {
     // Names the owner of each new socket, for the events that run in softirq (receive,
     // ICMP), and makes the kernel generate the socket's cookie.
     let create = if counts_by_cached_cookie {
-        Hook::required("udp_sock_create", Target::CgroupSock)
+        Hook::required(program::UDP_SOCK_CREATE, Target::CgroupSock)
     } else {
         Hook::optional(
-            "udp_sock_create",
+            program::UDP_SOCK_CREATE,
             Target::CgroupSock,
             "sockets that only receive are named after the first process that sends on them",
         )
     };
     [
         create,
+        // ICMP errors are recognised when their skb is freed, after the kernel handled them
+        // (consumed, or dropped: kfree_skb below); see udpmon-ebpf/src/icmp.rs.
+        Hook::required(program::SKB_CONSUMED, Target::TpBtf("consume_skb")),
         Hook::optional(
-            "icmp_error_report",
+            program::ICMP_ERROR_REPORT,
             Target::TpBtf("inet_sk_error_report"),
             "ICMP verdicts cannot tell notified from discarded (kernel < 5.14)",
         ),
         Hook::optional(
-            "skb_dropped",
+            program::SKB_DROPPED,
             Target::TpBtf("kfree_skb"),
             "datagrams to closed local ports (REFUSED) are not reported",
         ),
@@ -214,12 +223,17 @@ fn load_strategy(
 ) -> anyhow::Result<Probes> {
     // aya-log statements are pruned by the verifier when the level global says "off".
     let log_level: u8 = if opts.kernel_log { 5 } else { 0 };
+    // The per-socket and per-peer side maps hold one entry per live socket or flow at most:
+    // sized as the flow map, so that `--max-flows` bounds them all.
+    let flows = opts.max_flows.max(1024);
     let mut ebpf = EbpfLoader::new()
         .btf(Some(btf))
-        .override_global("OFFSETS", offsets, true)
-        .override_global("SELF_TGID", &opts.self_tgid, true)
+        .override_global(global::OFFSETS, offsets, true)
+        .override_global(global::SELF_TGID, &opts.self_tgid, true)
         .override_global(aya_log::LEVEL, &log_level, false)
-        .map_max_entries("FLOWS", opts.max_flows.max(1024))
+        .map_max_entries(map::FLOWS, flows)
+        .map_max_entries(map::OWNERS, flows)
+        .map_max_entries(map::SENDERS, flows)
         .load(EBPF_OBJECT)
         .context("loading the eBPF object")?;
     let mut degraded = Vec::new();

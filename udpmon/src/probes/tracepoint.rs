@@ -3,29 +3,28 @@
 //! ICMP errors, their verdict, drops and application errors.
 use aya::programs::CgroupSkbAttachType;
 
-use super::{Hook, Target, shared_hooks};
+use super::{Hook, Target, program, shared_hooks};
 
 pub fn hooks() -> Vec<Hook> {
     let mut hooks = vec![
-        Hook::required("udp_egress", Target::CgroupSkb(CgroupSkbAttachType::Egress)),
         Hook::required(
-            "udp_ingress",
+            program::UDP_EGRESS,
+            Target::CgroupSkb(CgroupSkbAttachType::Egress),
+        ),
+        Hook::required(
+            program::UDP_INGRESS,
             Target::CgroupSkb(CgroupSkbAttachType::Ingress),
         ),
-        Hook::required("udp_sock_release", Target::CgroupSock),
-        Hook::required("udp_connect4", Target::CgroupSockAddr),
-        Hook::required("udp_connect6", Target::CgroupSockAddr),
-        Hook::required("icmp_receive", Target::TpBtf("netif_receive_skb")),
-        // The end of an ICMP's handling is its skb being freed: consumed, or dropped (the
-        // kfree_skb hook shared with the other strategies).
-        Hook::required("icmp_consumed", Target::TpBtf("consume_skb")),
+        Hook::required(program::UDP_SOCK_RELEASE, Target::CgroupSock),
+        Hook::required(program::UDP_CONNECT4, Target::CgroupSockAddr),
+        Hook::required(program::UDP_CONNECT6, Target::CgroupSockAddr),
         Hook::optional(
-            "udp_send_result",
+            program::UDP_SEND_RESULT,
             Target::TpBtf("sock_send_length"),
             "failed sends are not reported as APP-ERROR (kernel < 6.3)",
         ),
         Hook::optional(
-            "udp_recv_result",
+            program::UDP_RECV_RESULT,
             Target::TpBtf("sock_recv_length"),
             "failed receives are not reported as APP-ERROR (kernel < 6.3)",
         ),

@@ -480,9 +480,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let series: Vec<&str> = args.vm.iter().map(String::as_str).collect();
     let kernels = vm::ensure_kernels(&series)?;
     let (udpmon, xtask) = build::musl_bench_binaries(&path)?;
-    // Boot, plus per configuration and repetition: udpmon's start and the eight workloads
-    // (each with its sockets, threads and namespace switches), generously for TCG.
-    let per_config = 90.0 + 8.0 * (secs + 15.0);
+    // Boot, plus per configuration and repetition: udpmon's start and the workloads (each
+    // with its sockets, threads and namespace switches), generously for TCG.
+    let per_config = 90.0 + workloads().len() as f64 * (secs + 15.0);
     let timeout = Duration::from_secs_f64(240.0 + reps as f64 * CONFIGS.len() as f64 * per_config);
     let mut tables = Vec::new();
     let mut failed = Vec::new();

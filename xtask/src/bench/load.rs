@@ -1,11 +1,12 @@
-//! The load generator: a one-way send flood, a request/response ping-pong and a new-flow
-//! ramp, each between two sockets on loopback or across a veth pair between two network
-//! namespaces. Plain `send()` per datagram, as applications do. Every loop is bounded in time
-//! and in count.
+//! The load generator: a one-way UDP send flood, a UDP request/response ping-pong, their TCP
+//! counterparts (request/response and a bulk stream, traffic udpmon must leave alone) and a
+//! new-flow ramp, each between two sockets on loopback or across a veth pair between two
+//! network namespaces. Plain `send()` per datagram, as applications do. Every loop is bounded
+//! in time and in count.
 use std::{
     fs::File,
-    io::ErrorKind,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    io::{ErrorKind, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
     path::PathBuf,
     process::Command,
@@ -125,12 +126,19 @@ fn enter(ns: Option<&PathBuf>, cpu: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Upper bound on datagrams in one run, whatever the duration.
-const MAX_DATAGRAMS: u64 = 200_000_000;
+/// Upper bound on operations in one run, whatever the duration.
+const MAX_OPS: u64 = 200_000_000;
 
+/// How long a TCP connection may make no progress before the run fails: a stuck
+/// connection, not a slow one.
+const TCP_STALL: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Shape {
     Flood,
     PingPong,
+    TcpRr,
+    TcpStream,
 }
 
 impl Shape {
@@ -138,21 +146,32 @@ impl Shape {
         match self {
             Shape::Flood => "flood",
             Shape::PingPong => "ping-pong",
+            Shape::TcpRr => "tcp rr",
+            Shape::TcpStream => "tcp stream",
         }
     }
 }
 
-/// One run of a workload. An operation is a datagram sent (flood) or a round trip
-/// (ping-pong).
+/// One run of a workload. An operation is a datagram sent (flood), a round trip (ping-pong,
+/// tcp rr) or one write of the chunk (tcp stream).
 #[derive(Clone, Copy, Debug)]
 pub struct Measured {
     /// Operations per second of wall-clock time.
     pub rate: f64,
-    /// CPU time per operation (ns): the sender's (flood), both threads' (ping-pong). This kernel has no IRQ time accounting,
-    /// so the softirq work a thread triggers (loopback and veth deliver the datagram in the
-    /// sender's softirq, with the ingress hooks) is charged to it; unlike the wall-clock rate,
-    /// this does not move when other processes take the CPUs.
+    /// CPU time per operation (ns): the sender's (flood), both threads' (the others). This
+    /// kernel has no IRQ time accounting, so the softirq work a thread triggers (loopback and
+    /// veth deliver the packet in the sender's softirq, with the ingress hooks) is charged to
+    /// it; unlike the wall-clock rate, this does not move when other processes take the CPUs.
     pub cpu_ns: f64,
+}
+
+impl Measured {
+    fn per_op(ops: u64, secs: f64, cpu_ns: u64) -> Self {
+        Measured {
+            rate: ops as f64 / secs,
+            cpu_ns: cpu_ns as f64 / ops as f64,
+        }
+    }
 }
 
 /// CPU time of the calling thread, ns.
@@ -166,20 +185,73 @@ pub fn thread_cpu_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
-/// Runs one workload for `dur`.
+/// Runs one workload for `dur`; `size` is the datagram, request or chunk size.
 pub fn measure(path: &Path, shape: &Shape, size: usize, dur: Duration) -> anyhow::Result<Measured> {
     match shape {
         Shape::Flood => flood(path, size, dur),
         Shape::PingPong => ping_pong(path, size, dur),
+        Shape::TcpRr => tcp_rr(path, size, dur),
+        Shape::TcpStream => tcp_stream(path, size, dur),
     }
 }
 
-/// A receiving socket in `ns`, on `addr`, port chosen by the kernel.
-fn bind_in(ns: Option<&PathBuf>, cpu: usize, addr: Ipv4Addr) -> anyhow::Result<UdpSocket> {
-    enter(ns, cpu)?;
+/// Runs the two ends of a workload over `path`, each on a fresh thread since an entered
+/// namespace sticks to its thread: `listen` then `serve` on CPU 1 in the receiver's
+/// namespace, and `client` on CPU 0 in the sender's, given the address `listen` bound.
+/// `serve` gets a flag set once the client has returned and a deadline past which it must
+/// return whatever happens. Returns (client's result, server's result).
+fn two_ends<L, C: Send, S: Send>(
+    path: &Path,
+    dur: Duration,
+    listen: impl FnOnce(Ipv4Addr) -> anyhow::Result<(L, SocketAddr)> + Send,
+    serve: impl FnOnce(L, &AtomicBool, Instant) -> anyhow::Result<S> + Send,
+    client: impl FnOnce(SocketAddr) -> anyhow::Result<C> + Send,
+) -> anyhow::Result<(C, S)> {
+    let (cl_ns, sv_ns, addr) = path.ends();
+    let stop = AtomicBool::new(false);
+    let (addr_tx, addr_rx) = mpsc::channel();
+    thread::scope(|s| {
+        let server = s.spawn(|| {
+            let l = match enter(sv_ns.as_ref(), 1).and_then(|()| listen(addr)) {
+                Ok((l, at)) => {
+                    addr_tx.send(Ok(at))?;
+                    l
+                }
+                Err(e) => {
+                    // Tells the client at once rather than after its wait for the address.
+                    addr_tx.send(Err(format!("{e:#}")))?;
+                    return Err(e);
+                }
+            };
+            serve(l, &stop, Instant::now() + dur + Duration::from_secs(10))
+        });
+        let res = (|| {
+            let to: SocketAddr = addr_rx
+                .recv_timeout(Duration::from_secs(5))
+                .context("server did not start")?
+                .map_err(anyhow::Error::msg)?;
+            s.spawn(move || {
+                enter(cl_ns.as_ref(), 0)?;
+                client(to)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+        })();
+        stop.store(true, Ordering::Relaxed);
+        let served = server
+            .join()
+            .map_err(|_| anyhow::anyhow!("server thread panicked"))?;
+        Ok((res?, served?))
+    })
+}
+
+/// A UDP socket on `addr`, port chosen by the kernel; the timeout lets its reader poll
+/// the stop flag.
+fn udp_listen(addr: Ipv4Addr) -> anyhow::Result<(UdpSocket, SocketAddr)> {
     let s = UdpSocket::bind(SocketAddrV4::new(addr, 0)).context("binding the receiver")?;
     s.set_read_timeout(Some(Duration::from_millis(50)))?;
-    Ok(s)
+    let at = s.local_addr()?;
+    Ok((s, at))
 }
 
 /// Sender pinned to CPU 0 and receiver to CPU 1; an operation is a successful send(). On
@@ -188,160 +260,249 @@ fn bind_in(ns: Option<&PathBuf>, cpu: usize, addr: Ipv4Addr) -> anyhow::Result<U
 /// `cpu_ns` counts. The receiver only drains: its share moves with how many datagrams it
 /// finds room for (a full buffer drops them cheaply), which is not the cost being measured.
 fn flood(path: &Path, size: usize, dur: Duration) -> anyhow::Result<Measured> {
-    let (tx_ns, rx_ns, addr) = path.ends();
-    let stop = AtomicBool::new(false);
-    let (port_tx, port_rx) = mpsc::channel();
-    thread::scope(|s| {
-        let receiver = s.spawn(|| -> anyhow::Result<(u64, u64)> {
-            let sock = bind_in(rx_ns.as_ref(), 1, addr);
-            let sock = match sock {
-                Ok(sock) => {
-                    port_tx.send(Ok(sock.local_addr()?))?;
-                    sock
-                }
-                Err(e) => {
-                    port_tx.send(Err(format!("{e:#}")))?;
-                    return Err(e);
-                }
-            };
+    let ((sent, secs, tx_cpu), got) = two_ends(
+        path,
+        dur,
+        udp_listen,
+        |sock, stop, deadline| {
             let mut buf = vec![0u8; 2048];
-            let mut got = 0;
-            let cpu0 = thread_cpu_ns();
-            let deadline = Instant::now() + dur + Duration::from_secs(10);
+            let mut got = 0u64;
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                 if sock.recv(&mut buf).is_ok() {
                     got += 1;
                 }
             }
-            Ok((got, thread_cpu_ns() - cpu0))
-        });
-        let sent = (|| -> anyhow::Result<(u64, f64, u64)> {
-            let to: SocketAddr = port_rx
-                .recv_timeout(Duration::from_secs(5))
-                .context("receiver did not start")?
-                .map_err(anyhow::Error::msg)?;
-            thread::scope(|s2| {
-                s2.spawn(|| -> anyhow::Result<(u64, f64, u64)> {
-                    enter(tx_ns.as_ref(), 0)?;
-                    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-                    sock.connect(to)?;
-                    let buf = vec![0x5au8; size];
-                    let cpu0 = thread_cpu_ns();
-                    let start = Instant::now();
-                    let mut sent = 0u64;
-                    let mut n = 0u64;
-                    loop {
-                        if sock.send(&buf).is_ok() {
-                            sent += 1;
-                        }
-                        n += 1;
-                        if n.is_multiple_of(256) && (start.elapsed() >= dur || n >= MAX_DATAGRAMS) {
-                            break;
-                        }
-                    }
-                    let secs = start.elapsed().as_secs_f64();
-                    Ok((sent, secs, thread_cpu_ns() - cpu0))
-                })
-                .join()
-                .map_err(|_| anyhow::anyhow!("sender thread panicked"))?
-            })
-        })();
-        stop.store(true, Ordering::Relaxed);
-        let got = receiver
-            .join()
-            .map_err(|_| anyhow::anyhow!("receiver thread panicked"))?;
-        let (sent, secs, tx_cpu) = sent?;
-        let (got, _rx_cpu) = got?;
-        if sent == 0 || got == 0 {
-            bail!("flood over {}: sent {sent}, received {got}", path.name());
-        }
-        Ok(Measured {
-            rate: sent as f64 / secs,
-            cpu_ns: tx_cpu as f64 / sent as f64,
-        })
-    })
+            Ok(got)
+        },
+        |to| {
+            let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            sock.connect(to)?;
+            let buf = vec![0x5au8; size];
+            let cpu0 = thread_cpu_ns();
+            let start = Instant::now();
+            let mut sent = 0u64;
+            let mut n = 0u64;
+            loop {
+                if sock.send(&buf).is_ok() {
+                    sent += 1;
+                }
+                n += 1;
+                if n.is_multiple_of(256) && (start.elapsed() >= dur || n >= MAX_OPS) {
+                    break;
+                }
+            }
+            let secs = start.elapsed().as_secs_f64();
+            Ok((sent, secs, thread_cpu_ns() - cpu0))
+        },
+    )?;
+    if sent == 0 || got == 0 {
+        bail!("flood over {}: sent {sent}, received {got}", path.name());
+    }
+    Ok(Measured::per_op(sent, secs, tx_cpu))
 }
 
 /// Client on CPU 0 sends a datagram and waits for the echo from the server on CPU 1; the
 /// rate is round trips per second (two datagrams each).
 fn ping_pong(path: &Path, size: usize, dur: Duration) -> anyhow::Result<Measured> {
-    let (cl_ns, sv_ns, addr) = path.ends();
-    let stop = AtomicBool::new(false);
-    let (port_tx, port_rx) = mpsc::channel();
-    thread::scope(|s| {
-        let server = s.spawn(|| -> anyhow::Result<u64> {
-            let sock = match bind_in(sv_ns.as_ref(), 1, addr) {
-                Ok(sock) => {
-                    port_tx.send(Ok(sock.local_addr()?))?;
-                    sock
-                }
-                Err(e) => {
-                    port_tx.send(Err(format!("{e:#}")))?;
-                    return Err(e);
-                }
-            };
+    let ((trips, secs, cl_cpu), sv_cpu) = two_ends(
+        path,
+        dur,
+        udp_listen,
+        |sock, stop, deadline| {
             let mut buf = vec![0u8; 2048];
             let cpu0 = thread_cpu_ns();
-            let deadline = Instant::now() + dur + Duration::from_secs(10);
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                 if let Ok((n, from)) = sock.recv_from(&mut buf) {
                     let _ = sock.send_to(&buf[..n], from);
                 }
             }
             Ok(thread_cpu_ns() - cpu0)
-        });
-        let res = (|| -> anyhow::Result<(u64, f64, u64)> {
-            let to: SocketAddr = port_rx
-                .recv_timeout(Duration::from_secs(5))
-                .context("server did not start")?
-                .map_err(anyhow::Error::msg)?;
-            thread::scope(|s2| {
-                s2.spawn(|| -> anyhow::Result<(u64, f64, u64)> {
-                    enter(cl_ns.as_ref(), 0)?;
-                    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-                    sock.connect(to)?;
-                    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
-                    let buf = vec![0x5au8; size];
-                    let mut back = vec![0u8; 2048];
-                    let cpu0 = thread_cpu_ns();
-                    let start = Instant::now();
-                    let mut trips = 0u64;
-                    let mut n = 0u64;
-                    while start.elapsed() < dur && n < MAX_DATAGRAMS {
-                        n += 1;
-                        if sock.send(&buf).is_err() {
-                            continue;
-                        }
-                        match sock.recv(&mut back) {
-                            Ok(_) => trips += 1,
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    ErrorKind::WouldBlock | ErrorKind::TimedOut
-                                ) => {}
-                            Err(e) => return Err(e).context("ping-pong receive"),
-                        }
-                    }
-                    let secs = start.elapsed().as_secs_f64();
-                    Ok((trips, secs, thread_cpu_ns() - cpu0))
-                })
-                .join()
-                .map_err(|_| anyhow::anyhow!("client thread panicked"))?
-            })
-        })();
-        stop.store(true, Ordering::Relaxed);
-        let sv_cpu = server
-            .join()
-            .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
-        let (trips, secs, cl_cpu) = res?;
-        if trips == 0 {
-            bail!("ping-pong over {}: no round trip completed", path.name());
+        },
+        |to| {
+            let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            sock.connect(to)?;
+            sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+            let buf = vec![0x5au8; size];
+            let mut back = vec![0u8; 2048];
+            let cpu0 = thread_cpu_ns();
+            let start = Instant::now();
+            let mut trips = 0u64;
+            let mut n = 0u64;
+            while start.elapsed() < dur && n < MAX_OPS {
+                n += 1;
+                if sock.send(&buf).is_err() {
+                    continue;
+                }
+                match sock.recv(&mut back) {
+                    Ok(_) => trips += 1,
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                    Err(e) => return Err(e).context("ping-pong receive"),
+                }
+            }
+            let secs = start.elapsed().as_secs_f64();
+            Ok((trips, secs, thread_cpu_ns() - cpu0))
+        },
+    )?;
+    if trips == 0 {
+        bail!("ping-pong over {}: no round trip completed", path.name());
+    }
+    Ok(Measured::per_op(trips, secs, cl_cpu + sv_cpu))
+}
+
+/// A TCP listener on `addr`, port chosen by the kernel. Non-blocking, so that the server
+/// can give up on a client that never connects.
+fn tcp_listen(addr: Ipv4Addr) -> anyhow::Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(SocketAddrV4::new(addr, 0)).context("binding the listener")?;
+    l.set_nonblocking(true)?;
+    let at = l.local_addr()?;
+    Ok((l, at))
+}
+
+/// The client's end of a TCP workload: connected, Nagle off (a request is sent at once, as
+/// request/response applications set it), bounded waits.
+fn tcp_connect(to: SocketAddr) -> anyhow::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&to, TCP_STALL)
+        .with_context(|| format!("connecting to {to}"))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(TCP_STALL))?;
+    s.set_write_timeout(Some(TCP_STALL))?;
+    Ok(s)
+}
+
+/// The server's end of a TCP workload: accepts one connection, then hands every read to
+/// `f` until the client closes it (which it does on returning, error or not), or at the
+/// latest until `deadline`. Returns the server's CPU time from the accept on, ns.
+fn tcp_serve(
+    l: TcpListener,
+    stop: &AtomicBool,
+    deadline: Instant,
+    mut f: impl FnMut(&mut TcpStream, &[u8]) -> std::io::Result<()>,
+) -> anyhow::Result<u64> {
+    let mut sock = loop {
+        match l.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if stop.load(Ordering::Relaxed) || Instant::now() >= deadline {
+                    bail!("no client connected");
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e).context("accepting the client"),
         }
-        Ok(Measured {
-            rate: trips as f64 / secs,
-            cpu_ns: (cl_cpu + sv_cpu) as f64 / trips as f64,
+    };
+    sock.set_nonblocking(false)?;
+    sock.set_nodelay(true)?;
+    sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+    sock.set_write_timeout(Some(TCP_STALL))?;
+    let mut buf = vec![0u8; 64 << 10];
+    let cpu0 = thread_cpu_ns();
+    while Instant::now() < deadline {
+        match sock.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => f(&mut sock, &buf[..n]).context("serving the client")?,
+            // A client gone without closing: the flag is the only way out before the deadline.
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            Err(e) => return Err(e).context("reading from the client"),
+        }
+    }
+    Ok(thread_cpu_ns() - cpu0)
+}
+
+/// TCP request/response, as `ping_pong` over one connection: the client on CPU 0 writes
+/// `size` bytes and reads exactly `size` back, echoed by the server on CPU 1; an operation
+/// is a round trip, and `cpu_ns` counts both threads.
+fn tcp_rr(path: &Path, size: usize, dur: Duration) -> anyhow::Result<Measured> {
+    let ((trips, secs, cl_cpu), sv_cpu) = two_ends(
+        path,
+        dur,
+        tcp_listen,
+        |l, stop, deadline| tcp_serve(l, stop, deadline, |s, data| s.write_all(data)),
+        |to| {
+            let mut sock = tcp_connect(to)?;
+            let buf = vec![0x5au8; size];
+            let mut back = vec![0u8; size];
+            let cpu0 = thread_cpu_ns();
+            let start = Instant::now();
+            let mut trips = 0u64;
+            while start.elapsed() < dur && trips < MAX_OPS {
+                sock.write_all(&buf)
+                    .context("tcp rr: sending the request")?;
+                sock.read_exact(&mut back)
+                    .context("tcp rr: reading the echo")?;
+                trips += 1;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            Ok((trips, secs, thread_cpu_ns() - cpu0))
+        },
+    )?;
+    if trips == 0 {
+        bail!("tcp rr over {}: no round trip completed", path.name());
+    }
+    Ok(Measured::per_op(trips, secs, cl_cpu + sv_cpu))
+}
+
+/// TCP bulk transfer: the client on CPU 0 writes `size`-byte chunks as fast as the
+/// connection takes them, the server on CPU 1 reads and discards; an operation is one
+/// chunk written, and `cpu_ns` counts both threads, the receiver's until it has read the
+/// last byte (what is still in flight when the client's clock stops is part of its writes).
+fn tcp_stream(path: &Path, size: usize, dur: Duration) -> anyhow::Result<Measured> {
+    let ((writes, secs, tx_cpu), (got, rx_cpu)) = two_ends(
+        path,
+        dur,
+        tcp_listen,
+        |l, stop, deadline| {
+            let mut got = 0u64;
+            let cpu = tcp_serve(l, stop, deadline, |_, data| {
+                got += data.len() as u64;
+                Ok(())
+            })?;
+            Ok((got, cpu))
+        },
+        |to| {
+            let mut sock = tcp_connect(to)?;
+            let buf = vec![0x5au8; size];
+            let cpu0 = thread_cpu_ns();
+            let start = Instant::now();
+            let mut writes = 0u64;
+            while start.elapsed() < dur && writes < MAX_OPS {
+                sock.write_all(&buf).context("tcp stream: writing")?;
+                writes += 1;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            Ok((writes, secs, thread_cpu_ns() - cpu0))
+        },
+    )?;
+    let sent = writes * size as u64;
+    if writes == 0 || got != sent {
+        bail!(
+            "tcp stream over {}: sent {sent} bytes, received {got}",
+            path.name()
+        );
+    }
+    Ok(Measured::per_op(writes, secs, tx_cpu + rx_cpu))
+}
+
+/// The kernel's count of TCP segments sent in the calling thread's network namespace
+/// (`Tcp: OutSegs` of its /proc/net/snmp).
+pub fn tcp_out_segs() -> anyhow::Result<u64> {
+    const SNMP: &str = "/proc/thread-self/net/snmp";
+    let snmp = std::fs::read_to_string(SNMP).with_context(|| format!("reading {SNMP}"))?;
+    // A "Tcp:" line of field names, then a "Tcp:" line of values.
+    let mut tcp = snmp.lines().filter_map(|l| l.strip_prefix("Tcp:"));
+    let (names, values) = (tcp.next(), tcp.next());
+    names
+        .zip(values)
+        .and_then(|(n, v)| {
+            n.split_whitespace()
+                .zip(v.split_whitespace())
+                .find(|(name, _)| *name == "OutSegs")
         })
-    })
+        .and_then(|(_, v)| v.parse().ok())
+        .with_context(|| format!("no Tcp: OutSegs in {SNMP}"))
 }
 
 /// Opens new flows at `rate` per second for `dur`: one unconnected socket sends one 32-byte

@@ -1,7 +1,7 @@
 //! Entry points of the kprobe strategy, for kernels that refuse trampolines. kprobes see raw
 //! registers, so arguments needed at return are stashed per thread at entry, and cookies are
 //! read from `skc_cookie` (the cookie helper needs a BTF-typed pointer). Same prototypes as
-//! in `trampoline.rs`.
+//! in `fentry.rs`.
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
     macros::{kprobe, kretprobe, map},
@@ -12,7 +12,8 @@ use udpmon_common::EventKind;
 
 use crate::{
     apperr::{self, cached_cookie},
-    icmp, sock,
+    kread::Probe,
+    sock,
 };
 
 /// Which function a stash entry belongs to: udpv6_sendmsg calls udp_sendmsg on the same
@@ -76,10 +77,15 @@ pub fn udp_sendmsg_kp(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// Success, the common case, returns before the stash is looked up: the entry probe's next
+/// call on this thread overwrites the entry left behind.
 #[kretprobe]
 pub fn udp_sendmsg_krp(ctx: RetProbeContext) -> u32 {
-    if let Some(s) = unstash(SEND4) {
-        sock::on_send_result(s.sk, ctx.ret::<i32>(), false, cached_cookie(s.sk));
+    let ret = ctx.ret::<i32>();
+    if ret < 0
+        && let Some(s) = unstash(SEND4)
+    {
+        sock::on_send_result(s.sk, ret, false, || cached_cookie(s.sk));
     }
     0
 }
@@ -99,29 +105,32 @@ pub fn udpv6_sendmsg_kp(ctx: ProbeContext) -> u32 {
 
 #[kretprobe]
 pub fn udpv6_sendmsg_krp(ctx: RetProbeContext) -> u32 {
-    if let Some(s) = unstash(SEND6) {
-        sock::on_send_result(s.sk, ctx.ret::<i32>(), true, cached_cookie(s.sk));
+    let ret = ctx.ret::<i32>();
+    if ret < 0
+        && let Some(s) = unstash(SEND6)
+    {
+        sock::on_send_result(s.sk, ret, true, || cached_cookie(s.sk));
     }
     0
 }
 
-/// udp_send_skb and udp_v6_send_skb (see trampoline.rs): entry only.
+/// udp_send_skb and udp_v6_send_skb (see fentry.rs): entry only.
 #[kprobe]
 pub fn udp_send_skb_kp(ctx: ProbeContext) -> u32 {
-    sock::on_send_skb(ctx.arg(0).unwrap_or(0), ctx.arg(1).unwrap_or(0), false);
+    sock::on_send_skb::<Probe>(ctx.arg(0).unwrap_or(0), ctx.arg(1).unwrap_or(0), false);
     0
 }
 
 #[kprobe]
 pub fn udp_v6_send_skb_kp(ctx: ProbeContext) -> u32 {
-    sock::on_send_skb(ctx.arg(0).unwrap_or(0), ctx.arg(1).unwrap_or(0), true);
+    sock::on_send_skb::<Probe>(ctx.arg(0).unwrap_or(0), ctx.arg(1).unwrap_or(0), true);
     0
 }
 
 #[kprobe]
 pub fn udp_enqueue_kp(ctx: ProbeContext) -> u32 {
     let sk: u64 = ctx.arg(0).unwrap_or(0);
-    sock::on_enqueue(sk, ctx.arg(1).unwrap_or(0), cached_cookie(sk));
+    sock::on_enqueue::<Probe>(sk, ctx.arg(1).unwrap_or(0), cached_cookie(sk));
     0
 }
 
@@ -147,30 +156,17 @@ macro_rules! recvmsg_entry {
 recvmsg_entry!(udp_recvmsg_kp_f3, 3);
 recvmsg_entry!(udp_recvmsg_kp_f4, 4);
 
+/// As for sends: success never touches the stash.
 #[kretprobe]
 pub fn udp_recvmsg_krp(ctx: RetProbeContext) -> u32 {
-    if let Some(s) = unstash(RECV) {
-        apperr::on_result(
-            s.sk,
-            ctx.ret::<i32>(),
-            s.flags as u32,
-            EventKind::RecvError,
-            cached_cookie(s.sk),
-        );
+    let ret = ctx.ret::<i32>();
+    if ret < 0
+        && let Some(s) = unstash(RECV)
+    {
+        apperr::on_result(s.sk, ret, s.flags as u32, EventKind::RecvError, || {
+            cached_cookie(s.sk)
+        });
     }
-    0
-}
-
-/// icmp_rcv and icmpv6_rcv (see trampoline.rs): ICMP handlers never nest on a CPU.
-#[kprobe]
-pub fn icmp_rcv_kp(ctx: ProbeContext) -> u32 {
-    icmp::on_icmp_rcv(ctx.arg(0).unwrap_or(0));
-    0
-}
-
-#[kretprobe]
-pub fn icmp_rcv_krp(_ctx: RetProbeContext) -> u32 {
-    icmp::on_handler_done();
     0
 }
 

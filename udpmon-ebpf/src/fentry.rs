@@ -6,9 +6,7 @@ use aya_ebpf::{
     programs::{FEntryContext, FExitContext},
 };
 
-use aya_log_ebpf::debug;
-
-use crate::{apperr, apperr::cookie_of, icmp, sock};
+use crate::{apperr, apperr::cookie_of, kread::Btf, sock};
 use udpmon_common::EventKind;
 
 /// Failed sends (APP-ERROR); the datagrams themselves are counted at udp_send_skb.
@@ -19,7 +17,7 @@ pub fn udp_sendmsg_exit(ctx: FExitContext) -> i32 {
     let ret: i32 = ctx.ret().unwrap_or(0);
     if ret < 0 {
         let sk = ctx.arg::<u64>(0);
-        sock::on_send_result(sk, ret, false, cookie_of(sk));
+        sock::on_send_result(sk, ret, false, || cookie_of(sk));
     }
     0
 }
@@ -31,7 +29,7 @@ pub fn udpv6_sendmsg_exit(ctx: FExitContext) -> i32 {
     let ret: i32 = ctx.ret().unwrap_or(0);
     if ret < 0 {
         let sk = ctx.arg::<u64>(0);
-        sock::on_send_result(sk, ret, true, cookie_of(sk));
+        sock::on_send_result(sk, ret, true, || cookie_of(sk));
     }
     0
 }
@@ -43,7 +41,7 @@ pub fn udpv6_sendmsg_exit(ctx: FExitContext) -> i32 {
 /// match-proto:v7.2:net/ipv4/udp.c:static int udp_send_skb(struct sk_buff *skb, struct flowi4 *fl4, struct inet_cork *cork)
 #[fentry(function = "udp_send_skb")]
 pub fn udp_send_skb_entry(ctx: FEntryContext) -> i32 {
-    sock::on_send_skb(ctx.arg(0), ctx.arg(1), false);
+    sock::on_send_skb::<Btf>(ctx.arg(0), ctx.arg(1), false);
     0
 }
 
@@ -51,7 +49,7 @@ pub fn udp_send_skb_entry(ctx: FEntryContext) -> i32 {
 /// match-proto:v7.2:net/ipv6/udp.c:static int udp_v6_send_skb(struct sk_buff *skb, struct flowi6 *fl6, struct inet_cork *cork)
 #[fentry(function = "udp_v6_send_skb")]
 pub fn udp_v6_send_skb_entry(ctx: FEntryContext) -> i32 {
-    sock::on_send_skb(ctx.arg(0), ctx.arg(1), true);
+    sock::on_send_skb::<Btf>(ctx.arg(0), ctx.arg(1), true);
     0
 }
 
@@ -61,7 +59,7 @@ pub fn udp_v6_send_skb_entry(ctx: FEntryContext) -> i32 {
 #[fentry(function = "__udp_enqueue_schedule_skb")]
 pub fn udp_enqueue_entry(ctx: FEntryContext) -> i32 {
     let sk = ctx.arg::<u64>(0);
-    sock::on_enqueue(sk, ctx.arg(1), cookie_of(sk));
+    sock::on_enqueue::<Btf>(sk, ctx.arg(1), cookie_of(sk));
     0
 }
 
@@ -77,13 +75,9 @@ macro_rules! recvmsg_exit {
         pub fn $name(ctx: FExitContext) -> i32 {
             let sk = ctx.arg::<u64>(0);
             let ret: i32 = ctx.ret().unwrap_or(0);
-            apperr::on_result(
-                sk,
-                ret,
-                ctx.arg($flags),
-                EventKind::RecvError,
-                cookie_of(sk),
-            );
+            apperr::on_result(sk, ret, ctx.arg($flags), EventKind::RecvError, || {
+                cookie_of(sk)
+            });
             0
         }
     };
@@ -92,39 +86,6 @@ recvmsg_exit!(udp_recvmsg_exit_f3, "udp_recvmsg", 3);
 recvmsg_exit!(udp_recvmsg_exit_f4, "udp_recvmsg", 4);
 recvmsg_exit!(udpv6_recvmsg_exit_f3, "udpv6_recvmsg", 3);
 recvmsg_exit!(udpv6_recvmsg_exit_f4, "udpv6_recvmsg", 4);
-
-/// ICMP errors. The UDP error handlers that tie an error to its socket (udp_err,
-/// udpv6_err) run inside these; the socket and the verdict come from the
-/// inet_sk_error_report tracepoint in between (see icmp.rs).
-/// match-proto:v5.8:net/ipv4/icmp.c:int icmp_rcv(struct sk_buff *skb)
-/// match-proto:v7.2:net/ipv4/icmp.c:int icmp_rcv(struct sk_buff *skb)
-/// match-proto:v5.8:net/ipv6/icmp.c:static int icmpv6_rcv(struct sk_buff *skb)
-/// match-proto:v7.2:net/ipv6/icmp.c:static int icmpv6_rcv(struct sk_buff *skb)
-/// Both are protocol handlers reached through a function pointer, so never inlined.
-#[fentry(function = "icmp_rcv")]
-pub fn icmp_rcv_entry(ctx: FEntryContext) -> i32 {
-    debug!(&ctx, "icmp_rcv");
-    icmp::on_icmp_rcv(ctx.arg(0));
-    0
-}
-
-#[fexit(function = "icmp_rcv")]
-pub fn icmp_rcv_exit(ctx: FExitContext) -> i32 {
-    icmp::on_skb_freed(ctx.arg(0));
-    0
-}
-
-#[fentry(function = "icmpv6_rcv")]
-pub fn icmpv6_rcv_entry(ctx: FEntryContext) -> i32 {
-    icmp::on_icmp_rcv(ctx.arg(0));
-    0
-}
-
-#[fexit(function = "icmpv6_rcv")]
-pub fn icmpv6_rcv_exit(ctx: FExitContext) -> i32 {
-    icmp::on_skb_freed(ctx.arg(0));
-    0
-}
 
 /// match-proto:v5.8:net/ipv4/datagram.c:int __ip4_datagram_connect(struct sock *sk, struct sockaddr *uaddr, int addr_len)
 /// (7.x: `struct sockaddr_unsized *uaddr`, same layout.) At exit the route has chosen the

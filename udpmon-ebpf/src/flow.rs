@@ -81,6 +81,7 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
     }
     if dir == Dir::Tx {
         let tk = TupleKey {
+            local: d.local,
             remote: d.remote,
             lport: d.lport,
             rport: d.rport,

@@ -21,9 +21,12 @@ use crate::{
     packet::{Bytes, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, l3, udp},
 };
 
-/// A report and the free of the ICMP skb it is about are microseconds apart on one CPU; an
-/// older report came from something else (`ss -K`, a TCP-style abort) and is not used.
-const REPORT_VALID_NS: u64 = 1_000_000;
+/// A report and the free of the ICMP skb it is about happen in one softirq on one CPU,
+/// microseconds apart on bare metal, but a virtual CPU can be descheduled in between for
+/// milliseconds (seen under qemu). The slot is emptied at every ICMP free, so a stale report
+/// can only come from a cause other than an ICMP (`ss -K` aborting a socket) and only
+/// matter for an error the kernel then discards on that same local port within this window.
+const REPORT_VALID_NS: u64 = 100_000_000;
 
 /// Kernel memory from a base address, read with bpf_probe_read_kernel.
 pub struct Kmem(pub u64);
@@ -133,6 +136,7 @@ pub fn on_skb_freed(skb: u64) {
             ev.flags |= r.flags;
         } else {
             let tk = TupleKey {
+                local: inner.saddr,
                 remote: inner.daddr,
                 lport: sport,
                 rport: dport,

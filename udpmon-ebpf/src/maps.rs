@@ -21,8 +21,8 @@ pub static FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::with_max_entries(
 #[map]
 pub static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(65536, 0);
 
-/// (local port, remote address, remote port, family) -> cookie of the socket that sent there,
-/// to tie an ICMP error to a socket when the kernel itself drops the error.
+/// (local address and port, remote address and port, family) -> cookie of the socket that
+/// sent there, to tie an ICMP error to a socket when the kernel itself drops the error.
 #[map]
 pub static SENDERS: LruHashMap<TupleKey, u64> = LruHashMap::with_max_entries(65536, 0);
 
@@ -63,9 +63,12 @@ pub struct Owner {
     pub netns_cookie: u64,
 }
 
+/// Both ends of a datagram: two sockets on one port in two network namespaces (containers)
+/// talking to the same peer differ at least by their local address.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct TupleKey {
+    pub local: [u8; 16],
     pub remote: [u8; 16],
     pub lport: u16,
     pub rport: u16,

@@ -33,6 +33,7 @@ pub fn on_drop(skb: u64, reason: u32) {
     // SAFETY: BPF helper without preconditions.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     let tk = TupleKey {
+        local: ip.daddr,
         remote: ip.saddr,
         lport: dport,
         rport: sport,

@@ -183,3 +183,52 @@ pub fn peers(st: Strategy, v6: bool, recverr: bool) -> Outcome {
     }
     Outcome::Pass
 }
+
+/// Issue 10: a dropped ICMP error is tied to its socket through the kernel's "who sent to
+/// this peer" map, which must tell apart two sockets on the same local port in two network
+/// namespaces (containers) talking to the same closed peer port. Each first datagram fills
+/// the map; a later one only finds the socket through it, so socket A's second error must
+/// not go to socket B, whose first datagram came last.
+pub fn same_port_two_netns(st: Strategy) -> Outcome {
+    let h = TwoHosts::new("sp");
+    let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
+    let dead: SocketAddr = addr(SERVER4, 9).parse().unwrap();
+    let (la, lb) = (addr(CLIENT4, 7300), addr(SERVER4, 7300));
+    let a = udp_socket_in(&h.client, &la);
+    let b = udp_socket_in(&h.server, &lb);
+    let unreachable_of = |u: &mut Udpmon, who: &str, local: &str| {
+        u.wait_for(who, |v| is(v, "unreachable") && s(v, "local") == local)
+    };
+    a.send_to(b"a1", dead).unwrap();
+    let ua = unreachable_of(&mut u, "A's unreachable", &la);
+    b.send_to(b"b1", dead).unwrap();
+    let ub = unreachable_of(&mut u, "B's unreachable", &lb);
+    let (ca, cb) = (ua["cookie"].clone(), ub["cookie"].clone());
+    assert_ne!(ca, cb, "two sockets: {ua} {ub}");
+    for v in [&ua, &ub] {
+        assert_eq!(v["icmp"]["verdict"], "discarded", "{v}");
+    }
+    // Not a first datagram: only the map can name A's socket for this error, which the
+    // engine counts on the flow without a line of its own. A datagram to another closed port
+    // then draws an error that does get a line, and comes back after the first.
+    a.send_to(b"a2", dead).unwrap();
+    let sentinel = addr(SERVER4, 10);
+    a.send_to(b"a3", sentinel.parse::<SocketAddr>().unwrap())
+        .unwrap();
+    u.wait_for("A's sentinel unreachable", |v| {
+        is(v, "unreachable") && s(v, "local") == la && s(v, "remote") == sentinel
+    });
+    let rs = dead.to_string();
+    drop((a, b));
+    let close_a = u.wait_for("A's close", |v| is(v, "close") && of_flow(v, &ca, &rs));
+    let close_b = u.wait_for("B's close", |v| is(v, "close") && of_flow(v, &cb, &rs));
+    assert_eq!(
+        close_a["stats"]["icmp_errors"], 2,
+        "A had two errors: {close_a}"
+    );
+    assert_eq!(
+        close_b["stats"]["icmp_errors"], 1,
+        "B had one error: {close_b}"
+    );
+    Outcome::Pass
+}

@@ -42,6 +42,10 @@ pub const ALL: &[Scenario] = &[
         run: |st| crate::peers::peers(st, true, true),
     },
     Scenario {
+        name: "peers_same_port_two_netns",
+        run: crate::peers::same_port_two_netns,
+    },
+    Scenario {
         name: "dns_dnsmasq_dig",
         run: crate::dns::dns,
     },

@@ -252,6 +252,7 @@ impl Agent {
         let es = self.engine.stats();
         self.health.flows_evicted = es.flows_evicted;
         self.health.flows_tracked = es.flows_tracked as u64;
+        self.health.recursion_misses = self.probes.recursion_misses();
         if let Some(msg) = self.warner.check(Instant::now(), &self.health) {
             warn!("events lost: {msg}");
         }

@@ -17,17 +17,27 @@ pub struct Health {
     pub decode_errors: u64,
     pub flows_evicted: u64,
     pub flows_tracked: u64,
+    /// Program runs the kernel skipped (recursion), summed over udpmon's programs.
+    pub recursion_misses: u64,
 }
 
 impl Health {
     /// The counters whose growth means something was lost.
-    fn losses(&self) -> [(&'static str, u64); 5] {
+    fn losses(&self) -> [(&'static str, u64); 7] {
         [
             ("ring-buffer drops", self.ringbuf_full),
             ("decode errors", self.decode_errors),
             ("kernel flow-map insert failures", self.flow_insert_failed),
             ("flows evicted (--max-flows)", self.flows_evicted),
             ("datagrams sent on sockets without a cookie", self.no_cookie),
+            (
+                "closed-port reports rate-limited",
+                self.no_socket_suppressed,
+            ),
+            (
+                "program runs skipped by the kernel (recursion)",
+                self.recursion_misses,
+            ),
         ]
     }
 
@@ -45,7 +55,7 @@ impl Health {
 
     pub fn summary(&self) -> String {
         format!(
-            "events read {}, ring-buffer drops {}, decode errors {}, flows tracked {}, flows evicted {}, kernel read failures {}, flow-map insert failures {}, uncounted sends (no socket cookie) {}, closed-port reports rate-limited {}",
+            "events read {}, ring-buffer drops {}, decode errors {}, flows tracked {}, flows evicted {}, kernel read failures {}, flow-map insert failures {}, uncounted sends (no socket cookie) {}, program runs skipped (recursion) {}, closed-port reports rate-limited {}",
             self.events_read,
             self.ringbuf_full,
             self.decode_errors,
@@ -54,6 +64,7 @@ impl Health {
             self.kernel_read_failed,
             self.flow_insert_failed,
             self.no_cookie,
+            self.recursion_misses,
             self.no_socket_suppressed
         )
     }

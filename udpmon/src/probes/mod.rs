@@ -172,6 +172,49 @@ pub struct Probes {
     pub degraded: Vec<String>,
 }
 
+impl Probes {
+    /// Program runs the kernel skipped because the program was already running on that CPU
+    /// (a tracing program reached again from inside itself, e.g. through an interrupt): each
+    /// is an event or a count lost. Kernels before 5.12 do not count them (0).
+    pub fn recursion_misses(&self) -> u64 {
+        self.ebpf
+            .programs()
+            .filter_map(|(_, p)| p.fd().ok())
+            .filter_map(|fd| prog_info(fd.as_fd()).ok())
+            .map(|info| info.recursion_misses)
+            .sum()
+    }
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD for a program: aya's ProgramInfo keeps the fields it does not
+/// expose private.
+fn prog_info(
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<aya_obj::generated::bpf_prog_info> {
+    use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: both are plain C structs for which all-zero is valid.
+    let (mut info, mut attr): (bpf_prog_info, bpf_attr) =
+        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    // The `info` member of the union is the one the kernel reads for this command.
+    attr.info.bpf_fd = fd.as_raw_fd() as u32;
+    attr.info.info_len = size_of::<bpf_prog_info>() as u32;
+    attr.info.info = &raw mut info as u64;
+    // SAFETY: `attr` is valid for the command and points to `info`, which outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as i32,
+            &raw const attr,
+            size_of::<bpf_attr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info)
+}
+
 pub struct LoadOptions {
     pub max_flows: u32,
     pub self_tgid: u32,

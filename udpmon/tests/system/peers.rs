@@ -232,3 +232,45 @@ pub fn same_port_two_netns(st: Strategy) -> Outcome {
     );
     Outcome::Pass
 }
+
+/// Issue 10: datagrams from ever-new source ports to a closed port (a scan, or a flood with
+/// random sources) are each a new tuple for REFUSED's per-tuple limit; the per-CPU budget
+/// keeps them from filling the ring buffer, and counts what it held back.
+pub fn refused_flood(st: Strategy) -> Outcome {
+    const SENT: usize = 2000;
+    const BUDGET_PER_CPU: usize = 256;
+    let h = TwoHosts::new("rf");
+    let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
+    let closed: SocketAddr = addr(SERVER4, 7400).parse().unwrap();
+    let sent = crate::harness::in_netns(&h.client, move || {
+        (0..SENT)
+            .filter(|_| {
+                let sock = UdpSocket::bind("10.200.0.1:0").unwrap();
+                sock.send_to(b"scan", closed).is_ok()
+            })
+            .count()
+    });
+    assert_eq!(sent, SENT);
+    // Each send returned after the server's kernel dropped the datagram (veth delivers in
+    // the sender's softirq), so every drop is counted by now.
+    u.wait_for("a refused", |v| {
+        is(v, "refused") && s(v, "local") == closed.to_string()
+    });
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (_, stderr) = u.stop();
+    let summary = stderr
+        .iter()
+        .find(|l| l.contains("closed-port reports rate-limited"))
+        .unwrap_or_else(|| panic!("no exit summary in {stderr:?}"));
+    let limited: usize = summary
+        .rsplit("closed-port reports rate-limited ")
+        .next()
+        .and_then(|n| n.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {summary}"));
+    // A second can pass during the flood, so allow each CPU two budgets.
+    assert!(
+        limited >= SENT - 2 * BUDGET_PER_CPU * cpus,
+        "{limited} of {SENT} closed-port datagrams rate-limited: {summary}"
+    );
+    Outcome::Pass
+}

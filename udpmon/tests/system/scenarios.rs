@@ -46,6 +46,10 @@ pub const ALL: &[Scenario] = &[
         run: crate::peers::same_port_two_netns,
     },
     Scenario {
+        name: "refused_flood_rate_limited",
+        run: crate::peers::refused_flood,
+    },
+    Scenario {
         name: "dns_dnsmasq_dig",
         run: crate::dns::dns,
     },

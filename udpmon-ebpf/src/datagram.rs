@@ -66,28 +66,7 @@ pub fn on_skb(ctx: &SkBuffContext, dir: Dir) {
     let u = udp_words(|i| unsafe { w.add(i).read() }, v6);
     // SAFETY: the helper accepts the program's own skb context.
     let cookie = unsafe { bpf_get_socket_cookie(skb as *mut _) };
-    let d = match dir {
-        Dir::Tx => Datagram {
-            cookie,
-            family: u.family,
-            local: u.saddr,
-            remote: u.daddr,
-            lport: u.sport,
-            rport: u.dport,
-            bytes: u.bytes,
-            sk: 0,
-        },
-        Dir::Rx => Datagram {
-            cookie,
-            family: u.family,
-            local: u.daddr,
-            remote: u.saddr,
-            lport: u.dport,
-            rport: u.sport,
-            bytes: u.bytes,
-            sk: 0,
-        },
-    };
+    let d = Datagram::from_headers(&u, dir, cookie, 0);
     on_datagram(&d, dir, false);
 }
 

@@ -11,7 +11,10 @@ use aya_ebpf::{
 };
 use udpmon_common::{Counter, Event, EventKind, FlowKey, FlowStats, event::flags};
 
-use crate::maps::{FLOWS, OWNERS, Owner, SENDERS, TupleKey, count, emit, self_tgid};
+use crate::{
+    maps::{FLOWS, OWNERS, Owner, SENDERS, TupleKey, count, emit, self_tgid},
+    packet::UdpHeaders,
+};
 
 /// A datagram seen on the wire side of a socket. Addresses as in [`Event`].
 pub struct Datagram {
@@ -25,6 +28,28 @@ pub struct Datagram {
     /// The socket, where the hook has a typed pointer to it (0 for cgroup hooks): its
     /// netns is read only when an event is emitted, off the per-datagram path.
     pub sk: u64,
+}
+
+impl Datagram {
+    /// The datagram whose headers are `h`, as the socket that sends it (`Tx`: its source is
+    /// local) or receives it (`Rx`) sees it.
+    #[inline(always)]
+    pub fn from_headers(h: &UdpHeaders, dir: Dir, cookie: u64, sk: u64) -> Self {
+        let (local, remote, lport, rport) = match dir {
+            Dir::Tx => (h.saddr, h.daddr, h.sport, h.dport),
+            Dir::Rx => (h.daddr, h.saddr, h.dport, h.sport),
+        };
+        Datagram {
+            cookie,
+            family: h.family,
+            local,
+            remote,
+            lport,
+            rport,
+            bytes: h.bytes,
+            sk,
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

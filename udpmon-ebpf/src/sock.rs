@@ -173,16 +173,7 @@ pub fn on_enqueue<K: Kernel>(sk: u64, skb: u64, cookie: u64) {
             bytes,
         }
     };
-    let d = Datagram {
-        cookie,
-        family: u.family,
-        local: u.daddr,
-        remote: u.saddr,
-        lport: u.dport,
-        rport: u.sport,
-        bytes: u.bytes,
-        sk,
-    };
+    let d = Datagram::from_headers(&u, Dir::Rx, cookie, sk);
     on_datagram(&d, Dir::Rx, false);
 }
 

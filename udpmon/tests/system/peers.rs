@@ -260,7 +260,7 @@ pub fn refused_flood(st: Strategy) -> Outcome {
     let (_, stderr) = u.stop();
     let summary = stderr
         .iter()
-        .find(|l| l.contains("closed-port reports rate-limited"))
+        .find(|l| l.contains("udpmon: stopped;"))
         .unwrap_or_else(|| panic!("no exit summary in {stderr:?}"));
     let limited: usize = summary
         .rsplit("closed-port reports rate-limited ")

@@ -8,7 +8,7 @@ use udpmon_common::{
 use crate::{
     flow::fill_identity,
     kread::{read, read_buf},
-    maps::{emit, offsets},
+    maps::{emit, off},
     packet::IPPROTO_UDP,
 };
 
@@ -23,7 +23,7 @@ pub fn cookie_of(sk: u64) -> u64 {
 /// `skc_cookie`, which udpmon's own hooks make the kernel generate (0 if never generated).
 #[inline(always)]
 pub fn cached_cookie(sk: u64) -> u64 {
-    read(sk, offsets().skc_cookie)
+    read(sk, off!(skc_cookie))
 }
 
 const EAGAIN: i32 = 11;
@@ -37,8 +37,7 @@ pub fn on_result(sk: u64, ret: i32, msg_flags: u32, kind: EventKind, cookie: imp
     if ret >= 0 || ret == -EAGAIN || msg_flags & MSG_ERRQUEUE != 0 {
         return;
     }
-    let o = offsets();
-    let proto: u16 = read(sk, o.sk_protocol);
+    let proto: u16 = read(sk, off!(sk_protocol));
     if proto != IPPROTO_UDP as u16 {
         return;
     }
@@ -83,25 +82,24 @@ impl SockTuple {
 /// Addresses, state and netns of a socket, from `struct sock`.
 #[inline(always)]
 pub fn sock_tuple(sk: u64) -> SockTuple {
-    let o = offsets();
-    let family: u16 = read(sk, o.skc_family);
-    let state: u8 = read(sk, o.skc_state);
+    let family: u16 = read(sk, off!(skc_family));
+    let state: u8 = read(sk, off!(skc_state));
     let mut t = SockTuple {
         family: AF_INET,
         connected: state == 1,
         local: [0; 16],
         remote: [0; 16],
-        lport: read(sk, o.skc_num),
-        rport: u16::from_be(read(sk, o.skc_dport)),
+        lport: read(sk, off!(skc_num)),
+        rport: u16::from_be(read(sk, off!(skc_dport))),
         netns: 0,
     };
     if family == AF_INET6 {
         t.family = AF_INET6;
-        read_buf(sk, o.skc_v6_rcv_saddr, &mut t.local);
-        read_buf(sk, o.skc_v6_daddr, &mut t.remote);
+        read_buf(sk, off!(skc_v6_rcv_saddr), &mut t.local);
+        read_buf(sk, off!(skc_v6_daddr), &mut t.remote);
     } else {
-        read_buf(sk, o.skc_rcv_saddr, &mut t.local[..4]);
-        read_buf(sk, o.skc_daddr, &mut t.remote[..4]);
+        read_buf(sk, off!(skc_rcv_saddr), &mut t.local[..4]);
+        read_buf(sk, off!(skc_daddr), &mut t.remote[..4]);
     }
     t.netns = sock_netns(sk);
     t
@@ -110,10 +108,9 @@ pub fn sock_tuple(sk: u64) -> SockTuple {
 /// `sk->__sk_common.skc_net.net->ns.inum`.
 #[inline(always)]
 pub fn sock_netns(sk: u64) -> u32 {
-    let o = offsets();
-    let net: u64 = read(sk, o.skc_net);
+    let net: u64 = read(sk, off!(skc_net));
     if net == 0 {
         return 0;
     }
-    read(net, o.net_ns_inum)
+    read(net, off!(net_ns_inum))
 }

@@ -17,15 +17,16 @@ use udpmon_common::{
 use crate::{
     flow::fill_identity,
     kread::read,
-    maps::{ERROR_REPORT, ErrorReport, SENDERS, TupleKey, emit, field, off, offsets},
+    maps::{ERROR_REPORT, ErrorReport, SENDERS, TupleKey, emit, field, off},
     packet::{Bytes, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, l3, udp},
 };
 
 /// A report and the free of the ICMP skb it is about happen in one softirq on one CPU,
 /// microseconds apart on bare metal, but a virtual CPU can be descheduled in between for
-/// milliseconds (seen under qemu). The slot is emptied at every ICMP free, so a stale report
-/// can only come from a cause other than an ICMP (`ss -K` aborting a socket) and only
-/// matter for an error the kernel then discards on that same local port within this window.
+/// milliseconds (seen under qemu). The slot is emptied whenever an ICMP error about a UDP
+/// datagram is freed, so a stale report can only come from a cause other than an ICMP (`ss -K`
+/// aborting a socket) and only matter for an error the kernel then discards on that same
+/// local port within this window.
 const REPORT_VALID_NS: u64 = 100_000_000;
 
 /// Kernel memory from a base address, read with bpf_probe_read_kernel.
@@ -41,25 +42,23 @@ impl Bytes for Kmem {
 /// `skb->head + skb->network_header`: the L3 header, valid from receive to free.
 #[inline(always)]
 pub fn skb_l3(skb: u64) -> u64 {
-    let o = offsets();
-    let head: u64 = read(skb, o.skb_head);
-    let nh: u16 = read(skb, o.skb_network_header);
+    let head: u64 = read(skb, off!(skb_head));
+    let nh: u16 = read(skb, off!(skb_network_header));
     head + nh as u64
 }
 
 /// The netns inode of the device an skb arrived on.
 #[inline(always)]
 pub fn skb_netns(skb: u64) -> u32 {
-    let o = offsets();
-    let dev: u64 = read(skb, o.skb_dev);
+    let dev: u64 = read(skb, off!(skb_dev));
     if dev == 0 {
         return 0;
     }
-    let net: u64 = read(dev, o.dev_nd_net);
+    let net: u64 = read(dev, off!(dev_nd_net));
     if net == 0 {
         return 0;
     }
-    read(net, o.net_ns_inum)
+    read(net, off!(net_ns_inum))
 }
 
 /// Is this ICMP type an error that carries the offending datagram?

@@ -17,12 +17,13 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 pub static FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::with_max_entries(65536, 0);
 
 /// Who owns a socket (cookie -> owner), learned in process context so that softirq-side
-/// events (receive, ICMP) can name the process.
+/// events (receive, ICMP) can name the process. Sized as FLOWS by userspace.
 #[map]
 pub static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(65536, 0);
 
 /// (local address and port, remote address and port, family) -> cookie of the socket that
 /// sent there, to tie an ICMP error to a socket when the kernel itself drops the error.
+/// Sized as FLOWS by userspace.
 #[map]
 pub static SENDERS: LruHashMap<TupleKey, u64> = LruHashMap::with_max_entries(65536, 0);
 
@@ -43,6 +44,7 @@ pub static HEALTH: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0)
 #[map]
 pub static ERROR_REPORT: PerCpuArray<ErrorReport> = PerCpuArray::with_max_entries(1, 0);
 
+/// Kernel field offsets from BTF, set at load time and read one field at a time with `off!`.
 #[unsafe(no_mangle)]
 pub static OFFSETS: Offsets = Offsets::zeroed();
 
@@ -96,13 +98,6 @@ pub struct ErrorReport {
     pub errno: u32,
     /// `Event::flags` bits learned from the socket (CONNECTED, RECVERR).
     pub flags: u32,
-}
-
-#[inline(always)]
-pub fn offsets() -> Offsets {
-    // SAFETY: a read-only global set at load time; volatile stops the compiler from folding
-    // the zeroed initial value into the code.
-    unsafe { core::ptr::read_volatile(&OFFSETS) }
 }
 
 #[inline(always)]

@@ -5,7 +5,7 @@ use udpmon_common::{Counter, EventKind, event::flags};
 
 use crate::{
     icmp::{Kmem, skb_l3, skb_netns},
-    maps::{NO_SOCKET_BUDGET, NO_SOCKET_SEEN, TupleKey, count, emit, offsets},
+    maps::{NO_SOCKET_BUDGET, NO_SOCKET_SEEN, TupleKey, count, emit, off},
     packet::{IPPROTO_UDP, l3, udp},
 };
 
@@ -19,7 +19,7 @@ const REPORTS_PER_SEC_PER_CPU: u64 = 256;
 /// tp_btf kfree_skb: `reason` is `enum skb_drop_reason` (resolved from BTF by userspace).
 #[inline(always)]
 pub fn on_drop(skb: u64, reason: u32) {
-    if reason != offsets().drop_reason_no_socket {
+    if reason != off!(drop_reason_no_socket) {
         return;
     }
     let b = Kmem(skb_l3(skb));

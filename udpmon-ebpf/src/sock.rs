@@ -14,7 +14,7 @@ use crate::{
     flow::{Datagram, Dir, fill_identity, on_datagram},
     icmp::Kmem,
     kread::{Kernel, Probe, read},
-    maps::{OWNERS, count, emit, off, offsets},
+    maps::{OWNERS, count, emit, off},
     packet::{Bytes, HDR_WORDS, IPPROTO_UDP, UdpHeaders, addr_bytes, ip_proto, udp, udp_words},
 };
 
@@ -119,7 +119,7 @@ pub fn on_send_result(sk: u64, ret: i32, v6_entry: bool, cookie: impl FnOnce() -
     if ret >= 0 {
         return;
     }
-    let family: u16 = read(sk, offsets().skc_family);
+    let family: u16 = read(sk, off!(skc_family));
     if !v6_entry && family == AF_INET6 {
         return;
     }

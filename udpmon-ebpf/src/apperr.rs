@@ -7,7 +7,7 @@ use udpmon_common::{
 
 use crate::{
     flow::fill_identity,
-    kread::{read, read_buf},
+    kread::{read, read_buf, sock_netns},
     maps::{emit, off},
     packet::IPPROTO_UDP,
 };
@@ -103,14 +103,4 @@ pub fn sock_tuple(sk: u64) -> SockTuple {
     }
     t.netns = sock_netns(sk);
     t
-}
-
-/// `sk->__sk_common.skc_net.net->ns.inum`.
-#[inline(always)]
-pub fn sock_netns(sk: u64) -> u32 {
-    let net: u64 = read(sk, off!(skc_net));
-    if net == 0 {
-        return 0;
-    }
-    read(net, off!(net_ns_inum))
 }

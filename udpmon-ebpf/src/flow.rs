@@ -129,7 +129,7 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
         ev.rport = d.rport;
         ev.ret = d.bytes as i32;
         if d.sk != 0 {
-            ev.netns = crate::apperr::sock_netns(d.sk);
+            ev.netns = crate::kread::sock_netns(d.sk);
         }
         fill_identity(ev, in_task)
     });

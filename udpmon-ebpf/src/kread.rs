@@ -6,7 +6,7 @@
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
 use udpmon_common::Counter;
 
-use crate::maps::count;
+use crate::maps::{count, off};
 
 /// Reads a `T` at `base + off`; counts and returns zero on failure so callers stay simple.
 #[inline(always)]
@@ -35,6 +35,16 @@ pub fn read_buf(base: u64, off: u32, dst: &mut [u8]) {
 pub fn try_read_buf(addr: u64, dst: &mut [u8]) -> Option<()> {
     // SAFETY: bpf_probe_read_kernel validates the address.
     unsafe { bpf_probe_read_kernel_buf(addr as *const u8, dst) }.ok()
+}
+
+/// `sk->__sk_common.skc_net.net->ns.inum`.
+#[inline(always)]
+pub fn sock_netns(sk: u64) -> u32 {
+    let net: u64 = read(sk, off!(skc_net));
+    if net == 0 {
+        return 0;
+    }
+    read(net, off!(net_ns_inum))
 }
 
 /// How a hook reads fields of kernel structures. `off` must be an `off!` offset: [`Btf`]

@@ -28,6 +28,7 @@ use crate::{
 };
 
 /// Why the agent stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stop {
     Signal,
     /// The reader of our output went away (`udpmon | head`): not an error.
@@ -131,43 +132,14 @@ impl Agent {
         if let Some(h) = self.formatter.header().filter(|_| self.header) {
             self.write(&h)?;
         }
-        loop {
+        let stop = loop {
             let step = tokio::select! {
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
-                    let rb = guard.get_inner_mut();
-                    let mut reports = Vec::new();
                     // Drain fully before clearing readiness, or a wakeup is lost.
-                    while let Some(item) = rb.next() {
-                        self.health.events_read += 1;
-                        match decode::raw(&item).and_then(|raw| {
-                            let mut ev = decode::decode_event(&raw)?;
-                            if ev.netns == 0 && raw.netns_cookie != 0 {
-                                ev.netns = self.netns.inode(raw.netns_cookie).unwrap_or(0);
-                            }
-                            Ok(ev)
-                        }) {
-                            Ok(ev) => {
-                                let closing = match ev.fact {
-                                    Fact::Close => self.engine.flows_of(ev.cookie),
-                                    _ => Vec::new(),
-                                };
-                                let flows = &self.flows;
-                                let read = |id: &FlowId| read_counters(flows, id);
-                                reports.extend(self.engine.on_event(&ev, &read));
-                                // The socket is gone: so are its kernel flow entries.
-                                for id in &closing {
-                                    let _ = self.flows.remove(&FlowKey::from(id));
-                                }
-                            }
-                            Err(e) => {
-                                self.health.decode_errors += 1;
-                                log::debug!("undecodable event: {e}");
-                            }
-                        }
-                    }
+                    let r = self.drain(guard.get_inner_mut());
                     guard.clear_ready();
-                    self.emit(&reports)
+                    r
                 }
                 _ = tick.tick() => {
                     let now = clock::boot_ns();
@@ -195,14 +167,67 @@ impl Agent {
                     guard.clear_ready();
                     Ok(())
                 }
-                _ = sigint.recv() => return Ok(Stop::Signal),
-                _ = sigterm.recv() => return Ok(Stop::Signal),
+                _ = sigint.recv() => break Stop::Signal,
+                _ = sigterm.recv() => break Stop::Signal,
             };
             match step {
                 Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(Stop::OutputClosed),
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => break Stop::OutputClosed,
                 Err(e) => return Err(anyhow::Error::new(e).context("writing events")),
             }
+        };
+        // Nothing more can arrive once the programs are detached: what the ring holds now is
+        // the rest, printed (or, with no reader left, counted) before the summary.
+        self.probes.detach();
+        let rb = ring.get_mut();
+        match stop {
+            Stop::Signal => match self.drain(rb) {
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => self.count_unread(rb),
+                r => r.map_err(|e| anyhow::Error::new(e).context("writing events"))?,
+            },
+            Stop::OutputClosed => self.count_unread(rb),
+        }
+        Ok(stop)
+    }
+
+    /// Decodes and processes every record the ring buffer holds, then writes the reports.
+    fn drain(&mut self, rb: &mut RingBuf<MapData>) -> io::Result<()> {
+        let mut reports = Vec::new();
+        while let Some(item) = rb.next() {
+            self.health.events_read += 1;
+            match decode::raw(&item).and_then(|raw| {
+                let mut ev = decode::decode_event(&raw)?;
+                if ev.netns == 0 && raw.netns_cookie != 0 {
+                    ev.netns = self.netns.inode(raw.netns_cookie).unwrap_or(0);
+                }
+                Ok(ev)
+            }) {
+                Ok(ev) => {
+                    let closing = match ev.fact {
+                        Fact::Close => self.engine.flows_of(ev.cookie),
+                        _ => Vec::new(),
+                    };
+                    let flows = &self.flows;
+                    let read = |id: &FlowId| read_counters(flows, id);
+                    reports.extend(self.engine.on_event(&ev, &read));
+                    // The socket is gone: so are its kernel flow entries.
+                    for id in &closing {
+                        let _ = self.flows.remove(&FlowKey::from(id));
+                    }
+                }
+                Err(e) => {
+                    self.health.decode_errors += 1;
+                    log::debug!("undecodable event: {e}");
+                }
+            }
+        }
+        self.emit(&reports)
+    }
+
+    /// Records nobody will read: the output is gone.
+    fn count_unread(&mut self, rb: &mut RingBuf<MapData>) {
+        while rb.next().is_some() {
+            self.health.unread_at_exit += 1;
         }
     }
 
@@ -251,8 +276,10 @@ impl Agent {
         }
         let es = self.engine.stats();
         self.health.flows_evicted = es.flows_evicted;
+        self.health.kernel_entries_renewed = es.kernel_entries_renewed;
         self.health.flows_tracked = es.flows_tracked as u64;
         self.health.recursion_misses = self.probes.recursion_misses();
+        self.health.kprobe_misses = self.probes.kprobe_misses();
         if let Some(msg) = self.warner.check(Instant::now(), &self.health) {
             warn!("events lost: {msg}");
         }

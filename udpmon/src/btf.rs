@@ -269,6 +269,13 @@ impl KernelBtf {
         self.ids_named(func, &[KIND_FUNC]).next().is_some()
     }
 
+    /// A tracepoint a tp_btf program can attach to: the kernel describes each with a
+    /// `btf_trace_<name>` typedef.
+    pub fn has_tracepoint(&self, tp: &str) -> bool {
+        let name = format!("btf_trace_{tp}");
+        self.ids_named(&name, &[KIND_TYPEDEF]).next().is_some()
+    }
+
     fn name(&self, off: u32) -> &str {
         // An offset or string that is out of range simply never matches a name we look for.
         let Some(tail) = self.strings.get(off as usize..) else {
@@ -770,6 +777,9 @@ mod tests {
         assert_eq!(o.fl6_saddr, o.fl6_daddr + 16);
         assert!(o.fl6_ports > o.fl6_saddr && o.skb_sk < skb && o.skb_refdst < skb);
         assert!(btf.has_func("udp_send_skb") && btf.has_func("udp_v6_send_skb"));
+        // Tracepoints every strategy attaches to, and one no kernel has.
+        assert!(btf.has_tracepoint("consume_skb") && btf.has_tracepoint("kfree_skb"));
+        assert!(!btf.has_tracepoint("udpmon_no_such_tracepoint"));
         assert_eq!(
             btf.func_params("udp_sendmsg").unwrap(),
             ["sk", "msg", "len"]

@@ -16,19 +16,29 @@ pub struct Health {
     pub events_read: u64,
     pub decode_errors: u64,
     pub flows_evicted: u64,
+    /// Live flows whose kernel entry was dropped by the kernel's LRU and recreated.
+    pub kernel_entries_renewed: u64,
     pub flows_tracked: u64,
     /// Program runs the kernel skipped (recursion), summed over udpmon's programs.
     pub recursion_misses: u64,
+    /// kprobe hits the kernel could not serve (kretprobe instances exhausted, re-entry).
+    pub kprobe_misses: u64,
+    /// Ring-buffer records still there at exit when the output was already closed.
+    pub unread_at_exit: u64,
 }
 
 impl Health {
     /// The counters whose growth means something was lost.
-    fn losses(&self) -> [(&'static str, u64); 7] {
+    fn losses(&self) -> [(&'static str, u64); 10] {
         [
             ("ring-buffer drops", self.ringbuf_full),
             ("decode errors", self.decode_errors),
             ("kernel flow-map insert failures", self.flow_insert_failed),
             ("flows evicted (--max-flows)", self.flows_evicted),
+            (
+                "live flows dropped by the kernel's flow map (counts since the last read)",
+                self.kernel_entries_renewed,
+            ),
             ("datagrams sent on sockets without a cookie", self.no_cookie),
             (
                 "closed-port reports rate-limited",
@@ -37,6 +47,11 @@ impl Health {
             (
                 "program runs skipped by the kernel (recursion)",
                 self.recursion_misses,
+            ),
+            ("kprobe hits missed by the kernel", self.kprobe_misses),
+            (
+                "events left unread at exit (output closed)",
+                self.unread_at_exit,
             ),
         ]
     }
@@ -55,17 +70,20 @@ impl Health {
 
     pub fn summary(&self) -> String {
         format!(
-            "events read {}, ring-buffer drops {}, decode errors {}, flows tracked {}, flows evicted {}, kernel read failures {}, flow-map insert failures {}, uncounted sends (no socket cookie) {}, program runs skipped (recursion) {}, closed-port reports rate-limited {}",
+            "events read {}, ring-buffer drops {}, decode errors {}, flows tracked {}, flows evicted {}, live flows dropped by the kernel map {}, kernel read failures {}, flow-map insert failures {}, uncounted sends (no socket cookie) {}, program runs skipped (recursion) {}, kprobe misses {}, closed-port reports rate-limited {}, events left unread at exit {}",
             self.events_read,
             self.ringbuf_full,
             self.decode_errors,
             self.flows_tracked,
             self.flows_evicted,
+            self.kernel_entries_renewed,
             self.kernel_read_failed,
             self.flow_insert_failed,
             self.no_cookie,
             self.recursion_misses,
-            self.no_socket_suppressed
+            self.kprobe_misses,
+            self.no_socket_suppressed,
+            self.unread_at_exit
         )
     }
 }

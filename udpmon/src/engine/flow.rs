@@ -92,6 +92,19 @@ impl Counters {
     pub fn last_ns(&self) -> u64 {
         self.last_tx_ns.max(self.last_rx_ns)
     }
+
+    /// `self` continued by a later kernel entry of the same flow: volumes add up.
+    fn then(&self, later: &Counters) -> Counters {
+        Counters {
+            tx_datagrams: self.tx_datagrams + later.tx_datagrams,
+            tx_bytes: self.tx_bytes + later.tx_bytes,
+            rx_datagrams: self.rx_datagrams + later.rx_datagrams,
+            rx_bytes: self.rx_bytes + later.rx_bytes,
+            first_ns: self.first_ns,
+            last_tx_ns: self.last_tx_ns.max(later.last_tx_ns),
+            last_rx_ns: self.last_rx_ns.max(later.last_rx_ns),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,6 +146,12 @@ pub(super) struct Flow {
     pub last_app_errno: Option<i32>,
     /// Some report named this flow.
     pub reported: bool,
+    /// When the kernel entry whose counters were last read was created (0: none read yet).
+    pub kernel_first_ns: u64,
+    /// What earlier kernel entries of this flow counted: the kernel's LRU map can drop a live
+    /// flow's entry under pressure, and the next datagram starts a new one from zero. Boxed:
+    /// rare, and every flow pays for the field.
+    pub earlier: Option<Box<Counters>>,
 }
 
 impl Flow {
@@ -153,7 +172,28 @@ impl Flow {
             app_errors: 0,
             last_app_errno: None,
             reported: false,
+            kernel_first_ns: 0,
+            earlier: None,
         }
+    }
+
+    /// Folds in a read of the flow's kernel entry. Returns true when that entry is newer than
+    /// the one read before (the kernel dropped and recreated it): what the old one counted is
+    /// kept, and only what it counted after the previous read is lost.
+    pub fn absorb(&mut self, c: &Counters) -> bool {
+        let renewed = self.kernel_first_ns != 0 && c.first_ns > self.kernel_first_ns;
+        if renewed {
+            self.earlier = Some(Box::new(self.counters));
+        }
+        if c.first_ns != 0 {
+            self.kernel_first_ns = self.kernel_first_ns.max(c.first_ns);
+        }
+        let total = match &self.earlier {
+            Some(e) => e.then(c),
+            None => *c,
+        };
+        self.counters.merge(&total);
+        renewed
     }
 }
 
@@ -316,6 +356,74 @@ mod tests {
             }
         );
         assert_eq!(a.last_ns(), 400);
+    }
+
+    #[test]
+    fn a_recreated_kernel_entry_adds_to_what_the_old_one_counted() {
+        let mut f = Flow::new("10.0.0.1:53".parse().unwrap(), Family::V4, 100);
+        let old = Counters {
+            tx_datagrams: 5,
+            tx_bytes: 50,
+            rx_datagrams: 4,
+            rx_bytes: 40,
+            first_ns: 100,
+            last_tx_ns: 500,
+            last_rx_ns: 450,
+        };
+        assert!(!f.absorb(&old));
+        // The same entry read again, grown: no renewal, the newest view wins.
+        let grown = Counters {
+            tx_datagrams: 6,
+            tx_bytes: 60,
+            last_tx_ns: 600,
+            ..old
+        };
+        assert!(!f.absorb(&grown));
+        assert_eq!(f.counters, grown);
+        // Evicted by the kernel, then recreated by the next datagram at 900.
+        let new = Counters {
+            tx_datagrams: 1,
+            tx_bytes: 10,
+            rx_datagrams: 0,
+            rx_bytes: 0,
+            first_ns: 900,
+            last_tx_ns: 900,
+            last_rx_ns: 0,
+        };
+        assert!(f.absorb(&new));
+        let expect = Counters {
+            tx_datagrams: 7,
+            tx_bytes: 70,
+            rx_datagrams: 4,
+            rx_bytes: 40,
+            first_ns: 100,
+            last_tx_ns: 900,
+            last_rx_ns: 450,
+        };
+        assert_eq!(f.counters, expect);
+        // Later reads of the new entry keep adding to the old one's totals, once.
+        let newer = Counters {
+            tx_datagrams: 2,
+            tx_bytes: 20,
+            rx_datagrams: 1,
+            rx_bytes: 8,
+            last_tx_ns: 950,
+            last_rx_ns: 960,
+            ..new
+        };
+        assert!(!f.absorb(&newer));
+        assert_eq!(
+            f.counters,
+            Counters {
+                tx_datagrams: 8,
+                tx_bytes: 80,
+                rx_datagrams: 5,
+                rx_bytes: 48,
+                last_tx_ns: 950,
+                last_rx_ns: 960,
+                ..expect
+            }
+        );
     }
 
     #[test]

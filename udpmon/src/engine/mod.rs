@@ -77,6 +77,9 @@ pub struct EngineStats {
     pub refused_suppressed: u64,
     /// Events that named no usable flow (no cookie, or no remote on an unconnected socket).
     pub events_ignored: u64,
+    /// Live flows whose kernel entry the kernel's LRU map dropped and a later datagram
+    /// recreated: the counts between the last read and the drop are lost.
+    pub kernel_entries_renewed: u64,
 }
 
 /// What the engine knows about a socket.
@@ -226,8 +229,10 @@ impl Engine {
         let Some(flow) = self.flows.get_mut(&id) else {
             return;
         };
-        if let Some(c) = counters(&id) {
-            flow.counters.merge(&c);
+        if let Some(c) = counters(&id)
+            && flow.absorb(&c)
+        {
+            self.stats.kernel_entries_renewed += 1;
         }
         let c = flow.counters;
         if c.rx_datagrams != flow.rx_seen {
@@ -456,8 +461,10 @@ impl Engine {
         let Some(mut flow) = self.flows.remove(id) else {
             return;
         };
-        if let Some(c) = counters(id) {
-            flow.counters.merge(&c);
+        if let Some(c) = counters(id)
+            && flow.absorb(&c)
+        {
+            self.stats.kernel_entries_renewed += 1;
         }
         self.stats.flows_closed += 1;
         let c = flow.counters;
@@ -541,6 +548,8 @@ impl Engine {
         let Some(flow) = self.flows.get_mut(&id) else {
             let mut flow = Flow::new(local, ev.family, ev.ts_ns);
             flow.counters = seen;
+            // The kernel created the flow's entry with this datagram, at this time.
+            flow.kernel_first_ns = ev.ts_ns;
             if via == Via::Send {
                 flow.first_tx_ns = Some(ev.ts_ns);
             } else {
@@ -560,6 +569,10 @@ impl Engine {
             return;
         };
         refine_local(&mut flow.local, local);
+        if flow.kernel_first_ns == 0 && flow.first_tx_ns.is_none() && flow.first_rx_ns.is_none() {
+            // A flow opened by connect() or learned at startup: this datagram made its entry.
+            flow.kernel_first_ns = ev.ts_ns;
+        }
         let first = if via == Via::Send {
             &mut flow.first_tx_ns
         } else {

@@ -1270,3 +1270,26 @@ mod props {
         }
     }
 }
+
+/// The kernel's LRU map dropped a live flow's entry and its next datagram made a new one:
+/// the CLOSE still counts what both entries saw, and the renewal is counted as a loss.
+#[test]
+fn a_kernel_entry_recreated_under_pressure_keeps_its_counts() {
+    let mut e = engine();
+    let k = Kernel::default();
+    established(&mut e, &k);
+    k.send(flow7(), 2 * S, 3);
+    let read = |id: &FlowId| k.get(id);
+    e.on_tick(2 * S, &read);
+    k.0.borrow_mut().remove(&flow7());
+    k.send(flow7(), 3 * S, 2);
+    e.on_tick(3 * S, &read);
+    assert_eq!(e.stats().kernel_entries_renewed, 1);
+    let r = e.on_event(&ev(Fact::Close, 4 * S), &read);
+    let (reason, st) = close_stats(r.last().unwrap());
+    assert_eq!(reason, CloseReason::Closed);
+    assert_eq!((st.tx_datagrams, st.tx_bytes), (6, 60));
+    assert_eq!((st.rx_datagrams, st.rx_bytes), (1, 10));
+    assert_eq!(st.last_tx_ns, 3 * S);
+    assert_eq!(e.stats().kernel_entries_renewed, 1);
+}

@@ -1,18 +1,13 @@
 //! The kprobe strategy, for kernels that refuse BPF trampolines: the same functions as the
 //! fentry strategy through kprobe/kretprobe pairs (arguments stashed per thread at entry).
+//! Failed send and receive calls come from the `sock_send_length` / `sock_recv_length`
+//! tracepoints where the kernel has them (>= 6.3), as in the tracepoint strategy: one
+//! program run per call instead of a kprobe, a kretprobe and a stash update per datagram.
 use super::{Hook, Target, program, recv_flags_arg, shared_hooks};
 use crate::btf::KernelBtf;
 
 pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
-    let recv = match recv_flags_arg(btf) {
-        4 => program::UDP_RECVMSG_KP_F4,
-        _ => program::UDP_RECVMSG_KP_F3,
-    };
     let mut hooks = vec![
-        Hook::required(program::UDP_SENDMSG_KP, Target::KProbe("udp_sendmsg")),
-        Hook::required(program::UDP_SENDMSG_KRP, Target::KProbe("udp_sendmsg")),
-        Hook::required(program::UDPV6_SENDMSG_KP, Target::KProbe("udpv6_sendmsg")),
-        Hook::required(program::UDPV6_SENDMSG_KRP, Target::KProbe("udpv6_sendmsg")),
         Hook::required(program::UDP_SEND_SKB_KP, Target::KProbe("udp_send_skb")),
         Hook::required(
             program::UDP_V6_SEND_SKB_KP,
@@ -48,27 +43,52 @@ pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
             Target::KProbe("__udp_disconnect"),
             "connect(AF_UNSPEC) is seen only at the next datagram",
         ),
-        Hook::optional(
-            recv,
-            Target::KProbe("udp_recvmsg"),
-            "failed IPv4 receives are not reported as APP-ERROR",
-        ),
-        Hook::optional(
-            recv,
-            Target::KProbe("udpv6_recvmsg"),
-            "failed IPv6 receives are not reported as APP-ERROR",
-        ),
-        Hook::optional(
-            program::UDP_RECVMSG_KRP,
-            Target::KProbe("udp_recvmsg"),
-            "failed IPv4 receives are not reported as APP-ERROR",
-        ),
-        Hook::optional(
-            program::UDP_RECVMSG_KRP,
-            Target::KProbe("udpv6_recvmsg"),
-            "failed IPv6 receives are not reported as APP-ERROR",
-        ),
     ];
+    if btf.has_tracepoint("sock_send_length") && btf.has_tracepoint("sock_recv_length") {
+        hooks.extend([
+            Hook::optional(
+                program::UDP_SEND_RESULT,
+                Target::TpBtf("sock_send_length"),
+                "failed sends are not reported as APP-ERROR",
+            ),
+            Hook::optional(
+                program::UDP_RECV_RESULT,
+                Target::TpBtf("sock_recv_length"),
+                "failed receives are not reported as APP-ERROR",
+            ),
+        ]);
+    } else {
+        let recv = match recv_flags_arg(btf) {
+            4 => program::UDP_RECVMSG_KP_F4,
+            _ => program::UDP_RECVMSG_KP_F3,
+        };
+        hooks.extend([
+            Hook::required(program::UDP_SENDMSG_KP, Target::KProbe("udp_sendmsg")),
+            Hook::required(program::UDP_SENDMSG_KRP, Target::KProbe("udp_sendmsg")),
+            Hook::required(program::UDPV6_SENDMSG_KP, Target::KProbe("udpv6_sendmsg")),
+            Hook::required(program::UDPV6_SENDMSG_KRP, Target::KProbe("udpv6_sendmsg")),
+            Hook::optional(
+                recv,
+                Target::KProbe("udp_recvmsg"),
+                "failed IPv4 receives are not reported as APP-ERROR",
+            ),
+            Hook::optional(
+                recv,
+                Target::KProbe("udpv6_recvmsg"),
+                "failed IPv6 receives are not reported as APP-ERROR",
+            ),
+            Hook::optional(
+                program::UDP_RECVMSG_KRP,
+                Target::KProbe("udp_recvmsg"),
+                "failed IPv4 receives are not reported as APP-ERROR",
+            ),
+            Hook::optional(
+                program::UDP_RECVMSG_KRP,
+                Target::KProbe("udpv6_recvmsg"),
+                "failed IPv6 receives are not reported as APP-ERROR",
+            ),
+        ]);
+    }
     hooks.extend(shared_hooks(true));
     hooks
 }

@@ -5,6 +5,7 @@
 //! loads and attaches every hook, and reports what a missing optional hook costs.
 mod fentry;
 mod kprobe;
+mod stats;
 mod tracepoint;
 
 /// The names of the embedded object's programs, maps and globals (see udpmon/build.rs).
@@ -20,7 +21,7 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     programs::{
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock,
-        CgroupSockAddr, FEntry, FExit, KProbe, ProgramError,
+        CgroupSockAddr, FEntry, FExit, KProbe, Program, ProgramError, links::FdLink,
     },
 };
 use log::{info, warn};
@@ -170,49 +171,54 @@ pub struct Probes {
     pub strategy: Strategy,
     /// What this kernel could not give, one line per missing optional hook.
     pub degraded: Vec<String>,
+    /// The kprobe strategy's links, held here so that their misses can be read.
+    kprobe_links: Vec<stats::KprobeLink>,
 }
 
 impl Probes {
-    /// Program runs the kernel skipped because the program was already running on that CPU
-    /// (a tracing program reached again from inside itself, e.g. through an interrupt): each
-    /// is an event or a count lost. Kernels before 5.12 do not count them (0).
+    /// Program runs the kernel skipped because the program was already running on that CPU:
+    /// each is an event or a count lost.
     pub fn recursion_misses(&self) -> u64 {
         self.ebpf
             .programs()
             .filter_map(|(_, p)| p.fd().ok())
-            .filter_map(|fd| prog_info(fd.as_fd()).ok())
-            .map(|info| info.recursion_misses)
+            .filter_map(|fd| stats::prog_recursion_misses(fd.as_fd()).ok())
             .sum()
+    }
+
+    /// kprobe hits the kernel could not serve (see `KprobeLink::missed`).
+    pub fn kprobe_misses(&self) -> u64 {
+        self.kprobe_links
+            .iter()
+            .filter_map(|l| l.missed().ok())
+            .sum()
+    }
+
+    /// Detaches every program, so that nothing more reaches the maps: what the ring buffer
+    /// holds then is all there will be. The maps stay readable.
+    pub fn detach(&mut self) {
+        self.kprobe_links.clear();
+        for (name, prog) in self.ebpf.programs_mut() {
+            let res = match prog {
+                Program::CgroupSkb(p) => p.unload(),
+                Program::CgroupSock(p) => p.unload(),
+                Program::CgroupSockAddr(p) => p.unload(),
+                Program::BtfTracePoint(p) => p.unload(),
+                Program::FEntry(p) => p.unload(),
+                Program::FExit(p) => p.unload(),
+                Program::KProbe(p) => p.unload(),
+                _ => Ok(()),
+            };
+            if let Err(e) = res {
+                warn!("detaching {name}: {e}");
+            }
+        }
     }
 }
 
-/// BPF_OBJ_GET_INFO_BY_FD for a program: aya's ProgramInfo keeps the fields it does not
-/// expose private.
-fn prog_info(
-    fd: std::os::fd::BorrowedFd<'_>,
-) -> std::io::Result<aya_obj::generated::bpf_prog_info> {
-    use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: both are plain C structs for which all-zero is valid.
-    let (mut info, mut attr): (bpf_prog_info, bpf_attr) =
-        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
-    // The `info` member of the union is the one the kernel reads for this command.
-    attr.info.bpf_fd = fd.as_raw_fd() as u32;
-    attr.info.info_len = size_of::<bpf_prog_info>() as u32;
-    attr.info.info = &raw mut info as u64;
-    // SAFETY: `attr` is valid for the command and points to `info`, which outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as i32,
-            &raw const attr,
-            size_of::<bpf_attr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(info)
+/// Kernel flow-map entries for `max_flows` engine flows: a quarter more, at least 1024.
+pub fn kernel_flow_entries(max_flows: u32) -> u32 {
+    max_flows.saturating_add(max_flows / 4).max(1024)
 }
 
 pub struct LoadOptions {
@@ -266,9 +272,11 @@ fn load_strategy(
 ) -> anyhow::Result<Probes> {
     // aya-log statements are pruned by the verifier when the level global says "off".
     let log_level: u8 = if opts.kernel_log { 5 } else { 0 };
-    // The per-socket and per-peer side maps hold one entry per live socket or flow at most:
-    // sized as the flow map, so that `--max-flows` bounds them all.
-    let flows = opts.max_flows.max(1024);
+    // The kernel's flow map gets headroom over the engine's `--max-flows` table: an LRU map
+    // evicts before it is full (free entries wait in per-CPU lists), and the engine, not the
+    // kernel, must be the one that drops a flow, with a CLOSE. The per-socket and per-peer side
+    // maps hold one entry per live socket or flow at most: sized as the flow map.
+    let flows = kernel_flow_entries(opts.max_flows);
     let mut ebpf = EbpfLoader::new()
         .btf(Some(btf))
         .override_global(global::OFFSETS, offsets, true)
@@ -280,6 +288,7 @@ fn load_strategy(
         .load(EBPF_OBJECT)
         .context("loading the eBPF object")?;
     let mut degraded = Vec::new();
+    let mut kprobe_links = Vec::new();
     let mut cgroup: Option<fs::File> = None;
     for hook in strategy.hooks(kbtf) {
         let res = match hook.target {
@@ -287,7 +296,7 @@ fn load_strategy(
             Target::FEntry(f) | Target::FExit(f) | Target::KProbe(f) if !kbtf.has_func(f) => {
                 Err(anyhow!("kernel function {f} is not in this kernel's BTF"))
             }
-            _ => attach(&mut ebpf, btf, &hook, &mut cgroup),
+            _ => attach(&mut ebpf, btf, &hook, &mut cgroup, &mut kprobe_links),
         };
         match (res, hook.optional) {
             (Ok(()), _) => {}
@@ -309,6 +318,7 @@ fn load_strategy(
         ebpf,
         strategy,
         degraded,
+        kprobe_links,
     })
 }
 
@@ -317,6 +327,7 @@ fn attach(
     btf: &Btf,
     hook: &Hook,
     cgroup: &mut Option<fs::File>,
+    kprobe_links: &mut Vec<stats::KprobeLink>,
 ) -> anyhow::Result<()> {
     let prog = ebpf
         .program_mut(hook.program)
@@ -395,7 +406,13 @@ fn attach(
             if !loaded {
                 p.load().map_err(verifier)?;
             }
-            p.attach(f, 0)?;
+            let id = p.attach(f, 0)?;
+            // Where the kernel makes kprobes bpf_links (>= 5.15), udpmon holds the link itself
+            // to read its miss count; before that, aya keeps its perf-event attachment.
+            if aya::features().bpf_perf_link() {
+                let link = FdLink::try_from(p.take_link(id)?)?;
+                kprobe_links.push(stats::KprobeLink::open(link.info()?.id())?);
+            }
         }
     }
     Ok(())

@@ -489,3 +489,135 @@ fn json_escapes_any_comm() {
     let v: Value = serde_json::from_str(&j.format(&r)).unwrap();
     assert_eq!(v["comm"], r.comm.as_str());
 }
+
+/// Everything a process can put in its name to attack a terminal or a log: CSI colour
+/// sequences, a newline forging a second line, a carriage return overwriting the first, tab,
+/// backslash, DEL, the one-byte C1 CSI, and BEL.
+const HOSTILE: &str = "\u{1b}[31mevil\nFAKE\rLINE\t\\\u{7f}\u{9b}2J\u{7}";
+const HOSTILE_ESCAPED: &str = r"\x1b[31mevil\nFAKE\rLINE\t\\\x7f\x9b2J\x07";
+
+fn hostile_owner() -> Owner {
+    Owner {
+        comm: HOSTILE.into(),
+        ..nc_owner()
+    }
+}
+
+/// The report's own comm and a last owner's comm, in the column and in the details.
+fn hostile_reports() -> Vec<Report> {
+    let mut no_socket = unreachable(Verdict::NoSocket, false);
+    if let Detail::Unreachable(u) = &mut no_socket.detail {
+        u.last_owner = Some(hostile_owner());
+    }
+    vec![
+        Report {
+            comm: HOSTILE.into(),
+            ..close(CloseReason::Closed)
+        },
+        Report {
+            comm: HOSTILE.into(),
+            ..no_socket
+        },
+        refused(Some(hostile_owner())),
+    ]
+}
+
+#[test]
+fn text_escapes_hostile_names() {
+    let t = text();
+    for r in hostile_reports() {
+        let line = t.format(&r);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert_eq!(line.lines().count(), 1, "{line:?}");
+        assert!(line.contains(HOSTILE_ESCAPED), "{line:?}");
+    }
+    let [column, owner_in_detail, refused]: [Report; 3] = hostile_reports().try_into().unwrap();
+    assert_eq!(
+        t.format(&column),
+        format!(
+            "00:41:00.123   41383 {HOSTILE_ESCAPED} 192.168.1.4:54321     35.190.176.201:12345  CLOSE       closed after 3.2s: tx 2 dgrams/7 B, rx 1 dgram/4 B"
+        )
+    );
+    assert!(
+        t.format(&owner_in_detail)
+            .ends_with(&format!("(last owner: {HOSTILE_ESCAPED} pid 123)"))
+    );
+    assert!(
+        t.format(&refused)
+            .ends_with(&format!("(last owner: {HOSTILE_ESCAPED} pid 123)"))
+    );
+}
+
+#[test]
+fn text_escapes_without_breaking_columns() {
+    let t = text();
+    let plain = t.format(&close(CloseReason::Closed));
+    for (comm, shown) in [
+        ("a\tb", r"a\tb           "),
+        ("\\", r"\\             "),
+        // What the decoder makes of a comm that is not UTF-8 (lossy decoding).
+        (
+            &*String::from_utf8_lossy(b"\xffx\x1b"),
+            "\u{fffd}x\\x1b         ",
+        ),
+    ] {
+        let line = t.format(&Report {
+            comm: comm.into(),
+            ..close(CloseReason::Closed)
+        });
+        assert_eq!(line, plain.replacen("nc             ", shown, 1));
+    }
+}
+
+#[test]
+fn text_prints_ordinary_names_unchanged() {
+    let t = text();
+    for name in [
+        "nc",
+        "isc-net-0000",
+        "Web Content",
+        "systemd-resolve",
+        "café",
+    ] {
+        let r = Report {
+            comm: name.into(),
+            ..close(CloseReason::Closed)
+        };
+        assert!(
+            t.format(&r).starts_with(&format!(
+                "00:41:00.123   41383 {name:<15} 192.168.1.4:54321 "
+            )),
+            "{}",
+            t.format(&r)
+        );
+        let owner = Owner {
+            comm: name.into(),
+            ..nc_owner()
+        };
+        assert!(
+            t.format(&refused(Some(owner)))
+                .ends_with(&format!("(last owner: {name} pid 123)"))
+        );
+    }
+}
+
+#[test]
+fn json_round_trips_hostile_names() {
+    let j = JsonFormat::new(CLOCK);
+    for r in hostile_reports() {
+        let line = j.format(&r);
+        // JSON must escape C0 (newline, ESC, ...); it allows DEL and C1 raw.
+        assert!(!line.chars().any(|c| c < ' '), "{line:?}");
+        assert_eq!(line.lines().count(), 1, "{line:?}");
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["comm"], r.comm.as_str());
+        let owner = match &r.detail {
+            Detail::Refused { last_owner } => last_owner.as_ref(),
+            Detail::Unreachable(u) => u.last_owner.as_ref(),
+            _ => None,
+        };
+        if let Some(o) = owner {
+            assert_eq!(v["last_owner"]["comm"], o.comm.as_str(), "{line}");
+        }
+    }
+}

@@ -1,5 +1,5 @@
 //! One aligned, plain-English line per report, in the spirit of `tcplife` / `tcpstates`.
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 
 use time::{UtcOffset, macros::format_description};
 
@@ -81,7 +81,7 @@ impl TextFormat {
             0 => "-".to_owned(),
             p => p.to_string(),
         };
-        let comm = if r.comm.is_empty() { "-" } else { &r.comm };
+        let comm = Escaped(if r.comm.is_empty() { "-" } else { &r.comm });
         format!(
             "{time:<12} {pid:>7} {comm:<COMM_WIDTH$} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:<11} {}",
             r.local.to_string(),
@@ -184,8 +184,74 @@ fn unreachable(family: Family, local_port: u16, u: &UnreachableInfo) -> String {
 
 fn owner_note(owner: Option<&Owner>) -> String {
     match owner {
-        Some(o) if o.is_known() => format!(" (last owner: {} pid {})", o.comm, o.tgid),
+        Some(o) if o.is_known() => {
+            format!(" (last owner: {} pid {})", Escaped(&o.comm), o.tgid)
+        }
         _ => String::new(),
+    }
+}
+
+/// A process-supplied string (a `comm`) as it may appear on an operator's terminal. Any
+/// process can name itself (prctl(PR_SET_NAME)) with escape sequences that would restyle or
+/// rewrite the terminal, or with a newline that would forge a whole report line. So every
+/// control character (C0, DEL, C1) is shown as a visible escape and the backslash is doubled:
+/// the line stays one printable line, and a name that merely looks like an escape reads back
+/// differently from the real thing. The decoder has already replaced invalid UTF-8 with
+/// U+FFFD, which is printable.
+///
+/// Width and alignment count the escaped characters, so a name that needed escaping overflows
+/// its column like any other long value rather than being cut.
+struct Escaped<'a>(&'a str);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0;
+        if !s.chars().any(|c| c == '\\' || c.is_control()) {
+            return f.pad(s);
+        }
+        let mut width = CharCount(0);
+        for c in s.chars() {
+            write_escaped(&mut width, c)?;
+        }
+        let fill = f.width().unwrap_or(0).saturating_sub(width.0);
+        let (before, after) = match f.align() {
+            Some(fmt::Alignment::Right) => (fill, 0),
+            Some(fmt::Alignment::Center) => (fill / 2, fill - fill / 2),
+            Some(fmt::Alignment::Left) | None => (0, fill),
+        };
+        let pad = f.fill();
+        for _ in 0..before {
+            f.write_char(pad)?;
+        }
+        for c in s.chars() {
+            write_escaped(f, c)?;
+        }
+        for _ in 0..after {
+            f.write_char(pad)?;
+        }
+        Ok(())
+    }
+}
+
+fn write_escaped(w: &mut impl fmt::Write, c: char) -> fmt::Result {
+    match c {
+        '\\' => w.write_str("\\\\"),
+        '\n' => w.write_str("\\n"),
+        '\r' => w.write_str("\\r"),
+        '\t' => w.write_str("\\t"),
+        // Control characters (Unicode category Cc) all lie below U+00A0: two hex digits.
+        c if c.is_control() => write!(w, "\\x{:02x}", u32::from(c)),
+        c => w.write_char(c),
+    }
+}
+
+/// Measures escaped text without building it, so padding costs no allocation.
+struct CharCount(usize);
+
+impl fmt::Write for CharCount {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.0 += s.chars().count();
+        Ok(())
     }
 }
 

@@ -134,7 +134,8 @@ pub struct Cli {
     pub idle_timeout: Duration,
 
     /// Track at most this many flows; beyond it the least recently active flow is closed
-    /// (reason "evicted") and counted.
+    /// (reason "evicted") and counted. Also sizes the kernel maps (about 500 B of kernel
+    /// memory per flow).
     #[arg(
         long,
         value_name = "N",

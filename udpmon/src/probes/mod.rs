@@ -199,6 +199,10 @@ impl Probes {
     pub fn detach(&mut self) {
         self.kprobe_links.clear();
         for (name, prog) in self.ebpf.programs_mut() {
+            // The other strategies' programs were never loaded.
+            if prog.fd().is_err() {
+                continue;
+            }
             let res = match prog {
                 Program::CgroupSkb(p) => p.unload(),
                 Program::CgroupSock(p) => p.unload(),
@@ -275,16 +279,17 @@ fn load_strategy(
     // The kernel's flow map gets headroom over the engine's `--max-flows` table: an LRU map
     // evicts before it is full (free entries wait in per-CPU lists), and the engine, not the
     // kernel, must be the one that drops a flow, with a CLOSE. The per-socket and per-peer side
-    // maps hold one entry per live socket or flow at most: sized as the flow map.
+    // maps hold one entry per live socket or sending flow at most: `--max-flows` bounds them.
     let flows = kernel_flow_entries(opts.max_flows);
+    let side = opts.max_flows.max(1024);
     let mut ebpf = EbpfLoader::new()
         .btf(Some(btf))
         .override_global(global::OFFSETS, offsets, true)
         .override_global(global::SELF_TGID, &opts.self_tgid, true)
         .override_global(aya_log::LEVEL, &log_level, false)
         .map_max_entries(map::FLOWS, flows)
-        .map_max_entries(map::OWNERS, flows)
-        .map_max_entries(map::SENDERS, flows)
+        .map_max_entries(map::OWNERS, side)
+        .map_max_entries(map::SENDERS, side)
         .load(EBPF_OBJECT)
         .context("loading the eBPF object")?;
     let mut degraded = Vec::new();

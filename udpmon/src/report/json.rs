@@ -39,6 +39,39 @@ pub struct JsonFormat {
     clock: ClockOffset,
 }
 
+/// `v` as JSON that is also safe on a terminal: JSON itself requires escaping only C0
+/// control characters, so DEL and the C1 controls (U+0080..U+009F, which some terminals obey
+/// as escape sequences) are escaped too. They can only come from process names.
+fn to_json(v: &(impl serde::Serialize + ?Sized)) -> String {
+    let mut buf = Vec::with_capacity(64);
+    let mut ser = serde_json::Serializer::with_formatter(&mut buf, TerminalSafe);
+    if v.serialize(&mut ser).is_err() {
+        return "null".into();
+    }
+    // serde_json writes UTF-8 only.
+    String::from_utf8(buf).unwrap_or_else(|_| "null".into())
+}
+
+struct TerminalSafe;
+
+impl serde_json::ser::Formatter for TerminalSafe {
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        let mut rest = fragment;
+        while let Some(i) = rest.find(|c: char| c == '\u{7f}' || ('\u{80}'..='\u{9f}').contains(&c))
+        {
+            w.write_all(rest[..i].as_bytes())?;
+            let c = rest[i..].chars().next().expect("found above");
+            write!(w, "\\u{:04x}", u32::from(c))?;
+            rest = &rest[i + c.len_utf8()..];
+        }
+        w.write_all(rest.as_bytes())
+    }
+}
+
 impl JsonFormat {
     pub fn new(clock: ClockOffset) -> Self {
         Self { clock }
@@ -50,7 +83,7 @@ impl JsonFormat {
         // that must keep up with bursts of new flows. Addresses and names need no escaping;
         // `comm` (any bytes) goes through serde_json.
         let mut out = String::with_capacity(384);
-        let comm = serde_json::to_string(&r.comm).unwrap_or_else(|_| "\"\"".into());
+        let comm = to_json(&r.comm);
         let _ = write!(
             out,
             r#"{{"ts":"{}","event":"{}","pid":{},"tid":{},"comm":{comm},"uid":{},"cgroup":{},"netns":{},"cookie":{},"family":"{}","local":"{}","remote":"{}""#,
@@ -69,7 +102,7 @@ impl JsonFormat {
         let mut m = Map::new();
         self.detail(&r.detail, &mut m);
         for (k, v) in &m {
-            let _ = write!(out, ",{}:{v}", Value::from(k.as_str()));
+            let _ = write!(out, ",{}:{}", to_json(k), to_json(v));
         }
         out.push('}');
         out

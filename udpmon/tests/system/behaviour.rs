@@ -7,7 +7,7 @@ use std::{
     time::Instant,
 };
 
-use crate::harness::{Outcome, Strategy, Udpmon, deadline, udpmon_bin, wait_until};
+use crate::harness::{Outcome, Strategy, Udpmon, deadline, is, s, udpmon_bin, wait_until};
 
 /// These do not depend on the hook strategy: they run once, with the one every kernel has.
 fn once(st: Strategy) -> Result<(), Outcome> {
@@ -65,10 +65,23 @@ pub fn bad_flag(st: Strategy) -> Outcome {
     Outcome::Pass
 }
 
-/// SIGINT detaches, prints the health summary on stderr and exits 0.
+/// SIGINT detaches, prints what the ring buffer still holds, then the health summary on
+/// stderr, and exits 0: datagrams sent right before the signal are still reported.
 pub fn sigint(st: Strategy) -> Outcome {
     let u = Udpmon::start(st, &[]).expect("udpmon starts");
-    let (status, stderr) = u.interrupt();
+    let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let senders: Vec<UdpSocket> = (0..200)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    // One first datagram (a CONNECT each) from every sender, the signal right behind them.
+    for tx in &senders {
+        tx.send_to(b"x", rx.local_addr().unwrap()).unwrap();
+    }
+    let ports: Vec<String> = senders
+        .iter()
+        .map(|tx| tx.local_addr().unwrap().to_string())
+        .collect();
+    let (status, stderr, seen) = u.interrupt();
     assert!(status.success(), "exit status after SIGINT: {status}");
     let summary = stderr
         .iter()
@@ -76,6 +89,22 @@ pub fn sigint(st: Strategy) -> Outcome {
         .unwrap_or_else(|| panic!("no summary line on stderr: {stderr:?}"));
     assert!(summary.contains("ring-buffer drops 0"), "{summary}");
     assert!(summary.contains("decode errors 0"), "{summary}");
+    assert!(
+        summary.contains("events left unread at exit 0"),
+        "{summary}"
+    );
+    let printed = |local: &str| {
+        seen.iter()
+            .any(|v| is(v, "connect") && s(v, "local") == local)
+    };
+    let missing: Vec<&String> = ports.iter().filter(|p| !printed(p)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} CONNECTs missing after SIGINT, e.g. {:?}",
+        missing.len(),
+        ports.len(),
+        missing.first()
+    );
     Outcome::Pass
 }
 

@@ -206,16 +206,18 @@ impl Udpmon {
     }
 
     /// SIGTERM, then the exit status and the rest of the output.
-    pub fn stop(self) -> (std::process::ExitStatus, Vec<String>) {
-        self.signal(libc::SIGTERM)
+    pub fn stop(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let status = self.signal(libc::SIGTERM);
+        (status, self.stderr.clone())
     }
 
-    /// SIGINT (^C), then the exit status and the rest of the output.
-    pub fn interrupt(self) -> (std::process::ExitStatus, Vec<String>) {
-        self.signal(libc::SIGINT)
+    /// SIGINT (^C), then the exit status, stderr and every event printed, to the last.
+    pub fn interrupt(mut self) -> (std::process::ExitStatus, Vec<String>, Vec<Value>) {
+        let status = self.signal(libc::SIGINT);
+        (status, self.stderr.clone(), std::mem::take(&mut self.seen))
     }
 
-    fn signal(mut self, sig: i32) -> (std::process::ExitStatus, Vec<String>) {
+    fn signal(&mut self, sig: i32) -> std::process::ExitStatus {
         // SAFETY: kill on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, sig) };
         let end = Instant::now() + deadline(20);
@@ -230,7 +232,7 @@ impl Udpmon {
             self.drain(Duration::from_millis(50));
         };
         self.drain(Duration::from_millis(300));
-        (status, self.stderr.clone())
+        status
     }
 }
 

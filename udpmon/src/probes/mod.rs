@@ -173,12 +173,17 @@ pub struct Probes {
     pub degraded: Vec<String>,
     /// The kprobe strategy's links, held here so that their misses can be read.
     kprobe_links: Vec<stats::KprobeLink>,
+    /// The miss counts (recursion, kprobe) read last, when the programs were detached.
+    final_misses: Option<(u64, u64)>,
 }
 
 impl Probes {
     /// Program runs the kernel skipped because the program was already running on that CPU:
     /// each is an event or a count lost.
     pub fn recursion_misses(&self) -> u64 {
+        if let Some((r, _)) = self.final_misses {
+            return r;
+        }
         self.ebpf
             .programs()
             .filter_map(|(_, p)| p.fd().ok())
@@ -188,6 +193,9 @@ impl Probes {
 
     /// kprobe hits the kernel could not serve (see `KprobeLink::missed`).
     pub fn kprobe_misses(&self) -> u64 {
+        if let Some((_, k)) = self.final_misses {
+            return k;
+        }
         self.kprobe_links
             .iter()
             .filter_map(|l| l.missed().ok())
@@ -197,6 +205,7 @@ impl Probes {
     /// Detaches every program, so that nothing more reaches the maps: what the ring buffer
     /// holds then is all there will be. The maps stay readable.
     pub fn detach(&mut self) {
+        self.final_misses = Some((self.recursion_misses(), self.kprobe_misses()));
         self.kprobe_links.clear();
         for (name, prog) in self.ebpf.programs_mut() {
             // The other strategies' programs were never loaded.
@@ -324,6 +333,7 @@ fn load_strategy(
         strategy,
         degraded,
         kprobe_links,
+        final_misses: None,
     })
 }
 

@@ -27,6 +27,16 @@ use crate::{
     report::Formatter,
 };
 
+/// Ring-buffer records handled per turn of the event loop: a few milliseconds of work, so
+/// that a full ring cannot hold up ticks, signals or output for long.
+const DRAIN_BATCH: usize = 4096;
+
+enum Drained {
+    Empty,
+    /// The batch ended with records still in the ring.
+    More,
+}
+
 /// Why the agent stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stop {
@@ -136,10 +146,18 @@ impl Agent {
             let step = tokio::select! {
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
-                    // Drain fully before clearing readiness, or a wakeup is lost.
-                    let r = self.drain(guard.get_inner_mut());
-                    guard.clear_ready();
-                    r
+                    // A bounded batch, so that ticks, signals and output are served while
+                    // producers keep the ring full. Readiness is cleared only once the ring is
+                    // empty (or a wakeup is lost); until then this branch stays ready and
+                    // `select!` picks among the ready branches at random.
+                    match self.drain(guard.get_inner_mut(), DRAIN_BATCH) {
+                        Ok(Drained::Empty) => {
+                            guard.clear_ready();
+                            Ok(())
+                        }
+                        Ok(Drained::More) => Ok(()),
+                        Err(e) => Err(e),
+                    }
                 }
                 _ = tick.tick() => {
                     let now = clock::boot_ns();
@@ -181,19 +199,30 @@ impl Agent {
         self.probes.detach();
         let rb = ring.get_mut();
         match stop {
-            Stop::Signal => match self.drain(rb) {
+            Stop::Signal => match self.drain(rb, usize::MAX) {
                 Err(e) if e.kind() == io::ErrorKind::BrokenPipe => self.count_unread(rb),
-                r => r.map_err(|e| anyhow::Error::new(e).context("writing events"))?,
+                r => {
+                    r.map_err(|e| anyhow::Error::new(e).context("writing events"))?;
+                }
             },
             Stop::OutputClosed => self.count_unread(rb),
         }
         Ok(stop)
     }
 
-    /// Decodes and processes every record the ring buffer holds, then writes the reports.
-    fn drain(&mut self, rb: &mut RingBuf<MapData>) -> io::Result<()> {
+    /// Decodes and processes up to `limit` records from the ring buffer, then writes the
+    /// reports.
+    fn drain(&mut self, rb: &mut RingBuf<MapData>, limit: usize) -> io::Result<Drained> {
         let mut reports = Vec::new();
-        while let Some(item) = rb.next() {
+        let mut left = limit;
+        let drained = loop {
+            if left == 0 {
+                break Drained::More;
+            }
+            let Some(item) = rb.next() else {
+                break Drained::Empty;
+            };
+            left -= 1;
             self.health.events_read += 1;
             match decode::raw(&item).and_then(|raw| {
                 let mut ev = decode::decode_event(&raw)?;
@@ -220,8 +249,9 @@ impl Agent {
                     log::debug!("undecodable event: {e}");
                 }
             }
-        }
-        self.emit(&reports)
+        };
+        self.emit(&reports)?;
+        Ok(drained)
     }
 
     /// Records nobody will read: the output is gone.

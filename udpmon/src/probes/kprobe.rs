@@ -3,7 +3,10 @@
 //! Failed send and receive calls come from the `sock_send_length` / `sock_recv_length`
 //! tracepoints where the kernel has them (>= 6.3), as in the tracepoint strategy: one
 //! program run per call instead of a kprobe, a kretprobe and a stash update per datagram.
-use super::{Hook, Target, program, recv_flags_arg, shared_hooks};
+use super::{
+    Hook, Target, call_result_hooks, has_call_result_tracepoints, program, recv_flags_arg,
+    shared_hooks,
+};
 use crate::btf::KernelBtf;
 
 pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
@@ -44,19 +47,8 @@ pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
             "connect(AF_UNSPEC) is seen only at the next datagram",
         ),
     ];
-    if btf.has_tracepoint("sock_send_length") && btf.has_tracepoint("sock_recv_length") {
-        hooks.extend([
-            Hook::optional(
-                program::UDP_SEND_RESULT,
-                Target::TpBtf("sock_send_length"),
-                "failed sends are not reported as APP-ERROR",
-            ),
-            Hook::optional(
-                program::UDP_RECV_RESULT,
-                Target::TpBtf("sock_recv_length"),
-                "failed receives are not reported as APP-ERROR",
-            ),
-        ]);
+    if has_call_result_tracepoints(btf) {
+        hooks.extend(call_result_hooks());
     } else {
         let recv = match recv_flags_arg(btf) {
             4 => program::UDP_RECVMSG_KP_F4,

@@ -140,6 +140,27 @@ fn shared_hooks(counts_by_cached_cookie: bool) -> [Hook; 4] {
     ]
 }
 
+/// Failed send and receive calls from the `sock_send_length` / `sock_recv_length`
+/// tracepoints (>= 6.3): one program run per call, for every socket on the host.
+fn call_result_hooks() -> [Hook; 2] {
+    [
+        Hook::optional(
+            program::UDP_SEND_RESULT,
+            Target::TpBtf("sock_send_length"),
+            "failed sends are not reported as APP-ERROR (kernel < 6.3)",
+        ),
+        Hook::optional(
+            program::UDP_RECV_RESULT,
+            Target::TpBtf("sock_recv_length"),
+            "failed receives are not reported as APP-ERROR (kernel < 6.3)",
+        ),
+    ]
+}
+
+fn has_call_result_tracepoints(btf: &crate::btf::KernelBtf) -> bool {
+    btf.has_tracepoint("sock_send_length") && btf.has_tracepoint("sock_recv_length")
+}
+
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK, often 8 MiB or less: the flow map
 /// alone needs more at the default --max-flows. Later kernels charge the memory cgroup and
 /// ignore the limit, so a failure here only matters there, where map creation will say so.

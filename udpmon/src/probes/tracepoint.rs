@@ -3,7 +3,7 @@
 //! ICMP errors, their verdict, drops and application errors.
 use aya::programs::CgroupSkbAttachType;
 
-use super::{Hook, Target, program, shared_hooks};
+use super::{Hook, Target, call_result_hooks, program, shared_hooks};
 
 pub fn hooks() -> Vec<Hook> {
     let mut hooks = vec![
@@ -18,17 +18,8 @@ pub fn hooks() -> Vec<Hook> {
         Hook::required(program::UDP_SOCK_RELEASE, Target::CgroupSock),
         Hook::required(program::UDP_CONNECT4, Target::CgroupSockAddr),
         Hook::required(program::UDP_CONNECT6, Target::CgroupSockAddr),
-        Hook::optional(
-            program::UDP_SEND_RESULT,
-            Target::TpBtf("sock_send_length"),
-            "failed sends are not reported as APP-ERROR (kernel < 6.3)",
-        ),
-        Hook::optional(
-            program::UDP_RECV_RESULT,
-            Target::TpBtf("sock_recv_length"),
-            "failed receives are not reported as APP-ERROR (kernel < 6.3)",
-        ),
     ];
+    hooks.extend(call_result_hooks());
     hooks.extend(shared_hooks(false));
     hooks
 }

@@ -148,18 +148,24 @@ impl Udpmon {
         }
     }
 
+    fn take(&mut self, line: Line) {
+        match line {
+            Line::Out(l) => match serde_json::from_str::<Value>(&l) {
+                Ok(v) => self.seen.push(v),
+                Err(e) => panic!("udpmon printed a line that is not JSON ({e}): {l}"),
+            },
+            Line::Err(l) => {
+                eprintln!("  [udpmon] {l}");
+                self.stderr.push(l);
+            }
+        }
+    }
+
     fn drain(&mut self, wait: Duration) {
         let end = Instant::now() + wait;
         while let Some(left) = end.checked_duration_since(Instant::now()) {
             match self.rx.recv_timeout(left) {
-                Ok(Line::Out(l)) => match serde_json::from_str::<Value>(&l) {
-                    Ok(v) => self.seen.push(v),
-                    Err(e) => panic!("udpmon printed a line that is not JSON ({e}): {l}"),
-                },
-                Ok(Line::Err(l)) => {
-                    eprintln!("  [udpmon] {l}");
-                    self.stderr.push(l);
-                }
+                Ok(line) => self.take(line),
                 Err(_) => break,
             }
         }
@@ -231,8 +237,25 @@ impl Udpmon {
             );
             self.drain(Duration::from_millis(50));
         };
-        self.drain(Duration::from_millis(300));
+        self.drain_to_end();
         status
+    }
+
+    /// After udpmon exited: everything it wrote, up to the end of both pipes (a fixed wait
+    /// can end before a slow VM has delivered the last lines, the exit summary among them).
+    fn drain_to_end(&mut self) {
+        let end = Instant::now() + deadline(20);
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            match self.rx.recv_timeout(left) {
+                Ok(line) => self.take(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+            }
+        }
+        panic!(
+            "udpmon's output did not end within {:?} of its exit",
+            deadline(20)
+        );
     }
 }
 

@@ -257,7 +257,8 @@ pub fn refused_flood(st: Strategy) -> Outcome {
         is(v, "refused") && s(v, "local") == closed.to_string()
     });
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let (_, stderr) = u.stop();
+    let (status, stderr) = u.stop();
+    assert!(status.success(), "udpmon after SIGTERM: {status}; {stderr:?}");
     let summary = stderr
         .iter()
         .find(|l| l.contains("udpmon: stopped;"))

@@ -4,14 +4,13 @@
 //!
 //! They also see every packet of every other protocol on the host (each TCP segment, both
 //! ways), so the protocol is decided from the packet's own bytes before any helper call or
-//! map access, and a UDP datagram's headers are then read in place as words (copied with a
-//! helper only when they are not linear): byte arrays here cost a byte-at-a-time memset and
-//! copy loop each in BPF.
+//! map access, and a UDP datagram's headers are then copied once into aligned words: byte
+//! arrays here cost a byte-at-a-time memset and copy loop each in BPF.
 use core::mem::MaybeUninit;
 
 use crate::{
     flow::{Datagram, Dir, on_datagram},
-    packet::{HDR_WORDS, IPPROTO_UDP, UdpHeaders, udp_words},
+    packet::{HDR_WORDS, IPPROTO_UDP, udp_words},
 };
 use aya_ebpf::{
     bindings::__sk_buff,
@@ -46,22 +45,11 @@ pub fn on_skb(ctx: &SkBuffContext, dir: Dir) {
         6 if proto6 == IPPROTO_UDP => true,
         _ => return,
     };
-    let ihl = (vihl & 0x0f) as u32 * 4;
-    // Both headers are in the linear part in practice (the sender built them there; the
-    // receive path pulled them before the socket filter runs): read them in place, with no
-    // helper call and no copy. Constant lengths, which the verifier needs for the bounds.
-    // SAFETY (all reads below): within [data, data_end), checked just before.
-    let word = |i: usize| unsafe { (data as *const u32).add(i).read_unaligned() };
-    if v6 && data + HDR_WORDS * 4 <= end {
-        return account(ctx, &udp_words(word, true), dir);
-    }
-    if !v6 && ihl == 20 && data + HDRS4 as usize <= end {
-        return account(ctx, &udp_words(word, false), dir);
-    }
     // Words, not bytes, and left uninitialised for the helper to fill: zeroing it would be a
     // call to a byte-at-a-time memset.
     let mut h = MaybeUninit::<[u32; HDR_WORDS]>::uninit();
     let w = h.as_mut_ptr() as *mut u32;
+    let ihl = (vihl & 0x0f) as u32 * 4;
     let loaded = if v6 {
         load(skb, 0, w, HDR_WORDS as u32 * 4)
     } else if ihl == 20 {
@@ -75,14 +63,10 @@ pub fn on_skb(ctx: &SkBuffContext, dir: Dir) {
         return;
     }
     // SAFETY: only words the helper wrote are read (IPv4: 0..7, IPv6: 0..12).
-    account(ctx, &udp_words(|i| unsafe { w.add(i).read() }, v6), dir);
-}
-
-#[inline(always)]
-fn account(ctx: &SkBuffContext, u: &UdpHeaders, dir: Dir) {
+    let u = udp_words(|i| unsafe { w.add(i).read() }, v6);
     // SAFETY: the helper accepts the program's own skb context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut _) };
-    let d = Datagram::from_headers(u, dir, cookie, 0);
+    let cookie = unsafe { bpf_get_socket_cookie(skb as *mut _) };
+    let d = Datagram::from_headers(&u, dir, cookie, 0);
     on_datagram(&d, dir, false);
 }
 

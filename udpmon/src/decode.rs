@@ -122,6 +122,36 @@ fn ip(family: Family, raw: &[u8; 16]) -> IpAddr {
     }
 }
 
+/// A dual-stack (AF_INET6) socket that talks to an IPv4 peer through a v4-mapped address
+/// (`::ffff:a.b.c.d`) as the IPv4 socket it is on the wire: the datagram hooks see IPv4
+/// packets, so the flow is keyed by the IPv4 address, and what is read from the socket
+/// itself (errors, close, sockets that existed at startup) must name the same flow.
+pub fn unmap_v4(
+    family: Family,
+    local: SocketAddr,
+    remote: SocketAddr,
+) -> (Family, SocketAddr, SocketAddr) {
+    let (IpAddr::V6(l), IpAddr::V6(r)) = (local.ip(), remote.ip()) else {
+        return (family, local, remote);
+    };
+    let v4 = |a: Ipv6Addr| match a.to_ipv4_mapped() {
+        Some(v4) => Some(v4),
+        None if a.is_unspecified() => Some(Ipv4Addr::UNSPECIFIED),
+        None => None,
+    };
+    // The peer decides; an unconnected socket bound to a v4-mapped address is IPv4 too.
+    let mapped =
+        r.to_ipv4_mapped().is_some() || (r.is_unspecified() && l.to_ipv4_mapped().is_some());
+    match (mapped, v4(l), v4(r)) {
+        (true, Some(l4), Some(r4)) => (
+            Family::V4,
+            SocketAddr::new(IpAddr::V4(l4), local.port()),
+            SocketAddr::new(IpAddr::V4(r4), remote.port()),
+        ),
+        _ => (family, local, remote),
+    }
+}
+
 fn comm(raw: &[u8; 16]) -> String {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
     String::from_utf8_lossy(&raw[..end]).into_owned()
@@ -174,6 +204,11 @@ pub fn decode_event(ev: &Event) -> Result<KernelEvent, DecodeError> {
         EventKind::NoSocket => Fact::NoSocket,
         EventKind::Existing => Fact::Existing,
     };
+    let (family, local, remote) = unmap_v4(
+        family,
+        SocketAddr::new(ip(family, &ev.local), ev.lport),
+        SocketAddr::new(ip(family, &ev.remote), ev.rport),
+    );
     Ok(KernelEvent {
         fact,
         ts_ns: ev.ts_ns,
@@ -185,8 +220,8 @@ pub fn decode_event(ev: &Event) -> Result<KernelEvent, DecodeError> {
         cgroup: ev.cgroup,
         netns: ev.netns,
         family,
-        local: SocketAddr::new(ip(family, &ev.local), ev.lport),
-        remote: SocketAddr::new(ip(family, &ev.remote), ev.rport),
+        local,
+        remote,
         task_unrelated: ev.flags & flags::TASK_UNRELATED != 0,
         connected: ev.flags & flags::CONNECTED != 0,
         recverr: ev.flags & flags::RECVERR != 0,
@@ -254,6 +289,40 @@ mod tests {
         let d = decode(&bytes(&ev)).unwrap();
         assert_eq!(d.remote, "[fd00:200::2]:7000".parse().unwrap());
         assert_eq!(d.fact, Fact::SendError { errno: 111 });
+    }
+
+    #[test]
+    fn v4_mapped_addresses_are_ipv4() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let un = |l: &str, r: &str| unmap_v4(Family::V6, a(l), a(r));
+        // Connected to a v4-mapped peer, bound to the wildcard or to a mapped address.
+        assert_eq!(
+            un("[::]:5000", "[::ffff:127.0.0.1]:9"),
+            (Family::V4, a("0.0.0.0:5000"), a("127.0.0.1:9"))
+        );
+        assert_eq!(
+            un("[::ffff:10.0.0.1]:5000", "[::ffff:10.0.0.2]:53"),
+            (Family::V4, a("10.0.0.1:5000"), a("10.0.0.2:53"))
+        );
+        // Unconnected, bound to a mapped address.
+        assert_eq!(
+            un("[::ffff:10.0.0.1]:5000", "[::]:0"),
+            (Family::V4, a("10.0.0.1:5000"), a("0.0.0.0:0"))
+        );
+        // Real IPv6 stays IPv6, the wildcard on both sides too.
+        for (l, r) in [("[fd00::1]:5000", "[fd00::2]:53"), ("[::]:5000", "[::]:0")] {
+            assert_eq!(un(l, r), (Family::V6, a(l), a(r)));
+        }
+        // A record with a v4-mapped peer decodes as IPv4.
+        let mut ev = Event::zeroed();
+        ev.kind = EventKind::RecvError as u16;
+        ev.family = AF_INET6;
+        ev.remote = "::ffff:127.0.0.1".parse::<Ipv6Addr>().unwrap().octets();
+        ev.rport = 9;
+        ev.ret = -111;
+        let d = decode(&bytes(&ev)).unwrap();
+        assert_eq!((d.family, d.remote), (Family::V4, a("127.0.0.1:9")));
+        assert_eq!(d.local, a("0.0.0.0:0"));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context, anyhow, bail};
 
-use crate::decode::{Fact, Family, KernelEvent};
+use crate::decode::{self, Fact, Family, KernelEvent};
 
 // linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h. Message types are u16 on the wire
 // while libc spells them as c_int (and lacks some), hence our own copies.
@@ -125,6 +125,7 @@ pub fn existing_sockets_with_stats() -> anyhow::Result<(Vec<KernelEvent>, Existi
             } else {
                 comms.entry(tgid).or_insert_with(|| comm_of(tgid)).clone()
             };
+            let (family, local, remote) = decode::unmap_v4(s.family, s.local, s.remote);
             KernelEvent {
                 fact: Fact::Existing,
                 ts_ns,
@@ -136,9 +137,9 @@ pub fn existing_sockets_with_stats() -> anyhow::Result<(Vec<KernelEvent>, Existi
                 cgroup: 0,
                 // nsfs inode numbers are 32-bit (`ns_common.inum`), as the hooks report them.
                 netns: netns as u32,
-                family: s.family,
-                local: s.local,
-                remote: s.remote,
+                family,
+                local,
+                remote,
                 task_unrelated: false,
                 connected: s.state == TCP_ESTABLISHED,
                 recverr: false,

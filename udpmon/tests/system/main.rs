@@ -6,6 +6,7 @@
 //! so that runners can collect it: `test result: ok. N passed; M failed; K skipped`.
 mod behaviour;
 mod dns;
+mod dualstack;
 mod firewall;
 mod harness;
 mod kill;

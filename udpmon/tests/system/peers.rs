@@ -258,7 +258,10 @@ pub fn refused_flood(st: Strategy) -> Outcome {
     });
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (status, stderr) = u.stop();
-    assert!(status.success(), "udpmon after SIGTERM: {status}; {stderr:?}");
+    assert!(
+        status.success(),
+        "udpmon after SIGTERM: {status}; {stderr:?}"
+    );
     let summary = stderr
         .iter()
         .find(|l| l.contains("udpmon: stopped;"))

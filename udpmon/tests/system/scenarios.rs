@@ -83,6 +83,10 @@ pub const ALL: &[Scenario] = &[
         run: |st| crate::syscalls::syscalls(st, true),
     },
     Scenario {
+        name: "dualstack_v4_mapped",
+        run: crate::dualstack::v4_mapped,
+    },
+    Scenario {
         name: "sigkill_nc",
         run: crate::kill::sigkill_nc,
     },

@@ -16,10 +16,10 @@ use tokio::{
 use udpmon_common::{FlowKey, FlowStats};
 
 use crate::{
-    cli::Filter,
     clock,
     decode::{self, Fact},
     engine::{CloseReason, Counters, Detail, Engine, FlowId, Report},
+    filter::Filter,
     flowmap::Snapshot,
     health::{self, Health, Warner},
     netns::NetnsMap,

@@ -1,10 +1,5 @@
-//! The command line, and the report filter it describes.
-use std::{
-    net::{IpAddr, SocketAddr},
-    path::PathBuf,
-    str::FromStr,
-    time::Duration,
-};
+//! The command line.
+use std::{path::PathBuf, time::Duration};
 
 use clap::{
     ArgAction, Parser, ValueEnum,
@@ -12,8 +7,8 @@ use clap::{
 };
 
 use crate::{
-    decode::Family,
-    engine::{EngineConfig, Report, ReportKind},
+    engine::{EngineConfig, ReportKind},
+    filter::Peer,
 };
 
 /// Watch every UDP socket on this host and report how each UDP flow lives and dies:
@@ -227,167 +222,17 @@ fn parse_max_flows(s: &str) -> Result<usize, String> {
     }
 }
 
-/// A `--peer` value: an address prefix and an optional port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Peer {
-    pub net: IpAddr,
-    pub prefix: u8,
-    pub port: Option<u16>,
-}
-
-impl FromStr for Peer {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (cidr, port) = if let Some(rest) = s.strip_prefix('[') {
-            let (inner, after) = rest
-                .split_once(']')
-                .ok_or("missing ']' after a bracketed address")?;
-            let port = match after {
-                "" => None,
-                p => Some(p.strip_prefix(':').ok_or("expected ':PORT' after ']'")?),
-            };
-            (inner, port)
-        } else if s.matches(':').count() >= 2 {
-            // An IPv6 address; a port needs brackets.
-            (s, None)
-        } else {
-            match s.split_once(':') {
-                Some((a, p)) => (a, Some(p)),
-                None => (s, None),
-            }
-        };
-        let port = port
-            .map(|p| p.parse::<u16>().map_err(|_| format!("invalid port '{p}'")))
-            .transpose()?;
-        let (addr, prefix) = match cidr.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (cidr, None),
-        };
-        let net: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("invalid IP address '{addr}'"))?;
-        let max = if net.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => match p.parse::<u8>() {
-                Ok(n) if n <= max => n,
-                _ => return Err(format!("invalid prefix length '/{p}' (0 to {max})")),
-            },
-        };
-        Ok(Self { net, prefix, port })
-    }
-}
-
-impl Peer {
-    pub fn matches(&self, a: &SocketAddr) -> bool {
-        if self.port.is_some_and(|p| p != a.port()) {
-            return false;
-        }
-        // A dual-stack socket talking to an IPv4 peer sees it as ::ffff:a.b.c.d.
-        let ip = match a.ip() {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-            v4 => v4,
-        };
-        let same_prefix = |a: u128, b: u128, bits: u8| {
-            let shift = u32::from(bits - self.prefix);
-            self.prefix == 0 || (a ^ b) >> shift == 0
-        };
-        match (self.net, ip) {
-            (IpAddr::V4(n), IpAddr::V4(x)) => {
-                same_prefix(u32::from(n).into(), u32::from(x).into(), 32)
-            }
-            (IpAddr::V6(n), IpAddr::V6(x)) => same_prefix(n.into(), x.into(), 128),
-            _ => false,
-        }
-    }
-}
-
-/// Which reports to print. Empty lists mean "no constraint".
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Filter {
-    pids: Vec<u32>,
-    comms: Vec<String>,
-    ports: Vec<u16>,
-    peers: Vec<Peer>,
-    netns: Vec<u32>,
-    cgroups: Vec<u64>,
-    family: Option<Family>,
-    events: Vec<ReportKind>,
-}
-
-/// The kernel keeps TASK_COMM_LEN - 1 bytes of a command name.
-const COMM_MAX: usize = 15;
-
-impl From<&Cli> for Filter {
-    fn from(cli: &Cli) -> Self {
-        let comms = cli
-            .comm
-            .iter()
-            .map(|c| {
-                let mut end = c.len().min(COMM_MAX);
-                while !c.is_char_boundary(end) {
-                    end -= 1;
-                }
-                c[..end].to_owned()
-            })
-            .collect();
-        let family = match (cli.ipv4, cli.ipv6) {
-            (true, false) => Some(Family::V4),
-            (false, true) => Some(Family::V6),
-            _ => None,
-        };
-        Self {
-            pids: cli.pid.clone(),
-            comms,
-            ports: cli.port.clone(),
-            peers: cli.peer.clone(),
-            netns: cli.netns.clone(),
-            cgroups: cli.cgroup.clone(),
-            family,
-            events: cli.events.clone(),
-        }
-    }
-}
-
-fn any_of<T>(allowed: &[T], is: impl FnMut(&T) -> bool) -> bool {
-    allowed.is_empty() || allowed.iter().any(is)
-}
-
-impl Filter {
-    pub fn matches(&self, r: &Report) -> bool {
-        // REFUSED and ICMP errors for closed sockets have no process of their own; the
-        // process filters apply to the last owner they name.
-        let owner = r.last_owner();
-        any_of(&self.events, |k| *k == r.kind)
-            && self.family.is_none_or(|f| f == r.family)
-            && any_of(&self.pids, |p| {
-                *p == r.tgid || owner.is_some_and(|o| o.tgid == *p)
-            })
-            && any_of(&self.comms, |c| {
-                *c == r.comm || owner.is_some_and(|o| o.comm == *c)
-            })
-            && any_of(&self.ports, |p| {
-                *p == r.local.port() || *p == r.remote.port()
-            })
-            && any_of(&self.peers, |p| p.matches(&r.remote))
-            && any_of(&self.netns, |n| *n == r.netns)
-            && any_of(&self.cgroups, |c| *c == r.cgroup)
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use clap::{CommandFactory, error::ErrorKind};
 
     use super::*;
-    use crate::engine::{Detail, Owner, Via};
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("udpmon").chain(args.iter().copied()))
     }
 
-    fn ok(args: &[&str]) -> Cli {
+    pub(crate) fn ok(args: &[&str]) -> Cli {
         parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"))
     }
 
@@ -406,7 +251,6 @@ mod tests {
         assert_eq!((c.hooks, c.format), (Hooks::Auto, Format::Text));
         assert_eq!((c.output, c.verbose), (None, 0));
         assert_eq!(ok(&[]).engine_config(), EngineConfig::default());
-        assert_eq!(Filter::from(&ok(&[])), Filter::default());
     }
 
     #[test]
@@ -549,159 +393,5 @@ mod tests {
                 assert!(arg.get_help().is_some(), "--{id} has no help text");
             }
         }
-    }
-
-    fn peer(s: &str) -> Peer {
-        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
-    }
-
-    fn sa(s: &str) -> SocketAddr {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn peers_parse() {
-        let v4: IpAddr = "10.0.0.2".parse().unwrap();
-        let v6: IpAddr = "fd00::1".parse().unwrap();
-        for (s, net, prefix, port) in [
-            ("10.0.0.2", v4, 32, None),
-            ("10.0.0.2:53", v4, 32, Some(53)),
-            ("10.0.0.2/8", v4, 8, None),
-            ("10.0.0.2/8:53", v4, 8, Some(53)),
-            ("fd00::1", v6, 128, None),
-            ("fd00::1/64", v6, 64, None),
-            ("[fd00::1]", v6, 128, None),
-            ("[fd00::1]:53", v6, 128, Some(53)),
-            ("[fd00::1/64]:53", v6, 64, Some(53)),
-        ] {
-            assert_eq!(peer(s), Peer { net, prefix, port }, "{s}");
-        }
-    }
-
-    #[test]
-    fn peer_matching() {
-        let p = peer("10.0.0.0/8");
-        assert!(p.matches(&sa("10.200.0.2:1")));
-        assert!(!p.matches(&sa("11.0.0.1:1")));
-        assert!(!p.matches(&sa("[fd00::1]:1")));
-        assert!(p.matches(&sa("[::ffff:10.1.2.3]:1")), "v4-mapped");
-        assert!(peer("0.0.0.0/0").matches(&sa("1.2.3.4:5")));
-        assert!(!peer("0.0.0.0/0").matches(&sa("[::1]:5")));
-        assert!(peer("10.0.0.2").matches(&sa("10.0.0.2:9")));
-        assert!(!peer("10.0.0.2").matches(&sa("10.0.0.3:9")));
-        let p = peer("10.0.0.0/8:53");
-        assert!(p.matches(&sa("10.9.9.9:53")));
-        assert!(!p.matches(&sa("10.9.9.9:54")));
-        let p = peer("[fd00::/64]:443");
-        assert!(p.matches(&sa("[fd00::abcd]:443")));
-        assert!(p.matches(&sa("[fd00:0:0:0:ffff::1]:443")));
-        assert!(!p.matches(&sa("[fd00:0:0:1::1]:443")));
-        assert!(!p.matches(&sa("[fd00::abcd]:80")));
-        assert!(!p.matches(&sa("10.0.0.1:443")));
-        assert!(peer("::/0").matches(&sa("[2001:db8::1]:1")));
-        assert!(peer("fd00::/7").matches(&sa("[fdff::1]:1")));
-        assert!(!peer("fd00::/8").matches(&sa("[fc00::1]:1")));
-    }
-
-    fn report(kind: ReportKind) -> Report {
-        Report {
-            kind,
-            ts_ns: 0,
-            cookie: 1,
-            pid: 11,
-            tgid: 10,
-            comm: "dnsmasq".into(),
-            uid: 0,
-            cgroup: 25,
-            netns: 4026531833,
-            family: Family::V4,
-            local: sa("10.0.0.1:53"),
-            remote: sa("10.0.0.2:40000"),
-            detail: Detail::Opened {
-                via: Via::Recv,
-                bytes: Some(1),
-            },
-        }
-    }
-
-    fn filter(args: &[&str]) -> Filter {
-        Filter::from(&ok(args))
-    }
-
-    #[test]
-    fn filter_matching() {
-        let r = report(ReportKind::Accept);
-        let yes = |args: &[&str]| assert!(filter(args).matches(&r), "{args:?}");
-        let no = |args: &[&str]| assert!(!filter(args).matches(&r), "{args:?}");
-        yes(&[]);
-        yes(&["--pid", "1,10"]);
-        no(&["--pid", "11"]);
-        yes(&["--comm", "dnsmasq"]);
-        no(&["--comm", "dns"]);
-        yes(&["--port", "53"]);
-        yes(&["--port", "40000"]);
-        no(&["--port", "54"]);
-        yes(&["--peer", "10.0.0.0/24"]);
-        yes(&["--peer", "10.0.0.2:40000"]);
-        no(&["--peer", "10.0.0.2:53"]);
-        no(&["--peer", "10.0.0.1"]);
-        yes(&["--peer", "192.168.0.0/16", "--peer", "10.0.0.2"]);
-        yes(&["--netns", "4026531833"]);
-        no(&["--netns", "1"]);
-        yes(&["--cgroup", "25"]);
-        no(&["--cgroup", "26"]);
-        yes(&["-4"]);
-        no(&["-6"]);
-        yes(&["--events", "accept,close"]);
-        no(&["--events", "connect"]);
-        yes(&["--pid", "10", "--port", "53", "--events", "accept"]);
-        no(&["--pid", "10", "--port", "54"]);
-    }
-
-    #[test]
-    fn comm_filters_compare_what_the_kernel_keeps() {
-        let r = Report {
-            comm: "systemd-resolve".into(),
-            ..report(ReportKind::Accept)
-        };
-        assert!(filter(&["--comm", "systemd-resolved"]).matches(&r));
-        assert!(filter(&["--comm", "systemd-resolve"]).matches(&r));
-        assert!(!filter(&["--comm", "systemd"]).matches(&r));
-    }
-
-    #[test]
-    fn filter_matches_v6_peers_and_family() {
-        let r = Report {
-            family: Family::V6,
-            local: sa("[fd00::1]:5000"),
-            remote: sa("[fd00:200::2]:7000"),
-            ..report(ReportKind::Connect)
-        };
-        assert!(filter(&["-6", "--peer", "fd00:200::/32"]).matches(&r));
-        assert!(filter(&["--peer", "[fd00:200::/32]:7000"]).matches(&r));
-        assert!(!filter(&["--peer", "[fd00:200::/32]:7001"]).matches(&r));
-        assert!(!filter(&["--peer", "fd00:300::/32"]).matches(&r));
-        assert!(!filter(&["-4"]).matches(&r));
-    }
-
-    #[test]
-    fn process_filters_follow_the_last_owner_of_a_closed_port() {
-        let r = Report {
-            tgid: 0,
-            pid: 0,
-            comm: String::new(),
-            detail: Detail::Refused {
-                last_owner: Some(Owner {
-                    tgid: 123,
-                    comm: "nc".into(),
-                    ..Owner::default()
-                }),
-            },
-            ..report(ReportKind::Refused)
-        };
-        assert!(filter(&["--pid", "123"]).matches(&r));
-        assert!(filter(&["--comm", "nc"]).matches(&r));
-        assert!(!filter(&["--pid", "10"]).matches(&r));
-        assert!(!filter(&["--comm", "dnsmasq"]).matches(&r));
     }
 }

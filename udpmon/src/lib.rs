@@ -1,6 +1,6 @@
 //! udpmon as a library: the agent's parts, so that the binary, the benchmarks and the tests
 //! share them. Data flows one way: kernel hooks (`probes`) -> ring buffer -> `decode` ->
-//! `engine` (pure lifecycle rules) -> `cli::Filter` -> `report` (text or JSON) -> output.
+//! `engine` (pure lifecycle rules) -> `filter` -> `report` (text or JSON) -> output.
 //! `agent` runs that loop; `existing` seeds the engine with the sockets open at startup.
 pub mod agent;
 pub mod btf;
@@ -9,6 +9,7 @@ pub mod clock;
 pub mod decode;
 pub mod engine;
 pub mod existing;
+pub mod filter;
 pub mod flowmap;
 pub mod health;
 pub mod netns;

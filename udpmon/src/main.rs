@@ -13,10 +13,12 @@ use log::info;
 
 use udpmon::{
     agent::{Agent, Stop},
-    cli::{Cli, Filter, Format, Hooks},
+    cli::{Cli, Format, Hooks},
     clock, engine,
     engine::Engine,
-    existing, privileges, probes,
+    existing,
+    filter::Filter,
+    privileges, probes,
     probes::{LoadOptions, Strategy},
     report::{ClockOffset, Formatter, JsonFormat, TextFormat},
 };

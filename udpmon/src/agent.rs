@@ -1,6 +1,7 @@
 //! The running agent: kernel ring buffer -> decoder -> engine -> filter -> output, plus a
 //! one-second tick for the engine's timers and the health counters.
 use std::{
+    collections::{HashMap, HashSet, VecDeque},
     io::{self, Write},
     os::fd::{AsFd, OwnedFd},
     time::{Duration, Instant},
@@ -17,12 +18,12 @@ use udpmon_common::{FlowKey, FlowStats};
 
 use crate::{
     clock,
-    decode::{self, Fact},
+    decode::{self, Fact, KernelEvent},
     engine::{CloseReason, Counters, Detail, Engine, FlowId, Report},
     filter::Filter,
     flowmap::Snapshot,
     health::{self, Health, Warner},
-    netns::NetnsMap,
+    netns::{self, Lookup, NetnsMap},
     probes::{Probes, map},
     report::Formatter,
 };
@@ -36,6 +37,9 @@ enum Drained {
     /// The batch ended with records still in the ring.
     More,
 }
+
+/// A scan of the network namespaces, off the event loop: cookie -> inode.
+type NetnsScan = tokio::task::JoinHandle<anyhow::Result<HashMap<u64, u32>>>;
 
 /// Why the agent stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +68,12 @@ pub struct Agent {
     health: Health,
     warner: Warner,
     netns: NetnsMap,
+    /// Events held back, in order, until a scan names a namespace that one of them is in
+    /// (with every event after it, so that the engine sees them in order), with the
+    /// namespace cookie of each.
+    pending: VecDeque<(KernelEvent, u64)>,
+    /// Namespace cookies waiting for the next scan.
+    unknown: HashSet<u64>,
 }
 
 impl Agent {
@@ -88,6 +98,12 @@ impl Agent {
         };
         let flows = BpfHashMap::try_from(flows)?;
         let healthmap = PerCpuArray::try_from(take(map::HEALTH)?)?;
+        // The namespaces that exist now, before any event needs one.
+        let mut namespaces = NetnsMap::default();
+        match netns::scan() {
+            Ok(found) => namespaces.learn(found, &HashSet::new()),
+            Err(e) => warn!("network namespaces not resolved: {e:#}"),
+        }
         Ok(Self {
             flows,
             flows_fd,
@@ -102,7 +118,9 @@ impl Agent {
             kernel_log: false,
             health: Health::default(),
             warner: Warner::new(Duration::from_secs(10)),
-            netns: NetnsMap::default(),
+            netns: namespaces,
+            pending: VecDeque::new(),
+            unknown: HashSet::new(),
         })
     }
 
@@ -142,8 +160,30 @@ impl Agent {
         if let Some(h) = self.formatter.header().filter(|_| self.header) {
             self.write(&h)?;
         }
+        // A scan of the network namespaces in progress, and the cookies it was started for.
+        let mut scan: Option<(NetnsScan, HashSet<u64>)> = None;
         let stop = loop {
+            if scan.is_none() && !self.unknown.is_empty() {
+                let asked = std::mem::take(&mut self.unknown);
+                scan = Some((tokio::task::spawn_blocking(netns::scan), asked));
+            }
             let step = tokio::select! {
+                found = async { (&mut scan.as_mut().expect("guarded").0).await }, if scan.is_some() => {
+                    let (_, asked) = scan.take().expect("guarded");
+                    let found = match found {
+                        Ok(Ok(found)) => found,
+                        Ok(Err(e)) => {
+                            warn!("scanning network namespaces: {e:#}");
+                            HashMap::new()
+                        }
+                        Err(e) => {
+                            warn!("scanning network namespaces: {e}");
+                            HashMap::new()
+                        }
+                    };
+                    self.netns.learn(found, &asked);
+                    self.release_pending(false)
+                }
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
                     // A bounded batch, so that ticks, signals and output are served while
@@ -199,7 +239,10 @@ impl Agent {
         self.probes.detach();
         let rb = ring.get_mut();
         match stop {
-            Stop::Signal => match self.drain(rb, usize::MAX) {
+            Stop::Signal => match self
+                .drain(rb, usize::MAX)
+                .and_then(|_| self.release_pending(true))
+            {
                 Err(e) if e.kind() == io::ErrorKind::BrokenPipe => self.count_unread(rb),
                 r => {
                     r.map_err(|e| anyhow::Error::new(e).context("writing events"))?;
@@ -224,38 +267,64 @@ impl Agent {
             };
             left -= 1;
             self.health.events_read += 1;
-            match decode::raw(&item).and_then(|raw| {
-                let mut ev = decode::decode_event(&raw)?;
-                if ev.netns == 0 && raw.netns_cookie != 0 {
-                    ev.netns = self.netns.inode(raw.netns_cookie).unwrap_or(0);
-                }
-                Ok(ev)
-            }) {
-                Ok(ev) => {
-                    let closing = match ev.fact {
-                        Fact::Close => self.engine.flows_of(ev.cookie),
-                        _ => Vec::new(),
-                    };
-                    let flows = &self.flows;
-                    let read = |id: &FlowId| read_counters(flows, id);
-                    reports.extend(self.engine.on_event(&ev, &read));
-                    // The socket is gone: so are its kernel flow entries.
-                    for id in &closing {
-                        let _ = self.flows.remove(&FlowKey::from(id));
-                    }
+            match decode::raw(&item)
+                .and_then(|raw| Ok((decode::decode_event(&raw)?, raw.netns_cookie)))
+            {
+                Ok((ev, netns_cookie)) => {
+                    self.pending.push_back((ev, netns_cookie));
                 }
                 Err(e) => {
                     self.health.decode_errors += 1;
                     log::debug!("undecodable event: {e}");
                 }
             }
+            self.process_pending(false, &mut reports);
         };
         self.emit(&reports)?;
         Ok(drained)
     }
 
+    /// Processes held events in order, up to the first whose namespace no scan has seen yet
+    /// (its cookie is then queued for the next scan); `force`, at exit, processes them all.
+    fn process_pending(&mut self, force: bool, reports: &mut Vec<crate::engine::Report>) {
+        while let Some((ev, cookie)) = self.pending.front_mut() {
+            if ev.netns == 0 && *cookie != 0 {
+                match self.netns.lookup(*cookie) {
+                    Lookup::Inode(i) => ev.netns = i,
+                    Lookup::Unresolvable => {}
+                    Lookup::Unknown if force => {}
+                    Lookup::Unknown => {
+                        self.unknown.insert(*cookie);
+                        return;
+                    }
+                }
+            }
+            let (ev, _) = self.pending.pop_front().expect("front exists");
+            let closing = match ev.fact {
+                Fact::Close => self.engine.flows_of(ev.cookie),
+                _ => Vec::new(),
+            };
+            let flows = &self.flows;
+            let read = |id: &FlowId| read_counters(flows, id);
+            reports.extend(self.engine.on_event(&ev, &read));
+            // The socket is gone: so are its kernel flow entries.
+            for id in &closing {
+                let _ = self.flows.remove(&FlowKey::from(id));
+            }
+        }
+    }
+
+    /// After a scan (or at exit, `force`): the held events that can now be processed.
+    fn release_pending(&mut self, force: bool) -> io::Result<()> {
+        let mut reports = Vec::new();
+        self.process_pending(force, &mut reports);
+        self.emit(&reports)
+    }
+
     /// Records nobody will read: the output is gone.
     fn count_unread(&mut self, rb: &mut RingBuf<MapData>) {
+        self.health.unread_at_exit += self.pending.len() as u64;
+        self.pending.clear();
         while rb.next().is_some() {
             self.health.unread_at_exit += 1;
         }

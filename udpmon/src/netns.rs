@@ -3,10 +3,9 @@
 //! `/proc/PID/ns/net`); the kernel gives the cookie of the current namespace through
 //! SO_NETNS_COOKIE, so visiting every namespace once builds the map.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow};
@@ -16,31 +15,48 @@ use crate::existing::{enter, network_namespaces};
 /// SO_NETNS_COOKIE (since 5.14); not in every libc release yet.
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
-/// A namespace created after the last scan is found by scanning again, at most this often.
-const RESCAN_EVERY: Duration = Duration::from_secs(1);
+/// Cookies that no scan could resolve (their namespace was gone by then) are remembered, up
+/// to this many, so that they do not cause a scan each.
+const UNRESOLVABLE_MAX: usize = 4096;
 
+/// What is known of a namespace cookie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    Inode(u32),
+    /// A scan made after the cookie was first seen did not find it.
+    Unresolvable,
+    /// Not seen by any scan yet: a namespace created since the last one.
+    Unknown,
+}
+
+/// The cookie -> inode map, filled by [`scan`]s that the caller runs off its event loop.
 #[derive(Default)]
 pub struct NetnsMap {
     by_cookie: HashMap<u64, u32>,
-    last_scan: Option<Instant>,
+    unresolvable: HashSet<u64>,
 }
 
 impl NetnsMap {
-    /// The inode of the namespace with this cookie, scanning the namespaces again when the
-    /// cookie is new and the last scan is old enough.
-    pub fn inode(&mut self, cookie: u64) -> Option<u32> {
-        if let Some(&i) = self.by_cookie.get(&cookie) {
-            return Some(i);
+    pub fn lookup(&self, cookie: u64) -> Lookup {
+        match self.by_cookie.get(&cookie) {
+            Some(&i) => Lookup::Inode(i),
+            None if self.unresolvable.contains(&cookie) => Lookup::Unresolvable,
+            None => Lookup::Unknown,
         }
-        if self.last_scan.is_some_and(|t| t.elapsed() < RESCAN_EVERY) {
-            return None;
+    }
+
+    /// Takes a scan's findings; the cookies `asked` for before it started that it did not
+    /// find belong to namespaces that no longer exist.
+    pub fn learn(&mut self, found: HashMap<u64, u32>, asked: &HashSet<u64>) {
+        self.by_cookie.extend(found);
+        if self.unresolvable.len() + asked.len() > UNRESOLVABLE_MAX {
+            self.unresolvable.clear();
         }
-        self.last_scan = Some(Instant::now());
-        match scan() {
-            Ok(found) => self.by_cookie.extend(found),
-            Err(e) => log::debug!("netns scan: {e:#}"),
+        for c in asked {
+            if !self.by_cookie.contains_key(c) {
+                self.unresolvable.insert(*c);
+            }
         }
-        self.by_cookie.get(&cookie).copied()
     }
 }
 
@@ -73,8 +89,9 @@ fn current_cookie() -> io::Result<u64> {
 }
 
 /// cookie -> inode for every namespace on the host. On its own thread, because entering
-/// namespaces changes the calling thread's.
-fn scan() -> anyhow::Result<HashMap<u64, u32>> {
+/// namespaces changes the calling thread's; blocking, so callers with an event loop run it
+/// elsewhere.
+pub fn scan() -> anyhow::Result<HashMap<u64, u32>> {
     let namespaces = network_namespaces()?;
     std::thread::Builder::new()
         .name("udpmon-netns".into())
@@ -109,9 +126,23 @@ mod tests {
         }
         let cookie = current_cookie().expect("SO_NETNS_COOKIE");
         let inode = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
-        let mut map = NetnsMap::default();
-        assert_eq!(map.inode(cookie), Some(inode as u32));
-        // A cookie no namespace has: no answer, and no second scan within the second.
-        assert_eq!(map.inode(u64::MAX), None);
+        let found = scan().expect("scan");
+        assert_eq!(found.get(&cookie), Some(&(inode as u32)));
+    }
+
+    #[test]
+    fn a_scan_resolves_what_was_asked_or_marks_it_gone() {
+        let mut m = NetnsMap::default();
+        assert_eq!(m.lookup(7), Lookup::Unknown);
+        // 7 and 8 were asked for; the scan found 7 and 9 (a namespace nobody asked about yet).
+        m.learn(
+            HashMap::from([(7, 4026531840), (9, 4026532001)]),
+            &HashSet::from([7, 8]),
+        );
+        assert_eq!(m.lookup(7), Lookup::Inode(4026531840));
+        assert_eq!(m.lookup(8), Lookup::Unresolvable);
+        assert_eq!(m.lookup(9), Lookup::Inode(4026532001));
+        // A cookie first seen while that scan ran is not given up on.
+        assert_eq!(m.lookup(10), Lookup::Unknown);
     }
 }

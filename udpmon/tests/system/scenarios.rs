@@ -83,6 +83,10 @@ pub const ALL: &[Scenario] = &[
         run: |st| crate::syscalls::syscalls(st, true),
     },
     Scenario {
+        name: "netns_after_start",
+        run: netns_after_start,
+    },
+    Scenario {
         name: "dualstack_v4_mapped",
         run: crate::dualstack::v4_mapped,
     },
@@ -107,6 +111,31 @@ pub const ALL: &[Scenario] = &[
         run: crate::behaviour::closed_stdout,
     },
 ];
+
+/// Issue 12, point 4: network namespaces created after udpmon started are named in the first
+/// events of their sockets, the second pair too, although its namespaces appear right after
+/// the first pair made udpmon look.
+fn netns_after_start(st: Strategy) -> Outcome {
+    let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
+    for (tag, cport) in [("na", 7101), ("nb", 7102)] {
+        let h = TwoHosts::new(tag);
+        let srv = udp_socket_in(&h.server, "10.200.0.2:7000");
+        let cli = udp_socket_in(&h.client, &addr(CLIENT4, cport));
+        cli.send_to(b"ns", "10.200.0.2:7000").unwrap();
+        let mut buf = [0u8; 8];
+        srv.recv_from(&mut buf).unwrap();
+        let local = addr(CLIENT4, cport);
+        let c = u.wait_for("connect", |v| {
+            is(v, "connect") && s(v, "local") == local && s(v, "remote") == "10.200.0.2:7000"
+        });
+        assert_eq!(c["netns"], TwoHosts::netns_inode(&h.client), "{tag}: {c}");
+        let a = u.wait_for("accept", |v| {
+            is(v, "accept") && s(v, "local") == "10.200.0.2:7000" && s(v, "remote") == local
+        });
+        assert_eq!(a["netns"], TwoHosts::netns_inode(&h.server), "{tag}: {a}");
+    }
+    Outcome::Pass
+}
 
 /// The pipeline end to end: a program attached, one datagram sent, its events out of the
 /// ring buffer and through the engine into udpmon's JSON output.

@@ -35,6 +35,9 @@ fn main() -> ExitCode {
         eprintln!("udpmon: {msg}");
         return ExitCode::from(1);
     }
+    if let Some(line) = privileges::own_blind_spots() {
+        log::warn!("{line}");
+    }
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

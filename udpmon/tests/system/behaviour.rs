@@ -7,7 +7,10 @@ use std::{
     time::Instant,
 };
 
-use crate::harness::{Outcome, Strategy, Udpmon, deadline, is, s, udpmon_bin, wait_until};
+use crate::harness::{
+    Outcome, Strategy, TwoHosts, Udpmon, deadline, is, need_tools, s, udp_socket_in, udpmon_bin,
+    wait_until,
+};
 
 /// These do not depend on the hook strategy: they run once, with the one every kernel has.
 fn once(st: Strategy) -> Result<(), Outcome> {
@@ -150,6 +153,76 @@ pub fn closed_stdout(st: Strategy) -> Outcome {
     assert!(
         rest.iter().any(|l| l.starts_with("udpmon: output closed;")),
         "{rest:?}"
+    );
+    Outcome::Pass
+}
+
+/// `setpriv` running udpmon as nobody with exactly these capabilities (ambient, so that they
+/// survive the change of user and the exec).
+fn as_nobody_with(caps: &[&str]) -> Vec<String> {
+    let list = caps
+        .iter()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect::<Vec<_>>()
+        .join(",");
+    [
+        "setpriv".to_string(),
+        "--reuid=65534".into(),
+        "--regid=65534".into(),
+        "--clear-groups".into(),
+        format!("--inh-caps={list}"),
+        format!("--ambient-caps={list}"),
+    ]
+    .to_vec()
+}
+
+/// Issue 12, point 5: as an unprivileged user with exactly the capability set the README names
+/// (`udpmon::privileges::CAPABILITIES`), udpmon sees what root sees: the owner and the network
+/// namespace of a socket that predates it, held by another user (root) in a namespace of its
+/// own. With only the three capabilities it needs to attach, it starts and says in one line,
+/// at the default log level, what it will not see.
+pub fn capabilities(st: Strategy) -> Outcome {
+    if let Err(o) = need_tools(&["setpriv"]) {
+        return o;
+    }
+    let h = TwoHosts::new("cp");
+    let pre = udp_socket_in(&h.server, "10.200.0.2:7300");
+    let full = udpmon::privileges::CAPABILITIES;
+    let mut u = Udpmon::start_under(&as_nobody_with(&full), st, &[]).expect("udpmon starts");
+    let blind: Vec<&String> = u
+        .stderr
+        .iter()
+        .filter(|l| l.contains("does not see"))
+        .collect();
+    assert!(blind.is_empty(), "with {full:?}: {blind:?}");
+    let cli = udp_socket_in(&h.client, "10.200.0.1:7301");
+    cli.send_to(b"caps", "10.200.0.2:7300").unwrap();
+    let mut buf = [0u8; 8];
+    pre.recv_from(&mut buf).unwrap();
+    let a = u.wait_for("the accept on the socket that predates udpmon", |v| {
+        is(v, "accept") && s(v, "local") == "10.200.0.2:7300" && s(v, "remote") == "10.200.0.1:7301"
+    });
+    assert_eq!(a["pid"], std::process::id(), "its owner: {a}");
+    assert_eq!(
+        a["netns"],
+        TwoHosts::netns_inode(&h.server),
+        "its namespace: {a}"
+    );
+    let (status, _) = u.stop();
+    assert!(status.success(), "exit status: {status}");
+
+    let u = Udpmon::start_under(&as_nobody_with(&full[..3]), st, &[])
+        .expect("udpmon starts with the three capabilities it cannot do without");
+    let blind: Vec<&String> = u
+        .stderr
+        .iter()
+        .filter(|l| l.contains("does not see"))
+        .collect();
+    assert_eq!(blind.len(), 1, "one line: {:?}", u.stderr);
+    assert!(
+        blind[0].contains("WARN") && blind[0].contains("CAP_SYS_ADMIN"),
+        "{}",
+        blind[0]
     );
     Outcome::Pass
 }

@@ -94,13 +94,27 @@ enum Line {
 impl Udpmon {
     /// Starts udpmon and waits until it says it is attached (or exits).
     pub fn start(st: Strategy, extra: &[&str]) -> Result<Udpmon, String> {
-        let mut child = Command::new(udpmon_bin())
+        Self::start_under(&[], st, extra)
+    }
+
+    /// As [`Udpmon::start`], through a wrapper command (`setpriv ...`) that runs udpmon.
+    pub fn start_under(wrapper: &[String], st: Strategy, extra: &[&str]) -> Result<Udpmon, String> {
+        let bin = udpmon_bin();
+        let mut cmd = match wrapper.split_first() {
+            Some((w, args)) => {
+                let mut c = Command::new(w);
+                c.args(args).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let mut child = cmd
             .args(["--format", "json", "--hooks", st.name()])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("spawning {}: {e}", udpmon_bin().display()))?;
+            .map_err(|e| format!("spawning {}: {e}", bin.display()))?;
         let (tx, rx) = mpsc::channel();
         let out = child.stdout.take().expect("piped");
         let err = child.stderr.take().expect("piped");

@@ -99,6 +99,10 @@ pub const ALL: &[Scenario] = &[
         run: crate::behaviour::unprivileged,
     },
     Scenario {
+        name: "capabilities",
+        run: crate::behaviour::capabilities,
+    },
+    Scenario {
         name: "bad_flag",
         run: crate::behaviour::bad_flag,
     },

@@ -105,6 +105,12 @@ const TOOLS: &[Tool] = &[
         package: "bind9-dnsutils",
         aliases: &[],
     },
+    // Runs udpmon as an unprivileged user with a chosen capability set.
+    Tool {
+        name: "setpriv",
+        package: "util-linux",
+        aliases: &[],
+    },
     // dnsmasq-base is the binary alone; the dnsmasq package would also start a DNS
     // server on the host.
     Tool {

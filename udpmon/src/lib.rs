@@ -15,4 +15,6 @@ pub mod health;
 pub mod netns;
 pub mod privileges;
 pub mod probes;
+pub mod procfs;
 pub mod report;
+pub mod sock_diag;

@@ -3,14 +3,24 @@
 //! `/proc/PID/ns/net`); the kernel gives the cookie of the current namespace through
 //! SO_NETNS_COOKIE, so visiting every namespace once builds the map.
 use std::{
-    collections::{HashMap, HashSet},
-    io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    collections::{BTreeMap, HashMap, HashSet},
+    fs, io,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
+    path::PathBuf,
 };
 
 use anyhow::{Context as _, anyhow};
 
-use crate::existing::{enter, network_namespaces};
+use crate::procfs::pids;
+
+/// Bind mounts of named namespaces: `ip netns add`, and Docker's, which lives elsewhere.
+const NAMED_NETNS_DIRS: [&str; 2] = ["/run/netns", "/run/docker/netns"];
+/// A namespace shared by thousands of processes needs only a few fallbacks for when its first
+/// processes exit mid-scan.
+const PATHS_PER_NETNS: usize = 4;
 
 /// SO_NETNS_COOKIE (since 5.14); not in every libc release yet.
 const SO_NETNS_COOKIE: libc::c_int = 71;
@@ -58,6 +68,79 @@ impl NetnsMap {
             }
         }
     }
+}
+
+/// Network namespace inode -> paths that open it. Threads are looked at too: a thread may have
+/// `setns()`ed or `unshare()`d away from its process, and its sockets with it.
+pub(crate) fn network_namespaces() -> anyhow::Result<BTreeMap<u64, Vec<PathBuf>>> {
+    // A stale /run/netns entry whose mount is gone is a plain tmpfs file: accept only nsfs.
+    let nsfs = fs::metadata("/proc/self/ns/net")
+        .context("/proc/self/ns/net")?
+        .dev();
+    let mut found: BTreeMap<u64, Vec<PathBuf>> = BTreeMap::new();
+    let mut add = |path: PathBuf| {
+        // Entries vanish while we scan; such a path just does not count.
+        let Ok(meta) = fs::metadata(&path) else {
+            return;
+        };
+        if meta.dev() != nsfs {
+            return;
+        }
+        let paths = found.entry(meta.ino()).or_default();
+        if paths.len() < PATHS_PER_NETNS {
+            paths.push(path);
+        }
+    };
+    // Named namespaces first: bind mounts outlive any process.
+    for dir in NAMED_NETNS_DIRS {
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            add(entry.path());
+        }
+    }
+    for pid in pids() {
+        add(PathBuf::from(format!("/proc/{pid}/ns/net")));
+        for task in fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Some(tid) = task
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // The leader's is /proc/PID/ns/net, already added.
+            if tid != pid {
+                add(task.path().join("ns/net"));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Moves the calling thread into network namespace `inode`, through the first path that still
+/// leads to it (a pid may have been reused for a process elsewhere).
+pub(crate) fn enter(
+    inode: u64,
+    paths: &[PathBuf],
+    current: &mut Option<u64>,
+) -> anyhow::Result<()> {
+    if *current == Some(inode) {
+        return Ok(());
+    }
+    let file = paths
+        .iter()
+        .filter_map(|p| fs::File::open(p).ok())
+        .find(|f| f.metadata().is_ok_and(|m| m.ino() == inode))
+        .ok_or_else(|| anyhow!("vanished"))?;
+    // SAFETY: plain syscall on a descriptor we own.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error()).context("setns");
+    }
+    *current = Some(inode);
+    Ok(())
 }
 
 /// The cookie of the calling thread's network namespace.
@@ -116,6 +199,12 @@ mod tests {
     use std::os::unix::fs::MetadataExt as _;
 
     use super::*;
+
+    #[test]
+    fn enumerates_its_own_namespace() {
+        let namespaces = network_namespaces().unwrap();
+        assert!(namespaces.contains_key(&std::fs::metadata("/proc/self/ns/net").unwrap().ino()));
+    }
 
     #[test]
     fn own_namespace_resolves() {

@@ -1,0 +1,100 @@
+//! The /proc scan: which process holds a socket, and what it is called.
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    os::unix::ffi::OsStrExt,
+    path::Path,
+};
+
+/// Numeric /proc entries, ascending, so that the first owner found is the lowest pid.
+pub(crate) fn pids() -> Vec<u32> {
+    let mut pids: Vec<u32> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// The inode of a `socket:[INODE]` fd link target.
+fn parse_socket_link(target: &[u8]) -> Option<u64> {
+    let digits = target.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Socket inode -> lowest pid holding a descriptor for it, for the inodes in `wanted`.
+/// Socket inodes come from the one sockfs, so they are unique across namespaces.
+pub fn socket_owners(wanted: &HashSet<u64>) -> HashMap<u64, u32> {
+    let mut owners = HashMap::new();
+    for pid in pids() {
+        if owners.len() == wanted.len() {
+            break;
+        }
+        // Processes exit and fds close while we look: whatever cannot be read is skipped.
+        for entry in fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(target) = fs::read_link(entry.path()) else {
+                continue;
+            };
+            if let Some(inode) = parse_socket_link(target.as_os_str().as_bytes())
+                && wanted.contains(&inode)
+            {
+                owners.entry(inode).or_insert(pid);
+            }
+        }
+    }
+    owners
+}
+
+pub fn comm_of(pid: u32) -> String {
+    fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("comm"))
+        .map(|c| c.trim_end_matches('\n').to_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::UdpSocket, os::fd::AsRawFd, os::unix::fs::MetadataExt};
+
+    use super::*;
+
+    #[test]
+    fn parses_socket_links() {
+        assert_eq!(parse_socket_link(b"socket:[123]"), Some(123));
+        assert_eq!(parse_socket_link(b"socket:[4294967296]"), Some(1 << 32));
+        for bad in [
+            &b"socket:[]"[..],
+            b"socket:[12a]",
+            b"socket:[123",
+            b"socket:[+1]",
+            b"pipe:[123]",
+            b"/dev/null",
+            b"anon_inode:[eventfd]",
+        ] {
+            assert_eq!(
+                parse_socket_link(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn finds_its_own_socket_owner() {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let inode = fs::metadata(format!("/proc/self/fd/{}", sock.as_raw_fd()))
+            .unwrap()
+            .ino();
+        let owners = socket_owners(&HashSet::from([inode]));
+        assert_eq!(owners.get(&inode), Some(&std::process::id()));
+    }
+}

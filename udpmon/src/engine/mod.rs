@@ -95,6 +95,9 @@ struct Socket {
     seen_ns: u64,
     /// The last APP-ERROR reported for a call not tied to a tracked flow (errno, remote).
     last_app_error: Option<(i32, SocketAddr)>,
+    /// Learned at startup (sock_diag and /proc): kept until it closes, however quiet, since
+    /// nothing else would name its owner again (no hook saw it being created).
+    preexisting: bool,
 }
 
 /// The last process seen on a local port, for naming it when a peer keeps sending there.
@@ -300,8 +303,9 @@ impl Engine {
     fn forget(&mut self, now: u64) {
         let idle = ns(self.cfg.idle_timeout);
         let flows = &self.flows;
-        self.sockets
-            .retain(|cookie, s| now.saturating_sub(s.seen_ns) < idle || flows.has_cookie(*cookie));
+        self.sockets.retain(|cookie, s| {
+            s.preexisting || now.saturating_sub(s.seen_ns) < idle || flows.has_cookie(*cookie)
+        });
         self.refused_at
             .retain(|_, at| now.saturating_sub(*at) < idle);
         let cap = self.cfg.max_flows;
@@ -329,8 +333,10 @@ impl Engine {
             connected: None,
             seen_ns: ev.ts_ns,
             last_app_error: None,
+            preexisting: false,
         });
         sock.seen_ns = sock.seen_ns.max(ev.ts_ns);
+        sock.preexisting |= ev.fact == Fact::Existing;
         if ev.netns != 0 {
             sock.netns = ev.netns;
         }

@@ -1293,3 +1293,44 @@ fn a_kernel_entry_recreated_under_pressure_keeps_its_counts() {
     assert_eq!(st.last_tx_ns, 3 * S);
     assert_eq!(e.stats().kernel_entries_renewed, 1);
 }
+
+/// Issue 12: a server that predates udpmon and stays quiet past `--idle-timeout` still has
+/// its owner when its next new peer arrives (the first datagram is seen in softirq, where the
+/// running task is not the owner).
+#[test]
+fn a_quiet_server_from_before_udpmon_keeps_its_owner() {
+    let mut e = engine();
+    let server = KernelEvent {
+        cookie: 8,
+        local: addr("10.0.0.1:53"),
+        remote: addr("0.0.0.0:0"),
+        ..ev(Fact::Existing, S)
+    };
+    run(&mut e, &[server]);
+    let idle = ns(e.config().idle_timeout);
+    for t in 1..=3 {
+        e.on_tick(S + t * idle, &none);
+    }
+    assert_eq!(e.stats().sockets_tracked, 1, "kept while open");
+    let from_softirq = KernelEvent {
+        cookie: 8,
+        local: addr("10.0.0.1:53"),
+        remote: addr("10.0.0.9:4000"),
+        task_unrelated: true,
+        tgid: 0,
+        pid: 0,
+        comm: "swapper/0".into(),
+        ..ev(Fact::FirstRx { bytes: 30 }, S + 4 * idle)
+    };
+    let r = run(&mut e, &[from_softirq]);
+    assert_eq!(kinds(&r), [ReportKind::Accept]);
+    assert_eq!((r[0].tgid, r[0].comm.as_str()), (100, "nc"));
+    // Closed: forgotten.
+    let close = KernelEvent {
+        cookie: 8,
+        ..ev(Fact::Close, S + 5 * idle)
+    };
+    run(&mut e, &[close]);
+    e.on_tick(S + 7 * idle, &none);
+    assert_eq!(e.stats().sockets_tracked, 0);
+}

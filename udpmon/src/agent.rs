@@ -25,7 +25,7 @@ use crate::{
     health::{self, Health, Warner},
     netns::{self, Lookup, NetnsMap},
     probes::{Probes, map},
-    report::Formatter,
+    report::{ClockOffset, Formatter},
 };
 
 /// Ring-buffer records handled per turn of the event loop: a few milliseconds of work, so
@@ -200,6 +200,7 @@ impl Agent {
                     }
                 }
                 _ = tick.tick() => {
+                    self.formatter.set_clock(ClockOffset(clock::wall_minus_boot_ns()));
                     let now = clock::boot_ns();
                     self.read_snapshot();
                     let reports = match &self.snapshot {

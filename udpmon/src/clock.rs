@@ -1,5 +1,6 @@
 //! The kernel stamps events with CLOCK_BOOTTIME; output needs wall-clock time. The offset
-//! between the two is measured once at startup and handed to the (pure) formatters.
+//! between the two is measured at startup and again at every tick (the wall clock can be
+//! stepped) and handed to the (pure) formatters.
 
 fn now_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {

@@ -49,7 +49,6 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
     let clock = ClockOffset(clock::wall_minus_boot_ns());
-    // Before any thread exists: the local time zone cannot be read safely afterwards.
     let formatter = match cli.format {
         Format::Text => Formatter::Text(TextFormat::local(clock)),
         Format::Json => Formatter::Json(JsonFormat::new(clock)),

@@ -77,6 +77,11 @@ impl JsonFormat {
         Self { clock }
     }
 
+    /// The wall clock was stepped (or drifted): the new boot-to-wall offset.
+    pub fn set_clock(&mut self, clock: ClockOffset) {
+        self.clock = clock;
+    }
+
     pub fn format(&self, r: &Report) -> String {
         // The fields every line has are written directly: building them as a
         // `serde_json::Value` map first cost an allocation or two per field, on the path

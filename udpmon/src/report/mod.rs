@@ -1,8 +1,8 @@
 //! Output formats for [`Report`]s: aligned text lines for people, JSON lines for log shippers.
 //!
 //! Formatting is pure: the wall-clock time of a report is its CLOCK_BOOTTIME stamp plus a
-//! [`ClockOffset`] the caller measures once at startup, so the same report always formats
-//! the same way.
+//! [`ClockOffset`] the caller measures (at startup, then at every tick, so that a step of the
+//! wall clock shows in the next lines).
 mod json;
 mod text;
 
@@ -40,6 +40,13 @@ impl Formatter {
         match self {
             Self::Text(t) => Some(t.header()),
             Self::Json(_) => None,
+        }
+    }
+
+    pub fn set_clock(&mut self, clock: ClockOffset) {
+        match self {
+            Self::Text(t) => t.set_clock(clock),
+            Self::Json(j) => j.set_clock(clock),
         }
     }
 

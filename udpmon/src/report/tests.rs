@@ -621,3 +621,38 @@ fn json_round_trips_hostile_names() {
         }
     }
 }
+
+/// Issue 12, point 7: local times follow the zone's rules at each report's own time (a
+/// daylight-saving change shows in the next line), and a stepped wall clock in the next line.
+#[test]
+fn text_follows_daylight_saving_and_clock_steps() {
+    // Central European Time, as a POSIX TZ string: no time-zone database needed.
+    let cet = jiff::tz::TimeZone::posix("CET-1CEST,M3.5.0,M10.5.0/3").unwrap();
+    let mut t = TextFormat::with_zone(CLOCK, cet);
+    // AT is 2026-11-27T23:41:00.123Z: winter, UTC+1.
+    let r = close(CloseReason::Closed);
+    assert!(
+        t.format(&r).starts_with("00:41:00.123 "),
+        "{}",
+        t.format(&r)
+    );
+    // 180 days later is late May: summer, UTC+2.
+    let mut summer = close(CloseReason::Closed);
+    summer.ts_ns = AT + 180 * 86_400 * S;
+    assert!(
+        t.format(&summer).starts_with("01:41:00.123 "),
+        "{}",
+        t.format(&summer)
+    );
+    // The wall clock is stepped back an hour: the same report reads an hour earlier.
+    t.set_clock(ClockOffset(CLOCK.0 - 3600 * S as i128));
+    assert!(
+        t.format(&r).starts_with("23:41:00.123 "),
+        "{}",
+        t.format(&r)
+    );
+    let mut j = JsonFormat::new(CLOCK);
+    j.set_clock(ClockOffset(CLOCK.0 - 3600 * S as i128));
+    let v: Value = serde_json::from_str(&j.format(&r)).unwrap();
+    assert_eq!(v["ts"], "2026-11-27T22:41:00.123456789Z");
+}

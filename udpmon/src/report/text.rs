@@ -19,9 +19,18 @@ const COMM_WIDTH: usize = 15;
 
 pub struct TextFormat {
     clock: ClockOffset,
-    offset: UtcOffset,
-    /// The local offset could not be determined: times are UTC, and the header says so.
+    zone: Zone,
+    /// The local time zone could not be determined: times are UTC, and the header says so.
     utc_fallback: bool,
+}
+
+/// Where the offset from UTC of a report's local time comes from.
+enum Zone {
+    Fixed(UtcOffset),
+    /// A zone's rules (daylight saving time included), applied to each report's own time.
+    Rules(jiff::tz::TimeZone),
+    /// The system's zone: jiff re-reads it (TZ, /etc/localtime) when it changes.
+    System,
 }
 
 impl TextFormat {
@@ -29,18 +38,30 @@ impl TextFormat {
     pub fn with_offset(clock: ClockOffset, offset: UtcOffset) -> Self {
         Self {
             clock,
-            offset,
+            zone: Zone::Fixed(offset),
             utc_fallback: false,
         }
     }
 
-    /// Times in the local time zone, or in UTC (labelled in the header) when it cannot be
-    /// determined. The `time` crate refuses to read the local offset once the process has
-    /// several threads (the C library's time-zone access is not thread-safe), so call this
-    /// before starting any.
+    /// Times in a time zone, with its daylight-saving rules.
+    pub fn with_zone(clock: ClockOffset, zone: jiff::tz::TimeZone) -> Self {
+        Self {
+            clock,
+            zone: Zone::Rules(zone),
+            utc_fallback: false,
+        }
+    }
+
+    /// Times in the system's time zone, as it is at each report (a change of zone or of
+    /// daylight saving time shows in the next lines), or in UTC, labelled in the header, when
+    /// the system has none.
     pub fn local(clock: ClockOffset) -> Self {
-        match UtcOffset::current_local_offset() {
-            Ok(offset) => Self::with_offset(clock, offset),
+        match jiff::tz::TimeZone::try_system() {
+            Ok(_) => Self {
+                clock,
+                zone: Zone::System,
+                utc_fallback: false,
+            },
             Err(_) => Self::utc_fallback(clock),
         }
     }
@@ -49,6 +70,24 @@ impl TextFormat {
         Self {
             utc_fallback: true,
             ..Self::with_offset(clock, UtcOffset::UTC)
+        }
+    }
+
+    /// The wall clock was stepped (or drifted): the new boot-to-wall offset.
+    pub fn set_clock(&mut self, clock: ClockOffset) {
+        self.clock = clock;
+    }
+
+    fn offset_at(&self, wall: time::OffsetDateTime) -> UtcOffset {
+        let of_zone = |tz: &jiff::tz::TimeZone| {
+            let at = jiff::Timestamp::from_second(wall.unix_timestamp())
+                .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+            UtcOffset::from_whole_seconds(tz.to_offset(at).seconds()).unwrap_or(UtcOffset::UTC)
+        };
+        match &self.zone {
+            Zone::Fixed(o) => *o,
+            Zone::Rules(tz) => of_zone(tz),
+            Zone::System => of_zone(&jiff::tz::TimeZone::system()),
         }
     }
 
@@ -71,7 +110,8 @@ impl TextFormat {
     }
 
     pub fn format(&self, r: &Report) -> String {
-        let t = self.clock.wall(r.ts_ns).to_offset(self.offset);
+        let wall = self.clock.wall(r.ts_ns);
+        let t = wall.to_offset(self.offset_at(wall));
         let time = t
             .format(format_description!(
                 "[hour]:[minute]:[second].[subsecond digits:3]"

@@ -30,6 +30,7 @@ fn event(fact: Fact, ts_ns: u64, cookie: u64, local_port: u16, remote: SocketAdd
         tgid: 4242,
         pid: 4242,
         comm: "bench-client".into(),
+        process: "bench-client".into(),
         uid: 1000,
         cgroup: 1,
         netns: 4026531840 + (cookie / 60_000) as u32,

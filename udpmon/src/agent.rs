@@ -25,6 +25,7 @@ use crate::{
     health::{self, Health, Warner},
     netns::{self, Lookup, NetnsMap},
     probes::{Probes, map},
+    procfs::ProcessNames,
     report::{ClockOffset, Formatter},
 };
 
@@ -74,6 +75,7 @@ pub struct Agent {
     pending: VecDeque<(KernelEvent, u64)>,
     /// Namespace cookies waiting for the next scan.
     unknown: HashSet<u64>,
+    processes: ProcessNames,
 }
 
 impl Agent {
@@ -121,6 +123,7 @@ impl Agent {
             netns: namespaces,
             pending: VecDeque::new(),
             unknown: HashSet::new(),
+            processes: ProcessNames::default(),
         })
     }
 
@@ -271,7 +274,8 @@ impl Agent {
             match decode::raw(&item)
                 .and_then(|raw| Ok((decode::decode_event(&raw)?, raw.netns_cookie)))
             {
-                Ok((ev, netns_cookie)) => {
+                Ok((mut ev, netns_cookie)) => {
+                    ev.process = self.processes.name(ev.tgid, ev.pid, &ev.comm);
                     self.pending.push_back((ev, netns_cookie));
                 }
                 Err(e) => {

@@ -37,8 +37,8 @@ pub struct Cli {
     )]
     pub pid: Vec<u32>,
 
-    /// Only sockets of processes with this command name (as in /proc/PID/comm, at most 15
-    /// bytes; longer names are cut to 15). Repeatable.
+    /// Only events whose process or thread has this name (as in /proc/PID/comm and
+    /// /proc/PID/task/TID/comm, at most 15 bytes; longer names are cut to 15). Repeatable.
     #[arg(
         long,
         value_name = "NAME",

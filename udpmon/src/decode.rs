@@ -77,7 +77,11 @@ pub struct KernelEvent {
     pub cookie: u64,
     pub tgid: u32,
     pub pid: u32,
+    /// The thread's name.
     pub comm: String,
+    /// The process's name (its thread-group leader's): the kernel records carry only the
+    /// thread's, so the agent fills it in (`procfs::ProcessNames`); "" when unknown.
+    pub process: String,
     pub uid: u32,
     pub cgroup: u64,
     /// Network namespace inode, 0 when the hook could not see it.
@@ -216,6 +220,7 @@ pub fn decode_event(ev: &Event) -> Result<KernelEvent, DecodeError> {
         tgid: ev.tgid,
         pid: ev.pid,
         comm: comm(&ev.comm),
+        process: String::new(),
         uid: ev.uid,
         cgroup: ev.cgroup,
         netns: ev.netns,

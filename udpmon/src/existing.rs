@@ -107,6 +107,8 @@ pub fn existing_sockets_with_stats() -> anyhow::Result<(Vec<KernelEvent>, Existi
                 cookie: s.cookie,
                 tgid,
                 pid: tgid,
+                // /proc/PID/comm of the process is its leader's name.
+                process: comm.clone(),
                 comm,
                 uid: s.uid,
                 cgroup: 0,

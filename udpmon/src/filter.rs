@@ -148,8 +148,11 @@ impl Filter {
             && any_of(&self.pids, |p| {
                 *p == r.tgid || owner.is_some_and(|o| o.tgid == *p)
             })
+            // The thread's name or the process's: `--comm dig` finds dig's `isc-net-0000`.
             && any_of(&self.comms, |c| {
-                *c == r.comm || owner.is_some_and(|o| o.comm == *c)
+                *c == r.comm
+                    || *c == r.process
+                    || owner.is_some_and(|o| o.comm == *c || o.process == *c)
             })
             && any_of(&self.ports, |p| {
                 *p == r.local.port() || *p == r.remote.port()
@@ -228,6 +231,7 @@ mod tests {
             pid: 11,
             tgid: 10,
             comm: "dnsmasq".into(),
+            process: "dnsmasq".into(),
             uid: 0,
             cgroup: 25,
             netns: 4026531833,
@@ -284,11 +288,41 @@ mod tests {
     fn comm_filters_compare_what_the_kernel_keeps() {
         let r = Report {
             comm: "systemd-resolve".into(),
+            process: "systemd-resolve".into(),
             ..report(ReportKind::Accept)
         };
         assert!(filter(&["--comm", "systemd-resolved"]).matches(&r));
         assert!(filter(&["--comm", "systemd-resolve"]).matches(&r));
         assert!(!filter(&["--comm", "systemd"]).matches(&r));
+    }
+
+    /// Issue 12: dig sends from its thread `isc-net-0000`; `--comm dig` finds it by the
+    /// process's name, `--comm isc-net-0000` by the thread's.
+    #[test]
+    fn comm_filters_match_the_thread_or_the_process() {
+        let r = Report {
+            comm: "isc-net-0000".into(),
+            process: "dig".into(),
+            ..report(ReportKind::Connect)
+        };
+        assert!(filter(&["--comm", "dig"]).matches(&r));
+        assert!(filter(&["--comm", "isc-net-0000"]).matches(&r));
+        assert!(!filter(&["--comm", "dnsmasq"]).matches(&r));
+        let refused = Report {
+            tgid: 0,
+            comm: String::new(),
+            process: String::new(),
+            detail: Detail::Refused {
+                last_owner: Some(Owner {
+                    tgid: 123,
+                    comm: "isc-net-0000".into(),
+                    process: "dig".into(),
+                    ..Owner::default()
+                }),
+            },
+            ..report(ReportKind::Refused)
+        };
+        assert!(filter(&["--comm", "dig"]).matches(&refused));
     }
 
     #[test]
@@ -312,6 +346,7 @@ mod tests {
             tgid: 0,
             pid: 0,
             comm: String::new(),
+            process: String::new(),
             detail: Detail::Refused {
                 last_owner: Some(Owner {
                     tgid: 123,

@@ -4,6 +4,7 @@ use std::{
     fs,
     os::unix::ffi::OsStrExt,
     path::Path,
+    time::{Duration, Instant},
 };
 
 /// Numeric /proc entries, ascending, so that the first owner found is the lowest pid.
@@ -60,6 +61,42 @@ pub fn comm_of(pid: u32) -> String {
         .unwrap_or_default()
 }
 
+/// Process names by process id. The kernel's records name the thread that ran the hook; a
+/// process's name is its main thread's, which a record names itself when that thread ran it
+/// and /proc/PID/comm gives otherwise. Read again after a while, so that a renamed process or
+/// a reused pid is not named after what it was.
+#[derive(Default)]
+pub struct ProcessNames {
+    names: HashMap<u32, (String, Instant)>,
+}
+
+impl ProcessNames {
+    const FRESH_FOR: Duration = Duration::from_secs(10);
+    const MAX: usize = 65536;
+
+    /// The name of process `tgid`, given that its thread `pid` is called `comm`: "" when the
+    /// process is unknown (0) or already gone.
+    pub fn name(&mut self, tgid: u32, pid: u32, comm: &str) -> String {
+        if tgid == 0 {
+            return String::new();
+        }
+        let now = Instant::now();
+        let name = if pid == tgid {
+            comm.to_owned()
+        } else {
+            match self.names.get(&tgid) {
+                Some((n, at)) if now.duration_since(*at) < Self::FRESH_FOR => return n.clone(),
+                _ => comm_of(tgid),
+            }
+        };
+        if self.names.len() >= Self::MAX {
+            self.names.clear();
+        }
+        self.names.insert(tgid, (name.clone(), now));
+        name
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::{net::UdpSocket, os::fd::AsRawFd, os::unix::fs::MetadataExt};
@@ -86,6 +123,22 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn names_a_process_after_its_main_thread() {
+        let me = std::process::id();
+        let main_name = comm_of(me);
+        assert!(!main_name.is_empty());
+        let mut names = ProcessNames::default();
+        // Another thread of this process, with its own name: the process keeps its name.
+        assert_eq!(names.name(me, me + 1_000_000, "worker-7"), main_name);
+        // The main thread's record names the process itself.
+        assert_eq!(names.name(me, me, "renamed"), "renamed");
+        assert_eq!(names.name(me, me + 1_000_000, "worker-7"), "renamed");
+        // Unknown, and gone.
+        assert_eq!(names.name(0, 0, "swapper/0"), "");
+        assert_eq!(names.name(u32::MAX - 1, 1, "x"), "");
     }
 
     #[test]

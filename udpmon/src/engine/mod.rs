@@ -346,6 +346,7 @@ impl Engine {
                 tgid: ev.tgid,
                 pid: ev.pid,
                 comm: ev.comm.clone(),
+                process: ev.process.clone(),
                 uid: ev.uid,
                 cgroup: ev.cgroup,
                 netns: sock.netns,

@@ -101,7 +101,10 @@ pub struct Owner {
     pub tgid: u32,
     /// Thread id.
     pub pid: u32,
+    /// The thread's name.
     pub comm: String,
+    /// The process's name (its thread-group leader's), "" when unknown.
+    pub process: String,
     pub uid: u32,
     pub cgroup: u64,
     /// Network namespace inode.
@@ -256,7 +259,10 @@ pub struct Report {
     pub pid: u32,
     /// Process id.
     pub tgid: u32,
+    /// The thread's name.
     pub comm: String,
+    /// The process's name (its thread-group leader's).
+    pub process: String,
     pub uid: u32,
     pub cgroup: u64,
     pub netns: u32,
@@ -283,6 +289,7 @@ impl Report {
             pid: owner.pid,
             tgid: owner.tgid,
             comm: owner.comm.clone(),
+            process: owner.process.clone(),
             uid: owner.uid,
             cgroup: owner.cgroup,
             netns: owner.netns,

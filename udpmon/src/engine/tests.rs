@@ -23,6 +23,7 @@ fn ev(fact: Fact, ts_ns: u64) -> KernelEvent {
         tgid: 100,
         pid: 101,
         comm: "nc".into(),
+        process: "nc".into(),
         uid: 1000,
         cgroup: 25,
         netns: 4026531833,

@@ -4,7 +4,8 @@
 //! - `ts`: wall-clock time, RFC 3339 UTC with nanoseconds (`2026-11-27T23:41:00.123456789Z`)
 //! - `event`: `connect`, `accept`, `establish`, `unreachable`, `silent`, `resumed`,
 //!   `app-error`, `close` or `refused`
-//! - `pid` (process id), `tid` (thread id), `comm`, `uid`, `cgroup` (v2 id), `netns` (inode),
+//! - `pid` (process id), `tid` (thread id), `comm` (the thread's name), `process` (the
+//!   process's name, its main thread's), `uid`, `cgroup` (v2 id), `netns` (inode),
 //!   `cookie` (socket cookie): 0 / "" when unknown or when no socket is involved
 //! - `family`: `ipv4` or `ipv6`; `local`, `remote`: `addr:port`, IPv6 as `[addr]:port`
 //!
@@ -23,7 +24,7 @@
 //!   {`duration_ms`, `tx_datagrams`, `tx_bytes`, `rx_datagrams`, `rx_bytes`, `last_tx`,
 //!   `last_rx` (RFC 3339 or null), `icmp_errors`, `app_errors`, `preexisting` (the flow
 //!   predates udpmon: counts and duration are lower bounds)}
-//! - refused: `last_owner` {`pid`, `comm`, `uid`} of the last process seen on the local
+//! - refused: `last_owner` {`pid`, `comm`, `process`, `uid`} of the last process seen on the local
 //!   port, or null
 use std::fmt::Write as _;
 
@@ -89,9 +90,10 @@ impl JsonFormat {
         // `comm` (any bytes) goes through serde_json.
         let mut out = String::with_capacity(384);
         let comm = to_json(&r.comm);
+        let process = to_json(&r.process);
         let _ = write!(
             out,
-            r#"{{"ts":"{}","event":"{}","pid":{},"tid":{},"comm":{comm},"uid":{},"cgroup":{},"netns":{},"cookie":{},"family":"{}","local":"{}","remote":"{}""#,
+            r#"{{"ts":"{}","event":"{}","pid":{},"tid":{},"comm":{comm},"process":{process},"uid":{},"cgroup":{},"netns":{},"cookie":{},"family":"{}","local":"{}","remote":"{}""#,
             self.ts(r.ts_ns),
             r.kind.name(),
             r.tgid,
@@ -215,7 +217,9 @@ fn icmp(u: &UnreachableInfo) -> Value {
 
 fn owner(o: Option<&Owner>) -> Value {
     match o {
-        Some(o) if o.is_known() => json!({ "pid": o.tgid, "comm": o.comm, "uid": o.uid }),
+        Some(o) if o.is_known() => {
+            json!({ "pid": o.tgid, "comm": o.comm, "process": o.process, "uid": o.uid })
+        }
         _ => Value::Null,
     }
 }

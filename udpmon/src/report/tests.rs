@@ -19,6 +19,7 @@ fn laptop(kind: ReportKind, detail: Detail) -> Report {
         pid: 41384,
         tgid: 41383,
         comm: "nc".into(),
+        process: "nc".into(),
         uid: 1000,
         cgroup: 25,
         netns: 4026531833,
@@ -50,6 +51,7 @@ fn nc_owner() -> Owner {
         tgid: 123,
         pid: 123,
         comm: "nc".into(),
+        process: "nc".into(),
         uid: 1000,
         cgroup: 25,
         netns: 4026531833,
@@ -62,6 +64,7 @@ fn refused(last_owner: Option<Owner>) -> Report {
         pid: 0,
         tgid: 0,
         comm: String::new(),
+        process: String::new(),
         uid: 0,
         cgroup: 0,
         local: "10.142.0.2:12345".parse().unwrap(),
@@ -186,7 +189,7 @@ fn text_lines() {
     let t = text();
     assert_eq!(
         t.header(),
-        "TIME             PID COMM            LOCAL                 REMOTE                EVENT       DETAIL"
+        "TIME             PID PROCESS         LOCAL                 REMOTE                EVENT       DETAIL"
     );
     assert_eq!(
         t.format(&unreachable(Verdict::Notified, true)),
@@ -278,7 +281,7 @@ fn text_in_utc_when_the_local_offset_is_unknown() {
     let t = TextFormat::utc_fallback(CLOCK);
     assert!(t.is_utc_fallback());
     assert!(
-        t.header().starts_with("TIME(UTC)        PID COMM"),
+        t.header().starts_with("TIME(UTC)        PID PROCESS"),
         "{}",
         t.header()
     );
@@ -295,7 +298,7 @@ fn json_lines() {
         j.format(&unreachable(Verdict::Notified, true)),
         concat!(
             r#"{"ts":"2026-11-27T23:41:00.123456789Z","event":"unreachable","pid":41383,"tid":41384,"#,
-            r#""comm":"nc","uid":1000,"cgroup":25,"netns":4026531833,"cookie":4097,"family":"ipv4","#,
+            r#""comm":"nc","process":"nc","uid":1000,"cgroup":25,"netns":4026531833,"cookie":4097,"family":"ipv4","#,
             r#""local":"192.168.1.4:54321","remote":"35.190.176.201:12345","#,
             r#""icmp":{"type":3,"code":3,"from":"10.0.0.2","errno":"ECONNREFUSED","fatal":true,"verdict":"notified"}}"#
         )
@@ -304,7 +307,7 @@ fn json_lines() {
         j.format(&close(CloseReason::Closed)),
         concat!(
             r#"{"ts":"2026-11-27T23:41:00.123456789Z","event":"close","pid":41383,"tid":41384,"#,
-            r#""comm":"nc","uid":1000,"cgroup":25,"netns":4026531833,"cookie":4097,"family":"ipv4","#,
+            r#""comm":"nc","process":"nc","uid":1000,"cgroup":25,"netns":4026531833,"cookie":4097,"family":"ipv4","#,
             r#""local":"192.168.1.4:54321","remote":"35.190.176.201:12345","reason":"closed","#,
             r#""stats":{"duration_ms":3200,"tx_datagrams":2,"tx_bytes":7,"rx_datagrams":1,"rx_bytes":4,"#,
             r#""last_tx":"2026-11-27T23:40:59.123456789Z","last_rx":null,"icmp_errors":0,"app_errors":0,"#,
@@ -320,7 +323,7 @@ fn json_lines() {
     assert_eq!(
         j.format(&v6),
         concat!(
-            r#"{"ts":"2026-11-27T23:41:00.123456789Z","event":"refused","pid":0,"tid":0,"comm":"","#,
+            r#"{"ts":"2026-11-27T23:41:00.123456789Z","event":"refused","pid":0,"tid":0,"comm":"","process":"","#,
             r#""uid":0,"cgroup":0,"netns":4026531833,"cookie":0,"family":"ipv6","#,
             r#""local":"[fd00::1]:54321","remote":"[fd00::2]:53","last_owner":null}"#
         )
@@ -362,6 +365,7 @@ fn owner_schema(v: &Value) {
         let o = &v["last_owner"];
         has(o, "pid", Ty::Uint, false);
         has(o, "comm", Ty::Str, false);
+        has(o, "process", Ty::Str, false);
         has(o, "uid", Ty::Uint, false);
     }
 }
@@ -377,7 +381,7 @@ fn json_schema_of_every_kind() {
         let line = j.format(r);
         assert!(!line.contains('\n'));
         let v: Value = serde_json::from_str(&line).unwrap();
-        for key in ["ts", "comm", "family", "local", "remote"] {
+        for key in ["ts", "comm", "process", "family", "local", "remote"] {
             has(&v, key, Ty::Str, false);
         }
         for key in ["pid", "tid", "uid", "cgroup", "netns", "cookie"] {
@@ -499,6 +503,7 @@ const HOSTILE_ESCAPED: &str = r"\x1b[31mevil\nFAKE\rLINE\t\\\x7f\x9b2J\x07";
 fn hostile_owner() -> Owner {
     Owner {
         comm: HOSTILE.into(),
+        process: HOSTILE.into(),
         ..nc_owner()
     }
 }
@@ -512,10 +517,12 @@ fn hostile_reports() -> Vec<Report> {
     vec![
         Report {
             comm: HOSTILE.into(),
+            process: HOSTILE.into(),
             ..close(CloseReason::Closed)
         },
         Report {
             comm: HOSTILE.into(),
+            process: HOSTILE.into(),
             ..no_socket
         },
         refused(Some(hostile_owner())),
@@ -563,6 +570,7 @@ fn text_escapes_without_breaking_columns() {
     ] {
         let line = t.format(&Report {
             comm: comm.into(),
+            process: comm.into(),
             ..close(CloseReason::Closed)
         });
         assert_eq!(line, plain.replacen("nc             ", shown, 1));
@@ -581,6 +589,7 @@ fn text_prints_ordinary_names_unchanged() {
     ] {
         let r = Report {
             comm: name.into(),
+            process: name.into(),
             ..close(CloseReason::Closed)
         };
         assert!(
@@ -592,6 +601,7 @@ fn text_prints_ordinary_names_unchanged() {
         );
         let owner = Owner {
             comm: name.into(),
+            process: name.into(),
             ..nc_owner()
         };
         assert!(
@@ -611,6 +621,7 @@ fn json_round_trips_hostile_names() {
         assert_eq!(line.lines().count(), 1, "{line:?}");
         let v: Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["comm"], r.comm.as_str());
+        assert_eq!(v["process"], r.process.as_str());
         let owner = match &r.detail {
             Detail::Refused { last_owner } => last_owner.as_ref(),
             Detail::Unreachable(u) => u.last_owner.as_ref(),

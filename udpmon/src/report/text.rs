@@ -14,7 +14,7 @@ use crate::{
 
 /// Widest IPv4 `addr:port` ("255.255.255.255:65535"); IPv6 addresses overflow the column.
 const ADDR_WIDTH: usize = 21;
-/// `comm` is at most 15 bytes (TASK_COMM_LEN - 1).
+/// A process or thread name is at most 15 bytes (TASK_COMM_LEN - 1).
 const COMM_WIDTH: usize = 15;
 
 pub struct TextFormat {
@@ -105,7 +105,7 @@ impl TextFormat {
         };
         format!(
             "{time:<12} {:>7} {:<COMM_WIDTH$} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:<11} DETAIL",
-            "PID", "COMM", "LOCAL", "REMOTE", "EVENT"
+            "PID", "PROCESS", "LOCAL", "REMOTE", "EVENT"
         )
     }
 
@@ -121,7 +121,7 @@ impl TextFormat {
             0 => "-".to_owned(),
             p => p.to_string(),
         };
-        let comm = Escaped(if r.comm.is_empty() { "-" } else { &r.comm });
+        let comm = Escaped(process_name(&r.process, &r.comm));
         format!(
             "{time:<12} {pid:>7} {comm:<COMM_WIDTH$} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:<11} {}",
             r.local.to_string(),
@@ -225,9 +225,23 @@ fn unreachable(family: Family, local_port: u16, u: &UnreachableInfo) -> String {
 fn owner_note(owner: Option<&Owner>) -> String {
     match owner {
         Some(o) if o.is_known() => {
-            format!(" (last owner: {} pid {})", Escaped(&o.comm), o.tgid)
+            format!(
+                " (last owner: {} pid {})",
+                Escaped(process_name(&o.process, &o.comm)),
+                o.tgid
+            )
         }
         _ => String::new(),
+    }
+}
+
+/// The process's name; its thread's where the process's is unknown (it exited before udpmon
+/// could read it), and "-" where neither is.
+fn process_name<'a>(process: &'a str, comm: &'a str) -> &'a str {
+    match (process, comm) {
+        ("", "") => "-",
+        ("", c) => c,
+        (p, _) => p,
     }
 }
 

@@ -87,6 +87,10 @@ pub const ALL: &[Scenario] = &[
         run: netns_after_start,
     },
     Scenario {
+        name: "thread_and_process_names",
+        run: thread_and_process_names,
+    },
+    Scenario {
         name: "dualstack_v4_mapped",
         run: crate::dualstack::v4_mapped,
     },
@@ -115,6 +119,34 @@ pub const ALL: &[Scenario] = &[
         run: crate::behaviour::closed_stdout,
     },
 ];
+
+/// Issue 12, point 1 (names): a program that sends from a thread with its own name (dig's
+/// `isc-net-0000`) is named by both: `comm` the thread, `process` the program, and
+/// `--comm PROGRAM` finds it.
+fn thread_and_process_names(st: Strategy) -> Outcome {
+    let process = std::fs::read_to_string("/proc/self/comm").unwrap();
+    let process = process.trim_end().to_string();
+    let mut u = Udpmon::start(st, &["--comm", &process]).expect("udpmon starts");
+    let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to = rx.local_addr().unwrap();
+    let local = std::thread::Builder::new()
+        .name("isc-net-0000".into())
+        .spawn(move || {
+            let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            tx.send_to(b"names", to).unwrap();
+            tx.local_addr().unwrap().to_string()
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    let c = u.wait_for("the named thread's connect", |v| {
+        is(v, "connect") && s(v, "local") == local
+    });
+    assert_eq!(s(&c, "comm"), "isc-net-0000", "{c}");
+    assert_eq!(s(&c, "process"), process, "{c}");
+    assert_eq!(c["pid"], std::process::id(), "{c}");
+    Outcome::Pass
+}
 
 /// Issue 12, point 4: network namespaces created after udpmon started are named in the first
 /// events of their sockets, the second pair too, although its namespaces appear right after

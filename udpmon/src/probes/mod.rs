@@ -251,7 +251,7 @@ impl Probes {
 }
 
 /// Kernel flow-map entries for `max_flows` engine flows: a quarter more, at least 1024.
-pub fn kernel_flow_entries(max_flows: u32) -> u32 {
+fn kernel_flow_entries(max_flows: u32) -> u32 {
     max_flows.saturating_add(max_flows / 4).max(1024)
 }
 

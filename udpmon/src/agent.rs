@@ -82,6 +82,8 @@ impl Agent {
     pub fn new(
         mut probes: Probes,
         engine: Engine,
+        // The namespaces known at startup; the agent scans for later ones itself.
+        namespaces: NetnsMap,
         filter: Filter,
         formatter: Formatter,
         out: Box<dyn Write>,
@@ -100,12 +102,6 @@ impl Agent {
         };
         let flows = BpfHashMap::try_from(flows)?;
         let healthmap = PerCpuArray::try_from(take(map::HEALTH)?)?;
-        // The namespaces that exist now, before any event needs one.
-        let mut namespaces = NetnsMap::default();
-        match netns::scan() {
-            Ok(found) => namespaces.learn(found, &HashSet::new()),
-            Err(e) => warn!("network namespaces not resolved: {e:#}"),
-        }
         Ok(Self {
             flows,
             flows_fd,

@@ -8,8 +8,7 @@
 //! process stays put. The sockets' owners come from the /proc scan (`procfs`).
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    fmt, fs,
-    os::unix::fs::MetadataExt,
+    fmt,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -18,7 +17,7 @@ use anyhow::{Context, anyhow};
 
 use crate::{
     decode::{self, Fact, KernelEvent},
-    netns::{enter, network_namespaces},
+    netns::{self, network_namespaces},
     procfs::{comm_of, socket_owners},
     sock_diag::{DiagSocket, SockDiag, TCP_ESTABLISHED},
 };
@@ -51,29 +50,36 @@ impl fmt::Display for ExistingStats {
     }
 }
 
-#[cfg(test)]
-/// One `Fact::Existing` event per UDP socket in every network namespace on the host.
-pub fn existing_sockets() -> anyhow::Result<Vec<KernelEvent>> {
-    existing_sockets_with_stats().map(|(events, _)| events)
+/// The sockets open at startup, and the namespaces they were found in.
+pub struct Existing {
+    /// One `Fact::Existing` event per UDP socket in every network namespace on the host.
+    pub events: Vec<KernelEvent>,
+    pub stats: ExistingStats,
+    /// Namespace cookie -> inode, for every namespace dumped.
+    pub netns_cookies: HashMap<u64, u32>,
 }
 
-/// [`existing_sockets`], plus a summary for the log.
-pub fn existing_sockets_with_stats() -> anyhow::Result<(Vec<KernelEvent>, ExistingStats)> {
+/// Every UDP socket open now, in every network namespace on the host, with its owner.
+pub fn existing_sockets() -> anyhow::Result<Existing> {
     let start = Instant::now();
     let namespaces = network_namespaces().context("enumerating network namespaces")?;
-    let scans = dump_namespaces(namespaces)?;
+    let dumps = dump_namespaces(namespaces)?;
 
     let mut stats = ExistingStats::default();
+    let mut netns_cookies = HashMap::new();
     let mut first_error = None;
     let mut found = Vec::new();
-    for scan in scans {
-        match scan.result {
-            Ok(sockets) => {
+    for (inode, dump) in dumps {
+        match dump {
+            Ok(d) => {
                 stats.netns_scanned += 1;
-                found.extend(sockets.into_iter().map(|s| (scan.inode, scan.ts_ns, s)));
+                if let (Some(cookie), Ok(inode)) = (d.cookie, u32::try_from(inode)) {
+                    netns_cookies.insert(cookie, inode);
+                }
+                found.extend(d.sockets.into_iter().map(|s| (inode, d.ts_ns, s)));
             }
             Err(e) => {
-                log::debug!("network namespace {}: {e:#}", scan.inode);
+                log::debug!("network namespace {inode}: {e:#}");
                 stats.netns_failed += 1;
                 first_error.get_or_insert(e);
             }
@@ -126,53 +132,47 @@ pub fn existing_sockets_with_stats() -> anyhow::Result<(Vec<KernelEvent>, Existi
     stats.sockets = events.len();
     stats.without_process = events.iter().filter(|e| e.tgid == 0).count();
     stats.elapsed = start.elapsed();
-    Ok((events, stats))
+    Ok(Existing {
+        events,
+        stats,
+        netns_cookies,
+    })
 }
 
-struct NetnsScan {
-    inode: u64,
+/// What one namespace held when it was dumped.
+struct NetnsDump {
     /// CLOCK_BOOTTIME just before the dump. Earlier than anything the hooks can report about a
     /// socket in the dump after it, so an Existing never lands after that socket's Close.
     ts_ns: u64,
-    result: anyhow::Result<Vec<DiagSocket>>,
+    /// The namespace's cookie, for naming the namespaces of later events (`netns`).
+    cookie: Option<u64>,
+    sockets: Vec<DiagSocket>,
 }
 
-fn dump_namespaces(namespaces: BTreeMap<u64, Vec<PathBuf>>) -> anyhow::Result<Vec<NetnsScan>> {
-    std::thread::Builder::new()
-        .name("udpmon-netns".into())
-        .spawn(move || {
-            // Entering our own namespace needs no setns(), which also spares us CAP_SYS_ADMIN
-            // there.
-            let mut current = fs::metadata("/proc/thread-self/ns/net")
-                .map(|m| m.ino())
-                .ok();
-            namespaces
-                .into_iter()
-                .map(|(inode, paths)| {
-                    let mut ts_ns = 0;
-                    let result = enter(inode, &paths, &mut current).and_then(|()| {
-                        ts_ns = crate::clock::boot_ns();
-                        let mut diag = SockDiag::open()?;
-                        let mut sockets = diag.dump(libc::AF_INET as u8).context("IPv4")?;
-                        sockets.extend(diag.dump(libc::AF_INET6 as u8).context("IPv6")?);
-                        Ok(sockets)
-                    });
-                    NetnsScan {
-                        inode,
-                        ts_ns,
-                        result,
-                    }
-                })
-                .collect()
+fn dump_namespaces(
+    namespaces: BTreeMap<u64, Vec<PathBuf>>,
+) -> anyhow::Result<Vec<(u64, anyhow::Result<NetnsDump>)>> {
+    netns::in_each(namespaces, || {
+        let ts_ns = crate::clock::boot_ns();
+        let mut diag = SockDiag::open()?;
+        let mut sockets = diag.dump(libc::AF_INET as u8).context("IPv4")?;
+        sockets.extend(diag.dump(libc::AF_INET6 as u8).context("IPv6")?);
+        Ok(NetnsDump {
+            ts_ns,
+            cookie: netns::current_cookie().ok(),
+            sockets,
         })
-        .context("spawning the namespace scan thread")?
-        .join()
-        .map_err(|_| anyhow!("the namespace scan thread panicked"))
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use std::{fs, io, net::UdpSocket, os::fd::AsRawFd, sync::mpsc};
+    use std::{
+        fs, io,
+        net::UdpSocket,
+        os::{fd::AsRawFd, unix::fs::MetadataExt},
+        sync::mpsc,
+    };
 
     use super::*;
     use crate::decode::Family;
@@ -215,7 +215,11 @@ mod tests {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
         sock.connect("127.0.0.1:9").unwrap();
         let local = sock.local_addr().unwrap();
-        let (events, stats) = existing_sockets_with_stats().unwrap();
+        let Existing {
+            events,
+            stats,
+            netns_cookies,
+        } = existing_sockets().unwrap();
         println!("{stats}");
         let ev = events
             .iter()
@@ -233,6 +237,9 @@ mod tests {
         assert_eq!(ev.cookie, so_cookie(&sock));
         assert!(ev.ts_ns > 0 && ev.ts_ns <= crate::clock::boot_ns());
         assert!(stats.netns_scanned >= 1 && stats.sockets >= 1);
+        // The dump also named its namespace's cookie, for the events to come.
+        let own = netns::current_cookie().unwrap();
+        assert_eq!(netns_cookies.get(&own).copied(), Some(ev.netns));
     }
 
     #[test]
@@ -255,7 +262,7 @@ mod tests {
         });
         let (cookie, local, netns) = found_rx.recv().unwrap();
         assert_ne!(netns, inode_of("/proc/self/ns/net"));
-        let events = existing_sockets().unwrap();
+        let events = existing_sockets().unwrap().events;
         done_tx.send(()).unwrap();
         thread.join().unwrap();
         let ev = events

@@ -2,6 +2,7 @@
 //! live in the library (src/lib.rs); this is the command line around them.
 
 use std::{
+    collections::HashSet,
     fs::OpenOptions,
     io::{self, IsTerminal as _, Write},
     process::ExitCode,
@@ -18,6 +19,7 @@ use udpmon::{
     engine::Engine,
     existing,
     filter::Filter,
+    netns::{self, NetnsMap},
     privileges, probes,
     probes::{LoadOptions, Strategy},
     report::{ClockOffset, Formatter, JsonFormat, TextFormat},
@@ -83,21 +85,38 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     )?;
     let mut engine = Engine::new(cli.engine_config());
     // After the hooks are attached, so no socket falls between the snapshot and the events.
-    match existing::existing_sockets_with_stats() {
-        Ok((events, stats)) => {
-            info!("{stats}");
+    // The same walk of every namespace names them, for the events to come.
+    let mut namespaces = NetnsMap::default();
+    match existing::existing_sockets() {
+        Ok(found) => {
+            info!("{}", found.stats);
             let none = |_: &engine::FlowId| None;
-            for ev in &events {
+            for ev in &found.events {
                 engine.on_event(ev, &none);
             }
+            namespaces.learn(found.netns_cookies, &HashSet::new());
         }
-        Err(e) => log::warn!("existing sockets not learned: {e:#}"),
+        Err(e) => {
+            log::warn!("existing sockets not learned: {e:#}");
+            match netns::scan() {
+                Ok(found) => namespaces.learn(found, &HashSet::new()),
+                Err(e) => log::warn!("network namespaces not resolved: {e:#}"),
+            }
+        }
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let mut agent = Agent::new(probes, engine, Filter::from(cli), formatter, out, terminal)?;
+    let mut agent = Agent::new(
+        probes,
+        engine,
+        namespaces,
+        Filter::from(cli),
+        formatter,
+        out,
+        terminal,
+    )?;
     agent.kernel_log = cli.verbose >= 2;
     let stop = rt.block_on(agent.run())?;
     let summary = agent.summary();

@@ -122,11 +122,7 @@ pub(crate) fn network_namespaces() -> anyhow::Result<BTreeMap<u64, Vec<PathBuf>>
 
 /// Moves the calling thread into network namespace `inode`, through the first path that still
 /// leads to it (a pid may have been reused for a process elsewhere).
-pub(crate) fn enter(
-    inode: u64,
-    paths: &[PathBuf],
-    current: &mut Option<u64>,
-) -> anyhow::Result<()> {
+fn enter(inode: u64, paths: &[PathBuf], current: &mut Option<u64>) -> anyhow::Result<()> {
     if *current == Some(inode) {
         return Ok(());
     }
@@ -144,7 +140,7 @@ pub(crate) fn enter(
 }
 
 /// The cookie of the calling thread's network namespace.
-fn current_cookie() -> io::Result<u64> {
+pub(crate) fn current_cookie() -> io::Result<u64> {
     // SAFETY: plain socket(2); the descriptor is owned right away. An AF_UNIX socket, so
     // that udpmon's own UDP hooks do not see it.
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -171,27 +167,40 @@ fn current_cookie() -> io::Result<u64> {
     Ok(cookie)
 }
 
-/// cookie -> inode for every namespace on the host. On its own thread, because entering
-/// namespaces changes the calling thread's; blocking, so callers with an event loop run it
-/// elsewhere.
-pub fn scan() -> anyhow::Result<HashMap<u64, u32>> {
-    let namespaces = network_namespaces()?;
+/// Runs `f` inside each of `namespaces` in turn, on a thread of its own (entering a namespace
+/// changes the calling thread's, and only its): each namespace's inode with what `f` returned
+/// there, or why it could not be entered.
+pub(crate) fn in_each<T: Send + 'static>(
+    namespaces: BTreeMap<u64, Vec<PathBuf>>,
+    f: impl Fn() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<Vec<(u64, anyhow::Result<T>)>> {
     std::thread::Builder::new()
         .name("udpmon-netns".into())
         .spawn(move || {
-            let mut current = None;
+            // Entering our own namespace needs no setns(), which also spares us CAP_SYS_ADMIN
+            // there.
+            let mut current = fs::metadata("/proc/thread-self/ns/net")
+                .map(|m| m.ino())
+                .ok();
             namespaces
                 .into_iter()
-                .filter_map(|(inode, paths)| {
-                    enter(inode, &paths, &mut current).ok()?;
-                    let cookie = current_cookie().ok()?;
-                    Some((cookie, u32::try_from(inode).ok()?))
+                .map(|(inode, paths)| {
+                    (inode, enter(inode, &paths, &mut current).and_then(|()| f()))
                 })
                 .collect()
         })
-        .context("spawning the netns scan thread")?
+        .context("spawning the namespace scan thread")?
         .join()
-        .map_err(|_| anyhow!("the netns scan thread panicked"))
+        .map_err(|_| anyhow!("the namespace scan thread panicked"))
+}
+
+/// cookie -> inode for every namespace on the host. Blocking: callers with an event loop run
+/// it elsewhere.
+pub fn scan() -> anyhow::Result<HashMap<u64, u32>> {
+    Ok(in_each(network_namespaces()?, || Ok(current_cookie()?))?
+        .into_iter()
+        .filter_map(|(inode, cookie)| Some((cookie.ok()?, u32::try_from(inode).ok()?)))
+        .collect())
 }
 
 #[cfg(test)]

@@ -271,7 +271,11 @@ impl Agent {
                 .and_then(|raw| Ok((decode::decode_event(&raw)?, raw.netns_cookie)))
             {
                 Ok((mut ev, netns_cookie)) => {
-                    ev.process = self.processes.name(ev.tgid, ev.pid, &ev.comm);
+                    // The engine takes a record's identity only from the task that ran the
+                    // hook; a softirq record is named after its socket's owner.
+                    if !ev.task_unrelated {
+                        ev.process = self.processes.name(ev.tgid, ev.pid, &ev.comm);
+                    }
                     self.pending.push_back((ev, netns_cookie));
                 }
                 Err(e) => {

@@ -1,11 +1,15 @@
-//! Lifecycle-engine benchmarks: events per second on one core, and memory per tracked flow.
+//! Lifecycle-engine benchmarks: events per second on one core, and memory per tracked flow
+//! and per remembered peer.
 //!
 //! `cargo bench -p udpmon --bench engine` runs the divan benchmarks. `cargo xtask bench`
-//! runs the same binary in two machine-readable modes (one `key value` line per figure):
+//! runs the same binary in machine-readable modes (one `key value` line per figure):
 //! - `engine --udpmon-rate REPS EVENTS`: events/s of the realistic workload, one line per
 //!   repetition (`events_per_sec N`).
 //! - `engine --udpmon-rss FLOWS PEERS_PER_SOCKET`: resident memory before and after the
-//!   engine holds FLOWS flows (`rss_before_bytes`, `rss_after_bytes`, `flows_tracked`).
+//!   engine holds FLOWS flows (`rss_before_bytes`, `rss_after_bytes`, `flows_tracked`,
+//!   `peers_tracked`: each flow goes to a remote of its own, so each also holds a peer).
+//! - `engine --udpmon-rss-peers PEERS`: the same for PEERS peers remembered across flows,
+//!   none of them with a live flow (`peers_tracked`).
 use std::{
     hint::black_box,
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -186,7 +190,98 @@ fn rss(flows: usize, peers: usize) {
     println!("rss_after_bytes {after}");
     println!("flows_tracked {}", engine.stats().flows_tracked);
     println!("sockets_tracked {}", engine.stats().sockets_tracked);
+    println!("peers_tracked {}", engine.stats().peers_tracked);
     black_box(engine);
+}
+
+/// Resident memory growth while an engine remembers `peers` peers (a query to each from a
+/// socket of its own, then closed): what a peer costs once its flows are gone.
+fn rss_peers(peers: usize) {
+    let mut engine = Engine::new(EngineConfig {
+        idle_timeout: Duration::from_secs(3600),
+        ..config(peers + 1)
+    });
+    let before = rss_bytes();
+    for i in 0..peers {
+        let n = u32::try_from(i).expect("fewer than 2^32 peers");
+        let remote = SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)), 53);
+        let cookie = i as u64 + 1;
+        let ts = 1_000_000_000 + 2 * i as u64;
+        // One local port for every socket, so that the closed ports' last owners (another
+        // table) do not grow with the peers.
+        let sent = event(Fact::FirstTx { bytes: 40 }, ts, cookie, 5353, remote);
+        black_box(engine.on_event(&sent, &counters));
+        let unspec = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+        let closed = event(Fact::Close, ts + 1, cookie, 5353, unspec);
+        black_box(engine.on_event(&closed, &counters));
+    }
+    let after = rss_bytes();
+    println!("rss_before_bytes {before}");
+    println!("rss_after_bytes {after}");
+    println!("flows_tracked {}", engine.stats().flows_tracked);
+    println!("peers_tracked {}", engine.stats().peers_tracked);
+    black_box(engine);
+}
+
+pub enum Step {
+    Event(KernelEvent),
+    Tick(u64),
+}
+
+/// A forwarder's traffic: every query from a fresh socket (FirstTx, FirstRx unless the
+/// upstream missed it, Close) to one of 4 upstreams, 1 in 8 unanswered, with a tick every
+/// 1000 queries; peer state across flows is what it exercises.
+pub fn resolver_workload(queries: usize) -> Vec<Step> {
+    let mut out = Vec::with_capacity(queries * 3 + queries / 1000 + 1);
+    let unspec = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+    for q in 0..queries {
+        let ts = 1_000_000_000 + 1_000_000 * q as u64;
+        let cookie = q as u64 + 1;
+        let port = 1024 + (q % 60_000) as u16;
+        let upstream = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 9, 0, (q % 4) as u8)), 53);
+        let sent = event(Fact::FirstTx { bytes: 40 }, ts, cookie, port, upstream);
+        out.push(Step::Event(sent));
+        if q % 8 != 0 {
+            let fact = Fact::FirstRx { bytes: 120 };
+            out.push(Step::Event(event(
+                fact,
+                ts + 50_000,
+                cookie,
+                port,
+                upstream,
+            )));
+        }
+        out.push(Step::Event(event(
+            Fact::Close,
+            ts + 100_000,
+            cookie,
+            port,
+            unspec,
+        )));
+        if q % 1000 == 999 {
+            out.push(Step::Tick(ts + 200_000));
+        }
+    }
+    out
+}
+
+#[divan::bench(args = [25_000])]
+fn peers_resolver(bencher: divan::Bencher, queries: usize) {
+    let events = resolver_workload(queries);
+    let none = |_: &FlowId| None;
+    bencher
+        .counter(divan::counter::ItemsCount::new(events.len()))
+        .bench_local(|| {
+            let mut engine = Engine::new(config(65536));
+            let mut reports = 0;
+            for step in &events {
+                reports += match step {
+                    Step::Event(ev) => engine.on_event(ev, &none).len(),
+                    Step::Tick(now) => engine.on_tick(*now, &none).len(),
+                };
+            }
+            black_box(reports)
+        });
 }
 
 fn main() {
@@ -199,6 +294,7 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("--udpmon-rate") => rate(num(2), num(3)),
         Some("--udpmon-rss") => rss(num(2), num(3)),
+        Some("--udpmon-rss-peers") => rss_peers(num(2)),
         _ => divan::main(),
     }
 }

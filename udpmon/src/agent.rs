@@ -2,7 +2,7 @@
 //! one-second tick for the engine's timers and the health counters.
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    io::{self, Write},
+    io,
     os::fd::{AsFd, OwnedFd},
     time::{Duration, Instant},
 };
@@ -26,7 +26,8 @@ use crate::{
     netns::{self, Lookup, NetnsMap},
     probes::{Probes, map},
     procfs::ProcessNames,
-    report::{ClockOffset, Formatter},
+    report::ClockOffset,
+    sinks::Sinks,
 };
 
 /// Ring-buffer records handled per turn of the event loop: a few milliseconds of work, so
@@ -60,10 +61,7 @@ pub struct Agent {
     healthmap: PerCpuArray<MapData, u64>,
     engine: Engine,
     filter: Filter,
-    formatter: Formatter,
-    out: Box<dyn Write>,
-    /// Print the column titles first (text on a terminal).
-    header: bool,
+    sinks: Sinks,
     /// Forward the programs' aya-log records (udpmon -vv).
     pub kernel_log: bool,
     health: Health,
@@ -85,9 +83,7 @@ impl Agent {
         // The namespaces known at startup; the agent scans for later ones itself.
         namespaces: NetnsMap,
         filter: Filter,
-        formatter: Formatter,
-        out: Box<dyn Write>,
-        header: bool,
+        sinks: Sinks,
     ) -> anyhow::Result<Self> {
         let mut take = |name: &str| {
             probes
@@ -110,9 +106,7 @@ impl Agent {
             probes,
             engine,
             filter,
-            formatter,
-            out,
-            header,
+            sinks,
             kernel_log: false,
             health: Health::default(),
             warner: Warner::new(Duration::from_secs(10)),
@@ -149,16 +143,21 @@ impl Agent {
         };
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sighup = signal(SignalKind::hangup())?;
         // Only now: a SIGINT from here on detaches cleanly (before, it would kill udpmon).
-        eprintln!(
-            "udpmon: watching UDP sockets (hooks: {})",
-            self.probes.strategy
+        let ready = format!("watching UDP sockets (hooks: {})", self.probes.strategy);
+        eprintln!("udpmon: {ready}");
+        // Type=notify: the unit is started once events flow. Outside systemd, a no-op.
+        let _ = sd_notify::notify(
+            false,
+            &[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::Status(&ready),
+            ],
         );
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        if let Some(h) = self.formatter.header().filter(|_| self.header) {
-            self.write(&h)?;
-        }
+        self.sinks.start()?;
         // A scan of the network namespaces in progress, and the cookies it was started for.
         let mut scan: Option<(NetnsScan, HashSet<u64>)> = None;
         let stop = loop {
@@ -199,7 +198,8 @@ impl Agent {
                     }
                 }
                 _ = tick.tick() => {
-                    self.formatter.set_clock(ClockOffset(clock::wall_minus_boot_ns()));
+                    let offset = ClockOffset(clock::wall_minus_boot_ns());
+                    self.sinks.set_clock(offset);
                     let now = clock::boot_ns();
                     self.read_snapshot();
                     let reports = match &self.snapshot {
@@ -225,6 +225,7 @@ impl Agent {
                     guard.clear_ready();
                     Ok(())
                 }
+                _ = sighup.recv() => self.sinks.reopen(),
                 _ = sigint.recv() => break Stop::Signal,
                 _ = sigterm.recv() => break Stop::Signal,
             };
@@ -237,6 +238,7 @@ impl Agent {
         // Nothing more can arrive once the programs are detached: what the ring holds now is
         // the rest, printed (or, with no reader left, counted) before the summary.
         self.probes.detach();
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         let rb = ring.get_mut();
         match stop {
             Stop::Signal => match self
@@ -359,19 +361,10 @@ impl Agent {
                 }));
             }
             if self.filter.matches(r) {
-                let line = self.formatter.format(r);
-                self.write(&line)?;
+                self.sinks.report(r)?;
             }
         }
-        if !reports.is_empty() {
-            self.out.flush()?;
-        }
-        Ok(())
-    }
-
-    fn write(&mut self, line: &str) -> io::Result<()> {
-        self.out.write_all(line.as_bytes())?;
-        self.out.write_all(b"\n")
+        self.sinks.flush()
     }
 
     fn check_health(&mut self) {
@@ -382,10 +375,15 @@ impl Agent {
         self.health.flows_evicted = es.flows_evicted;
         self.health.kernel_entries_renewed = es.kernel_entries_renewed;
         self.health.flows_tracked = es.flows_tracked as u64;
+        self.health.peers_evicted = es.peers_evicted;
         self.health.recursion_misses = self.probes.recursion_misses();
         self.health.kprobe_misses = self.probes.kprobe_misses();
+        self.health.unwritten = self.sinks.unwritten();
         if let Some(msg) = self.warner.check(Instant::now(), &self.health) {
             warn!("events lost: {msg}");
+        }
+        if let Some(m) = &self.sinks.metrics {
+            m.set_health(&self.health);
         }
     }
 

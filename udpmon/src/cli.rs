@@ -97,7 +97,9 @@ pub struct Cli {
     pub events: Vec<ReportKind>,
 
     /// Report an established flow as SILENT when the peer has not answered for this long
-    /// while the local side keeps sending (durations: 500ms, 10s, 2m, 1h).
+    /// while the local side keeps sending; and a peer (one program's flows to one
+    /// address:port, such as a resolver's fresh socket per query) when none of its flows, at
+    /// least two, heard back for this long (durations: 500ms, 10s, 2m, 1h).
     #[arg(
         long,
         value_name = "DURATION",
@@ -107,7 +109,8 @@ pub struct Cli {
     )]
     pub silent_after: Duration,
 
-    /// SILENT also needs at least this many datagrams sent since the peer's last one.
+    /// SILENT also needs at least this many datagrams sent since the peer's last one (over
+    /// all its flows, for a peer).
     #[arg(
         long,
         value_name = "N",
@@ -130,7 +133,8 @@ pub struct Cli {
 
     /// Track at most this many flows; beyond it the least recently active flow is closed
     /// (reason "evicted") and counted. Also sizes the kernel maps (about 500 B of kernel
-    /// memory per flow).
+    /// memory per flow), and bounds the peers remembered across flows for peer-scope
+    /// SILENT (the least recently used one without live flows is forgotten, and counted).
     #[arg(
         long,
         value_name = "N",
@@ -150,9 +154,24 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 
-    /// Write events to this file instead of standard output.
+    /// Write events to this file instead of standard output (appended to; reopened on
+    /// SIGHUP, for logrotate). When the disk is full, events are counted and dropped until
+    /// there is room again.
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+
+    /// Send events to the systemd journal, one entry each: MESSAGE is the text line, the
+    /// fields are the JSON keys as UDPMON_EVENT, UDPMON_PID, UDPMON_ICMP_VERDICT, ...;
+    /// problems get a higher priority. Instead of standard output, or as well as --output.
+    #[arg(long)]
+    pub journal: bool,
+
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics: events reported (those the
+    /// filters pass) by kind, UNREACHABLE by verdict, losses by cause, flows tracked, the
+    /// hook strategy. E.g. 127.0.0.1:9776 or [::1]:9776; port 0 takes a free one, logged at
+    /// startup. Off by default; a non-loopback address is served too, with a warning.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
 
     /// More diagnostics on standard error: -v debug, -vv trace (default: info).
     #[arg(short, long, action = ArgAction::Count)]
@@ -250,6 +269,7 @@ pub(crate) mod tests {
         assert_eq!(c.max_flows, 65536);
         assert_eq!((c.hooks, c.format), (Hooks::Auto, Format::Text));
         assert_eq!((c.output, c.verbose), (None, 0));
+        assert_eq!(c.metrics, None);
         assert_eq!(ok(&[]).engine_config(), EngineConfig::default());
     }
 
@@ -291,6 +311,8 @@ pub(crate) mod tests {
             "json",
             "-o",
             "/tmp/x.jsonl",
+            "--metrics",
+            "127.0.0.1:9776",
             "-vv",
         ]);
         assert_eq!(c.pid, [1, 2, 3]);
@@ -310,6 +332,11 @@ pub(crate) mod tests {
         assert_eq!((c.silent_min_sends, c.max_flows), (5, 10));
         assert_eq!((c.hooks, c.format), (Hooks::Tracepoint, Format::Json));
         assert_eq!(c.output, Some(PathBuf::from("/tmp/x.jsonl")));
+        assert_eq!(c.metrics, Some("127.0.0.1:9776".parse().unwrap()));
+        assert_eq!(
+            ok(&["--metrics", "[::1]:0"]).metrics,
+            Some("[::1]:0".parse().unwrap())
+        );
         assert_eq!(c.log_level(), log::LevelFilter::Trace);
         assert_eq!(ok(&["-6", "-v"]).log_level(), log::LevelFilter::Debug);
     }
@@ -353,6 +380,8 @@ pub(crate) mod tests {
             (&["--idle-timeout=-1s"], "--idle-timeout"),
             (&["--hooks", "uprobe"], "--hooks"),
             (&["--format", "xml"], "--format"),
+            (&["--metrics", "localhost:9776"], "--metrics"),
+            (&["--metrics", "127.0.0.1"], "--metrics"),
             (&["-4", "-6"], "--ipv4"),
         ] {
             let e = parse(args).expect_err(&format!("{args:?} should fail"));
@@ -383,6 +412,8 @@ pub(crate) mod tests {
             "--hooks",
             "--format",
             "--output",
+            "--journal",
+            "--metrics",
             "--verbose",
         ] {
             assert!(help.contains(flag), "{flag} missing from --help");

@@ -25,33 +25,83 @@ pub struct Health {
     pub kprobe_misses: u64,
     /// Ring-buffer records still there at exit when the output was already closed.
     pub unread_at_exit: u64,
+    /// Events the output (a full disk) or the journal did not take.
+    pub unwritten: u64,
+    /// Peers whose state the engine dropped at its cap (their silences start afresh).
+    pub peers_evicted: u64,
+}
+
+/// One loss counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Loss {
+    /// snake_case, for metric labels.
+    pub reason: &'static str,
+    /// For people.
+    pub name: &'static str,
+    pub count: u64,
 }
 
 impl Health {
-    /// The counters whose growth means something was lost.
-    fn losses(&self) -> [(&'static str, u64); 10] {
+    /// The counters whose growth means something was lost: what the warnings and the
+    /// summary name, and the `reason` labels of `udpmon_events_lost_total`.
+    pub fn losses(&self) -> [Loss; 12] {
+        let l = |reason, name, count| Loss {
+            reason,
+            name,
+            count,
+        };
         [
-            ("ring-buffer drops", self.ringbuf_full),
-            ("decode errors", self.decode_errors),
-            ("kernel flow-map insert failures", self.flow_insert_failed),
-            ("flows evicted (--max-flows)", self.flows_evicted),
-            (
+            l("ringbuf_full", "ring-buffer drops", self.ringbuf_full),
+            l("decode_error", "decode errors", self.decode_errors),
+            l(
+                "flow_insert_failed",
+                "kernel flow-map insert failures",
+                self.flow_insert_failed,
+            ),
+            l(
+                "flow_evicted",
+                "flows evicted (--max-flows)",
+                self.flows_evicted,
+            ),
+            l(
+                "kernel_flow_dropped",
                 "live flows dropped by the kernel's flow map (counts since the last read)",
                 self.kernel_entries_renewed,
             ),
-            ("datagrams sent on sockets without a cookie", self.no_cookie),
-            (
+            l(
+                "no_socket_cookie",
+                "datagrams sent on sockets without a cookie",
+                self.no_cookie,
+            ),
+            l(
+                "refused_rate_limited",
                 "closed-port reports rate-limited",
                 self.no_socket_suppressed,
             ),
-            (
+            l(
+                "recursion_miss",
                 "program runs skipped by the kernel (recursion)",
                 self.recursion_misses,
             ),
-            ("kprobe hits missed by the kernel", self.kprobe_misses),
-            (
+            l(
+                "kprobe_miss",
+                "kprobe hits missed by the kernel",
+                self.kprobe_misses,
+            ),
+            l(
+                "unread_at_exit",
                 "events left unread at exit (output closed)",
                 self.unread_at_exit,
+            ),
+            l(
+                "unwritten",
+                "events not written (output full or journal unreachable)",
+                self.unwritten,
+            ),
+            l(
+                "peer_evicted",
+                "peers forgotten (--max-flows)",
+                self.peers_evicted,
             ),
         ]
     }
@@ -62,15 +112,22 @@ impl Health {
             .losses()
             .iter()
             .zip(before.losses())
-            .filter(|((_, now), (_, then))| now > then)
-            .map(|((name, now), (_, then))| format!("{name} +{} (total {now})", now - then))
+            .filter(|(now, then)| now.count > then.count)
+            .map(|(now, then)| {
+                format!(
+                    "{} +{} (total {})",
+                    now.name,
+                    now.count - then.count,
+                    now.count
+                )
+            })
             .collect();
         (!parts.is_empty()).then(|| parts.join(", "))
     }
 
     pub fn summary(&self) -> String {
         format!(
-            "events read {}, ring-buffer drops {}, decode errors {}, flows tracked {}, flows evicted {}, live flows dropped by the kernel map {}, kernel read failures {}, flow-map insert failures {}, uncounted sends (no socket cookie) {}, program runs skipped (recursion) {}, kprobe misses {}, closed-port reports rate-limited {}, events left unread at exit {}",
+            "events read {}, ring-buffer drops {}, decode errors {}, flows tracked {}, flows evicted {}, live flows dropped by the kernel map {}, kernel read failures {}, flow-map insert failures {}, uncounted sends (no socket cookie) {}, program runs skipped (recursion) {}, kprobe misses {}, closed-port reports rate-limited {}, events left unread at exit {}, events not written {}, peers evicted {}",
             self.events_read,
             self.ringbuf_full,
             self.decode_errors,
@@ -83,7 +140,9 @@ impl Health {
             self.recursion_misses,
             self.kprobe_misses,
             self.no_socket_suppressed,
-            self.unread_at_exit
+            self.unread_at_exit,
+            self.unwritten,
+            self.peers_evicted
         )
     }
 }

@@ -3,8 +3,7 @@
 
 use std::{
     collections::HashSet,
-    fs::OpenOptions,
-    io::{self, IsTerminal as _, Write},
+    io::{self, IsTerminal as _},
     process::ExitCode,
 };
 
@@ -19,20 +18,26 @@ use udpmon::{
     engine::Engine,
     existing,
     filter::Filter,
+    journal::{self, Journal},
+    metrics,
     netns::{self, NetnsMap},
+    output::Output,
     privileges, probes,
     probes::{LoadOptions, Strategy},
     report::{ClockOffset, Formatter, JsonFormat, TextFormat},
+    sinks::Sinks,
 };
 
 fn main() -> ExitCode {
     // clap exits with code 2 and a one-line error naming the flag on bad usage.
     let cli = Cli::parse();
-    env_logger::Builder::new()
-        .filter_level(cli.log_level())
-        .format_target(false)
-        .parse_default_env()
-        .init();
+    if !journal::diagnostics_to_journal(cli.log_level()) {
+        env_logger::Builder::new()
+            .filter_level(cli.log_level())
+            .format_target(false)
+            .parse_default_env()
+            .init();
+    }
     if let Err(msg) = privileges::check() {
         eprintln!("udpmon: {msg}");
         return ExitCode::from(1);
@@ -55,20 +60,27 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         Format::Text => Formatter::Text(TextFormat::local(clock)),
         Format::Json => Formatter::Json(JsonFormat::new(clock)),
     };
-    let (out, terminal): (Box<dyn Write>, bool) = match &cli.output {
+    let (out, terminal) = match &cli.output {
         Some(path) => {
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
+            let out = Output::open(path)
                 .with_context(|| format!("opening --output {}", path.display()))?;
-            (Box::new(io::BufWriter::new(f)), false)
+            (Some(out), false)
         }
+        None if cli.journal => (None, false),
         None => (
-            Box::new(io::BufWriter::new(io::stdout())),
+            Some(Output::stdout().context("standard output")?),
             io::stdout().is_terminal(),
         ),
     };
+    let journal = match cli.journal {
+        true => Some(
+            Journal::connect(clock)
+                .context("--journal: sending to systemd-journald (/run/systemd/journal/socket)")?,
+        ),
+        false => None,
+    };
+    // Before anything is attached: a taken port is a one-line error with nothing to undo.
+    let metrics_listener = cli.metrics.map(metrics::bind).transpose()?;
     let strategy = match cli.hooks {
         Hooks::Auto => None,
         Hooks::Fentry => Some(Strategy::Fentry),
@@ -108,15 +120,18 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let mut agent = Agent::new(
-        probes,
-        engine,
-        namespaces,
-        Filter::from(cli),
+    let served = match metrics_listener {
+        Some(l) => Some(metrics::start(&rt, l, probes.strategy)?),
+        None => None,
+    };
+    let sinks = Sinks {
         formatter,
         out,
-        terminal,
-    )?;
+        header: terminal,
+        journal,
+        metrics: served,
+    };
+    let mut agent = Agent::new(probes, engine, namespaces, Filter::from(cli), sinks)?;
     agent.kernel_log = cli.verbose >= 2;
     let stop = rt.block_on(agent.run())?;
     let summary = agent.summary();

@@ -8,9 +8,9 @@
 //! a bpftrace script doing the same per-datagram accounting; then udpmon's program time per
 //! UDP datagram and per TCP segment from the kernel's bpf_stats; (2) event pipeline: a ramp
 //! of new flows per second, ring-buffer drops from udpmon's exit summary and its CPU use;
-//! (3) engine: events per second on one core and resident memory per tracked flow
-//! (`udpmon/benches/engine.rs`), and the kernel FLOWS map entry size; (4) startup: spawn to
-//! first event, peak RSS.
+//! (3) engine: events per second on one core and resident memory per tracked flow and per
+//! remembered peer (`udpmon/benches/engine.rs`), and the kernel FLOWS map entry size;
+//! (4) startup: spawn to first event, peak RSS.
 //! `--smoke` runs every step once with tiny durations, asserting nothing about the numbers
 //! but failing if a step fails (a tier of `cargo xtask test`). `--against BIN` adds another
 //! udpmon binary (an older build) to the hot path and per-program steps, in the same rotation,
@@ -702,6 +702,8 @@ struct Engine {
     rate: Spread,
     /// (flows, bytes per flow with one flow per socket, with 64 flows per socket).
     rss: Vec<(usize, f64, f64)>,
+    /// (peers, bytes per peer remembered across flows, none with a live flow).
+    peers_rss: Vec<(usize, f64)>,
 }
 
 /// Builds `udpmon/benches/engine.rs`; returns its executable.
@@ -755,7 +757,7 @@ fn engine_mode(bin: &FsPath, args: &[String]) -> anyhow::Result<Vec<(String, f64
 }
 
 fn engine(plan: &Plan, bin: &FsPath) -> anyhow::Result<Engine> {
-    println!("\n[bench] engine: events/s on one core, resident memory per flow");
+    println!("\n[bench] engine: events/s on one core, resident memory per flow and per peer");
     let reps = plan.reps.max(3).min(if plan.smoke { 1 } else { 5 });
     let lines = engine_mode(
         bin,
@@ -795,9 +797,28 @@ fn engine(plan: &Plan, bin: &FsPath) -> anyhow::Result<Engine> {
         }
         rss.push((n, per[0], per[1]));
     }
+    let mut peers_rss = Vec::new();
+    for &n in &plan.rss_flows {
+        let l = engine_mode(bin, &["--udpmon-rss-peers".into(), n.to_string()])?;
+        let get = |k: &str| {
+            l.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| *v)
+                .with_context(|| format!("the engine bench printed no {k}"))
+        };
+        let tracked = get("peers_tracked")?;
+        if tracked < n as f64 {
+            bail!("the engine held {tracked} peers, expected {n}");
+        }
+        peers_rss.push((
+            n,
+            (get("rss_after_bytes")? - get("rss_before_bytes")?) / tracked,
+        ));
+    }
     Ok(Engine {
         rate: spread(&rates),
         rss,
+        peers_rss,
     })
 }
 
@@ -1214,6 +1235,21 @@ fn table(
             "-",
             "<= 256 B",
             yes_no(*one <= 256.0),
+        ]);
+    }
+    for (n, per) in &eng.peers_rss {
+        tb.row([
+            &format!(
+                "engine: resident memory per remembered peer at {} peers (RSS growth / peers; \
+                 peer-scope SILENT, bounded by --max-flows)",
+                si(*n as f64)
+            ),
+            "-",
+            &format!("{per:.0} B"),
+            "-",
+            "-",
+            "-",
+            "-",
         ]);
     }
     match (&st.flows_map, &st.flows_map_err) {

@@ -18,6 +18,9 @@ pub const TEST_PACKAGES: &[&str] = &[
     "nftables",
     "dnsmasq-base",
     "dnsutils",
+    // prometheus and promtool, for the metrics scenario, which runs its own server on a free
+    // loopback port (the postinst starts the packaged service only where PID 1 is systemd).
+    "prometheus",
     "bpftool",
     "bpftrace",
     "qemu-system-x86",
@@ -26,6 +29,18 @@ pub const TEST_PACKAGES: &[&str] = &[
     "kmod",
     "xz-utils",
     "zstd",
+    // The package tier: cargo-deb's dependency and architecture lookups (dpkg-shlibdeps,
+    // dpkg-architecture) and strip; then what it checks the installed package with.
+    "dpkg-dev",
+    "binutils",
+    "adduser",
+    "systemd",
+    "man-db",
+    "bash-completion",
+    "zsh",
+    "fish",
+    "logrotate",
+    "strace",
 ];
 
 /// Where downloads and builds are cached (bpf-linker, VM kernels): $UDPMON_CACHE or
@@ -145,6 +160,27 @@ pub fn bpf_linker() -> anyhow::Result<PathBuf> {
         ])
         .arg(format!("llvm-{major}"))
         .env("LLVM_PREFIX", &prefix))?;
+    Ok(bin)
+}
+
+/// The cargo-deb release `cargo xtask deb` uses: pinned, like bpf-linker, so that a new
+/// release cannot change the package under us.
+const CARGO_DEB: &str = "3.8.0";
+
+/// cargo-deb, built once into the cache; returns the directory to put on PATH (`cargo deb`).
+pub fn cargo_deb() -> anyhow::Result<PathBuf> {
+    let prefix = cache_dir().join("cargo-deb").join(CARGO_DEB);
+    let bin = prefix.join("bin");
+    if bin.join("cargo-deb").exists() {
+        step(&format!("cargo-deb {CARGO_DEB}: cached"));
+        return Ok(bin);
+    }
+    step(&format!("cargo-deb {CARGO_DEB}: building (a few minutes)"));
+    run(Command::new("cargo")
+        .args(["install", "--locked", "--root"])
+        .arg(&prefix)
+        .args(["cargo-deb", "--version"])
+        .arg(format!("={CARGO_DEB}")))?;
     Ok(bin)
 }
 

@@ -1,8 +1,11 @@
 //! Developer tasks: `cargo xtask run -- [UDPMON ARGS]`, `cargo xtask test`, `cargo xtask
-//! bootstrap`, `cargo xtask build`, `cargo xtask lint`. Each installs what it needs first.
+//! bootstrap`, `cargo xtask build`, `cargo xtask lint`, `cargo xtask deb`. Each installs what
+//! it needs first.
 mod bench;
 mod bootstrap;
 mod build;
+mod deb;
+mod package;
 mod test;
 mod util;
 mod vm;
@@ -26,13 +29,17 @@ enum Cmd {
     Bootstrap,
     /// Build udpmon (release) with its eBPF object embedded.
     Build,
+    /// Build the Debian package, target/debian/udpmon_VERSION_ARCH.deb (binary, systemd unit,
+    /// /etc/default/udpmon, logrotate rule, man page, bash/zsh/fish completions).
+    Deb,
     /// Build udpmon and run it as root with the given arguments.
     Run {
         /// Arguments for udpmon (after `--`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run every test tier: lint, unit, host integration (root), VM matrix.
+    /// Run every test tier: lint, unit, host integration (root), the Debian package (root), VM
+    /// matrix.
     Test(test::TestArgs),
     /// cargo fmt --check and clippy -D warnings for the userspace and the eBPF crates.
     Lint,
@@ -51,6 +58,7 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Cmd::Bootstrap => bootstrap_all(),
         Cmd::Build => build::release().map(|_| ()),
+        Cmd::Deb => deb::build().map(|_| ()),
         Cmd::Run { args } => run(&args),
         Cmd::Test(t) => test::run(&t),
         Cmd::Lint => build::lint(),
@@ -69,6 +77,7 @@ fn main() -> ExitCode {
 fn bootstrap_all() -> anyhow::Result<()> {
     bootstrap::build_env()?;
     bootstrap::musl_target()?;
+    bootstrap::cargo_deb()?;
     bootstrap::apt(bootstrap::TEST_PACKAGES)?;
     vm::ensure_kernels(vm::DEFAULT_KERNELS)?;
     Ok(())

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{bootstrap, build, vm};
+use crate::{bootstrap, build, deb, package, vm};
 
 #[derive(clap::Args)]
 pub struct TestArgs {
@@ -18,6 +18,13 @@ pub struct TestArgs {
     /// Run the VM tier on these kernels only (6.1, 6.12, 7.x); repeatable.
     #[arg(long = "vm", value_name = "KERNEL")]
     vms: Vec<String>,
+    /// Run only this tier (repeatable); the others are listed as skipped.
+    #[arg(
+        long = "tier",
+        value_name = "TIER",
+        value_parser = ["lint", "unit", "host", "package", "bench-smoke", "vm"]
+    )]
+    tiers: Vec<String>,
     /// Extra arguments for the test harness (a test-name filter, --nocapture, ...).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     filter: Vec<String>,
@@ -39,31 +46,57 @@ struct Tier {
 
 pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     let path = bootstrap::build_env()?;
-    let want_vm = !args.no_vm;
+    let selected = |tier: &str| args.tiers.is_empty() || args.tiers.iter().any(|t| t == tier);
+    let unselected = |tier: &str| Tier {
+        name: tier.into(),
+        outcome: Outcome::Skipped(format!("not among --tier {}", args.tiers.join(" "))),
+        results: Vec::new(),
+        secs: 0.0,
+    };
+    let want_vm = !args.no_vm && selected("vm");
     bootstrap::apt(bootstrap::TEST_PACKAGES)?;
     if want_vm {
         bootstrap::musl_target()?;
     }
     let mut tiers = Vec::new();
 
-    tiers.push(timed("lint", || {
-        build::lint_with(&path).map(|()| Vec::new())
-    }));
-    tiers.push(timed("unit", || {
-        libtest(build::cargo(&path).args([
-            "test",
-            "-p",
-            "udpmon",
-            "--lib",
-            "--bins",
-            "-p",
-            "udpmon-common",
-            "-p",
-            "xtask",
-        ]))
-    }));
-    tiers.push(host_tier(&path, &args.filter));
-    tiers.push(bench_smoke_tier());
+    tiers.push(if selected("lint") {
+        timed("lint", || build::lint_with(&path).map(|()| Vec::new()))
+    } else {
+        unselected("lint")
+    });
+    tiers.push(if selected("unit") {
+        timed("unit", || {
+            libtest(build::cargo(&path).args([
+                "test",
+                "-p",
+                "udpmon",
+                "--lib",
+                "--bins",
+                "-p",
+                "udpmon-common",
+                "-p",
+                "xtask",
+            ]))
+        })
+    } else {
+        unselected("unit")
+    });
+    tiers.push(if selected("host") {
+        host_tier(&path, &args.filter)
+    } else {
+        unselected("host")
+    });
+    tiers.push(if selected("package") {
+        package_tier()
+    } else {
+        unselected("package")
+    });
+    tiers.push(if selected("bench-smoke") {
+        bench_smoke_tier()
+    } else {
+        unselected("bench-smoke")
+    });
     if want_vm {
         let series: Vec<&str> = if args.vms.is_empty() {
             vm::DEFAULT_KERNELS.to_vec()
@@ -71,13 +104,15 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
             args.vms.iter().map(String::as_str).collect()
         };
         tiers.extend(vm_tiers(&path, &series, &args.filter));
-    } else {
+    } else if args.no_vm {
         tiers.push(Tier {
             name: "vm".into(),
             outcome: Outcome::Skipped("--no-vm given".into()),
             results: Vec::new(),
             secs: 0.0,
         });
+    } else {
+        tiers.push(unselected("vm"));
     }
 
     println!("\n================ udpmon test summary ================");
@@ -165,6 +200,32 @@ fn host_tier(path: &str, filter: &[String]) -> Tier {
                 .env("UDPMON_TIER", "host"),
         )
     })
+}
+
+/// The Debian package, built (a failure fails the tier, root or not), then installed, checked
+/// and purged (xtask/src/package.rs; root only).
+fn package_tier() -> Tier {
+    let mut t = timed("package", || {
+        deb::build().map(|deb| vec![deb.display().to_string()])
+    });
+    if !matches!(t.outcome, Outcome::Passed) {
+        return t;
+    }
+    let deb = std::path::PathBuf::from(t.results.remove(0));
+    if !bootstrap::is_root() {
+        t.outcome = Outcome::Skipped(format!(
+            "built {}; installing it needs root: run `sudo cargo xtask test`",
+            deb.display()
+        ));
+        return t;
+    }
+    let start = Instant::now();
+    match package::check(&deb) {
+        Ok(results) => t.results = results,
+        Err(e) => t.outcome = Outcome::Failed(format!("{e:#}")),
+    }
+    t.secs += start.elapsed().as_secs_f64();
+    t
 }
 
 /// `cargo xtask bench --smoke`: every bench step once, numbers not checked.

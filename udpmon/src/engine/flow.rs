@@ -9,6 +9,7 @@ use udpmon_common::{
     event::{AF_INET, AF_INET6},
 };
 
+use super::peer::PeerLink;
 use crate::decode::{Family, Verdict};
 
 /// A flow: one socket talking to one remote address:port.
@@ -110,9 +111,12 @@ impl Counters {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum State {
     Active,
-    /// SILENT was reported; `last_rx_ns` is the peer's last datagram before the silence.
+    /// Silent; `last_rx_ns` is the peer's last datagram before the silence. `reported`:
+    /// SILENT was reported for this flow, rather than for its peer (see `peer.rs`), so its
+    /// end is this flow's RESUMED.
     Silent {
         last_rx_ns: u64,
+        reported: bool,
     },
     /// UNREACHABLE was reported at `since_ns` for this ICMP; `last_rx_ns` as above.
     Unreachable {
@@ -152,6 +156,8 @@ pub(super) struct Flow {
     /// flow's entry under pressure, and the next datagram starts a new one from zero. Boxed:
     /// rare, and every flow pays for the field.
     pub earlier: Option<Box<Counters>>,
+    /// Its peer across flows, for flows the local side opened.
+    pub peer: PeerLink,
 }
 
 impl Flow {
@@ -174,7 +180,13 @@ impl Flow {
             reported: false,
             kernel_first_ns: 0,
             earlier: None,
+            peer: PeerLink::NONE,
         }
+    }
+
+    /// In a flow-level SILENT that was reported.
+    pub fn silence_reported(&self) -> bool {
+        matches!(self.state, State::Silent { reported: true, .. })
     }
 
     /// Folds in a read of the flow's kernel entry. Returns true when that entry is newer than
@@ -207,6 +219,11 @@ pub(super) struct FlowTable {
 impl FlowTable {
     pub fn len(&self) -> usize {
         self.flows.len()
+    }
+
+    #[cfg(test)]
+    pub fn get(&self, id: &FlowId) -> Option<&Flow> {
+        self.flows.get(id).map(|(_, f)| f)
     }
 
     pub fn get_mut(&mut self, id: &FlowId) -> Option<&mut Flow> {

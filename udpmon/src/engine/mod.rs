@@ -19,7 +19,11 @@
 //! - After a CLOSE with reason `idle` or `evicted` the caller should delete the flow's
 //!   kernel entry: the kernel reports only a flow's first datagram each way, so otherwise
 //!   new traffic on that flow would never reopen it.
+//! - SILENT and RESUMED also have a peer scope, across the flows one program opens to one
+//!   peer (a resolver's fresh socket per query); its rules, and how the two scopes share a
+//!   silence, are in `peer.rs`.
 mod flow;
+mod peer;
 mod report;
 pub mod rules;
 
@@ -31,8 +35,10 @@ use std::{
 
 pub use flow::{Counters, FlowId};
 use flow::{Flow, FlowTable, State};
+use peer::{PeerKey, PeerTable};
 pub use report::{
-    CloseReason, CloseStats, Detail, Op, Owner, Report, ReportKind, Trouble, UnreachableInfo, Via,
+    CloseReason, CloseStats, Detail, Op, Owner, Report, ReportKind, Scope, Trouble, Unanswered,
+    UnreachableInfo, Via,
 };
 
 use crate::decode::{Fact, Family, Icmp, KernelEvent, Verdict};
@@ -49,7 +55,8 @@ pub struct EngineConfig {
     /// A flow without traffic for this long is closed with reason `idle`; also the period of
     /// the REFUSED rate limit.
     pub idle_timeout: Duration,
-    /// Most flows tracked at once (values below 1 count as 1).
+    /// Most flows tracked at once (values below 1 count as 1); also the most peers
+    /// remembered across flows (peer-scope SILENT).
     pub max_flows: usize,
 }
 
@@ -80,6 +87,12 @@ pub struct EngineStats {
     /// Live flows whose kernel entry the kernel's LRU map dropped and a later datagram
     /// recreated: the counts between the last read and the drop are lost.
     pub kernel_entries_renewed: u64,
+    /// Peers remembered across flows (at most `max_flows`).
+    pub peers_tracked: usize,
+    /// Peers forgotten to make room (`--max-flows`), least recently used first: their last
+    /// answer and any silence in progress are lost, so a peer-scope SILENT may come late
+    /// or say "never answered".
+    pub peers_evicted: u64,
 }
 
 /// What the engine knows about a socket.
@@ -116,6 +129,7 @@ pub struct Engine {
     port_owners: HashMap<(u32, u16), PortOwner>,
     /// (netns, local, remote) -> time of the last REFUSED report.
     refused_at: HashMap<(u32, SocketAddr, SocketAddr), u64>,
+    peers: PeerTable,
     stats: EngineStats,
 }
 
@@ -144,15 +158,15 @@ fn refine_local(cur: &mut SocketAddr, seen: SocketAddr) {
 
 impl Engine {
     pub fn new(cfg: EngineConfig) -> Self {
+        let max_flows = cfg.max_flows.max(1);
         Self {
-            cfg: EngineConfig {
-                max_flows: cfg.max_flows.max(1),
-                ..cfg
-            },
+            cfg: EngineConfig { max_flows, ..cfg },
             flows: FlowTable::default(),
             sockets: HashMap::new(),
             port_owners: HashMap::new(),
             refused_at: HashMap::new(),
+            // Peers with live flows are never evicted, so at least one peer per flow.
+            peers: PeerTable::new(max_flows),
             stats: EngineStats::default(),
         }
     }
@@ -166,6 +180,8 @@ impl Engine {
         EngineStats {
             flows_tracked: self.flows.len(),
             sockets_tracked: self.sockets.len(),
+            peers_tracked: self.peers.len(),
+            peers_evicted: self.peers.evicted(),
             ..self.stats
         }
     }
@@ -179,6 +195,47 @@ impl Engine {
     /// Every tracked flow, in id order.
     pub fn flows(&self) -> Vec<FlowId> {
         self.flows.ids()
+    }
+
+    #[cfg(test)]
+    /// Checks the peers' bookkeeping against the flows: each peer counts exactly its live
+    /// flows and those in a reported flow-level SILENT, no peer in a reported SILENT has
+    /// such a flow (one report per silence), and the table keeps to its cap.
+    pub fn check_peers(&self) -> Result<(), String> {
+        let census = self.peers.census();
+        let mut seen = vec![(0u32, 0u32); census.len()];
+        for id in self.flows.ids() {
+            let Some(f) = self.flows.get(&id) else {
+                continue;
+            };
+            if f.peer.is_linked() {
+                let s = seen
+                    .get_mut(f.peer.idx as usize)
+                    .ok_or_else(|| format!("{id:?} tied to a missing peer {}", f.peer.idx))?;
+                s.0 += 1;
+                s.1 += u32::from(f.silence_reported());
+            }
+        }
+        for (i, (&(flows, silent, reported), &counted)) in census.iter().zip(&seen).enumerate() {
+            if (flows, silent) != counted {
+                return Err(format!(
+                    "peer {i} counts {flows} flows, {silent} silent; the flows say {counted:?}"
+                ));
+            }
+            if reported && silent > 0 {
+                return Err(format!(
+                    "peer {i} reported SILENT while a flow of it did too"
+                ));
+            }
+        }
+        if self.peers.len() > self.peers.cap() {
+            return Err(format!(
+                "{} peers, cap {}",
+                self.peers.len(),
+                self.peers.cap()
+            ));
+        }
+        Ok(())
     }
 
     /// Processes one kernel fact. `counters` is consulted for the flows this event closes
@@ -224,6 +281,13 @@ impl Engine {
         for id in self.flows.ids() {
             self.tick_flow(id, now_ns, counters, &mut out);
         }
+        // After every flow told its peer what it sent and heard.
+        self.peers.tick(
+            now_ns,
+            ns(self.cfg.silent_after),
+            self.cfg.silent_min_sends,
+            &mut out,
+        );
         self.forget(now_ns);
         out
     }
@@ -244,29 +308,40 @@ impl Engine {
                 .tx_datagrams
                 .saturating_sub(u64::from(c.last_tx_ns > c.last_rx_ns));
         }
+        if flow.peer.is_linked() {
+            self.peers
+                .sync(&mut flow.peer, &c, flow.local, flow.opened_ns, out);
+        }
         let resumed = match flow.state {
-            State::Silent { last_rx_ns } if c.last_rx_ns > last_rx_ns => {
-                Some((Trouble::Silent, last_rx_ns))
-            }
+            State::Silent {
+                last_rx_ns,
+                reported,
+            } if c.last_rx_ns > last_rx_ns => Some((Trouble::Silent, last_rx_ns, reported)),
             State::Unreachable {
                 since_ns,
                 last_rx_ns,
                 ..
             } if c.last_rx_ns > since_ns && flow.first_rx_ns.is_some() => {
-                Some((Trouble::Unreachable, last_rx_ns))
+                Some((Trouble::Unreachable, last_rx_ns, true))
             }
             _ => None,
         };
-        if let Some((after, before_ns)) = resumed {
+        if let Some((after, before_ns, reported)) = resumed {
+            if flow.silence_reported() {
+                self.peers.flow_silence_ended(&flow.peer);
+            }
             flow.state = State::Active;
             let quiet_ns = c.last_rx_ns.saturating_sub(before_ns);
-            self.flow_report(
-                &id,
-                ReportKind::Resumed,
-                c.last_rx_ns,
-                Detail::Resumed { after, quiet_ns },
-                out,
-            );
+            // A silence reported at peer scope ends with the peer's RESUMED, not the flow's.
+            if reported {
+                self.flow_report(
+                    &id,
+                    ReportKind::Resumed,
+                    c.last_rx_ns,
+                    Detail::Resumed { after, quiet_ns },
+                    out,
+                );
+            }
         }
         self.flows.touch(&id, c.last_ns());
         let last_activity = self.flows.last_activity(&id).unwrap_or(now);
@@ -277,6 +352,18 @@ impl Engine {
         let Some(flow) = self.flows.get_mut(&id) else {
             return;
         };
+        if matches!(
+            flow.state,
+            State::Silent {
+                reported: false,
+                ..
+            }
+        ) && !self.peers.reported_silent(&flow.peer)
+        {
+            // Its peer's silence (which covered this flow's) ended, but this flow still hears
+            // nothing: its own silence from now on.
+            flow.state = State::Active;
+        }
         let sends = c.tx_datagrams.saturating_sub(flow.tx_at_rx);
         let no_reply_ns = now.saturating_sub(c.last_rx_ns);
         if flow.state == State::Active
@@ -285,16 +372,20 @@ impl Engine {
             && no_reply_ns >= ns(self.cfg.silent_after)
             && sends >= self.cfg.silent_min_sends
         {
+            let reported = !flow.peer.is_linked() || self.peers.flow_goes_silent(&flow.peer);
             flow.state = State::Silent {
                 last_rx_ns: c.last_rx_ns,
+                reported,
             };
-            self.flow_report(
-                &id,
-                ReportKind::Silent,
-                now,
-                Detail::Silent { no_reply_ns, sends },
-                out,
-            );
+            if reported {
+                self.flow_report(
+                    &id,
+                    ReportKind::Silent,
+                    now,
+                    Detail::Silent { no_reply_ns, sends },
+                    out,
+                );
+            }
         }
     }
 
@@ -436,6 +527,36 @@ impl Engine {
         ));
     }
 
+    /// Ties a flow the local side opened to its peer across flows (see `peer.rs`).
+    fn join_peer(&mut self, id: &FlowId, ts_ns: u64) {
+        if !peer::can_answer(&id.remote) {
+            return;
+        }
+        let unknown = Owner::default();
+        let (owner, netns) = match self.sockets.get(&id.cookie) {
+            Some(s) => (s.owner.as_ref().unwrap_or(&unknown), s.netns),
+            None => (&unknown, 0),
+        };
+        let Some(flow) = self.flows.get_mut(id) else {
+            return;
+        };
+        let key = PeerKey::new(owner, netns, id.remote);
+        flow.peer = self
+            .peers
+            .attach(key, owner, flow.family, flow.local, ts_ns);
+    }
+
+    /// Tells a flow's peer what the flow's counters show now.
+    fn sync_peer(&mut self, id: &FlowId, out: &mut Vec<Report>) {
+        if let Some(flow) = self.flows.get_mut(id)
+            && flow.peer.is_linked()
+        {
+            let c = flow.counters;
+            self.peers
+                .sync(&mut flow.peer, &c, flow.local, flow.opened_ns, out);
+        }
+    }
+
     /// Adds a flow, evicting the least recently active one when the table is full.
     fn open_flow(
         &mut self,
@@ -472,6 +593,13 @@ impl Engine {
             && flow.absorb(&c)
         {
             self.stats.kernel_entries_renewed += 1;
+        }
+        if flow.peer.is_linked() {
+            // What the flow sent or heard since the last tick still counts for its peer.
+            let c = flow.counters;
+            self.peers
+                .sync(&mut flow.peer, &c, flow.local, flow.opened_ns, out);
+            self.peers.detach(&flow.peer, flow.silence_reported());
         }
         self.stats.flows_closed += 1;
         let c = flow.counters;
@@ -573,6 +701,11 @@ impl Engine {
                 bytes: Some(bytes),
             };
             self.flow_report(&id, kind, ev.ts_ns, detail, out);
+            // A peer that spoke first is a client of ours: only our own flows count for it.
+            if via == Via::Send {
+                self.join_peer(&id, ev.ts_ns);
+                self.sync_peer(&id, out);
+            }
             return;
         };
         refine_local(&mut flow.local, local);
@@ -594,7 +727,15 @@ impl Engine {
         if via == Via::Recv {
             // The peer answers: whatever the trouble was, it is over. A peer heard before
             // gets a RESUMED from the counters; a first answer is this ESTABLISH.
+            if flow.silence_reported() {
+                self.peers.flow_silence_ended(&flow.peer);
+            }
             flow.state = State::Active;
+        }
+        if flow.peer.is_linked() {
+            let c = flow.counters;
+            self.peers
+                .sync(&mut flow.peer, &c, flow.local, flow.opened_ns, out);
         }
         let established = match (flow.first_tx_ns, flow.first_rx_ns) {
             (Some(tx), Some(rx)) if !flow.established => Some(tx.abs_diff(rx)),
@@ -655,6 +796,7 @@ impl Engine {
             bytes: None,
         };
         self.flow_report(&id, ReportKind::Connect, ev.ts_ns, detail, out);
+        self.join_peer(&id, ev.ts_ns);
     }
 
     fn existing(&mut self, ev: &KernelEvent, counters: CountersFn<'_>, out: &mut Vec<Report>) {
@@ -671,6 +813,8 @@ impl Engine {
         let mut flow = Flow::new(self.local_of(ev), ev.family, ev.ts_ns);
         flow.preexisting = true;
         self.open_flow(id, flow, ev.ts_ns, counters, out);
+        // A connected socket is, as a rule, a client: its peer is one it asked.
+        self.join_peer(&id, ev.ts_ns);
     }
 
     fn icmp_info(&self, ev: &KernelEvent, icmp: &Icmp, connected: bool) -> UnreachableInfo {
@@ -705,6 +849,8 @@ impl Engine {
         if !self.flows.contains(&id) {
             let flow = Flow::new(self.local_of(ev), ev.family, ev.ts_ns);
             self.open_flow(id, flow, ev.ts_ns, counters, out);
+            // An error came back, so the local side sent to the peer.
+            self.join_peer(&id, ev.ts_ns);
         }
         let connected = ev.connected
             || self
@@ -717,9 +863,16 @@ impl Engine {
             return;
         };
         flow.icmp_errors += 1;
+        // Every error, repeated or not, shows the peer is not silent.
+        if flow.peer.is_linked() {
+            self.peers.icmp(flow.peer.idx, ev.ts_ns);
+        }
         let key = (icmp.ty, icmp.code, icmp.verdict);
         if matches!(flow.state, State::Unreachable { icmp: seen, .. } if seen == key) {
             return;
+        }
+        if flow.silence_reported() {
+            self.peers.flow_silence_ended(&flow.peer);
         }
         flow.state = State::Unreachable {
             since_ns: ev.ts_ns,
@@ -740,6 +893,11 @@ impl Engine {
     fn unreachable_without_socket(&mut self, ev: &KernelEvent, icmp: &Icmp, out: &mut Vec<Report>) {
         let mut info = self.icmp_info(ev, icmp, false);
         info.last_owner = self.last_owner(ev.netns, ev.local.port());
+        // A resolver's socket is often gone when the error for its query comes back.
+        if let Some(o) = &info.last_owner {
+            self.peers
+                .icmp_for(&PeerKey::new(o, ev.netns, ev.remote), ev.ts_ns);
+        }
         let owner = Owner {
             netns: ev.netns,
             ..Owner::default()

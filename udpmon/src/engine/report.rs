@@ -206,6 +206,36 @@ pub struct UnreachableInfo {
     pub last_owner: Option<Owner>,
 }
 
+/// What a peer left unanswered since its last answer (peer-scope SILENT and RESUMED).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unanswered {
+    /// Flows (sockets) that sent to the peer and heard nothing back.
+    pub flows: u64,
+    /// Datagrams they sent (a lower bound: counters are sampled about once a second).
+    pub sends: u64,
+    /// Time since the first of those datagrams (until the report).
+    pub for_ns: u64,
+    /// CLOCK_BOOTTIME of the peer's last answer before them; `None`: the peer has not
+    /// answered since udpmon first saw it.
+    pub last_answer_ns: Option<u64>,
+}
+
+/// Whether a SILENT or RESUMED is about one flow or about a peer across flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Flow,
+    Peer,
+}
+
+impl Scope {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Flow => "flow",
+            Self::Peer => "peer",
+        }
+    }
+}
+
 /// Kind-specific facts of a report. Durations are nanoseconds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Detail {
@@ -229,6 +259,19 @@ pub enum Detail {
     Resumed {
         after: Trouble,
         quiet_ns: u64,
+    },
+    /// SILENT with scope peer: none of the datagrams one program sent to the peer over
+    /// several flows was answered. `no_reply_ns` is the time since the peer's last answer, or
+    /// since udpmon first saw the peer when it never answered.
+    PeerSilent {
+        no_reply_ns: u64,
+        unanswered: Unanswered,
+    },
+    /// RESUMED with scope peer, after a peer-scope SILENT: how long the peer had not been
+    /// heard (since its last answer, or since udpmon first saw it), and what went unanswered.
+    PeerResumed {
+        quiet_ns: u64,
+        unanswered: Unanswered,
     },
     /// APP-ERROR, with the time since the flow's ICMP error when the flow is unreachable
     /// (the application noticed the error that long after it arrived).
@@ -297,6 +340,15 @@ impl Report {
             local,
             remote,
             detail,
+        }
+    }
+
+    /// The scope of a SILENT or RESUMED; `None` for the other kinds.
+    pub fn scope(&self) -> Option<Scope> {
+        match self.detail {
+            Detail::Silent { .. } | Detail::Resumed { .. } => Some(Scope::Flow),
+            Detail::PeerSilent { .. } | Detail::PeerResumed { .. } => Some(Scope::Peer),
+            _ => None,
         }
     }
 

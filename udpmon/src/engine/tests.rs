@@ -1139,6 +1139,9 @@ mod props {
                 self.open.difference(&live).collect::<Vec<_>>()
             );
             prop_assert!(live.len() <= e.config().max_flows);
+            if let Err(why) = e.check_peers() {
+                return Err(TestCaseError::fail(why));
+            }
             prop_assert_eq!(e.stats().flows_tracked, live.len());
             prop_assert_eq!(e.stats().flows_evicted, self.evictions);
             Ok(())
@@ -1334,4 +1337,479 @@ fn a_quiet_server_from_before_udpmon_keeps_its_owner() {
     run(&mut e, &[close]);
     e.on_tick(S + 7 * idle, &none);
     assert_eq!(e.stats().sockets_tracked, 0);
+}
+
+// Peers across flows (peer.rs): a forwarder, dnsmasq (tgid 300) in netns 7, asks its upstream
+// 10.0.0.9:53 from a fresh socket (cookie) and port per query.
+
+const UPSTREAM: &str = "10.0.0.9:53";
+
+fn fwd(fact: Fact, ts: u64, cookie: u64) -> KernelEvent {
+    KernelEvent {
+        cookie,
+        tgid: 300,
+        pid: 300,
+        comm: "dnsmasq".into(),
+        process: "dnsmasq".into(),
+        netns: 7,
+        local: SocketAddr::new(IpAddr::from([10, 0, 0, 1]), 40000 + cookie as u16),
+        remote: addr(UPSTREAM),
+        ..ev(fact, ts)
+    }
+}
+
+/// Events and ticks, fed in time order (events before a tick at the same time).
+#[derive(Default)]
+struct Timeline(Vec<(u64, Option<KernelEvent>)>);
+
+impl Timeline {
+    fn at(&mut self, ts: u64, e: KernelEvent) {
+        self.0.push((ts, Some(e)));
+    }
+
+    /// One query from a fresh socket: sent at `ts`, answered `answer` later if at all, the
+    /// socket closed `close` after the send.
+    fn query(&mut self, cookie: u64, ts: u64, answer: Option<u64>, close: u64) {
+        self.at(ts, fwd(Fact::FirstTx { bytes: 40 }, ts, cookie));
+        if let Some(a) = answer {
+            self.at(ts + a, fwd(Fact::FirstRx { bytes: 90 }, ts + a, cookie));
+        }
+        self.at(ts + close, fwd(Fact::Close, ts + close, cookie));
+    }
+
+    /// Ticks at every whole second from `from` to `to` seconds.
+    fn ticks(&mut self, from: u64, to: u64) {
+        for t in from..=to {
+            self.0.push((t * S, None));
+        }
+    }
+
+    fn run(mut self, e: &mut Engine) -> Vec<Report> {
+        self.0.sort_by_key(|(ts, ev)| (*ts, ev.is_none()));
+        let mut out = Vec::new();
+        for (ts, ev) in self.0 {
+            out.extend(match ev {
+                Some(ev) => e.on_event(&ev, &none),
+                None => e.on_tick(ts, &none),
+            });
+            e.check_peers().unwrap();
+        }
+        out
+    }
+}
+
+fn of_scope(r: &[Report], scope: Scope) -> Vec<&Report> {
+    r.iter().filter(|r| r.scope() == Some(scope)).collect()
+}
+
+/// Issue 15: answers, then silence over many fresh flows: one SILENT for the peer, naming
+/// the forwarder, then RESUMED when an answer comes.
+#[test]
+fn a_resolvers_upstream_goes_silent_across_fresh_flows() {
+    let mut e = engine();
+    let mut tl = Timeline::default();
+    for i in 0..5 {
+        tl.query(100 + i, (1 + i) * S, Some(5 * MS), 10 * MS);
+    }
+    // Dropped from 6 s on: dnsmasq gives each query up after 3 s.
+    for i in 5..20 {
+        tl.query(100 + i, (1 + i) * S, None, 3 * S);
+    }
+    tl.query(120, 21 * S + 500 * MS, Some(5 * MS), 10 * MS);
+    tl.ticks(1, 25);
+    let r = tl.run(&mut e);
+
+    assert!(of_scope(&r, Scope::Flow).is_empty(), "no flow-level SILENT");
+    let peer = of_scope(&r, Scope::Peer);
+    assert_eq!(
+        kinds(&peer.iter().copied().cloned().collect::<Vec<_>>()),
+        [ReportKind::Silent, ReportKind::Resumed]
+    );
+    let (silent, resumed) = (peer[0], peer[1]);
+    let last_answer = 5 * S + 5 * MS;
+    // The first unanswered query left at 6 s: silent from the tick at 16 s.
+    assert_eq!(silent.ts_ns, 16 * S);
+    assert_eq!(
+        silent.detail,
+        Detail::PeerSilent {
+            no_reply_ns: 16 * S - last_answer,
+            unanswered: Unanswered {
+                flows: 11,
+                sends: 11,
+                for_ns: 10 * S,
+                last_answer_ns: Some(last_answer),
+            },
+        }
+    );
+    assert_eq!(
+        (
+            silent.tgid,
+            silent.process.as_str(),
+            silent.comm.as_str(),
+            silent.netns
+        ),
+        (300, "dnsmasq", "dnsmasq", 7)
+    );
+    // Many sockets: no one cookie, and the local address without a port.
+    assert_eq!(silent.cookie, 0);
+    assert_eq!(
+        (silent.local, silent.remote),
+        (addr("10.0.0.1:0"), addr(UPSTREAM))
+    );
+    let answer = 21 * S + 505 * MS;
+    assert_eq!(resumed.ts_ns, answer);
+    assert_eq!(
+        resumed.detail,
+        Detail::PeerResumed {
+            quiet_ns: answer - last_answer,
+            unanswered: Unanswered {
+                flows: 15,
+                sends: 15,
+                for_ns: answer - 6 * S,
+                last_answer_ns: Some(last_answer),
+            },
+        }
+    );
+    assert_eq!((resumed.remote, resumed.tgid), (addr(UPSTREAM), 300));
+    assert_eq!(e.stats().peers_tracked, 1);
+}
+
+#[test]
+fn a_peer_that_never_answered_is_reported_so() {
+    let mut e = engine();
+    let mut tl = Timeline::default();
+    for i in 0..6 {
+        tl.query(100 + i, (1 + i) * S, None, 2 * S);
+    }
+    tl.query(110, 12 * S + 500 * MS, Some(MS), 10 * MS);
+    tl.ticks(1, 14);
+    let r = tl.run(&mut e);
+    let peer = of_scope(&r, Scope::Peer);
+    assert_eq!(peer.len(), 2, "{peer:?}");
+    assert_eq!(peer[0].ts_ns, 11 * S);
+    assert_eq!(
+        peer[0].detail,
+        Detail::PeerSilent {
+            no_reply_ns: 10 * S,
+            unanswered: Unanswered {
+                flows: 6,
+                sends: 6,
+                for_ns: 10 * S,
+                last_answer_ns: None,
+            },
+        }
+    );
+    assert_eq!(
+        peer[1].detail,
+        Detail::PeerResumed {
+            quiet_ns: 11 * S + 501 * MS,
+            unanswered: Unanswered {
+                flows: 6,
+                sends: 6,
+                for_ns: 11 * S + 501 * MS,
+                last_answer_ns: None,
+            },
+        }
+    );
+}
+
+/// Queries that draw ICMP errors, on the socket or after it closed, are UNREACHABLE, not a
+/// silence; once the errors stop and the queries go unanswered, the silence counts from then.
+#[test]
+fn icmp_errors_are_not_a_silence() {
+    let mut e = engine();
+    let mut tl = Timeline::default();
+    for i in 0..2 {
+        tl.query(100 + i, (1 + i) * S, Some(5 * MS), 10 * MS);
+    }
+    for i in 2..20 {
+        let (cookie, ts) = (100 + i, (1 + i) * S);
+        let refused = icmp(3, 3, Some(111), Verdict::Discarded);
+        if i % 2 == 0 {
+            tl.query(cookie, ts, None, 10 * MS);
+            tl.at(ts + MS, fwd(refused, ts + MS, cookie));
+        } else {
+            // The socket is gone when the error arrives: found through the port's last owner.
+            tl.query(cookie, ts, None, MS / 2);
+            let gone = KernelEvent {
+                cookie: 0,
+                task_unrelated: true,
+                ..fwd(icmp(3, 3, Some(111), Verdict::NoSocket), ts + MS, cookie)
+            };
+            tl.at(ts + MS, gone);
+        }
+    }
+    for i in 20..40 {
+        tl.query(100 + i, (1 + i) * S, None, 2 * S);
+    }
+    tl.ticks(1, 40);
+    let r = tl.run(&mut e);
+    let unreachable = r
+        .iter()
+        .filter(|r| r.kind == ReportKind::Unreachable)
+        .count();
+    assert_eq!(unreachable, 18);
+    let silent: Vec<_> = r.iter().filter(|r| r.kind == ReportKind::Silent).collect();
+    assert_eq!(silent.len(), 1, "{silent:?}");
+    // The errors stopped after the query of 20 s: silent from the first query after them.
+    assert_eq!(silent[0].ts_ns, 31 * S);
+    let Detail::PeerSilent { unanswered, .. } = silent[0].detail else {
+        panic!("{:?}", silent[0]);
+    };
+    assert_eq!((unanswered.flows, unanswered.sends), (11, 11));
+    assert_eq!(unanswered.last_answer_ns, Some(2 * S + 5 * MS));
+}
+
+/// dnsmasq's connected socket to the upstream (cookie 50), established, on the kernel map.
+fn long_flow() -> FlowId {
+    FlowId {
+        cookie: 50,
+        remote: addr(UPSTREAM),
+    }
+}
+
+fn establish_long_flow(e: &mut Engine, k: &Kernel) {
+    k.send(long_flow(), S, 1);
+    k.recv(long_flow(), S + 100 * MS);
+    let get = |id: &FlowId| k.get(id);
+    for (fact, ts) in [
+        (Fact::FirstTx { bytes: 40 }, S),
+        (Fact::FirstRx { bytes: 90 }, S + 100 * MS),
+    ] {
+        e.on_event(&fwd(fact, ts, 50), &get);
+    }
+}
+
+/// The flow-level SILENT of a long-lived flow comes first: the peer does not report the same
+/// silence again, though its fresh flows go unanswered too, nor its end.
+#[test]
+fn a_flow_level_silent_holds_back_the_peer_level_one() {
+    let mut e = engine();
+    let k = Kernel::default();
+    establish_long_flow(&mut e, &k);
+    let mut r = Vec::new();
+    for t in 2..=22 {
+        let get = |id: &FlowId| k.get(id);
+        if t < 20 {
+            k.send(long_flow(), t * S, 1);
+        }
+        if (8..12).contains(&t) {
+            let fresh = 200 + t;
+            r.extend(e.on_event(&fwd(Fact::FirstTx { bytes: 40 }, t * S, fresh), &get));
+            r.extend(e.on_event(&fwd(Fact::Close, t * S + 2 * S / 3, fresh), &get));
+        }
+        if t == 20 {
+            k.recv(long_flow(), 20 * S);
+        }
+        r.extend(e.on_tick(t * S + S / 2, &get));
+        e.check_peers().unwrap();
+    }
+    let silences: Vec<_> = r
+        .iter()
+        .filter(|r| matches!(r.kind, ReportKind::Silent | ReportKind::Resumed))
+        .collect();
+    assert_eq!(silences.len(), 2, "{silences:?}");
+    assert_eq!(
+        (silences[0].kind, silences[0].scope()),
+        (ReportKind::Silent, Some(Scope::Flow))
+    );
+    assert_eq!(silences[0].cookie, 50);
+    assert_eq!(silences[0].ts_ns, 11 * S + S / 2);
+    assert_eq!(
+        (silences[1].kind, silences[1].scope()),
+        (ReportKind::Resumed, Some(Scope::Flow))
+    );
+}
+
+/// The peer notices first: the long-lived flow's own SILENT, due later, is not reported while
+/// the peer's stands. The peer answers on a fresh flow (RESUMED, peer scope) but the long
+/// flow still hears nothing: from then on its silence is its own, reported at flow scope.
+#[test]
+fn a_peer_level_silent_holds_back_the_flow_level_one() {
+    let mut e = engine();
+    let k = Kernel::default();
+    establish_long_flow(&mut e, &k);
+    let mut r = Vec::new();
+    for t in 2..=18 {
+        let get = |id: &FlowId| k.get(id);
+        if t == 2 || t == 13 {
+            k.send(long_flow(), t * S + S / 5, 1);
+        }
+        if t == 2 || t == 3 {
+            r.extend(e.on_event(&fwd(Fact::FirstTx { bytes: 40 }, t * S, 200 + t), &get));
+        }
+        if t == 15 {
+            for (fact, ts) in [
+                (Fact::FirstTx { bytes: 40 }, 15 * S),
+                (Fact::FirstRx { bytes: 90 }, 15 * S + S / 10),
+            ] {
+                r.extend(e.on_event(&fwd(fact, ts, 215), &get));
+            }
+        }
+        if t == 17 {
+            k.recv(long_flow(), 17 * S);
+        }
+        r.extend(e.on_tick(t * S + S / 2, &get));
+        e.check_peers().unwrap();
+    }
+    let silences: Vec<_> = r
+        .iter()
+        .filter(|r| matches!(r.kind, ReportKind::Silent | ReportKind::Resumed))
+        .map(|r| (r.kind, r.scope().unwrap(), r.ts_ns))
+        .collect();
+    assert_eq!(
+        silences,
+        [
+            (ReportKind::Silent, Scope::Peer, 12 * S + S / 2),
+            (ReportKind::Resumed, Scope::Peer, 15 * S + S / 10),
+            (ReportKind::Silent, Scope::Flow, 15 * S + S / 2),
+            (ReportKind::Resumed, Scope::Flow, 17 * S),
+        ]
+    );
+    let Detail::PeerSilent { unanswered, .. } = &r
+        .iter()
+        .find(|r| r.scope() == Some(Scope::Peer))
+        .unwrap()
+        .detail
+    else {
+        panic!("not a peer SILENT");
+    };
+    // The two fresh flows and the long one (one datagram since its last answer).
+    assert_eq!((unanswered.flows, unanswered.sends), (3, 3));
+}
+
+/// Workers of one program count as one client; another program, another namespace, or a
+/// peer that spoke first do not add to its flows.
+#[test]
+fn peers_group_by_namespace_program_and_remote() {
+    let mut e = engine();
+    let mut tl = Timeline::default();
+    let worker = |tgid: u32, fact, ts, cookie| KernelEvent {
+        tgid,
+        pid: tgid,
+        ..fwd(fact, ts, cookie)
+    };
+    tl.at(S, worker(300, Fact::FirstTx { bytes: 40 }, S, 1));
+    tl.at(2 * S, worker(301, Fact::FirstTx { bytes: 40 }, 2 * S, 2));
+    let other = |fact, ts, cookie, process: &str, netns| KernelEvent {
+        tgid: 400,
+        pid: 400,
+        comm: process.into(),
+        process: process.into(),
+        netns,
+        ..fwd(fact, ts, cookie)
+    };
+    tl.at(S, other(Fact::FirstTx { bytes: 40 }, S, 3, "unbound", 7));
+    tl.at(
+        2 * S,
+        other(Fact::FirstTx { bytes: 40 }, 2 * S, 4, "dnsmasq", 8),
+    );
+    // A peer that spoke first to two sockets of a server, answered, never heard again.
+    for cookie in [5, 6] {
+        let client = |fact, ts| KernelEvent {
+            remote: addr("10.0.0.5:4000"),
+            ..other(fact, ts, cookie, "server", 7)
+        };
+        tl.at(S, client(Fact::FirstRx { bytes: 40 }, S));
+        tl.at(S + MS, client(Fact::FirstTx { bytes: 40 }, S + MS));
+    }
+    tl.ticks(1, 15);
+    let r = tl.run(&mut e);
+    let silent: Vec<_> = r.iter().filter(|r| r.kind == ReportKind::Silent).collect();
+    assert_eq!(silent.len(), 1, "{silent:?}");
+    assert_eq!(silent[0].ts_ns, 11 * S);
+    // Named after the most recent worker.
+    assert_eq!(
+        (silent[0].tgid, silent[0].netns, silent[0].remote),
+        (301, 7, addr(UPSTREAM))
+    );
+    let Detail::PeerSilent { unanswered, .. } = &silent[0].detail else {
+        panic!("{:?}", silent[0]);
+    };
+    assert_eq!((unanswered.flows, unanswered.sends), (2, 2));
+    assert_eq!(
+        e.stats().peers_tracked,
+        3,
+        "the server's client is no peer of it"
+    );
+}
+
+/// Peers are an LRU of at most --max-flows; those with live flows stay, the others go
+/// least recently used first, counted. A peer that comes back starts afresh.
+#[test]
+fn peer_evictions_are_counted() {
+    let mut e = Engine::new(EngineConfig {
+        max_flows: 2,
+        ..EngineConfig::default()
+    });
+    let mut tl = Timeline::default();
+    let to = |fact, ts, cookie, remote: &str| KernelEvent {
+        remote: addr(remote),
+        ..fwd(fact, ts, cookie)
+    };
+    // Answered, then idle: 10.0.0.9 and 10.0.0.8.
+    for (i, remote) in [UPSTREAM, "10.0.0.8:53"].into_iter().enumerate() {
+        let (cookie, ts) = (1 + i as u64, (1 + i as u64) * S);
+        tl.at(ts, to(Fact::FirstTx { bytes: 40 }, ts, cookie, remote));
+        tl.at(
+            ts + MS,
+            to(Fact::FirstRx { bytes: 90 }, ts + MS, cookie, remote),
+        );
+        tl.at(ts + 2 * MS, to(Fact::Close, ts + 2 * MS, cookie, remote));
+    }
+    // A third peer, its flow left open: 10.0.0.9 (idle longest) makes room.
+    tl.at(
+        3 * S,
+        to(Fact::FirstTx { bytes: 40 }, 3 * S, 3, "10.0.0.7:53"),
+    );
+    // 10.0.0.9 again, unanswered now: 10.0.0.8 makes room; its answer was forgotten.
+    for (cookie, ts) in [(4, 4 * S), (5, 5 * S)] {
+        tl.query(cookie, ts, None, S / 2);
+    }
+    tl.ticks(1, 15);
+    let r = tl.run(&mut e);
+    let st = e.stats();
+    assert_eq!((st.peers_tracked, st.peers_evicted), (2, 2));
+    let silent: Vec<_> = r.iter().filter(|r| r.kind == ReportKind::Silent).collect();
+    assert_eq!(silent.len(), 1, "{silent:?}");
+    assert_eq!(silent[0].remote, addr(UPSTREAM));
+    let Detail::PeerSilent { unanswered, .. } = &silent[0].detail else {
+        panic!("{:?}", silent[0]);
+    };
+    assert_eq!(unanswered.last_answer_ns, None);
+}
+
+/// Discovery to a multicast group (SSDP from a fresh socket each time): answers come from the
+/// responders' own addresses, so the group is no peer that could fall silent.
+#[test]
+fn multicast_and_broadcast_destinations_are_no_peers() {
+    let mut e = engine();
+    let mut tl = Timeline::default();
+    for (i, group) in [
+        "239.255.255.250:1900",
+        "255.255.255.255:67",
+        "[ff02::fb]:5353",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for q in 0..3 {
+            let (cookie, ts) = (10 * i as u64 + q + 1, (1 + q) * S);
+            let to = |fact, ts| KernelEvent {
+                remote: addr(group),
+                family: if group.starts_with('[') {
+                    Family::V6
+                } else {
+                    Family::V4
+                },
+                ..fwd(fact, ts, cookie)
+            };
+            tl.at(ts, to(Fact::FirstTx { bytes: 100 }, ts));
+            tl.at(ts + S / 2, to(Fact::Close, ts + S / 2));
+        }
+    }
+    tl.ticks(1, 20);
+    let r = tl.run(&mut e);
+    assert!(r.iter().all(|r| r.kind != ReportKind::Silent), "{r:?}");
+    assert_eq!(e.stats().peers_tracked, 0);
 }

@@ -16,8 +16,21 @@
 //! - unreachable: `icmp` {`type`, `code`, `from`, `errno` (name or null), `fatal` (bool or
 //!   null), `verdict` (`notified`, `queued`, `discarded`, `no-socket`)}; with verdict
 //!   `no-socket` also `last_owner` (see refused)
-//! - silent: `no_reply_ms`, `sends` (since the last reply, a lower bound)
-//! - resumed: `after` (`silent`, `unreachable`), `quiet_ms` (since the peer was last heard)
+//! - silent: `scope` (`flow` or `peer`), `no_reply_ms` (since the peer was last heard;
+//!   at scope peer, since udpmon first saw the peer when it never answered), `sends`
+//!   (datagrams sent to it since its last datagram, a lower bound)
+//! - resumed: `scope` (`flow` or `peer`), `after` (`silent`, `unreachable`; always
+//!   `silent` at scope peer), `quiet_ms` (since the peer was last heard)
+//! - silent and resumed with scope `peer` (one program's flows to one remote address:port,
+//!   across sockets: a resolver's fresh socket per query): `pid`, `tid`, `comm`, `process`,
+//!   `uid`, `cgroup` are those of its most recent flow, `cookie` is 0, `local` is the flows'
+//!   local address with port 0 when they used several ports (the address `0.0.0.0` or `::`
+//!   when several addresses, or none known yet); also `flows` and `sends` (the flows that
+//!   sent to the peer since its last answer and heard nothing back, and the datagrams they
+//!   sent, a lower bound; for resumed, up to the answer), `unanswered_ms` (since the first
+//!   of those datagrams), `last_answer` (RFC 3339 time of the peer's last answer before
+//!   them, or null) and `never_answered` (true when the peer has not answered since udpmon
+//!   first saw it)
 //! - app-error: `op` (`send`, `recv`), `errno` (name), `after_unreachable_ms` (time since the
 //!   flow's ICMP error, or null)
 //! - close: `reason` (`closed`, `idle`, `evicted`, `disconnected`, `reconnected`), `stats`
@@ -33,7 +46,8 @@ use time::macros::format_description;
 
 use super::{ClockOffset, family_name, ms, verdict_name};
 use crate::engine::{
-    CloseStats, Detail, Op, Owner, Report, Trouble, UnreachableInfo, Via, rules::errno_name,
+    CloseStats, Detail, Op, Owner, Report, Scope, Trouble, Unanswered, UnreachableInfo, Via,
+    rules::errno_name,
 };
 
 pub struct JsonFormat {
@@ -156,6 +170,7 @@ impl JsonFormat {
                 }
             }
             Detail::Silent { no_reply_ns, sends } => {
+                put("scope", Scope::Flow.name().into());
                 put("no_reply_ms", ms(*no_reply_ns).into());
                 put("sends", (*sends).into());
             }
@@ -164,8 +179,26 @@ impl JsonFormat {
                     Trouble::Silent => "silent",
                     Trouble::Unreachable => "unreachable",
                 };
+                put("scope", Scope::Flow.name().into());
                 put("after", after.into());
                 put("quiet_ms", ms(*quiet_ns).into());
+            }
+            Detail::PeerSilent {
+                no_reply_ns,
+                unanswered,
+            } => {
+                put("scope", Scope::Peer.name().into());
+                put("no_reply_ms", ms(*no_reply_ns).into());
+                self.unanswered(unanswered, &mut put);
+            }
+            Detail::PeerResumed {
+                quiet_ns,
+                unanswered,
+            } => {
+                put("scope", Scope::Peer.name().into());
+                put("after", "silent".into());
+                put("quiet_ms", ms(*quiet_ns).into());
+                self.unanswered(unanswered, &mut put);
             }
             Detail::AppError {
                 op,
@@ -186,6 +219,17 @@ impl JsonFormat {
             }
             Detail::Refused { last_owner } => put("last_owner", owner(last_owner.as_ref())),
         }
+    }
+
+    fn unanswered(&self, u: &Unanswered, put: &mut impl FnMut(&str, Value)) {
+        put("sends", u.sends.into());
+        put("flows", u.flows.into());
+        put("unanswered_ms", ms(u.for_ns).into());
+        put(
+            "last_answer",
+            u.last_answer_ns.map_or(Value::Null, |t| self.ts(t).into()),
+        );
+        put("never_answered", u.last_answer_ns.is_none().into());
     }
 
     fn stats(&self, s: &CloseStats) -> Value {

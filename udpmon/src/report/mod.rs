@@ -66,7 +66,8 @@ fn family_name(f: Family) -> &'static str {
     }
 }
 
-fn verdict_name(v: Verdict) -> &'static str {
+/// The JSON `icmp.verdict` names (also the metrics' `verdict` labels).
+pub fn verdict_name(v: Verdict) -> &'static str {
     match v {
         Verdict::Notified => "notified",
         Verdict::Queued => "queued",

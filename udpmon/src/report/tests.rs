@@ -3,7 +3,8 @@ use time::UtcOffset;
 
 use super::*;
 use crate::engine::{
-    CloseReason, CloseStats, Detail, Op, Owner, ReportKind, Trouble, UnreachableInfo, Via,
+    CloseReason, CloseStats, Detail, Op, Owner, ReportKind, Scope, Trouble, Unanswered,
+    UnreachableInfo, Via,
 };
 
 const S: u64 = 1_000_000_000;
@@ -70,6 +71,35 @@ fn refused(last_owner: Option<Owner>) -> Report {
         local: "10.142.0.2:12345".parse().unwrap(),
         remote: "51.6.191.203:54321".parse().unwrap(),
         ..laptop(ReportKind::Refused, Detail::Refused { last_owner })
+    }
+}
+
+/// dnsmasq's upstream, silent across its fresh sockets: scope peer, no one cookie, the local
+/// address without a port. `last_answer` None: it never answered.
+fn peer_silence(kind: ReportKind, last_answer: Option<u64>) -> Report {
+    let unanswered = Unanswered {
+        flows: 15,
+        sends: 16,
+        for_ns: 15 * S,
+        last_answer_ns: last_answer,
+    };
+    let detail = match kind {
+        ReportKind::Silent => Detail::PeerSilent {
+            no_reply_ns: 20_100_000_000,
+            unanswered,
+        },
+        _ => Detail::PeerResumed {
+            quiet_ns: 21 * S,
+            unanswered,
+        },
+    };
+    Report {
+        cookie: 0,
+        comm: "dnsmasq".into(),
+        process: "dnsmasq".into(),
+        local: "10.200.0.1:0".parse().unwrap(),
+        remote: "10.200.0.2:53".parse().unwrap(),
+        ..laptop(kind, detail)
     }
 }
 
@@ -150,6 +180,8 @@ fn every_kind() -> Vec<Report> {
                 sends: 5,
             },
         ),
+        peer_silence(ReportKind::Silent, Some(AT - 20_100_000_000)),
+        peer_silence(ReportKind::Silent, None),
         laptop(
             ReportKind::Resumed,
             Detail::Resumed {
@@ -157,6 +189,8 @@ fn every_kind() -> Vec<Report> {
                 quiet_ns: 4 * S,
             },
         ),
+        peer_silence(ReportKind::Resumed, Some(AT - 21 * S)),
+        peer_silence(ReportKind::Resumed, None),
         laptop(
             ReportKind::AppError,
             Detail::AppError {
@@ -203,6 +237,10 @@ fn text_lines() {
         t.format(&refused(Some(nc_owner()))),
         "00:41:00.123       - -               10.142.0.2:12345      51.6.191.203:54321    REFUSED     datagram to closed port 12345 (last owner: nc pid 123)"
     );
+    assert_eq!(
+        t.format(&peer_silence(ReportKind::Silent, Some(AT - 20_100_000_000))),
+        "00:41:00.123   41383 dnsmasq         10.200.0.1:0          10.200.0.2:53         SILENT      peer unanswered: 16 dgrams from 15 sockets over 15.0s, no ICMP; last answer 20.1s ago"
+    );
     let v6 = Report {
         family: Family::V6,
         local: "[fd00::1]:54321".parse().unwrap(),
@@ -243,7 +281,11 @@ fn text_details() {
             "ICMP port unreachable from 10.0.0.2 discarded: unconnected socket without IP_RECVERR, the application cannot know",
             "ICMP port unreachable from 10.0.0.2: no socket on local port 54321 any more (last owner: nc pid 123)",
             "no reply for 10.2s after 5 sends, no ICMP",
+            "peer unanswered: 16 dgrams from 15 sockets over 15.0s, no ICMP; last answer 20.1s ago",
+            "peer unanswered: 16 dgrams from 15 sockets over 15.0s, no ICMP; never answered since first seen 20.1s ago",
             "peer answered again after 4.0s, despite the ICMP error",
+            "peer answered again after 21.0s; 16 dgrams from 15 sockets had gone unanswered",
+            "peer answered for the first time after 21.0s; 16 dgrams from 15 sockets had gone unanswered",
             "recv failed with ECONNREFUSED: the application noticed the ICMP error 500ms later",
             "send failed with EPERM",
             "closed after 3.2s: tx 2 dgrams/7 B, rx 1 dgram/4 B",
@@ -314,6 +356,29 @@ fn json_lines() {
             r#""preexisting":false}}"#
         )
     );
+    assert_eq!(
+        j.format(&peer_silence(ReportKind::Silent, Some(AT - 20_100_000_000))),
+        concat!(
+            r#"{"ts":"2026-11-27T23:41:00.123456789Z","event":"silent","pid":41383,"tid":41384,"#,
+            r#""comm":"dnsmasq","process":"dnsmasq","uid":1000,"cgroup":25,"netns":4026531833,"cookie":0,"#,
+            r#""family":"ipv4","local":"10.200.0.1:0","remote":"10.200.0.2:53","scope":"peer","#,
+            r#""no_reply_ms":20100,"sends":16,"flows":15,"unanswered_ms":15000,"#,
+            r#""last_answer":"2026-11-27T23:40:40.023456789Z","never_answered":false}"#
+        )
+    );
+    let flow_silent = laptop(
+        ReportKind::Silent,
+        Detail::Silent {
+            no_reply_ns: 10_200_000_000,
+            sends: 5,
+        },
+    );
+    assert!(
+        j.format(&flow_silent)
+            .ends_with(r#""scope":"flow","no_reply_ms":10200,"sends":5}"#),
+        "{}",
+        j.format(&flow_silent)
+    );
     let v6 = Report {
         family: Family::V6,
         local: "[fd00::1]:54321".parse().unwrap(),
@@ -370,6 +435,20 @@ fn owner_schema(v: &Value) {
     }
 }
 
+/// The keys of a peer-scope SILENT or RESUMED, besides `sends`.
+fn peer_schema(v: &Value) {
+    assert_eq!(v["cookie"], 0, "{v}");
+    has(v, "flows", Ty::Uint, false);
+    has(v, "unanswered_ms", Ty::Uint, false);
+    has(v, "last_answer", Ty::Str, true);
+    has(v, "never_answered", Ty::Bool, false);
+    assert_eq!(
+        v["never_answered"].as_bool(),
+        Some(v["last_answer"].is_null()),
+        "{v}"
+    );
+}
+
 #[test]
 fn json_schema_of_every_kind() {
     let j = JsonFormat::new(CLOCK);
@@ -421,12 +500,24 @@ fn json_schema_of_every_kind() {
                 }
             }
             ReportKind::Silent => {
+                one_of(&v, "scope", &["flow", "peer"]);
+                assert_eq!(v["scope"], r.scope().map(Scope::name).unwrap());
                 has(&v, "no_reply_ms", Ty::Uint, false);
                 has(&v, "sends", Ty::Uint, false);
+                if v["scope"] == "peer" {
+                    peer_schema(&v);
+                }
             }
             ReportKind::Resumed => {
+                one_of(&v, "scope", &["flow", "peer"]);
+                assert_eq!(v["scope"], r.scope().map(Scope::name).unwrap());
                 one_of(&v, "after", &["silent", "unreachable"]);
                 has(&v, "quiet_ms", Ty::Uint, false);
+                if v["scope"] == "peer" {
+                    assert_eq!(v["after"], "silent", "{v}");
+                    has(&v, "sends", Ty::Uint, false);
+                    peer_schema(&v);
+                }
             }
             ReportKind::AppError => {
                 one_of(&v, "op", &["send", "recv"]);
@@ -666,4 +757,45 @@ fn text_follows_daylight_saving_and_clock_steps() {
     j.set_clock(ClockOffset(CLOCK.0 - 3600 * S as i128));
     let v: Value = serde_json::from_str(&j.format(&r)).unwrap();
     assert_eq!(v["ts"], "2026-11-27T22:41:00.123456789Z");
+}
+
+/// `--journal`: every kind's JSON keys become valid journal field names, and problems get
+/// the higher priorities.
+#[test]
+fn journal_fields_and_priorities_of_every_kind() {
+    use log::Level;
+
+    use crate::journal::{fields, level};
+    let json = JsonFormat::new(CLOCK);
+    for r in every_kind() {
+        let f = fields(&json.format(&r));
+        assert!(
+            f.contains(&("UDPMON_EVENT".into(), r.kind.name().into())),
+            "{f:?}"
+        );
+        for (k, _) in &f {
+            assert!(k.len() <= 64 && k.starts_with("UDPMON_"), "{k}");
+            assert!(
+                k.bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_'),
+                "{k}"
+            );
+        }
+        let want = match (&r.kind, &r.detail) {
+            (ReportKind::Unreachable, Detail::Unreachable(u))
+                if u.verdict == Verdict::Discarded =>
+            {
+                Level::Warn
+            }
+            (ReportKind::Silent | ReportKind::AppError | ReportKind::Refused, _) => Level::Warn,
+            (ReportKind::Unreachable, _) => Level::Info,
+            _ => Level::Debug,
+        };
+        assert_eq!(level(&r), want, "{:?}", r.kind);
+    }
+    let discarded = unreachable(Verdict::Discarded, false);
+    assert!(level(&discarded) < level(&unreachable(Verdict::Notified, true)));
+    let f = fields(&json.format(&discarded));
+    assert!(f.contains(&("UDPMON_ICMP_VERDICT".into(), "discarded".into())));
+    assert!(f.contains(&("UDPMON_ICMP_ERRNO".into(), "ECONNREFUSED".into())));
 }

@@ -7,8 +7,8 @@ use super::ClockOffset;
 use crate::{
     decode::{Family, Verdict},
     engine::{
-        CloseReason, CloseStats, Detail, Op, Owner, Report, Trouble, UnreachableInfo, Via,
-        rules::errno_name,
+        CloseReason, CloseStats, Detail, Op, Owner, Report, Trouble, Unanswered, UnreachableInfo,
+        Via, rules::errno_name,
     },
 };
 
@@ -172,6 +172,38 @@ fn detail(r: &Report) -> String {
             "peer answered again after {}, despite the ICMP error",
             duration(*quiet_ns)
         ),
+        Detail::PeerSilent {
+            no_reply_ns,
+            unanswered: u,
+        } => {
+            let heard = match u.last_answer_ns {
+                Some(_) => format!("last answer {} ago", duration(*no_reply_ns)),
+                None => format!(
+                    "never answered since first seen {} ago",
+                    duration(*no_reply_ns)
+                ),
+            };
+            format!(
+                "peer unanswered: {} over {}, no ICMP; {heard}",
+                unanswered_sends(u),
+                duration(u.for_ns)
+            )
+        }
+        Detail::PeerResumed {
+            quiet_ns,
+            unanswered: u,
+        } => {
+            let again = if u.last_answer_ns.is_some() {
+                "again"
+            } else {
+                "for the first time"
+            };
+            format!(
+                "peer answered {again} after {}; {} had gone unanswered",
+                duration(*quiet_ns),
+                unanswered_sends(u)
+            )
+        }
         Detail::AppError {
             op,
             errno,
@@ -333,6 +365,16 @@ fn closed(reason: CloseReason, s: &CloseStats) -> String {
         let _ = write!(out, ", {}", plural(s.app_errors, "app error"));
     }
     out
+}
+
+/// "15 dgrams from 15 sockets": a peer's flows all have the same remote end, so each is a
+/// socket of its own.
+fn unanswered_sends(u: &Unanswered) -> String {
+    format!(
+        "{} from {}",
+        plural(u.sends, "dgram"),
+        plural(u.flows, "socket")
+    )
 }
 
 fn plural(n: u64, what: &str) -> String {

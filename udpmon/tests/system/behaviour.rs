@@ -13,7 +13,7 @@ use crate::harness::{
 };
 
 /// These do not depend on the hook strategy: they run once, with the one every kernel has.
-fn once(st: Strategy) -> Result<(), Outcome> {
+pub fn once(st: Strategy) -> Result<(), Outcome> {
     if st == Strategy::Tracepoint {
         Ok(())
     } else {
@@ -176,18 +176,52 @@ fn as_nobody_with(caps: &[&str]) -> Vec<String> {
     .to_vec()
 }
 
-/// Issue 12, point 5: as an unprivileged user with exactly the capability set the README names
-/// (`udpmon::privileges::CAPABILITIES`), udpmon sees what root sees: the owner and the network
-/// namespace of a socket that predates it, held by another user (root) in a namespace of its
-/// own. With only the three capabilities it needs to attach, it starts and says in one line,
-/// at the default log level, what it will not see.
+/// The systemd unit of the Debian package, compiled in: in the VMs the repository is absent.
+const UNIT: &str = include_str!("../../../packaging/udpmon.service");
+
+/// The capabilities a `Key=` of the unit grants, over all its lines.
+fn unit_capabilities(key: &str) -> Vec<&'static str> {
+    let caps: Vec<&str> = UNIT
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
+        .flat_map(str::split_whitespace)
+        .collect();
+    assert!(
+        caps.iter().all(|c| c.starts_with("CAP_")),
+        "packaging/udpmon.service: {key}= must be a plain list of CAP_ names: {caps:?}"
+    );
+    caps
+}
+
+/// Issue 12, point 5, and issue 13, point 3: as an unprivileged user with exactly the
+/// capability set of the systemd unit (its `AmbientCapabilities=`, which must be its
+/// `CapabilityBoundingSet=` and the set the README names, `udpmon::privileges::CAPABILITIES`),
+/// udpmon sees what root sees: the owner and the network namespace of a socket that predates
+/// it, held by another user (root) in a namespace of its own. With only the three capabilities
+/// it needs to attach, it starts and says in one line, at the default log level, what it will
+/// not see.
 pub fn capabilities(st: Strategy) -> Outcome {
     if let Err(o) = need_tools(&["setpriv"]) {
         return o;
     }
+    let full = unit_capabilities("AmbientCapabilities");
+    let sorted = |v: &[&'static str]| {
+        let mut v = v.to_vec();
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(
+        sorted(&full),
+        sorted(&unit_capabilities("CapabilityBoundingSet")),
+        "packaging/udpmon.service: ambient and bounding capabilities differ"
+    );
+    assert_eq!(
+        sorted(&full),
+        sorted(&udpmon::privileges::CAPABILITIES),
+        "packaging/udpmon.service grants another set than udpmon documents"
+    );
     let h = TwoHosts::new("cp");
     let pre = udp_socket_in(&h.server, "10.200.0.2:7300");
-    let full = udpmon::privileges::CAPABILITIES;
     let mut u = Udpmon::start_under(&as_nobody_with(&full), st, &[]).expect("udpmon starts");
     let blind: Vec<&String> = u
         .stderr
@@ -215,7 +249,8 @@ pub fn capabilities(st: Strategy) -> Outcome {
     if st != Strategy::Tracepoint {
         return Outcome::Pass;
     }
-    let u = Udpmon::start_under(&as_nobody_with(&full[..3]), st, &[])
+    let minimum = &udpmon::privileges::CAPABILITIES[..3];
+    let u = Udpmon::start_under(&as_nobody_with(minimum), st, &[])
         .expect("udpmon starts with the three capabilities it cannot do without");
     let blind: Vec<&String> = u
         .stderr
@@ -228,5 +263,35 @@ pub fn capabilities(st: Strategy) -> Outcome {
         "{}",
         blind[0]
     );
+    Outcome::Pass
+}
+
+/// `Type=notify`: READY=1 (with a STATUS naming the hooks) once the programs are attached and
+/// events flow, STOPPING=1 on the way out, on the socket systemd names in NOTIFY_SOCKET.
+pub fn notify_ready(st: Strategy) -> Outcome {
+    if let Err(o) = once(st) {
+        return o;
+    }
+    use std::os::unix::net::UnixDatagram;
+    let path = std::env::temp_dir().join(format!("udpmon-notify-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(deadline(20))).unwrap();
+    let wrapper = vec![
+        "env".to_string(),
+        format!("NOTIFY_SOCKET={}", path.display()),
+    ];
+    let u = Udpmon::start_under(&wrapper, st, &[]).expect("udpmon starts");
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).expect("a READY=1 datagram");
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg}");
+    let status = format!("STATUS=watching UDP sockets (hooks: {})", st.name());
+    assert!(msg.lines().any(|l| l == status), "{msg}");
+    let (status, _) = u.stop();
+    assert!(status.success(), "exit status: {status}");
+    let n = sock.recv(&mut buf).expect("a STOPPING=1 datagram");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "STOPPING=1");
+    let _ = std::fs::remove_file(&path);
     Outcome::Pass
 }

@@ -1,15 +1,20 @@
 //! System scenarios: the real udpmon binary, real programs, real traffic between network
 //! namespaces. Run as root by `cargo xtask test` on the host and inside each VM kernel.
 //!
-//! Every scenario runs once per hook strategy; a strategy the kernel refuses, or a tool that
-//! is missing, makes the scenario SKIPPED with the reason. The last line has libtest's shape
+//! Every scenario runs once per hook strategy. A strategy the tier requires
+//! (`harness::must_attach`) that does not attach FAILS its scenarios; one it does not require,
+//! or a tool that is missing, makes the scenario SKIPPED with the reason. The last line has libtest's shape
 //! so that runners can collect it: `test result: ok. N passed; M failed; K skipped`.
 mod behaviour;
 mod dns;
 mod dualstack;
 mod firewall;
+mod forwarder;
 mod harness;
+mod journald;
 mod kill;
+mod logfiles;
+mod metrics;
 mod peers;
 mod relay;
 mod scenarios;
@@ -40,7 +45,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let tier = std::env::var("UDPMON_TIER").unwrap_or_else(|_| "host".into());
+    let tier = harness::tier();
     println!(
         "system scenarios, tier {tier}, kernel {}",
         harness::kernel_release()
@@ -55,10 +60,18 @@ fn main() -> ExitCode {
                 filtered += 1;
                 continue;
             }
-            if let Err(why) = &avail {
-                println!("test {name} ... SKIPPED ({why})");
-                skipped += 1;
-                continue;
+            match &avail {
+                Err(why) if harness::must_attach(st) => {
+                    println!("test {name} ... FAILED (tier {tier} requires it: {why})");
+                    failed += 1;
+                    continue;
+                }
+                Err(why) => {
+                    println!("test {name} ... SKIPPED ({why})");
+                    skipped += 1;
+                    continue;
+                }
+                Ok(()) => {}
             }
             let t = Instant::now();
             let res = panic::catch_unwind(|| (s.run)(st));

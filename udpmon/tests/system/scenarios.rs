@@ -65,6 +65,15 @@ pub const ALL: &[Scenario] = &[
         name: "nft_reject_admin_ipv6",
         run: |st| crate::firewall::reject_admin(st, true),
     },
+    // Issue 15: a resolver's upstream, silent across fresh sockets (peer scope).
+    Scenario {
+        name: "forwarder_upstream_dropped",
+        run: crate::forwarder::upstream_dropped,
+    },
+    Scenario {
+        name: "forwarder_upstream_rejects",
+        run: crate::forwarder::upstream_rejects,
+    },
     Scenario {
         name: "socat_relay_burst",
         run: crate::relay::socat_relay,
@@ -117,6 +126,28 @@ pub const ALL: &[Scenario] = &[
     Scenario {
         name: "closed_stdout",
         run: crate::behaviour::closed_stdout,
+    },
+    // Issue 13: udpmon as a production log writer.
+    Scenario {
+        name: "sighup_reopens_output",
+        run: crate::logfiles::sighup_reopens,
+    },
+    Scenario {
+        name: "full_disk",
+        run: crate::logfiles::full_disk,
+    },
+    Scenario {
+        name: "notify_ready",
+        run: crate::behaviour::notify_ready,
+    },
+    Scenario {
+        name: "journal_entries",
+        run: crate::journald::journal_entries,
+    },
+    // Issue 13, item 1: --metrics, scraped by a real Prometheus.
+    Scenario {
+        name: "metrics_prometheus",
+        run: crate::metrics::prometheus,
     },
 ];
 
@@ -210,7 +241,7 @@ fn smoke(st: Strategy) -> Outcome {
 }
 
 /// shared/seed/udp-connections-with-netcat.md, both hosts, with Debian's netcat-openbsd.
-fn seed(st: Strategy, v6: bool) -> Outcome {
+pub fn seed(st: Strategy, v6: bool) -> Outcome {
     if let Err(o) = need_tools(&["nc", "ip"]) {
         return o;
     }

@@ -1,0 +1,726 @@
+//! Peers across flows: SILENT and RESUMED with scope `peer`.
+//!
+//! Resolvers and forwarders (dnsmasq, unbound, systemd-resolved, glibc's stub resolver) send
+//! each query from a fresh socket and port, so each flow carries one datagram: when their
+//! upstream vanishes, no flow is ever established and no flow-level SILENT can fire. The
+//! silence shows only across the flows, so the engine keeps per-peer state as well.
+//!
+//! Rules (decided here; the README and `report/json.rs` describe the output):
+//! - A peer is one remote address:port as seen by one program in one network namespace:
+//!   key (netns, program name, remote). The program name is the process's (its main
+//!   thread's), or the thread's when the process's is unknown. Keyed by name rather than by
+//!   pid so that a pool of workers or forks of one daemon, and the short-lived processes of
+//!   a script that each resolve through glibc (a new pid per query), count as one client of
+//!   their shared upstream: by pid they would rarely reach two flows. The price: unrelated
+//!   programs of one name in one namespace talking to one peer count as one client; since an
+//!   answer to any of them ends the silence, merging can hide a silence, never invent one.
+//! - Only flows the local side opened take part: first datagram sent, connect(), a connected
+//!   socket found at startup, a flow first seen through an ICMP error. A peer that spoke
+//!   first is a client of ours; our answers to it are not questions it owes a reply to.
+//! - Multicast and broadcast destinations are no peers: the answers to a discovery (SSDP,
+//!   mDNS, DHCP) come from the responders' own addresses, never from the group's.
+//! - An episode is what a peer left unanswered since its last answer: the flows that sent to
+//!   it and the datagrams they sent. A send counts as soon as it is seen (the first datagram
+//!   of a flow is an event; later ones come from the counters read at each tick, and at
+//!   CLOSE), so a resolver's query is unanswered so far without waiting for its socket to
+//!   close. Counts are lower bounds: sends that may have preceded the answer are not counted.
+//! - SILENT (scope peer) when an episode has at least two flows and `--silent-min-sends`
+//!   datagrams, the first of them at least `--silent-after` old, and no ICMP error came for
+//!   the peer since. Measured from the first unanswered datagram rather than from the last
+//!   answer: a resolver queried rarely must have had `--silent-after` to answer. A peer that
+//!   never answered since udpmon first saw it is reported the same way, marked so.
+//! - Any datagram from the peer on any of these flows ends the episode; after a peer-scope
+//!   SILENT it is a peer-scope RESUMED. An ICMP error for the peer (on a flow, or for a
+//!   socket already closed, through the port's last owner) ends the episode too, without a
+//!   RESUMED: the flow's UNREACHABLE says what happened, and a peer that answers with errors
+//!   is not silent.
+//! - One report per silence: a peer whose flow is in a reported flow-level SILENT does not
+//!   report its own SILENT (the flow already said it, and the peer's RESUMED would only repeat
+//!   the flow's); a flow whose peer is in a reported peer-level SILENT does not report its
+//!   SILENT nor, later, its RESUMED. Whichever scope notices first reports. When a peer's
+//!   silence ends but one of its flows still hears nothing, that flow's silence is its own
+//!   from then on and may be reported at flow scope.
+//! - Memory: at most `--max-flows` peers. Peers with live flows are never evicted (there are
+//!   at most `--max-flows` of those, so a flowless one is always there to evict when the table
+//!   is full); among the others the least recently used goes, and is counted. An evicted
+//!   peer that comes back starts afresh, as never answered.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use super::{
+    flow::Counters,
+    report::{Detail, Owner, Report, ReportKind, Unanswered},
+};
+use crate::decode::Family;
+
+/// Whether datagrams from `remote` can answer what was sent to it (see the module's rules).
+pub(super) fn can_answer(remote: &SocketAddr) -> bool {
+    match remote.ip() {
+        IpAddr::V4(a) => !(a.is_multicast() || a.is_broadcast()),
+        IpAddr::V6(a) => !a.is_multicast(),
+    }
+}
+
+/// A process or thread name, held inline: the kernel keeps at most 15 bytes of one. A lossy
+/// decoding of invalid UTF-8 can make a name longer; it is cut at a character boundary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct Name {
+    len: u8,
+    bytes: [u8; Name::MAX],
+}
+
+impl Name {
+    const MAX: usize = 15;
+
+    pub fn new(s: &str) -> Self {
+        let mut end = s.len().min(Self::MAX);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0; Self::MAX];
+        bytes[..end].copy_from_slice(&s.as_bytes()[..end]);
+        Self {
+            len: end as u8,
+            bytes,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+/// Who a peer is (see the module's rules). The remote address is held as bytes: the key is
+/// stored twice (index and slot), and a `SocketAddr` would make it half as large again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct PeerKey {
+    netns: u32,
+    program: Name,
+    ip: [u8; 16],
+    port: u16,
+    v6: bool,
+}
+
+impl PeerKey {
+    pub fn new(owner: &Owner, netns: u32, remote: SocketAddr) -> Self {
+        let program = if owner.process.is_empty() {
+            &owner.comm
+        } else {
+            &owner.process
+        };
+        let (ip, v6) = match remote.ip() {
+            IpAddr::V4(a) => (a.to_ipv6_mapped().octets(), false),
+            IpAddr::V6(a) => (a.octets(), true),
+        };
+        Self {
+            netns,
+            program: Name::new(program),
+            ip,
+            port: remote.port(),
+            v6,
+        }
+    }
+
+    fn remote(&self) -> SocketAddr {
+        let a = Ipv6Addr::from(self.ip);
+        let ip = match a.to_ipv4_mapped() {
+            Some(v4) if !self.v6 => IpAddr::V4(v4),
+            _ => IpAddr::V6(a),
+        };
+        SocketAddr::new(ip, self.port)
+    }
+}
+
+/// A flow's tie to its peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct PeerLink {
+    /// Slot in the peer table; [`PeerLink::NONE`] for flows that take no part.
+    pub idx: u32,
+    /// The peer's episode in which this flow's sends were last counted (0: never).
+    pub epoch: u32,
+    /// The flow's datagrams sent that the peer has already been told about.
+    pub credited_tx: u64,
+    /// Of those, the ones counted as unanswered in `epoch`: taken back when this flow
+    /// brings the answer.
+    pub counted: u32,
+}
+
+impl PeerLink {
+    pub const NONE: PeerLink = PeerLink {
+        idx: NIL,
+        epoch: 0,
+        credited_tx: 0,
+        counted: 0,
+    };
+
+    pub fn is_linked(&self) -> bool {
+        self.idx != NIL
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Silence {
+    None,
+    /// SILENT was reported with scope peer.
+    Reported,
+    /// Silent, but one of its flows had already reported it at flow scope.
+    Covered,
+}
+
+/// The process of a peer's most recent flow, held without heap allocations.
+#[derive(Clone, Copy, Debug)]
+struct PeerOwner {
+    tgid: u32,
+    pid: u32,
+    uid: u32,
+    cgroup: u64,
+    comm: Name,
+    /// The process's name is the key's program (else it is unknown, and the key's program
+    /// is a thread's name).
+    process_known: bool,
+}
+
+#[derive(Debug)]
+struct Peer {
+    key: PeerKey,
+    owner: PeerOwner,
+    family: Family,
+    /// The flows' local address (`None` until one is known): the port becomes 0 once they
+    /// used several ports, the address the wildcard once they used several addresses.
+    local: Option<SocketAddr>,
+    /// When udpmon first saw a flow to it.
+    first_seen_ns: u64,
+    /// The peer's last datagram on any of its flows (0: none seen).
+    last_answer_ns: u64,
+    /// The last ICMP error for it (0: none).
+    last_icmp_ns: u64,
+    /// Bumped whenever an episode ends, so that flows count anew.
+    epoch: u32,
+    unanswered_flows: u32,
+    unanswered_sends: u64,
+    /// When the first unanswered datagram was sent (a late bound; 0: none).
+    unanswered_since_ns: u64,
+    silence: Silence,
+    /// Its flows in a reported flow-level SILENT.
+    silent_flows: u32,
+    /// Its live flows.
+    flows: u32,
+}
+
+/// Sentinel index: no slot.
+const NIL: u32 = u32::MAX;
+
+struct Slot {
+    peer: Peer,
+    /// Neighbours in the list of peers without live flows, least recently used first.
+    prev: u32,
+    next: u32,
+}
+
+/// The peers, bounded: a slab indexed by key, with an intrusive LRU list of the flowless.
+pub(super) struct PeerTable {
+    index: HashMap<PeerKey, u32>,
+    slots: Vec<Slot>,
+    idle_head: u32,
+    idle_tail: u32,
+    cap: usize,
+    evicted: u64,
+}
+
+fn unspecified(family: Family) -> SocketAddr {
+    let ip = match family {
+        Family::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        Family::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    SocketAddr::new(ip, 0)
+}
+
+impl Peer {
+    fn new(key: PeerKey, owner: &Owner, family: Family, ts_ns: u64) -> Self {
+        Self {
+            key,
+            owner: PeerOwner::from(owner),
+            family,
+            local: None,
+            first_seen_ns: ts_ns,
+            last_answer_ns: 0,
+            last_icmp_ns: 0,
+            epoch: 1,
+            unanswered_flows: 0,
+            unanswered_sends: 0,
+            unanswered_since_ns: 0,
+            silence: Silence::None,
+            silent_flows: 0,
+            flows: 1,
+        }
+    }
+
+    /// Folds in a flow's local address (see `local`).
+    fn merge_local(&mut self, seen: SocketAddr) {
+        // A connect() seen before the socket was bound says nothing yet.
+        if seen.ip().is_unspecified() {
+            return;
+        }
+        let Some(cur) = &mut self.local else {
+            self.local = Some(seen);
+            return;
+        };
+        if cur.port() != seen.port() {
+            cur.set_port(0);
+        }
+        if cur.ip() != seen.ip() {
+            cur.set_ip(unspecified(self.family).ip());
+        }
+    }
+
+    fn unanswered(&self, now: u64) -> Unanswered {
+        Unanswered {
+            flows: self.unanswered_flows.into(),
+            sends: self.unanswered_sends,
+            for_ns: match self.unanswered_since_ns {
+                0 => 0,
+                since => now.saturating_sub(since),
+            },
+            last_answer_ns: (self.last_answer_ns != 0).then_some(self.last_answer_ns),
+        }
+    }
+
+    /// Ends the episode (an answer or an ICMP error).
+    fn end_episode(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1).max(1);
+        self.unanswered_flows = 0;
+        self.unanswered_sends = 0;
+        self.unanswered_since_ns = 0;
+        self.silence = Silence::None;
+    }
+
+    /// Since when the peer has not been heard: its last answer, or its first sighting.
+    fn heard_ns(&self) -> u64 {
+        match self.last_answer_ns {
+            0 => self.first_seen_ns,
+            t => t,
+        }
+    }
+
+    fn report(&self, kind: ReportKind, ts_ns: u64, detail: Detail) -> Report {
+        let o = &self.owner;
+        let owner = Owner {
+            tgid: o.tgid,
+            pid: o.pid,
+            comm: o.comm.as_str().to_owned(),
+            process: if o.process_known {
+                self.key.program.as_str().to_owned()
+            } else {
+                String::new()
+            },
+            uid: o.uid,
+            cgroup: o.cgroup,
+            netns: self.key.netns,
+        };
+        // No one socket: the flows each had their own.
+        Report::new(
+            kind,
+            ts_ns,
+            0,
+            &owner,
+            self.family,
+            (
+                self.local.unwrap_or_else(|| unspecified(self.family)),
+                self.key.remote(),
+            ),
+            detail,
+        )
+    }
+}
+
+impl From<&Owner> for PeerOwner {
+    fn from(o: &Owner) -> Self {
+        Self {
+            tgid: o.tgid,
+            pid: o.pid,
+            uid: o.uid,
+            cgroup: o.cgroup,
+            comm: Name::new(&o.comm),
+            process_known: !o.process.is_empty(),
+        }
+    }
+}
+
+impl PeerTable {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            index: HashMap::new(),
+            slots: Vec::new(),
+            idle_head: NIL,
+            idle_tail: NIL,
+            cap: cap.max(1),
+            evicted: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Peers dropped to make room.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    fn unlink(&mut self, i: u32) {
+        let (prev, next) = {
+            let s = &self.slots[i as usize];
+            (s.prev, s.next)
+        };
+        match prev {
+            NIL => self.idle_head = next,
+            p => self.slots[p as usize].next = next,
+        }
+        match next {
+            NIL => self.idle_tail = prev,
+            n => self.slots[n as usize].prev = prev,
+        }
+        let s = &mut self.slots[i as usize];
+        s.prev = NIL;
+        s.next = NIL;
+    }
+
+    fn push_idle(&mut self, i: u32) {
+        let tail = self.idle_tail;
+        {
+            let s = &mut self.slots[i as usize];
+            s.prev = tail;
+            s.next = NIL;
+        }
+        match tail {
+            NIL => self.idle_head = i,
+            t => self.slots[t as usize].next = i,
+        }
+        self.idle_tail = i;
+    }
+
+    /// Ties a new flow to its peer, creating the peer (and evicting the least recently used
+    /// flowless one when full). The peer is named after this, its most recent, flow's owner.
+    pub fn attach(
+        &mut self,
+        key: PeerKey,
+        owner: &Owner,
+        family: Family,
+        local: SocketAddr,
+        ts_ns: u64,
+    ) -> PeerLink {
+        let idx = if let Some(&i) = self.index.get(&key) {
+            if self.slots[i as usize].peer.flows == 0 {
+                self.unlink(i);
+            }
+            let p = &mut self.slots[i as usize].peer;
+            p.flows += 1;
+            p.owner = PeerOwner::from(owner);
+            i
+        } else {
+            let peer = Peer::new(key, owner, family, ts_ns);
+            let i = if self.slots.len() < self.cap {
+                self.slots.push(Slot {
+                    peer,
+                    prev: NIL,
+                    next: NIL,
+                });
+                (self.slots.len() - 1) as u32
+            } else {
+                let victim = self.idle_head;
+                if victim == NIL {
+                    // Cannot happen while the cap is at least --max-flows (see the module's
+                    // rules); the flow then simply takes no part.
+                    return PeerLink::NONE;
+                }
+                self.unlink(victim);
+                let old = &mut self.slots[victim as usize].peer;
+                self.index.remove(&old.key);
+                *old = peer;
+                self.evicted += 1;
+                victim
+            };
+            self.index.insert(key, i);
+            i
+        };
+        self.slots[idx as usize].peer.merge_local(local);
+        PeerLink {
+            idx,
+            epoch: 0,
+            credited_tx: 0,
+            counted: 0,
+        }
+    }
+
+    /// A flow ends: its peer loses a live flow (and a flow-level SILENT, if it had one).
+    pub fn detach(&mut self, link: &PeerLink, flow_silence_reported: bool) {
+        let Some(s) = self.slots.get_mut(link.idx as usize) else {
+            return;
+        };
+        let p = &mut s.peer;
+        p.flows = p.flows.saturating_sub(1);
+        if flow_silence_reported {
+            p.silent_flows = p.silent_flows.saturating_sub(1);
+        }
+        if p.flows == 0 {
+            self.push_idle(link.idx);
+        }
+    }
+
+    /// Tells the peer what a flow's counters show now: answers (which end the episode, with
+    /// a RESUMED after a peer-scope SILENT) and datagrams sent since the last call.
+    pub fn sync(
+        &mut self,
+        link: &mut PeerLink,
+        c: &Counters,
+        local: SocketAddr,
+        opened_ns: u64,
+        out: &mut Vec<Report>,
+    ) {
+        let Some(s) = self.slots.get_mut(link.idx as usize) else {
+            return;
+        };
+        let p = &mut s.peer;
+        p.merge_local(local);
+        if c.rx_datagrams > 0 && c.last_rx_ns > p.last_answer_ns {
+            let at = c.last_rx_ns;
+            if link.epoch == p.epoch {
+                // What this flow sent was answered.
+                p.unanswered_flows = p.unanswered_flows.saturating_sub(1);
+                p.unanswered_sends = p.unanswered_sends.saturating_sub(link.counted.into());
+            }
+            let unanswered = p.unanswered(at);
+            let quiet_ns = at.saturating_sub(p.heard_ns());
+            let reported = p.silence == Silence::Reported;
+            p.last_answer_ns = at;
+            p.end_episode();
+            if reported {
+                let detail = Detail::PeerResumed {
+                    quiet_ns,
+                    unanswered,
+                };
+                out.push(p.report(ReportKind::Resumed, at, detail));
+            }
+        }
+        let new = c.tx_datagrams.saturating_sub(link.credited_tx);
+        if new == 0 {
+            return;
+        }
+        link.credited_tx = c.tx_datagrams;
+        let answered_or_refused = p.last_answer_ns.max(p.last_icmp_ns);
+        if c.last_tx_ns <= answered_or_refused {
+            // Every one of them went out before the last answer or error.
+            return;
+        }
+        let counted = if link.epoch == p.epoch {
+            new
+        } else {
+            link.epoch = p.epoch;
+            link.counted = 0;
+            p.unanswered_flows = p.unanswered_flows.saturating_add(1);
+            // Sends of a flow older than the episode may have preceded its start: only the
+            // last one surely did not.
+            if opened_ns > answered_or_refused {
+                new
+            } else {
+                1
+            }
+        };
+        if p.unanswered_sends == 0 {
+            p.unanswered_since_ns = c.last_tx_ns;
+        }
+        p.unanswered_sends += counted;
+        link.counted = link
+            .counted
+            .saturating_add(u32::try_from(counted).unwrap_or(u32::MAX));
+    }
+
+    /// An ICMP error for the peer: whatever silence there was is an error instead. Every
+    /// error for a peer passes here (through [`PeerTable::icmp_for`] once its socket is
+    /// gone), which is where the busy-socket summaries of issue 15, item 3, can count a
+    /// peer's run of errors and let only the first UNREACHABLE of a run through.
+    pub fn icmp(&mut self, idx: u32, ts_ns: u64) {
+        if let Some(s) = self.slots.get_mut(idx as usize) {
+            s.peer.last_icmp_ns = s.peer.last_icmp_ns.max(ts_ns);
+            s.peer.end_episode();
+        }
+    }
+
+    /// As [`PeerTable::icmp`], for an error whose socket is gone.
+    pub fn icmp_for(&mut self, key: &PeerKey, ts_ns: u64) {
+        if let Some(&i) = self.index.get(key) {
+            self.icmp(i, ts_ns);
+        }
+    }
+
+    /// A flow of this peer meets the flow-level SILENT rule: whether it reports it (not when
+    /// the peer already did at peer scope).
+    pub fn flow_goes_silent(&mut self, link: &PeerLink) -> bool {
+        let Some(s) = self.slots.get_mut(link.idx as usize) else {
+            return true;
+        };
+        if s.peer.silence == Silence::Reported {
+            return false;
+        }
+        s.peer.silent_flows += 1;
+        true
+    }
+
+    /// A flow's reported flow-level SILENT ended (RESUMED, or an ICMP error).
+    pub fn flow_silence_ended(&mut self, link: &PeerLink) {
+        if let Some(s) = self.slots.get_mut(link.idx as usize) {
+            s.peer.silent_flows = s.peer.silent_flows.saturating_sub(1);
+        }
+    }
+
+    /// Whether the peer is in a SILENT reported at peer scope.
+    pub fn reported_silent(&self, link: &PeerLink) -> bool {
+        self.slots
+            .get(link.idx as usize)
+            .is_some_and(|s| s.peer.silence == Silence::Reported)
+    }
+
+    /// The peer-scope SILENT rule, for every peer.
+    pub fn tick(&mut self, now: u64, silent_after_ns: u64, min_sends: u64, out: &mut Vec<Report>) {
+        for s in &mut self.slots {
+            let p = &mut s.peer;
+            if p.silence != Silence::None
+                || p.unanswered_flows < 2
+                || p.unanswered_sends < min_sends
+                || p.unanswered_since_ns == 0
+                || now.saturating_sub(p.unanswered_since_ns) < silent_after_ns
+            {
+                continue;
+            }
+            if p.silent_flows > 0 {
+                p.silence = Silence::Covered;
+                continue;
+            }
+            p.silence = Silence::Reported;
+            let detail = Detail::PeerSilent {
+                no_reply_ns: now.saturating_sub(p.heard_ns()),
+                unanswered: p.unanswered(now),
+            };
+            out.push(p.report(ReportKind::Silent, now, detail));
+        }
+    }
+
+    #[cfg(test)]
+    /// Live flows and flows in a reported flow-level SILENT, per peer slot; and whether the
+    /// peer is in a SILENT reported at peer scope.
+    pub fn census(&self) -> Vec<(u32, u32, bool)> {
+        self.slots
+            .iter()
+            .map(|s| {
+                let p = &s.peer;
+                (p.flows, p.silent_flows, p.silence == Silence::Reported)
+            })
+            .collect()
+    }
+
+    #[cfg(test)]
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(process: &str) -> Owner {
+        Owner {
+            tgid: 10,
+            pid: 11,
+            comm: process.into(),
+            process: process.into(),
+            uid: 0,
+            cgroup: 1,
+            netns: 5,
+        }
+    }
+
+    fn key(n: u8) -> PeerKey {
+        PeerKey::new(
+            &owner("dnsmasq"),
+            5,
+            SocketAddr::new(IpAddr::from([10, 0, 0, n]), 53),
+        )
+    }
+
+    fn local(port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::from([10, 0, 0, 1]), port)
+    }
+
+    #[test]
+    fn names_are_inline_and_cut_at_a_character_boundary() {
+        assert_eq!(Name::new("dnsmasq").as_str(), "dnsmasq");
+        let long = "\u{fffd}".repeat(10);
+        let n = Name::new(&long);
+        assert_eq!(n.as_str(), "\u{fffd}".repeat(5));
+        let k = PeerKey::new(
+            &Owner {
+                process: String::new(),
+                ..owner("isc-net-0000")
+            },
+            5,
+            local(53),
+        );
+        assert_eq!(k.program.as_str(), "isc-net-0000");
+        for remote in ["10.0.0.9:53", "[fd00::9]:53", "[::ffff:10.0.0.9]:53"] {
+            let a: SocketAddr = remote.parse().unwrap();
+            assert_eq!(PeerKey::new(&owner("dig"), 5, a).remote(), a);
+        }
+        assert_ne!(
+            PeerKey::new(&owner("dig"), 5, "10.0.0.9:53".parse().unwrap()),
+            PeerKey::new(&owner("dig"), 5, "[::ffff:10.0.0.9]:53".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn local_keeps_the_address_and_drops_a_varying_port() {
+        let mut t = PeerTable::new(4);
+        let a = t.attach(key(9), &owner("dnsmasq"), Family::V4, local(4000), 1);
+        let p = |t: &PeerTable| t.slots[a.idx as usize].peer.local;
+        assert_eq!(p(&t), Some(local(4000)));
+        t.attach(key(9), &owner("dnsmasq"), Family::V4, local(4000), 2);
+        assert_eq!(p(&t), Some(local(4000)), "one socket address, kept");
+        t.attach(key(9), &owner("dnsmasq"), Family::V4, local(4001), 3);
+        assert_eq!(p(&t), Some(local(0)));
+        let other = SocketAddr::new(IpAddr::from([10, 0, 1, 1]), 4002);
+        t.attach(key(9), &owner("dnsmasq"), Family::V4, other, 4);
+        assert_eq!(p(&t), Some(unspecified(Family::V4)));
+        // An address not known yet (a connect() seen before the bind) changes nothing.
+        let wild = unspecified(Family::V4);
+        let b = t.attach(key(8), &owner("dnsmasq"), Family::V4, wild, 5);
+        assert_eq!(t.slots[b.idx as usize].peer.local, None);
+        t.attach(key(8), &owner("dnsmasq"), Family::V4, local(5000), 6);
+        assert_eq!(t.slots[b.idx as usize].peer.local, Some(local(5000)));
+    }
+
+    #[test]
+    fn only_flowless_peers_are_evicted_least_recently_used_first() {
+        let mut t = PeerTable::new(3);
+        let a = t.attach(key(1), &owner("a"), Family::V4, local(1), 1);
+        let b = t.attach(key(2), &owner("b"), Family::V4, local(2), 2);
+        let c = t.attach(key(3), &owner("c"), Family::V4, local(3), 3);
+        t.detach(&b, false);
+        t.detach(&a, false);
+        // Full: the new peer takes b's slot (flowless longest), not c's (live).
+        let d = t.attach(key(4), &owner("d"), Family::V4, local(4), 4);
+        assert_eq!((d.idx, t.evicted(), t.len()), (b.idx, 1, 3));
+        assert!(!t.index.contains_key(&key(2)));
+        // a comes back: the same peer, no eviction.
+        let a2 = t.attach(key(1), &owner("a"), Family::V4, local(1), 5);
+        assert_eq!((a2.idx, t.evicted()), (a.idx, 1));
+        // Every peer has a live flow: the next one takes no part rather than evicting one.
+        let e = t.attach(key(5), &owner("e"), Family::V4, local(5), 6);
+        assert!(!e.is_linked());
+        assert_eq!((t.evicted(), t.len()), (1, 3));
+        t.detach(&c, false);
+        let e = t.attach(key(5), &owner("e"), Family::V4, local(5), 7);
+        assert_eq!((e.idx, t.evicted()), (c.idx, 2));
+    }
+}

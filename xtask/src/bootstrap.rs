@@ -41,6 +41,10 @@ pub const TEST_PACKAGES: &[&str] = &[
     "fish",
     "logrotate",
     "strace",
+    // The image tier: podman builds udpmon's image and runs it; runc because crun refuses
+    // hybrid cgroup layouts like this machine's.
+    "podman",
+    "runc",
 ];
 
 /// Where downloads and builds are cached (bpf-linker, VM kernels): $UDPMON_CACHE or

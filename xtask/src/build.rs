@@ -33,10 +33,20 @@ pub fn release() -> anyhow::Result<PathBuf> {
 /// The target of the static binaries that go into the VMs.
 const MUSL: &str = "x86_64-unknown-linux-musl";
 
+/// The static (musl) udpmon alone: the one binary of its container image.
+pub fn musl_udpmon(path: &str) -> anyhow::Result<PathBuf> {
+    println!("[build] static udpmon ({MUSL})");
+    run(cargo(path).args(["build", "--release", "-p", "udpmon", "--target", MUSL]))?;
+    Ok(workspace_root()
+        .join("target")
+        .join(MUSL)
+        .join("release/udpmon"))
+}
+
 /// Static (musl) builds of udpmon and of its system-test binary, for the VMs.
 pub fn musl_binaries(path: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
-    println!("[build] static udpmon and system tests ({MUSL})");
-    run(cargo(path).args(["build", "--release", "-p", "udpmon", "--target", MUSL]))?;
+    let udpmon = musl_udpmon(path)?;
+    println!("[build] static system tests ({MUSL})");
     let out = cargo(path)
         .args([
             "test",
@@ -64,13 +74,7 @@ pub fn musl_binaries(path: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
         .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "system")
         .find_map(|v| v["executable"].as_str().map(PathBuf::from))
         .context("no executable for the system tests in cargo's output")?;
-    Ok((
-        workspace_root()
-            .join("target")
-            .join(MUSL)
-            .join("release/udpmon"),
-        test_bin,
-    ))
+    Ok((udpmon, test_bin))
 }
 
 /// Static (musl) builds of udpmon and of xtask itself, for the in-VM bench (`xtask

@@ -1,10 +1,11 @@
 //! Developer tasks: `cargo xtask run -- [UDPMON ARGS]`, `cargo xtask test`, `cargo xtask
-//! bootstrap`, `cargo xtask build`, `cargo xtask lint`, `cargo xtask deb`. Each installs what
-//! it needs first.
+//! bootstrap`, `cargo xtask build`, `cargo xtask lint`, `cargo xtask deb`, `cargo xtask
+//! image`. Each installs what it needs first.
 mod bench;
 mod bootstrap;
 mod build;
 mod deb;
+mod image;
 mod package;
 mod test;
 mod util;
@@ -32,6 +33,9 @@ enum Cmd {
     /// Build the Debian package, target/debian/udpmon_VERSION_ARCH.deb (binary, systemd unit,
     /// /etc/default/udpmon, logrotate rule, man page, bash/zsh/fish completions).
     Deb,
+    /// Build udpmon's container image with podman, localhost/udpmon:VERSION: the static (musl)
+    /// binary FROM scratch (deploy/Containerfile); deploy/daemonset.yaml runs it.
+    Image,
     /// Build udpmon and run it as root with the given arguments.
     Run {
         /// Arguments for udpmon (after `--`).
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
         Cmd::Bootstrap => bootstrap_all(),
         Cmd::Build => build::release().map(|_| ()),
         Cmd::Deb => deb::build().map(|_| ()),
+        Cmd::Image => image::build().map(|tag| println!("[image] built {tag}")),
         Cmd::Run { args } => run(&args),
         Cmd::Test(t) => test::run(&t),
         Cmd::Lint => build::lint(),

@@ -22,7 +22,7 @@ pub struct TestArgs {
     #[arg(
         long = "tier",
         value_name = "TIER",
-        value_parser = ["lint", "unit", "host", "package", "bench-smoke", "vm"]
+        value_parser = ["lint", "unit", "host", "package", "image", "bench-smoke", "vm"]
     )]
     tiers: Vec<String>,
     /// Extra arguments for the test harness (a test-name filter, --nocapture, ...).
@@ -91,6 +91,11 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
         package_tier()
     } else {
         unselected("package")
+    });
+    tiers.push(if selected("image") {
+        image_tier()
+    } else {
+        unselected("image")
     });
     tiers.push(if selected("bench-smoke") {
         bench_smoke_tier()
@@ -226,6 +231,22 @@ fn package_tier() -> Tier {
     }
     t.secs += start.elapsed().as_secs_f64();
     t
+}
+
+/// udpmon's container image, built and run under podman as deploy/daemonset.yaml runs it
+/// (xtask/src/image.rs). Without podman or root it is skipped with the reason; an image that
+/// cannot be built, or a udpmon that does not start in it, fails.
+fn image_tier() -> Tier {
+    if let Err(why) = crate::image::runnable() {
+        println!("\n=== tier image ===\nSKIPPED: {why}");
+        return Tier {
+            name: "image".into(),
+            outcome: Outcome::Skipped(why),
+            results: Vec::new(),
+            secs: 0.0,
+        };
+    }
+    timed("image", crate::image::check)
 }
 
 /// `cargo xtask bench --smoke`: every bench step once, numbers not checked.

@@ -102,3 +102,14 @@ impl Offsets {
 #[cfg(feature = "user")]
 // SAFETY: repr(C) of u32 only, no padding.
 unsafe impl aya::Pod for Offsets {}
+
+/// Bits of the read-only global `HELPERS`: helpers the running kernel lets tracing programs
+/// (fentry, fexit, tp_btf) call, found by userspace in its BTF. A program tests the bit before
+/// the call; the verifier knows the frozen global's value and never visits the branch not
+/// taken, so a helper the kernel lacks does not fail the load.
+pub mod helpers {
+    /// `bpf_get_func_ret` (5.17): an fexit program's return value whatever the arity.
+    pub const FUNC_RET: u32 = 1 << 0;
+    /// `bpf_get_socket_cookie` on a BTF-typed `struct sock *` (5.12).
+    pub const SOCKET_COOKIE: u32 = 1 << 1;
+}

@@ -3,18 +3,23 @@ use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_ktime_get_boot_ns};
 use udpmon_common::{
     Event, EventKind,
     event::{AF_INET, AF_INET6, flags},
+    offsets::helpers,
 };
 
 use crate::{
     flow::fill_identity,
     kread::{read, read_buf, sock_netns},
-    maps::{emit, off},
+    maps::{emit, has_helper, off},
     packet::IPPROTO_UDP,
 };
 
-/// Cookie of a socket from a BTF-typed pointer (fentry, fexit, tp_btf).
+/// Cookie of a socket from a BTF-typed pointer (fentry, fexit, tp_btf). Kernels before 5.12
+/// do not let these programs call the helper: there, the cached cookie, as for kprobes.
 #[inline(always)]
 pub fn cookie_of(sk: u64) -> u64 {
+    if !has_helper(helpers::SOCKET_COOKIE) {
+        return cached_cookie(sk);
+    }
     // SAFETY: callers pass the hook's trusted `struct sock *`.
     unsafe { bpf_get_socket_cookie(sk as *mut _) }
 }

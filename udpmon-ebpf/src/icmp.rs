@@ -8,7 +8,7 @@
 //!    quotes and reports the error with the slot's verdict if the slot is about that
 //!    datagram's socket, else as discarded (or no socket). One skb is handled at a time
 //!    from report to free, so two errors in one NAPI batch cannot take each other's verdict.
-use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_ktime_get_boot_ns};
+use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
 use udpmon_common::{
     EventKind,
     event::{flags, verdict},
@@ -16,7 +16,7 @@ use udpmon_common::{
 
 use crate::{
     flow::fill_identity,
-    kread::read,
+    kread::{Kernel, read},
     maps::{ERROR_REPORT, ErrorReport, SENDERS, TupleKey, emit, field, off},
     packet::{Bytes, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, l3, udp},
 };
@@ -173,9 +173,12 @@ fn take_report(lport: u16, now: u64) -> Option<ErrorReport> {
 
 /// tp_btf inet_sk_error_report: the kernel told (or queued for) a socket. Fires twice for
 /// an IP_RECVERR socket: first for the queued error (sk_err still 0), then with sk_err set.
+/// Before 5.14 there is no such tracepoint, and the fentry and kprobe strategies hook
+/// `sock_def_error_report` instead, which is what the kernel calls at the same points for
+/// every UDP socket but in-kernel ones; `cookie` gives the socket's cookie.
 #[inline(always)]
-pub fn on_error_report(sk: u64) {
-    let proto: u16 = field(sk, off!(sk_protocol));
+pub fn on_error_report<K: Kernel>(sk: u64, cookie: impl FnOnce() -> u64) {
+    let proto: u16 = K::get(sk, off!(sk_protocol));
     if proto != IPPROTO_UDP as u16 {
         return;
     }
@@ -184,11 +187,12 @@ pub fn on_error_report(sk: u64) {
     };
     // SAFETY: per-CPU slot, see `take_report`.
     let slot = unsafe { &mut *slot };
-    // SAFETY: BPF helper without preconditions; `sk` is the tracepoint's trusted pointer.
-    let (now, cookie) = unsafe { (bpf_ktime_get_boot_ns(), bpf_get_socket_cookie(sk as *mut _)) };
-    let qlen: u32 = field(sk, off!(sk_error_queue_qlen));
-    let err: i32 = field(sk, off!(sk_err));
-    let state: u8 = field(sk, off!(skc_state));
+    // SAFETY: BPF helper without preconditions.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let cookie = cookie();
+    let qlen: u32 = K::get(sk, off!(sk_error_queue_qlen));
+    let err: i32 = K::get(sk, off!(sk_err));
+    let state: u8 = K::get(sk, off!(skc_state));
     let again = slot.ts_ns != 0 && slot.cookie == cookie;
     let mut r = if again {
         *slot
@@ -196,7 +200,7 @@ pub fn on_error_report(sk: u64) {
         ErrorReport {
             ts_ns: 0,
             cookie,
-            lport: field(sk, off!(skc_num)),
+            lport: K::get(sk, off!(skc_num)),
             verdict: 0,
             _pad: [0; 5],
             errno: 0,

@@ -209,3 +209,12 @@ pub fn udp_destroy_kp(ctx: ProbeContext) -> u32 {
     sock::on_destroy(sk, cached_cookie(sk));
     0
 }
+
+/// sock_def_error_report, where the inet_sk_error_report tracepoint is missing (< 5.14): see
+/// `icmp::on_error_report`.
+#[kprobe]
+pub fn sock_error_report_kp(ctx: ProbeContext) -> u32 {
+    let sk: u64 = ctx.arg(0).unwrap_or(0);
+    crate::icmp::on_error_report::<Probe>(sk, || cached_cookie(sk));
+    0
+}

@@ -23,11 +23,13 @@ mod refused;
 mod sock;
 mod tracepoint;
 
+use apperr::cookie_of;
 use aya_ebpf::{
     macros::{btf_tracepoint, cgroup_sock},
     programs::{BtfTracePointContext, SockContext},
 };
 use aya_log_ebpf::debug;
+use kread::Btf;
 
 /// Every strategy: names the owner of each new socket and makes the kernel generate its
 /// cookie.
@@ -43,7 +45,8 @@ pub fn udp_sock_create(ctx: SockContext) -> i32 {
 pub fn icmp_error_report(ctx: BtfTracePointContext) -> i32 {
     // Diagnostics for `udpmon -vv`; with the level global at 0 the verifier prunes them.
     debug!(&ctx, "inet_sk_error_report");
-    icmp::on_error_report(ctx.arg::<u64>(0));
+    let sk = ctx.arg::<u64>(0);
+    icmp::on_error_report::<Btf>(sk, || cookie_of(sk));
     0
 }
 
@@ -62,6 +65,14 @@ pub fn skb_dropped(ctx: BtfTracePointContext) -> i32 {
     let skb = ctx.arg::<u64>(0);
     icmp::on_skb_freed(skb);
     refused::on_drop(skb, ctx.arg::<u32>(2));
+    0
+}
+
+/// `kfree_skb(struct sk_buff *skb, void *location)` before 5.17: no drop reason, so ICMP
+/// errors only (icmpv6_rcv frees every error it handled this way there, too).
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn skb_dropped_no_reason(ctx: BtfTracePointContext) -> i32 {
+    icmp::on_skb_freed(ctx.arg::<u64>(0));
     0
 }
 

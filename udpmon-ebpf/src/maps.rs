@@ -52,6 +52,11 @@ pub static OFFSETS: Offsets = Offsets::zeroed();
 #[unsafe(no_mangle)]
 pub static SELF_TGID: u32 = 0;
 
+/// `udpmon_common::offsets::helpers` bits, set at load time: test one with [`has_helper`]
+/// before calling a helper that not every kernel lets tracing programs call.
+#[unsafe(no_mangle)]
+pub static HELPERS: u32 = 0;
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Owner {
@@ -104,6 +109,14 @@ pub struct ErrorReport {
 pub fn self_tgid() -> u32 {
     // SAFETY: as for `offsets`.
     unsafe { core::ptr::read_volatile(&SELF_TGID) }
+}
+
+/// Whether this kernel has the helper `bit` stands for. The global is frozen, so the verifier
+/// knows the answer and prunes the other branch, helper call included.
+#[inline(always)]
+pub fn has_helper(bit: u32) -> bool {
+    // SAFETY: a read-only global set at load time, as `OFFSETS`.
+    unsafe { core::ptr::read_volatile(&HELPERS) & bit != 0 }
 }
 
 /// Adds one to a health counter. Atomic although per-CPU: a softirq program can interrupt a

@@ -4,6 +4,8 @@ use std::{
     collections::{HashMap, HashSet, VecDeque},
     io,
     os::fd::{AsFd, OwnedFd},
+    path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -18,6 +20,7 @@ use udpmon_common::{FlowKey, FlowStats};
 
 use crate::{
     clock,
+    container::{self, Ask, ContainerMap, StateRoots},
     decode::{self, Fact, KernelEvent},
     engine::{CloseReason, Counters, Detail, Engine, FlowId, Report},
     filter::Filter,
@@ -42,6 +45,13 @@ enum Drained {
 
 /// A scan of the network namespaces, off the event loop: cookie -> inode.
 type NetnsScan = tokio::task::JoinHandle<anyhow::Result<HashMap<u64, u32>>>;
+
+/// Cgroups being resolved to containers, off the event loop.
+type ContainerLookup = tokio::task::JoinHandle<HashMap<u64, Option<container::Container>>>;
+
+/// Cgroups whose container is remembered: entries outlive their containers, so that a
+/// container's last events still name it, and a cgroup costs a few hundred bytes.
+const CONTAINERS_MAX: usize = 16384;
 
 /// Why the agent stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +84,17 @@ pub struct Agent {
     /// Namespace cookies waiting for the next scan.
     unknown: HashSet<u64>,
     processes: ProcessNames,
+    containers: ContainerMap,
+    /// Cgroup ids waiting for the next container lookup; events are held for them like for
+    /// namespaces.
+    unknown_cgroups: HashSet<u64>,
+    /// The cgroup path of each unresolved cgroup id, read from /proc/PID/cgroup as soon as
+    /// an event of it is decoded: a short-lived process may be gone by the time the lookup
+    /// runs (None: it already was).
+    cgroup_paths: HashMap<u64, Option<String>>,
+    /// The cgroup v2 mount (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts).
+    cgroup_mount: Option<PathBuf>,
+    state_roots: Arc<StateRoots>,
 }
 
 impl Agent {
@@ -114,6 +135,13 @@ impl Agent {
             pending: VecDeque::new(),
             unknown: HashSet::new(),
             processes: ProcessNames::default(),
+            containers: ContainerMap::new(CONTAINERS_MAX),
+            unknown_cgroups: HashSet::new(),
+            cgroup_paths: HashMap::new(),
+            cgroup_mount: std::fs::read_to_string("/proc/self/mountinfo")
+                .ok()
+                .and_then(|m| container::v2_mount(&m)),
+            state_roots: Arc::new(StateRoots::default()),
         })
     }
 
@@ -160,12 +188,41 @@ impl Agent {
         self.sinks.start()?;
         // A scan of the network namespaces in progress, and the cookies it was started for.
         let mut scan: Option<(NetnsScan, HashSet<u64>)> = None;
+        // A container lookup in progress, and the cgroups it was started for.
+        let mut lookup: Option<(ContainerLookup, Vec<u64>)> = None;
         let stop = loop {
             if scan.is_none() && !self.unknown.is_empty() {
                 let asked = std::mem::take(&mut self.unknown);
                 scan = Some((tokio::task::spawn_blocking(netns::scan), asked));
             }
+            if lookup.is_none() && !self.unknown_cgroups.is_empty() {
+                let asked: Vec<Ask> = std::mem::take(&mut self.unknown_cgroups)
+                    .into_iter()
+                    .map(|cgroup| Ask {
+                        cgroup,
+                        path: self.cgroup_paths.remove(&cgroup).flatten(),
+                    })
+                    .collect();
+                let ids = asked.iter().map(|a| a.cgroup).collect();
+                let mount = self.cgroup_mount.clone();
+                let roots = Arc::clone(&self.state_roots);
+                let task = tokio::task::spawn_blocking(move || {
+                    container::resolve(mount.as_deref(), &roots, asked)
+                });
+                lookup = Some((task, ids));
+            }
             let step = tokio::select! {
+                found = async { (&mut lookup.as_mut().expect("guarded").0).await }, if lookup.is_some() => {
+                    let (_, asked) = lookup.take().expect("guarded");
+                    let found = found.unwrap_or_else(|e| {
+                        warn!("resolving containers: {e}");
+                        asked.into_iter().map(|c| (c, None)).collect()
+                    });
+                    self.containers.learn(found);
+                    let containers = &self.containers;
+                    self.cgroup_paths.retain(|c, _| !containers.knows(*c));
+                    self.release_pending(false)
+                }
                 found = async { (&mut scan.as_mut().expect("guarded").0).await }, if scan.is_some() => {
                     let (_, asked) = scan.take().expect("guarded");
                     let found = match found {
@@ -202,7 +259,7 @@ impl Agent {
                     self.sinks.set_clock(offset);
                     let now = clock::boot_ns();
                     self.read_snapshot();
-                    let reports = match &self.snapshot {
+                    let mut reports = match &self.snapshot {
                         Some(snap) => {
                             let read = |id: &FlowId| {
                                 snap.entries.get(&FlowKey::from(id)).copied().map(Counters::from)
@@ -215,7 +272,7 @@ impl Agent {
                             self.engine.on_tick(now, &read)
                         }
                     };
-                    let r = self.emit(&reports);
+                    let r = self.emit(&mut reports);
                     self.check_health();
                     r
                 }
@@ -277,6 +334,7 @@ impl Agent {
                     // hook; a softirq record is named after its socket's owner.
                     if !ev.task_unrelated {
                         ev.process = self.processes.name(ev.tgid, ev.pid, &ev.comm);
+                        self.note_cgroup(&ev);
                     }
                     self.pending.push_back((ev, netns_cookie));
                 }
@@ -287,8 +345,23 @@ impl Agent {
             }
             self.process_pending(false, &mut reports);
         };
-        self.emit(&reports)?;
+        self.emit(&mut reports)?;
         Ok(drained)
+    }
+
+    /// The path of a cgroup not resolved yet, while its process is surely alive: read from
+    /// procfs, in memory, as the process names are.
+    fn note_cgroup(&mut self, ev: &KernelEvent) {
+        if ev.cgroup == 0
+            || self.containers.knows(ev.cgroup)
+            || self.cgroup_paths.contains_key(&ev.cgroup)
+        {
+            return;
+        }
+        let path = std::fs::read_to_string(format!("/proc/{}/cgroup", ev.tgid))
+            .ok()
+            .and_then(|c| container::v2_path(&c).map(str::to_owned));
+        self.cgroup_paths.insert(ev.cgroup, path);
     }
 
     /// Processes held events in order, up to the first whose namespace no scan has seen yet
@@ -305,6 +378,12 @@ impl Agent {
                         return;
                     }
                 }
+            }
+            // Held until its container is known, so that every report of the socket names
+            // it (the engine takes the owner's cgroup only from such events).
+            if !force && !ev.task_unrelated && ev.cgroup != 0 && !self.containers.knows(ev.cgroup) {
+                self.unknown_cgroups.insert(ev.cgroup);
+                return;
             }
             let (ev, _) = self.pending.pop_front().expect("front exists");
             let closing = match ev.fact {
@@ -325,7 +404,7 @@ impl Agent {
     fn release_pending(&mut self, force: bool) -> io::Result<()> {
         let mut reports = Vec::new();
         self.process_pending(force, &mut reports);
-        self.emit(&reports)
+        self.emit(&mut reports)
     }
 
     /// Records nobody will read: the output is gone.
@@ -347,8 +426,18 @@ impl Agent {
         }
     }
 
-    fn emit(&mut self, reports: &[Report]) -> io::Result<()> {
+    fn emit(&mut self, reports: &mut [Report]) -> io::Result<()> {
         for r in reports {
+            if r.cgroup != 0 {
+                match self.containers.lookup(r.cgroup) {
+                    container::Lookup::Known(c) => r.container = c,
+                    // Forgotten to make room (or a socket from before udpmon started): for
+                    // the next reports.
+                    container::Lookup::Unknown => {
+                        self.unknown_cgroups.insert(r.cgroup);
+                    }
+                }
+            }
             if let Detail::Closed {
                 reason: CloseReason::Idle | CloseReason::Evicted,
                 ..

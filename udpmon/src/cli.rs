@@ -8,7 +8,7 @@ use clap::{
 
 use crate::{
     engine::{EngineConfig, ReportKind},
-    filter::Peer,
+    filter::{ContainerSel, Peer, PodSel},
 };
 
 /// Watch every UDP socket on this host and report how each UDP flow lives and dies:
@@ -71,6 +71,18 @@ pub struct Cli {
     /// directory under /sys/fs/cgroup). Repeatable.
     #[arg(long, value_name = "ID", help_heading = "Filters")]
     pub cgroup: Vec<u64>,
+
+    /// Only sockets of processes in this container: its full id, an id prefix of at least 12
+    /// hex digits (as `docker ps` and `podman ps` show it), or its name (Docker, Podman; the
+    /// container's name within its pod on Kubernetes). Repeatable.
+    #[arg(long, value_name = "ID|NAME", help_heading = "Filters")]
+    pub container: Vec<ContainerSel>,
+
+    /// Only sockets of processes in this Kubernetes pod: NAME or NAMESPACE/NAME (known where
+    /// the runtime's state names it: containerd, CRI-O, Docker with cri-dockerd).
+    /// Repeatable.
+    #[arg(long, value_name = "[NAMESPACE/]NAME", help_heading = "Filters")]
+    pub pod: Vec<PodSel>,
 
     /// Only IPv4 flows.
     #[arg(
@@ -292,6 +304,12 @@ pub(crate) mod tests {
             "4026531833",
             "--cgroup",
             "25",
+            "--container",
+            "b5f1cf47c845",
+            "--container",
+            "web_1.x-y",
+            "--pod",
+            "kube-system/coredns-5d78c9869d-abcde",
             "-4",
             "--events",
             "connect,app-error",
@@ -317,6 +335,14 @@ pub(crate) mod tests {
         ]);
         assert_eq!(c.pid, [1, 2, 3]);
         assert_eq!(c.port, [53, 123]);
+        assert_eq!(c.container.len(), 2);
+        assert_eq!(
+            c.pod,
+            [PodSel {
+                namespace: Some("kube-system".into()),
+                name: "coredns-5d78c9869d-abcde".into()
+            }]
+        );
         assert_eq!(c.peer.len(), 2);
         assert!(c.ipv4 && !c.ipv6);
         assert_eq!(
@@ -370,6 +396,14 @@ pub(crate) mod tests {
             (&["--peer", "example.com"], "--peer"),
             (&["--netns", "x"], "--netns"),
             (&["--cgroup=-1"], "--cgroup"),
+            (&["--container", ""], "--container"),
+            (&["--container", "web 1"], "--container"),
+            (&["--container", "/web"], "--container"),
+            (&["--pod", ""], "--pod"),
+            (&["--pod", "Coredns"], "--pod"),
+            (&["--pod", "kube-system/"], "--pod"),
+            (&["--pod", "a/b/c"], "--pod"),
+            (&["--pod", "kube.system/x"], "--pod"),
             (&["--events", "connect,bogus"], "--events"),
             (&["--silent-after", "10"], "--silent-after"),
             (&["--silent-after", "0s"], "--silent-after"),
@@ -402,6 +436,8 @@ pub(crate) mod tests {
             "--peer",
             "--netns",
             "--cgroup",
+            "--container",
+            "--pod",
             "--ipv4",
             "--ipv6",
             "--events",

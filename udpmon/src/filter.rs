@@ -1,5 +1,5 @@
 //! Which reports to print: the filters the command line describes (`--pid`, `--comm`,
-//! `--port`, `--peer`, `--netns`, `--cgroup`, `-4`/`-6`, `--events`).
+//! `--port`, `--peer`, `--netns`, `--cgroup`, `--container`, `--pod`, `-4`/`-6`, `--events`).
 use std::{
     net::{IpAddr, SocketAddr},
     str::FromStr,
@@ -7,6 +7,7 @@ use std::{
 
 use crate::{
     cli::Cli,
+    container::Container,
     decode::Family,
     engine::{Report, ReportKind},
 };
@@ -87,6 +88,94 @@ impl Peer {
     }
 }
 
+/// The characters Docker and Podman allow in a container name; ids are hex, a subset.
+fn name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')
+}
+
+/// A `--container` value: the full id, a prefix of it of at least 12 hex digits (what
+/// `docker ps` and `podman ps` show), or the name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerSel(String);
+
+/// Shorter hex prefixes are too likely to name several containers.
+const MIN_ID_PREFIX: usize = 12;
+
+impl FromStr for ContainerSel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            return Err(
+                "expected a container id, an id prefix of 12 or more hex digits, or a name".into(),
+            );
+        }
+        if let Some(c) = s.chars().find(|c| !name_char(*c)) {
+            return Err(format!(
+                "'{}' cannot be in a container id or name (letters, digits, '_', '.', '-')",
+                c.escape_default()
+            ));
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl ContainerSel {
+    pub fn matches(&self, c: &Container) -> bool {
+        let s = &self.0;
+        let hex = s.len() >= MIN_ID_PREFIX && s.chars().all(|c| c.is_ascii_hexdigit());
+        c.name.as_deref() == Some(s) || (hex && c.id.starts_with(&s.to_ascii_lowercase()))
+    }
+}
+
+/// A `--pod` value: `NAME` or `NAMESPACE/NAME`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodSel {
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl FromStr for PodSel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // Kubernetes names: lower-case DNS names (RFC 1123), a namespace without dots.
+        let valid = |n: &str, dots: bool| {
+            !n.is_empty()
+                && n.len() <= 253
+                && n.chars().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (dots && c == '.')
+                })
+                && !n.starts_with(['-', '.'])
+                && !n.ends_with(['-', '.'])
+        };
+        let (namespace, name) = match s.split_once('/') {
+            Some((ns, name)) => (Some(ns), name),
+            None => (None, s),
+        };
+        if namespace.is_some_and(|ns| !valid(ns, false)) || !valid(name, true) {
+            return Err(
+                "expected a Kubernetes pod name, or NAMESPACE/NAME (lower-case letters, digits, '-', '.')"
+                    .into(),
+            );
+        }
+        Ok(Self {
+            namespace: namespace.map(str::to_owned),
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl PodSel {
+    pub fn matches(&self, c: &Container) -> bool {
+        c.pod.as_deref() == Some(&*self.name)
+            && self
+                .namespace
+                .as_ref()
+                .is_none_or(|ns| c.namespace.as_ref() == Some(ns))
+    }
+}
+
 /// Which reports to print. Empty lists mean "no constraint".
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Filter {
@@ -96,6 +185,8 @@ pub struct Filter {
     peers: Vec<Peer>,
     netns: Vec<u32>,
     cgroups: Vec<u64>,
+    containers: Vec<ContainerSel>,
+    pods: Vec<PodSel>,
     family: Option<Family>,
     events: Vec<ReportKind>,
 }
@@ -128,6 +219,8 @@ impl From<&Cli> for Filter {
             peers: cli.peer.clone(),
             netns: cli.netns.clone(),
             cgroups: cli.cgroup.clone(),
+            containers: cli.container.clone(),
+            pods: cli.pod.clone(),
             family,
             events: cli.events.clone(),
         }
@@ -160,6 +253,12 @@ impl Filter {
             && any_of(&self.peers, |p| p.matches(&r.remote))
             && any_of(&self.netns, |n| *n == r.netns)
             && any_of(&self.cgroups, |c| *c == r.cgroup)
+            && any_of(&self.containers, |s| {
+                r.container.as_deref().is_some_and(|c| s.matches(c))
+            })
+            && any_of(&self.pods, |p| {
+                r.container.as_deref().is_some_and(|c| p.matches(c))
+            })
     }
 }
 
@@ -242,6 +341,7 @@ mod tests {
                 via: Via::Recv,
                 bytes: Some(1),
             },
+            container: None,
         }
     }
 
@@ -282,6 +382,74 @@ mod tests {
         no(&["--events", "connect"]);
         yes(&["--pid", "10", "--port", "53", "--events", "accept"]);
         no(&["--pid", "10", "--port", "54"]);
+    }
+
+    const ID: &str = "b5f1cf47c8456f6bb60a712d6626615cf3717f91fa1efe47deb111363830450a";
+
+    fn in_container(name: &str, pod: Option<(&str, &str)>) -> Report {
+        Report {
+            container: Some(std::sync::Arc::new(Container {
+                id: ID.into(),
+                runtime: None,
+                name: Some(name.into()),
+                pod: pod.map(|p| p.1.into()),
+                namespace: pod.map(|p| p.0.into()),
+                pod_uid: None,
+            })),
+            ..report(ReportKind::Accept)
+        }
+    }
+
+    #[test]
+    fn container_and_pod_filters() {
+        let podman = in_container("udpmon-test", None);
+        let k8s = in_container("coredns", Some(("kube-system", "coredns-5d78c9869d-abcde")));
+        let host = report(ReportKind::Accept);
+        let yes = |args: &[&str], r: &Report| assert!(filter(args).matches(r), "{args:?}");
+        let no = |args: &[&str], r: &Report| assert!(!filter(args).matches(r), "{args:?}");
+        for by in [
+            ID,
+            &ID[..12],
+            &ID[..20],
+            &ID.to_uppercase()[..12],
+            "udpmon-test",
+        ] {
+            yes(&["--container", by], &podman);
+            no(&["--container", by], &host);
+        }
+        // Too short a prefix, another id, another name, a prefix of the name.
+        for other in [&ID[..11], &ID[1..13], "udpmon", "coredns"] {
+            no(&["--container", other], &podman);
+        }
+        yes(
+            &["--container", "nope", "--container", "udpmon-test"],
+            &podman,
+        );
+        yes(&["--container", "coredns"], &k8s);
+        yes(&["--pod", "coredns-5d78c9869d-abcde"], &k8s);
+        yes(&["--pod", "kube-system/coredns-5d78c9869d-abcde"], &k8s);
+        no(&["--pod", "default/coredns-5d78c9869d-abcde"], &k8s);
+        no(&["--pod", "coredns"], &k8s);
+        no(&["--pod", "coredns-5d78c9869d-abcde"], &podman);
+        no(&["--pod", "coredns-5d78c9869d-abcde"], &host);
+        yes(
+            &[
+                "--container",
+                "coredns",
+                "--pod",
+                "coredns-5d78c9869d-abcde",
+            ],
+            &k8s,
+        );
+        no(
+            &[
+                "--container",
+                "udpmon-test",
+                "--pod",
+                "coredns-5d78c9869d-abcde",
+            ],
+            &k8s,
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod btf;
 pub mod cli;
 pub mod clock;
+pub mod container;
 pub mod decode;
 pub mod engine;
 pub mod existing;

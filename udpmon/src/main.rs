@@ -125,6 +125,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         None => None,
     };
     let sinks = Sinks {
+        clock,
         formatter,
         out,
         header: terminal,

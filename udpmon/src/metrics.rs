@@ -373,6 +373,7 @@ mod tests {
             local: "10.0.0.1:54321".parse().unwrap(),
             remote: "10.0.0.2:12345".parse().unwrap(),
             detail,
+            container: None,
         }
     }
 

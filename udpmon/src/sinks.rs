@@ -10,7 +10,16 @@ use crate::{
     report::{ClockOffset, Formatter},
 };
 
+/// How far a newly measured boot-to-wall offset may be from the one in use before the
+/// formatters take it. Its two clock reads jitter by microseconds (more in a VM), and an offset
+/// that followed them would print one kernel timestamp (a `last_answer`, a `last_rx`) two ways
+/// at two ticks; a step of the wall clock is far larger, and NTP's slewing needs minutes to
+/// build up this much.
+const CLOCK_SLACK_NS: i128 = 1_000_000;
+
 pub struct Sinks {
+    /// The boot-to-wall offset the formatters use.
+    pub clock: ClockOffset,
     pub formatter: Formatter,
     /// Standard output or `-o FILE`; None with `--journal` alone.
     pub out: Option<Output>,
@@ -61,8 +70,13 @@ impl Sinks {
         }
     }
 
-    /// The wall clock was stepped (or drifted): the new boot-to-wall offset.
+    /// The boot-to-wall offset measured now: taken if the wall clock was stepped or has
+    /// drifted by more than [`CLOCK_SLACK_NS`].
     pub fn set_clock(&mut self, clock: ClockOffset) {
+        if (clock.0 - self.clock.0).abs() <= CLOCK_SLACK_NS {
+            return;
+        }
+        self.clock = clock;
         self.formatter.set_clock(clock);
         if let Some(j) = &mut self.journal {
             j.set_clock(clock);

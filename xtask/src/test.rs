@@ -15,7 +15,7 @@ pub struct TestArgs {
     /// Skip the VM matrix.
     #[arg(long)]
     no_vm: bool,
-    /// Run the VM tier on these kernels only (6.1, 6.12, 7.x); repeatable.
+    /// Run the VM tier on these kernels only (5.10, 6.1, 6.12, 7.x); repeatable.
     #[arg(long = "vm", value_name = "KERNEL")]
     vms: Vec<String>,
     /// Run only this tier (repeatable); the others are listed as skipped.

@@ -26,14 +26,14 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-/// The VM matrix `cargo xtask test` runs: Debian's 6.1 and 6.12 (bookworm), and the newest
-/// from unstable.
-pub const DEFAULT_KERNELS: &[&str] = &["6.1", "6.12", "7.x"];
+/// The VM matrix `cargo xtask test` runs: Debian's 5.10 (bullseye), 6.1 and 6.12 (bookworm),
+/// and the newest from unstable.
+pub const DEFAULT_KERNELS: &[&str] = &["5.10", "6.1", "6.12", "7.x"];
 
 /// A kernel unpacked in the cache, ready to boot.
 #[derive(Debug, Clone)]
 pub struct VmKernel {
-    /// Series name as requested: "6.1", "6.12" or "7.x".
+    /// Series name as requested: "5.10", "6.1", "6.12" or "7.x".
     pub name: String,
     pub vmlinuz: PathBuf,
     /// `lib/modules/<release>` of the unpacked package, with a `modules.dep` made by depmod.
@@ -59,9 +59,9 @@ pub struct VmRun {
 /// of each requested series into `$UDPMON_CACHE/kernels` (default
 /// `~/.cache/udpmon/kernels`), reusing what is already there.
 ///
-/// Series: "6.1" and "6.12" from the host's bookworm / bookworm-security lists, "7.x" from
-/// unstable through a private apt configuration under the cache dir (/etc/apt is never
-/// touched). Host tools (kmod for depmod) are installed with apt-get when missing.
+/// Series: "6.1" and "6.12" from the host's bookworm / bookworm-security lists, "5.10" from
+/// bullseye and bullseye-security and "7.x" from unstable through private apt configurations
+/// under the cache dir (/etc/apt is never touched). Host tools (kmod for depmod) are installed with apt-get when missing.
 pub fn ensure_kernels(series: &[&str]) -> Result<Vec<VmKernel>> {
     let dir = host::cache_root()?.join("kernels");
     series

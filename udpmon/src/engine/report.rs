@@ -3,9 +3,13 @@ use std::{
     fmt,
     net::{IpAddr, SocketAddr},
     str::FromStr,
+    sync::Arc,
 };
 
-use crate::decode::{Family, Verdict};
+use crate::{
+    container::Container,
+    decode::{Family, Verdict},
+};
 
 /// The operator-facing event kinds (PRODUCT.md, "Flows and events").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -313,6 +317,9 @@ pub struct Report {
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub detail: Detail,
+    /// The container of `cgroup`, None outside containers. The engine knows only cgroup ids:
+    /// the agent fills this in from what it resolved.
+    pub container: Option<Arc<Container>>,
 }
 
 impl Report {
@@ -340,6 +347,7 @@ impl Report {
             local,
             remote,
             detail,
+            container: None,
         }
     }
 

@@ -1,6 +1,6 @@
 //! The trampoline strategy: fentry/fexit on the UDP functions themselves (typed arguments,
 //! the return value at exit), plus the two BTF tracepoints every strategy shares.
-use super::{Hook, Target, program, recv_flags_arg, shared_hooks};
+use super::{Hook, Strategy, Target, program, recv_flags_arg, shared_hooks};
 use crate::btf::KernelBtf;
 
 pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
@@ -53,6 +53,6 @@ pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
             "failed IPv6 receives are not reported as APP-ERROR",
         ),
     ];
-    hooks.extend(shared_hooks(true));
+    hooks.extend(shared_hooks(btf, Strategy::Fentry));
     hooks
 }

@@ -4,8 +4,8 @@
 //! tracepoints where the kernel has them (>= 6.3), as in the tracepoint strategy: one
 //! program run per call instead of a kprobe, a kretprobe and a stash update per datagram.
 use super::{
-    Hook, Target, call_result_hooks, has_call_result_tracepoints, program, recv_flags_arg,
-    shared_hooks,
+    Hook, Strategy, Target, call_result_hooks, has_call_result_tracepoints, program,
+    recv_flags_arg, shared_hooks,
 };
 use crate::btf::KernelBtf;
 
@@ -81,6 +81,6 @@ pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
             ),
         ]);
     }
-    hooks.extend(shared_hooks(true));
+    hooks.extend(shared_hooks(btf, Strategy::Kprobe));
     hooks
 }

@@ -55,7 +55,7 @@ impl Strategy {
         match self {
             Strategy::Fentry => fentry::hooks(btf),
             Strategy::Kprobe => kprobe::hooks(btf),
-            Strategy::Tracepoint => tracepoint::hooks(),
+            Strategy::Tracepoint => tracepoint::hooks(btf),
         }
     }
 }
@@ -87,6 +87,9 @@ pub struct Hook {
     /// `None`: the strategy cannot work without it. `Some(loss)`: what the output lacks
     /// when the kernel refuses it.
     pub optional: Option<&'static str>,
+    /// Why this kernel cannot have it, known from its BTF: not tried, and reported (or, if
+    /// required, failing the strategy) as if the kernel had refused it.
+    pub absent: Option<&'static str>,
 }
 
 impl Hook {
@@ -95,6 +98,7 @@ impl Hook {
             program,
             target,
             optional: None,
+            absent: None,
         }
     }
     pub const fn optional(program: &'static str, target: Target, loss: &'static str) -> Self {
@@ -102,42 +106,110 @@ impl Hook {
             program,
             target,
             optional: Some(loss),
+            absent: None,
+        }
+    }
+    pub const fn absent(self, why: &'static str) -> Self {
+        Self {
+            absent: Some(why),
+            ..self
         }
     }
 }
 
 /// Hooks every strategy uses: BTF tracepoints and a cgroup hook, which need no trampoline.
-/// `counts_by_cached_cookie`: the strategy counts sent datagrams at udp_send_skb, where only
-/// the socket's cached cookie can be read, so the hook that makes the kernel generate it for
-/// every new socket is required, not optional.
-fn shared_hooks(counts_by_cached_cookie: bool) -> [Hook; 4] {
+/// The fentry and kprobe strategies count sent datagrams at udp_send_skb, where only the
+/// socket's cached cookie can be read, so the hook that makes the kernel generate it for
+/// every new socket is required there, not optional.
+fn shared_hooks(btf: &crate::btf::KernelBtf, strategy: Strategy) -> Vec<Hook> {
     // Names the owner of each new socket, for the events that run in softirq (receive,
     // ICMP), and makes the kernel generate the socket's cookie.
-    let create = if counts_by_cached_cookie {
-        Hook::required(program::UDP_SOCK_CREATE, Target::CgroupSock)
-    } else {
+    let create = if strategy == Strategy::Tracepoint {
         Hook::optional(
             program::UDP_SOCK_CREATE,
             Target::CgroupSock,
             "sockets that only receive are named after the first process that sends on them",
         )
+    } else {
+        Hook::required(program::UDP_SOCK_CREATE, Target::CgroupSock)
     };
-    [
+    const VERDICTS: &str = "ICMP verdicts cannot tell notified from discarded";
+    // Before 5.14 (no tracepoint), what the kernel calls at the same points for UDP sockets;
+    // the tracepoint strategy has no other source, and does not run without it.
+    let report = match strategy {
+        _ if btf.has_tracepoint("inet_sk_error_report") => Hook::optional(
+            program::ICMP_ERROR_REPORT,
+            Target::TpBtf("inet_sk_error_report"),
+            VERDICTS,
+        ),
+        Strategy::Fentry => Hook::optional(
+            program::SOCK_ERROR_REPORT_ENTRY,
+            Target::FEntry("sock_def_error_report"),
+            VERDICTS,
+        ),
+        Strategy::Kprobe => Hook::optional(
+            program::SOCK_ERROR_REPORT_KP,
+            Target::KProbe("sock_def_error_report"),
+            VERDICTS,
+        ),
+        Strategy::Tracepoint => Hook::required(
+            program::ICMP_ERROR_REPORT,
+            Target::TpBtf("inet_sk_error_report"),
+        )
+        .absent(
+            "kernels before 5.14 have no inet_sk_error_report tracepoint, this \
+                     strategy's only way to tell whether the application was told of an ICMP \
+                     error",
+        ),
+    };
+    const REFUSED: &str = "datagrams to closed local ports (REFUSED) are not reported";
+    // kfree_skb gained its drop reason in 5.17, with `enum skb_drop_reason`.
+    let drops = if btf
+        .enum_value("skb_drop_reason", "SKB_DROP_REASON_NO_SOCKET")
+        .is_ok()
+    {
+        vec![Hook::optional(
+            program::SKB_DROPPED,
+            Target::TpBtf("kfree_skb"),
+            REFUSED,
+        )]
+    } else {
+        vec![
+            Hook::optional(
+                program::SKB_DROPPED_NO_REASON,
+                Target::TpBtf("kfree_skb"),
+                "ICMPv6 errors, and ICMP errors the kernel drops, are not reported",
+            ),
+            Hook::optional(program::SKB_DROPPED, Target::TpBtf("kfree_skb"), REFUSED)
+                .absent("the kfree_skb tracepoint has no drop reason before 5.17"),
+        ]
+    };
+    let mut hooks = vec![
         create,
         // ICMP errors are recognised when their skb is freed, after the kernel handled them
         // (consumed, or dropped: kfree_skb below); see udpmon-ebpf/src/icmp.rs.
         Hook::required(program::SKB_CONSUMED, Target::TpBtf("consume_skb")),
-        Hook::optional(
-            program::ICMP_ERROR_REPORT,
-            Target::TpBtf("inet_sk_error_report"),
-            "ICMP verdicts cannot tell notified from discarded (kernel < 5.14)",
-        ),
-        Hook::optional(
-            program::SKB_DROPPED,
-            Target::TpBtf("kfree_skb"),
-            "datagrams to closed local ports (REFUSED) are not reported",
-        ),
-    ]
+        report,
+    ];
+    hooks.extend(drops);
+    hooks
+}
+
+/// The `HELPERS` global: helpers this kernel lets tracing programs call (see
+/// `udpmon_common::offsets::helpers`), from its BTF.
+fn tracing_helpers(btf: &crate::btf::KernelBtf) -> u32 {
+    let mut bits = 0;
+    if btf
+        .enum_value("bpf_func_id", "BPF_FUNC_get_func_ret")
+        .is_ok()
+    {
+        bits |= udpmon_common::offsets::helpers::FUNC_RET;
+    }
+    // The tracing programs' variant of the cookie helper (5.12).
+    if btf.has_func("bpf_get_socket_ptr_cookie") {
+        bits |= udpmon_common::offsets::helpers::SOCKET_COOKIE;
+    }
+    bits
 }
 
 /// Failed send and receive calls from the `sock_send_length` / `sock_recv_length`
@@ -163,19 +235,38 @@ fn has_call_result_tracepoints(btf: &crate::btf::KernelBtf) -> bool {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK, often 8 MiB or less: the flow map
 /// alone needs more at the default --max-flows. Later kernels charge the memory cgroup and
-/// ignore the limit, so a failure here only matters there, where map creation will say so.
-fn raise_memlock() {
+/// ignore the limit, so a failure here only matters there, where map creation fails with
+/// EPERM: what to say then, if anything.
+fn raise_memlock(btf: &crate::btf::KernelBtf) -> Option<String> {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: setrlimit reads the struct we pass and nothing else.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        log::debug!(
-            "raising RLIMIT_MEMLOCK: {}",
-            std::io::Error::last_os_error()
-        );
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } == 0 {
+        return None;
     }
+    let err = std::io::Error::last_os_error();
+    log::debug!("raising RLIMIT_MEMLOCK: {err}");
+    // bpf_ktime_get_coarse_ns came with memory-cgroup accounting (5.11), as libbpf tests.
+    if btf
+        .enum_value("bpf_func_id", "BPF_FUNC_ktime_get_coarse_ns")
+        .is_ok()
+    {
+        return None;
+    }
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct we pass and nothing else.
+    unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut cur) };
+    Some(format!(
+        "RLIMIT_MEMLOCK is {} KiB and cannot be raised ({err}), and kernels before 5.11 \
+         charge BPF maps to it: run udpmon with CAP_SYS_RESOURCE or a higher limit \
+         (systemd: LimitMEMLOCK=infinity)",
+        cur.rlim_cur / 1024
+    ))
 }
 
 /// Index of `flags` in udp_recvmsg's prototype: 3 from 5.19 on, 4 before (after `noblock`).
@@ -263,9 +354,9 @@ pub struct LoadOptions {
 
 /// Tries `choice` (or every strategy in order for `None`) and returns the first that works.
 pub fn load(choice: Option<Strategy>, opts: &LoadOptions) -> anyhow::Result<Probes> {
-    raise_memlock();
     let kbtf = crate::btf::KernelBtf::from_sys_fs()
         .context("reading kernel BTF (/sys/kernel/btf/vmlinux); udpmon needs a kernel built with CONFIG_DEBUG_INFO_BTF")?;
+    let memlock = raise_memlock(&kbtf);
     let btf = Btf::from_sys_fs().context("parsing kernel BTF")?;
     let offsets =
         crate::btf::resolve_offsets(&kbtf).context("resolving kernel struct offsets from BTF")?;
@@ -275,7 +366,7 @@ pub fn load(choice: Option<Strategy>, opts: &LoadOptions) -> anyhow::Result<Prob
     };
     let mut failures = Vec::new();
     for strategy in order {
-        match load_strategy(strategy, &kbtf, &btf, &offsets, opts) {
+        match load_strategy(strategy, &kbtf, &btf, &offsets, opts, memlock.as_deref()) {
             Ok(p) => {
                 info!("hook strategy: {strategy}");
                 for d in &p.degraded {
@@ -303,6 +394,7 @@ fn load_strategy(
     btf: &Btf,
     offsets: &Offsets,
     opts: &LoadOptions,
+    memlock: Option<&str>,
 ) -> anyhow::Result<Probes> {
     // aya-log statements are pruned by the verifier when the level global says "off".
     let log_level: u8 = if opts.kernel_log { 5 } else { 0 };
@@ -312,21 +404,27 @@ fn load_strategy(
     // maps hold one entry per live socket or sending flow at most: `--max-flows` bounds them.
     let flows = kernel_flow_entries(opts.max_flows);
     let side = opts.max_flows.max(1024);
+    let helpers = tracing_helpers(kbtf);
     let mut ebpf = EbpfLoader::new()
         .btf(Some(btf))
         .override_global(global::OFFSETS, offsets, true)
         .override_global(global::SELF_TGID, &opts.self_tgid, true)
+        .override_global(global::HELPERS, &helpers, true)
         .override_global(aya_log::LEVEL, &log_level, false)
         .map_max_entries(map::FLOWS, flows)
         .map_max_entries(map::OWNERS, side)
         .map_max_entries(map::SENDERS, side)
         .load(EBPF_OBJECT)
-        .context("loading the eBPF object")?;
+        .with_context(|| match memlock {
+            Some(why) => format!("loading the eBPF object ({why})"),
+            None => "loading the eBPF object".to_string(),
+        })?;
     let mut degraded = Vec::new();
     let mut kprobe_links = Vec::new();
     let mut cgroup: Option<fs::File> = None;
     for hook in strategy.hooks(kbtf) {
         let res = match hook.target {
+            _ if let Some(why) = hook.absent => Err(anyhow!("{why}")),
             // A clearer reason than the loader's when a kernel renamed or inlined a function.
             Target::FEntry(f) | Target::FExit(f) | Target::KProbe(f) if !kbtf.has_func(f) => {
                 Err(anyhow!("kernel function {f} is not in this kernel's BTF"))

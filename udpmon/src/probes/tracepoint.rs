@@ -3,9 +3,10 @@
 //! ICMP errors, their verdict, drops and application errors.
 use aya::programs::CgroupSkbAttachType;
 
-use super::{Hook, Target, call_result_hooks, program, shared_hooks};
+use super::{Hook, Strategy, Target, call_result_hooks, program, shared_hooks};
+use crate::btf::KernelBtf;
 
-pub fn hooks() -> Vec<Hook> {
+pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
     let mut hooks = vec![
         Hook::required(
             program::UDP_EGRESS,
@@ -20,6 +21,6 @@ pub fn hooks() -> Vec<Hook> {
         Hook::required(program::UDP_CONNECT6, Target::CgroupSockAddr),
     ];
     hooks.extend(call_result_hooks());
-    hooks.extend(shared_hooks(false));
+    hooks.extend(shared_hooks(btf, Strategy::Tracepoint));
     hooks
 }

@@ -8,6 +8,10 @@
 //!   process's name, its main thread's), `uid`, `cgroup` (v2 id), `netns` (inode),
 //!   `cookie` (socket cookie): 0 / "" when unknown or when no socket is involved
 //! - `family`: `ipv4` or `ipv6`; `local`, `remote`: `addr:port`, IPv6 as `[addr]:port`
+//! - `container`: null outside containers, else {`id` (the runtime's full id, 64 hex
+//!   digits), `runtime` (`docker`, `containerd`, `cri-o`, `podman`, or null when the cgroup
+//!   layout does not say and no runtime's state names the id), `name`, `pod`, `namespace`,
+//!   `pod_uid` (Kubernetes; each null when unknown)}
 //!
 //! and, by event:
 //! - connect, accept: `via` (`connect`, `send`, `recv`), `bytes` (first datagram's payload;
@@ -45,9 +49,12 @@ use serde_json::{Map, Value, json};
 use time::macros::format_description;
 
 use super::{ClockOffset, family_name, ms, verdict_name};
-use crate::engine::{
-    CloseStats, Detail, Op, Owner, Report, Scope, Trouble, Unanswered, UnreachableInfo, Via,
-    rules::errno_name,
+use crate::{
+    container::Container,
+    engine::{
+        CloseStats, Detail, Op, Owner, Report, Scope, Trouble, Unanswered, UnreachableInfo, Via,
+        rules::errno_name,
+    },
 };
 
 pub struct JsonFormat {
@@ -120,6 +127,7 @@ impl JsonFormat {
             r.local,
             r.remote,
         );
+        let _ = write!(out, r#","container":{}"#, container(r.container.as_deref()));
         let mut m = Map::new();
         self.detail(&r.detail, &mut m);
         for (k, v) in &m {
@@ -265,5 +273,19 @@ fn owner(o: Option<&Owner>) -> Value {
             json!({ "pid": o.tgid, "comm": o.comm, "process": o.process, "uid": o.uid })
         }
         _ => Value::Null,
+    }
+}
+
+fn container(c: Option<&Container>) -> String {
+    match c {
+        None => "null".into(),
+        Some(c) => to_json(&json!({
+            "id": c.id,
+            "runtime": c.runtime.map(|r| r.name()),
+            "name": c.name,
+            "pod": c.pod,
+            "namespace": c.namespace,
+            "pod_uid": c.pod_uid,
+        })),
     }
 }

@@ -2,6 +2,7 @@ use serde_json::Value;
 use time::UtcOffset;
 
 use super::*;
+use crate::container::{Container, Runtime};
 use crate::engine::{
     CloseReason, CloseStats, Detail, Op, Owner, ReportKind, Scope, Trouble, Unanswered,
     UnreachableInfo, Via,
@@ -28,6 +29,7 @@ fn laptop(kind: ReportKind, detail: Detail) -> Report {
         local: "192.168.1.4:54321".parse().unwrap(),
         remote: "35.190.176.201:12345".parse().unwrap(),
         detail,
+        container: None,
     }
 }
 
@@ -341,7 +343,7 @@ fn json_lines() {
         concat!(
             r#"{"ts":"2026-11-27T23:41:00.123456789Z","event":"unreachable","pid":41383,"tid":41384,"#,
             r#""comm":"nc","process":"nc","uid":1000,"cgroup":25,"netns":4026531833,"cookie":4097,"family":"ipv4","#,
-            r#""local":"192.168.1.4:54321","remote":"35.190.176.201:12345","#,
+            r#""local":"192.168.1.4:54321","remote":"35.190.176.201:12345","container":null,"#,
             r#""icmp":{"type":3,"code":3,"from":"10.0.0.2","errno":"ECONNREFUSED","fatal":true,"verdict":"notified"}}"#
         )
     );
@@ -350,7 +352,7 @@ fn json_lines() {
         concat!(
             r#"{"ts":"2026-11-27T23:41:00.123456789Z","event":"close","pid":41383,"tid":41384,"#,
             r#""comm":"nc","process":"nc","uid":1000,"cgroup":25,"netns":4026531833,"cookie":4097,"family":"ipv4","#,
-            r#""local":"192.168.1.4:54321","remote":"35.190.176.201:12345","reason":"closed","#,
+            r#""local":"192.168.1.4:54321","remote":"35.190.176.201:12345","container":null,"reason":"closed","#,
             r#""stats":{"duration_ms":3200,"tx_datagrams":2,"tx_bytes":7,"rx_datagrams":1,"rx_bytes":4,"#,
             r#""last_tx":"2026-11-27T23:40:59.123456789Z","last_rx":null,"icmp_errors":0,"app_errors":0,"#,
             r#""preexisting":false}}"#
@@ -361,7 +363,7 @@ fn json_lines() {
         concat!(
             r#"{"ts":"2026-11-27T23:41:00.123456789Z","event":"silent","pid":41383,"tid":41384,"#,
             r#""comm":"dnsmasq","process":"dnsmasq","uid":1000,"cgroup":25,"netns":4026531833,"cookie":0,"#,
-            r#""family":"ipv4","local":"10.200.0.1:0","remote":"10.200.0.2:53","scope":"peer","#,
+            r#""family":"ipv4","local":"10.200.0.1:0","remote":"10.200.0.2:53","container":null,"scope":"peer","#,
             r#""no_reply_ms":20100,"sends":16,"flows":15,"unanswered_ms":15000,"#,
             r#""last_answer":"2026-11-27T23:40:40.023456789Z","never_answered":false}"#
         )
@@ -390,7 +392,7 @@ fn json_lines() {
         concat!(
             r#"{"ts":"2026-11-27T23:41:00.123456789Z","event":"refused","pid":0,"tid":0,"comm":"","process":"","#,
             r#""uid":0,"cgroup":0,"netns":4026531833,"cookie":0,"family":"ipv6","#,
-            r#""local":"[fd00::1]:54321","remote":"[fd00::2]:53","last_owner":null}"#
+            r#""local":"[fd00::1]:54321","remote":"[fd00::2]:53","container":null,"last_owner":null}"#
         )
     );
 }
@@ -449,6 +451,112 @@ fn peer_schema(v: &Value) {
     );
 }
 
+const CONTAINER_ID: &str = "b5f1cf47c8456f6bb60a712d6626615cf3717f91fa1efe47deb111363830450a";
+
+fn podman_container() -> std::sync::Arc<Container> {
+    std::sync::Arc::new(Container {
+        id: CONTAINER_ID.into(),
+        runtime: Some(Runtime::Podman),
+        name: Some("udpmon-test".into()),
+        ..Container::default()
+    })
+}
+
+fn pod_container() -> std::sync::Arc<Container> {
+    std::sync::Arc::new(Container {
+        id: CONTAINER_ID.into(),
+        runtime: Some(Runtime::Containerd),
+        name: Some("coredns".into()),
+        pod: Some("coredns-5d78c9869d-abcde".into()),
+        namespace: Some("kube-system".into()),
+        pod_uid: Some("0b7a3f9e-2c4d-4e1f-9a8b-7c6d5e4f3a2b".into()),
+    })
+}
+
+/// `container`: null, or an object with every key, each a string or null.
+fn container_schema(v: &Value, r: &Report) {
+    let c = v
+        .get("container")
+        .unwrap_or_else(|| panic!("missing container in {v}"));
+    let Some(want) = &r.container else {
+        assert!(c.is_null(), "{v}");
+        return;
+    };
+    has(c, "id", Ty::Str, false);
+    assert_eq!(c["id"], want.id.as_str());
+    one_of(c, "runtime", &["docker", "containerd", "cri-o", "podman"]);
+    for key in ["name", "pod", "namespace", "pod_uid"] {
+        has(c, key, Ty::Str, true);
+    }
+    assert_eq!(c.as_object().unwrap().len(), 6, "{c}");
+}
+
+#[test]
+fn containers_in_json_text_and_journal() {
+    let j = JsonFormat::new(CLOCK);
+    let podman = Report {
+        container: Some(podman_container()),
+        ..close(CloseReason::Closed)
+    };
+    assert!(
+        j.format(&podman).contains(&format!(
+            r#""remote":"35.190.176.201:12345","container":{{"id":"{CONTAINER_ID}","runtime":"podman","name":"udpmon-test","pod":null,"namespace":null,"pod_uid":null}},"reason""#
+        )),
+        "{}",
+        j.format(&podman)
+    );
+    let pod = Report {
+        container: Some(pod_container()),
+        ..close(CloseReason::Closed)
+    };
+    let fields = crate::journal::fields(&j.format(&pod));
+    for (k, v) in [
+        ("UDPMON_CONTAINER_ID", CONTAINER_ID),
+        ("UDPMON_CONTAINER_RUNTIME", "containerd"),
+        ("UDPMON_CONTAINER_NAME", "coredns"),
+        ("UDPMON_CONTAINER_POD", "coredns-5d78c9869d-abcde"),
+        ("UDPMON_CONTAINER_NAMESPACE", "kube-system"),
+        (
+            "UDPMON_CONTAINER_POD_UID",
+            "0b7a3f9e-2c4d-4e1f-9a8b-7c6d5e4f3a2b",
+        ),
+    ] {
+        assert!(
+            fields.contains(&(k.into(), v.into())),
+            "{k}={v} not in {fields:?}"
+        );
+    }
+    // Null keys are left out of the journal.
+    let podman_fields = crate::journal::fields(&j.format(&podman));
+    assert!(
+        !podman_fields
+            .iter()
+            .any(|(k, _)| k == "UDPMON_CONTAINER_POD")
+    );
+    let t = text();
+    let plain = t.format(&close(CloseReason::Closed));
+    assert_eq!(
+        t.format(&podman),
+        format!("{plain} [podman:udpmon-test b5f1cf47c845]")
+    );
+    assert_eq!(
+        t.format(&pod),
+        format!("{plain} [containerd:kube-system/coredns-5d78c9869d-abcde/coredns b5f1cf47c845]")
+    );
+    let unnamed = Report {
+        container: Some(std::sync::Arc::new(Container {
+            id: CONTAINER_ID.into(),
+            name: Some(HOSTILE.into()),
+            ..Container::default()
+        })),
+        ..close(CloseReason::Closed)
+    };
+    assert_eq!(
+        t.format(&unnamed),
+        format!("{plain} [container:{HOSTILE_ESCAPED} b5f1cf47c845]")
+    );
+}
+
 #[test]
 fn json_schema_of_every_kind() {
     let j = JsonFormat::new(CLOCK);
@@ -456,10 +564,19 @@ fn json_schema_of_every_kind() {
     let mut seen: Vec<ReportKind> = reports.iter().map(|r| r.kind).collect();
     seen.dedup();
     assert_eq!(seen, ReportKind::ALL, "the fixture covers every kind");
-    for r in &reports {
+    // Each kind outside containers, in a container with only what podman's state tells, and
+    // in a Kubernetes pod.
+    let with_containers = reports.iter().flat_map(|r| {
+        [None, Some(podman_container()), Some(pod_container())].map(|container| Report {
+            container,
+            ..r.clone()
+        })
+    });
+    for r in &with_containers.collect::<Vec<_>>() {
         let line = j.format(r);
         assert!(!line.contains('\n'));
         let v: Value = serde_json::from_str(&line).unwrap();
+        container_schema(&v, r);
         for key in ["ts", "comm", "process", "family", "local", "remote"] {
             has(&v, key, Ty::Str, false);
         }

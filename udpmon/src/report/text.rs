@@ -5,6 +5,7 @@ use time::{UtcOffset, macros::format_description};
 
 use super::ClockOffset;
 use crate::{
+    container::Container,
     decode::{Family, Verdict},
     engine::{
         CloseReason, CloseStats, Detail, Op, Owner, Report, Trouble, Unanswered, UnreachableInfo,
@@ -122,14 +123,37 @@ impl TextFormat {
             p => p.to_string(),
         };
         let comm = Escaped(process_name(&r.process, &r.comm));
-        format!(
+        let mut line = format!(
             "{time:<12} {pid:>7} {comm:<COMM_WIDTH$} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:<11} {}",
             r.local.to_string(),
             r.remote.to_string(),
             r.kind.label(),
             detail(r)
-        )
+        );
+        if let Some(c) = &r.container {
+            let _ = write!(line, " {}", container_note(c));
+        }
+        line
     }
+}
+
+/// `[podman:udpmon-test b5f1cf47c845]`, `[containerd:kube-system/coredns-5d78c9869d-abcde/coredns
+/// 3f2a1b0c9d8e]`: at the end of the line, where its length disturbs no column. Names come from
+/// the runtimes' files, so they are escaped like process names.
+fn container_note(c: &Container) -> String {
+    let mut s = String::from("[");
+    s.push_str(c.runtime.map_or("container", |r| r.name()));
+    let pod = match (&c.namespace, &c.pod) {
+        (Some(ns), Some(pod)) => Some(format!("{ns}/{pod}")),
+        (None, Some(pod)) => Some(pod.clone()),
+        _ => None,
+    };
+    let names: Vec<&str> = pod.iter().chain(&c.name).map(String::as_str).collect();
+    if !names.is_empty() {
+        let _ = write!(s, ":{}", Escaped(&names.join("/")));
+    }
+    let _ = write!(s, " {}]", c.short_id());
+    s
 }
 
 fn detail(r: &Report) -> String {

@@ -8,18 +8,29 @@ use std::{
 };
 
 use crate::harness::{
-    Outcome, Strategy, TwoHosts, Udpmon, deadline, is, need_tools, s, udp_socket_in, udpmon_bin,
-    wait_until,
+    Outcome, Strategy, TwoHosts, Udpmon, deadline, is, must_attach, need_tools, s, udp_socket_in,
+    udpmon_bin, wait_until,
 };
 
-/// These do not depend on the hook strategy: they run once, with the one every kernel has.
+/// These do not depend on the hook strategy: they run once, with tracepoint, or on a kernel
+/// that lacks it, the first strategy the tier requires.
 pub fn once(st: Strategy) -> Result<(), Outcome> {
-    if st == Strategy::Tracepoint {
+    // Tracepoint where the tier requires it (everywhere but a kernel that lacks it, 5.10).
+    let with = if must_attach(Strategy::Tracepoint) {
+        Strategy::Tracepoint
+    } else {
+        *Strategy::ALL
+            .iter()
+            .find(|&&s| must_attach(s))
+            .unwrap_or(&st)
+    };
+    if st == with {
         Ok(())
     } else {
-        Err(Outcome::Skip(
-            "strategy-independent; runs once, with --hooks tracepoint".into(),
-        ))
+        Err(Outcome::Skip(format!(
+            "strategy-independent; runs once, with --hooks {}",
+            with.name()
+        )))
     }
 }
 
@@ -220,6 +231,19 @@ pub fn capabilities(st: Strategy) -> Outcome {
         sorted(&udpmon::privileges::CAPABILITIES),
         "packaging/udpmon.service grants another set than udpmon documents"
     );
+    // And its LimitMEMLOCK=infinity, without which kernels before 5.11 (they charge BPF maps to
+    // RLIMIT_MEMLOCK) would want CAP_SYS_RESOURCE as well: set here, inherited through setpriv.
+    assert!(
+        UNIT.lines().any(|l| l.trim() == "LimitMEMLOCK=infinity"),
+        "packaging/udpmon.service: LimitMEMLOCK=infinity is gone"
+    );
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct it is given. Best effort: root without
+    // CAP_SYS_RESOURCE (this project's hosts) cannot, and udpmon then says why if it must.
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
     let h = TwoHosts::new("cp");
     let pre = udp_socket_in(&h.server, "10.200.0.2:7300");
     let mut u = Udpmon::start_under(&as_nobody_with(&full), st, &[]).expect("udpmon starts");

@@ -70,16 +70,34 @@ fn kernel_version() -> (u32, u32) {
 /// Which strategies must attach on each tier (issue 12, point 8). This machine's kernel (the
 /// host tier) refuses fentry programs and has no kprobes, so only tracepoint is required
 /// there (the others run when a host allows them); every VM kernel of the matrix has all
-/// three. A required strategy that does not attach fails its scenarios.
+/// three but what [`VM_LACKS`] lists. A required strategy that does not attach fails its
+/// scenarios.
 pub fn must_attach(st: Strategy) -> bool {
-    tier().starts_with("vm-") || st == Strategy::Tracepoint
+    if tier().starts_with("vm-") {
+        !VM_LACKS.iter().any(|&(t, s, _)| t == tier() && s == st)
+    } else {
+        st == Strategy::Tracepoint
+    }
 }
+
+/// The strategies a VM kernel of the matrix truly lacks, and why (udpmon refuses them there).
+const VM_LACKS: &[(&str, Strategy, &str)] = &[(
+    "vm-5.10",
+    Strategy::Tracepoint,
+    "no inet_sk_error_report tracepoint before 5.14, its only source of ICMP verdicts",
+)];
 
 /// Whether failed sends and receives are reported (APP-ERROR) with this strategy on this
 /// kernel: the tracepoint strategy takes them from sock_send_length / sock_recv_length,
 /// which kernels before 6.3 lack; fexit and kretprobe see them everywhere.
 pub fn app_errors_expected(st: Strategy) -> bool {
     st != Strategy::Tracepoint || kernel_version() >= (6, 3)
+}
+
+/// Whether datagrams to closed local ports are reported (REFUSED): they are told apart by
+/// kfree_skb's drop reason, which kernels before 5.17 lack.
+pub fn refused_expected() -> bool {
+    kernel_version() >= (5, 17)
 }
 
 /// Whether udpmon can attach this strategy here: start it and see.
@@ -249,6 +267,25 @@ impl Udpmon {
             "udpmon's startup warnings disagree with what kernel {} offers the {} strategy: {:?}",
             kernel_release(),
             self.strategy.name(),
+            self.stderr
+        );
+        without
+    }
+
+    /// Whether this kernel cannot give udpmon REFUSED (from the tier table,
+    /// [`refused_expected`]); as for [`Self::without_app_errors`], udpmon must have said so at
+    /// startup, and only then.
+    pub fn without_refused(&self) -> bool {
+        let without = !refused_expected();
+        let said = self
+            .stderr
+            .iter()
+            .any(|l| l.contains("(REFUSED) are not reported"));
+        assert_eq!(
+            said,
+            without,
+            "udpmon's startup warnings disagree with what kernel {} offers: {:?}",
+            kernel_release(),
             self.stderr
         );
         without

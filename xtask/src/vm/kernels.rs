@@ -17,13 +17,36 @@ use anyhow::{Context as _, Result, bail};
 
 use super::{VmKernel, host};
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Source {
     /// The machine's own apt lists (bookworm, bookworm-security).
     Host,
-    /// Debian unstable through a private apt configuration in the cache.
-    Unstable,
+    /// Other Debian suites through a private apt configuration in the cache.
+    Private(&'static Suites),
 }
+
+/// A private apt configuration: `kernels/apt-<name>/`, its own sources.list, lists and
+/// package cache (/etc/apt is never touched).
+struct Suites {
+    name: &'static str,
+    /// (archive, suite): `<archive>` is `debian` (the mirror, `UDPMON_DEBIAN_MIRROR`) or
+    /// `debian-security` (the mirror's URL with `-security` appended).
+    suites: &'static [(&'static str, &'static str)],
+}
+
+const UNSTABLE: Suites = Suites {
+    name: "unstable",
+    suites: &[("debian", "unstable")],
+};
+
+/// Bullseye's kernel updates are in the security suite only.
+const BULLSEYE: Suites = Suites {
+    name: "bullseye",
+    suites: &[
+        ("debian", "bullseye"),
+        ("debian-security", "bullseye-security"),
+    ],
+};
 
 struct Series {
     name: &'static str,
@@ -36,7 +59,14 @@ struct Series {
     packages: fn(&str) -> Vec<String>,
 }
 
-const SERIES: [Series; 3] = [
+const SERIES: [Series; 4] = [
+    Series {
+        name: "5.10",
+        source: Source::Private(&BULLSEYE),
+        prefix: "linux-image-5.10.0-",
+        suffix: "-cloud-amd64-unsigned",
+        packages: |pkg| vec![pkg.to_string()],
+    },
     Series {
         name: "6.1",
         source: Source::Host,
@@ -55,7 +85,7 @@ const SERIES: [Series; 3] = [
     // -unsigned flavour exists (the signature does not matter to qemu -kernel).
     Series {
         name: "7.x",
-        source: Source::Unstable,
+        source: Source::Private(&UNSTABLE),
         prefix: "linux-binary-7.",
         suffix: "-cloud-amd64",
         packages: |pkg| {
@@ -69,8 +99,13 @@ const SERIES: [Series; 3] = [
     },
 ];
 
-/// Private unstable lists older than this are refreshed, so a new 7.x gets picked up.
-const UNSTABLE_LISTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Private lists older than this are refreshed, so a new 7.x gets picked up; versions found
+/// missing from the mirror are tried again after this long too.
+const LISTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How many older versions to try when the newest cannot be downloaded: the mirror these
+/// machines reach lists bullseye-security kernels its pool does not have.
+const OLDER_TRIES: usize = 4;
 
 pub(super) fn ensure(kernels_dir: &Path, name: &str) -> Result<VmKernel> {
     let series = SERIES.iter().find(|s| s.name == name).with_context(|| {
@@ -110,7 +145,8 @@ fn pick_and_fetch(
     series_dir: &Path,
     may_update: bool,
 ) -> Result<VmKernel> {
-    let Some(pkg) = apt.newest(series)? else {
+    let candidates = apt.candidates(series)?;
+    if candidates.is_empty() {
         if may_update {
             apt.update()?;
             return pick_and_fetch(series, apt, series_dir, false);
@@ -120,34 +156,62 @@ fn pick_and_fetch(
             series.prefix,
             series.suffix
         );
-    };
-    let version = apt.candidate_version(&pkg)?;
-    let key = format!("{pkg}_{version}");
-    let dest = series_dir.join(&key);
-    if dest.is_dir() {
-        let kernel = locate(series.name, &dest)?;
-        println!("vm: {}: {pkg} {version} (cached)", series.name);
-        return Ok(kernel);
     }
-
-    println!("vm: {}: picked {pkg} {version}", series.name);
-    let tmp = series_dir.join(format!(".tmp-{}", std::process::id()));
-    let result = fetch(series, apt, &pkg, &tmp, &dest);
-    let _ = fs::remove_dir_all(&tmp);
-    if let Err(e) = result {
-        if !may_update {
-            return Err(e);
+    let unavailable = apt.unavailable();
+    let mut last_err = None;
+    let mut tried = 0;
+    for pkg in &candidates {
+        if tried > OLDER_TRIES {
+            break;
         }
-        // Usually the lists name a version the mirror has already replaced.
-        println!(
-            "vm: {}: {e:#}; refreshing the apt lists and retrying",
-            series.name
-        );
-        apt.update()?;
-        return pick_and_fetch(series, apt, series_dir, false);
+        let version = apt.candidate_version(pkg)?;
+        let key = format!("{pkg}_{version}");
+        if unavailable.contains(&key) {
+            continue;
+        }
+        tried += 1;
+        let dest = series_dir.join(&key);
+        if dest.is_dir() {
+            let kernel = locate(series.name, &dest)?;
+            println!("vm: {}: {pkg} {version} (cached)", series.name);
+            return Ok(kernel);
+        }
+
+        println!("vm: {}: picked {pkg} {version}", series.name);
+        let tmp = series_dir.join(format!(".tmp-{}", std::process::id()));
+        let result = fetch(series, apt, pkg, &tmp, &dest);
+        let _ = fs::remove_dir_all(&tmp);
+        match result {
+            Ok(()) => {
+                prune(series_dir, Some(&key));
+                return locate(series.name, &dest);
+            }
+            // Usually the lists name a version the mirror has already replaced.
+            Err(e) if tried == 1 && may_update => {
+                println!(
+                    "vm: {}: {e:#}; refreshing the apt lists and retrying",
+                    series.name
+                );
+                apt.update()?;
+                return pick_and_fetch(series, apt, series_dir, false);
+            }
+            // Fresh lists, and still missing from the mirror's pool (a frozen snapshot's
+            // lists can be ahead of it): an older build of the series tests the same code
+            // paths. Remembered, so that the next run does not ask again.
+            Err(e) => {
+                println!("vm: {}: {e:#}; trying an older version", series.name);
+                apt.mark_unavailable(&key);
+                last_err = Some(e);
+            }
+        }
     }
-    prune(series_dir, Some(&key));
-    locate(series.name, &dest)
+    Err(last_err.unwrap_or_else(|| {
+        anyhow::anyhow!(
+            "every {}*{} in the apt lists failed to download before",
+            series.prefix,
+            series.suffix
+        )
+    }))
 }
 
 fn fetch(series: &Series, apt: &Apt, pkg: &str, tmp: &Path, dest: &Path) -> Result<()> {
@@ -302,7 +366,7 @@ fn natural_cmp(a: &str, b: &str) -> Ordering {
     a.len().cmp(&b.len())
 }
 
-/// apt-get / apt-cache with either the host's lists or the private unstable ones.
+/// apt-get / apt-cache with either the host's lists or private ones.
 ///
 /// Both keep their binary package cache in our cache dir: this machine's apt config
 /// disables /var/cache/apt/pkgcache.bin, which makes every apt-cache call re-read all
@@ -311,13 +375,16 @@ struct Apt {
     source: Source,
     opts: Vec<String>,
     updated: Cell<bool>,
+    /// `<package>_<version>` keys the mirror failed to serve with fresh lists, one a line;
+    /// forgotten when the lists are updated or after [`LISTS_MAX_AGE`].
+    unavailable: PathBuf,
 }
 
 impl Apt {
     fn new(kernels_dir: &Path, source: Source) -> Result<Self> {
         let dir = kernels_dir.join(match source {
-            Source::Host => "apt-host",
-            Source::Unstable => "apt-unstable",
+            Source::Host => "apt-host".to_string(),
+            Source::Private(suites) => format!("apt-{}", suites.name),
         });
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut opts = vec![
@@ -330,7 +397,7 @@ impl Apt {
             // destination.
             "APT::Sandbox::User=root".to_string(),
         ];
-        if source == Source::Unstable {
+        if let Source::Private(suites) = source {
             let state = dir.join("state");
             let cache = dir.join("cache");
             for d in [state.join("lists/partial"), cache.join("archives/partial")] {
@@ -339,13 +406,23 @@ impl Apt {
             let mirror = env::var("UDPMON_DEBIAN_MIRROR")
                 .unwrap_or_else(|_| "http://deb.debian.org/debian".to_string());
             let sources = dir.join("sources.list");
-            let line = format!(
-                "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {mirror} unstable main\n"
-            );
+            let lines: String = suites
+                .suites
+                .iter()
+                .map(|(archive, suite)| {
+                    let url = match *archive {
+                        "debian-security" => format!("{mirror}-security"),
+                        _ => mirror.clone(),
+                    };
+                    format!(
+                        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {url} {suite} main\n"
+                    )
+                })
+                .collect();
             // Rewriting it would bump its mtime, and apt then rebuilds the 50 MB package
             // cache (1.5 s) on every run.
-            if fs::read_to_string(&sources).ok().as_deref() != Some(line.as_str()) {
-                fs::write(&sources, line)?;
+            if fs::read_to_string(&sources).ok().as_deref() != Some(lines.as_str()) {
+                fs::write(&sources, lines)?;
             }
             let prefs = dir.join("preferences.d");
             fs::create_dir_all(&prefs)?;
@@ -364,8 +441,8 @@ impl Apt {
                 // translations.
                 "Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false".to_string(),
                 "Acquire::Languages=none".to_string(),
-                // The mirror these machines reach serves a frozen snapshot whose unstable
-                // Release expired weeks ago (the host's own apt config turns the check off
+                // The mirror these machines reach serves a frozen snapshot whose
+                // Release files expired weeks ago (the host's own apt config turns the check off
                 // too, in 99artifact-registry). Signatures are still verified.
                 "Acquire::Check-Valid-Until=false".to_string(),
             ]);
@@ -374,14 +451,15 @@ impl Apt {
             source,
             opts,
             updated: Cell::new(false),
+            unavailable: dir.join("unavailable"),
         };
-        if source == Source::Unstable && apt.unstable_lists_stale(&dir.join("state/lists")) {
+        if matches!(source, Source::Private(_)) && apt.lists_stale(&dir.join("state/lists")) {
             apt.update()?;
         }
         Ok(apt)
     }
 
-    fn unstable_lists_stale(&self, lists: &Path) -> bool {
+    fn lists_stale(&self, lists: &Path) -> bool {
         let newest = fs::read_dir(lists).ok().and_then(|entries| {
             entries
                 .flatten()
@@ -392,8 +470,34 @@ impl Apt {
         newest.is_none_or(|t| {
             SystemTime::now()
                 .duration_since(t)
-                .is_ok_and(|age| age > UNSTABLE_LISTS_MAX_AGE)
+                .is_ok_and(|age| age > LISTS_MAX_AGE)
         })
+    }
+
+    fn unavailable(&self) -> Vec<String> {
+        let fresh = fs::metadata(&self.unavailable)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| {
+                SystemTime::now()
+                    .duration_since(t)
+                    .is_ok_and(|age| age < LISTS_MAX_AGE)
+            });
+        if !fresh {
+            return Vec::new();
+        }
+        fs::read_to_string(&self.unavailable)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn mark_unavailable(&self, key: &str) {
+        let mut keys = self.unavailable();
+        keys.push(key.to_string());
+        if let Err(e) = fs::write(&self.unavailable, keys.join("\n") + "\n") {
+            println!("vm: warning: writing {}: {e}", self.unavailable.display());
+        }
     }
 
     fn command(&self, program: &str) -> Command {
@@ -409,13 +513,14 @@ impl Apt {
             return Ok(());
         }
         let what = match self.source {
-            Source::Host => "the host's apt lists",
-            Source::Unstable => "the private Debian unstable apt lists",
+            Source::Host => "the host's apt lists".to_string(),
+            Source::Private(suites) => format!("the private Debian {} apt lists", suites.name),
         };
         println!("vm: updating {what}");
+        let _ = fs::remove_file(&self.unavailable);
         let mut cmd = self.command("apt-get");
         cmd.args(["-q", "update"]);
-        if self.source == Source::Unstable {
+        if matches!(self.source, Source::Private(_)) {
             // Its only source failing is otherwise just a warning, and would surface
             // later as a puzzling "no package". (The host's lists may carry unrelated
             // broken sources, so there a partial update has to do.)
@@ -425,17 +530,20 @@ impl Apt {
         Ok(())
     }
 
-    fn newest(&self, series: &Series) -> Result<Option<String>> {
+    /// The series' packages in the lists, newest first.
+    fn candidates(&self, series: &Series) -> Result<Vec<String>> {
         let names = host::output(self.command("apt-cache").args(["pkgnames", series.prefix]))?;
-        Ok(names
+        let mut names: Vec<String> = names
             .lines()
             .filter(|n| {
                 n.strip_prefix(series.prefix)
                     .and_then(|rest| rest.strip_suffix(series.suffix))
                     .is_some_and(|mid| !mid.is_empty() && !mid.contains('-'))
             })
-            .max_by(|a, b| natural_cmp(a, b))
-            .map(str::to_string))
+            .map(str::to_string)
+            .collect();
+        names.sort_by(|a, b| natural_cmp(b, a));
+        Ok(names)
     }
 
     /// `apt-cache policy` rather than `show`: it answers from the package cache alone,

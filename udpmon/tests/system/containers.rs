@@ -1,0 +1,182 @@
+//! Issue 14, item 3: a real container. Debian's podman runs an image built `FROM scratch`
+//! with busybox-static (no registry), with runc and the cgroupfs manager (crun refuses this
+//! host's hybrid cgroups, and the default RLIMIT_NOFILE/RLIMIT_NPROC requests are refused,
+//! hence the explicit `--ulimit`s), and without a network (its own namespace, loopback only).
+//! busybox `nslookup` asks 127.0.0.1:53 where nothing listens: every event of its socket
+//! must name the container by podman's full id and name, with the container's network
+//! namespace; a second udpmon with `--container NAME` prints that socket and nothing from
+//! outside the container.
+use std::{
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use serde_json::Value;
+
+use crate::{
+    behaviour::once,
+    harness::{Outcome, Strategy, Udpmon, is, need_tools, s},
+};
+
+/// podman as the test needs it on hosts like this one (see the module comment).
+fn podman(args: &[&str]) -> Output {
+    Command::new("podman")
+        .args(["--cgroup-manager", "cgroupfs", "--runtime", "runc"])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running podman {args:?}: {e}"))
+}
+
+fn podman_ok(args: &[&str]) -> String {
+    let out = podman(args);
+    assert!(
+        out.status.success(),
+        "podman {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// What the scenario made, removed however it ends.
+struct Made {
+    dir: PathBuf,
+    image: String,
+    container: String,
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        let _ = podman(&["rm", "--force", "--time", "0", &self.container]);
+        let _ = podman(&["rmi", "--force", &self.image]);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A statically linked busybox: the image has no libc.
+fn static_busybox() -> Option<PathBuf> {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| fs::read(p).is_ok_and(|elf| is_static(&elf)))
+}
+
+/// A 64-bit little-endian ELF file without a program interpreter (PT_INTERP).
+fn is_static(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    let num = |at: usize, len: usize| {
+        elf.get(at..at + len)
+            .map(|b| b.iter().rev().fold(0usize, |n, x| n << 8 | usize::from(*x)))
+    };
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (num(0x20, 8), num(0x36, 2), num(0x38, 2))
+    else {
+        return false;
+    };
+    elf.starts_with(b"\x7fELF\x02\x01")
+        && (0..phnum)
+            .all(|i| num(phoff + i * phentsize, 4).is_some_and(|t| t != PT_INTERP as usize))
+}
+
+pub fn podman_container(st: Strategy) -> Outcome {
+    if let Err(o) = once(st) {
+        return o;
+    }
+    if let Err(o) = need_tools(&["podman", "runc"]) {
+        return o;
+    }
+    let Some(busybox) = static_busybox() else {
+        return Outcome::Skip("no static busybox (package busybox-static)".into());
+    };
+    let tag = format!("udpmon-test-{}", std::process::id());
+    let made = Made {
+        dir: std::env::temp_dir().join(&tag),
+        image: format!("localhost/{tag}:latest"),
+        container: tag.clone(),
+    };
+    build_image(&made.dir, &busybox, &made.image);
+
+    let mut all = Udpmon::start(st, &[]).expect("udpmon starts");
+    let mut only = Udpmon::start(st, &["--container", &made.container]).expect("udpmon starts");
+    let id = podman_ok(&[
+        "create",
+        "--name",
+        &made.container,
+        "--network",
+        "none",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        &made.image,
+        "/bin/busybox",
+        "sh",
+        "-c",
+        // The container stays up until the test removes it, so that its namespace is there
+        // to be resolved; the query fails at once (ECONNREFUSED).
+        "/bin/busybox nslookup example.invalid 127.0.0.1; exec /bin/busybox sleep 600",
+    ]);
+    assert!(
+        id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "podman create printed {id:?}"
+    );
+    podman_ok(&["start", &made.container]);
+    let pid = podman_ok(&["inspect", "--format", "{{.State.Pid}}", &made.container]);
+    let netns = fs::metadata(format!("/proc/{pid}/ns/net"))
+        .unwrap_or_else(|e| panic!("the container's process {pid}: {e}"))
+        .ino();
+
+    let query =
+        |v: &Value| is(v, "close") && v["netns"] == netns && s(v, "remote") == "127.0.0.1:53";
+    let close = all.wait_for("CLOSE of the container's query socket", query);
+    let cookie = close["cookie"].clone();
+    let story = all.all(|v| v["cookie"] == cookie);
+    let kinds: Vec<&str> = story.iter().map(|v| s(v, "event")).collect();
+    assert!(
+        kinds.contains(&"connect") && kinds.contains(&"unreachable"),
+        "the query's socket: {kinds:?}\n{}",
+        all.dump()
+    );
+    for v in &story {
+        let c = &v["container"];
+        assert_eq!(c["id"], id.as_str(), "{v}");
+        assert_eq!(c["name"], made.container.as_str(), "{v}");
+        assert_eq!(c["runtime"], "podman", "{v}");
+        assert!(c["pod"].is_null() && c["pod_uid"].is_null(), "{v}");
+        assert_eq!(v["netns"], netns, "{v}");
+    }
+
+    // The filtered udpmon: the same socket, and only the container's events.
+    only.wait_for("CLOSE of the query socket through --container", |v| {
+        v["cookie"] == cookie && is(v, "close")
+    });
+    let filtered = only.all(|_| true);
+    let strangers: Vec<&Value> = filtered
+        .iter()
+        .filter(|v| v["container"]["id"] != id.as_str())
+        .collect();
+    assert!(
+        strangers.is_empty(),
+        "--container let through: {strangers:?}"
+    );
+    Outcome::Pass
+}
+
+/// `FROM scratch` with busybox as its only file.
+fn build_image(dir: &Path, busybox: &Path, image: &str) {
+    fs::create_dir_all(dir).expect("temp dir");
+    fs::copy(busybox, dir.join("busybox")).expect("copying busybox");
+    fs::write(
+        dir.join("Containerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\n",
+    )
+    .expect("writing the Containerfile");
+    podman_ok(&[
+        "build",
+        "--quiet",
+        "--tag",
+        image,
+        &dir.display().to_string(),
+    ]);
+}

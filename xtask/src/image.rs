@@ -7,11 +7,8 @@
 //! port; udpmon's JSON lines must report it.
 use std::{
     fs,
-    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    thread,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -19,7 +16,7 @@ use anyhow::{Context as _, bail, ensure};
 use serde::Deserialize as _;
 use serde_json::Value;
 
-use crate::{bootstrap, build, util::run};
+use crate::{bootstrap, build, running::Running, util::run};
 
 const CONTAINERFILE: &str = "deploy/Containerfile";
 const MANIFEST: &str = "deploy/daemonset.yaml";
@@ -27,8 +24,6 @@ const REPOSITORY: &str = "localhost/udpmon";
 /// The sender's image, built from busybox-static (bootstrap installs it).
 const SENDER_IMAGE: &str = "localhost/udpmon-test-busybox:latest";
 const BUSYBOX: &str = "/bin/busybox";
-/// What udpmon prints on standard error once its programs are attached.
-const READY: &str = "watching UDP sockets";
 /// udpmon's one-line warning when a capability it wants is missing (privileges.rs).
 const BLIND: &str = "udpmon does not see";
 const CONTAINER: &str = "udpmon-image-test";
@@ -375,97 +370,12 @@ fn build_sender() -> anyhow::Result<()> {
         .stdout(Stdio::null()))
 }
 
-/// Lines from a child's stream, read on a thread.
-fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for l in BufReader::new(r).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
+/// udpmon's container, removed whatever happens.
+struct Container;
 
-/// The udpmon container; removed whatever happens.
-struct Udpmon {
-    child: Child,
-    out: mpsc::Receiver<String>,
-    err: mpsc::Receiver<String>,
-    stdout: Vec<String>,
-    stderr: Vec<String>,
-}
-
-impl Udpmon {
-    fn poll(&mut self) {
-        self.stdout.extend(self.out.try_iter());
-        self.stderr.extend(self.err.try_iter());
-    }
-
-    /// What is left of both streams once the container has exited.
-    fn drain(&mut self) {
-        while let Ok(l) = self.err.recv_timeout(Duration::from_secs(2)) {
-            self.stderr.push(l);
-        }
-        self.stdout.extend(self.out.try_iter());
-    }
-
-    fn said(&self) -> String {
-        self.stderr.join(" / ")
-    }
-
-    fn ready(&mut self) -> anyhow::Result<()> {
-        let end = Instant::now() + Duration::from_secs(60);
-        loop {
-            self.poll();
-            if self.stderr.iter().any(|l| l.contains(READY)) {
-                return Ok(());
-            }
-            if let Some(status) = self.child.try_wait()? {
-                self.drain();
-                bail!(
-                    "udpmon's container exited ({status}) before attaching: {}",
-                    self.said()
-                );
-            }
-            ensure!(
-                Instant::now() < end,
-                "no {READY:?} within 60 s: {}",
-                self.said()
-            );
-            if let Ok(l) = self.err.recv_timeout(Duration::from_millis(100)) {
-                self.stderr.push(l);
-            }
-        }
-    }
-
-    /// SIGTERM through podman, as the kubelet stops a pod; udpmon must exit 0.
-    fn stop(&mut self) -> anyhow::Result<()> {
-        let _ = podman().args(["kill", "--signal=TERM", CONTAINER]).output();
-        let end = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(s) = self.child.try_wait()? {
-                break s;
-            }
-            ensure!(Instant::now() < end, "still running 30 s after SIGTERM");
-            self.poll();
-            thread::sleep(Duration::from_millis(50));
-        };
-        while let Ok(l) = self.out.recv_timeout(Duration::from_secs(2)) {
-            self.stdout.push(l);
-        }
-        self.drain();
-        ensure!(status.success(), "exit status {status}: {}", self.said());
-        Ok(())
-    }
-}
-
-impl Drop for Udpmon {
+impl Drop for Container {
     fn drop(&mut self) {
         let _ = podman().args(["rm", "-f", "-t", "0", CONTAINER]).output();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -493,6 +403,7 @@ pub fn check() -> anyhow::Result<Vec<String>> {
     build_sender()?;
 
     let _ = podman().args(["rm", "-f", "-t", "0", CONTAINER]).output();
+    let _container = Container;
     let mut cmd = podman();
     cmd.args(["run", "--rm", "--name", CONTAINER])
         .args(ulimits())
@@ -500,22 +411,8 @@ pub fn check() -> anyhow::Result<Vec<String>> {
         .arg(&spec.image)
         .args(&spec.args);
     println!("[image] {cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("spawning podman run")?;
-    let out = lines(child.stdout.take().expect("piped"));
-    let err = lines(child.stderr.take().expect("piped"));
-    let mut u = Udpmon {
-        child,
-        out,
-        err,
-        stdout: Vec::new(),
-        stderr: Vec::new(),
-    };
-    u.ready()?;
+    let mut u = Running::spawn(&mut cmd, false, true)?;
+    u.ready().context("udpmon's container")?;
     ensure!(
         !u.stderr.iter().any(|l| l.contains(BLIND)),
         "udpmon lacks capabilities in its container: {}",
@@ -546,7 +443,6 @@ pub fn check() -> anyhow::Result<Vec<String>> {
         .unwrap_or(0);
     let end = Instant::now() + Duration::from_secs(30);
     let (connect, unreachable) = loop {
-        u.poll();
         let events: Vec<Value> = u
             .stdout
             .iter()
@@ -569,9 +465,7 @@ pub fn check() -> anyhow::Result<Vec<String>> {
             u.stdout.join(" / "),
             u.said()
         );
-        if let Ok(l) = u.out.recv_timeout(Duration::from_millis(100)) {
-            u.stdout.push(l);
-        }
+        u.poll(Duration::from_millis(100));
     };
     let memory = podman()
         .args([
@@ -584,7 +478,10 @@ pub fn check() -> anyhow::Result<Vec<String>> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
-    u.stop()?;
+    // SIGTERM through podman, as the kubelet stops a pod; udpmon must exit 0.
+    let _ = podman().args(["kill", "--signal=TERM", CONTAINER]).output();
+    let status = u.wait("SIGTERM")?;
+    ensure!(status.success(), "exit status {status}: {}", u.said());
 
     ensure!(
         connect["comm"] == "busybox" && connect["process"] == "busybox",

@@ -7,6 +7,7 @@ mod build;
 mod deb;
 mod image;
 mod package;
+mod running;
 mod test;
 mod util;
 mod vm;

@@ -12,25 +12,23 @@
 use std::{
     collections::BTreeSet,
     fs,
-    io::{BufRead as _, BufReader},
     net::UdpSocket,
-    os::unix::{fs::MetadataExt as _, process::CommandExt as _},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail, ensure};
 
+use crate::running::Running;
+
 const UNIT: &str = "/usr/lib/systemd/system/udpmon.service";
 const DEFAULTS: &str = "/etc/default/udpmon";
 const LOGROTATE: &str = "/etc/logrotate.d/udpmon";
 const LOG_DIR: &str = "/var/log/udpmon";
 const BIN: &str = "/usr/bin/udpmon";
-/// What udpmon prints on standard error once its programs are attached.
-const READY: &str = "watching UDP sockets";
 
 enum Outcome {
     Pass,
@@ -396,114 +394,14 @@ fn version() -> anyhow::Result<Outcome> {
     Ok(Outcome::Pass)
 }
 
-/// A child whose standard error is read line by line on a thread.
-struct Running {
-    child: Child,
-    /// Signals go to the child's process group (strace and the udpmon it traces).
-    group: bool,
-    rx: mpsc::Receiver<String>,
-    stderr: Vec<String>,
-}
-
-impl Running {
-    fn spawn(cmd: &mut Command, group: bool) -> anyhow::Result<Running> {
-        if group {
-            cmd.process_group(0);
-        }
-        let mut child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("spawning {cmd:?}"))?;
-        let err = child.stderr.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Running {
-            child,
-            group,
-            rx,
-            stderr: Vec::new(),
-        })
-    }
-
-    /// Waits for udpmon's "watching UDP sockets" line.
-    fn ready(&mut self) -> anyhow::Result<()> {
-        let end = Instant::now() + Duration::from_secs(60);
-        loop {
-            if self.stderr.iter().any(|l| l.contains(READY)) {
-                return Ok(());
-            }
-            if let Some(status) = self.child.try_wait()? {
-                self.drain();
-                bail!("exited ({status}) before attaching: {}", self.said());
-            }
-            if Instant::now() > end {
-                self.kill();
-                bail!("no {READY:?} within 60 s: {}", self.said());
-            }
-            if let Ok(l) = self.rx.recv_timeout(Duration::from_millis(100)) {
-                self.stderr.push(l);
-            }
-        }
-    }
-
-    /// Sends `sig` and waits for the exit.
-    fn stop(&mut self, sig: i32) -> anyhow::Result<std::process::ExitStatus> {
-        self.signal(sig)?;
-        let end = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                self.drain();
-                return Ok(status);
-            }
-            if Instant::now() > end {
-                self.kill();
-                bail!("still running 30 s after signal {sig}: {}", self.said());
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn signal(&self, sig: i32) -> anyhow::Result<()> {
-        let pid = self.child.id() as i32;
-        let target = if self.group { -pid } else { pid };
-        // SAFETY: kill has no memory-safety preconditions.
-        if unsafe { libc::kill(target, sig) } != 0 {
-            bail!("kill({target}, {sig}): {}", std::io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// SIGKILL, to the whole group if it has one: a tracee outlives a killed strace.
-    fn kill(&mut self) {
-        if self.child.try_wait().is_ok_and(|s| s.is_none()) {
-            let _ = self.signal(libc::SIGKILL);
-            let _ = self.child.wait();
-        }
-    }
-
-    fn drain(&mut self) {
-        // The reader thread ends at EOF, which follows the exit.
-        while let Ok(l) = self.rx.recv_timeout(Duration::from_secs(2)) {
-            self.stderr.push(l);
-        }
-    }
-
-    fn said(&self) -> String {
-        self.stderr.join(" / ")
-    }
-}
-
 /// The installed binary, as root, with the strategy every kernel has: attached, then SIGINT
 /// ends it with status 0.
 fn short_run() -> anyhow::Result<Outcome> {
-    let mut r = Running::spawn(Command::new(BIN).args(["--hooks", "tracepoint"]), false)?;
+    let mut r = Running::spawn(
+        Command::new(BIN).args(["--hooks", "tracepoint"]),
+        false,
+        false,
+    )?;
     r.ready()?;
     let status = r.stop(libc::SIGINT)?;
     ensure!(status.success(), "exit status {status}: {}", r.said());
@@ -577,6 +475,7 @@ fn syscall_filter(scratch: &Path) -> anyhow::Result<Outcome> {
             .args([BIN, "--format", "json", "--output"])
             .arg(&events),
         true,
+        false,
     )?;
     let res = r
         .ready()
@@ -708,6 +607,7 @@ fn service_configuration(scratch: &Path) -> anyhow::Result<Outcome> {
             ])
             .args(&args)
             .current_dir("/"),
+        false,
         false,
     )?;
     let res = (|| -> anyhow::Result<()> {

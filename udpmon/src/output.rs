@@ -108,14 +108,6 @@ impl Output {
     }
 
     fn write(&mut self, buf: &[u8]) -> io::Result<()> {
-        // Where the file ended, to cut a half-written line off again (regular files only:
-        // a pipe or terminal cannot be cut, and does not run out of space).
-        let start = self
-            .file
-            .metadata()
-            .ok()
-            .filter(|m| m.is_file())
-            .map(|m| m.len());
         let mut done = 0;
         let err = loop {
             if done == buf.len() {
@@ -140,10 +132,17 @@ impl Output {
             .iter()
             .rposition(|&b| b == b'\n')
             .map_or(0, |i| i + 1);
+        // The half line is cut off again: the file is appended to by udpmon alone, so it ends
+        // with what this write put there (regular files only: a pipe or terminal cannot be
+        // cut, and does not run out of space). Its length is asked only now, not at every
+        // batch.
         if kept < done
-            && let Some(start) = start
+            && let Ok(m) = self.file.metadata()
+            && m.is_file()
         {
-            let _ = self.file.set_len(start + kept as u64);
+            let _ = self
+                .file
+                .set_len(m.len().saturating_sub((done - kept) as u64));
         }
         let lost = buf[kept..].iter().filter(|&&b| b == b'\n').count() as u64;
         self.unwritten.lost(&self.name, &err, lost);

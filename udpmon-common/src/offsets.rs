@@ -113,3 +113,33 @@ pub mod helpers {
     /// `bpf_get_socket_cookie` on a BTF-typed `struct sock *` (5.12).
     pub const SOCKET_COOKIE: u32 = 1 << 1;
 }
+
+/// The read-only global `ICMP_RCV_TEXT`: where the kernel's ICMP receive handlers lie in its
+/// text, `[start, end)` of `icmp_rcv` and of `icmpv6_rcv` (from /proc/kallsyms). The
+/// skb-free tracepoints fire for every skb the host frees; their `location` argument is the
+/// freeing call's return address, so a program can pass over every skb an ICMP handler did
+/// not free without touching it (a cache-cold skb otherwise costs the first load). Where the
+/// addresses are unknown, a range covers all of memory and every skb is looked at.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IcmpRcvText {
+    pub v4: [u64; 2],
+    pub v6: [u64; 2],
+}
+
+impl IcmpRcvText {
+    /// Every address: no skb is passed over.
+    pub const UNKNOWN: Self = Self {
+        v4: [0, u64::MAX],
+        v6: [0, 0],
+    };
+
+    #[inline(always)]
+    pub fn contains(&self, addr: u64) -> bool {
+        (addr >= self.v4[0] && addr < self.v4[1]) || (addr >= self.v6[0] && addr < self.v6[1])
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C) of u64 only, no padding.
+unsafe impl aya::Pod for IcmpRcvText {}

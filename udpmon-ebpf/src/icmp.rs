@@ -1,5 +1,5 @@
 //! ICMP errors: which flow they are about, and whether the application was told. The same
-//! two tracepoints serve every strategy, and neither runs for ordinary traffic:
+//! two tracepoints serve every strategy, and neither does any work for ordinary traffic:
 //! 1. tp_btf inet_sk_error_report fires only when the kernel sets sk_err or queues the error
 //!    on a socket (KERNEL.md §3), inside the UDP error handler: `on_error_report` keeps what
 //!    it says in a per-CPU slot;
@@ -71,13 +71,14 @@ fn is_error(proto: u8, ty: u8) -> bool {
     }
 }
 
-/// tp_btf consume_skb and kfree_skb: every skb the kernel frees, on every strategy: each
-/// packet a NIC transmits, and the received skbs a socket frees on another CPU than the one
-/// they arrived on. So plain loads rule out all but ICMP errors before any helper call: an
-/// ICMP skb belongs to no socket, still has its route, and its data starts right after the
-/// 8-byte ICMP header (icmp_rcv and icmpv6_rcv pull it, leaving `data` at the quoted
-/// datagram). Transmitted skbs have a socket or an L2 header at `data`; deferred received
-/// ones have had their route dropped.
+/// tp_btf consume_skb and kfree_skb: the skbs icmp_rcv and icmpv6_rcv free, where the
+/// tracepoint says who frees (`ICMP_RCV_TEXT`), else every skb the kernel frees, on every
+/// strategy: each packet a NIC transmits, and the received skbs a socket frees on another CPU
+/// than the one they arrived on. So plain loads rule out all but ICMP errors before any
+/// helper call: an ICMP skb belongs to no socket, still has its route, and its data starts
+/// right after the 8-byte ICMP header (icmp_rcv and icmpv6_rcv pull it, leaving `data` at the
+/// quoted datagram). Transmitted skbs have a socket or an L2 header at `data`; deferred
+/// received ones have had their route dropped.
 #[inline(always)]
 pub fn on_skb_freed(skb: u64) {
     let sk: u64 = field(skb, off!(skb_sk));

@@ -30,6 +30,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use kread::Btf;
+use maps::freed_by_icmp_rcv;
 
 /// Every strategy: names the owner of each new socket and makes the kernel generate its
 /// cookie.
@@ -50,21 +51,34 @@ pub fn icmp_error_report(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// `consume_skb(struct sk_buff *skb[, void *location])` tracepoint: the end of a
-/// successfully handled ICMP (location was added in 6.3; only arg 0 is read).
+/// `consume_skb(struct sk_buff *skb, void *location)` tracepoint (>= 6.3): the end of a
+/// successfully handled ICMP error, among every other skb the host frees. `location` rules
+/// out all but the ICMP handlers' frees before the skb is touched.
 #[btf_tracepoint(function = "consume_skb")]
 pub fn skb_consumed(ctx: BtfTracePointContext) -> i32 {
+    if freed_by_icmp_rcv(ctx.arg::<u64>(1)) {
+        icmp::on_skb_freed(ctx.arg::<u64>(0));
+    }
+    0
+}
+
+/// `consume_skb(struct sk_buff *skb)` before 6.3, which had no `location`: the skb's own
+/// fields tell (see `icmp::on_skb_freed`).
+#[btf_tracepoint(function = "consume_skb")]
+pub fn skb_consumed_no_location(ctx: BtfTracePointContext) -> i32 {
     icmp::on_skb_freed(ctx.arg::<u64>(0));
     0
 }
 
 /// `kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason[, struct sock
-/// *rx_sk])`: reason since 5.17, rx_sk since 6.12; args 0 and 2 are read.
+/// *rx_sk])`: reason since 5.17, rx_sk since 6.12; args 0 to 2 are read.
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn skb_dropped(ctx: BtfTracePointContext) -> i32 {
     let skb = ctx.arg::<u64>(0);
-    icmp::on_skb_freed(skb);
     refused::on_drop(skb, ctx.arg::<u32>(2));
+    if freed_by_icmp_rcv(ctx.arg::<u64>(1)) {
+        icmp::on_skb_freed(skb);
+    }
     0
 }
 
@@ -72,7 +86,9 @@ pub fn skb_dropped(ctx: BtfTracePointContext) -> i32 {
 /// errors only (icmpv6_rcv frees every error it handled this way there, too).
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn skb_dropped_no_reason(ctx: BtfTracePointContext) -> i32 {
-    icmp::on_skb_freed(ctx.arg::<u64>(0));
+    if freed_by_icmp_rcv(ctx.arg::<u64>(1)) {
+        icmp::on_skb_freed(ctx.arg::<u64>(0));
+    }
     0
 }
 

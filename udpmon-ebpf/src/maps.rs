@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
-use udpmon_common::{COUNTERS, Counter, Event, FlowKey, FlowStats, Offsets};
+use udpmon_common::{COUNTERS, Counter, Event, FlowKey, FlowStats, IcmpRcvText, Offsets};
 
 /// Transitions only. 4 MiB holds ~29000 events: a second and more of new flows at 20k/s
 /// while userspace is busy with its once-a-second pass over every flow.
@@ -56,6 +56,10 @@ pub static SELF_TGID: u32 = 0;
 /// before calling a helper that not every kernel lets tracing programs call.
 #[unsafe(no_mangle)]
 pub static HELPERS: u32 = 0;
+
+/// Where icmp_rcv and icmpv6_rcv lie in kernel text, set at load time: see [`IcmpRcvText`].
+#[unsafe(no_mangle)]
+pub static ICMP_RCV_TEXT: IcmpRcvText = IcmpRcvText::UNKNOWN;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -117,6 +121,14 @@ pub fn self_tgid() -> u32 {
 pub fn has_helper(bit: u32) -> bool {
     // SAFETY: a read-only global set at load time, as `OFFSETS`.
     unsafe { core::ptr::read_volatile(&HELPERS) & bit != 0 }
+}
+
+/// Whether a free at `location` (the skb-free tracepoints' caller address) was an ICMP
+/// receive handler's: only those can free an ICMP error.
+#[inline(always)]
+pub fn freed_by_icmp_rcv(location: u64) -> bool {
+    // SAFETY: a read-only global set at load time, as `OFFSETS`.
+    unsafe { core::ptr::read_volatile(&ICMP_RCV_TEXT) }.contains(location)
 }
 
 /// Adds one to a health counter. Atomic although per-CPU: a softirq program can interrupt a

@@ -272,8 +272,24 @@ impl KernelBtf {
     /// A tracepoint a tp_btf program can attach to: the kernel describes each with a
     /// `btf_trace_<name>` typedef.
     pub fn has_tracepoint(&self, tp: &str) -> bool {
+        self.tracepoint_args(tp).is_some()
+    }
+
+    /// How many arguments a tp_btf program on `tp` gets: `btf_trace_<tp>` points to a
+    /// prototype whose first parameter is the tracepoint's own `void *`, not an argument.
+    pub fn tracepoint_args(&self, tp: &str) -> Option<usize> {
         let name = format!("btf_trace_{tp}");
-        self.ids_named(&name, &[KIND_TYPEDEF]).next().is_some()
+        let id = self.ids_named(&name, &[KIND_TYPEDEF]).next()?;
+        let ptr = self
+            .types
+            .get(self.types[id as usize].size_or_type as usize)?;
+        if ptr.kind != KIND_PTR {
+            return None;
+        }
+        match &self.types.get(ptr.size_or_type as usize)?.data {
+            Data::Params(p) => Some(p.len().saturating_sub(1)),
+            _ => None,
+        }
     }
 
     fn name(&self, off: u32) -> &str {
@@ -780,6 +796,9 @@ mod tests {
         // Tracepoints every strategy attaches to, and one no kernel has.
         assert!(btf.has_tracepoint("consume_skb") && btf.has_tracepoint("kfree_skb"));
         assert!(!btf.has_tracepoint("udpmon_no_such_tracepoint"));
+        // kfree_skb has had `location` since BTF exists; consume_skb since 6.3.
+        assert!(btf.tracepoint_args("kfree_skb").unwrap() >= 2);
+        assert!((1..=2).contains(&btf.tracepoint_args("consume_skb").unwrap()));
         assert_eq!(
             btf.func_params("udp_sendmsg").unwrap(),
             ["sk", "msg", "len"]
@@ -796,6 +815,7 @@ mod tests {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         if release.starts_with("6.18.") {
             assert_eq!(o.drop_reason_no_socket, 3);
+            assert_eq!(btf.tracepoint_args("consume_skb"), Some(2));
         }
         eprintln!("{release}{o:#?}");
     }

@@ -4,6 +4,7 @@
 //! Each strategy is a table of hooks (data, in its own file); this module walks a table,
 //! loads and attaches every hook, and reports what a missing optional hook costs.
 mod fentry;
+mod kallsyms;
 mod kprobe;
 mod stats;
 mod tracepoint;
@@ -25,7 +26,7 @@ use aya::{
     },
 };
 use log::{info, warn};
-use udpmon_common::Offsets;
+use udpmon_common::{IcmpRcvText, Offsets};
 
 /// The eBPF object built by udpmon/build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udpmon"));
@@ -184,11 +185,17 @@ fn shared_hooks(btf: &crate::btf::KernelBtf, strategy: Strategy) -> Vec<Hook> {
                 .absent("the kfree_skb tracepoint has no drop reason before 5.17"),
         ]
     };
+    // consume_skb gained `location` in 6.3.
+    let consumed = if btf.tracepoint_args("consume_skb") >= Some(2) {
+        program::SKB_CONSUMED
+    } else {
+        program::SKB_CONSUMED_NO_LOCATION
+    };
     let mut hooks = vec![
         create,
         // ICMP errors are recognised when their skb is freed, after the kernel handled them
         // (consumed, or dropped: kfree_skb below); see udpmon-ebpf/src/icmp.rs.
-        Hook::required(program::SKB_CONSUMED, Target::TpBtf("consume_skb")),
+        Hook::required(consumed, Target::TpBtf("consume_skb")),
         report,
     ];
     hooks.extend(drops);
@@ -354,19 +361,36 @@ pub struct LoadOptions {
 
 /// Tries `choice` (or every strategy in order for `None`) and returns the first that works.
 pub fn load(choice: Option<Strategy>, opts: &LoadOptions) -> anyhow::Result<Probes> {
+    // Reading /proc/kallsyms takes tens of milliseconds of kernel time: beside the BTF parse.
+    let icmp_rcv = std::thread::spawn(kallsyms::icmp_rcv_text);
     let kbtf = crate::btf::KernelBtf::from_sys_fs()
         .context("reading kernel BTF (/sys/kernel/btf/vmlinux); udpmon needs a kernel built with CONFIG_DEBUG_INFO_BTF")?;
     let memlock = raise_memlock(&kbtf);
     let btf = Btf::from_sys_fs().context("parsing kernel BTF")?;
     let offsets =
         crate::btf::resolve_offsets(&kbtf).context("resolving kernel struct offsets from BTF")?;
+    let icmp_rcv = icmp_rcv
+        .join()
+        .unwrap_or_else(|_| Err("reading /proc/kallsyms panicked".into()))
+        .unwrap_or_else(|e| {
+            info!("where the ICMP handlers are is unknown ({e}): every freed skb is examined");
+            IcmpRcvText::UNKNOWN
+        });
     let order: Vec<Strategy> = match choice {
         Some(s) => vec![s],
         None => Strategy::ALL.to_vec(),
     };
     let mut failures = Vec::new();
     for strategy in order {
-        match load_strategy(strategy, &kbtf, &btf, &offsets, opts, memlock.as_deref()) {
+        match load_strategy(
+            strategy,
+            &kbtf,
+            &btf,
+            &offsets,
+            &icmp_rcv,
+            opts,
+            memlock.as_deref(),
+        ) {
             Ok(p) => {
                 info!("hook strategy: {strategy}");
                 for d in &p.degraded {
@@ -393,6 +417,7 @@ fn load_strategy(
     kbtf: &crate::btf::KernelBtf,
     btf: &Btf,
     offsets: &Offsets,
+    icmp_rcv: &IcmpRcvText,
     opts: &LoadOptions,
     memlock: Option<&str>,
 ) -> anyhow::Result<Probes> {
@@ -410,6 +435,7 @@ fn load_strategy(
         .override_global(global::OFFSETS, offsets, true)
         .override_global(global::SELF_TGID, &opts.self_tgid, true)
         .override_global(global::HELPERS, &helpers, true)
+        .override_global(global::ICMP_RCV_TEXT, icmp_rcv, true)
         .override_global(aya_log::LEVEL, &log_level, false)
         .map_max_entries(map::FLOWS, flows)
         .map_max_entries(map::OWNERS, side)

@@ -24,7 +24,7 @@ use crate::{
     decode::{self, Fact, KernelEvent},
     engine::{CloseReason, Counters, Detail, Engine, FlowId, Report},
     filter::Filter,
-    flowmap::Snapshot,
+    flowmap::{Removals, Snapshot},
     health::{self, Health, Warner},
     netns::{self, Lookup, NetnsMap},
     probes::{Probes, map},
@@ -68,6 +68,8 @@ pub struct Agent {
     flows_fd: OwnedFd,
     /// The tick's bulk read of every flow's counters; None once batch reads failed.
     snapshot: Option<Snapshot>,
+    /// Kernel entries of flows that ended, deleted together once the reports are written.
+    removals: Removals,
     healthmap: PerCpuArray<MapData, u64>,
     engine: Engine,
     filter: Filter,
@@ -123,6 +125,7 @@ impl Agent {
             flows,
             flows_fd,
             snapshot: Some(Snapshot::default()),
+            removals: Removals::default(),
             healthmap,
             probes,
             engine,
@@ -395,7 +398,7 @@ impl Agent {
             reports.extend(self.engine.on_event(&ev, &read));
             // The socket is gone: so are its kernel flow entries.
             for id in &closing {
-                let _ = self.flows.remove(&FlowKey::from(id));
+                self.removals.push(FlowKey::from(id));
             }
         }
     }
@@ -444,7 +447,7 @@ impl Agent {
             } = r.detail
             {
                 // Without its kernel entry, new traffic reopens the flow with fresh events.
-                let _ = self.flows.remove(&FlowKey::from(&FlowId {
+                self.removals.push(FlowKey::from(&FlowId {
                     cookie: r.cookie,
                     remote: r.remote,
                 }));
@@ -452,6 +455,9 @@ impl Agent {
             if self.filter.matches(r) {
                 self.sinks.report(r)?;
             }
+        }
+        if let Err(e) = self.removals.flush(self.flows_fd.as_fd()) {
+            log::debug!("deleting ended flows from the kernel map: {e}");
         }
         self.sinks.flush()
     }

@@ -43,10 +43,9 @@
 //!   predates udpmon: counts and duration are lower bounds)}
 //! - refused: `last_owner` {`pid`, `comm`, `process`, `uid`} of the last process seen on the local
 //!   port, or null
-use std::fmt::Write as _;
+use std::io::Write as _;
 
-use serde_json::{Map, Value, json};
-use time::macros::format_description;
+use time::OffsetDateTime;
 
 use super::{ClockOffset, family_name, ms, verdict_name};
 use crate::{
@@ -61,19 +60,9 @@ pub struct JsonFormat {
     clock: ClockOffset,
 }
 
-/// `v` as JSON that is also safe on a terminal: JSON itself requires escaping only C0
+/// serde_json's escaping, also safe on a terminal: JSON itself requires escaping only C0
 /// control characters, so DEL and the C1 controls (U+0080..U+009F, which some terminals obey
 /// as escape sequences) are escaped too. They can only come from process names.
-fn to_json(v: &(impl serde::Serialize + ?Sized)) -> String {
-    let mut buf = Vec::with_capacity(64);
-    let mut ser = serde_json::Serializer::with_formatter(&mut buf, TerminalSafe);
-    if v.serialize(&mut ser).is_err() {
-        return "null".into();
-    }
-    // serde_json writes UTF-8 only.
-    String::from_utf8(buf).unwrap_or_else(|_| "null".into())
-}
-
 struct TerminalSafe;
 
 impl serde_json::ser::Formatter for TerminalSafe {
@@ -94,6 +83,78 @@ impl serde_json::ser::Formatter for TerminalSafe {
     }
 }
 
+/// A JSON object written straight into the line: building a `serde_json::Value` first cost
+/// an allocation per field and a third of the agent's time at a hundred thousand events a
+/// second. Keys are literals that need no escaping; string values go through serde_json's
+/// escaping (with [`TerminalSafe`]). Writes into a Vec cannot fail.
+struct Obj<'a> {
+    out: &'a mut Vec<u8>,
+    empty: bool,
+}
+
+impl<'a> Obj<'a> {
+    fn open(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Obj { out, empty: true }
+    }
+
+    fn key(&mut self, k: &str) -> &mut Vec<u8> {
+        if !std::mem::take(&mut self.empty) {
+            self.out.push(b',');
+        }
+        self.out.push(b'"');
+        self.out.extend_from_slice(k.as_bytes());
+        self.out.extend_from_slice(b"\":");
+        self.out
+    }
+
+    fn num(&mut self, k: &str, v: impl itoa::Integer) -> &mut Self {
+        let mut b = itoa::Buffer::new();
+        let s = b.format(v);
+        self.key(k).extend_from_slice(s.as_bytes());
+        self
+    }
+
+    fn str(&mut self, k: &str, v: &str) -> &mut Self {
+        let mut ser = serde_json::Serializer::with_formatter(self.key(k), TerminalSafe);
+        let _ = serde::Serialize::serialize(v, &mut ser);
+        self
+    }
+
+    fn opt_str(&mut self, k: &str, v: Option<&str>) -> &mut Self {
+        match v {
+            Some(v) => self.str(k, v),
+            None => self.null(k),
+        }
+    }
+
+    /// A value whose text needs no escaping (addresses, names from this file), quoted.
+    fn display(&mut self, k: &str, v: impl std::fmt::Display) -> &mut Self {
+        let out = self.key(k);
+        let _ = write!(out, "\"{v}\"");
+        self
+    }
+
+    fn bool(&mut self, k: &str, v: bool) -> &mut Self {
+        self.key(k)
+            .extend_from_slice(if v { b"true" } else { b"false" });
+        self
+    }
+
+    fn null(&mut self, k: &str) -> &mut Self {
+        self.key(k).extend_from_slice(b"null");
+        self
+    }
+
+    fn obj(&mut self, k: &str) -> Obj<'_> {
+        Obj::open(self.key(k))
+    }
+
+    fn close(&mut self) {
+        self.out.push(b'}');
+    }
+}
+
 impl JsonFormat {
     pub fn new(clock: ClockOffset) -> Self {
         Self { clock }
@@ -105,59 +166,64 @@ impl JsonFormat {
     }
 
     pub fn format(&self, r: &Report) -> String {
-        // The fields every line has are written directly: building them as a
-        // `serde_json::Value` map first cost an allocation or two per field, on the path
-        // that must keep up with bursts of new flows. Addresses and names need no escaping;
-        // `comm` (any bytes) goes through serde_json.
-        let mut out = String::with_capacity(384);
-        let comm = to_json(&r.comm);
-        let process = to_json(&r.process);
-        let _ = write!(
-            out,
-            r#"{{"ts":"{}","event":"{}","pid":{},"tid":{},"comm":{comm},"process":{process},"uid":{},"cgroup":{},"netns":{},"cookie":{},"family":"{}","local":"{}","remote":"{}""#,
-            self.ts(r.ts_ns),
-            r.kind.name(),
-            r.tgid,
-            r.pid,
-            r.uid,
-            r.cgroup,
-            r.netns,
-            r.cookie,
-            family_name(r.family),
-            r.local,
-            r.remote,
-        );
-        let _ = write!(out, r#","container":{}"#, container(r.container.as_deref()));
-        let mut m = Map::new();
-        self.detail(&r.detail, &mut m);
-        for (k, v) in &m {
-            let _ = write!(out, ",{}:{}", to_json(k), to_json(v));
+        let mut out = Vec::with_capacity(384);
+        let mut o = Obj::open(&mut out);
+        self.ts(o.key("ts"), r.ts_ns);
+        o.str("event", r.kind.name())
+            .num("pid", r.tgid)
+            .num("tid", r.pid)
+            .str("comm", &r.comm)
+            .str("process", &r.process)
+            .num("uid", r.uid)
+            .num("cgroup", r.cgroup)
+            .num("netns", r.netns)
+            .num("cookie", r.cookie)
+            .str("family", family_name(r.family))
+            .display("local", r.local)
+            .display("remote", r.remote);
+        match r.container.as_deref() {
+            Some(c) => container(o.obj("container"), c),
+            None => {
+                o.null("container");
+            }
         }
-        out.push('}');
-        out
+        self.detail(&r.detail, &mut o);
+        o.close();
+        // Everything written is UTF-8: literals, digits and serde_json's escaped strings.
+        String::from_utf8(out).unwrap_or_default()
     }
 
-    fn ts(&self, boot_ns: u64) -> String {
-        self.clock
-            .wall(boot_ns)
-            .format(format_description!(
-                "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:9]Z"
-            ))
-            .unwrap_or_default()
+    /// RFC 3339 UTC with nanoseconds, quoted: `"2026-11-27T23:41:00.123456789Z"`.
+    fn ts(&self, out: &mut Vec<u8>, boot_ns: u64) {
+        let t: OffsetDateTime = self.clock.wall(boot_ns);
+        out.push(b'"');
+        digits(out, t.year().max(0) as u32, 4);
+        out.push(b'-');
+        digits(out, u8::from(t.month()) as u32, 2);
+        out.push(b'-');
+        digits(out, t.day() as u32, 2);
+        out.push(b'T');
+        digits(out, t.hour() as u32, 2);
+        out.push(b':');
+        digits(out, t.minute() as u32, 2);
+        out.push(b':');
+        digits(out, t.second() as u32, 2);
+        out.push(b'.');
+        digits(out, t.nanosecond(), 9);
+        out.extend_from_slice(b"Z\"");
     }
 
     /// A kernel timestamp that may be "never" (0).
-    fn ts_or_null(&self, boot_ns: u64) -> Value {
+    fn ts_or_null(&self, o: &mut Obj<'_>, k: &str, boot_ns: u64) {
         match boot_ns {
-            0 => Value::Null,
-            t => self.ts(t).into(),
+            0 => {
+                o.null(k);
+            }
+            t => self.ts(o.key(k), t),
         }
     }
 
-    fn detail(&self, d: &Detail, m: &mut Map<String, Value>) {
-        let mut put = |k: &str, v: Value| {
-            m.insert(k.into(), v);
-        };
+    fn detail(&self, d: &Detail, o: &mut Obj<'_>) {
         match d {
             Detail::Opened { via, bytes } => {
                 let via = match via {
@@ -165,48 +231,51 @@ impl JsonFormat {
                     Via::Send => "send",
                     Via::Recv => "recv",
                 };
-                put("via", via.into());
-                put("bytes", (*bytes).into());
+                o.str("via", via);
+                match bytes {
+                    Some(b) => o.num("bytes", *b),
+                    None => o.null("bytes"),
+                };
             }
             Detail::Established { reply_after_ns } => {
-                put("reply_after_ms", ms(*reply_after_ns).into());
+                o.num("reply_after_ms", ms(*reply_after_ns));
             }
             Detail::Unreachable(u) => {
-                put("icmp", icmp(u));
+                icmp(o.obj("icmp"), u);
                 if u.verdict == crate::decode::Verdict::NoSocket {
-                    put("last_owner", owner(u.last_owner.as_ref()));
+                    owner(o, "last_owner", u.last_owner.as_ref());
                 }
             }
             Detail::Silent { no_reply_ns, sends } => {
-                put("scope", Scope::Flow.name().into());
-                put("no_reply_ms", ms(*no_reply_ns).into());
-                put("sends", (*sends).into());
+                o.str("scope", Scope::Flow.name())
+                    .num("no_reply_ms", ms(*no_reply_ns))
+                    .num("sends", *sends);
             }
             Detail::Resumed { after, quiet_ns } => {
                 let after = match after {
                     Trouble::Silent => "silent",
                     Trouble::Unreachable => "unreachable",
                 };
-                put("scope", Scope::Flow.name().into());
-                put("after", after.into());
-                put("quiet_ms", ms(*quiet_ns).into());
+                o.str("scope", Scope::Flow.name())
+                    .str("after", after)
+                    .num("quiet_ms", ms(*quiet_ns));
             }
             Detail::PeerSilent {
                 no_reply_ns,
                 unanswered,
             } => {
-                put("scope", Scope::Peer.name().into());
-                put("no_reply_ms", ms(*no_reply_ns).into());
-                self.unanswered(unanswered, &mut put);
+                o.str("scope", Scope::Peer.name())
+                    .num("no_reply_ms", ms(*no_reply_ns));
+                self.unanswered(unanswered, o);
             }
             Detail::PeerResumed {
                 quiet_ns,
                 unanswered,
             } => {
-                put("scope", Scope::Peer.name().into());
-                put("after", "silent".into());
-                put("quiet_ms", ms(*quiet_ns).into());
-                self.unanswered(unanswered, &mut put);
+                o.str("scope", Scope::Peer.name())
+                    .str("after", "silent")
+                    .num("quiet_ms", ms(*quiet_ns));
+                self.unanswered(unanswered, o);
             }
             Detail::AppError {
                 op,
@@ -217,75 +286,92 @@ impl JsonFormat {
                     Op::Send => "send",
                     Op::Recv => "recv",
                 };
-                put("op", op.into());
-                put("errno", errno_name(*errno).into());
-                put("after_unreachable_ms", after_unreachable_ns.map(ms).into());
+                o.str("op", op).str("errno", &errno_name(*errno));
+                match after_unreachable_ns {
+                    Some(t) => o.num("after_unreachable_ms", ms(*t)),
+                    None => o.null("after_unreachable_ms"),
+                };
             }
             Detail::Closed { reason, stats } => {
-                put("reason", reason.name().into());
-                put("stats", self.stats(stats));
+                o.str("reason", reason.name());
+                self.stats(o.obj("stats"), stats);
             }
-            Detail::Refused { last_owner } => put("last_owner", owner(last_owner.as_ref())),
+            Detail::Refused { last_owner } => owner(o, "last_owner", last_owner.as_ref()),
         }
     }
 
-    fn unanswered(&self, u: &Unanswered, put: &mut impl FnMut(&str, Value)) {
-        put("sends", u.sends.into());
-        put("flows", u.flows.into());
-        put("unanswered_ms", ms(u.for_ns).into());
-        put(
-            "last_answer",
-            u.last_answer_ns.map_or(Value::Null, |t| self.ts(t).into()),
-        );
-        put("never_answered", u.last_answer_ns.is_none().into());
-    }
-
-    fn stats(&self, s: &CloseStats) -> Value {
-        json!({
-            "duration_ms": ms(s.duration_ns),
-            "tx_datagrams": s.tx_datagrams,
-            "tx_bytes": s.tx_bytes,
-            "rx_datagrams": s.rx_datagrams,
-            "rx_bytes": s.rx_bytes,
-            "last_tx": self.ts_or_null(s.last_tx_ns),
-            "last_rx": self.ts_or_null(s.last_rx_ns),
-            "icmp_errors": s.icmp_errors,
-            "app_errors": s.app_errors,
-            "preexisting": s.preexisting,
-        })
-    }
-}
-
-fn icmp(u: &UnreachableInfo) -> Value {
-    json!({
-        "type": u.ty,
-        "code": u.code,
-        "from": u.from.to_string(),
-        "errno": u.errno.map(errno_name),
-        "fatal": u.fatal,
-        "verdict": verdict_name(u.verdict),
-    })
-}
-
-fn owner(o: Option<&Owner>) -> Value {
-    match o {
-        Some(o) if o.is_known() => {
-            json!({ "pid": o.tgid, "comm": o.comm, "process": o.process, "uid": o.uid })
+    fn unanswered(&self, u: &Unanswered, o: &mut Obj<'_>) {
+        o.num("sends", u.sends)
+            .num("flows", u.flows)
+            .num("unanswered_ms", ms(u.for_ns));
+        match u.last_answer_ns {
+            Some(t) => self.ts(o.key("last_answer"), t),
+            None => {
+                o.null("last_answer");
+            }
         }
-        _ => Value::Null,
+        o.bool("never_answered", u.last_answer_ns.is_none());
+    }
+
+    fn stats(&self, mut o: Obj<'_>, s: &CloseStats) {
+        o.num("duration_ms", ms(s.duration_ns))
+            .num("tx_datagrams", s.tx_datagrams)
+            .num("tx_bytes", s.tx_bytes)
+            .num("rx_datagrams", s.rx_datagrams)
+            .num("rx_bytes", s.rx_bytes);
+        self.ts_or_null(&mut o, "last_tx", s.last_tx_ns);
+        self.ts_or_null(&mut o, "last_rx", s.last_rx_ns);
+        o.num("icmp_errors", s.icmp_errors)
+            .num("app_errors", s.app_errors)
+            .bool("preexisting", s.preexisting)
+            .close();
     }
 }
 
-fn container(c: Option<&Container>) -> String {
-    match c {
-        None => "null".into(),
-        Some(c) => to_json(&json!({
-            "id": c.id,
-            "runtime": c.runtime.map(|r| r.name()),
-            "name": c.name,
-            "pod": c.pod,
-            "namespace": c.namespace,
-            "pod_uid": c.pod_uid,
-        })),
+/// `n` in decimal, zero-padded to `width` digits (the low `width` digits of a wider one).
+fn digits(out: &mut Vec<u8>, mut n: u32, width: usize) {
+    let at = out.len();
+    out.resize(at + width, b'0');
+    for d in out[at..].iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
     }
+}
+
+fn icmp(mut o: Obj<'_>, u: &UnreachableInfo) {
+    o.num("type", u.ty)
+        .num("code", u.code)
+        .display("from", u.from)
+        .opt_str("errno", u.errno.map(errno_name).as_deref());
+    match u.fatal {
+        Some(f) => o.bool("fatal", f),
+        None => o.null("fatal"),
+    };
+    o.str("verdict", verdict_name(u.verdict)).close();
+}
+
+fn owner(o: &mut Obj<'_>, k: &str, who: Option<&Owner>) {
+    match who {
+        Some(w) if w.is_known() => {
+            o.obj(k)
+                .num("pid", w.tgid)
+                .str("comm", &w.comm)
+                .str("process", &w.process)
+                .num("uid", w.uid)
+                .close();
+        }
+        _ => {
+            o.null(k);
+        }
+    }
+}
+
+fn container(mut o: Obj<'_>, c: &Container) {
+    o.str("id", &c.id)
+        .opt_str("runtime", c.runtime.map(|r| r.name()))
+        .opt_str("name", c.name.as_deref())
+        .opt_str("pod", c.pod.as_deref())
+        .opt_str("namespace", c.namespace.as_deref())
+        .opt_str("pod_uid", c.pod_uid.as_deref())
+        .close();
 }

@@ -17,6 +17,7 @@ pub mod journal;
 pub mod metrics;
 pub mod netns;
 pub mod output;
+pub mod pipeline;
 pub mod privileges;
 pub mod probes;
 pub mod procfs;

@@ -150,6 +150,11 @@ impl Agent {
         })
     }
 
+    /// See [`Pipeline::resolve_containers`].
+    pub fn resolve_containers(&mut self, asks: Vec<Ask>) {
+        self.pipeline.resolve_containers(asks);
+    }
+
     pub async fn run(&mut self) -> anyhow::Result<Stop> {
         let ring = self
             .probes

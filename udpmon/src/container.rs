@@ -146,6 +146,17 @@ pub fn v2_path(proc_cgroup: &str) -> Option<&str> {
         .map(str::trim_end)
 }
 
+/// The cgroup v2 id (its directory's inode under `mount`) and path of process `tgid`, if it
+/// still runs.
+pub fn cgroup_of(mount: &Path, tgid: u32) -> Option<(u64, String)> {
+    let c = fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok()?;
+    let path = v2_path(&c)?;
+    let ino = fs::metadata(mount.join(path.trim_start_matches('/')))
+        .ok()?
+        .ino();
+    Some((ino, path.to_owned()))
+}
+
 /// Where the cgroup v2 hierarchy is mounted, from the contents of a `/proc/self/mountinfo`:
 /// `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on hybrid ones.
 pub fn v2_mount(mountinfo: &str) -> Option<PathBuf> {

@@ -16,6 +16,7 @@ use std::{
 use anyhow::{Context, anyhow};
 
 use crate::{
+    container::{self, Ask},
     decode::{self, Fact, KernelEvent},
     netns::{self, network_namespaces},
     procfs::{comm_of, socket_owners},
@@ -57,6 +58,8 @@ pub struct Existing {
     pub stats: ExistingStats,
     /// Namespace cookie -> inode, for every namespace dumped.
     pub netns_cookies: HashMap<u64, u32>,
+    /// The owners' cgroups, with their paths, for the container lookup.
+    pub cgroups: Vec<Ask>,
 }
 
 /// Every UDP socket open now, in every network namespace on the host, with its owner.
@@ -97,6 +100,13 @@ pub fn existing_sockets() -> anyhow::Result<Existing> {
     let wanted: HashSet<u64> = found.iter().map(|(_, _, s)| u64::from(s.inode)).collect();
     let owners = socket_owners(&wanted);
     let mut comms: HashMap<u32, String> = HashMap::new();
+    let mount = std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|m| container::v2_mount(&m));
+    // tgid -> (cgroup id, path): the hooks give every socket created while udpmon runs its
+    // creator's cgroup; one from before gets its holder's, so that it is named as part of its
+    // container like the others.
+    let mut cgroups: HashMap<u32, Option<(u64, String)>> = HashMap::new();
     let events: Vec<KernelEvent> = found
         .into_iter()
         .map(|(netns, ts_ns, s)| {
@@ -105,6 +115,13 @@ pub fn existing_sockets() -> anyhow::Result<Existing> {
                 String::new()
             } else {
                 comms.entry(tgid).or_insert_with(|| comm_of(tgid)).clone()
+            };
+            let cgroup = match (tgid, &mount) {
+                (0, _) | (_, None) => None,
+                (_, Some(m)) => cgroups
+                    .entry(tgid)
+                    .or_insert_with(|| container::cgroup_of(m, tgid))
+                    .as_ref(),
             };
             let (family, local, remote) = decode::unmap_v4(s.family, s.local, s.remote);
             KernelEvent {
@@ -117,7 +134,7 @@ pub fn existing_sockets() -> anyhow::Result<Existing> {
                 process: comm.clone(),
                 comm,
                 uid: s.uid,
-                cgroup: 0,
+                cgroup: cgroup.map_or(0, |(id, _)| *id),
                 // nsfs inode numbers are 32-bit (`ns_common.inum`), as the hooks report them.
                 netns: netns as u32,
                 family,
@@ -132,7 +149,18 @@ pub fn existing_sockets() -> anyhow::Result<Existing> {
     stats.sockets = events.len();
     stats.without_process = events.iter().filter(|e| e.tgid == 0).count();
     stats.elapsed = start.elapsed();
+    let mut seen = HashSet::new();
+    let cgroups = cgroups
+        .into_values()
+        .flatten()
+        .filter(|(id, _)| seen.insert(*id))
+        .map(|(cgroup, path)| Ask {
+            cgroup,
+            path: Some(path),
+        })
+        .collect();
     Ok(Existing {
+        cgroups,
         events,
         stats,
         netns_cookies,
@@ -219,6 +247,7 @@ mod tests {
             events,
             stats,
             netns_cookies,
+            cgroups,
         } = existing_sockets().unwrap();
         println!("{stats}");
         let ev = events
@@ -240,6 +269,22 @@ mod tests {
         // The dump also named its namespace's cookie, for the events to come.
         let own = netns::current_cookie().unwrap();
         assert_eq!(netns_cookies.get(&own).copied(), Some(ev.netns));
+        // Its holder's cgroup, where cgroup v2 is mounted, and that cgroup among those whose
+        // containers are to be resolved.
+        let mount = fs::read_to_string("/proc/self/mountinfo")
+            .ok()
+            .and_then(|m| container::v2_mount(&m));
+        match mount {
+            Some(m) => {
+                let own = fs::read_to_string("/proc/self/cgroup").unwrap();
+                let path = container::v2_path(&own).unwrap();
+                let id = inode_of(m.join(path.trim_start_matches('/')).to_str().unwrap());
+                assert_eq!(ev.cgroup, id);
+                let ask = cgroups.iter().find(|a| a.cgroup == id).expect("asked");
+                assert_eq!(ask.path.as_deref(), Some(path));
+            }
+            None => assert_eq!(ev.cgroup, 0),
+        }
     }
 
     #[test]

@@ -99,6 +99,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     // After the hooks are attached, so no socket falls between the snapshot and the events.
     // The same walk of every namespace names them, for the events to come.
     let mut namespaces = NetnsMap::default();
+    let mut existing_cgroups = Vec::new();
     match existing::existing_sockets() {
         Ok(found) => {
             info!("{}", found.stats);
@@ -107,6 +108,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 engine.on_event(ev, &none);
             }
             namespaces.learn(found.netns_cookies, &HashSet::new());
+            existing_cgroups = found.cgroups;
         }
         Err(e) => {
             log::warn!("existing sockets not learned: {e:#}");
@@ -134,6 +136,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     };
     let mut agent = Agent::new(probes, engine, namespaces, Filter::from(cli), sinks)?;
     agent.kernel_log = cli.verbose >= 2;
+    agent.resolve_containers(existing_cgroups);
     let stop = rt.block_on(agent.run())?;
     let summary = agent.summary();
     match stop {

@@ -94,6 +94,16 @@ impl<K: FlowCounters> Pipeline<K> {
         }
     }
 
+    /// Resolves these cgroups' containers now, blocking: those of the sockets found at
+    /// startup, so that their first reports already name their containers.
+    pub fn resolve_containers(&mut self, asks: Vec<container::Ask>) {
+        if asks.is_empty() {
+            return;
+        }
+        let found = container::resolve(self.cgroup_mount.as_deref(), &self.state_roots, asks);
+        self.containers.learn(found);
+    }
+
     /// One ring-buffer record: decoded and, unless a namespace or container it needs is
     /// not known yet, processed, its reports added to `reports`.
     pub fn record(&mut self, bytes: &[u8], reports: &mut Vec<Report>) {

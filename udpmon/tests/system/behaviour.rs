@@ -261,6 +261,7 @@ pub fn capabilities(st: Strategy) -> Outcome {
         is(v, "accept") && s(v, "local") == "10.200.0.2:7300" && s(v, "remote") == "10.200.0.1:7301"
     });
     assert_eq!(a["pid"], std::process::id(), "its owner: {a}");
+    assert_eq!(a["cgroup"], own_cgroup(), "its owner's cgroup: {a}");
     assert_eq!(
         a["netns"],
         TwoHosts::netns_inode(&h.server),
@@ -288,6 +289,26 @@ pub fn capabilities(st: Strategy) -> Outcome {
         blind[0]
     );
     Outcome::Pass
+}
+
+/// This process's cgroup v2 id (the inode of its directory), 0 without a cgroup v2 mount.
+fn own_cgroup() -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let Some(mount) = mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_owned())
+    }) else {
+        return 0;
+    };
+    let own = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+    let path = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line");
+    std::fs::metadata(format!("{mount}{path}"))
+        .unwrap_or_else(|e| panic!("{mount}{path}: {e}"))
+        .ino()
 }
 
 /// `Type=notify`: READY=1 (with a STATUS naming the hooks) once the programs are attached and

@@ -163,6 +163,80 @@ pub fn podman_container(st: Strategy) -> Outcome {
     Outcome::Pass
 }
 
+/// Issue 14: a socket the container opened before udpmon started is named as part of it
+/// too. busybox syslogd forwards to a remote host over UDP and opens that socket for the
+/// first line it forwards (a `logger` line in the container); once the socket exists,
+/// udpmon starts, and a second line makes syslogd send again on it, to 127.0.0.1:5514 where
+/// nothing listens. Sent from the existing socket, the datagram reaches udpmon's hooks with no
+/// creator on record (the tracepoint strategy's cgroup_skb hook cannot ask who is running):
+/// the container can only come from the holder found at startup.
+pub fn podman_preexisting(st: Strategy) -> Outcome {
+    if let Err(o) = need_tools(&["podman", "runc"]) {
+        return o;
+    }
+    let Some(busybox) = static_busybox() else {
+        return Outcome::Skip("no static busybox (package busybox-static)".into());
+    };
+    let tag = format!("udpmon-test-pre-{}-{}", st.name(), std::process::id());
+    let made = Made {
+        dir: std::env::temp_dir().join(&tag),
+        image: format!("localhost/{tag}:latest"),
+        container: tag.clone(),
+    };
+    build_image(&made.dir, &busybox, &made.image);
+    let id = podman_ok(&[
+        "run",
+        "--detach",
+        "--name",
+        &made.container,
+        "--network",
+        "none",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        &made.image,
+        "/bin/busybox",
+        "syslogd",
+        "-n",
+        "-R",
+        "127.0.0.1:5514",
+    ]);
+    let pid = podman_ok(&["inspect", "--format", "{{.State.Pid}}", &made.container]);
+    let netns = fs::metadata(format!("/proc/{pid}/ns/net"))
+        .unwrap_or_else(|e| panic!("the container's process {pid}: {e}"))
+        .ino();
+    let log = |line: &str| {
+        podman_ok(&["exec", &made.container, "/bin/busybox", "logger", line]);
+    };
+    log("before udpmon");
+    // syslogd's socket, in the container's namespace: a line past the header.
+    crate::harness::wait_until("syslogd's UDP socket", 30, || {
+        fs::read_to_string(format!("/proc/{pid}/net/udp")).is_ok_and(|t| t.lines().count() > 1)
+    });
+    let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
+    log("after udpmon");
+    let sent =
+        |v: &Value| v["netns"] == netns && s(v, "remote") == "127.0.0.1:5514" && is(v, "connect");
+    let connect = u.wait_for("syslogd's send on the socket it opened before udpmon", sent);
+    let cookie = connect["cookie"].clone();
+    let c = &connect["container"];
+    assert_eq!(c["id"], id.as_str(), "{connect}\n{}", u.dump());
+    assert_eq!(c["name"], made.container.as_str(), "{connect}");
+    assert_eq!(c["runtime"], "podman", "{connect}");
+    assert_eq!(
+        connect["pid"].as_u64(),
+        pid.parse::<u64>().ok(),
+        "{connect}"
+    );
+    // And the ICMP error that comes back for it.
+    let icmp = u.wait_for("the port unreachable for syslogd's datagram", |v| {
+        v["cookie"] == cookie && is(v, "unreachable")
+    });
+    assert_eq!(icmp["container"]["id"], id.as_str(), "{icmp}");
+    Outcome::Pass
+}
+
 /// `FROM scratch` with busybox as its only file.
 fn build_image(dir: &Path, busybox: &Path, image: &str) {
     fs::create_dir_all(dir).expect("temp dir");

@@ -154,6 +154,11 @@ pub const ALL: &[Scenario] = &[
         name: "podman_container",
         run: crate::containers::podman_container,
     },
+    // Issue 14: and so are those of a socket it opened before udpmon started.
+    Scenario {
+        name: "podman_preexisting",
+        run: crate::containers::podman_preexisting,
+    },
 ];
 
 /// Issue 12, point 1 (names): a program that sends from a thread with its own name (dig's

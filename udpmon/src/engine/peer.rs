@@ -324,7 +324,7 @@ impl Peer {
             kind,
             ts_ns,
             0,
-            &owner,
+            (&owner, self.key.netns),
             self.family,
             (
                 self.local.unwrap_or_else(|| unspecified(self.family)),

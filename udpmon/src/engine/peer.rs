@@ -45,9 +45,11 @@
 //!   is full); among the others the least recently used goes, and is counted. An evicted
 //!   peer that comes back starts afresh, as never answered.
 use std::{
-    collections::HashMap,
+    hash::BuildHasher,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
+
+use hashbrown::{DefaultHashBuilder, HashTable};
 
 use super::{
     flow::Counters,
@@ -92,8 +94,8 @@ impl Name {
     }
 }
 
-/// Who a peer is (see the module's rules). The remote address is held as bytes: the key is
-/// stored twice (index and slot), and a `SocketAddr` would make it half as large again.
+/// Who a peer is (see the module's rules). The remote address is held as bytes: a
+/// `SocketAddr` would make the key half as large again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) struct PeerKey {
     netns: u32,
@@ -184,7 +186,6 @@ struct PeerOwner {
 
 #[derive(Debug)]
 struct Peer {
-    key: PeerKey,
     owner: PeerOwner,
     family: Family,
     /// The flows' local address (`None` until one is known): the port becomes 0 once they
@@ -219,9 +220,67 @@ struct Slot {
     next: u32,
 }
 
+/// The slots' keys, and a hash table of slot numbers over them: each key is held once, and
+/// a table entry is 4 bytes instead of a key's copy.
+struct PeerIndex {
+    /// By slot.
+    keys: Vec<PeerKey>,
+    table: HashTable<u32>,
+    hasher: DefaultHashBuilder,
+}
+
+impl PeerIndex {
+    fn new() -> Self {
+        Self {
+            keys: Vec::new(),
+            table: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    fn get(&self, key: &PeerKey) -> Option<u32> {
+        let keys = &self.keys;
+        self.table
+            .find(self.hasher.hash_one(key), |&i| keys[i as usize] == *key)
+            .copied()
+    }
+
+    #[cfg(test)]
+    fn contains_key(&self, key: &PeerKey) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Files `key` under slot `i`, the next slot or one whose key was removed.
+    fn insert(&mut self, key: PeerKey, i: u32) {
+        let (keys, hasher) = (&mut self.keys, &self.hasher);
+        match keys.get_mut(i as usize) {
+            Some(k) => *k = key,
+            None => keys.push(key),
+        }
+        self.table.insert_unique(hasher.hash_one(key), i, |&j| {
+            hasher.hash_one(keys[j as usize])
+        });
+    }
+
+    /// Unfiles slot `i` (its key stays until the slot is reused).
+    fn remove(&mut self, i: u32) {
+        let key = &self.keys[i as usize];
+        if let Ok(e) = self
+            .table
+            .find_entry(self.hasher.hash_one(key), |&j| j == i)
+        {
+            e.remove();
+        }
+    }
+}
+
 /// The peers, bounded: a slab indexed by key, with an intrusive LRU list of the flowless.
 pub(super) struct PeerTable {
-    index: HashMap<PeerKey, u32>,
+    index: PeerIndex,
     slots: Vec<Slot>,
     idle_head: u32,
     idle_tail: u32,
@@ -238,9 +297,8 @@ fn unspecified(family: Family) -> SocketAddr {
 }
 
 impl Peer {
-    fn new(key: PeerKey, owner: &Owner, family: Family, ts_ns: u64) -> Self {
+    fn new(owner: &Owner, family: Family, ts_ns: u64) -> Self {
         Self {
-            key,
             owner: PeerOwner::from(owner),
             family,
             local: None,
@@ -304,31 +362,31 @@ impl Peer {
         }
     }
 
-    fn report(&self, kind: ReportKind, ts_ns: u64, detail: Detail) -> Report {
+    fn report(&self, key: &PeerKey, kind: ReportKind, ts_ns: u64, detail: Detail) -> Report {
         let o = &self.owner;
         let owner = Owner {
             tgid: o.tgid,
             pid: o.pid,
             comm: o.comm.as_str().to_owned(),
             process: if o.process_known {
-                self.key.program.as_str().to_owned()
+                key.program.as_str().to_owned()
             } else {
                 String::new()
             },
             uid: o.uid,
             cgroup: o.cgroup,
-            netns: self.key.netns,
+            netns: key.netns,
         };
         // No one socket: the flows each had their own.
         Report::new(
             kind,
             ts_ns,
             0,
-            (&owner, self.key.netns),
+            (&owner, key.netns),
             self.family,
             (
                 self.local.unwrap_or_else(|| unspecified(self.family)),
-                self.key.remote(),
+                key.remote(),
             ),
             detail,
         )
@@ -351,7 +409,7 @@ impl From<&Owner> for PeerOwner {
 impl PeerTable {
     pub fn new(cap: usize) -> Self {
         Self {
-            index: HashMap::new(),
+            index: PeerIndex::new(),
             slots: Vec::new(),
             idle_head: NIL,
             idle_tail: NIL,
@@ -411,7 +469,7 @@ impl PeerTable {
         local: SocketAddr,
         ts_ns: u64,
     ) -> PeerLink {
-        let idx = if let Some(&i) = self.index.get(&key) {
+        let idx = if let Some(i) = self.index.get(&key) {
             if self.slots[i as usize].peer.flows == 0 {
                 self.unlink(i);
             }
@@ -420,7 +478,7 @@ impl PeerTable {
             p.owner = PeerOwner::from(owner);
             i
         } else {
-            let peer = Peer::new(key, owner, family, ts_ns);
+            let peer = Peer::new(owner, family, ts_ns);
             let i = if self.slots.len() < self.cap {
                 self.slots.push(Slot {
                     peer,
@@ -436,9 +494,8 @@ impl PeerTable {
                     return PeerLink::NONE;
                 }
                 self.unlink(victim);
-                let old = &mut self.slots[victim as usize].peer;
-                self.index.remove(&old.key);
-                *old = peer;
+                self.index.remove(victim);
+                self.slots[victim as usize].peer = peer;
                 self.evicted += 1;
                 victim
             };
@@ -501,7 +558,8 @@ impl PeerTable {
                     quiet_ns,
                     unanswered,
                 };
-                out.push(p.report(ReportKind::Resumed, at, detail));
+                let key = &self.index.keys[link.idx as usize];
+                out.push(p.report(key, ReportKind::Resumed, at, detail));
             }
         }
         let new = c.tx_datagrams.saturating_sub(link.credited_tx);
@@ -550,7 +608,7 @@ impl PeerTable {
 
     /// As [`PeerTable::icmp`], for an error whose socket is gone.
     pub fn icmp_for(&mut self, key: &PeerKey, ts_ns: u64) {
-        if let Some(&i) = self.index.get(key) {
+        if let Some(i) = self.index.get(key) {
             self.icmp(i, ts_ns);
         }
     }
@@ -584,7 +642,7 @@ impl PeerTable {
 
     /// The peer-scope SILENT rule, for every peer.
     pub fn tick(&mut self, now: u64, silent_after_ns: u64, min_sends: u64, out: &mut Vec<Report>) {
-        for s in &mut self.slots {
+        for (s, key) in self.slots.iter_mut().zip(&self.index.keys) {
             let p = &mut s.peer;
             if p.silence != Silence::None
                 || p.unanswered_flows < 2
@@ -603,7 +661,7 @@ impl PeerTable {
                 no_reply_ns: now.saturating_sub(p.heard_ns()),
                 unanswered: p.unanswered(now),
             };
-            out.push(p.report(ReportKind::Silent, now, detail));
+            out.push(p.report(key, ReportKind::Silent, now, detail));
         }
     }
 

@@ -22,6 +22,7 @@
 //! - SILENT and RESUMED also have a peer scope, across the flows one program opens to one
 //!   peer (a resolver's fresh socket per query); its rules, and how the two scopes share a
 //!   silence, are in `peer.rs`.
+mod cookies;
 mod flow;
 mod peer;
 mod report;
@@ -29,6 +30,7 @@ pub mod rules;
 
 use std::{hash::BuildHasher, net::SocketAddr, sync::Arc, time::Duration};
 
+use cookies::CookieMap;
 use flow::{Addr, Flow, FlowTable, State};
 pub use flow::{Counters, FlowId};
 use hashbrown::{DefaultHashBuilder, HashMap, HashTable, hash_map::Entry};
@@ -233,7 +235,7 @@ static UNKNOWN: Owner = Owner {
 pub struct Engine {
     cfg: EngineConfig,
     flows: FlowTable,
-    sockets: HashMap<u64, Socket>,
+    sockets: CookieMap<Socket>,
     owners: Owners,
     /// The last APP-ERROR reported for a call not tied to a tracked flow (errno, remote),
     /// by socket: rare, so not a field of every socket.
@@ -275,7 +277,7 @@ impl Engine {
         Self {
             cfg: EngineConfig { max_flows, ..cfg },
             flows: FlowTable::default(),
-            sockets: HashMap::new(),
+            sockets: CookieMap::default(),
             owners: Owners::default(),
             last_app_error: HashMap::new(),
             port_owners: HashMap::new(),
@@ -537,7 +539,7 @@ impl Engine {
 
     /// Updates what is known about the event's socket: owner, netns, local address, peer.
     fn learn(&mut self, ev: &KernelEvent) {
-        let sock = self.sockets.entry(ev.cookie).or_insert_with(|| Socket {
+        let sock = self.sockets.get_or_insert_with(ev.cookie, || Socket {
             owner: None,
             seen_ns: ev.ts_ns,
             netns: 0,

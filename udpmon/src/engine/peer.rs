@@ -45,7 +45,7 @@
 //!   is full); among the others the least recently used goes, and is counted. An evicted
 //!   peer that comes back starts afresh, as never answered.
 use std::{
-    hash::BuildHasher,
+    hash::{BuildHasher, Hash, Hasher},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
@@ -96,13 +96,26 @@ impl Name {
 
 /// Who a peer is (see the module's rules). The remote address is held as bytes: a
 /// `SocketAddr` would make the key half as large again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct PeerKey {
     netns: u32,
     program: Name,
     ip: [u8; 16],
     port: u16,
     v6: bool,
+}
+
+impl Hash for PeerKey {
+    // Word-sized writes: the derived hash feeds the name and the address byte by byte, and
+    // hashing was the largest cost of a new flow's peer lookup.
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        let mut name = [0; 16];
+        name[0] = self.program.len;
+        name[1..].copy_from_slice(&self.program.bytes);
+        h.write_u128(u128::from_ne_bytes(name));
+        h.write_u128(u128::from_ne_bytes(self.ip));
+        h.write_u64(u64::from(self.netns) << 32 | u64::from(self.port) << 8 | u64::from(self.v6));
+    }
 }
 
 impl PeerKey {

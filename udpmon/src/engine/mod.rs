@@ -248,6 +248,15 @@ pub struct Engine {
     stats: EngineStats,
 }
 
+/// A socket's owner as reports name it: in the socket's current namespace. A function of
+/// the sockets alone, so that a report can borrow it while a flow is borrowed mutably.
+fn owner_of(sockets: &CookieMap<Socket>, cookie: u64) -> (&Owner, u32) {
+    match sockets.get(&cookie) {
+        Some(s) => (s.owner.as_deref().unwrap_or(&UNKNOWN), s.netns),
+        None => (&UNKNOWN, 0),
+    }
+}
+
 fn unspecified(a: &SocketAddr) -> bool {
     a.ip().is_unspecified() && a.port() == 0
 }
@@ -359,7 +368,10 @@ impl Engine {
     /// (a socket's close, a disconnect, an eviction), so the caller must keep the kernel's
     /// entries until this returns.
     pub fn on_event(&mut self, ev: &KernelEvent, counters: CountersFn<'_>) -> Vec<Report> {
-        let mut out = Vec::new();
+        // Most events make at most one report: room for one is an allocation from the
+        // allocator's per-thread cache, where the default first growth (four reports, over
+        // a kilobyte) is not.
+        let mut out = Vec::with_capacity(1);
         let socketless = match &ev.fact {
             Fact::NoSocket => true,
             Fact::Icmp(icmp) => icmp.verdict == Verdict::NoSocket || ev.cookie == 0,
@@ -592,14 +604,6 @@ impl Engine {
         }
     }
 
-    /// A socket's owner as reports name it (in the socket's current namespace), shared.
-    fn owner(&self, cookie: u64) -> (Option<Arc<Owner>>, u32) {
-        match self.sockets.get(&cookie) {
-            Some(s) => (s.owner.clone(), s.netns),
-            None => (None, 0),
-        }
-    }
-
     fn last_owner(&self, netns: u32, port: u16) -> Option<Owner> {
         self.port_owners
             .get(&(netns, port))
@@ -634,7 +638,6 @@ impl Engine {
         detail: Detail,
         out: &mut Vec<Report>,
     ) {
-        let (owner, netns) = self.owner(id.cookie);
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
@@ -646,7 +649,7 @@ impl Engine {
             kind,
             ts_ns,
             id.cookie,
-            (owner.as_deref().unwrap_or(&UNKNOWN), netns),
+            owner_of(&self.sockets, id.cookie),
             flow.family,
             (flow.local(), id.remote),
             detail,
@@ -711,7 +714,6 @@ impl Engine {
         counters: CountersFn<'_>,
         out: &mut Vec<Report>,
     ) {
-        let (owner, netns) = self.owner(id.cookie);
         let Some(mut flow) = self.flows.remove(id) else {
             return;
         };
@@ -743,6 +745,8 @@ impl Engine {
         if let Some(sock) = self.sockets.get_mut(&id.cookie) {
             sock.seen_ns = sock.seen_ns.max(ts_ns);
         }
+        // Nothing above changes a socket's owner or namespace.
+        let who = owner_of(&self.sockets, id.cookie);
         let started = match c.first_ns {
             0 => flow.opened_ns,
             first => first.min(flow.opened_ns),
@@ -763,7 +767,7 @@ impl Engine {
             ReportKind::Close,
             ts_ns,
             id.cookie,
-            (owner.as_deref().unwrap_or(&UNKNOWN), netns),
+            who,
             flow.family,
             (flow.local(), id.remote),
             Detail::Closed { reason, stats },
@@ -1091,12 +1095,11 @@ impl Engine {
                 e.insert((errno, remote));
             }
         }
-        let (owner, netns) = self.owner(ev.cookie);
         out.push(Report::new(
             ReportKind::AppError,
             ev.ts_ns,
             ev.cookie,
-            (owner.as_deref().unwrap_or(&UNKNOWN), netns),
+            owner_of(&self.sockets, ev.cookie),
             ev.family,
             (local, remote),
             Detail::AppError {

@@ -237,6 +237,8 @@ pub struct Engine {
     flows: FlowTable,
     sockets: CookieMap<Socket>,
     owners: Owners,
+    /// [`UNKNOWN`], for a peer to share.
+    unknown: Arc<Owner>,
     /// The last APP-ERROR reported for a call not tied to a tracked flow (errno, remote),
     /// by socket: rare, so not a field of every socket.
     last_app_error: HashMap<u64, (i32, SocketAddr)>,
@@ -288,6 +290,7 @@ impl Engine {
             flows: FlowTable::default(),
             sockets: CookieMap::default(),
             owners: Owners::default(),
+            unknown: Arc::new(UNKNOWN.clone()),
             last_app_error: HashMap::new(),
             port_owners: HashMap::new(),
             refused_at: HashMap::new(),
@@ -662,8 +665,8 @@ impl Engine {
             return;
         }
         let (owner, netns) = match self.sockets.get(&id.cookie) {
-            Some(s) => (s.owner.as_deref().unwrap_or(&UNKNOWN), s.netns),
-            None => (&UNKNOWN, 0),
+            Some(s) => (s.owner.as_ref().unwrap_or(&self.unknown), s.netns),
+            None => (&self.unknown, 0),
         };
         let Some(flow) = self.flows.get_mut(id) else {
             return;

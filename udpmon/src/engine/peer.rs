@@ -47,6 +47,7 @@
 use std::{
     hash::{BuildHasher, Hash, Hasher},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
 };
 
 use hashbrown::{DefaultHashBuilder, HashTable};
@@ -184,22 +185,28 @@ enum Silence {
     Covered,
 }
 
-/// The process of a peer's most recent flow, held without heap allocations.
-#[derive(Clone, Copy, Debug)]
-struct PeerOwner {
-    tgid: u32,
-    pid: u32,
-    uid: u32,
-    cgroup: u64,
-    comm: Name,
-    /// The process's name is the key's program (else it is unknown, and the key's program
-    /// is a thread's name).
-    process_known: bool,
+/// An owner a peer can hold: the engine passes the socket's interned owner, which the peer
+/// then shares (8 bytes instead of a 40-byte copy of the ids and the thread's name).
+pub(super) trait SharedOwner {
+    fn shared(self) -> Arc<Owner>;
+}
+
+impl SharedOwner for &Arc<Owner> {
+    fn shared(self) -> Arc<Owner> {
+        Arc::clone(self)
+    }
+}
+
+impl SharedOwner for &Owner {
+    fn shared(self) -> Arc<Owner> {
+        Arc::new(self.clone())
+    }
 }
 
 #[derive(Debug)]
 struct Peer {
-    owner: PeerOwner,
+    /// The process of its most recent flow (its netns is the key's, not this one's).
+    owner: Arc<Owner>,
     family: Family,
     /// The flows' local address (`None` until one is known): the port becomes 0 once they
     /// used several ports, the address the wildcard once they used several addresses.
@@ -310,9 +317,9 @@ fn unspecified(family: Family) -> SocketAddr {
 }
 
 impl Peer {
-    fn new(owner: &Owner, family: Family, ts_ns: u64) -> Self {
+    fn new(owner: Arc<Owner>, family: Family, ts_ns: u64) -> Self {
         Self {
-            owner: PeerOwner::from(owner),
+            owner,
             family,
             local: None,
             first_seen_ns: ts_ns,
@@ -377,11 +384,12 @@ impl Peer {
 
     fn report(&self, key: &PeerKey, kind: ReportKind, ts_ns: u64, detail: Detail) -> Report {
         let o = &self.owner;
+        // Names as a peer keys them: cut to what the kernel keeps of one.
         let owner = Owner {
             tgid: o.tgid,
             pid: o.pid,
-            comm: o.comm.as_str().to_owned(),
-            process: if o.process_known {
+            comm: Name::new(&o.comm).as_str().to_owned(),
+            process: if !o.process.is_empty() {
                 key.program.as_str().to_owned()
             } else {
                 String::new()
@@ -403,19 +411,6 @@ impl Peer {
             ),
             detail,
         )
-    }
-}
-
-impl From<&Owner> for PeerOwner {
-    fn from(o: &Owner) -> Self {
-        Self {
-            tgid: o.tgid,
-            pid: o.pid,
-            uid: o.uid,
-            cgroup: o.cgroup,
-            comm: Name::new(&o.comm),
-            process_known: !o.process.is_empty(),
-        }
     }
 }
 
@@ -477,7 +472,7 @@ impl PeerTable {
     pub fn attach(
         &mut self,
         key: PeerKey,
-        owner: &Owner,
+        owner: impl SharedOwner,
         family: Family,
         local: SocketAddr,
         ts_ns: u64,
@@ -488,10 +483,10 @@ impl PeerTable {
             }
             let p = &mut self.slots[i as usize].peer;
             p.flows += 1;
-            p.owner = PeerOwner::from(owner);
+            p.owner = owner.shared();
             i
         } else {
-            let peer = Peer::new(owner, family, ts_ns);
+            let peer = Peer::new(owner.shared(), family, ts_ns);
             let i = if self.slots.len() < self.cap {
                 self.slots.push(Slot {
                     peer,

@@ -7,6 +7,7 @@
 //! [`Oldest`]). Fields that most flows never use (error counts, a recreated kernel entry's
 //! counts) live in a box of their own.
 use std::{
+    cell::Cell,
     collections::BTreeSet,
     hash::{BuildHasher, Hash, Hasher},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -380,6 +381,8 @@ pub(super) struct FlowTable {
     heads: HashTable<u32>,
     hasher: DefaultHashBuilder,
     oldest: Option<Oldest>,
+    /// The slot [`FlowTable::find`] found last.
+    last_found: Cell<u32>,
 }
 
 impl Default for FlowTable {
@@ -392,6 +395,7 @@ impl Default for FlowTable {
             heads: HashTable::new(),
             hasher: DefaultHashBuilder::default(),
             oldest: None,
+            last_found: Cell::new(NIL),
         }
     }
 }
@@ -424,13 +428,25 @@ impl FlowTable {
 
     fn find(&self, id: &FlowId) -> Option<u32> {
         let remote = Addr::new(id.remote);
-        let slots = &self.slots;
-        self.index
-            .find(hash_id(&self.hasher, id.cookie, &remote), |&i| {
-                let s = &slots[i as usize];
-                s.cookie == id.cookie && s.remote == remote
-            })
-            .copied()
+        let is = |i: u32| {
+            self.slots
+                .get(i as usize)
+                .is_some_and(|s| s.cookie == id.cookie && s.remote == remote && s.flow.is_some())
+        };
+        // The engine looks a flow up several times in a row for one event (open, report,
+        // join its peer, tell the peer); checked against the slot, so never stale.
+        let last = self.last_found.get();
+        if is(last) {
+            return Some(last);
+        }
+        let found = self
+            .index
+            .find(hash_id(&self.hasher, id.cookie, &remote), |&i| is(i))
+            .copied();
+        if let Some(i) = found {
+            self.last_found.set(i);
+        }
+        found
     }
 
     #[cfg(test)]
@@ -513,6 +529,7 @@ impl FlowTable {
                 hash_id(hasher, s.cookie, &s.remote)
             });
         self.len += 1;
+        self.last_found.set(i);
         self.note_activity(ts_ns, &id);
     }
 

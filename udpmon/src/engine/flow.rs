@@ -611,26 +611,27 @@ impl FlowTable {
                 return None;
             }
             // An eighth of the table per scan: evicting one flow at a time costs a pass over
-            // the table only every `len / 8` evictions.
-            let mut keys: Vec<(u64, FlowId)> = self
-                .slots
-                .iter()
-                .filter(|s| s.flow.is_some())
-                .map(|s| (s.at, s.id()))
+            // the table only every `len / 8` evictions. Slot numbers rather than ids while
+            // choosing: a third of the room, at a million flows 16 MB instead of 48.
+            let slots = &self.slots;
+            let key = |i: u32| {
+                let s = &slots[i as usize];
+                (s.at, s.id())
+            };
+            let mut live: Vec<u32> = (0..slots.len() as u32)
+                .filter(|&i| slots[i as usize].flow.is_some())
                 .collect();
-            let take = (keys.len() / 8).max(1);
-            let below = if take < keys.len() {
-                keys.select_nth_unstable(take);
-                let b = keys[take];
-                keys.truncate(take);
+            let take = (live.len() / 8).max(1);
+            let below = if take < live.len() {
+                live.select_nth_unstable_by(take, |&a, &b| key(a).cmp(&key(b)));
+                let b = key(live[take]);
+                live.truncate(take);
                 Some(b)
             } else {
                 None
             };
-            self.oldest = Some(Oldest {
-                below,
-                entries: keys.into_iter().collect(),
-            });
+            let entries = live.into_iter().map(key).collect();
+            self.oldest = Some(Oldest { below, entries });
         }
     }
 

@@ -103,7 +103,11 @@ fn counters(_: &FlowId) -> Option<Counters> {
 
 /// Feeds every event to a fresh engine; returns the number of reports.
 fn run(events: &[KernelEvent]) -> usize {
-    let mut engine = Engine::new(config(65536));
+    run_with(events, 65536)
+}
+
+fn run_with(events: &[KernelEvent], max_flows: usize) -> usize {
+    let mut engine = Engine::new(config(max_flows));
     let mut reports = 0;
     for ev in events {
         reports += black_box(engine.on_event(ev, &counters)).len();
@@ -117,6 +121,16 @@ fn lifecycle(bencher: divan::Bencher, sockets: usize) {
     bencher
         .counter(divan::counter::ItemsCount::new(events.len()))
         .bench_local(|| run(&events));
+}
+
+/// The realistic workload through a table a quarter the size of its ~4000 live flows:
+/// nearly every new flow evicts the least active one.
+#[divan::bench(args = [25_000])]
+fn lifecycle_evicting(bencher: divan::Bencher, sockets: usize) {
+    let events = workload(sockets);
+    bencher
+        .counter(divan::counter::ItemsCount::new(events.len()))
+        .bench_local(|| run_with(&events, 1000));
 }
 
 /// The periodic tick over a table of held flows (SILENT / idle checks).

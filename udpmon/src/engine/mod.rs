@@ -22,19 +22,18 @@
 //! - SILENT and RESUMED also have a peer scope, across the flows one program opens to one
 //!   peer (a resolver's fresh socket per query); its rules, and how the two scopes share a
 //!   silence, are in `peer.rs`.
+mod cookies;
 mod flow;
 mod peer;
 mod report;
 pub mod rules;
 
-use std::{
-    collections::{HashMap, hash_map::Entry},
-    net::SocketAddr,
-    time::Duration,
-};
+use std::{hash::BuildHasher, net::SocketAddr, sync::Arc, time::Duration};
 
+use cookies::CookieMap;
+use flow::{Addr, Flow, FlowTable, State};
 pub use flow::{Counters, FlowId};
-use flow::{Flow, FlowTable, State};
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable, hash_map::Entry};
 use peer::{PeerKey, PeerTable};
 pub use report::{
     CloseReason, CloseStats, Detail, Op, Owner, Report, ReportKind, Scope, Trouble, Unanswered,
@@ -95,19 +94,19 @@ pub struct EngineStats {
     pub peers_evicted: u64,
 }
 
-/// What the engine knows about a socket.
+/// What the engine knows about a socket. One per socket, and as many as flows when each
+/// socket has one flow (a resolver's), so it is kept small: the owner is shared (see
+/// [`Owners`]) and addresses are compact.
 #[derive(Debug)]
 struct Socket {
-    owner: Option<Owner>,
-    netns: u32,
-    /// Best known local address; unspecified until seen.
-    local: SocketAddr,
-    /// The peer the socket is connected to, when known.
-    connected: Option<SocketAddr>,
+    owner: Option<Arc<Owner>>,
     /// Last time any event named the socket, for forgetting flowless sockets.
     seen_ns: u64,
-    /// The last APP-ERROR reported for a call not tied to a tracked flow (errno, remote).
-    last_app_error: Option<(i32, SocketAddr)>,
+    netns: u32,
+    /// Best known local address; unspecified until seen.
+    local: Addr,
+    /// The peer the socket is connected to, when known.
+    connected: Option<Addr>,
     /// Learned at startup (sock_diag and /proc): kept until it closes, however quiet, since
     /// nothing else would name its owner again (no hook saw it being created).
     preexisting: bool,
@@ -116,21 +115,148 @@ struct Socket {
 /// The last process seen on a local port, for naming it when a peer keeps sending there.
 #[derive(Debug)]
 struct PortOwner {
-    owner: Owner,
+    owner: Arc<Owner>,
     /// When its socket closed; `None` while it is open.
     closed_ns: Option<u64>,
 }
 
+/// Who an event names as its socket's owner, before it is interned.
+struct OwnerOf<'a> {
+    ev: &'a KernelEvent,
+    netns: u32,
+}
+
+impl OwnerOf<'_> {
+    fn hash(&self, h: &DefaultHashBuilder) -> u64 {
+        let e = self.ev;
+        h.hash_one((
+            e.tgid,
+            e.pid,
+            e.comm.as_str(),
+            e.process.as_str(),
+            e.uid,
+            e.cgroup,
+            self.netns,
+        ))
+    }
+
+    fn is(&self, o: &Owner) -> bool {
+        let e = self.ev;
+        o.tgid == e.tgid
+            && o.pid == e.pid
+            && o.uid == e.uid
+            && o.cgroup == e.cgroup
+            && o.netns == self.netns
+            && o.comm == e.comm
+            && o.process == e.process
+    }
+}
+
+fn hash_owner(h: &DefaultHashBuilder, o: &Owner) -> u64 {
+    h.hash_one((
+        o.tgid,
+        o.pid,
+        o.comm.as_str(),
+        o.process.as_str(),
+        o.uid,
+        o.cgroup,
+        o.netns,
+    ))
+}
+
+/// Owners held once, however many sockets and ports name them: a program's sockets share
+/// one, and the events of a socket, which nearly always name the owner it already has,
+/// cost a comparison instead of two string copies. Owners that nothing names any more are
+/// dropped at each tick.
+#[derive(Default)]
+struct Owners {
+    table: HashTable<Arc<Owner>>,
+    hasher: DefaultHashBuilder,
+}
+
+impl Owners {
+    fn intern(&mut self, who: &OwnerOf<'_>) -> Arc<Owner> {
+        let hasher = &self.hasher;
+        let e = who.ev;
+        self.table
+            .entry(who.hash(hasher), |o| who.is(o), |o| hash_owner(hasher, o))
+            .or_insert_with(|| {
+                Arc::new(Owner {
+                    tgid: e.tgid,
+                    pid: e.pid,
+                    comm: e.comm.clone(),
+                    process: e.process.clone(),
+                    uid: e.uid,
+                    cgroup: e.cgroup,
+                    netns: who.netns,
+                })
+            })
+            .get()
+            .clone()
+    }
+
+    /// `owner` in another namespace.
+    fn renamed(&mut self, owner: &Arc<Owner>, netns: u32) -> Arc<Owner> {
+        if owner.netns == netns {
+            return owner.clone();
+        }
+        let o = Owner {
+            netns,
+            ..Owner::clone(owner)
+        };
+        let hasher = &self.hasher;
+        self.table
+            .entry(
+                hash_owner(hasher, &o),
+                |x| **x == o,
+                |x| hash_owner(hasher, x),
+            )
+            .or_insert_with(|| Arc::new(o))
+            .get()
+            .clone()
+    }
+
+    fn purge(&mut self) {
+        self.table.retain(|o| Arc::strong_count(o) > 1);
+    }
+}
+
+/// The owner of an unknown socket.
+static UNKNOWN: Owner = Owner {
+    tgid: 0,
+    pid: 0,
+    comm: String::new(),
+    process: String::new(),
+    uid: 0,
+    cgroup: 0,
+    netns: 0,
+};
+
 pub struct Engine {
     cfg: EngineConfig,
     flows: FlowTable,
-    sockets: HashMap<u64, Socket>,
+    sockets: CookieMap<Socket>,
+    owners: Owners,
+    /// [`UNKNOWN`], for a peer to share.
+    unknown: Arc<Owner>,
+    /// The last APP-ERROR reported for a call not tied to a tracked flow (errno, remote),
+    /// by socket: rare, so not a field of every socket.
+    last_app_error: HashMap<u64, (i32, SocketAddr)>,
     /// (netns, local port) -> last owner.
     port_owners: HashMap<(u32, u16), PortOwner>,
     /// (netns, local, remote) -> time of the last REFUSED report.
     refused_at: HashMap<(u32, SocketAddr, SocketAddr), u64>,
     peers: PeerTable,
     stats: EngineStats,
+}
+
+/// A socket's owner as reports name it: in the socket's current namespace. A function of
+/// the sockets alone, so that a report can borrow it while a flow is borrowed mutably.
+fn owner_of(sockets: &CookieMap<Socket>, cookie: u64) -> (&Owner, u32) {
+    match sockets.get(&cookie) {
+        Some(s) => (s.owner.as_deref().unwrap_or(&UNKNOWN), s.netns),
+        None => (&UNKNOWN, 0),
+    }
 }
 
 fn unspecified(a: &SocketAddr) -> bool {
@@ -162,7 +288,10 @@ impl Engine {
         Self {
             cfg: EngineConfig { max_flows, ..cfg },
             flows: FlowTable::default(),
-            sockets: HashMap::new(),
+            sockets: CookieMap::default(),
+            owners: Owners::default(),
+            unknown: Arc::new(UNKNOWN.clone()),
+            last_app_error: HashMap::new(),
             port_owners: HashMap::new(),
             refused_at: HashMap::new(),
             // Peers with live flows are never evicted, so at least one peer per flow.
@@ -242,7 +371,10 @@ impl Engine {
     /// (a socket's close, a disconnect, an eviction), so the caller must keep the kernel's
     /// entries until this returns.
     pub fn on_event(&mut self, ev: &KernelEvent, counters: CountersFn<'_>) -> Vec<Report> {
-        let mut out = Vec::new();
+        // Most events make at most one report: room for one is an allocation from the
+        // allocator's per-thread cache, where the default first growth (four reports, over
+        // a kilobyte) is not.
+        let mut out = Vec::with_capacity(1);
         let socketless = match &ev.fact {
             Fact::NoSocket => true,
             Fact::Icmp(icmp) => icmp.verdict == Verdict::NoSocket || ev.cookie == 0,
@@ -309,8 +441,9 @@ impl Engine {
                 .saturating_sub(u64::from(c.last_tx_ns > c.last_rx_ns));
         }
         if flow.peer.is_linked() {
+            let local = flow.local();
             self.peers
-                .sync(&mut flow.peer, &c, flow.local, flow.opened_ns, out);
+                .sync(&mut flow.peer, &c, local, flow.opened_ns, out);
         }
         let resumed = match flow.state {
             State::Silent {
@@ -321,7 +454,7 @@ impl Engine {
                 since_ns,
                 last_rx_ns,
                 ..
-            } if c.last_rx_ns > since_ns && flow.first_rx_ns.is_some() => {
+            } if c.last_rx_ns > since_ns && flow.first_rx_ns().is_some() => {
                 Some((Trouble::Unreachable, last_rx_ns, true))
             }
             _ => None,
@@ -397,6 +530,9 @@ impl Engine {
         self.sockets.retain(|cookie, s| {
             s.preexisting || now.saturating_sub(s.seen_ns) < idle || flows.has_cookie(*cookie)
         });
+        let sockets = &self.sockets;
+        self.last_app_error
+            .retain(|cookie, _| sockets.contains_key(cookie));
         self.refused_at
             .retain(|_, at| now.saturating_sub(*at) < idle);
         let cap = self.cfg.max_flows;
@@ -413,17 +549,17 @@ impl Engine {
                 self.port_owners.remove(&k);
             }
         }
+        self.owners.purge();
     }
 
     /// Updates what is known about the event's socket: owner, netns, local address, peer.
     fn learn(&mut self, ev: &KernelEvent) {
-        let sock = self.sockets.entry(ev.cookie).or_insert_with(|| Socket {
+        let sock = self.sockets.get_or_insert_with(ev.cookie, || Socket {
             owner: None,
-            netns: 0,
-            local: SocketAddr::new(ev.local.ip(), 0),
-            connected: None,
             seen_ns: ev.ts_ns,
-            last_app_error: None,
+            netns: 0,
+            local: Addr::new(SocketAddr::new(ev.local.ip(), 0)),
+            connected: None,
             preexisting: false,
         });
         sock.seen_ns = sock.seen_ns.max(ev.ts_ns);
@@ -431,58 +567,50 @@ impl Engine {
         if ev.netns != 0 {
             sock.netns = ev.netns;
         }
-        refine_local(&mut sock.local, ev.local);
+        let mut local = sock.local.get();
+        refine_local(&mut local, ev.local);
+        sock.local = Addr::new(local);
         if !ev.task_unrelated {
-            sock.owner = Some(Owner {
-                tgid: ev.tgid,
-                pid: ev.pid,
-                comm: ev.comm.clone(),
-                process: ev.process.clone(),
-                uid: ev.uid,
-                cgroup: ev.cgroup,
+            let who = OwnerOf {
+                ev,
                 netns: sock.netns,
-            });
+            };
+            if !sock.owner.as_deref().is_some_and(|o| who.is(o)) {
+                sock.owner = Some(self.owners.intern(&who));
+            }
         }
         // A Connect fact's address is what the socket is being connected *to*; the other
         // facts report the state the socket was in (the flag is only ever set when known).
         if ev.connected && ev.fact != Fact::Connect && !unspecified(&ev.remote) {
-            sock.connected = Some(ev.remote);
+            sock.connected = Some(Addr::new(ev.remote));
         }
         if let Some(owner) = &sock.owner
-            && sock.local.port() != 0
+            && local.port() != 0
         {
-            self.port_owners.insert(
-                (sock.netns, sock.local.port()),
-                PortOwner {
-                    owner: owner.clone(),
-                    closed_ns: None,
-                },
-            );
-        }
-    }
-
-    fn owner(&self, cookie: u64) -> Owner {
-        match self.sockets.get(&cookie) {
-            Some(Socket {
-                owner: Some(o),
-                netns,
-                ..
-            }) => Owner {
-                netns: *netns,
-                ..o.clone()
-            },
-            Some(s) => Owner {
-                netns: s.netns,
-                ..Owner::default()
-            },
-            None => Owner::default(),
+            match self.port_owners.entry((sock.netns, local.port())) {
+                // Nearly every event: the port's owner as it was.
+                Entry::Occupied(e)
+                    if e.get().closed_ns.is_none() && Arc::ptr_eq(&e.get().owner, owner) => {}
+                Entry::Occupied(mut e) => {
+                    e.insert(PortOwner {
+                        owner: owner.clone(),
+                        closed_ns: None,
+                    });
+                }
+                Entry::Vacant(e) => {
+                    e.insert(PortOwner {
+                        owner: owner.clone(),
+                        closed_ns: None,
+                    });
+                }
+            }
         }
     }
 
     fn last_owner(&self, netns: u32, port: u16) -> Option<Owner> {
         self.port_owners
             .get(&(netns, port))
-            .map(|p| p.owner.clone())
+            .map(|p| Owner::clone(&p.owner))
     }
 
     /// The event's peer; for a connected socket whose hook could not see the address, the
@@ -491,11 +619,16 @@ impl Engine {
         if !unspecified(&ev.remote) {
             return Some(ev.remote);
         }
-        self.sockets.get(&ev.cookie).and_then(|s| s.connected)
+        self.sockets
+            .get(&ev.cookie)
+            .and_then(|s| s.connected.map(Addr::get))
     }
 
     fn local_of(&self, ev: &KernelEvent) -> SocketAddr {
-        let mut local = self.sockets.get(&ev.cookie).map_or(ev.local, |s| s.local);
+        let mut local = self
+            .sockets
+            .get(&ev.cookie)
+            .map_or(ev.local, |s| s.local.get());
         refine_local(&mut local, ev.local);
         local
     }
@@ -508,21 +641,20 @@ impl Engine {
         detail: Detail,
         out: &mut Vec<Report>,
     ) {
-        let owner = self.owner(id.cookie);
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
         flow.reported = true;
         if kind != ReportKind::AppError {
-            flow.last_app_errno = None;
+            flow.set_last_app_errno(None);
         }
         out.push(Report::new(
             kind,
             ts_ns,
             id.cookie,
-            &owner,
+            owner_of(&self.sockets, id.cookie),
             flow.family,
-            (flow.local, id.remote),
+            (flow.local(), id.remote),
             detail,
         ));
     }
@@ -532,10 +664,9 @@ impl Engine {
         if !peer::can_answer(&id.remote) {
             return;
         }
-        let unknown = Owner::default();
         let (owner, netns) = match self.sockets.get(&id.cookie) {
-            Some(s) => (s.owner.as_ref().unwrap_or(&unknown), s.netns),
-            None => (&unknown, 0),
+            Some(s) => (s.owner.as_ref().unwrap_or(&self.unknown), s.netns),
+            None => (&self.unknown, 0),
         };
         let Some(flow) = self.flows.get_mut(id) else {
             return;
@@ -543,7 +674,7 @@ impl Engine {
         let key = PeerKey::new(owner, netns, id.remote);
         flow.peer = self
             .peers
-            .attach(key, owner, flow.family, flow.local, ts_ns);
+            .attach(key, owner, flow.family, flow.local(), ts_ns);
     }
 
     /// Tells a flow's peer what the flow's counters show now.
@@ -552,8 +683,9 @@ impl Engine {
             && flow.peer.is_linked()
         {
             let c = flow.counters;
+            let local = flow.local();
             self.peers
-                .sync(&mut flow.peer, &c, flow.local, flow.opened_ns, out);
+                .sync(&mut flow.peer, &c, local, flow.opened_ns, out);
         }
     }
 
@@ -585,7 +717,6 @@ impl Engine {
         counters: CountersFn<'_>,
         out: &mut Vec<Report>,
     ) {
-        let owner = self.owner(id.cookie);
         let Some(mut flow) = self.flows.remove(id) else {
             return;
         };
@@ -597,8 +728,9 @@ impl Engine {
         if flow.peer.is_linked() {
             // What the flow sent or heard since the last tick still counts for its peer.
             let c = flow.counters;
+            let local = flow.local();
             self.peers
-                .sync(&mut flow.peer, &c, flow.local, flow.opened_ns, out);
+                .sync(&mut flow.peer, &c, local, flow.opened_ns, out);
             self.peers.detach(&flow.peer, flow.silence_reported());
         }
         self.stats.flows_closed += 1;
@@ -616,6 +748,8 @@ impl Engine {
         if let Some(sock) = self.sockets.get_mut(&id.cookie) {
             sock.seen_ns = sock.seen_ns.max(ts_ns);
         }
+        // Nothing above changes a socket's owner or namespace.
+        let who = owner_of(&self.sockets, id.cookie);
         let started = match c.first_ns {
             0 => flow.opened_ns,
             first => first.min(flow.opened_ns),
@@ -628,17 +762,17 @@ impl Engine {
             rx_bytes: c.rx_bytes,
             last_tx_ns: c.last_tx_ns,
             last_rx_ns: c.last_rx_ns,
-            icmp_errors: flow.icmp_errors,
-            app_errors: flow.app_errors,
+            icmp_errors: flow.icmp_errors(),
+            app_errors: flow.app_errors(),
             preexisting: flow.preexisting,
         };
         out.push(Report::new(
             ReportKind::Close,
             ts_ns,
             id.cookie,
-            &owner,
+            who,
             flow.family,
-            (flow.local, id.remote),
+            (flow.local(), id.remote),
             Detail::Closed { reason, stats },
         ));
     }
@@ -686,9 +820,9 @@ impl Engine {
             // The kernel created the flow's entry with this datagram, at this time.
             flow.kernel_first_ns = ev.ts_ns;
             if via == Via::Send {
-                flow.first_tx_ns = Some(ev.ts_ns);
+                flow.set_first_tx_ns(ev.ts_ns);
             } else {
-                flow.first_rx_ns = Some(ev.ts_ns);
+                flow.set_first_rx_ns(ev.ts_ns);
             }
             self.open_flow(id, flow, ev.ts_ns, counters, out);
             let kind = if via == Via::Send {
@@ -708,21 +842,28 @@ impl Engine {
             }
             return;
         };
-        refine_local(&mut flow.local, local);
-        if flow.kernel_first_ns == 0 && flow.first_tx_ns.is_none() && flow.first_rx_ns.is_none() {
+        let mut flow_local = flow.local();
+        refine_local(&mut flow_local, local);
+        flow.set_local(flow_local);
+        if flow.kernel_first_ns == 0 && flow.first_tx_ns().is_none() && flow.first_rx_ns().is_none()
+        {
             // A flow opened by connect() or learned at startup: this datagram made its entry.
             flow.kernel_first_ns = ev.ts_ns;
         }
         let first = if via == Via::Send {
-            &mut flow.first_tx_ns
+            flow.first_tx_ns()
         } else {
-            &mut flow.first_rx_ns
+            flow.first_rx_ns()
         };
         if first.is_some() {
             // The kernel can report a direction's first datagram twice (two CPUs racing).
             return;
         }
-        *first = Some(ev.ts_ns);
+        if via == Via::Send {
+            flow.set_first_tx_ns(ev.ts_ns);
+        } else {
+            flow.set_first_rx_ns(ev.ts_ns);
+        }
         flow.counters.merge(&seen);
         if via == Via::Recv {
             // The peer answers: whatever the trouble was, it is over. A peer heard before
@@ -734,10 +875,11 @@ impl Engine {
         }
         if flow.peer.is_linked() {
             let c = flow.counters;
+            let local = flow.local();
             self.peers
-                .sync(&mut flow.peer, &c, flow.local, flow.opened_ns, out);
+                .sync(&mut flow.peer, &c, local, flow.opened_ns, out);
         }
-        let established = match (flow.first_tx_ns, flow.first_rx_ns) {
+        let established = match (flow.first_tx_ns(), flow.first_rx_ns()) {
             (Some(tx), Some(rx)) if !flow.established => Some(tx.abs_diff(rx)),
             _ => None,
         };
@@ -755,11 +897,11 @@ impl Engine {
         let Some(sock) = self.sockets.get_mut(&ev.cookie) else {
             return;
         };
-        let old = sock.connected;
+        let old = sock.connected.map(Addr::get);
         if unspecified(&ev.remote) {
             sock.connected = None;
             // An autobound port is released by a disconnect; the next send binds a new one.
-            sock.local = SocketAddr::new(sock.local.ip(), 0);
+            sock.local = Addr::new(SocketAddr::new(sock.local.get().ip(), 0));
             if let Some(old) = old {
                 let id = FlowId {
                     cookie: ev.cookie,
@@ -772,7 +914,7 @@ impl Engine {
         if old == Some(ev.remote) {
             return;
         }
-        sock.connected = Some(ev.remote);
+        sock.connected = Some(Addr::new(ev.remote));
         if let Some(old) = old {
             let id = FlowId {
                 cookie: ev.cookie,
@@ -856,13 +998,13 @@ impl Engine {
             || self
                 .sockets
                 .get(&ev.cookie)
-                .is_some_and(|s| s.connected == Some(remote));
+                .is_some_and(|s| s.connected == Some(Addr::new(remote)));
         let info = self.icmp_info(ev, icmp, connected);
         self.flows.touch(&id, ev.ts_ns);
         let Some(flow) = self.flows.get_mut(&id) else {
             return;
         };
-        flow.icmp_errors += 1;
+        flow.count_icmp_error();
         // Every error, repeated or not, shows the peer is not silent.
         if flow.peer.is_linked() {
             self.peers.icmp(flow.peer.idx, ev.ts_ns);
@@ -898,15 +1040,11 @@ impl Engine {
             self.peers
                 .icmp_for(&PeerKey::new(o, ev.netns, ev.remote), ev.ts_ns);
         }
-        let owner = Owner {
-            netns: ev.netns,
-            ..Owner::default()
-        };
         out.push(Report::new(
             ReportKind::Unreachable,
             ev.ts_ns,
             ev.cookie,
-            &owner,
+            (&UNKNOWN, ev.netns),
             ev.family,
             (ev.local, ev.remote),
             Detail::Unreachable(info),
@@ -927,11 +1065,11 @@ impl Engine {
             let Some(flow) = self.flows.get_mut(&id) else {
                 return;
             };
-            flow.app_errors += 1;
-            if flow.last_app_errno == Some(errno) {
+            flow.count_app_error();
+            if flow.last_app_errno() == Some(errno) {
                 return;
             }
-            flow.last_app_errno = Some(errno);
+            flow.set_last_app_errno(Some(errno));
             let after_unreachable_ns = match flow.state {
                 State::Unreachable { since_ns, .. } => Some(ev.ts_ns.saturating_sub(since_ns)),
                 _ => None,
@@ -948,19 +1086,23 @@ impl Engine {
         // left (EPERM from a firewall, EMSGSIZE), or a recv on an unconnected socket.
         let remote = remote.unwrap_or(ev.remote);
         let local = self.local_of(ev);
-        let Some(sock) = self.sockets.get_mut(&ev.cookie) else {
-            return;
-        };
-        if sock.last_app_error == Some((errno, remote)) {
+        if !self.sockets.contains_key(&ev.cookie) {
             return;
         }
-        sock.last_app_error = Some((errno, remote));
-        let owner = self.owner(ev.cookie);
+        match self.last_app_error.entry(ev.cookie) {
+            Entry::Occupied(e) if *e.get() == (errno, remote) => return,
+            Entry::Occupied(mut e) => {
+                e.insert((errno, remote));
+            }
+            Entry::Vacant(e) => {
+                e.insert((errno, remote));
+            }
+        }
         out.push(Report::new(
             ReportKind::AppError,
             ev.ts_ns,
             ev.cookie,
-            &owner,
+            owner_of(&self.sockets, ev.cookie),
             ev.family,
             (local, remote),
             Detail::AppError {
@@ -978,16 +1120,15 @@ impl Engine {
         let Some(sock) = self.sockets.remove(&ev.cookie) else {
             return;
         };
+        self.last_app_error.remove(&ev.cookie);
+        let port = sock.local.get().port();
         if let Some(owner) = sock.owner
-            && sock.local.port() != 0
+            && port != 0
         {
             self.port_owners.insert(
-                (sock.netns, sock.local.port()),
+                (sock.netns, port),
                 PortOwner {
-                    owner: Owner {
-                        netns: sock.netns,
-                        ..owner
-                    },
+                    owner: self.owners.renamed(&owner, sock.netns),
                     closed_ns: Some(ev.ts_ns),
                 },
             );
@@ -1020,15 +1161,11 @@ impl Engine {
             }
         }
         let last_owner = self.last_owner(ev.netns, ev.local.port());
-        let owner = Owner {
-            netns: ev.netns,
-            ..Owner::default()
-        };
         out.push(Report::new(
             ReportKind::Refused,
             ev.ts_ns,
             0,
-            &owner,
+            (&UNKNOWN, ev.netns),
             ev.family,
             (ev.local, ev.remote),
             Detail::Refused { last_owner },

@@ -45,9 +45,12 @@
 //!   is full); among the others the least recently used goes, and is counted. An evicted
 //!   peer that comes back starts afresh, as never answered.
 use std::{
-    collections::HashMap,
+    hash::{BuildHasher, Hash, Hasher},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
 };
+
+use hashbrown::{DefaultHashBuilder, HashTable};
 
 use super::{
     flow::Counters,
@@ -92,15 +95,28 @@ impl Name {
     }
 }
 
-/// Who a peer is (see the module's rules). The remote address is held as bytes: the key is
-/// stored twice (index and slot), and a `SocketAddr` would make it half as large again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Who a peer is (see the module's rules). The remote address is held as bytes: a
+/// `SocketAddr` would make the key half as large again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct PeerKey {
     netns: u32,
     program: Name,
     ip: [u8; 16],
     port: u16,
     v6: bool,
+}
+
+impl Hash for PeerKey {
+    // Word-sized writes: the derived hash feeds the name and the address byte by byte, and
+    // hashing was the largest cost of a new flow's peer lookup.
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        let mut name = [0; 16];
+        name[0] = self.program.len;
+        name[1..].copy_from_slice(&self.program.bytes);
+        h.write_u128(u128::from_ne_bytes(name));
+        h.write_u128(u128::from_ne_bytes(self.ip));
+        h.write_u64(u64::from(self.netns) << 32 | u64::from(self.port) << 8 | u64::from(self.v6));
+    }
 }
 
 impl PeerKey {
@@ -169,23 +185,28 @@ enum Silence {
     Covered,
 }
 
-/// The process of a peer's most recent flow, held without heap allocations.
-#[derive(Clone, Copy, Debug)]
-struct PeerOwner {
-    tgid: u32,
-    pid: u32,
-    uid: u32,
-    cgroup: u64,
-    comm: Name,
-    /// The process's name is the key's program (else it is unknown, and the key's program
-    /// is a thread's name).
-    process_known: bool,
+/// An owner a peer can hold: the engine passes the socket's interned owner, which the peer
+/// then shares (8 bytes instead of a 40-byte copy of the ids and the thread's name).
+pub(super) trait SharedOwner {
+    fn shared(self) -> Arc<Owner>;
+}
+
+impl SharedOwner for &Arc<Owner> {
+    fn shared(self) -> Arc<Owner> {
+        Arc::clone(self)
+    }
+}
+
+impl SharedOwner for &Owner {
+    fn shared(self) -> Arc<Owner> {
+        Arc::new(self.clone())
+    }
 }
 
 #[derive(Debug)]
 struct Peer {
-    key: PeerKey,
-    owner: PeerOwner,
+    /// The process of its most recent flow (its netns is the key's, not this one's).
+    owner: Arc<Owner>,
     family: Family,
     /// The flows' local address (`None` until one is known): the port becomes 0 once they
     /// used several ports, the address the wildcard once they used several addresses.
@@ -219,9 +240,67 @@ struct Slot {
     next: u32,
 }
 
+/// The slots' keys, and a hash table of slot numbers over them: each key is held once, and
+/// a table entry is 4 bytes instead of a key's copy.
+struct PeerIndex {
+    /// By slot.
+    keys: Vec<PeerKey>,
+    table: HashTable<u32>,
+    hasher: DefaultHashBuilder,
+}
+
+impl PeerIndex {
+    fn new() -> Self {
+        Self {
+            keys: Vec::new(),
+            table: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    fn get(&self, key: &PeerKey) -> Option<u32> {
+        let keys = &self.keys;
+        self.table
+            .find(self.hasher.hash_one(key), |&i| keys[i as usize] == *key)
+            .copied()
+    }
+
+    #[cfg(test)]
+    fn contains_key(&self, key: &PeerKey) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Files `key` under slot `i`, the next slot or one whose key was removed.
+    fn insert(&mut self, key: PeerKey, i: u32) {
+        let (keys, hasher) = (&mut self.keys, &self.hasher);
+        match keys.get_mut(i as usize) {
+            Some(k) => *k = key,
+            None => keys.push(key),
+        }
+        self.table.insert_unique(hasher.hash_one(key), i, |&j| {
+            hasher.hash_one(keys[j as usize])
+        });
+    }
+
+    /// Unfiles slot `i` (its key stays until the slot is reused).
+    fn remove(&mut self, i: u32) {
+        let key = &self.keys[i as usize];
+        if let Ok(e) = self
+            .table
+            .find_entry(self.hasher.hash_one(key), |&j| j == i)
+        {
+            e.remove();
+        }
+    }
+}
+
 /// The peers, bounded: a slab indexed by key, with an intrusive LRU list of the flowless.
 pub(super) struct PeerTable {
-    index: HashMap<PeerKey, u32>,
+    index: PeerIndex,
     slots: Vec<Slot>,
     idle_head: u32,
     idle_tail: u32,
@@ -238,10 +317,9 @@ fn unspecified(family: Family) -> SocketAddr {
 }
 
 impl Peer {
-    fn new(key: PeerKey, owner: &Owner, family: Family, ts_ns: u64) -> Self {
+    fn new(owner: Arc<Owner>, family: Family, ts_ns: u64) -> Self {
         Self {
-            key,
-            owner: PeerOwner::from(owner),
+            owner,
             family,
             local: None,
             first_seen_ns: ts_ns,
@@ -304,54 +382,42 @@ impl Peer {
         }
     }
 
-    fn report(&self, kind: ReportKind, ts_ns: u64, detail: Detail) -> Report {
+    fn report(&self, key: &PeerKey, kind: ReportKind, ts_ns: u64, detail: Detail) -> Report {
         let o = &self.owner;
+        // Names as a peer keys them: cut to what the kernel keeps of one.
         let owner = Owner {
             tgid: o.tgid,
             pid: o.pid,
-            comm: o.comm.as_str().to_owned(),
-            process: if o.process_known {
-                self.key.program.as_str().to_owned()
+            comm: Name::new(&o.comm).as_str().to_owned(),
+            process: if !o.process.is_empty() {
+                key.program.as_str().to_owned()
             } else {
                 String::new()
             },
             uid: o.uid,
             cgroup: o.cgroup,
-            netns: self.key.netns,
+            netns: key.netns,
         };
         // No one socket: the flows each had their own.
         Report::new(
             kind,
             ts_ns,
             0,
-            &owner,
+            (&owner, key.netns),
             self.family,
             (
                 self.local.unwrap_or_else(|| unspecified(self.family)),
-                self.key.remote(),
+                key.remote(),
             ),
             detail,
         )
     }
 }
 
-impl From<&Owner> for PeerOwner {
-    fn from(o: &Owner) -> Self {
-        Self {
-            tgid: o.tgid,
-            pid: o.pid,
-            uid: o.uid,
-            cgroup: o.cgroup,
-            comm: Name::new(&o.comm),
-            process_known: !o.process.is_empty(),
-        }
-    }
-}
-
 impl PeerTable {
     pub fn new(cap: usize) -> Self {
         Self {
-            index: HashMap::new(),
+            index: PeerIndex::new(),
             slots: Vec::new(),
             idle_head: NIL,
             idle_tail: NIL,
@@ -406,21 +472,21 @@ impl PeerTable {
     pub fn attach(
         &mut self,
         key: PeerKey,
-        owner: &Owner,
+        owner: impl SharedOwner,
         family: Family,
         local: SocketAddr,
         ts_ns: u64,
     ) -> PeerLink {
-        let idx = if let Some(&i) = self.index.get(&key) {
+        let idx = if let Some(i) = self.index.get(&key) {
             if self.slots[i as usize].peer.flows == 0 {
                 self.unlink(i);
             }
             let p = &mut self.slots[i as usize].peer;
             p.flows += 1;
-            p.owner = PeerOwner::from(owner);
+            p.owner = owner.shared();
             i
         } else {
-            let peer = Peer::new(key, owner, family, ts_ns);
+            let peer = Peer::new(owner.shared(), family, ts_ns);
             let i = if self.slots.len() < self.cap {
                 self.slots.push(Slot {
                     peer,
@@ -436,9 +502,8 @@ impl PeerTable {
                     return PeerLink::NONE;
                 }
                 self.unlink(victim);
-                let old = &mut self.slots[victim as usize].peer;
-                self.index.remove(&old.key);
-                *old = peer;
+                self.index.remove(victim);
+                self.slots[victim as usize].peer = peer;
                 self.evicted += 1;
                 victim
             };
@@ -501,7 +566,8 @@ impl PeerTable {
                     quiet_ns,
                     unanswered,
                 };
-                out.push(p.report(ReportKind::Resumed, at, detail));
+                let key = &self.index.keys[link.idx as usize];
+                out.push(p.report(key, ReportKind::Resumed, at, detail));
             }
         }
         let new = c.tx_datagrams.saturating_sub(link.credited_tx);
@@ -550,7 +616,7 @@ impl PeerTable {
 
     /// As [`PeerTable::icmp`], for an error whose socket is gone.
     pub fn icmp_for(&mut self, key: &PeerKey, ts_ns: u64) {
-        if let Some(&i) = self.index.get(key) {
+        if let Some(i) = self.index.get(key) {
             self.icmp(i, ts_ns);
         }
     }
@@ -584,7 +650,7 @@ impl PeerTable {
 
     /// The peer-scope SILENT rule, for every peer.
     pub fn tick(&mut self, now: u64, silent_after_ns: u64, min_sends: u64, out: &mut Vec<Report>) {
-        for s in &mut self.slots {
+        for (s, key) in self.slots.iter_mut().zip(&self.index.keys) {
             let p = &mut s.peer;
             if p.silence != Silence::None
                 || p.unanswered_flows < 2
@@ -603,7 +669,7 @@ impl PeerTable {
                 no_reply_ns: now.saturating_sub(p.heard_ns()),
                 unanswered: p.unanswered(now),
             };
-            out.push(p.report(ReportKind::Silent, now, detail));
+            out.push(p.report(key, ReportKind::Silent, now, detail));
         }
     }
 

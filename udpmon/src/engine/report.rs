@@ -327,7 +327,9 @@ impl Report {
         kind: ReportKind,
         ts_ns: u64,
         cookie: u64,
-        owner: &Owner,
+        // The owner's own netns is that of its socket when it was learned; a socket moved
+        // since is reported in its current one.
+        (owner, netns): (&Owner, u32),
         family: Family,
         (local, remote): (SocketAddr, SocketAddr),
         detail: Detail,
@@ -342,7 +344,7 @@ impl Report {
             process: owner.process.clone(),
             uid: owner.uid,
             cgroup: owner.cgroup,
-            netns: owner.netns,
+            netns,
             family,
             local,
             remote,

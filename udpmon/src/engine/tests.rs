@@ -544,6 +544,54 @@ fn refused_is_rate_limited_and_names_the_last_owner() {
 }
 
 #[test]
+fn a_ports_last_owner_is_the_socket_that_used_it_last() {
+    // Two programs' sockets on one port (SO_REUSEPORT), taking turns, then one closing.
+    let mut e = engine();
+    let dig = |fact, ts| KernelEvent {
+        cookie: 8,
+        tgid: 200,
+        pid: 200,
+        comm: "dig".into(),
+        process: "dig".into(),
+        ..ev(fact, ts)
+    };
+    let mut port = 4000;
+    let mut last_owner = |e: &mut Engine, ts| {
+        port += 1;
+        let refused = KernelEvent {
+            cookie: 0,
+            task_unrelated: true,
+            remote: SocketAddr::new(addr("10.0.0.9:0").ip(), port),
+            ..ev(Fact::NoSocket, ts)
+        };
+        let r = e.on_event(&refused, &none);
+        r[0].last_owner().map(|o| (o.tgid, o.comm.clone()))
+    };
+    let nc = Some((100, "nc".to_owned()));
+    let dig_owner = Some((200, "dig".to_owned()));
+    run(&mut e, &[ev(Fact::FirstTx { bytes: 1 }, S)]);
+    assert_eq!(last_owner(&mut e, S + 1), nc);
+    run(&mut e, &[dig(Fact::FirstTx { bytes: 1 }, 2 * S)]);
+    assert_eq!(last_owner(&mut e, 2 * S + 1), dig_owner);
+    run(&mut e, &[ev(Fact::FirstRx { bytes: 1 }, 3 * S)]);
+    assert_eq!(
+        last_owner(&mut e, 3 * S + 1),
+        nc,
+        "nc's socket took the port back"
+    );
+    run(&mut e, &[dig(Fact::FirstRx { bytes: 1 }, 4 * S)]);
+    assert_eq!(last_owner(&mut e, 4 * S + 1), dig_owner);
+    run(&mut e, &[ev(Fact::Close, 5 * S)]);
+    assert_eq!(last_owner(&mut e, 5 * S + 1), nc, "the closing socket's");
+    let again = KernelEvent {
+        remote: addr("10.0.0.3:53"),
+        ..dig(Fact::FirstTx { bytes: 1 }, 6 * S)
+    };
+    run(&mut e, &[again]);
+    assert_eq!(last_owner(&mut e, 6 * S + 1), dig_owner);
+}
+
+#[test]
 fn existing_sockets_are_learned_silently() {
     let mut e = engine();
     let existing = KernelEvent {

@@ -1,0 +1,146 @@
+//! A map by socket cookie, for the engine's one record per socket.
+//!
+//! A resolver opens a socket per query, so there can be as many sockets as flows: a
+//! `HashMap<u64, Socket>` at a million entries spends twice the entry's size per socket
+//! (the table doubles past 7/8 full). Here the entries sit densely in a `Vec`, and the hash
+//! table holds only their positions (4 bytes each); a removal moves the last entry into
+//! the hole.
+use std::hash::BuildHasher;
+
+use hashbrown::{DefaultHashBuilder, HashTable};
+
+pub(super) struct CookieMap<V> {
+    entries: Vec<(u64, V)>,
+    table: HashTable<u32>,
+    hasher: DefaultHashBuilder,
+}
+
+impl<V> Default for CookieMap<V> {
+    fn default() -> Self {
+        Self {
+            entries: Vec::new(),
+            table: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
+        }
+    }
+}
+
+impl<V> CookieMap<V> {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn find(&self, cookie: u64) -> Option<usize> {
+        let entries = &self.entries;
+        self.table
+            .find(self.hasher.hash_one(cookie), |&i| {
+                entries[i as usize].0 == cookie
+            })
+            .map(|&i| i as usize)
+    }
+
+    pub fn get(&self, cookie: &u64) -> Option<&V> {
+        self.find(*cookie).map(|i| &self.entries[i].1)
+    }
+
+    pub fn get_mut(&mut self, cookie: &u64) -> Option<&mut V> {
+        self.find(*cookie).map(|i| &mut self.entries[i].1)
+    }
+
+    pub fn contains_key(&self, cookie: &u64) -> bool {
+        self.find(*cookie).is_some()
+    }
+
+    pub fn get_or_insert_with(&mut self, cookie: u64, new: impl FnOnce() -> V) -> &mut V {
+        let i = match self.find(cookie) {
+            Some(i) => i,
+            None => {
+                let i = self.entries.len();
+                let pos = u32::try_from(i).expect("fewer than 2^32 sockets");
+                self.entries.push((cookie, new()));
+                let (entries, hasher) = (&self.entries, &self.hasher);
+                self.table
+                    .insert_unique(hasher.hash_one(cookie), pos, |&j| {
+                        hasher.hash_one(entries[j as usize].0)
+                    });
+                i
+            }
+        };
+        &mut self.entries[i].1
+    }
+
+    pub fn remove(&mut self, cookie: &u64) -> Option<V> {
+        let i = self.find(*cookie)?;
+        Some(self.remove_at(i))
+    }
+
+    fn remove_at(&mut self, i: usize) -> V {
+        let hasher = &self.hasher;
+        let cookie = self.entries[i].0;
+        if let Ok(e) = self
+            .table
+            .find_entry(hasher.hash_one(cookie), |&j| j as usize == i)
+        {
+            e.remove();
+        }
+        let last = self.entries.len() - 1;
+        if i != last {
+            let moved = self.entries[last].0;
+            if let Some(p) = self
+                .table
+                .find_mut(hasher.hash_one(moved), |&j| j as usize == last)
+            {
+                *p = i as u32;
+            }
+        }
+        self.entries.swap_remove(i).1
+    }
+
+    pub fn retain(&mut self, mut keep: impl FnMut(&u64, &mut V) -> bool) {
+        let mut i = 0;
+        while i < self.entries.len() {
+            let (cookie, v) = &mut self.entries[i];
+            if keep(cookie, v) {
+                i += 1;
+            } else {
+                // The last entry moved here: look at it next.
+                self.remove_at(i);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn behaves_as_a_hash_map(ops in prop::collection::vec((0..3u8, 0..24u64), 1..300)) {
+            let mut m = CookieMap::default();
+            let mut model = HashMap::new();
+            for (op, cookie) in ops {
+                match op {
+                    0 => {
+                        *m.get_or_insert_with(cookie, || 0) += 1;
+                        *model.entry(cookie).or_insert(0) += 1;
+                    }
+                    1 => prop_assert_eq!(m.remove(&cookie), model.remove(&cookie)),
+                    _ => {
+                        m.retain(|c, v| (c + *v) % 3 != 0);
+                        model.retain(|c, v| (*c + *v) % 3 != 0);
+                    }
+                }
+                prop_assert_eq!(m.len(), model.len());
+                for c in 0..24 {
+                    prop_assert_eq!(m.get(&c), model.get(&c));
+                    prop_assert_eq!(m.contains_key(&c), model.contains_key(&c));
+                }
+            }
+        }
+    }
+}

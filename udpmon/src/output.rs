@@ -86,7 +86,12 @@ impl Output {
 
     /// Queues one line (without its newline). Errors are those of [`Output::flush`].
     pub fn line(&mut self, line: &str) -> io::Result<()> {
-        self.buf.extend_from_slice(line.as_bytes());
+        self.line_with(|buf| buf.extend_from_slice(line.as_bytes()))
+    }
+
+    /// A line that `write` appends to the queue itself, with no copy of its own.
+    pub fn line_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) -> io::Result<()> {
+        write(&mut self.buf);
         self.buf.push(b'\n');
         if self.buf.len() >= FLUSH_AT {
             self.flush()?;

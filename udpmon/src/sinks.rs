@@ -47,7 +47,10 @@ impl Sinks {
             m.report(r);
         }
         if let Some(out) = &mut self.out {
-            out.line(&self.formatter.format(r))?;
+            match &self.formatter {
+                Formatter::Json(j) => out.line_with(|buf| j.write(r, buf))?,
+                Formatter::Text(t) => out.line(&t.format(r))?,
+            }
         }
         if let Some(j) = &mut self.journal {
             j.send(r);

@@ -43,7 +43,7 @@
 //!   predates udpmon: counts and duration are lower bounds)}
 //! - refused: `last_owner` {`pid`, `comm`, `process`, `uid`} of the last process seen on the local
 //!   port, or null
-use std::io::Write as _;
+use std::{cell::Cell, io::Write as _};
 
 use time::OffsetDateTime;
 
@@ -58,6 +58,9 @@ use crate::{
 
 pub struct JsonFormat {
     clock: ClockOffset,
+    /// The last wall-clock second written and its `YYYY-MM-DDTHH:MM:SS`: reports come in
+    /// bursts within a second, and the calendar is the costly part of a stamp.
+    second: Cell<Option<(i128, [u8; 19])>>,
 }
 
 /// serde_json's escaping, also safe on a terminal: JSON itself requires escaping only C0
@@ -115,9 +118,29 @@ impl<'a> Obj<'a> {
         self
     }
 
+    /// A string from the kernel or a runtime (names): escaped. Printable ASCII without `"`
+    /// and `\\`, as names nearly always are, needs nothing and is copied as it is.
     fn str(&mut self, k: &str, v: &str) -> &mut Self {
-        let mut ser = serde_json::Serializer::with_formatter(self.key(k), TerminalSafe);
-        let _ = serde::Serialize::serialize(v, &mut ser);
+        let out = self.key(k);
+        if v.bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+        {
+            out.push(b'"');
+            out.extend_from_slice(v.as_bytes());
+            out.push(b'"');
+        } else {
+            let mut ser = serde_json::Serializer::with_formatter(out, TerminalSafe);
+            let _ = serde::Serialize::serialize(v, &mut ser);
+        }
+        self
+    }
+
+    /// One of this program's own names (an event kind, a reason): nothing to escape.
+    fn name(&mut self, k: &str, v: &'static str) -> &mut Self {
+        let out = self.key(k);
+        out.push(b'"');
+        out.extend_from_slice(v.as_bytes());
+        out.push(b'"');
         self
     }
 
@@ -178,7 +201,10 @@ impl<'a> Obj<'a> {
 
 impl JsonFormat {
     pub fn new(clock: ClockOffset) -> Self {
-        Self { clock }
+        Self {
+            clock,
+            second: Cell::new(None),
+        }
     }
 
     /// The wall clock was stepped (or drifted): the new boot-to-wall offset.
@@ -187,10 +213,17 @@ impl JsonFormat {
     }
 
     pub fn format(&self, r: &Report) -> String {
-        let mut out = Vec::with_capacity(384);
-        let mut o = Obj::open(&mut out);
+        let mut out = Vec::with_capacity(640);
+        self.write(r, &mut out);
+        // Everything written is UTF-8: literals, digits and serde_json's escaped strings.
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// The line of `r`, appended to `out` (the output's own buffer).
+    pub fn write(&self, r: &Report, out: &mut Vec<u8>) {
+        let mut o = Obj::open(out);
         self.ts(o.key("ts"), r.ts_ns);
-        o.str("event", r.kind.name())
+        o.name("event", r.kind.name())
             .num("pid", r.tgid)
             .num("tid", r.pid)
             .str("comm", &r.comm)
@@ -199,7 +232,7 @@ impl JsonFormat {
             .num("cgroup", r.cgroup)
             .num("netns", r.netns)
             .num("cookie", r.cookie)
-            .str("family", family_name(r.family))
+            .name("family", family_name(r.family))
             .addr("local", r.local)
             .addr("remote", r.remote);
         match r.container.as_deref() {
@@ -210,27 +243,46 @@ impl JsonFormat {
         }
         self.detail(&r.detail, &mut o);
         o.close();
-        // Everything written is UTF-8: literals, digits and serde_json's escaped strings.
-        String::from_utf8(out).unwrap_or_default()
     }
 
     /// RFC 3339 UTC with nanoseconds, quoted: `"2026-11-27T23:41:00.123456789Z"`.
     fn ts(&self, out: &mut Vec<u8>, boot_ns: u64) {
-        let t: OffsetDateTime = self.clock.wall(boot_ns);
+        let wall = i128::from(boot_ns) + self.clock.0;
+        let (secs, nanos) = (
+            wall.div_euclid(1_000_000_000),
+            wall.rem_euclid(1_000_000_000),
+        );
         out.push(b'"');
-        digits(out, t.year().max(0) as u32, 4);
-        out.push(b'-');
-        digits(out, u8::from(t.month()) as u32, 2);
-        out.push(b'-');
-        digits(out, t.day() as u32, 2);
-        out.push(b'T');
-        digits(out, t.hour() as u32, 2);
-        out.push(b':');
-        digits(out, t.minute() as u32, 2);
-        out.push(b':');
-        digits(out, t.second() as u32, 2);
-        out.push(b'.');
-        digits(out, t.nanosecond(), 9);
+        match self.second.get() {
+            Some((s, prefix)) if s == secs => {
+                out.extend_from_slice(&prefix);
+                out.push(b'.');
+                digits(out, nanos as u32, 9);
+            }
+            _ => {
+                let t: OffsetDateTime = self.clock.wall(boot_ns);
+                let at = out.len();
+                digits(out, t.year().max(0) as u32, 4);
+                out.push(b'-');
+                digits(out, u8::from(t.month()) as u32, 2);
+                out.push(b'-');
+                digits(out, t.day() as u32, 2);
+                out.push(b'T');
+                digits(out, t.hour() as u32, 2);
+                out.push(b':');
+                digits(out, t.minute() as u32, 2);
+                out.push(b':');
+                digits(out, t.second() as u32, 2);
+                // A time `time` cannot represent shows as the epoch: not cached.
+                if i128::from(t.unix_timestamp()) == secs
+                    && let Ok(prefix) = out[at..].try_into()
+                {
+                    self.second.set(Some((secs, prefix)));
+                }
+                out.push(b'.');
+                digits(out, t.nanosecond(), 9);
+            }
+        }
         out.extend_from_slice(b"Z\"");
     }
 
@@ -252,7 +304,7 @@ impl JsonFormat {
                     Via::Send => "send",
                     Via::Recv => "recv",
                 };
-                o.str("via", via);
+                o.name("via", via);
                 match bytes {
                     Some(b) => o.num("bytes", *b),
                     None => o.null("bytes"),
@@ -268,7 +320,7 @@ impl JsonFormat {
                 }
             }
             Detail::Silent { no_reply_ns, sends } => {
-                o.str("scope", Scope::Flow.name())
+                o.name("scope", Scope::Flow.name())
                     .num("no_reply_ms", ms(*no_reply_ns))
                     .num("sends", *sends);
             }
@@ -277,15 +329,15 @@ impl JsonFormat {
                     Trouble::Silent => "silent",
                     Trouble::Unreachable => "unreachable",
                 };
-                o.str("scope", Scope::Flow.name())
-                    .str("after", after)
+                o.name("scope", Scope::Flow.name())
+                    .name("after", after)
                     .num("quiet_ms", ms(*quiet_ns));
             }
             Detail::PeerSilent {
                 no_reply_ns,
                 unanswered,
             } => {
-                o.str("scope", Scope::Peer.name())
+                o.name("scope", Scope::Peer.name())
                     .num("no_reply_ms", ms(*no_reply_ns));
                 self.unanswered(unanswered, o);
             }
@@ -293,8 +345,8 @@ impl JsonFormat {
                 quiet_ns,
                 unanswered,
             } => {
-                o.str("scope", Scope::Peer.name())
-                    .str("after", "silent")
+                o.name("scope", Scope::Peer.name())
+                    .name("after", "silent")
                     .num("quiet_ms", ms(*quiet_ns));
                 self.unanswered(unanswered, o);
             }
@@ -307,14 +359,14 @@ impl JsonFormat {
                     Op::Send => "send",
                     Op::Recv => "recv",
                 };
-                o.str("op", op).str("errno", &errno_name(*errno));
+                o.name("op", op).str("errno", &errno_name(*errno));
                 match after_unreachable_ns {
                     Some(t) => o.num("after_unreachable_ms", ms(*t)),
                     None => o.null("after_unreachable_ms"),
                 };
             }
             Detail::Closed { reason, stats } => {
-                o.str("reason", reason.name());
+                o.name("reason", reason.name());
                 self.stats(o.obj("stats"), stats);
             }
             Detail::Refused { last_owner } => owner(o, "last_owner", last_owner.as_ref()),
@@ -368,7 +420,7 @@ fn icmp(mut o: Obj<'_>, u: &UnreachableInfo) {
         Some(f) => o.bool("fatal", f),
         None => o.null("fatal"),
     };
-    o.str("verdict", verdict_name(u.verdict)).close();
+    o.name("verdict", verdict_name(u.verdict)).close();
 }
 
 fn owner(o: &mut Obj<'_>, k: &str, who: Option<&Owner>) {
@@ -418,11 +470,16 @@ mod tests {
             assert_eq!(String::from_utf8(out).unwrap(), format!(r#"{{"a":"{a}"}}"#));
         }
         let j = JsonFormat::new(ClockOffset(0));
+        // In order, so that the cached second is used and left: within one second, across
+        // one, and far apart.
         for ns in [
             0,
             1,
             999_999_999,
+            1_000_000_000,
             1_764_979_200_123_456_789,
+            1_764_979_200_999_999_999,
+            1_764_979_201_000_000_000,
             4_102_444_799_999_999_999,
         ] {
             let mut out = Vec::new();

@@ -117,6 +117,11 @@ impl<K: FlowCounters> Pipeline<K> {
                     ev.process = self.processes.name(ev.tgid, ev.pid, &ev.comm);
                     self.note_cgroup(&ev);
                 }
+                // Nearly always: nothing held, nothing to wait for.
+                if self.pending.is_empty() && self.ready(&mut ev, netns_cookie, false) {
+                    self.process(ev, reports);
+                    return;
+                }
                 self.pending.push_back((ev, netns_cookie));
             }
             Err(e) => {
@@ -142,38 +147,52 @@ impl<K: FlowCounters> Pipeline<K> {
         self.cgroup_paths.insert(ev.cgroup, path);
     }
 
-    /// Processes held events in order, up to the first whose namespace no scan has seen yet
-    /// (its cookie is then queued for the next scan); `force`, at exit, processes them all.
-    fn process_pending(&mut self, force: bool, reports: &mut Vec<Report>) {
-        while let Some((ev, cookie)) = self.pending.front_mut() {
-            if ev.netns == 0 && *cookie != 0 {
-                match self.netns.lookup(*cookie) {
-                    Lookup::Inode(i) => ev.netns = i,
-                    Lookup::Unresolvable => {}
-                    Lookup::Unknown if force => {}
-                    Lookup::Unknown => {
-                        self.unknown_netns.insert(*cookie);
-                        return;
-                    }
+    /// Whether `ev` can go to the engine now: its namespace resolved (filled in here) and its
+    /// container known. If not, what it waits for is queued for the next scan or lookup;
+    /// `force`, at exit, lets everything through.
+    fn ready(&mut self, ev: &mut KernelEvent, netns_cookie: u64, force: bool) -> bool {
+        if ev.netns == 0 && netns_cookie != 0 {
+            match self.netns.lookup(netns_cookie) {
+                Lookup::Inode(i) => ev.netns = i,
+                Lookup::Unresolvable => {}
+                Lookup::Unknown if force => {}
+                Lookup::Unknown => {
+                    self.unknown_netns.insert(netns_cookie);
+                    return false;
                 }
             }
-            // Held until its container is known, so that every report of the socket names
-            // it (the engine takes the owner's cgroup only from such events).
-            if !force && !ev.task_unrelated && ev.cgroup != 0 && !self.containers.knows(ev.cgroup) {
-                self.unknown_cgroups.insert(ev.cgroup);
+        }
+        // Held until its container is known, so that every report of the socket names
+        // it (the engine takes the owner's cgroup only from such events).
+        if !force && !ev.task_unrelated && ev.cgroup != 0 && !self.containers.knows(ev.cgroup) {
+            self.unknown_cgroups.insert(ev.cgroup);
+            return false;
+        }
+        true
+    }
+
+    /// Processes held events in order, up to the first that must wait (see [`Self::ready`]).
+    fn process_pending(&mut self, force: bool, reports: &mut Vec<Report>) {
+        while let Some((mut ev, cookie)) = self.pending.pop_front() {
+            if !self.ready(&mut ev, cookie, force) {
+                self.pending.push_front((ev, cookie));
                 return;
             }
-            let (ev, _) = self.pending.pop_front().expect("front exists");
-            let closing = match ev.fact {
-                Fact::Close => self.engine.flows_of(ev.cookie),
-                _ => Vec::new(),
-            };
-            let kernel = &self.kernel;
-            reports.extend(self.engine.on_event(&ev, &|id| kernel.now(id)));
-            // The socket is gone: so are its kernel flow entries.
-            for id in &closing {
-                self.kernel.forget(id);
-            }
+            self.process(ev, reports);
+        }
+    }
+
+    /// One event through the engine.
+    fn process(&mut self, ev: KernelEvent, reports: &mut Vec<Report>) {
+        let closing = match ev.fact {
+            Fact::Close => self.engine.flows_of(ev.cookie),
+            _ => Vec::new(),
+        };
+        let kernel = &self.kernel;
+        reports.extend(self.engine.on_event(&ev, &|id| kernel.now(id)));
+        // The socket is gone: so are its kernel flow entries.
+        for id in &closing {
+            self.kernel.forget(id);
         }
     }
 
@@ -229,5 +248,138 @@ impl<K: FlowCounters> Pipeline<K> {
         }
         self.kernel.flush();
         self.sinks.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+    use udpmon_common::{Event, EventKind, event::AF_INET};
+
+    use super::*;
+    use crate::{
+        cli::Cli,
+        engine::{EngineConfig, ReportKind},
+        report::{ClockOffset, Formatter, JsonFormat},
+    };
+
+    /// No kernel entries; what was forgotten, in order.
+    #[derive(Default)]
+    struct Kernel {
+        forgotten: Vec<FlowId>,
+    }
+
+    impl FlowCounters for Kernel {
+        fn now(&self, _: &FlowId) -> Option<Counters> {
+            None
+        }
+        fn refresh(&mut self) {}
+        fn at_tick(&self, _: &FlowId) -> Option<Counters> {
+            None
+        }
+        fn forget(&mut self, id: &FlowId) {
+            self.forgotten.push(*id);
+        }
+        fn flush(&mut self) {}
+    }
+
+    fn pipeline() -> Pipeline<Kernel> {
+        let cli = Cli::parse_from(["udpmon", "--format", "json"]);
+        let sinks = Sinks {
+            clock: ClockOffset(0),
+            formatter: Formatter::Json(JsonFormat::new(ClockOffset(0))),
+            out: None,
+            header: false,
+            journal: None,
+            metrics: None,
+        };
+        let engine = Engine::new(EngineConfig::default());
+        Pipeline::new(
+            Kernel::default(),
+            engine,
+            NetnsMap::default(),
+            Filter::from(&cli),
+            sinks,
+        )
+    }
+
+    /// A first datagram sent by socket `cookie` to 10.0.0.2:53, from a hook that knew only
+    /// its namespace's cookie.
+    fn first_tx(cookie: u64, netns_cookie: u64) -> Vec<u8> {
+        let mut ev = Event::zeroed();
+        ev.kind = EventKind::FirstTx as u16;
+        ev.family = AF_INET;
+        ev.ts_ns = 1_000_000_000 + cookie;
+        ev.cookie = cookie;
+        ev.tgid = 4242;
+        ev.pid = 4242;
+        ev.comm[..3].copy_from_slice(b"dig");
+        ev.local[..4].copy_from_slice(&[10, 0, 0, 1]);
+        ev.lport = 40000 + cookie as u16;
+        ev.remote[..4].copy_from_slice(&[10, 0, 0, 2]);
+        ev.rport = 53;
+        ev.ret = 40;
+        ev.netns_cookie = netns_cookie;
+        // SAFETY: Event is repr(C) without padding (checked in udpmon-common).
+        unsafe { std::slice::from_raw_parts((&raw const ev).cast::<u8>(), size_of::<Event>()) }
+            .to_vec()
+    }
+
+    #[test]
+    fn events_wait_in_order_for_their_namespace() {
+        let mut p = pipeline();
+        let mut reports = Vec::new();
+        p.netns
+            .learn(HashMap::from([(7, 4026531840)]), &HashSet::new());
+        // Known namespace: straight through.
+        p.record(&first_tx(1, 7), &mut reports);
+        assert_eq!(reports.len(), 1);
+        assert_eq!(reports[0].netns, 4026531840);
+        // Unknown: held and asked for, and the next one, of a known namespace, waits behind it.
+        p.record(&first_tx(2, 8), &mut reports);
+        p.record(&first_tx(3, 7), &mut reports);
+        assert_eq!(reports.len(), 1);
+        assert_eq!(p.unknown_netns, HashSet::from([8]));
+        // The scan finds it: both, in order, with their namespaces.
+        let asked = std::mem::take(&mut p.unknown_netns);
+        p.netns.learn(HashMap::from([(8, 4026532000)]), &asked);
+        let mut later = Vec::new();
+        p.process_pending(false, &mut later);
+        let got: Vec<(u64, u32)> = later.iter().map(|r| (r.cookie, r.netns)).collect();
+        assert_eq!(got, [(2, 4026532000), (3, 4026531840)]);
+        assert!(later.iter().all(|r| r.kind == ReportKind::Connect));
+        // A namespace gone before the scan: its events go out without one, and are not held
+        // again.
+        p.record(&first_tx(4, 9), &mut reports);
+        let asked = std::mem::take(&mut p.unknown_netns);
+        p.netns.learn(HashMap::new(), &asked);
+        let mut last = Vec::new();
+        p.record(&first_tx(5, 9), &mut last);
+        let got: Vec<(u64, u32)> = last.iter().map(|r| (r.cookie, r.netns)).collect();
+        assert_eq!(got, [(4, 0), (5, 0)]);
+        assert_eq!(p.drop_pending(), 0);
+        assert_eq!(p.health.events_read, 5);
+    }
+
+    #[test]
+    fn undecodable_records_are_counted_and_closed_flows_forgotten() {
+        let mut p = pipeline();
+        let mut reports = Vec::new();
+        p.record(&[0u8; 7], &mut reports);
+        assert_eq!(p.health.decode_errors, 1);
+        p.record(&first_tx(1, 0), &mut reports);
+        let mut close = Event::zeroed();
+        close.kind = EventKind::Close as u16;
+        close.cookie = 1;
+        close.tgid = 4242;
+        close.pid = 4242;
+        // SAFETY: as in `first_tx`.
+        let close = unsafe {
+            std::slice::from_raw_parts((&raw const close).cast::<u8>(), size_of::<Event>())
+        };
+        p.record(close, &mut reports);
+        assert!(reports.iter().any(|r| r.kind == ReportKind::Close));
+        let remote = "10.0.0.2:53".parse().unwrap();
+        assert_eq!(p.kernel.forgotten, [FlowId { cookie: 1, remote }]);
     }
 }

@@ -80,15 +80,24 @@ impl ProcessNames {
         if tgid == 0 {
             return String::new();
         }
-        let now = Instant::now();
-        let name = if pid == tgid {
-            comm.to_owned()
-        } else {
-            match self.names.get(&tgid) {
-                Some((n, at)) if now.duration_since(*at) < Self::FRESH_FOR => return n.clone(),
-                _ => comm_of(tgid),
+        let known = self.names.get(&tgid);
+        if pid == tgid {
+            // The main thread names the process itself: remembered for its other threads,
+            // without a clock read or a table write when nothing changed.
+            if known.is_some_and(|(n, _)| n == comm) {
+                return comm.to_owned();
             }
-        };
+            return self.remember(tgid, comm.to_owned());
+        }
+        let now = Instant::now();
+        match known {
+            Some((n, at)) if now.duration_since(*at) < Self::FRESH_FOR => n.clone(),
+            _ => self.remember(tgid, comm_of(tgid)),
+        }
+    }
+
+    fn remember(&mut self, tgid: u32, name: String) -> String {
+        let now = Instant::now();
         if self.names.len() >= Self::MAX {
             self.names.clear();
         }

@@ -12,5 +12,5 @@ pub mod stats;
 
 pub use event::{Event, EventKind};
 pub use flow::{FlowKey, FlowStats};
-pub use offsets::{IcmpRcvText, Offsets};
+pub use offsets::{IcmpFreeCallers, Offsets};
 pub use stats::{COUNTERS, Counter};

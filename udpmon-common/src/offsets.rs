@@ -114,32 +114,47 @@ pub mod helpers {
     pub const SOCKET_COOKIE: u32 = 1 << 1;
 }
 
-/// The read-only global `ICMP_RCV_TEXT`: where the kernel's ICMP receive handlers lie in its
-/// text, `[start, end)` of `icmp_rcv` and of `icmpv6_rcv` (from /proc/kallsyms). The
-/// skb-free tracepoints fire for every skb the host frees; their `location` argument is the
-/// freeing call's return address, so a program can pass over every skb an ICMP handler did
-/// not free without touching it (a cache-cold skb otherwise costs the first load). Where the
-/// addresses are unknown, a range covers all of memory and every skb is looked at.
+/// The read-only global `ICMP_FREE_CALLERS`: which callers of the skb-free tracepoints
+/// (their `location` argument, the freeing call's return address) can be freeing an ICMP
+/// error, so that a program passes over every other skb without touching it (a cache-cold
+/// skb otherwise costs the first load). Set from /proc/kallsyms: the kernel's own text
+/// `[start, end)`, inside which only `icmp_rcv`, `icmpv6_rcv` and the return trampolines
+/// that stand in for a caller while another tool traces the free on its way out (kretprobe,
+/// rethook, function-graph) count; a caller outside it (a module, a BPF trampoline) always
+/// counts. With the text unknown every caller counts and every skb is looked at.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct IcmpRcvText {
-    pub v4: [u64; 2],
-    pub v6: [u64; 2],
+pub struct IcmpFreeCallers {
+    pub text: [u64; 2],
+    /// `[start, end)` each; `[0, 0]` for a symbol this kernel lacks.
+    pub ranges: [[u64; 2]; IcmpFreeCallers::RANGES],
 }
 
-impl IcmpRcvText {
-    /// Every address: no skb is passed over.
+impl IcmpFreeCallers {
+    pub const RANGES: usize = 5;
+
+    /// Every caller counts.
     pub const UNKNOWN: Self = Self {
-        v4: [0, u64::MAX],
-        v6: [0, 0],
+        text: [0, 0],
+        ranges: [[0, 0]; Self::RANGES],
     };
 
     #[inline(always)]
-    pub fn contains(&self, addr: u64) -> bool {
-        (addr >= self.v4[0] && addr < self.v4[1]) || (addr >= self.v6[0] && addr < self.v6[1])
+    pub fn may_free_icmp(&self, location: u64) -> bool {
+        if location < self.text[0] || location >= self.text[1] {
+            return true;
+        }
+        let mut i = 0;
+        while i < Self::RANGES {
+            if location >= self.ranges[i][0] && location < self.ranges[i][1] {
+                return true;
+            }
+            i += 1;
+        }
+        false
     }
 }
 
 #[cfg(feature = "user")]
 // SAFETY: repr(C) of u64 only, no padding.
-unsafe impl aya::Pod for IcmpRcvText {}
+unsafe impl aya::Pod for IcmpFreeCallers {}

@@ -1,5 +1,6 @@
 //! ICMP errors: which flow they are about, and whether the application was told. The same
-//! two tracepoints serve every strategy, and neither does any work for ordinary traffic:
+//! two tracepoints serve every strategy, and neither does more than a check for ordinary
+//! traffic:
 //! 1. tp_btf inet_sk_error_report fires only when the kernel sets sk_err or queues the error
 //!    on a socket (KERNEL.md §3), inside the UDP error handler: `on_error_report` keeps what
 //!    it says in a per-CPU slot;
@@ -72,7 +73,7 @@ fn is_error(proto: u8, ty: u8) -> bool {
 }
 
 /// tp_btf consume_skb and kfree_skb: the skbs icmp_rcv and icmpv6_rcv free, where the
-/// tracepoint says who frees (`ICMP_RCV_TEXT`), else every skb the kernel frees, on every
+/// tracepoint says who frees (`ICMP_FREE_CALLERS`), else every skb the kernel frees, on every
 /// strategy: each packet a NIC transmits, and the received skbs a socket frees on another CPU
 /// than the one they arrived on. So plain loads rule out all but ICMP errors before any
 /// helper call: an ICMP skb belongs to no socket, still has its route, and its data starts

@@ -30,7 +30,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use kread::Btf;
-use maps::freed_by_icmp_rcv;
+use maps::may_free_icmp;
 
 /// Every strategy: names the owner of each new socket and makes the kernel generate its
 /// cookie.
@@ -53,10 +53,10 @@ pub fn icmp_error_report(ctx: BtfTracePointContext) -> i32 {
 
 /// `consume_skb(struct sk_buff *skb, void *location)` tracepoint (>= 6.3): the end of a
 /// successfully handled ICMP error, among every other skb the host frees. `location` rules
-/// out all but the ICMP handlers' frees before the skb is touched.
+/// out all but the ICMP handlers' frees before the skb is touched (see `IcmpFreeCallers`).
 #[btf_tracepoint(function = "consume_skb")]
 pub fn skb_consumed(ctx: BtfTracePointContext) -> i32 {
-    if freed_by_icmp_rcv(ctx.arg::<u64>(1)) {
+    if may_free_icmp(ctx.arg::<u64>(1)) {
         icmp::on_skb_freed(ctx.arg::<u64>(0));
     }
     0
@@ -76,7 +76,7 @@ pub fn skb_consumed_no_location(ctx: BtfTracePointContext) -> i32 {
 pub fn skb_dropped(ctx: BtfTracePointContext) -> i32 {
     let skb = ctx.arg::<u64>(0);
     refused::on_drop(skb, ctx.arg::<u32>(2));
-    if freed_by_icmp_rcv(ctx.arg::<u64>(1)) {
+    if may_free_icmp(ctx.arg::<u64>(1)) {
         icmp::on_skb_freed(skb);
     }
     0
@@ -86,7 +86,7 @@ pub fn skb_dropped(ctx: BtfTracePointContext) -> i32 {
 /// errors only (icmpv6_rcv frees every error it handled this way there, too).
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn skb_dropped_no_reason(ctx: BtfTracePointContext) -> i32 {
-    if freed_by_icmp_rcv(ctx.arg::<u64>(1)) {
+    if may_free_icmp(ctx.arg::<u64>(1)) {
         icmp::on_skb_freed(ctx.arg::<u64>(0));
     }
     0

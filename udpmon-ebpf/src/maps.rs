@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
-use udpmon_common::{COUNTERS, Counter, Event, FlowKey, FlowStats, IcmpRcvText, Offsets};
+use udpmon_common::{COUNTERS, Counter, Event, FlowKey, FlowStats, IcmpFreeCallers, Offsets};
 
 /// Transitions only. 4 MiB holds ~29000 events: a second and more of new flows at 20k/s
 /// while userspace is busy with its once-a-second pass over every flow.
@@ -57,9 +57,10 @@ pub static SELF_TGID: u32 = 0;
 #[unsafe(no_mangle)]
 pub static HELPERS: u32 = 0;
 
-/// Where icmp_rcv and icmpv6_rcv lie in kernel text, set at load time: see [`IcmpRcvText`].
+/// Which free callers can be freeing an ICMP error, set at load time: see
+/// [`IcmpFreeCallers`].
 #[unsafe(no_mangle)]
-pub static ICMP_RCV_TEXT: IcmpRcvText = IcmpRcvText::UNKNOWN;
+pub static ICMP_FREE_CALLERS: IcmpFreeCallers = IcmpFreeCallers::UNKNOWN;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -123,12 +124,12 @@ pub fn has_helper(bit: u32) -> bool {
     unsafe { core::ptr::read_volatile(&HELPERS) & bit != 0 }
 }
 
-/// Whether a free at `location` (the skb-free tracepoints' caller address) was an ICMP
-/// receive handler's: only those can free an ICMP error.
+/// Whether a free at `location` (the skb-free tracepoints' caller address) can be an ICMP
+/// error's.
 #[inline(always)]
-pub fn freed_by_icmp_rcv(location: u64) -> bool {
+pub fn may_free_icmp(location: u64) -> bool {
     // SAFETY: a read-only global set at load time, as `OFFSETS`.
-    unsafe { core::ptr::read_volatile(&ICMP_RCV_TEXT) }.contains(location)
+    unsafe { core::ptr::read_volatile(&ICMP_FREE_CALLERS) }.may_free_icmp(location)
 }
 
 /// Adds one to a health counter. Atomic although per-CPU: a softirq program can interrupt a

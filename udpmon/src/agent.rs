@@ -5,7 +5,6 @@ use std::{
     collections::{HashMap, HashSet},
     io,
     os::fd::{AsFd, OwnedFd},
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -202,25 +201,22 @@ impl Agent {
         let mut lookup: Option<(ContainerLookup, Vec<u64>)> = None;
         let stop = loop {
             let p = &mut self.pipeline;
-            if scan.is_none() && !p.unknown_netns.is_empty() {
-                let asked = std::mem::take(&mut p.unknown_netns);
-                scan = Some((tokio::task::spawn_blocking(netns::scan), asked));
+            if scan.is_none() {
+                let asked = p.netns_asks();
+                if !asked.is_empty() {
+                    scan = Some((tokio::task::spawn_blocking(netns::scan), asked));
+                }
             }
-            if lookup.is_none() && !p.unknown_cgroups.is_empty() {
-                let asked: Vec<Ask> = std::mem::take(&mut p.unknown_cgroups)
-                    .into_iter()
-                    .map(|cgroup| Ask {
-                        cgroup,
-                        path: p.cgroup_paths.remove(&cgroup).flatten(),
-                    })
-                    .collect();
-                let ids = asked.iter().map(|a| a.cgroup).collect();
-                let mount = p.cgroup_mount.clone();
-                let roots = Arc::clone(&p.state_roots);
-                let task = tokio::task::spawn_blocking(move || {
-                    container::resolve(mount.as_deref(), &roots, asked)
-                });
-                lookup = Some((task, ids));
+            if lookup.is_none() {
+                let asked = p.container_asks();
+                if !asked.is_empty() {
+                    let ids = asked.iter().map(|a| a.cgroup).collect();
+                    let (mount, roots) = p.container_roots();
+                    let task = tokio::task::spawn_blocking(move || {
+                        container::resolve(mount.as_deref(), &roots, asked)
+                    });
+                    lookup = Some((task, ids));
+                }
             }
             let step = tokio::select! {
                 found = async { (&mut lookup.as_mut().expect("guarded").0).await }, if lookup.is_some() => {
@@ -229,11 +225,7 @@ impl Agent {
                         warn!("resolving containers: {e}");
                         asked.into_iter().map(|c| (c, None)).collect()
                     });
-                    let p = &mut self.pipeline;
-                    p.containers.learn(found);
-                    let containers = &p.containers;
-                    p.cgroup_paths.retain(|c, _| !containers.knows(*c));
-                    p.release_pending(false)
+                    self.pipeline.containers_found(found)
                 }
                 found = async { (&mut scan.as_mut().expect("guarded").0).await }, if scan.is_some() => {
                     let (_, asked) = scan.take().expect("guarded");
@@ -248,8 +240,7 @@ impl Agent {
                             HashMap::new()
                         }
                     };
-                    self.pipeline.netns.learn(found, &asked);
-                    self.pipeline.release_pending(false)
+                    self.pipeline.netns_found(found, &asked)
                 }
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;

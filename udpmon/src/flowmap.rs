@@ -160,17 +160,18 @@ impl Removals {
             };
             let deleted = (attr.count as usize).min(rest.len());
             done += deleted;
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ENOENT) {
-                    // The key after the deleted ones is not in the map.
-                    done += 1;
-                } else if deleted == 0 {
+            if r >= 0 && deleted == rest.len() {
+                continue;
+            }
+            let e = (r < 0).then(io::Error::last_os_error);
+            match e {
+                // The key after the deleted ones is not in the map.
+                Some(e) if e.raw_os_error() == Some(libc::ENOENT) => done += 1,
+                // Anything else (a kernel without batch deletes, or one that stopped short):
+                // the rest one by one, which says which key fails.
+                e => {
                     self.one_by_one = true;
-                    log::debug!("batch deletes from the flow map failed ({e}): one by one");
-                } else {
-                    res = Err(e);
-                    break;
+                    log::debug!("batch deletes from the flow map stopped ({e:?}): one by one");
                 }
             }
         }

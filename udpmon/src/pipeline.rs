@@ -45,25 +45,25 @@ pub struct Pipeline<K> {
     pub filter: Filter,
     pub sinks: Sinks,
     pub health: Health,
-    pub netns: NetnsMap,
+    netns: NetnsMap,
     /// Events held back, in order, until a scan names a namespace that one of them is in
     /// (with every event after it, so that the engine sees them in order), with the
     /// namespace cookie of each.
     pending: VecDeque<(KernelEvent, u64)>,
     /// Namespace cookies waiting for the next scan.
-    pub unknown_netns: HashSet<u64>,
+    unknown_netns: HashSet<u64>,
     processes: ProcessNames,
-    pub containers: ContainerMap,
+    containers: ContainerMap,
     /// Cgroup ids waiting for the next container lookup; events are held for them like for
     /// namespaces.
-    pub unknown_cgroups: HashSet<u64>,
+    unknown_cgroups: HashSet<u64>,
     /// The cgroup path of each unresolved cgroup id, read from /proc/PID/cgroup as soon as
     /// an event of it is decoded: a short-lived process may be gone by the time the lookup
     /// runs (None: it already was).
-    pub cgroup_paths: HashMap<u64, Option<String>>,
+    cgroup_paths: HashMap<u64, Option<String>>,
     /// The cgroup v2 mount (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts).
-    pub cgroup_mount: Option<PathBuf>,
-    pub state_roots: Arc<StateRoots>,
+    cgroup_mount: Option<PathBuf>,
+    state_roots: Arc<StateRoots>,
 }
 
 impl<K: FlowCounters> Pipeline<K> {
@@ -117,19 +117,61 @@ impl<K: FlowCounters> Pipeline<K> {
                     ev.process = self.processes.name(ev.tgid, ev.pid, &ev.comm);
                     self.note_cgroup(&ev);
                 }
-                // Nearly always: nothing held, nothing to wait for.
+                // Nearly always: nothing held, nothing to wait for. Otherwise it waits behind
+                // the held ones: only a scan or a lookup (`*_found`) can release them.
                 if self.pending.is_empty() && self.ready(&mut ev, netns_cookie, false) {
                     self.process(ev, reports);
-                    return;
+                } else {
+                    self.pending.push_back((ev, netns_cookie));
                 }
-                self.pending.push_back((ev, netns_cookie));
             }
             Err(e) => {
                 self.health.decode_errors += 1;
                 log::debug!("undecodable event: {e}");
             }
         }
-        self.process_pending(false, reports);
+    }
+
+    /// The namespace cookies held events wait for, for a scan to look up.
+    pub fn netns_asks(&mut self) -> HashSet<u64> {
+        std::mem::take(&mut self.unknown_netns)
+    }
+
+    /// What a scan for `asked` found: the events it releases are processed and written.
+    pub fn netns_found(
+        &mut self,
+        found: HashMap<u64, u32>,
+        asked: &HashSet<u64>,
+    ) -> io::Result<()> {
+        self.netns.learn(found, asked);
+        self.release_pending(false)
+    }
+
+    /// The cgroups reports or held events need a container for, for a lookup.
+    pub fn container_asks(&mut self) -> Vec<container::Ask> {
+        std::mem::take(&mut self.unknown_cgroups)
+            .into_iter()
+            .map(|cgroup| container::Ask {
+                cgroup,
+                path: self.cgroup_paths.remove(&cgroup).flatten(),
+            })
+            .collect()
+    }
+
+    /// What a lookup found: the events it releases are processed and written.
+    pub fn containers_found(
+        &mut self,
+        found: HashMap<u64, Option<container::Container>>,
+    ) -> io::Result<()> {
+        self.containers.learn(found);
+        let containers = &self.containers;
+        self.cgroup_paths.retain(|c, _| !containers.knows(*c));
+        self.release_pending(false)
+    }
+
+    /// Where a lookup resolves cgroups: the cgroup v2 mount and the runtimes' state.
+    pub fn container_roots(&self) -> (Option<PathBuf>, Arc<StateRoots>) {
+        (self.cgroup_mount.clone(), Arc::clone(&self.state_roots))
     }
 
     /// The path of a cgroup not resolved yet, while its process is surely alive: read from
@@ -225,8 +267,7 @@ impl<K: FlowCounters> Pipeline<K> {
             if r.cgroup != 0 {
                 match self.containers.lookup(r.cgroup) {
                     container::Lookup::Known(c) => r.container = c,
-                    // Forgotten to make room (or a socket from before udpmon started): for
-                    // the next reports.
+                    // Forgotten to make room: for the next reports.
                     container::Lookup::Unknown => {
                         self.unknown_cgroups.insert(r.cgroup);
                     }
@@ -339,9 +380,9 @@ mod tests {
         p.record(&first_tx(2, 8), &mut reports);
         p.record(&first_tx(3, 7), &mut reports);
         assert_eq!(reports.len(), 1);
-        assert_eq!(p.unknown_netns, HashSet::from([8]));
         // The scan finds it: both, in order, with their namespaces.
-        let asked = std::mem::take(&mut p.unknown_netns);
+        let asked = p.netns_asks();
+        assert_eq!(asked, HashSet::from([8]));
         p.netns.learn(HashMap::from([(8, 4026532000)]), &asked);
         let mut later = Vec::new();
         p.process_pending(false, &mut later);
@@ -351,9 +392,10 @@ mod tests {
         // A namespace gone before the scan: its events go out without one, and are not held
         // again.
         p.record(&first_tx(4, 9), &mut reports);
-        let asked = std::mem::take(&mut p.unknown_netns);
+        let asked = p.netns_asks();
         p.netns.learn(HashMap::new(), &asked);
         let mut last = Vec::new();
+        p.process_pending(false, &mut last);
         p.record(&first_tx(5, 9), &mut last);
         let got: Vec<(u64, u32)> = last.iter().map(|r| (r.cookie, r.netns)).collect();
         assert_eq!(got, [(4, 0), (5, 0)]);

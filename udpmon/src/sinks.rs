@@ -47,10 +47,7 @@ impl Sinks {
             m.report(r);
         }
         if let Some(out) = &mut self.out {
-            match &self.formatter {
-                Formatter::Json(j) => out.line_with(|buf| j.write(r, buf))?,
-                Formatter::Text(t) => out.line(&t.format(r))?,
-            }
+            out.line_with(|buf| self.formatter.write(r, buf))?;
         }
         if let Some(j) = &mut self.journal {
             j.send(r);

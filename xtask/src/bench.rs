@@ -1179,16 +1179,21 @@ fn table(
         "-",
     ]);
     targets(&mut tb, hot, progs);
-    let mut best_zero = None;
+    // A step counts at the rate it achieved: past the generator's own limit, offering more
+    // is not reaching more.
+    let mut best_zero: Option<f64> = None;
     let mut clean = true;
     for s in pipe {
         let rate = spread(&s.rate);
         clean &= s.drops == 0;
         if clean {
-            best_zero = Some(s.target);
+            best_zero = Some(best_zero.unwrap_or(0.0).max(rate.median));
         }
         let (target, met) = if s.target == 150_000 {
-            ("0 drops", yes_no(s.drops == 0))
+            (
+                "0 drops, at >= 95 % of the offered rate",
+                yes_no(s.drops == 0 && rate.median >= 0.95 * s.target as f64),
+            )
         } else {
             ("-", "-")
         };
@@ -1212,7 +1217,7 @@ fn table(
     }
     tb.row([
         &format!(
-            "highest new-flow rate with zero ring-buffer drops (ramp {})",
+            "highest new-flow rate achieved with zero ring-buffer drops (ramp {} offered)",
             plan.ramp
                 .iter()
                 .map(|r| si(*r as f64))
@@ -1220,11 +1225,11 @@ fn table(
                 .join(", ")
         ),
         "-",
-        &best_zero.map_or("none".to_string(), |r| format!("{}/s", si(r as f64))),
+        &best_zero.map_or("none".to_string(), |r| format!("{}/s", si(r))),
         "-",
         "-",
         ">= 150k/s",
-        yes_no(best_zero.is_some_and(|r| r >= 150_000)),
+        yes_no(best_zero.is_some_and(|r| r >= 0.95 * 150_000.0)),
     ]);
     tb.row([
         "engine: events/s on one core (FirstTx, FirstRx, Close; 4 peers per socket, 1000 \

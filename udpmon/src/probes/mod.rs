@@ -26,7 +26,7 @@ use aya::{
     },
 };
 use log::{info, warn};
-use udpmon_common::{IcmpRcvText, Offsets};
+use udpmon_common::{IcmpFreeCallers, Offsets};
 
 /// The eBPF object built by udpmon/build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udpmon"));
@@ -362,19 +362,21 @@ pub struct LoadOptions {
 /// Tries `choice` (or every strategy in order for `None`) and returns the first that works.
 pub fn load(choice: Option<Strategy>, opts: &LoadOptions) -> anyhow::Result<Probes> {
     // Reading /proc/kallsyms takes tens of milliseconds of kernel time: beside the BTF parse.
-    let icmp_rcv = std::thread::spawn(kallsyms::icmp_rcv_text);
+    let icmp_free = std::thread::spawn(kallsyms::icmp_free_callers);
     let kbtf = crate::btf::KernelBtf::from_sys_fs()
         .context("reading kernel BTF (/sys/kernel/btf/vmlinux); udpmon needs a kernel built with CONFIG_DEBUG_INFO_BTF")?;
     let memlock = raise_memlock(&kbtf);
     let btf = Btf::from_sys_fs().context("parsing kernel BTF")?;
     let offsets =
         crate::btf::resolve_offsets(&kbtf).context("resolving kernel struct offsets from BTF")?;
-    let icmp_rcv = icmp_rcv
+    let icmp_free = icmp_free
         .join()
         .unwrap_or_else(|_| Err("reading /proc/kallsyms panicked".into()))
         .unwrap_or_else(|e| {
-            info!("where the ICMP handlers are is unknown ({e}): every freed skb is examined");
-            IcmpRcvText::UNKNOWN
+            info!(
+                "which frees can be an ICMP error's is unknown ({e}): every freed skb is examined"
+            );
+            IcmpFreeCallers::UNKNOWN
         });
     let order: Vec<Strategy> = match choice {
         Some(s) => vec![s],
@@ -387,7 +389,7 @@ pub fn load(choice: Option<Strategy>, opts: &LoadOptions) -> anyhow::Result<Prob
             &kbtf,
             &btf,
             &offsets,
-            &icmp_rcv,
+            &icmp_free,
             opts,
             memlock.as_deref(),
         ) {
@@ -417,7 +419,7 @@ fn load_strategy(
     kbtf: &crate::btf::KernelBtf,
     btf: &Btf,
     offsets: &Offsets,
-    icmp_rcv: &IcmpRcvText,
+    icmp_free: &IcmpFreeCallers,
     opts: &LoadOptions,
     memlock: Option<&str>,
 ) -> anyhow::Result<Probes> {
@@ -435,7 +437,7 @@ fn load_strategy(
         .override_global(global::OFFSETS, offsets, true)
         .override_global(global::SELF_TGID, &opts.self_tgid, true)
         .override_global(global::HELPERS, &helpers, true)
-        .override_global(global::ICMP_RCV_TEXT, icmp_rcv, true)
+        .override_global(global::ICMP_FREE_CALLERS, icmp_free, true)
         .override_global(aya_log::LEVEL, &log_level, false)
         .map_max_entries(map::FLOWS, flows)
         .map_max_entries(map::OWNERS, side)

@@ -50,6 +50,14 @@ impl Formatter {
         }
     }
 
+    /// One report as one line, without the newline, appended to `out`.
+    pub fn write(&self, r: &Report, out: &mut Vec<u8>) {
+        match self {
+            Self::Text(t) => out.extend_from_slice(t.format(r).as_bytes()),
+            Self::Json(j) => j.write(r, out),
+        }
+    }
+
     /// One report as one line, without the newline.
     pub fn format(&self, r: &Report) -> String {
         match self {

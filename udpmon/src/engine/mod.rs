@@ -126,10 +126,14 @@ struct OwnerOf<'a> {
     netns: u32,
 }
 
+/// An owner's identity, as the intern table hashes and compares it: one definition for the
+/// event side and the stored side, so that the two cannot disagree.
+type OwnerKey<'a> = (u32, u32, &'a str, &'a str, u32, u64, u32);
+
 impl OwnerOf<'_> {
-    fn hash(&self, h: &DefaultHashBuilder) -> u64 {
+    fn key(&self) -> OwnerKey<'_> {
         let e = self.ev;
-        h.hash_one((
+        (
             e.tgid,
             e.pid,
             e.comm.as_str(),
@@ -137,23 +141,20 @@ impl OwnerOf<'_> {
             e.uid,
             e.cgroup,
             self.netns,
-        ))
+        )
+    }
+
+    fn hash(&self, h: &DefaultHashBuilder) -> u64 {
+        h.hash_one(self.key())
     }
 
     fn is(&self, o: &Owner) -> bool {
-        let e = self.ev;
-        o.tgid == e.tgid
-            && o.pid == e.pid
-            && o.uid == e.uid
-            && o.cgroup == e.cgroup
-            && o.netns == self.netns
-            && o.comm == e.comm
-            && o.process == e.process
+        self.key() == owner_key(o)
     }
 }
 
-fn hash_owner(h: &DefaultHashBuilder, o: &Owner) -> u64 {
-    h.hash_one((
+fn owner_key(o: &Owner) -> OwnerKey<'_> {
+    (
         o.tgid,
         o.pid,
         o.comm.as_str(),
@@ -161,7 +162,11 @@ fn hash_owner(h: &DefaultHashBuilder, o: &Owner) -> u64 {
         o.uid,
         o.cgroup,
         o.netns,
-    ))
+    )
+}
+
+fn hash_owner(h: &DefaultHashBuilder, o: &Owner) -> u64 {
+    h.hash_one(owner_key(o))
 }
 
 /// Owners held once, however many sockets and ports name them: a program's sockets share

@@ -36,6 +36,21 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// The bpf(2) syscall with `attr` as its `union bpf_attr`.
+///
+/// # Safety
+/// `attr` must be the layout `cmd` takes, and every pointer in it valid for what the kernel
+/// reads and writes there.
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
+    // SAFETY: the caller's contract.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, mem::size_of::<T>()) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
 /// Reusable buffers for [`snapshot`].
 pub struct Snapshot {
     pub entries: HashMap<FlowKey, FlowStats>,
@@ -80,15 +95,7 @@ impl Snapshot {
             // SAFETY: the kernel writes at most `count` keys and values into buffers of
             // BATCH elements whose layouts are the map's key and value (repr(C), shared with
             // the eBPF side), one token into `token_out`, and `count` back into `attr`.
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_LOOKUP_BATCH,
-                    &raw mut attr,
-                    mem::size_of::<BatchAttr>() as u32,
-                )
-            };
-            let err = (r < 0).then(io::Error::last_os_error);
+            let err = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
             let n = (attr.count as usize).min(BATCH);
             self.entries.extend(
                 self.keys[..n]
@@ -132,10 +139,7 @@ impl Removals {
                 // map_fd (u32, padded), key
                 let mut attr = [map.as_raw_fd() as u64, &raw const rest[0] as u64];
                 // SAFETY: the kernel reads one key of the map's layout at `key`.
-                let r = unsafe {
-                    libc::syscall(libc::SYS_bpf, BPF_MAP_DELETE_ELEM, &raw mut attr, 16u32)
-                };
-                let err = (r < 0).then(io::Error::last_os_error);
+                let err = unsafe { bpf(BPF_MAP_DELETE_ELEM, &mut attr) }.err();
                 if let Some(e) = err.filter(|e| e.raw_os_error() != Some(libc::ENOENT)) {
                     res = Err(e);
                 }
@@ -150,20 +154,12 @@ impl Removals {
             };
             // SAFETY: the kernel reads `count` keys of the map's layout from `keys` and
             // writes back in `count` how many it deleted.
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_DELETE_BATCH,
-                    &raw mut attr,
-                    mem::size_of::<BatchAttr>() as u32,
-                )
-            };
+            let e = unsafe { bpf(BPF_MAP_DELETE_BATCH, &mut attr) }.err();
             let deleted = (attr.count as usize).min(rest.len());
             done += deleted;
-            if r >= 0 && deleted == rest.len() {
+            if e.is_none() && deleted == rest.len() {
                 continue;
             }
-            let e = (r < 0).then(io::Error::last_os_error);
             match e {
                 // The key after the deleted ones is not in the map.
                 Some(e) if e.raw_os_error() == Some(libc::ENOENT) => done += 1,
@@ -190,16 +186,6 @@ mod tests {
     const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
     const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 
-    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
-        // SAFETY: `attr` is a live, initialized prefix of `union bpf_attr` for `cmd`.
-        let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, mem::size_of::<T>()) };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r)
-        }
-    }
-
     fn lru_map(max: u32) -> io::Result<OwnedFd> {
         // map_type, key_size, value_size, max_entries, map_flags
         let mut attr = [
@@ -209,7 +195,8 @@ mod tests {
             max,
             0,
         ];
-        let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+        // SAFETY: map_type, key_size, value_size, max_entries, map_flags: no pointers.
+        let fd = unsafe { bpf(BPF_MAP_CREATE, &mut attr) }?;
         // SAFETY: a fresh descriptor the kernel just returned to us.
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
     }
@@ -222,7 +209,8 @@ mod tests {
             v as *const FlowStats as u64,
             0,
         ];
-        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+        // SAFETY: the key and value point at live values of the map's layouts.
+        unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
     }
 
     fn key(i: u64) -> FlowKey {

@@ -47,6 +47,54 @@ struct Made {
     container: String,
 }
 
+impl Made {
+    /// The busybox image, built under `tag` (also the container's name), or why this host
+    /// cannot run the scenario.
+    fn image(tag: String) -> Result<Self, Outcome> {
+        need_tools(&["podman", "runc"])?;
+        let Some(busybox) = static_busybox() else {
+            return Err(Outcome::Skip(
+                "no static busybox (package busybox-static)".into(),
+            ));
+        };
+        let made = Made {
+            dir: std::env::temp_dir().join(&tag),
+            image: format!("localhost/{tag}:latest"),
+            container: tag,
+        };
+        build_image(&made.dir, &busybox, &made.image);
+        Ok(made)
+    }
+
+    /// `podman VERB... --name CONTAINER <isolation> IMAGE /bin/busybox ARGS...` (see the
+    /// module comment for the isolation this host needs); returns what podman printed (the
+    /// container's id).
+    fn podman(&self, verb: &[&str], busybox_args: &[&str]) -> String {
+        let isolation = [
+            "--name",
+            &self.container,
+            "--network",
+            "none",
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+            &self.image,
+            "/bin/busybox",
+        ];
+        podman_ok(&[verb, &isolation[..], busybox_args].concat())
+    }
+
+    /// The running container's main process and its network namespace inode.
+    fn process(&self) -> (String, u64) {
+        let pid = podman_ok(&["inspect", "--format", "{{.State.Pid}}", &self.container]);
+        let netns = fs::metadata(format!("/proc/{pid}/ns/net"))
+            .unwrap_or_else(|e| panic!("the container's process {pid}: {e}"))
+            .ino();
+        (pid, netns)
+    }
+}
+
 impl Drop for Made {
     fn drop(&mut self) {
         let _ = podman(&["rm", "--force", "--time", "0", &self.container]);
@@ -83,49 +131,29 @@ pub fn podman_container(st: Strategy) -> Outcome {
     if let Err(o) = once(st) {
         return o;
     }
-    if let Err(o) = need_tools(&["podman", "runc"]) {
-        return o;
-    }
-    let Some(busybox) = static_busybox() else {
-        return Outcome::Skip("no static busybox (package busybox-static)".into());
+    let made = match Made::image(format!("udpmon-test-{}", std::process::id())) {
+        Ok(m) => m,
+        Err(o) => return o,
     };
-    let tag = format!("udpmon-test-{}", std::process::id());
-    let made = Made {
-        dir: std::env::temp_dir().join(&tag),
-        image: format!("localhost/{tag}:latest"),
-        container: tag.clone(),
-    };
-    build_image(&made.dir, &busybox, &made.image);
 
     let mut all = Udpmon::start(st, &[]).expect("udpmon starts");
     let mut only = Udpmon::start(st, &["--container", &made.container]).expect("udpmon starts");
-    let id = podman_ok(&[
-        "create",
-        "--name",
-        &made.container,
-        "--network",
-        "none",
-        "--ulimit",
-        "nofile=1024:1024",
-        "--ulimit",
-        "nproc=1024:1024",
-        &made.image,
-        "/bin/busybox",
-        "sh",
-        "-c",
-        // The container stays up until the test removes it, so that its namespace is there
-        // to be resolved; the query fails at once (ECONNREFUSED).
-        "/bin/busybox nslookup example.invalid 127.0.0.1; exec /bin/busybox sleep 600",
-    ]);
+    let id = made.podman(
+        &["create"],
+        &[
+            "sh",
+            "-c",
+            // The container stays up until the test removes it, so that its namespace is
+            // there to be resolved; the query fails at once (ECONNREFUSED).
+            "/bin/busybox nslookup example.invalid 127.0.0.1; exec /bin/busybox sleep 600",
+        ],
+    );
     assert!(
         id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()),
         "podman create printed {id:?}"
     );
     podman_ok(&["start", &made.container]);
-    let pid = podman_ok(&["inspect", "--format", "{{.State.Pid}}", &made.container]);
-    let netns = fs::metadata(format!("/proc/{pid}/ns/net"))
-        .unwrap_or_else(|e| panic!("the container's process {pid}: {e}"))
-        .ino();
+    let (_, netns) = made.process();
 
     let query =
         |v: &Value| is(v, "close") && v["netns"] == netns && s(v, "remote") == "127.0.0.1:53";
@@ -171,41 +199,16 @@ pub fn podman_container(st: Strategy) -> Outcome {
 /// creator on record (the tracepoint strategy's cgroup_skb hook cannot ask who is running):
 /// the container can only come from the holder found at startup.
 pub fn podman_preexisting(st: Strategy) -> Outcome {
-    if let Err(o) = need_tools(&["podman", "runc"]) {
-        return o;
-    }
-    let Some(busybox) = static_busybox() else {
-        return Outcome::Skip("no static busybox (package busybox-static)".into());
-    };
     let tag = format!("udpmon-test-pre-{}-{}", st.name(), std::process::id());
-    let made = Made {
-        dir: std::env::temp_dir().join(&tag),
-        image: format!("localhost/{tag}:latest"),
-        container: tag.clone(),
+    let made = match Made::image(tag) {
+        Ok(m) => m,
+        Err(o) => return o,
     };
-    build_image(&made.dir, &busybox, &made.image);
-    let id = podman_ok(&[
-        "run",
-        "--detach",
-        "--name",
-        &made.container,
-        "--network",
-        "none",
-        "--ulimit",
-        "nofile=1024:1024",
-        "--ulimit",
-        "nproc=1024:1024",
-        &made.image,
-        "/bin/busybox",
-        "syslogd",
-        "-n",
-        "-R",
-        "127.0.0.1:5514",
-    ]);
-    let pid = podman_ok(&["inspect", "--format", "{{.State.Pid}}", &made.container]);
-    let netns = fs::metadata(format!("/proc/{pid}/ns/net"))
-        .unwrap_or_else(|e| panic!("the container's process {pid}: {e}"))
-        .ino();
+    let id = made.podman(
+        &["run", "--detach"],
+        &["syslogd", "-n", "-R", "127.0.0.1:5514"],
+    );
+    let (pid, netns) = made.process();
     let log = |line: &str| {
         podman_ok(&["exec", &made.container, "/bin/busybox", "logger", line]);
     };

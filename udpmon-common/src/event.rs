@@ -74,6 +74,10 @@ pub mod flags {
     /// The remote address could not be seen by this hook strategy (e.g. a receive without
     /// an address); `remote` is zero.
     pub const REMOTE_UNKNOWN: u32 = 1 << 3;
+    /// The last process known to hold the socket has exited while the socket lives on in
+    /// another (a daemon's fork, a passed descriptor) that has not used it since: the owner
+    /// is unknown. `pid`, `comm` and `uid` are zero; `cgroup` is the exited owner's.
+    pub const OWNER_GONE: u32 = 1 << 4;
 }
 
 /// One ring-buffer record. Addresses are in network byte order, IPv4 in the first 4 bytes;

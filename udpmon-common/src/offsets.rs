@@ -55,9 +55,13 @@ pub struct Offsets {
     pub fl6_saddr: u32,
     pub fl6_daddr: u32,
     pub fl6_ports: u32,
+    /// `struct task_struct.signal` and `struct signal_struct.live.counter`: at a thread's
+    /// exit, whether it was the last of its process (see holder.rs).
+    pub task_signal: u32,
+    pub signal_live: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Offsets>() == 33 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 35 * 4);
 
 impl Offsets {
     pub const fn zeroed() -> Self {
@@ -95,6 +99,8 @@ impl Offsets {
             fl6_saddr: 0,
             fl6_daddr: 0,
             fl6_ports: 0,
+            task_signal: 0,
+            signal_live: 0,
         }
     }
 }

@@ -7,9 +7,9 @@ use udpmon_common::{
 };
 
 use crate::{
-    flow::fill_identity,
     kread::{read, read_buf, sock_netns},
     maps::{emit, has_helper, off},
+    owner::fill_identity,
     packet::IPPROTO_UDP,
 };
 

@@ -6,7 +6,7 @@ use aya_ebpf::{
     programs::{FEntryContext, FExitContext},
 };
 
-use crate::{apperr, apperr::cookie_of, kread::Btf, maps::has_helper, sock};
+use crate::{apperr, apperr::cookie_of, kread::Btf, maps::has_helper, owner, sock};
 use udpmon_common::{EventKind, offsets::helpers};
 
 /// The return value of a function of `nargs` arguments: from bpf_get_func_ret where the kernel
@@ -93,6 +93,7 @@ macro_rules! recvmsg_exit {
         #[fexit(function = $func)]
         pub fn $name(ctx: FExitContext) -> i32 {
             let sk = ctx.arg::<u64>(0);
+            owner::note_holder::<Btf>(sk, false, || cookie_of(sk));
             let ret: i32 = $ret(&ctx).unwrap_or(0);
             apperr::on_result(sk, ret, ctx.arg($flags), EventKind::RecvError, || {
                 cookie_of(sk)

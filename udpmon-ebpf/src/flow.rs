@@ -2,17 +2,12 @@
 //! and emits an event only on the first datagram of each direction.
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
-    },
-};
-use udpmon_common::{Counter, Event, EventKind, FlowKey, FlowStats, event::flags};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_boot_ns};
+use udpmon_common::{Counter, EventKind, FlowKey, FlowStats};
 
 use crate::{
-    maps::{FLOWS, OWNERS, Owner, SENDERS, TupleKey, count, emit, self_tgid},
+    maps::{FLOWS, SENDERS, TupleKey, count, emit},
+    owner::fill_identity,
     packet::UdpHeaders,
 };
 
@@ -162,74 +157,4 @@ fn bump(st: *mut FlowStats, dir: Dir, bytes: u32, now: u64) -> bool {
         *last = now;
         prev == 0
     }
-}
-
-/// Fills pid, comm, uid and cgroup: from the current task when the hook runs in the
-/// socket user's context, else from what was learned about the socket's owner. Returns
-/// false for udpmon's own sockets.
-#[inline(always)]
-pub fn fill_identity(ev: &mut Event, in_task: bool) -> bool {
-    if in_task {
-        let owner = current_owner();
-        if owner.tgid == self_tgid() {
-            return false;
-        }
-        set_owner(ev, &owner);
-        if ev.cookie != 0 && unsafe { OWNERS.get(ev.cookie) }.is_none() {
-            let _ = OWNERS.insert(ev.cookie, owner, 0);
-        }
-        return true;
-    }
-    ev.flags |= flags::TASK_UNRELATED;
-    // SAFETY: the value is copied out at once.
-    if let Some(o) = unsafe { OWNERS.get(ev.cookie) } {
-        if o.tgid == self_tgid() {
-            return false;
-        }
-        let o = *o;
-        set_owner(ev, &o);
-        ev.flags &= !flags::TASK_UNRELATED;
-    }
-    true
-}
-
-#[inline(always)]
-fn set_owner(ev: &mut Event, o: &Owner) {
-    ev.tgid = o.tgid;
-    ev.pid = o.pid;
-    ev.uid = o.uid;
-    ev.cgroup = o.cgroup;
-    ev.comm = o.comm;
-    // What the hook itself saw of the namespace wins over what is known of the owner.
-    if ev.netns == 0 && ev.netns_cookie == 0 {
-        ev.netns = o.netns;
-        ev.netns_cookie = o.netns_cookie;
-    }
-}
-
-#[inline(always)]
-pub fn current_owner() -> Owner {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    Owner {
-        tgid: (pid_tgid >> 32) as u32,
-        pid: pid_tgid as u32,
-        uid: bpf_get_current_uid_gid() as u32,
-        netns: 0,
-        // SAFETY: BPF helper without preconditions.
-        cgroup: unsafe { bpf_get_current_cgroup_id() },
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
-        netns_cookie: 0,
-    }
-}
-
-/// Records the current task as the owner of `cookie` (process-context hooks).
-#[inline(always)]
-pub fn learn_owner(cookie: u64, netns_cookie: u64) -> Option<Owner> {
-    let mut o = current_owner();
-    if o.tgid == self_tgid() {
-        return None;
-    }
-    o.netns_cookie = netns_cookie;
-    let _ = OWNERS.insert(cookie, o, 0);
-    Some(o)
 }

@@ -16,9 +16,9 @@ use udpmon_common::{
 };
 
 use crate::{
-    flow::fill_identity,
     kread::{Kernel, read},
     maps::{ERROR_REPORT, ErrorReport, SENDERS, TupleKey, emit, field, off},
+    owner::fill_identity,
     packet::{Bytes, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, l3, udp},
 };
 

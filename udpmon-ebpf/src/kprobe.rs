@@ -13,7 +13,7 @@ use udpmon_common::EventKind;
 use crate::{
     apperr::{self, cached_cookie},
     kread::Probe,
-    sock,
+    owner, sock,
 };
 
 /// Which function a stash entry belongs to: udpv6_sendmsg calls udp_sendmsg on the same
@@ -141,10 +141,12 @@ macro_rules! recvmsg_entry {
     ($name:ident, $flags:literal) => {
         #[kprobe]
         pub fn $name(ctx: ProbeContext) -> u32 {
+            let sk: u64 = ctx.arg(0).unwrap_or(0);
+            owner::note_holder::<Probe>(sk, false, || cached_cookie(sk));
             stash(
                 RECV,
                 Stash {
-                    sk: ctx.arg(0).unwrap_or(0),
+                    sk,
                     msg: 0,
                     flags: ctx.arg($flags).unwrap_or(0),
                 },

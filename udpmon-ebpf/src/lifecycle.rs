@@ -9,8 +9,8 @@ use udpmon_common::{
 };
 
 use crate::{
-    flow::{fill_identity, learn_owner},
     maps::{OWNERS, emit},
+    owner::{fill_identity, learn_owner},
     packet::IPPROTO_UDP,
 };
 

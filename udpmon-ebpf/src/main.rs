@@ -18,6 +18,7 @@ mod kprobe;
 mod kread;
 mod lifecycle;
 mod maps;
+mod owner;
 mod packet;
 mod refused;
 mod sock;
@@ -31,6 +32,14 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use kread::Btf;
 use maps::may_free_icmp;
+
+/// Every strategy: records the exit of each process, so that a socket's holder that exited
+/// is not named after its pid may have been reused (see owner.rs).
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn task_exit(ctx: BtfTracePointContext) -> i32 {
+    owner::on_exit(ctx.arg::<u64>(0));
+    0
+}
 
 /// Every strategy: names the owner of each new socket and makes the kernel generate its
 /// cookie.

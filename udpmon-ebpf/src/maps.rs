@@ -21,6 +21,16 @@ pub static FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::with_max_entries(
 #[map]
 pub static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(65536, 0);
 
+/// Processes that exited (tgid -> when), for telling an owner in OWNERS that is gone from one
+/// that lives: see owner.rs. Sized as FLOWS by userspace.
+#[map]
+pub static EXITED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Per CPU, the socket and process of the last send or receive call checked against OWNERS
+/// (see owner.rs).
+#[map]
+pub static HOLDER_SEEN: PerCpuArray<HolderSeen> = PerCpuArray::with_max_entries(1, 0);
+
 /// (local address and port, remote address and port, family) -> cookie of the socket that
 /// sent there, to tie an ICMP error to a socket when the kernel itself drops the error.
 /// Sized as FLOWS by userspace.
@@ -73,6 +83,17 @@ pub struct Owner {
     pub comm: [u8; 16],
     /// Where only the netns cookie is known (cgroup hooks): see `Event::netns_cookie`.
     pub netns_cookie: u64,
+    /// When udpmon learned that this process holds the socket (CLOCK_BOOTTIME): an exit of
+    /// its tgid before then is an earlier process's with the same number.
+    pub since_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct HolderSeen {
+    pub sk: u64,
+    pub tgid: u32,
+    pub _pad: u32,
 }
 
 /// Both ends of a datagram: two sockets on one port in two network namespaces (containers)

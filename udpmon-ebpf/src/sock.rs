@@ -11,10 +11,11 @@ use udpmon_common::{
 
 use crate::{
     apperr::{self, sock_tuple},
-    flow::{Datagram, Dir, fill_identity, on_datagram},
+    flow::{Datagram, Dir, on_datagram},
     icmp::Kmem,
     kread::{Kernel, Probe, read},
     maps::{OWNERS, count, emit, off},
+    owner::{fill_identity, note_holder},
     packet::{Bytes, HDR_WORDS, IPPROTO_UDP, UdpHeaders, addr_bytes, ip_proto, udp, udp_words},
 };
 
@@ -71,6 +72,7 @@ pub fn on_send_skb<K: Kernel>(skb: u64, fl: u64, v6: bool) {
         count(Counter::NoCookie);
         return;
     }
+    note_holder::<K>(sk, false, || cookie);
     let (family, local, remote, ports) = if v6 {
         (
             AF_INET6,

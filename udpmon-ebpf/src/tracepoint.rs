@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use udpmon_common::EventKind;
 
-use crate::{apperr, apperr::cookie_of, datagram, flow::Dir, lifecycle};
+use crate::{apperr, apperr::cookie_of, datagram, flow::Dir, kread::Btf, lifecycle, owner};
 
 /// Every datagram a socket sends (tracepoint strategy).
 #[cgroup_skb]
@@ -43,12 +43,14 @@ pub fn udp_connect6(ctx: SockAddrContext) -> i32 {
 }
 
 /// `sock_send_length(struct sock *sk, int ret, int flags)` tracepoint, >= 6.3: every
-/// sendmsg of every socket on the host, so success returns before anything else.
+/// sendmsg of every socket on the host, in the caller's context: who holds the socket (see
+/// owner.rs), then failures.
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn udp_send_result(ctx: BtfTracePointContext) -> i32 {
+    let sk = ctx.arg::<u64>(0);
+    owner::note_holder::<Btf>(sk, true, || cookie_of(sk));
     let ret: i32 = ctx.arg(1);
     if ret < 0 {
-        let sk = ctx.arg::<u64>(0);
         apperr::on_result(sk, ret, ctx.arg(2), EventKind::SendError, || cookie_of(sk));
     }
     0
@@ -58,9 +60,10 @@ pub fn udp_send_result(ctx: BtfTracePointContext) -> i32 {
 /// for every recvmsg.
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn udp_recv_result(ctx: BtfTracePointContext) -> i32 {
+    let sk = ctx.arg::<u64>(0);
+    owner::note_holder::<Btf>(sk, true, || cookie_of(sk));
     let ret: i32 = ctx.arg(1);
     if ret < 0 {
-        let sk = ctx.arg::<u64>(0);
         apperr::on_result(sk, ret, ctx.arg(2), EventKind::RecvError, || cookie_of(sk));
     }
     0

@@ -478,6 +478,9 @@ pub fn resolve_offsets(btf: &KernelBtf) -> Result<Offsets, BtfError> {
         fl6_saddr: at("fl6_saddr", "flowi6", "saddr")?,
         fl6_daddr: at("fl6_daddr", "flowi6", "daddr")?,
         fl6_ports: at("fl6_ports", "flowi6", "uli.ports.dport")?,
+        task_signal: at("task_signal", "task_struct", "signal")?,
+        // atomic_t wraps `counter`.
+        signal_live: at("signal_live", "signal_struct", "live.counter")?,
     })
 }
 

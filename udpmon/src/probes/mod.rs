@@ -193,6 +193,14 @@ fn shared_hooks(btf: &crate::btf::KernelBtf, strategy: Strategy) -> Vec<Hook> {
     };
     let mut hooks = vec![
         create,
+        // Process exits, so that a socket whose holder exited while another process keeps it
+        // (a daemon's fork, a passed descriptor) names no stale pid.
+        Hook::optional(
+            program::TASK_EXIT,
+            Target::TpBtf("sched_process_exit"),
+            "a socket kept by another process after its owner exits is named after the \
+             exited owner until the new holder uses it",
+        ),
         // ICMP errors are recognised when their skb is freed, after the kernel handled them
         // (consumed, or dropped: kfree_skb below); see udpmon-ebpf/src/icmp.rs.
         Hook::required(consumed, Target::TpBtf("consume_skb")),
@@ -226,12 +234,14 @@ fn call_result_hooks() -> [Hook; 2] {
         Hook::optional(
             program::UDP_SEND_RESULT,
             Target::TpBtf("sock_send_length"),
-            "failed sends are not reported as APP-ERROR (kernel < 6.3)",
+            "failed sends are not reported as APP-ERROR, and a socket that changed hands \
+             (fork, passed descriptor) is named after its previous holder (kernel < 6.3)",
         ),
         Hook::optional(
             program::UDP_RECV_RESULT,
             Target::TpBtf("sock_recv_length"),
-            "failed receives are not reported as APP-ERROR (kernel < 6.3)",
+            "failed receives are not reported as APP-ERROR, nor do they name a socket's new \
+             holder (kernel < 6.3)",
         ),
     ]
 }
@@ -442,6 +452,7 @@ fn load_strategy(
         .map_max_entries(map::FLOWS, flows)
         .map_max_entries(map::OWNERS, side)
         .map_max_entries(map::SENDERS, side)
+        .map_max_entries(map::EXITED, side)
         .load(EBPF_OBJECT)
         .with_context(|| match memlock {
             Some(why) => format!("loading the eBPF object ({why})"),

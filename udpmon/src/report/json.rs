@@ -6,7 +6,9 @@
 //!   `app-error`, `close` or `refused`
 //! - `pid` (process id), `tid` (thread id), `comm` (the thread's name), `process` (the
 //!   process's name, its main thread's), `uid`, `cgroup` (v2 id), `netns` (inode),
-//!   `cookie` (socket cookie): 0 / "" when unknown or when no socket is involved
+//!   `cookie` (socket cookie): 0 / "" when unknown or when no socket is involved; the owner
+//!   is the process holding the socket when the event happened, unknown (pid 0) when the
+//!   last one known exited and no other has used the socket since
 //! - `family`: `ipv4` or `ipv6`; `local`, `remote`: `addr:port`, IPv6 as `[addr]:port`
 //! - `container`: null outside containers, else {`id` (the runtime's full id, 64 hex
 //!   digits), `runtime` (`docker`, `containerd`, `cri-o`, `podman`, or null when the cgroup

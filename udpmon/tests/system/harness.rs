@@ -94,6 +94,13 @@ pub fn app_errors_expected(st: Strategy) -> bool {
     st != Strategy::Tracepoint || kernel_version() >= (6, 3)
 }
 
+/// Whether a socket's new holder (after a fork, a passed descriptor) is named once it sends or
+/// receives: every send and receive call is checked against the remembered holder, which the
+/// tracepoint strategy can do only through sock_send_length / sock_recv_length (6.3).
+pub fn holders_followed(st: Strategy) -> bool {
+    app_errors_expected(st)
+}
+
 /// Whether datagrams to closed local ports are reported (REFUSED): they are told apart by
 /// kfree_skb's drop reason, which kernels before 5.17 lack.
 pub fn refused_expected() -> bool {

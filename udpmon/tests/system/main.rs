@@ -12,6 +12,7 @@ mod dualstack;
 mod firewall;
 mod forwarder;
 mod harness;
+mod holders;
 mod journald;
 mod kill;
 mod logfiles;
@@ -28,6 +29,9 @@ use harness::{Outcome, Strategy};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(("--role", role)) = args.split_first().map(|(a, r)| (a.as_str(), r)) {
+        holders::role(role);
+    }
     let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
     if args.iter().any(|a| a == "--list") {
         for s in scenarios::ALL {

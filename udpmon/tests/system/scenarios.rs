@@ -99,6 +99,15 @@ pub const ALL: &[Scenario] = &[
         name: "thread_and_process_names",
         run: thread_and_process_names,
     },
+    // Issue 12, point 1: the process that holds the socket now.
+    Scenario {
+        name: "holder_double_fork",
+        run: crate::holders::double_fork,
+    },
+    Scenario {
+        name: "holder_fd_passing",
+        run: crate::holders::fd_passing,
+    },
     Scenario {
         name: "dualstack_v4_mapped",
         run: crate::dualstack::v4_mapped,

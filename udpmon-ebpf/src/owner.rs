@@ -1,0 +1,198 @@
+//! Who holds a socket: the process events name.
+//!
+//! Hooks that run in the socket user's context (connect, send and receive calls, close) see
+//! the holder itself; the others (receive and ICMP handling in softirq) name what OWNERS
+//! remembers. A socket changes hands without any hook seeing it: a daemon forks and its
+//! parent exits (the classic double fork after bind), a descriptor is passed over a unix
+//! socket, a socket outlives the program that exec'd into another. So OWNERS follows the
+//! holder:
+//! - every send and receive call checks that its caller is the remembered holder and takes
+//!   its place when not ([`note_holder`]); a per-CPU note of the last socket and process
+//!   checked keeps the common case (one process talking on one socket) to one comparison;
+//! - the exit of a process is recorded ([`on_exit`]), and a remembered holder that exited
+//!   after udpmon learned it is no name at all: the event says the owner is unknown
+//!   (`OWNER_GONE`) rather than name a pid the system may already have given to another
+//!   process. Its cgroup is kept: the socket's new holder is, as a rule, its child.
+use aya_ebpf::helpers::{
+    bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+    bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
+};
+use udpmon_common::{Event, event::flags};
+
+use crate::{
+    kread::{Kernel, sock_netns},
+    maps::{EXITED, HOLDER_SEEN, OWNERS, Owner, field, off, self_tgid},
+    packet::IPPROTO_UDP,
+};
+
+/// Fills pid, comm, uid and cgroup: from the current task when the hook runs in the
+/// socket user's context, else from what was learned about the socket's holder. Returns
+/// false for udpmon's own sockets.
+#[inline(always)]
+pub fn fill_identity(ev: &mut Event, in_task: bool) -> bool {
+    if in_task {
+        let mut owner = current_owner();
+        if owner.tgid == self_tgid() {
+            return false;
+        }
+        set_owner(ev, &owner);
+        if ev.cookie != 0 {
+            remember(ev.cookie, &mut owner);
+        }
+        return true;
+    }
+    ev.flags |= flags::TASK_UNRELATED;
+    // Read in place, not copied: these programs are within a few bytes of the 512-byte stack
+    // limit on some kernels. A holder replaced meanwhile on another CPU can at worst mix two
+    // holders' fields in this one event.
+    // SAFETY: the map value stays valid for the program run.
+    if let Some(o) = unsafe { OWNERS.get(ev.cookie) } {
+        if o.tgid == self_tgid() {
+            return false;
+        }
+        ev.flags &= !flags::TASK_UNRELATED;
+        if exited(o) {
+            ev.flags |= flags::OWNER_GONE;
+            ev.cgroup = o.cgroup;
+            set_netns(ev, o);
+        } else {
+            set_owner(ev, o);
+        }
+    }
+    true
+}
+
+/// Records the current task as the holder of `cookie` (socket creation).
+#[inline(always)]
+pub fn learn_owner(cookie: u64, netns_cookie: u64) -> Option<Owner> {
+    let mut o = current_owner();
+    if o.tgid == self_tgid() {
+        return None;
+    }
+    o.netns_cookie = netns_cookie;
+    let _ = OWNERS.insert(cookie, o, 0);
+    Some(o)
+}
+
+/// A send or receive call on `sk` (any protocol where `check_udp`), in its caller's
+/// context: makes the caller the socket's remembered holder. `cookie` is called only when
+/// the caller is not the one last checked on this CPU.
+#[inline(always)]
+pub fn note_holder<K: Kernel>(sk: u64, check_udp: bool, cookie: impl FnOnce() -> u64) {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(seen) = HOLDER_SEEN.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a per-CPU value valid for this program run. A program interrupting this one on
+    // the CPU can only make the note stale, which costs a lookup, never a wrong holder: a
+    // note is only ever a reason to skip a lookup whose answer it recorded. (The note can
+    // outlive its socket; a new socket at the same address passed to the same process, with
+    // no other call on this CPU in between, would wait for that process's next call.)
+    unsafe {
+        if (*seen).sk == sk && (*seen).tgid == tgid {
+            return;
+        }
+        (*seen).sk = sk;
+        (*seen).tgid = tgid;
+    }
+    if tgid == self_tgid() {
+        return;
+    }
+    if check_udp && K::get::<u16>(sk, off!(sk_protocol)) != IPPROTO_UDP as u16 {
+        return;
+    }
+    let cookie = cookie();
+    if cookie == 0 {
+        return;
+    }
+    // SAFETY: the map value stays valid for the program run.
+    let known = unsafe { OWNERS.get(cookie) };
+    if known.is_some_and(|o| o.tgid == tgid) {
+        return;
+    }
+    let mut holder = current_owner();
+    match known {
+        Some(o) => {
+            holder.netns = o.netns;
+            holder.netns_cookie = o.netns_cookie;
+        }
+        // A socket older than udpmon, or one whose entry the LRU dropped.
+        None => holder.netns = sock_netns(sk),
+    }
+    let _ = OWNERS.insert(cookie, holder, 0);
+}
+
+/// `sched_process_exit(struct task_struct *p)`, in the exiting thread's context, after it
+/// left its thread group's count of live threads and before its files are closed: the last
+/// thread out records its process's exit.
+#[inline(always)]
+pub fn on_exit(task: u64) {
+    let signal: u64 = field(task, off!(task_signal));
+    if signal == 0 || field::<i32>(signal, off!(signal_live)) != 0 {
+        return;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: BPF helper without preconditions.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let _ = EXITED.insert(tgid, now, 0);
+}
+
+/// Whether the process `o` names exited after udpmon learned it holds the socket.
+#[inline(always)]
+fn exited(o: &Owner) -> bool {
+    // SAFETY: the value is read at once.
+    unsafe { EXITED.get(o.tgid) }.is_some_and(|&t| t >= o.since_ns)
+}
+
+/// Makes `owner`, the current task, the remembered holder of `cookie` unless it already is;
+/// a known socket keeps the namespace it was learned in.
+#[inline(always)]
+fn remember(cookie: u64, owner: &mut Owner) {
+    // SAFETY: the map value stays valid for the program run.
+    match unsafe { OWNERS.get(cookie) } {
+        Some(o) if o.tgid == owner.tgid => {}
+        Some(o) => {
+            owner.netns = o.netns;
+            owner.netns_cookie = o.netns_cookie;
+            let _ = OWNERS.insert(cookie, *owner, 0);
+        }
+        None => {
+            let _ = OWNERS.insert(cookie, *owner, 0);
+        }
+    }
+}
+
+#[inline(always)]
+fn set_owner(ev: &mut Event, o: &Owner) {
+    ev.tgid = o.tgid;
+    ev.pid = o.pid;
+    ev.uid = o.uid;
+    ev.cgroup = o.cgroup;
+    ev.comm = o.comm;
+    set_netns(ev, o);
+}
+
+/// What the hook itself saw of the namespace wins over what is known of the owner.
+#[inline(always)]
+fn set_netns(ev: &mut Event, o: &Owner) {
+    if ev.netns == 0 && ev.netns_cookie == 0 {
+        ev.netns = o.netns;
+        ev.netns_cookie = o.netns_cookie;
+    }
+}
+
+#[inline(always)]
+fn current_owner() -> Owner {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    Owner {
+        tgid: (pid_tgid >> 32) as u32,
+        pid: pid_tgid as u32,
+        uid: bpf_get_current_uid_gid() as u32,
+        netns: 0,
+        // SAFETY: BPF helpers without preconditions.
+        cgroup: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        netns_cookie: 0,
+        since_ns: unsafe { bpf_ktime_get_boot_ns() },
+    }
+}

@@ -1,0 +1,327 @@
+//! Issue 12, point 1: every event names the process that holds the socket when it happens,
+//! and "unknown" (pid 0) where udpmon cannot know, never a pid that no longer holds it.
+//!
+//! The programs that hand sockets over are this test binary itself, run again with `--role`
+//! (see [`role`]): a daemon that binds, forks and lets its parent exit, and two processes
+//! that pass a socket over a unix socket (SCM_RIGHTS). The VM tiers have no Python or Perl,
+//! and forking inside the multi-threaded test runner would be unsafe.
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::UdpSocket,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, RawFd},
+        linux::net::SocketAddrExt as _,
+        unix::net::{SocketAddr as UnixAddr, UnixDatagram},
+    },
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+};
+
+use serde_json::Value;
+
+use crate::harness::{Outcome, Strategy, Udpmon, deadline, holders_followed, is, s};
+
+/// A helper program started with `--role`, driven a line at a time.
+struct Helper {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Helper {
+    fn start(args: &[&str]) -> Helper {
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let mut child = Command::new(exe)
+            .arg("--role")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("the helper starts");
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        Helper {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// The next line, which must start with `word`; the number after it.
+    fn expect(&mut self, word: &str) -> u64 {
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .expect("reading the helper");
+        let mut parts = line.split_whitespace();
+        assert_eq!(parts.next(), Some(word), "the helper said {line:?}");
+        parts.next().and_then(|n| n.parse().ok()).unwrap_or(0)
+    }
+
+    /// Tells the helper (or, after a fork, its child) to do `what`; waits until it has.
+    fn tell(&mut self, what: &str) {
+        writeln!(self.stdin, "{what}").expect("writing to the helper");
+        self.expect("done");
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "exit");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn peer() -> (UdpSocket, String) {
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(deadline(10))).unwrap();
+    let addr = peer.local_addr().unwrap().to_string();
+    (peer, addr)
+}
+
+/// Receives one datagram on `peer`: its payload and sender.
+fn receive(peer: &UdpSocket) -> (String, std::net::SocketAddr) {
+    let mut buf = [0u8; 64];
+    let (n, from) = peer.recv_from(&mut buf).expect("the datagram arrives");
+    (String::from_utf8_lossy(&buf[..n]).into_owned(), from)
+}
+
+fn pid(v: &Value) -> u64 {
+    v["pid"].as_u64().unwrap_or(u64::MAX)
+}
+
+/// The classic daemon: bind and connect, fork, parent exits, the child keeps the socket.
+/// After the parent's exit and before the child uses the socket, udpmon cannot know who holds
+/// it: unknown. Once the child sends, the child, where the strategy sees send calls.
+pub fn double_fork(st: Strategy) -> Outcome {
+    let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
+    let (peer, peer_addr) = peer();
+    let mut d = Helper::start(&["daemon", &peer_addr]);
+    let parent = d.expect("parent");
+    let child = d.expect("child");
+    assert!(d.child.wait().expect("the parent exits").success());
+    let (hello, local) = receive(&peer);
+    assert_eq!(hello, "hello");
+    let connect = u.wait_for("the parent's connect", |v| {
+        is(v, "connect") && s(v, "remote") == peer_addr && pid(v) == parent
+    });
+    let cookie = connect["cookie"].clone();
+    // The parent has exited: the peer's answer is heard by a socket nobody used since.
+    peer.send_to(b"answer", local).unwrap();
+    let est = u.wait_for("the establish", |v| {
+        is(v, "establish") && v["cookie"] == cookie
+    });
+    assert_eq!(pid(&est), 0, "the exited parent is no owner: {est}");
+    assert_eq!((s(&est, "comm"), s(&est, "process")), ("", ""), "{est}");
+    d.tell("send");
+    assert_eq!(receive(&peer).0, "x");
+    drop(peer);
+    // Port unreachable, in softirq: named after what udpmon knows of the holder.
+    d.tell("send");
+    let un = u.wait_for("the unreachable", |v| {
+        is(v, "unreachable") && v["cookie"] == cookie
+    });
+    let expected = if holders_followed(st) { child } else { 0 };
+    assert_eq!(pid(&un), expected, "{un}");
+    d.tell("exit");
+    let close = u.wait_for("the close", |v| is(v, "close") && v["cookie"] == cookie);
+    assert_eq!(pid(&close), child, "the close runs in the child: {close}");
+    no_stale(&mut u, &cookie, parent, &connect);
+    Outcome::Pass
+}
+
+/// A socket passed over a unix socket and closed by its sender: once the receiver uses it,
+/// events name the receiver; once the sender has exited, never the sender.
+pub fn fd_passing(st: Strategy) -> Outcome {
+    let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
+    let (peer, peer_addr) = peer();
+    let name = format!("udpmon-test-{}-{}", std::process::id(), st.name());
+    let mut taker = Helper::start(&["take", &name]);
+    let taker_pid = taker.expect("ready");
+    let mut giver = Helper::start(&["give", &peer_addr, &name]);
+    let giver_pid = giver.expect("passed");
+    taker.expect("got");
+    let (hello, _) = receive(&peer);
+    assert_eq!(hello, "hello");
+    let connect = u.wait_for("the giver's connect", |v| {
+        is(v, "connect") && s(v, "remote") == peer_addr && pid(v) == giver_pid
+    });
+    let cookie = connect["cookie"].clone();
+    taker.tell("send");
+    assert_eq!(receive(&peer).0, "x");
+    drop(peer);
+    taker.tell("send");
+    let un = u.wait_for("the unreachable", |v| {
+        is(v, "unreachable") && v["cookie"] == cookie
+    });
+    if holders_followed(st) {
+        assert_eq!(pid(&un), taker_pid, "{un}");
+    } else {
+        // Without a hook on send calls the hand-over is invisible until the giver exits.
+        assert_eq!(pid(&un), giver_pid, "{un}");
+    }
+    giver.tell("exit");
+    assert!(giver.child.wait().expect("the giver exits").success());
+    taker.tell("exit");
+    let close = u.wait_for("the close", |v| is(v, "close") && v["cookie"] == cookie);
+    assert_eq!(
+        pid(&close),
+        taker_pid,
+        "the close runs in the taker: {close}"
+    );
+    if holders_followed(st) {
+        no_stale(&mut u, &cookie, giver_pid, &connect);
+    }
+    Outcome::Pass
+}
+
+/// No event of the socket after `first` names `stale`.
+fn no_stale(u: &mut Udpmon, cookie: &Value, stale: u64, first: &Value) {
+    let events = u.all(|v| v["cookie"] == *cookie);
+    let after = events.iter().skip_while(|v| *v != first).skip(1);
+    let named: Vec<_> = after.filter(|v| pid(v) == stale).collect();
+    assert!(
+        named.is_empty(),
+        "events name pid {stale}, which no longer holds the socket: {named:#?}"
+    );
+}
+
+/// The helper programs (`--role NAME ARGS...`); each reports on stdout, a line at a time.
+/// - `daemon PEER`: binds, connects to PEER and sends "hello"; says `parent PID`, forks; the
+///   child says `child PID` and serves commands; the parent exits.
+/// - `take NAME`: binds the abstract unix socket NAME, says `ready PID`, receives a socket
+///   over it, says `got` and serves commands.
+/// - `give PEER NAME`: binds, connects to PEER, sends "hello", passes the socket to NAME,
+///   closes it, says `passed PID` and serves commands (only `exit`).
+///
+/// Commands, a line each on stdin: `send` (one datagram "x"), `exit`; each answered `done`.
+pub fn role(args: &[String]) -> ! {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["daemon", peer] => {
+            let sock = connected(peer);
+            say(&format!("parent {}", std::process::id()));
+            // SAFETY: this process is single-threaded; both sides go on with plain syscalls.
+            match unsafe { libc::fork() } {
+                0 => {
+                    say(&format!("child {}", std::process::id()));
+                    serve(Some(sock))
+                }
+                n if n > 0 => std::process::exit(0),
+                _ => panic!("fork: {}", std::io::Error::last_os_error()),
+            }
+        }
+        ["take", name] => {
+            let addr = UnixAddr::from_abstract_name(name).unwrap();
+            let unix = UnixDatagram::bind_addr(&addr).expect("binding the unix socket");
+            say(&format!("ready {}", std::process::id()));
+            let fd = receive_fd(unix.as_raw_fd());
+            // SAFETY: the kernel just installed this descriptor for us.
+            let sock = unsafe { UdpSocket::from_raw_fd(fd) };
+            say("got");
+            serve(Some(sock))
+        }
+        ["give", peer, name] => {
+            let sock = connected(peer);
+            let addr = UnixAddr::from_abstract_name(name).unwrap();
+            let unix = UnixDatagram::unbound().unwrap();
+            unix.connect_addr(&addr).expect("connecting to the taker");
+            send_fd(unix.as_raw_fd(), sock.as_raw_fd());
+            drop(sock);
+            say(&format!("passed {}", std::process::id()));
+            serve(None)
+        }
+        _ => panic!("unknown role {args:?}"),
+    }
+}
+
+fn connected(peer: &str) -> UdpSocket {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.connect(peer).unwrap();
+    sock.send(b"hello").unwrap();
+    sock
+}
+
+/// One line to the test; a test that has gone away (failed) ends the helper.
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+        std::process::exit(1);
+    }
+}
+
+fn serve(sock: Option<UdpSocket>) -> ! {
+    for line in std::io::stdin().lines() {
+        match line.as_deref() {
+            Ok("send") => {
+                let sock = sock.as_ref().expect("a socket to send on");
+                // A refused send (the peer's ICMP error, reported on this call) still counts.
+                let _ = sock.send(b"x");
+                say("done");
+            }
+            Ok("exit") | Err(_) => break,
+            Ok(other) => panic!("unknown command {other:?}"),
+        }
+    }
+    say("done");
+    std::process::exit(0)
+}
+
+/// Sends `fd` over the connected unix socket `unix` (SCM_RIGHTS).
+fn send_fd(unix: RawFd, fd: RawFd) {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: all-zero is a valid msghdr; the pointers set below outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: the control buffer has room for one header and one descriptor.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as _;
+        libc::CMSG_DATA(c).cast::<RawFd>().write_unaligned(fd);
+    }
+    // SAFETY: msg points at live buffers.
+    let rc = unsafe { libc::sendmsg(unix, &msg, 0) };
+    assert_eq!(rc, 1, "sendmsg: {}", std::io::Error::last_os_error());
+}
+
+/// Receives one descriptor over `unix` (SCM_RIGHTS).
+fn receive_fd(unix: RawFd) -> RawFd {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: as in send_fd.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg points at live buffers.
+    let rc = unsafe { libc::recvmsg(unix, &mut msg, 0) };
+    assert_eq!(rc, 1, "recvmsg: {}", std::io::Error::last_os_error());
+    // SAFETY: the kernel filled the control buffer; the first header is the descriptor's.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        assert!(
+            !c.is_null() && (*c).cmsg_type == libc::SCM_RIGHTS,
+            "no descriptor came"
+        );
+        libc::CMSG_DATA(c).cast::<RawFd>().read_unaligned()
+    }
+}

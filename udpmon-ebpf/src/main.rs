@@ -41,6 +41,14 @@ pub fn task_exit(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// Every strategy: records each exec, so that a socket's holder is named after the program
+/// it runs now.
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn task_exec(_ctx: BtfTracePointContext) -> i32 {
+    owner::on_exec();
+    0
+}
+
 /// Every strategy: names the owner of each new socket and makes the kernel generate its
 /// cookie.
 #[cgroup_sock(sock_create)]

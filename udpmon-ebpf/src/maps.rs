@@ -21,10 +21,10 @@ pub static FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::with_max_entries(
 #[map]
 pub static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(65536, 0);
 
-/// Processes that exited (tgid -> when), for telling an owner in OWNERS that is gone from one
-/// that lives: see owner.rs. Sized as FLOWS by userspace.
+/// What became of processes (tgid -> exit, exec), for telling whether an owner in OWNERS is
+/// still what it was learned as: see owner.rs. Sized as FLOWS by userspace.
 #[map]
-pub static EXITED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(65536, 0);
+pub static PROCESSES: LruHashMap<u32, ProcessChange> = LruHashMap::with_max_entries(65536, 0);
 
 /// Per CPU, the socket and process of the last send or receive call checked against OWNERS
 /// (see owner.rs).
@@ -86,6 +86,16 @@ pub struct Owner {
     /// When udpmon learned that this process holds the socket (CLOCK_BOOTTIME): an exit of
     /// its tgid before then is an earlier process's with the same number.
     pub since_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ProcessChange {
+    /// When its last thread exited, 0 while it runs (CLOCK_BOOTTIME).
+    pub exit_ns: u64,
+    /// When it last exec'd, and the name it took then.
+    pub exec_ns: u64,
+    pub comm: [u8; 16],
 }
 
 #[repr(C)]

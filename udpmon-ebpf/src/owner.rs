@@ -12,7 +12,9 @@
 //! - the exit of a process is recorded ([`on_exit`]), and a remembered holder that exited
 //!   after udpmon learned it is no name at all: the event says the owner is unknown
 //!   (`OWNER_GONE`) rather than name a pid the system may already have given to another
-//!   process. Its cgroup is kept: the socket's new holder is, as a rule, its child.
+//!   process. Its cgroup is kept: the socket's new holder is, as a rule, its child;
+//! - so is each exec ([`on_exec`]), with the name the process took: a remembered holder that
+//!   exec'd since is named after the program it runs now.
 use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
     bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
@@ -21,7 +23,7 @@ use udpmon_common::{Event, event::flags};
 
 use crate::{
     kread::{Kernel, sock_netns},
-    maps::{EXITED, HOLDER_SEEN, OWNERS, Owner, field, off, self_tgid},
+    maps::{HOLDER_SEEN, OWNERS, Owner, PROCESSES, ProcessChange, field, off, self_tgid},
     packet::IPPROTO_UDP,
 };
 
@@ -51,12 +53,19 @@ pub fn fill_identity(ev: &mut Event, in_task: bool) -> bool {
             return false;
         }
         ev.flags &= !flags::TASK_UNRELATED;
-        if exited(o) {
-            ev.flags |= flags::OWNER_GONE;
-            ev.cgroup = o.cgroup;
-            set_netns(ev, o);
-        } else {
-            set_owner(ev, o);
+        // SAFETY: as above.
+        let change = unsafe { PROCESSES.get(o.tgid) };
+        match change {
+            Some(c) if c.exit_ns >= o.since_ns => {
+                ev.flags |= flags::OWNER_GONE;
+                ev.cgroup = o.cgroup;
+                set_netns(ev, o);
+            }
+            Some(c) if c.exec_ns >= o.since_ns => {
+                set_owner(ev, o);
+                ev.comm = c.comm;
+            }
+            _ => set_owner(ev, o),
         }
     }
     true
@@ -134,14 +143,44 @@ pub fn on_exit(task: u64) {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: BPF helper without preconditions.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let _ = EXITED.insert(tgid, now, 0);
+    match PROCESSES.get_ptr_mut(tgid) {
+        // SAFETY: a map value valid for this program run.
+        Some(c) => unsafe { (*c).exit_ns = now },
+        None => {
+            let c = ProcessChange {
+                exit_ns: now,
+                exec_ns: 0,
+                comm: [0; 16],
+            };
+            let _ = PROCESSES.insert(tgid, c, 0);
+        }
+    }
 }
 
-/// Whether the process `o` names exited after udpmon learned it holds the socket.
+/// `sched_process_exec`, in the process's context once it runs the new program (whose name
+/// `comm` already is). An earlier process's exit under the same tgid is kept: an owner
+/// learned before it is that process's, and gone.
 #[inline(always)]
-fn exited(o: &Owner) -> bool {
-    // SAFETY: the value is read at once.
-    unsafe { EXITED.get(o.tgid) }.is_some_and(|&t| t >= o.since_ns)
+pub fn on_exec() {
+    // SAFETY: BPF helper without preconditions.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    match PROCESSES.get_ptr_mut(tgid) {
+        // SAFETY: a map value valid for this program run.
+        Some(c) => unsafe {
+            (*c).exec_ns = now;
+            (*c).comm = comm;
+        },
+        None => {
+            let c = ProcessChange {
+                exit_ns: 0,
+                exec_ns: now,
+                comm,
+            };
+            let _ = PROCESSES.insert(tgid, c, 0);
+        }
+    }
 }
 
 /// Makes `owner`, the current task, the remembered holder of `cookie` unless it already is;

@@ -194,12 +194,19 @@ fn shared_hooks(btf: &crate::btf::KernelBtf, strategy: Strategy) -> Vec<Hook> {
     let mut hooks = vec![
         create,
         // Process exits, so that a socket whose holder exited while another process keeps it
-        // (a daemon's fork, a passed descriptor) names no stale pid.
+        // (a daemon's fork, a passed descriptor) names no stale pid, and execs, so that it
+        // names the program now running.
         Hook::optional(
             program::TASK_EXIT,
             Target::TpBtf("sched_process_exit"),
             "a socket kept by another process after its owner exits is named after the \
              exited owner until the new holder uses it",
+        ),
+        Hook::optional(
+            program::TASK_EXEC,
+            Target::TpBtf("sched_process_exec"),
+            "a socket whose owner exec'd another program is named after the old program in \
+             events from softirq (received datagrams, ICMP errors)",
         ),
         // ICMP errors are recognised when their skb is freed, after the kernel handled them
         // (consumed, or dropped: kfree_skb below); see udpmon-ebpf/src/icmp.rs.
@@ -452,7 +459,7 @@ fn load_strategy(
         .map_max_entries(map::FLOWS, flows)
         .map_max_entries(map::OWNERS, side)
         .map_max_entries(map::SENDERS, side)
-        .map_max_entries(map::EXITED, side)
+        .map_max_entries(map::PROCESSES, side)
         .load(EBPF_OBJECT)
         .with_context(|| match memlock {
             Some(why) => format!("loading the eBPF object ({why})"),

@@ -9,9 +9,10 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::UdpSocket,
     os::{
-        fd::{AsRawFd as _, FromRawFd as _, RawFd},
+        fd::{AsRawFd as _, FromRawFd as _, IntoRawFd as _, RawFd},
         linux::net::SocketAddrExt as _,
         unix::net::{SocketAddr as UnixAddr, UnixDatagram},
+        unix::process::CommandExt as _,
     },
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
 };
@@ -175,6 +176,42 @@ pub fn fd_passing(st: Strategy) -> Outcome {
     Outcome::Pass
 }
 
+/// A process that execs another program keeps its sockets: events from softirq name the
+/// program it runs now, not the one that opened the socket.
+pub fn exec(st: Strategy) -> Outcome {
+    let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
+    let (peer, peer_addr) = peer();
+    // exec sets the process's name from the file name it was given: a link to this binary.
+    let dir = std::env::temp_dir().join(format!("udpmon-exec-{}-{}", std::process::id(), st));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("renamed-holder");
+    std::os::unix::fs::symlink(std::env::current_exe().unwrap(), &link).unwrap();
+    let mut h = Helper::start(&["exec", &peer_addr, link.to_str().unwrap()]);
+    let before = h.expect("before");
+    assert_eq!(h.expect("execd"), before, "exec keeps the pid");
+    let (hello, local) = receive(&peer);
+    assert_eq!(hello, "hello");
+    let connect = u.wait_for("the connect", |v| {
+        is(v, "connect") && s(v, "remote") == peer_addr && pid(v) == before
+    });
+    assert_ne!(s(&connect, "process"), "renamed-holder", "{connect}");
+    let cookie = connect["cookie"].clone();
+    peer.send_to(b"answer", local).unwrap();
+    let est = u.wait_for("the establish", |v| {
+        is(v, "establish") && v["cookie"] == cookie
+    });
+    assert_eq!(pid(&est), before, "{est}");
+    assert_eq!(
+        (s(&est, "comm"), s(&est, "process")),
+        ("renamed-holder", "renamed-holder"),
+        "{est}"
+    );
+    h.tell("exit");
+    let _ = std::fs::remove_dir_all(&dir);
+    Outcome::Pass
+}
+
 /// No event of the socket after `first` names `stale`.
 fn no_stale(u: &mut Udpmon, cookie: &Value, stale: u64, first: &Value) {
     let events = u.all(|v| v["cookie"] == *cookie);
@@ -193,6 +230,8 @@ fn no_stale(u: &mut Udpmon, cookie: &Value, stale: u64, first: &Value) {
 ///   over it, says `got` and serves commands.
 /// - `give PEER NAME`: binds, connects to PEER, sends "hello", passes the socket to NAME,
 ///   closes it, says `passed PID` and serves commands (only `exit`).
+/// - `exec PEER PATH`: binds, connects to PEER, sends "hello", says `before PID` and execs
+///   PATH (this binary) as `execd FD`, which says `execd PID` and serves commands.
 ///
 /// Commands, a line each on stdin: `send` (one datagram "x"), `exit`; each answered `done`.
 pub fn role(args: &[String]) -> ! {
@@ -230,6 +269,27 @@ pub fn role(args: &[String]) -> ! {
             drop(sock);
             say(&format!("passed {}", std::process::id()));
             serve(None)
+        }
+        ["exec", peer, path] => {
+            let sock = connected(peer);
+            let fd = sock.into_raw_fd();
+            // SAFETY: fcntl on a descriptor we own; the flag is the only change.
+            assert_eq!(
+                unsafe { libc::fcntl(fd, libc::F_SETFD, 0) },
+                0,
+                "clearing FD_CLOEXEC"
+            );
+            say(&format!("before {}", std::process::id()));
+            let err = Command::new(path)
+                .args(["--role", "execd", &fd.to_string()])
+                .exec();
+            panic!("exec {path}: {err}");
+        }
+        ["execd", fd] => {
+            // SAFETY: the descriptor was left open across exec for us.
+            let sock = unsafe { UdpSocket::from_raw_fd(fd.parse().expect("a descriptor")) };
+            say(&format!("execd {}", std::process::id()));
+            serve(Some(sock))
         }
         _ => panic!("unknown role {args:?}"),
     }

@@ -109,6 +109,10 @@ pub const ALL: &[Scenario] = &[
         run: crate::holders::fd_passing,
     },
     Scenario {
+        name: "holder_exec",
+        run: crate::holders::exec,
+    },
+    Scenario {
         name: "dualstack_v4_mapped",
         run: crate::dualstack::v4_mapped,
     },

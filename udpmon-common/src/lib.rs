@@ -8,9 +8,11 @@
 pub mod event;
 pub mod flow;
 pub mod offsets;
+pub mod owner;
 pub mod stats;
 
 pub use event::{Event, EventKind};
 pub use flow::{FlowKey, FlowStats};
 pub use offsets::{IcmpFreeCallers, Offsets};
+pub use owner::Owner;
 pub use stats::{COUNTERS, Counter};

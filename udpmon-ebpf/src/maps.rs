@@ -5,7 +5,9 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
-use udpmon_common::{COUNTERS, Counter, Event, FlowKey, FlowStats, IcmpFreeCallers, Offsets};
+use udpmon_common::{
+    COUNTERS, Counter, Event, FlowKey, FlowStats, IcmpFreeCallers, Offsets, Owner,
+};
 
 /// Transitions only. 4 MiB holds ~29000 events: a second and more of new flows at 20k/s
 /// while userspace is busy with its once-a-second pass over every flow.
@@ -71,22 +73,6 @@ pub static HELPERS: u32 = 0;
 /// [`IcmpFreeCallers`].
 #[unsafe(no_mangle)]
 pub static ICMP_FREE_CALLERS: IcmpFreeCallers = IcmpFreeCallers::UNKNOWN;
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct Owner {
-    pub tgid: u32,
-    pub pid: u32,
-    pub uid: u32,
-    pub netns: u32,
-    pub cgroup: u64,
-    pub comm: [u8; 16],
-    /// Where only the netns cookie is known (cgroup hooks): see `Event::netns_cookie`.
-    pub netns_cookie: u64,
-    /// When udpmon learned that this process holds the socket (CLOCK_BOOTTIME): an exit of
-    /// its tgid before then is an earlier process's with the same number.
-    pub since_ns: u64,
-}
 
 #[repr(C)]
 #[derive(Clone, Copy)]

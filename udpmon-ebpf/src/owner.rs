@@ -19,11 +19,11 @@ use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
     bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
 };
-use udpmon_common::{Event, event::flags};
+use udpmon_common::{Event, Owner, event::flags};
 
 use crate::{
     kread::{Kernel, sock_netns},
-    maps::{HOLDER_SEEN, OWNERS, Owner, PROCESSES, ProcessChange, field, off, self_tgid},
+    maps::{HOLDER_SEEN, OWNERS, PROCESSES, ProcessChange, field, off, self_tgid},
     packet::IPPROTO_UDP,
 };
 

@@ -87,7 +87,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         Hooks::Kprobe => Some(Strategy::Kprobe),
         Hooks::Tracepoint => Some(Strategy::Tracepoint),
     };
-    let probes = probes::load(
+    let mut probes = probes::load(
         strategy,
         &LoadOptions {
             max_flows: u32::try_from(cli.max_flows).unwrap_or(u32::MAX),
@@ -100,9 +100,16 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     // The same walk of every namespace names them, for the events to come.
     let mut namespaces = NetnsMap::default();
     let mut existing_cgroups = Vec::new();
+    let scan_began = clock::boot_ns();
     match existing::existing_sockets() {
         Ok(found) => {
             info!("{}", found.stats);
+            if let Err(e) = probes.remember_owners(&found.events, scan_began) {
+                log::warn!(
+                    "sockets found at startup stay named after the holder the scan found, \
+                     even once it exits ({e:#})"
+                );
+            }
             let none = |_: &engine::FlowId| None;
             for ev in &found.events {
                 engine.on_event(ev, &none);

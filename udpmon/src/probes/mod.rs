@@ -26,7 +26,7 @@ use aya::{
     },
 };
 use log::{info, warn};
-use udpmon_common::{IcmpFreeCallers, Offsets};
+use udpmon_common::{IcmpFreeCallers, Offsets, Owner};
 
 /// The eBPF object built by udpmon/build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udpmon"));
@@ -336,6 +336,45 @@ impl Probes {
             .iter()
             .filter_map(|l| l.missed().ok())
             .sum()
+    }
+
+    /// Gives the kernel side the holders of the sockets the startup scan found (`since_ns`:
+    /// when the scan began), so that their events name them from the first, and name nobody
+    /// once the holder exits while another process keeps the socket. Holders the hooks
+    /// learned meanwhile are newer and stay. Returns how many were given.
+    pub fn remember_owners(
+        &mut self,
+        sockets: &[crate::decode::KernelEvent],
+        since_ns: u64,
+    ) -> anyhow::Result<usize> {
+        let map = self.ebpf.map_mut(map::OWNERS).context("map OWNERS")?;
+        let mut owners: aya::maps::HashMap<_, u64, Owner> = aya::maps::HashMap::try_from(map)?;
+        let mut given = 0;
+        for ev in sockets.iter().filter(|e| e.tgid != 0 && e.cookie != 0) {
+            let mut comm = [0u8; 16];
+            let name = ev.comm.as_bytes();
+            let n = name.len().min(15);
+            comm[..n].copy_from_slice(&name[..n]);
+            let owner = Owner {
+                tgid: ev.tgid,
+                pid: ev.pid,
+                uid: ev.uid,
+                netns: ev.netns,
+                cgroup: ev.cgroup,
+                comm,
+                netns_cookie: 0,
+                since_ns,
+            };
+            // BPF_NOEXIST (uapi/linux/bpf.h).
+            const NO_EXIST: u64 = 1;
+            match owners.insert(ev.cookie, owner, NO_EXIST) {
+                Ok(()) => given += 1,
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e).context("writing map OWNERS"),
+            }
+        }
+        Ok(given)
     }
 
     /// Detaches every program, so that nothing more reaches the maps: what the ring buffer

@@ -97,7 +97,7 @@ fn pid(v: &Value) -> u64 {
 pub fn double_fork(st: Strategy) -> Outcome {
     let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
     let (peer, peer_addr) = peer();
-    let mut d = Helper::start(&["daemon", &peer_addr]);
+    let mut d = Helper::start(&["daemon", &peer_addr, "exit"]);
     let parent = d.expect("parent");
     let child = d.expect("child");
     assert!(d.child.wait().expect("the parent exits").success());
@@ -128,6 +128,45 @@ pub fn double_fork(st: Strategy) -> Outcome {
     let close = u.wait_for("the close", |v| is(v, "close") && v["cookie"] == cookie);
     assert_eq!(pid(&close), child, "the close runs in the child: {close}");
     no_stale(&mut u, &cookie, parent, &connect);
+    Outcome::Pass
+}
+
+/// A socket older than udpmon, held by a daemon's parent and child: the startup scan names
+/// one of them (the parent: the scan keeps the first holder in /proc's order), and once that
+/// one exits, events name the child or nobody, never the exited parent.
+pub fn preexisting(st: Strategy) -> Outcome {
+    let (peer, peer_addr) = peer();
+    let mut d = Helper::start(&["daemon", &peer_addr, "linger"]);
+    let parent = d.expect("parent");
+    let child = d.expect("child");
+    let (hello, local) = receive(&peer);
+    assert_eq!(hello, "hello");
+    let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    // A new peer, heard in softirq: named after what udpmon knows of the holder.
+    let (other, other_addr) = self::peer();
+    other.send_to(b"hi", local).unwrap();
+    let heard = u.wait_for("the new peer's accept", |v| {
+        is(v, "accept") && s(v, "remote") == other_addr && s(v, "local") == local.to_string()
+    });
+    assert!(
+        pid(&heard) == 0 || pid(&heard) == child,
+        "the exited parent {parent} is no owner: {heard}"
+    );
+    let cookie = heard["cookie"].clone();
+    // The tracepoint strategy notes the holder as the call returns: after what a loopback
+    // send's own ICMP error reports, so one send first.
+    d.tell("send");
+    assert_eq!(receive(&peer).0, "x");
+    drop(peer);
+    d.tell("send");
+    let un = u.wait_for("the unreachable", |v| {
+        is(v, "unreachable") && v["cookie"] == cookie
+    });
+    let expected = if holders_followed(st) { child } else { 0 };
+    assert_eq!(pid(&un), expected, "{un}");
+    no_stale(&mut u, &cookie, parent, &heard);
     Outcome::Pass
 }
 
@@ -224,8 +263,10 @@ fn no_stale(u: &mut Udpmon, cookie: &Value, stale: u64, first: &Value) {
 }
 
 /// The helper programs (`--role NAME ARGS...`); each reports on stdout, a line at a time.
-/// - `daemon PEER`: binds, connects to PEER and sends "hello"; says `parent PID`, forks; the
-///   child says `child PID` and serves commands; the parent exits.
+/// - `daemon PEER exit|linger`: binds, connects to PEER and sends "hello"; says `parent PID`,
+///   forks; the child says `child PID` and serves commands; the parent exits. With `linger`
+///   the socket is not connected (sends go to PEER by address) and the parent waits to be
+///   killed.
 /// - `take NAME`: binds the abstract unix socket NAME, says `ready PID`, receives a socket
 ///   over it, says `got` and serves commands.
 /// - `give PEER NAME`: binds, connects to PEER, sends "hello", passes the socket to NAME,
@@ -237,15 +278,26 @@ fn no_stale(u: &mut Udpmon, cookie: &Value, stale: u64, first: &Value) {
 pub fn role(args: &[String]) -> ! {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match args.as_slice() {
-        ["daemon", peer] => {
-            let sock = connected(peer);
+        ["daemon", peer, mode @ ("exit" | "linger")] => {
+            let linger = *mode == "linger";
+            let (sock, to) = if linger {
+                let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+                sock.send_to(b"hello", peer).unwrap();
+                (sock, Some(*peer))
+            } else {
+                (connected(peer), None)
+            };
             say(&format!("parent {}", std::process::id()));
             // SAFETY: this process is single-threaded; both sides go on with plain syscalls.
             match unsafe { libc::fork() } {
                 0 => {
                     say(&format!("child {}", std::process::id()));
-                    serve(Some(sock))
+                    serve(Some(sock), to)
                 }
+                n if n > 0 && linger => loop {
+                    // SAFETY: waits for a signal; the test kills this process.
+                    unsafe { libc::pause() };
+                },
                 n if n > 0 => std::process::exit(0),
                 _ => panic!("fork: {}", std::io::Error::last_os_error()),
             }
@@ -258,7 +310,7 @@ pub fn role(args: &[String]) -> ! {
             // SAFETY: the kernel just installed this descriptor for us.
             let sock = unsafe { UdpSocket::from_raw_fd(fd) };
             say("got");
-            serve(Some(sock))
+            serve(Some(sock), None)
         }
         ["give", peer, name] => {
             let sock = connected(peer);
@@ -268,7 +320,7 @@ pub fn role(args: &[String]) -> ! {
             send_fd(unix.as_raw_fd(), sock.as_raw_fd());
             drop(sock);
             say(&format!("passed {}", std::process::id()));
-            serve(None)
+            serve(None, None)
         }
         ["exec", peer, path] => {
             let sock = connected(peer);
@@ -289,7 +341,7 @@ pub fn role(args: &[String]) -> ! {
             // SAFETY: the descriptor was left open across exec for us.
             let sock = unsafe { UdpSocket::from_raw_fd(fd.parse().expect("a descriptor")) };
             say(&format!("execd {}", std::process::id()));
-            serve(Some(sock))
+            serve(Some(sock), None)
         }
         _ => panic!("unknown role {args:?}"),
     }
@@ -310,13 +362,17 @@ fn say(line: &str) {
     }
 }
 
-fn serve(sock: Option<UdpSocket>) -> ! {
+/// `to`: where an unconnected socket sends.
+fn serve(sock: Option<UdpSocket>, to: Option<&str>) -> ! {
     for line in std::io::stdin().lines() {
         match line.as_deref() {
             Ok("send") => {
                 let sock = sock.as_ref().expect("a socket to send on");
                 // A refused send (the peer's ICMP error, reported on this call) still counts.
-                let _ = sock.send(b"x");
+                let _ = match to {
+                    Some(to) => sock.send_to(b"x", to),
+                    None => sock.send(b"x"),
+                };
                 say("done");
             }
             Ok("exit") | Err(_) => break,

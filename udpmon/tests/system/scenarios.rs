@@ -109,6 +109,10 @@ pub const ALL: &[Scenario] = &[
         run: crate::holders::fd_passing,
     },
     Scenario {
+        name: "holder_preexisting",
+        run: crate::holders::preexisting,
+    },
+    Scenario {
         name: "holder_exec",
         run: crate::holders::exec,
     },

@@ -59,9 +59,16 @@ pub struct Offsets {
     /// exit, whether it was the last of its process (see holder.rs).
     pub task_signal: u32,
     pub signal_live: u32,
+    /// `struct file.f_inode`, `struct inode.i_mode`, `struct file.private_data` (a socket's
+    /// `struct socket`) and `struct socket.sk`: a descriptor received by a process (see
+    /// owner.rs).
+    pub file_inode: u32,
+    pub inode_mode: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Offsets>() == 35 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 39 * 4);
 
 impl Offsets {
     pub const fn zeroed() -> Self {
@@ -101,6 +108,10 @@ impl Offsets {
             fl6_ports: 0,
             task_signal: 0,
             signal_live: 0,
+            file_inode: 0,
+            inode_mode: 0,
+            file_private_data: 0,
+            socket_sk: 0,
         }
     }
 }

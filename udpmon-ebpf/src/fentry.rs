@@ -107,6 +107,15 @@ recvmsg_exit!(udp_recvmsg_exit_f4, "udp_recvmsg", 4, ret_of_6);
 recvmsg_exit!(udpv6_recvmsg_exit_f3, "udpv6_recvmsg", 3, FExitContext::ret);
 recvmsg_exit!(udpv6_recvmsg_exit_f4, "udpv6_recvmsg", 4, ret_of_6);
 
+/// Every descriptor a process receives (see owner.rs).
+/// match-proto:v5.8:security/security.c:int security_file_receive(struct file *file)
+/// match-proto:v7.2:security/security.c:int security_file_receive(struct file *file)
+#[fentry(function = "security_file_receive")]
+pub fn file_receive_entry(ctx: FEntryContext) -> i32 {
+    owner::on_file_received::<Btf>(ctx.arg(0));
+    0
+}
+
 /// match-proto:v5.8:net/ipv4/datagram.c:int __ip4_datagram_connect(struct sock *sk, struct sockaddr *uaddr, int addr_len)
 /// (7.x: `struct sockaddr_unsized *uaddr`, same layout.) At exit the route has chosen the
 /// source address, so CONNECT names the full local address.

@@ -172,6 +172,13 @@ pub fn udp_recvmsg_krp(ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// security_file_receive (see fentry.rs).
+#[kprobe]
+pub fn file_receive_kp(ctx: ProbeContext) -> u32 {
+    owner::on_file_received::<Probe>(ctx.arg(0).unwrap_or(0));
+    0
+}
+
 /// __ip4_datagram_connect and __ip6_datagram_connect (never nested): reported at return,
 /// once the source address is chosen, and only when the connect succeeded.
 #[kprobe]

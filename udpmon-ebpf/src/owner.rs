@@ -9,6 +9,8 @@
 //! - every send and receive call checks that its caller is the remembered holder and takes
 //!   its place when not ([`note_holder`]); a per-CPU note of the last socket and process
 //!   checked keeps the common case (one process talking on one socket) to one comparison;
+//! - a process that receives a socket's descriptor (SCM_RIGHTS, pidfd_getfd) holds it from
+//!   then on, where the strategy can hook that ([`on_file_received`]: fentry, kprobe);
 //! - the exit of a process is recorded ([`on_exit`]), and a remembered holder that exited
 //!   after udpmon learned it is no name at all: the event says the owner is unknown
 //!   (`OWNER_GONE`) rather than name a pid the system may already have given to another
@@ -22,7 +24,7 @@ use aya_ebpf::helpers::{
 use udpmon_common::{Event, Owner, event::flags};
 
 use crate::{
-    kread::{Kernel, sock_netns},
+    kread::{Kernel, read, sock_netns},
     maps::{HOLDER_SEEN, OWNERS, PROCESSES, ProcessChange, field, off, self_tgid},
     packet::IPPROTO_UDP,
 };
@@ -112,7 +114,36 @@ pub fn note_holder<K: Kernel>(sk: u64, check_udp: bool, cookie: impl FnOnce() ->
     if tgid == self_tgid() {
         return;
     }
-    let cookie = cookie();
+    take_over(sk, cookie(), tgid);
+}
+
+/// A descriptor received by the current process (`security_file_receive(struct file *)`:
+/// SCM_RIGHTS, pidfd_getfd), in its context: if it is a UDP socket, the receiver holds it
+/// now, before it ever uses it.
+#[inline(always)]
+pub fn on_file_received<K: Kernel>(file: u64) {
+    const S_IFMT: u16 = 0o170000;
+    const S_IFSOCK: u16 = 0o140000;
+    let inode: u64 = K::get(file, off!(file_inode));
+    if inode == 0 || K::get::<u16>(inode, off!(inode_mode)) & S_IFMT != S_IFSOCK {
+        return;
+    }
+    // `private_data` is untyped: what follows it is read, not loaded.
+    let socket: u64 = K::get(file, off!(file_private_data));
+    let sk: u64 = read(socket, off!(socket_sk));
+    if sk == 0 || read::<u16>(sk, off!(sk_protocol)) != IPPROTO_UDP as u16 {
+        return;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if tgid != self_tgid() {
+        take_over(sk, read(sk, off!(skc_cookie)), tgid);
+    }
+}
+
+/// Makes the current task, `tgid`, the remembered holder of socket `sk` unless it already
+/// is; a known socket keeps the namespace it was learned in.
+#[inline(always)]
+fn take_over(sk: u64, cookie: u64, tgid: u32) {
     if cookie == 0 {
         return;
     }

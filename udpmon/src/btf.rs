@@ -481,6 +481,10 @@ pub fn resolve_offsets(btf: &KernelBtf) -> Result<Offsets, BtfError> {
         task_signal: at("task_signal", "task_struct", "signal")?,
         // atomic_t wraps `counter`.
         signal_live: at("signal_live", "signal_struct", "live.counter")?,
+        file_inode: at("file_inode", "file", "f_inode")?,
+        inode_mode: at("inode_mode", "inode", "i_mode")?,
+        file_private_data: at("file_private_data", "file", "private_data")?,
+        socket_sk: at("socket_sk", "socket", "sk")?,
     })
 }
 

@@ -3,6 +3,10 @@
 use super::{Hook, Strategy, Target, program, recv_flags_arg, shared_hooks};
 use crate::btf::KernelBtf;
 
+/// What a kernel without a hook on received descriptors costs.
+pub const PASSED_LATE: &str = "a socket passed to another process (SCM_RIGHTS) is named after \
+                                its sender until the receiver sends or receives on it";
+
 pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
     // udp_recvmsg lost `noblock` in 5.19, which moved `flags`: pick the matching variant.
     let (recv4, recv6) = match recv_flags_arg(btf) {
@@ -41,6 +45,11 @@ pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
             program::UDP_DISCONNECT_ENTRY,
             Target::FEntry("__udp_disconnect"),
             "connect(AF_UNSPEC) is seen only at the next datagram",
+        ),
+        Hook::optional(
+            program::FILE_RECEIVE_ENTRY,
+            Target::FEntry("security_file_receive"),
+            PASSED_LATE,
         ),
         Hook::optional(
             recv4,

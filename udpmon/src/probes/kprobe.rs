@@ -46,6 +46,11 @@ pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
             Target::KProbe("__udp_disconnect"),
             "connect(AF_UNSPEC) is seen only at the next datagram",
         ),
+        Hook::optional(
+            program::FILE_RECEIVE_KP,
+            Target::KProbe("security_file_receive"),
+            super::fentry::PASSED_LATE,
+        ),
     ];
     if has_call_result_tracepoints(btf) {
         hooks.extend(call_result_hooks());

@@ -101,6 +101,13 @@ pub fn holders_followed(st: Strategy) -> bool {
     app_errors_expected(st)
 }
 
+/// Whether a process that receives a socket over a unix socket is named from then on, before
+/// it uses it: fentry and kprobe hook `security_file_receive`; the tracepoint strategy has no
+/// such hook.
+pub fn passes_followed(st: Strategy) -> bool {
+    st != Strategy::Tracepoint
+}
+
 /// Whether datagrams to closed local ports are reported (REFUSED): they are told apart by
 /// kfree_skb's drop reason, which kernels before 5.17 lack.
 pub fn refused_expected() -> bool {

@@ -19,7 +19,9 @@ use std::{
 
 use serde_json::Value;
 
-use crate::harness::{Outcome, Strategy, Udpmon, deadline, holders_followed, is, s};
+use crate::harness::{
+    Outcome, Strategy, Udpmon, deadline, holders_followed, is, passes_followed, s,
+};
 
 /// A helper program started with `--role`, driven a line at a time.
 struct Helper {
@@ -170,8 +172,8 @@ pub fn preexisting(st: Strategy) -> Outcome {
     Outcome::Pass
 }
 
-/// A socket passed over a unix socket and closed by its sender: once the receiver uses it,
-/// events name the receiver; once the sender has exited, never the sender.
+/// A socket passed over a unix socket and closed by its sender: events name the receiver
+/// from the moment it receives it (where the strategy hooks that), else from its first use.
 pub fn fd_passing(st: Strategy) -> Outcome {
     let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
     let (peer, peer_addr) = peer();
@@ -181,12 +183,23 @@ pub fn fd_passing(st: Strategy) -> Outcome {
     let mut giver = Helper::start(&["give", &peer_addr, &name]);
     let giver_pid = giver.expect("passed");
     taker.expect("got");
-    let (hello, _) = receive(&peer);
+    let (hello, local) = receive(&peer);
     assert_eq!(hello, "hello");
     let connect = u.wait_for("the giver's connect", |v| {
         is(v, "connect") && s(v, "remote") == peer_addr && pid(v) == giver_pid
     });
     let cookie = connect["cookie"].clone();
+    // Passed, not used yet: heard in softirq.
+    peer.send_to(b"answer", local).unwrap();
+    let est = u.wait_for("the establish", |v| {
+        is(v, "establish") && v["cookie"] == cookie
+    });
+    let expected = if passes_followed(st) {
+        taker_pid
+    } else {
+        giver_pid
+    };
+    assert_eq!(pid(&est), expected, "{est}");
     taker.tell("send");
     assert_eq!(receive(&peer).0, "x");
     drop(peer);
@@ -210,7 +223,8 @@ pub fn fd_passing(st: Strategy) -> Outcome {
         "the close runs in the taker: {close}"
     );
     if holders_followed(st) {
-        no_stale(&mut u, &cookie, giver_pid, &connect);
+        let handed_over = if passes_followed(st) { &connect } else { &est };
+        no_stale(&mut u, &cookie, giver_pid, handed_over);
     }
     Outcome::Pass
 }

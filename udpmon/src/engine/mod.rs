@@ -22,13 +22,22 @@
 //! - SILENT and RESUMED also have a peer scope, across the flows one program opens to one
 //!   peer (a resolver's fresh socket per query); its rules, and how the two scopes share a
 //!   silence, are in `peer.rs`.
+//! - A busy socket's flows are summarised (SUMMARY with scope socket) rather than reported
+//!   line by line; its rules are in `summary.rs`.
 mod cookies;
 mod flow;
 mod peer;
 mod report;
 pub mod rules;
+mod summary;
 
-use std::{hash::BuildHasher, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    hash::BuildHasher,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use cookies::CookieMap;
 use flow::{Addr, Flow, FlowTable, State};
@@ -36,9 +45,11 @@ pub use flow::{Counters, FlowId};
 use hashbrown::{DefaultHashBuilder, HashMap, HashTable, hash_map::Entry};
 use peer::{PeerKey, PeerTable};
 pub use report::{
-    CloseReason, CloseStats, Detail, Op, Owner, Report, ReportKind, Scope, Trouble, Unanswered,
-    UnreachableInfo, Via,
+    ByVerdict, CloseReason, CloseStats, Detail, Folded, Op, Owner, PeerSummary, Problems, Report,
+    ReportKind, Scope, SocketSummary, Trouble, Unanswered, UnreachableInfo, Via,
 };
+use summary::Busy;
+pub use summary::SummaryConfig;
 
 use crate::decode::{Fact, Family, Icmp, KernelEvent, Verdict};
 
@@ -57,6 +68,9 @@ pub struct EngineConfig {
     /// Most flows tracked at once (values below 1 count as 1); also the most peers
     /// remembered across flows (peer-scope SILENT).
     pub max_flows: usize,
+    /// Busy-socket summaries and the folding of a peer's repeated UNREACHABLE; `None`
+    /// (`--no-summary`): every line.
+    pub summary: Option<SummaryConfig>,
 }
 
 impl Default for EngineConfig {
@@ -66,6 +80,7 @@ impl Default for EngineConfig {
             silent_min_sends: 2,
             idle_timeout: Duration::from_secs(120),
             max_flows: 65536,
+            summary: Some(SummaryConfig::default()),
         }
     }
 }
@@ -92,6 +107,9 @@ pub struct EngineStats {
     /// answer and any silence in progress are lost, so a peer-scope SILENT may come late
     /// or say "never answered".
     pub peers_evicted: u64,
+    /// Flows of busy sockets counted in a SUMMARY instead of reported line by line (of
+    /// `flows_opened`).
+    pub flows_summarised: u64,
 }
 
 /// What the engine knows about a socket. One per socket, and as many as flows when each
@@ -110,6 +128,10 @@ struct Socket {
     /// Learned at startup (sock_diag and /proc): kept until it closes, however quiet, since
     /// nothing else would name its owner again (no hook saw it being created).
     preexisting: bool,
+    /// New flows are summarised (see `summary.rs`).
+    summarised: bool,
+    /// Flows opened in the current summary interval.
+    new_flows: u32,
 }
 
 /// The last process seen on a local port, for naming it when a peer keeps sending there.
@@ -252,6 +274,11 @@ pub struct Engine {
     /// (netns, local, remote) -> time of the last REFUSED report.
     refused_at: HashMap<(u32, SocketAddr, SocketAddr), u64>,
     peers: PeerTable,
+    /// Summaries in the making, of busy sockets and of those whose summarised flows are not
+    /// all closed yet, in cookie order (the order their summaries are reported in).
+    busy: BTreeMap<u64, Busy>,
+    /// When the current summary interval ends (0: at the first tick, which starts it).
+    interval_end_ns: u64,
     stats: EngineStats,
 }
 
@@ -274,6 +301,15 @@ fn ns(d: Duration) -> u64 {
 
 fn family_of(a: &SocketAddr) -> Family {
     if a.is_ipv4() { Family::V4 } else { Family::V6 }
+}
+
+/// The address of no particular peer, for the reports about many.
+fn anywhere(family: Family) -> SocketAddr {
+    let ip = match family {
+        Family::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        Family::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    SocketAddr::new(ip, 0)
 }
 
 /// Keeps the most precise local address: a new port replaces the old one (a disconnect can
@@ -301,6 +337,8 @@ impl Engine {
             refused_at: HashMap::new(),
             // Peers with live flows are never evicted, so at least one peer per flow.
             peers: PeerTable::new(max_flows),
+            busy: BTreeMap::new(),
+            interval_end_ns: 0,
             stats: EngineStats::default(),
         }
     }
@@ -329,6 +367,23 @@ impl Engine {
     /// Every tracked flow, in id order.
     pub fn flows(&self) -> Vec<FlowId> {
         self.flows.ids()
+    }
+
+    #[cfg(test)]
+    /// Summarised flows live, whether `id` is one, and the new and closed flows counted in
+    /// summaries not reported yet.
+    pub fn summary_census(&self, id: &FlowId) -> (u64, bool, u64, u64) {
+        let live = self
+            .flows
+            .ids()
+            .iter()
+            .filter(|i| self.flows.get(i).is_some_and(|f| f.summarised))
+            .count() as u64;
+        let (new, closed) = self.busy.values().fold((0, 0), |(n, c), b| {
+            (n + b.counts.new_flows, c + b.counts.closed)
+        });
+        let is = self.flows.get(id).is_some_and(|f| f.summarised);
+        (live, is, new, closed)
     }
 
     #[cfg(test)]
@@ -425,8 +480,45 @@ impl Engine {
             self.cfg.silent_min_sends,
             &mut out,
         );
+        self.end_interval(now_ns, &mut out);
         self.forget(now_ns);
         out
+    }
+
+    /// At a summary interval's end: a SUMMARY for each busy socket, and each socket's count
+    /// of new flows starts again.
+    fn end_interval(&mut self, now: u64, out: &mut Vec<Report>) {
+        let Some(cfg) = &self.cfg.summary else {
+            return;
+        };
+        let interval = ns(cfg.interval).max(1);
+        if self.interval_end_ns == 0 {
+            self.interval_end_ns = now.saturating_add(interval);
+            return;
+        }
+        if now < self.interval_end_ns {
+            return;
+        }
+        // On the grid the first tick set, unless ticks stopped for longer than an interval.
+        self.interval_end_ns = self.interval_end_ns.saturating_add(interval);
+        if self.interval_end_ns <= now {
+            self.interval_end_ns = now.saturating_add(interval);
+        }
+        let threshold = cfg.threshold;
+        for sock in self.sockets.values_mut() {
+            // Busy for the next interval only if this one crossed the threshold again.
+            sock.summarised &= sock.new_flows > threshold;
+            sock.new_flows = 0;
+        }
+        let sockets = &self.sockets;
+        self.busy.retain(|&cookie, b| {
+            let worth = b.worth_reporting();
+            b.busy = sockets.get(&cookie).is_some_and(|s| s.summarised);
+            if worth {
+                out.push(summary_report(sockets, cookie, b, now));
+            }
+            b.busy || b.live > 0
+        });
     }
 
     fn tick_flow(&mut self, id: FlowId, now: u64, counters: CountersFn<'_>, out: &mut Vec<Report>) {
@@ -566,6 +658,8 @@ impl Engine {
             local: Addr::new(SocketAddr::new(ev.local.ip(), 0)),
             connected: None,
             preexisting: false,
+            summarised: false,
+            new_flows: 0,
         });
         sock.seen_ns = sock.seen_ns.max(ev.ts_ns);
         sock.preexisting |= ev.fact == Fact::Existing;
@@ -653,6 +747,14 @@ impl Engine {
         if kind != ReportKind::AppError {
             flow.set_last_app_errno(None);
         }
+        if flow.summarised
+            && let Some(b) = self.busy.get_mut(&id.cookie)
+        {
+            let limit = self.cfg.summary.as_ref().map_or(0, |c| c.problem_lines);
+            if !b.report(kind, &detail, &mut flow.muted, limit) {
+                return;
+            }
+        }
         out.push(Report::new(
             kind,
             ts_ns,
@@ -710,8 +812,42 @@ impl Engine {
             self.close_flow(&victim, CloseReason::Evicted, ts_ns, counters, out);
             self.stats.flows_evicted += 1;
         }
+        let mut flow = flow;
+        if !flow.preexisting {
+            flow.summarised = self.count_new_flow(id.cookie, flow.family, ts_ns);
+        }
         self.flows.insert(id, flow, ts_ns);
         self.stats.flows_opened += 1;
+    }
+
+    /// A new flow of a socket: counted for the busy-socket rule; whether it is summarised.
+    fn count_new_flow(&mut self, cookie: u64, family: Family, ts_ns: u64) -> bool {
+        let Some(cfg) = &self.cfg.summary else {
+            return false;
+        };
+        let Some(sock) = self.sockets.get_mut(&cookie) else {
+            return false;
+        };
+        sock.new_flows = sock.new_flows.saturating_add(1);
+        if !sock.summarised {
+            if sock.new_flows <= cfg.threshold {
+                return false;
+            }
+            sock.summarised = true;
+        }
+        let b = self.busy.entry(cookie).or_insert_with(|| {
+            Busy::new(
+                sock.owner.clone().unwrap_or_else(|| self.unknown.clone()),
+                sock.netns,
+                family,
+                sock.local.get(),
+                ts_ns,
+            )
+        });
+        b.busy = true;
+        b.opened();
+        self.stats.flows_summarised += 1;
+        true
     }
 
     fn close_flow(
@@ -739,6 +875,15 @@ impl Engine {
             self.peers.detach(&flow.peer, flow.silence_reported());
         }
         self.stats.flows_closed += 1;
+        if flow.summarised
+            && let Some(b) = self.busy.get_mut(&id.cookie)
+        {
+            b.closed(flow.established);
+            if let Some(sock) = self.sockets.get_mut(&id.cookie) {
+                sock.seen_ns = sock.seen_ns.max(ts_ns);
+            }
+            return;
+        }
         let c = flow.counters;
         if reason == CloseReason::Idle
             && !flow.reported
@@ -1122,6 +1267,11 @@ impl Engine {
         for id in self.flows.of_cookie(ev.cookie) {
             self.close_flow(&id, CloseReason::Closed, ev.ts_ns, counters, out);
         }
+        if let Some(mut b) = self.busy.remove(&ev.cookie)
+            && b.worth_reporting()
+        {
+            out.push(summary_report(&self.sockets, ev.cookie, &mut b, ev.ts_ns));
+        }
         let Some(sock) = self.sockets.remove(&ev.cookie) else {
             return;
         };
@@ -1176,6 +1326,30 @@ impl Engine {
             Detail::Refused { last_owner },
         ));
     }
+}
+
+/// The SUMMARY of a busy socket, ending its interval at `now`: named after the socket's
+/// owner as it is now, or as it was when the socket became busy if it is gone.
+fn summary_report(sockets: &CookieMap<Socket>, cookie: u64, b: &mut Busy, now: u64) -> Report {
+    if let Some(s) = sockets.get(&cookie) {
+        if let Some(o) = &s.owner {
+            b.owner = o.clone();
+        }
+        b.netns = s.netns;
+        if s.local.get().port() != 0 {
+            b.local = s.local.get();
+        }
+    }
+    let detail = Detail::SocketSummary(Box::new(b.take(now)));
+    Report::new(
+        ReportKind::Summary,
+        now,
+        cookie,
+        (&b.owner, b.netns),
+        b.family,
+        (b.local, anywhere(b.family)),
+        detail,
+    )
 }
 
 #[cfg(test)]

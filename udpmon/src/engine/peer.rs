@@ -46,13 +46,14 @@
 //!   peer that comes back starts afresh, as never answered.
 use std::{
     hash::{BuildHasher, Hash, Hasher},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     sync::Arc,
 };
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 
 use super::{
+    anywhere,
     flow::Counters,
     report::{Detail, Owner, Report, ReportKind, Unanswered},
 };
@@ -308,14 +309,6 @@ pub(super) struct PeerTable {
     evicted: u64,
 }
 
-fn unspecified(family: Family) -> SocketAddr {
-    let ip = match family {
-        Family::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        Family::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-    };
-    SocketAddr::new(ip, 0)
-}
-
 impl Peer {
     fn new(owner: Arc<Owner>, family: Family, ts_ns: u64) -> Self {
         Self {
@@ -349,7 +342,7 @@ impl Peer {
             cur.set_port(0);
         }
         if cur.ip() != seen.ip() {
-            cur.set_ip(unspecified(self.family).ip());
+            cur.set_ip(anywhere(self.family).ip());
         }
     }
 
@@ -406,7 +399,7 @@ impl Peer {
             (&owner, key.netns),
             self.family,
             (
-                self.local.unwrap_or_else(|| unspecified(self.family)),
+                self.local.unwrap_or_else(|| anywhere(self.family)),
                 key.remote(),
             ),
             detail,
@@ -757,9 +750,9 @@ mod tests {
         assert_eq!(p(&t), Some(local(0)));
         let other = SocketAddr::new(IpAddr::from([10, 0, 1, 1]), 4002);
         t.attach(key(9), &owner("dnsmasq"), Family::V4, other, 4);
-        assert_eq!(p(&t), Some(unspecified(Family::V4)));
+        assert_eq!(p(&t), Some(anywhere(Family::V4)));
         // An address not known yet (a connect() seen before the bind) changes nothing.
-        let wild = unspecified(Family::V4);
+        let wild = anywhere(Family::V4);
         let b = t.attach(key(8), &owner("dnsmasq"), Family::V4, wild, 5);
         assert_eq!(t.slots[b.idx as usize].peer.local, None);
         t.attach(key(8), &owner("dnsmasq"), Family::V4, local(5000), 6);

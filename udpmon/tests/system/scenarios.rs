@@ -74,6 +74,15 @@ pub const ALL: &[Scenario] = &[
         name: "forwarder_upstream_rejects",
         run: crate::forwarder::upstream_rejects,
     },
+    // Issue 11, item 6: a busy socket's flows in summaries.
+    Scenario {
+        name: "busy_dns_server",
+        run: crate::busy::busy_dns_server,
+    },
+    Scenario {
+        name: "busy_dns_server_no_summary",
+        run: crate::busy::busy_dns_server_no_summary,
+    },
     Scenario {
         name: "socat_relay_burst",
         run: crate::relay::socat_relay,

@@ -505,6 +505,7 @@ impl Engine {
             self.interval_end_ns = now.saturating_add(interval);
         }
         let threshold = cfg.threshold;
+        self.peers.end_interval(now, ns(self.cfg.idle_timeout), out);
         for sock in self.sockets.values_mut() {
             // Busy for the next interval only if this one crossed the threshold again.
             sock.summarised &= sock.new_flows > threshold;
@@ -1171,6 +1172,23 @@ impl Engine {
             icmp: key,
             last_rx_ns: flow.counters.last_rx_ns,
         };
+        // A summarised flow's problems are rate-limited by its socket instead.
+        if self.cfg.summary.is_some()
+            && flow.peer.is_linked()
+            && !flow.summarised
+            && !self.peers.unreachable(
+                flow.peer.idx,
+                &info,
+                ev.ts_ns,
+                ns(self.cfg.idle_timeout),
+                out,
+            )
+        {
+            // Folded into the peer's episode: the flow saw its transition all the same.
+            flow.reported = true;
+            flow.set_last_app_errno(None);
+            return;
+        }
         self.flow_report(
             &id,
             ReportKind::Unreachable,
@@ -1186,9 +1204,19 @@ impl Engine {
         let mut info = self.icmp_info(ev, icmp, false);
         info.last_owner = self.last_owner(ev.netns, ev.local.port());
         // A resolver's socket is often gone when the error for its query comes back.
-        if let Some(o) = &info.last_owner {
-            self.peers
-                .icmp_for(&PeerKey::new(o, ev.netns, ev.remote), ev.ts_ns);
+        let peer = info
+            .last_owner
+            .as_ref()
+            .and_then(|o| self.peers.find(&PeerKey::new(o, ev.netns, ev.remote)));
+        if let Some(idx) = peer {
+            self.peers.icmp(idx, ev.ts_ns);
+            if self.cfg.summary.is_some()
+                && !self
+                    .peers
+                    .unreachable(idx, &info, ev.ts_ns, ns(self.cfg.idle_timeout), out)
+            {
+                return;
+            }
         }
         out.push(Report::new(
             ReportKind::Unreachable,

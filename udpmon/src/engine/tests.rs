@@ -1949,6 +1949,7 @@ fn srv(fact: Fact, ts: u64, port: u16) -> KernelEvent {
     }
 }
 
+/// Summaries every 10 s, idle timeout 20 s.
 fn summarising(threshold: u32, problem_lines: u32) -> Engine {
     Engine::new(EngineConfig {
         idle_timeout: Duration::from_secs(20),
@@ -2162,4 +2163,162 @@ fn a_busy_sockets_close_reports_its_last_summary() {
             assert!(sums.is_empty());
         }
     }
+}
+
+// Issue 15, item 3: a peer whose fresh flows keep drawing the same ICMP error.
+
+fn peer_summaries(r: &[Report]) -> Vec<(u64, PeerSummary)> {
+    r.iter()
+        .filter_map(|r| match &r.detail {
+            Detail::PeerSummary(s) => Some((r.ts_ns, PeerSummary::clone(s))),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A query from a fresh socket at `ts` whose upstream rejects it 1 ms later; its socket
+/// closes 2 ms after the send (`close_first`: before the error comes back).
+fn rejected(tl: &mut Timeline, cookie: u64, ts: u64, close_first: bool) {
+    let err = icmp(3, 3, None, Verdict::Discarded);
+    tl.at(ts, fwd(Fact::FirstTx { bytes: 40 }, ts, cookie));
+    let close = if close_first {
+        ts + MS / 2
+    } else {
+        ts + 2 * MS
+    };
+    tl.at(close, fwd(Fact::Close, close, cookie));
+    let at = ts + MS;
+    let error = if close_first {
+        KernelEvent {
+            cookie: 0,
+            fact: icmp(3, 3, None, Verdict::NoSocket),
+            ..fwd(err.clone(), at, cookie)
+        }
+    } else {
+        fwd(err, at, cookie)
+    };
+    tl.at(at, error);
+}
+
+/// The first UNREACHABLE of an episode is printed at once, the next ones (flows with their
+/// socket, or whose socket is gone) are counted in one SUMMARY with scope peer per interval;
+/// an answer ends the episode, so the next error is printed again.
+#[test]
+fn a_peers_repeated_unreachable_is_folded() {
+    let mut e = engine();
+    let mut tl = Timeline::default();
+    for i in 0..8 {
+        rejected(&mut tl, 100 + i, (2 + i) * S, false);
+    }
+    // Intervals end at 11 s, 21 s (the first tick is at 1 s).
+    for i in 0..4 {
+        rejected(&mut tl, 200 + i, 12 * S + i * S, false);
+    }
+    tl.query(300, 17 * S, Some(MS), 2 * MS);
+    rejected(&mut tl, 400, 18 * S, false);
+    tl.ticks(1, 25);
+    let r = tl.run(&mut e);
+    let printed: Vec<u64> = r
+        .iter()
+        .filter(|r| r.kind == ReportKind::Unreachable)
+        .map(|r| r.ts_ns / S)
+        .collect();
+    assert_eq!(printed, [2, 18], "{r:#?}");
+    let sums = peer_summaries(&r);
+    let at: Vec<u64> = sums.iter().map(|(ts, _)| *ts).collect();
+    // The first interval; then the answer ends the episode with what it folded so far.
+    assert_eq!(at, [11 * S, 17 * S + MS], "{sums:#?}");
+    let (_, first) = &sums[0];
+    assert_eq!((first.unreachable, first.folded), (8, 7));
+    assert_eq!(
+        first.interval_ns,
+        11 * S - (2 * S + MS),
+        "since the first error"
+    );
+    assert_eq!(
+        (first.icmp.ty, first.icmp.code, first.icmp.verdict),
+        (3, 3, Verdict::Discarded)
+    );
+    assert_eq!((sums[1].1.unreachable, sums[1].1.folded), (4, 4));
+    let s = r.iter().find(|r| r.kind == ReportKind::Summary).unwrap();
+    assert_eq!(s.scope(), Some(Scope::Peer));
+    assert_eq!(
+        (s.cookie, s.tgid, s.process.as_str(), s.remote),
+        (0, 300, "dnsmasq", addr(UPSTREAM))
+    );
+    // Nothing lost: printed and folded are every error.
+    let folded: u64 = sums.iter().map(|(_, s)| s.folded).sum();
+    assert_eq!(printed.len() as u64 + folded, 13);
+    assert_eq!(e.peers.episodes(), 1, "the last error's episode");
+
+    // Without summaries, every error has its line.
+    let mut e = Engine::new(EngineConfig {
+        summary: None,
+        ..EngineConfig::default()
+    });
+    let mut tl = Timeline::default();
+    for i in 0..8 {
+        rejected(&mut tl, 100 + i, (2 + i) * S, false);
+    }
+    tl.ticks(1, 25);
+    let r = tl.run(&mut e);
+    assert_eq!(count(&r, ReportKind::Unreachable), 8);
+    assert_eq!(count(&r, ReportKind::Summary), 0);
+}
+
+/// Errors for sockets already closed fold the same way, through the port's last owner; an
+/// error of another kind starts a new episode, printed; an episode ends after the idle
+/// timeout without errors.
+#[test]
+fn a_peers_episode_changes_with_the_error_and_ends_when_quiet() {
+    let mut e = summarising(100, 5);
+    let mut tl = Timeline::default();
+    for i in 0..3 {
+        rejected(&mut tl, 100 + i, (2 + i) * S, true);
+    }
+    let host = 5 * S + 500 * MS;
+    tl.at(host, fwd(Fact::FirstTx { bytes: 40 }, host, 150));
+    tl.at(
+        host + MS,
+        fwd(icmp(3, 1, None, Verdict::Discarded), host + MS, 150),
+    );
+    for i in 0..2 {
+        rejected(&mut tl, 200 + i, (6 + i) * S, false);
+    }
+    // 20 s idle timeout: the episode of the error at 7 s is over at the end of the
+    // interval at 31 s; a new error after it is printed.
+    rejected(&mut tl, 300, 33 * S, false);
+    tl.ticks(1, 45);
+    let r = tl.run(&mut e);
+    let printed: Vec<(u64, u8, Verdict)> = r
+        .iter()
+        .filter_map(|r| match &r.detail {
+            Detail::Unreachable(u) => Some((r.ts_ns / S, u.code, u.verdict)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        printed,
+        [
+            (2, 3, Verdict::NoSocket),
+            (5, 1, Verdict::Discarded),
+            (6, 3, Verdict::Discarded),
+            (33, 3, Verdict::Discarded),
+        ],
+        "{r:#?}"
+    );
+    let sums = peer_summaries(&r);
+    let got: Vec<(u64, u64, u64, Verdict)> = sums
+        .iter()
+        .map(|(ts, s)| (*ts, s.unreachable, s.folded, s.icmp.verdict))
+        .collect();
+    // The no-socket episode ends with the host unreachable (its summary then); the
+    // discarded one at the interval's end.
+    assert_eq!(
+        got,
+        [
+            (host + MS, 3, 2, Verdict::NoSocket),
+            (11 * S, 2, 1, Verdict::Discarded)
+        ]
+    );
 }

@@ -72,7 +72,11 @@ pub const ALL: &[Scenario] = &[
     },
     Scenario {
         name: "forwarder_upstream_rejects",
-        run: crate::forwarder::upstream_rejects,
+        run: |st| crate::forwarder::upstream_rejects(st, true),
+    },
+    Scenario {
+        name: "forwarder_upstream_rejects_no_summary",
+        run: |st| crate::forwarder::upstream_rejects(st, false),
     },
     // Issue 11, item 6: a busy socket's flows in summaries.
     Scenario {

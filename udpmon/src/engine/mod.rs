@@ -16,9 +16,10 @@
 //! - RESUMED ends SILENT or UNREACHABLE when the peer's last datagram is newer than the
 //!   trouble, and only for a peer that had been heard before; a first reply to an
 //!   unreachable flow is its ESTABLISH.
-//! - After a CLOSE with reason `idle` or `evicted` the caller should delete the flow's
-//!   kernel entry: the kernel reports only a flow's first datagram each way, so otherwise
-//!   new traffic on that flow would never reopen it.
+//! - After a flow's expiry (reason `idle`) or eviction the caller should delete its kernel
+//!   entry: the kernel reports only a flow's first datagram each way, so otherwise new
+//!   traffic on that flow would never reopen it. [`Engine::expired`] names them, whether
+//!   their CLOSE was reported or counted in a summary.
 //! - SILENT and RESUMED also have a peer scope, across the flows one program opens to one
 //!   peer (a resolver's fresh socket per query); its rules, and how the two scopes share a
 //!   silence, are in `peer.rs`.
@@ -279,6 +280,8 @@ pub struct Engine {
     busy: BTreeMap<u64, Busy>,
     /// When the current summary interval ends (0: at the first tick, which starts it).
     interval_end_ns: u64,
+    /// The flows the last call expired or evicted (see [`Engine::expired`]).
+    expired: Vec<FlowId>,
     stats: EngineStats,
 }
 
@@ -339,6 +342,7 @@ impl Engine {
             peers: PeerTable::new(max_flows),
             busy: BTreeMap::new(),
             interval_end_ns: 0,
+            expired: Vec::new(),
             stats: EngineStats::default(),
         }
     }
@@ -361,6 +365,13 @@ impl Engine {
     /// The flows of a socket, in address order.
     pub fn flows_of(&self, cookie: u64) -> Vec<FlowId> {
         self.flows.of_cookie(cookie)
+    }
+
+    /// The flows the last [`Engine::on_event`] or [`Engine::on_tick`] closed for being idle
+    /// or to make room, whose kernel entries the caller should delete. Held only until the
+    /// next call, so that a caller that does not care holds nothing.
+    pub fn expired(&self) -> &[FlowId] {
+        &self.expired
     }
 
     #[cfg(test)]
@@ -435,6 +446,7 @@ impl Engine {
         // allocator's per-thread cache, where the default first growth (four reports, over
         // a kilobyte) is not.
         let mut out = Vec::with_capacity(1);
+        self.expired.clear();
         let socketless = match &ev.fact {
             Fact::NoSocket => true,
             Fact::Icmp(icmp) => icmp.verdict == Verdict::NoSocket || ev.cookie == 0,
@@ -470,6 +482,7 @@ impl Engine {
     /// counters, and forgetting what is no longer needed.
     pub fn on_tick(&mut self, now_ns: u64, counters: CountersFn<'_>) -> Vec<Report> {
         let mut out = Vec::new();
+        self.expired.clear();
         for id in self.flows.ids() {
             self.tick_flow(id, now_ns, counters, &mut out);
         }
@@ -862,6 +875,9 @@ impl Engine {
         let Some(mut flow) = self.flows.remove(id) else {
             return;
         };
+        if matches!(reason, CloseReason::Idle | CloseReason::Evicted) {
+            self.expired.push(*id);
+        }
         if let Some(c) = counters(id)
             && flow.absorb(&c)
         {

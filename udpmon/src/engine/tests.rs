@@ -1328,15 +1328,19 @@ mod props {
             };
             chk.check(&reports, &e)?;
             // What the caller does after an expiry or eviction, so that the flow's next
-            // datagram is reported as new.
+            // datagram is reported as new; each one reported closed, or summarised.
+            for id in e.expired() {
+                kernel.0.borrow_mut().remove(id);
+            }
             for r in &reports {
                 if let Detail::Closed { reason, .. } = r.detail
                     && matches!(reason, CloseReason::Idle | CloseReason::Evicted)
                 {
-                    kernel.0.borrow_mut().remove(&FlowId {
+                    let id = FlowId {
                         cookie: r.cookie,
                         remote: r.remote,
-                    });
+                    };
+                    prop_assert!(e.expired().contains(&id), "{:?} not expired", r);
                 }
             }
         }

@@ -364,7 +364,7 @@ fn text_details() {
             "datagram to closed port 12345",
             "busy socket, 10.0s: 4210 new flows (4210 accepted), 4200 established, 4190 closed (10 never established), 20 open",
             "busy socket, 10.0s: 4210 new flows (4210 accepted), 4200 established, 4190 closed (10 never established), 20 open; problems: 13 unreachable (1 notified, 12 discarded), 2 app errors; folded: 8 unreachable, 1 resumed",
-            "peer's flows keep drawing the same ICMP error, 9.5s: 41 flows drew ICMP port unreachable from 10.0.0.2 discarded: unconnected socket without IP_RECVERR, the application cannot know; 40 UNREACHABLE lines folded",
+            "9.5s: 41 flows drew ICMP port unreachable from 10.0.0.2 (discarded); 40 UNREACHABLE lines folded",
         ]
     );
     let discarded = text().format(&unreachable(Verdict::Discarded, true));

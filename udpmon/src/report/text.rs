@@ -3,7 +3,7 @@ use std::fmt::{self, Write as _};
 
 use time::{UtcOffset, macros::format_description};
 
-use super::ClockOffset;
+use super::{ClockOffset, verdict_name};
 use crate::{
     container::Container,
     decode::{Family, Verdict},
@@ -259,11 +259,20 @@ fn detail(r: &Report) -> String {
 /// never established), 20 open; problems: 12 unreachable (12 discarded); folded: 7
 /// unreachable". Zero problem and folded counts are left out.
 fn socket_summary(s: &SocketSummary) -> String {
+    let how: Vec<String> = [(s.accepted, "accepted"), (s.connected, "connected")]
+        .into_iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, how)| format!("{n} {how}"))
+        .collect();
+    let how = if how.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", how.join(", "))
+    };
     let mut out = format!(
-        "busy socket, {}: {} ({} accepted), {} established, {} closed ({} never established), {} open",
+        "busy socket, {}: {}{how}, {} established, {} closed ({} never established), {} open",
         duration(s.interval_ns),
         plural(s.new_flows, "new flow"),
-        s.accepted,
         s.established,
         s.closed,
         s.never_established,
@@ -323,14 +332,17 @@ fn folded(f: &Folded) -> String {
     .join(", ")
 }
 
-/// "10.0s: 41 flows drew ICMP port unreachable from 10.0.0.9 (discarded: ...), 40 UNREACHABLE
+/// "9.5s: 41 flows drew ICMP port unreachable from 10.0.0.9 (discarded); 40 UNREACHABLE
 /// lines folded".
 fn peer_summary(family: Family, s: &PeerSummary) -> String {
-    let what = unreachable(family, 0, &s.icmp);
+    let u = &s.icmp;
     format!(
-        "peer's flows keep drawing the same ICMP error, {}: {} drew {what}; {} folded",
+        "{}: {} drew {} from {} ({}); {} folded",
         duration(s.interval_ns),
         plural(s.unreachable, "flow"),
+        icmp_name(family, u.ty, u.code),
+        u.from,
+        verdict_name(u.verdict),
         plural(s.folded, "UNREACHABLE line")
     )
 }

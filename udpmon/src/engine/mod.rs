@@ -298,6 +298,9 @@ fn unspecified(a: &SocketAddr) -> bool {
     a.ip().is_unspecified() && a.port() == 0
 }
 
+/// How early a tick may come relative to the grid of the first one (see `end_interval`).
+const TICK_JITTER_NS: u64 = 100_000_000;
+
 fn ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -509,7 +512,9 @@ impl Engine {
             self.interval_end_ns = now.saturating_add(interval);
             return;
         }
-        if now < self.interval_end_ns {
+        // Ticks jitter around the second on which the first one came: one just short of the
+        // interval's end ends it, rather than the next, a second later.
+        if now.saturating_add(TICK_JITTER_NS) < self.interval_end_ns {
             return;
         }
         // On the grid the first tick set, unless ticks stopped for longer than an interval.

@@ -5,8 +5,10 @@
 //!
 //! Rules (decided here; the README and `report/json.rs` describe the output):
 //! - Intervals are the engine's: they start at its first tick and end at the first tick at
-//!   or after `--summary-interval` later (ticks are about a second apart), so every busy
-//!   socket's summary covers the same stretch of time, measured on the events' clock.
+//!   or after `--summary-interval` later (ticks are about a second apart; one up to 100 ms
+//!   early counts, as ticks jitter), so every busy socket's summary covers the same stretch
+//!   of time, measured on the events' clock. An event that waited for its namespace or
+//!   container to be resolved counts in the interval in which it is processed.
 //! - A socket that opens more than `--summary-threshold` flows within one interval is busy
 //!   from its next flow on. Whether a flow is summarised is decided once, when it opens, so
 //!   that a flow whose opening was printed has its CLOSE printed too, and one whose opening

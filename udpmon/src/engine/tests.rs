@@ -2326,3 +2326,30 @@ fn a_peers_episode_changes_with_the_error_and_ends_when_quiet() {
         ]
     );
 }
+
+/// Ticks that jitter around the grid of the first one end every interval on time, not a
+/// tick late.
+#[test]
+fn summary_intervals_keep_to_the_first_ticks_grid() {
+    let mut e = summarising(1, 5);
+    let k = Kernel::default();
+    let get = |id: &FlowId| k.get(id);
+    e.on_tick(S + 7 * MS, &get);
+    let mut at = Vec::new();
+    for t in 2..=41u64 {
+        // Three flows each second keep the socket busy.
+        for p in 0..3 {
+            let ts = t * S + 100 * MS + p * MS;
+            e.on_event(
+                &srv(Fact::FirstRx { bytes: 40 }, ts, (t * 10 + p) as u16),
+                &get,
+            );
+        }
+        // Ticks a few milliseconds either side of the first one's grid: those that end the
+        // intervals come early.
+        let jitter = if t % 2 == 0 { 9 * MS } else { 3 * MS };
+        let r = e.on_tick(t * S + jitter, &get);
+        at.extend(socket_summaries(&r).iter().map(|(ts, _)| ts / S));
+    }
+    assert_eq!(at, [11, 21, 31, 41]);
+}

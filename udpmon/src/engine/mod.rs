@@ -1205,7 +1205,7 @@ impl Engine {
                 out,
             )
         {
-            // Folded into the peer's episode: the flow saw its transition all the same.
+            // Folded into the peer's run of errors: the flow saw its transition all the same.
             flow.reported = true;
             flow.set_last_app_errno(None);
             return;

@@ -42,14 +42,14 @@
 //!   from then on and may be reported at flow scope.
 //! - UNREACHABLE folded per peer (issue 15, item 3; only with the summaries on): a resolver
 //!   whose upstream rejects every query draws one ICMP error per query, each on a fresh flow,
-//!   so per-flow deduplication cannot help. An error episode is a run of errors of one type,
-//!   code and verdict for the peer: its first UNREACHABLE is printed at once, the next ones
-//!   are counted, and every summary interval in which some were counted ends with a SUMMARY
-//!   with scope peer. The episode ends when the peer answers, when an error of another kind
-//!   comes (whose UNREACHABLE is printed, starting the next episode), or after the idle
-//!   timeout without an error. A flow its busy socket summarises is rate-limited there
-//!   instead (`summary.rs`). Episodes are held for at most `--max-flows` peers at once;
-//!   beyond that, errors are printed as they come.
+//!   so per-flow deduplication cannot help. A run (the issue's "episode"; here that word
+//!   names a silence) is a series of errors of one type, code and verdict for the peer: its
+//!   first UNREACHABLE is printed at once, the next ones are counted, and every summary
+//!   interval in which some were counted ends with a SUMMARY with scope peer. The run ends
+//!   when the peer answers, when an error of another kind comes (whose UNREACHABLE is
+//!   printed, starting the next run), or after the idle timeout without an error. A flow
+//!   its busy socket summarises is rate-limited there instead (`summary.rs`). Runs are held
+//!   for at most `--max-flows` peers at once; beyond that, errors are printed as they come.
 //! - Memory: at most `--max-flows` peers. Peers with live flows are never evicted (there are
 //!   at most `--max-flows` of those, so a flowless one is always there to evict when the table
 //!   is full); among the others the least recently used goes, and is counted. An evicted
@@ -309,9 +309,9 @@ impl PeerIndex {
     }
 }
 
-/// A peer's episode of one ICMP error (see the module's rules).
+/// A peer's run of one ICMP error (see the module's rules).
 #[derive(Debug)]
-struct Episode {
+struct ErrorRun {
     /// The first error, as its UNREACHABLE showed it.
     first: UnreachableInfo,
     /// Start of the current summary interval (the first error, or the last summary).
@@ -322,7 +322,7 @@ struct Episode {
     folded: u64,
 }
 
-impl Episode {
+impl ErrorRun {
     fn kind(&self) -> (u8, u8, Verdict) {
         (self.first.ty, self.first.code, self.first.verdict)
     }
@@ -336,9 +336,9 @@ pub(super) struct PeerTable {
     idle_tail: u32,
     cap: usize,
     evicted: u64,
-    /// Error episodes, by slot: few peers have one.
-    episodes: HashMap<u32, Episode>,
-    /// Summaries of episodes whose peer was evicted, for the next interval's end.
+    /// Error runs, by slot: few peers have one.
+    runs: HashMap<u32, ErrorRun>,
+    /// Summaries of runs whose peer was evicted, for the next interval's end.
     orphans: Vec<Report>,
 }
 
@@ -408,9 +408,9 @@ impl Peer {
         }
     }
 
-    /// The SUMMARY of an episode's interval, ending it at `now`; none when it folded nothing
+    /// The SUMMARY of a run's interval, ending it at `now`; none when it folded nothing
     /// (its errors were printed).
-    fn episode_summary(&self, key: &PeerKey, e: &mut Episode, now: u64) -> Option<Report> {
+    fn run_summary(&self, key: &PeerKey, e: &mut ErrorRun, now: u64) -> Option<Report> {
         let folded = std::mem::take(&mut e.folded);
         let unreachable = std::mem::take(&mut e.unreachable);
         let since = std::mem::replace(&mut e.since_ns, now);
@@ -467,7 +467,7 @@ impl PeerTable {
             idle_tail: NIL,
             cap: cap.max(1),
             evicted: 0,
-            episodes: HashMap::new(),
+            runs: HashMap::new(),
             orphans: Vec::new(),
         }
     }
@@ -548,11 +548,11 @@ impl PeerTable {
                     return PeerLink::NONE;
                 }
                 self.unlink(victim);
-                if let Some(mut e) = self.episodes.remove(&victim) {
+                if let Some(mut e) = self.runs.remove(&victim) {
                     let s = &self.slots[victim as usize];
                     let key = &self.index.keys[victim as usize];
                     let at = e.last_ns;
-                    if let Some(r) = s.peer.episode_summary(key, &mut e, at) {
+                    if let Some(r) = s.peer.run_summary(key, &mut e, at) {
                         self.orphans.push(r);
                     }
                 }
@@ -615,12 +615,12 @@ impl PeerTable {
             let reported = p.silence == Silence::Reported;
             p.last_answer_ns = at;
             p.end_episode();
-            if !self.episodes.is_empty()
-                && let Some(mut e) = self.episodes.remove(&link.idx)
+            if !self.runs.is_empty()
+                && let Some(mut e) = self.runs.remove(&link.idx)
             {
-                // The peer answers: its error episode is over.
+                // The peer answers: its run of errors is over.
                 let key = &self.index.keys[link.idx as usize];
-                out.extend(p.episode_summary(key, &mut e, at));
+                out.extend(p.run_summary(key, &mut e, at));
             }
             if reported {
                 let detail = Detail::PeerResumed {
@@ -680,7 +680,7 @@ impl PeerTable {
     }
 
     /// A new UNREACHABLE for the peer (one per flow and error; see the module's rules):
-    /// whether it is printed, or counted in its episode.
+    /// whether it is printed, or counted in its run.
     pub fn unreachable(
         &mut self,
         idx: u32,
@@ -693,7 +693,7 @@ impl PeerTable {
             return true;
         };
         let kind = (info.ty, info.code, info.verdict);
-        let same = self.episodes.get_mut(&idx).map(|e| {
+        let same = self.runs.get_mut(&idx).map(|e| {
             let same = e.kind() == kind && ts_ns.saturating_sub(e.last_ns) < idle_ns;
             if same {
                 e.last_ns = e.last_ns.max(ts_ns);
@@ -704,19 +704,19 @@ impl PeerTable {
         });
         match same {
             Some(true) => return false,
-            // Another error, or one after a long quiet: a new episode.
+            // Another error, or one after a long quiet: a new run.
             Some(false) => {
-                if let Some(mut old) = self.episodes.remove(&idx) {
+                if let Some(mut old) = self.runs.remove(&idx) {
                     let key = &self.index.keys[idx as usize];
-                    out.extend(s.peer.episode_summary(key, &mut old, ts_ns));
+                    out.extend(s.peer.run_summary(key, &mut old, ts_ns));
                 }
             }
             None => {}
         }
-        if self.episodes.len() < self.cap {
-            self.episodes.insert(
+        if self.runs.len() < self.cap {
+            self.runs.insert(
                 idx,
-                Episode {
+                ErrorRun {
                     first: info.clone(),
                     since_ns: ts_ns,
                     last_ns: ts_ns,
@@ -728,14 +728,14 @@ impl PeerTable {
         true
     }
 
-    /// At a summary interval's end: a SUMMARY for each peer whose episode folded errors in
-    /// it, and the end of the episodes without an error for `idle_ns`.
+    /// At a summary interval's end: a SUMMARY for each peer whose run folded errors in it,
+    /// and the end of the runs without an error for `idle_ns`.
     pub fn end_interval(&mut self, now: u64, idle_ns: u64, out: &mut Vec<Report>) {
         let mut reports = std::mem::take(&mut self.orphans);
         let (slots, keys) = (&self.slots, &self.index.keys);
-        self.episodes.retain(|&idx, e| {
+        self.runs.retain(|&idx, e| {
             let p = &slots[idx as usize].peer;
-            reports.extend(p.episode_summary(&keys[idx as usize], e, now));
+            reports.extend(p.run_summary(&keys[idx as usize], e, now));
             now.saturating_sub(e.last_ns) < idle_ns
         });
         // A stable order, whatever the table's.
@@ -745,8 +745,8 @@ impl PeerTable {
     }
 
     #[cfg(test)]
-    pub fn episodes(&self) -> usize {
-        self.episodes.len()
+    pub fn runs(&self) -> usize {
+        self.runs.len()
     }
 
     /// A flow of this peer meets the flow-level SILENT rule: whether it reports it (not when

@@ -323,10 +323,10 @@ pub struct SocketSummary {
 /// UNREACHABLE lines are folded (see `peer.rs`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerSummary {
-    /// The time this summary covers: since the previous one, or since the episode's first
+    /// The time this summary covers: since the previous one, or since the run's first
     /// error.
     pub interval_ns: u64,
-    /// The episode's error, as its first (printed) UNREACHABLE showed it.
+    /// The run's error, as its first (printed) UNREACHABLE showed it.
     pub icmp: UnreachableInfo,
     /// Flows of the peer that drew the error in the interval (one UNREACHABLE each, printed
     /// or folded).

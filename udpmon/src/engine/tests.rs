@@ -2204,9 +2204,9 @@ fn rejected(tl: &mut Timeline, cookie: u64, ts: u64, close_first: bool) {
     tl.at(at, error);
 }
 
-/// The first UNREACHABLE of an episode is printed at once, the next ones (flows with their
-/// socket, or whose socket is gone) are counted in one SUMMARY with scope peer per interval;
-/// an answer ends the episode, so the next error is printed again.
+/// The first UNREACHABLE of a run of errors is printed at once, the next ones (flows with
+/// their socket, or whose socket is gone) are counted in one SUMMARY with scope peer per
+/// interval; an answer ends the run, so the next error is printed again.
 #[test]
 fn a_peers_repeated_unreachable_is_folded() {
     let mut e = engine();
@@ -2230,7 +2230,7 @@ fn a_peers_repeated_unreachable_is_folded() {
     assert_eq!(printed, [2, 18], "{r:#?}");
     let sums = peer_summaries(&r);
     let at: Vec<u64> = sums.iter().map(|(ts, _)| *ts).collect();
-    // The first interval; then the answer ends the episode with what it folded so far.
+    // The first interval; then the answer ends the run with what it folded so far.
     assert_eq!(at, [11 * S, 17 * S + MS], "{sums:#?}");
     let (_, first) = &sums[0];
     assert_eq!((first.unreachable, first.folded), (8, 7));
@@ -2253,7 +2253,7 @@ fn a_peers_repeated_unreachable_is_folded() {
     // Nothing lost: printed and folded are every error.
     let folded: u64 = sums.iter().map(|(_, s)| s.folded).sum();
     assert_eq!(printed.len() as u64 + folded, 13);
-    assert_eq!(e.peers.episodes(), 1, "the last error's episode");
+    assert_eq!(e.peers.runs(), 1, "the last error's run");
 
     // Without summaries, every error has its line.
     let mut e = Engine::new(EngineConfig {
@@ -2271,10 +2271,10 @@ fn a_peers_repeated_unreachable_is_folded() {
 }
 
 /// Errors for sockets already closed fold the same way, through the port's last owner; an
-/// error of another kind starts a new episode, printed; an episode ends after the idle
-/// timeout without errors.
+/// error of another kind starts a new run, printed; a run ends after the idle timeout
+/// without errors.
 #[test]
-fn a_peers_episode_changes_with_the_error_and_ends_when_quiet() {
+fn a_peers_run_of_errors_changes_with_the_error_and_ends_when_quiet() {
     let mut e = summarising(100, 5);
     let mut tl = Timeline::default();
     for i in 0..3 {
@@ -2289,7 +2289,7 @@ fn a_peers_episode_changes_with_the_error_and_ends_when_quiet() {
     for i in 0..2 {
         rejected(&mut tl, 200 + i, (6 + i) * S, false);
     }
-    // 20 s idle timeout: the episode of the error at 7 s is over at the end of the
+    // 20 s idle timeout: the run of the error at 7 s is over at the end of the
     // interval at 31 s; a new error after it is printed.
     rejected(&mut tl, 300, 33 * S, false);
     tl.ticks(1, 45);
@@ -2316,7 +2316,7 @@ fn a_peers_episode_changes_with_the_error_and_ends_when_quiet() {
         .iter()
         .map(|(ts, s)| (*ts, s.unreachable, s.folded, s.icmp.verdict))
         .collect();
-    // The no-socket episode ends with the host unreachable (its summary then); the
+    // The no-socket run ends with the host unreachable (its summary then); the
     // discarded one at the interval's end.
     assert_eq!(
         got,

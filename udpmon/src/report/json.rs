@@ -62,8 +62,8 @@
 //!   folded; a RESUMED is folded when the SILENT or UNREACHABLE it ends was.
 //! - summary with scope `peer` (one program's flows to one remote address:port, keys as for
 //!   silent with scope peer): while its flows keep drawing the same ICMP error, only the
-//!   first UNREACHABLE of the episode is printed; `icmp` (as for unreachable, that first
-//!   error's) and the episode's UNREACHABLE events in the interval, printed or not, in
+//!   first UNREACHABLE of the run is printed; `icmp` (as for unreachable, that first
+//!   error's) and the run's UNREACHABLE events in the interval, printed or not, in
 //!   `problems.unreachable`, those not printed in `folded.unreachable` (every other count 0)
 use std::{cell::Cell, io::Write as _};
 

@@ -11,7 +11,7 @@
 //!   is answered: RESUMED with scope peer. Never a flow-scope SILENT for those flows.
 //! - `forwarder_upstream_rejects`: the upstream rejects with ICMP port unreachable:
 //!   UNREACHABLE, and no SILENT for the upstream, though as many queries go out for longer
-//!   than `--silent-after`. The errors are one episode for the peer (issue 15, item 3): its
+//!   than `--silent-after`. The errors are one run for the peer (issue 15, item 3): its
 //!   first UNREACHABLE printed, the next ones counted in SUMMARY lines with scope peer; with
 //!   `--no-summary`, one UNREACHABLE per query.
 use std::{
@@ -341,7 +341,7 @@ pub fn upstream_rejects(st: Strategy, summary: bool) -> Outcome {
     caught_up(&mut u, &dns.h.client);
     let un = u.all(refused);
     if summary {
-        // One episode: its first error printed at once, the rest counted.
+        // One run: its first error printed at once, the rest counted.
         assert_eq!(un.len(), 1, "{}", u.dump());
         let sums = u.all(folded);
         for v in &sums {
@@ -356,7 +356,7 @@ pub fn upstream_rejects(st: Strategy, summary: bool) -> Outcome {
                 .sum();
             let f = v["folded"]["unreachable"].as_u64().unwrap();
             assert!(f >= 1 && f <= all, "{v}");
-            // The episode's verdict is the first error's.
+            // The run's verdict is the first error's.
             let verdict = s(&v["icmp"], "verdict").replace('-', "_");
             assert_eq!(p[verdict.as_str()].as_u64(), Some(all), "{v}");
         }

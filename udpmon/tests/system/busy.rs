@@ -241,10 +241,10 @@ pub fn busy_dns_server(st: Strategy) -> Outcome {
         accepted.len(),
         "each printed ACCEPT has its CLOSE"
     );
-    assert_eq!(
-        lines("establish").len() as u64 + total(&["established"]),
-        opened,
-        "every flow answered"
+    let established = lines("establish").len() as u64 + total(&["established"]);
+    assert!(
+        established <= opened && opened - established <= lost,
+        "{established} of {opened} flows established (every query was answered), udpmon lost {lost}"
     );
     assert_eq!(total(&["never_established"]), 0);
     // The open count carries from one summary to the next, down to 0 at the close.

@@ -2353,3 +2353,36 @@ fn summary_intervals_keep_to_the_first_ticks_grid() {
     }
     assert_eq!(at, [11, 21, 31, 41]);
 }
+
+/// A client socket that sends to many peers is busy the same way: its CONNECTs are counted as
+/// `connected`, and its flows' closes with the socket.
+#[test]
+fn a_busy_client_socket_counts_its_connects() {
+    let mut e = summarising(2, 5);
+    e.on_tick(S, &none);
+    let mut r = Vec::new();
+    for p in 0..5u8 {
+        let to = KernelEvent {
+            remote: SocketAddr::new(IpAddr::from([10, 0, 2, p]), 123),
+            ..ev(Fact::FirstTx { bytes: 48 }, 2 * S + u64::from(p) * MS)
+        };
+        r.extend(e.on_event(&to, &none));
+    }
+    r.extend(e.on_event(&ev(Fact::Close, 3 * S), &none));
+    assert_eq!(count(&r, ReportKind::Connect), 2, "{r:#?}");
+    assert_eq!(count(&r, ReportKind::Close), 2);
+    let sums = socket_summaries(&r);
+    assert_eq!(sums.len(), 1);
+    let s = sums[0].1;
+    assert_eq!(
+        (
+            s.new_flows,
+            s.connected,
+            s.accepted,
+            s.closed,
+            s.never_established
+        ),
+        (3, 3, 0, 3, 3)
+    );
+    assert_eq!(e.stats().flows_summarised, 3);
+}

@@ -30,6 +30,9 @@
 //!   ends its summaries with one at once.
 //! - Counts add up: each summarised flow is counted once in `new_flows` and once in
 //!   `closed`, and `open` is the previous summary's `open` plus `new_flows` minus `closed`.
+//! - Names: what issue 11 calls new peers, answered and never answered are `new_flows`,
+//!   `established` and `never_established`, since a peer is already something else here (one
+//!   program's flows to one remote, `peer.rs`) and ESTABLISH is the event they stand for.
 //! - Memory: a socket holds its count of new flows and whether it is busy (five bytes that
 //!   fit its padding); the counts of a summary live in a side table of busy sockets only.
 use std::{net::SocketAddr, sync::Arc, time::Duration};

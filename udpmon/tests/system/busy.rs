@@ -246,7 +246,12 @@ pub fn busy_dns_server(st: Strategy) -> Outcome {
         established <= opened && opened - established <= lost,
         "{established} of {opened} flows established (every query was answered), udpmon lost {lost}"
     );
-    assert_eq!(total(&["never_established"]), 0);
+    // A flow whose answer's record was lost closes as never established.
+    let never = total(&["never_established"]);
+    assert!(
+        never <= lost,
+        "{never} flows never established, udpmon lost {lost}"
+    );
     // The open count carries from one summary to the next, down to 0 at the close.
     let mut open = 0;
     for v in &summaries {

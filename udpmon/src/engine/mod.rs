@@ -819,7 +819,7 @@ impl Engine {
     fn open_flow(
         &mut self,
         id: FlowId,
-        flow: Flow,
+        mut flow: Flow,
         ts_ns: u64,
         counters: CountersFn<'_>,
         out: &mut Vec<Report>,
@@ -831,10 +831,7 @@ impl Engine {
             self.close_flow(&victim, CloseReason::Evicted, ts_ns, counters, out);
             self.stats.flows_evicted += 1;
         }
-        let mut flow = flow;
-        if !flow.preexisting {
-            flow.summarised = self.count_new_flow(id.cookie, flow.family, ts_ns);
-        }
+        flow.summarised = !flow.preexisting && self.count_new_flow(id.cookie, flow.family, ts_ns);
         self.flows.insert(id, flow, ts_ns);
         self.stats.flows_opened += 1;
     }

@@ -551,8 +551,8 @@ impl PeerTable {
                 if let Some(mut e) = self.runs.remove(&victim) {
                     let s = &self.slots[victim as usize];
                     let key = &self.index.keys[victim as usize];
-                    let at = e.last_ns;
-                    if let Some(r) = s.peer.run_summary(key, &mut e, at) {
+                    // Covering the run up to now, reported at the interval's end.
+                    if let Some(r) = s.peer.run_summary(key, &mut e, ts_ns) {
                         self.orphans.push(r);
                     }
                 }

@@ -2386,3 +2386,40 @@ fn a_busy_client_socket_counts_its_connects() {
     );
     assert_eq!(e.stats().flows_summarised, 3);
 }
+
+/// A peer forgotten to make room takes its run's counts with it only after they are
+/// reported: in a summary up to its eviction, at the next interval's end.
+#[test]
+fn an_evicted_peers_folded_errors_are_still_reported() {
+    let mut e = Engine::new(EngineConfig {
+        max_flows: 2,
+        ..EngineConfig::default()
+    });
+    let mut tl = Timeline::default();
+    for i in 0..3 {
+        rejected(&mut tl, 100 + i, (2 + i) * S, false);
+    }
+    // Two other upstreams: the first peer, flowless and least recently used, makes room.
+    for (i, other) in ["10.0.0.8:53", "10.0.0.7:53"].into_iter().enumerate() {
+        let (cookie, ts) = (200 + i as u64, 6 * S + i as u64 * S);
+        let to = |fact, ts| KernelEvent {
+            remote: addr(other),
+            ..fwd(fact, ts, cookie)
+        };
+        tl.at(ts, to(Fact::FirstTx { bytes: 40 }, ts));
+        tl.at(ts + MS, to(Fact::FirstRx { bytes: 90 }, ts + MS));
+        tl.at(ts + 2 * MS, to(Fact::Close, ts + 2 * MS));
+    }
+    tl.ticks(1, 12);
+    let r = tl.run(&mut e);
+    assert_eq!(e.stats().peers_evicted, 1, "{r:#?}");
+    let sums = peer_summaries(&r);
+    assert_eq!(sums.len(), 1, "{r:#?}");
+    let (ts, s) = &sums[0];
+    // The second other upstream's flow evicted it.
+    assert_eq!((*ts, s.unreachable, s.folded), (7 * S, 3, 2));
+    assert_eq!(s.interval_ns, 7 * S - (2 * S + MS));
+    let summary = r.iter().find(|r| r.kind == ReportKind::Summary).unwrap();
+    assert_eq!(summary.remote, addr(UPSTREAM));
+    assert_eq!(count(&r, ReportKind::Unreachable), 1);
+}

@@ -186,3 +186,72 @@ impl Busy {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::engine::{Folded, Op, Problems, Trouble};
+
+    fn busy() -> Busy {
+        let local: SocketAddr = "10.0.0.1:53".parse().unwrap();
+        Busy::new(Arc::new(Owner::default()), 1, Family::V4, local, 0)
+    }
+
+    /// Per kind, `limit` lines an interval; an APP-ERROR leaves the pairing of SILENT and
+    /// RESUMED alone; a RESUMED goes the way of the trouble it ends; a new interval prints
+    /// again.
+    #[test]
+    fn problems_are_printed_up_to_the_limit_per_kind_and_interval() {
+        let mut b = busy();
+        let mut muted = false;
+        let silent = Detail::Silent {
+            no_reply_ns: 1,
+            sends: 2,
+        };
+        let app = Detail::AppError {
+            op: Op::Send,
+            errno: 111,
+            after_unreachable_ns: None,
+        };
+        let resumed = Detail::Resumed {
+            after: Trouble::Silent,
+            quiet_ns: 1,
+        };
+        let report = |b: &mut Busy, kind, d: &Detail, muted: &mut bool| b.report(kind, d, muted, 1);
+        assert!(report(&mut b, ReportKind::Silent, &silent, &mut muted));
+        assert!(!muted);
+        assert!(!report(&mut b, ReportKind::Silent, &silent, &mut muted));
+        assert!(muted, "a folded SILENT");
+        assert!(report(&mut b, ReportKind::AppError, &app, &mut muted));
+        assert!(!report(&mut b, ReportKind::AppError, &app, &mut muted));
+        assert!(muted, "APP-ERROR does not end the trouble");
+        assert!(!report(&mut b, ReportKind::Resumed, &resumed, &mut muted));
+        assert!(!muted);
+        assert!(report(&mut b, ReportKind::Resumed, &resumed, &mut muted));
+        let s = b.take(10);
+        assert_eq!(
+            (s.problems, s.folded, s.interval_ns),
+            (
+                Problems {
+                    silent: 2,
+                    app_error: 2,
+                    ..Problems::default()
+                },
+                Folded {
+                    silent: 1,
+                    app_error: 1,
+                    resumed: 1,
+                    ..Folded::default()
+                },
+                10
+            )
+        );
+        assert!(
+            report(&mut b, ReportKind::Silent, &silent, &mut muted),
+            "a new interval"
+        );
+        assert_eq!(b.take(20).interval_ns, 10);
+    }
+}

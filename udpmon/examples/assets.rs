@@ -103,6 +103,9 @@ fn describe(kind: ReportKind) -> &'static str {
         ReportKind::Refused => {
             "A peer keeps sending to a local port nobody listens on any more; names the port's last owner."
         }
+        ReportKind::Summary => {
+            "Once per --summary-interval: scope socket for a busy socket (more than --summary-threshold new flows in an interval), whose flows' CONNECT, ACCEPT, ESTABLISH and CLOSE it counts instead of printing them, with its problems (the first --summary-problems per kind printed, the rest folded); scope peer for a peer whose flows keep drawing the same ICMP error, whose UNREACHABLE after the first it counts. --no-summary prints every line instead."
+        }
     }
 }
 

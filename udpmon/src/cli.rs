@@ -7,7 +7,7 @@ use clap::{
 };
 
 use crate::{
-    engine::{EngineConfig, ReportKind},
+    engine::{EngineConfig, ReportKind, SummaryConfig},
     filter::{ContainerSel, Peer, PodSel},
 };
 
@@ -156,6 +156,45 @@ pub struct Cli {
     )]
     pub max_flows: usize,
 
+    /// A socket that opens more than this many flows within one --summary-interval (a
+    /// server with many clients) is busy: its new flows' ACCEPT, CONNECT, ESTABLISH and
+    /// CLOSE lines give way to one SUMMARY per interval that counts them; its problems are
+    /// still printed, up to --summary-problems lines per kind per interval, the rest
+    /// counted. A peer whose flows keep drawing the same ICMP error gets its first
+    /// UNREACHABLE printed and the next ones counted in a SUMMARY (scope peer).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 100,
+        value_parser = clap::value_parser!(u32).range(1..),
+        help_heading = "Summaries"
+    )]
+    pub summary_threshold: u32,
+
+    /// The period of the SUMMARY lines (durations as for --silent-after).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = parse_duration,
+        help_heading = "Summaries"
+    )]
+    pub summary_interval: Duration,
+
+    /// Problem lines (UNREACHABLE, SILENT, APP-ERROR) printed per kind per busy socket per
+    /// summary interval; 0 prints none, the SUMMARY counts them all.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 5,
+        help_heading = "Summaries"
+    )]
+    pub summary_problems: u32,
+
+    /// No summaries: every flow's lines, every UNREACHABLE.
+    #[arg(long, help_heading = "Summaries")]
+    pub no_summary: bool,
+
     /// Kernel hook set. auto tries fentry, then kprobe, then tracepoint and uses the first
     /// that loads; the others force one (and fail if it cannot load).
     #[arg(long, value_enum, default_value_t = Hooks::Auto)]
@@ -211,6 +250,11 @@ impl Cli {
             silent_min_sends: self.silent_min_sends,
             idle_timeout: self.idle_timeout,
             max_flows: self.max_flows,
+            summary: (!self.no_summary).then_some(SummaryConfig {
+                threshold: self.summary_threshold,
+                interval: self.summary_interval,
+                problem_lines: self.summary_problems,
+            }),
         }
     }
 
@@ -283,6 +327,27 @@ pub(crate) mod tests {
         assert_eq!((c.output, c.verbose), (None, 0));
         assert_eq!(c.metrics, None);
         assert_eq!(ok(&[]).engine_config(), EngineConfig::default());
+    }
+
+    #[test]
+    fn summary_knobs() {
+        let c = ok(&[
+            "--summary-threshold",
+            "20",
+            "--summary-interval",
+            "2s",
+            "--summary-problems",
+            "0",
+        ]);
+        assert_eq!(
+            c.engine_config().summary,
+            Some(SummaryConfig {
+                threshold: 20,
+                interval: Duration::from_secs(2),
+                problem_lines: 0,
+            })
+        );
+        assert_eq!(ok(&["--no-summary"]).engine_config().summary, None);
     }
 
     #[test]
@@ -411,6 +476,9 @@ pub(crate) mod tests {
             (&["--idle-timeout", "soon"], "--idle-timeout"),
             (&["--max-flows", "0"], "--max-flows"),
             (&["--max-flows=-5"], "--max-flows"),
+            (&["--summary-threshold", "0"], "--summary-threshold"),
+            (&["--summary-interval", "10"], "--summary-interval"),
+            (&["--summary-problems=-1"], "--summary-problems"),
             (&["--idle-timeout=-1s"], "--idle-timeout"),
             (&["--hooks", "uprobe"], "--hooks"),
             (&["--format", "xml"], "--format"),
@@ -445,6 +513,10 @@ pub(crate) mod tests {
             "--silent-min-sends",
             "--idle-timeout",
             "--max-flows",
+            "--summary-threshold",
+            "--summary-interval",
+            "--summary-problems",
+            "--no-summary",
             "--hooks",
             "--format",
             "--output",

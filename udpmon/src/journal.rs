@@ -11,7 +11,8 @@
 //! Priorities make problems stand out, with the same split as the collector configurations
 //! in packaging/collectors: warning (4) for an ICMP error the application never learns of
 //! (`discarded`), a silent peer, an application error and datagrams to a closed port; notice
-//! (5) for the ICMP errors the application is told of; info (6) for the rest of a flow's life.
+//! (5) for the ICMP errors the application is told of; info (6) for the rest of a flow's life
+//! and the summaries (their problems were printed, or counted, on their own).
 use log::{Level, Record};
 use serde_json::Value;
 use systemd_journal_logger::JournalLog;

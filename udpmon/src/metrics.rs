@@ -6,6 +6,10 @@
 //!   names (`connect`, ..., `app-error`, `close`, `refused`). Only those that passed the
 //!   filters (`--pid`, `--events`, ...): what udpmon reported, whether or not its output
 //!   could take it (what it could not is `udpmon_events_lost_total{reason="unwritten"}`).
+//! - `udpmon_events_folded_total{event}`: the events udpmon counted in a SUMMARY instead of
+//!   printing them (busy sockets, a peer's repeated UNREACHABLE), by kind, as the summaries
+//!   that passed the filters count them: with `udpmon_events_total`, every event. They are
+//!   counted when their summary is reported, at the end of its interval.
 //! - `udpmon_unreachable_total{verdict}`: the UNREACHABLE events among them, by the JSON
 //!   `icmp.verdict` (`notified`, `queued`, `discarded`, `no-socket`).
 //! - `udpmon_events_lost_total{reason}`: every loss the health warnings name, one series each
@@ -86,6 +90,7 @@ struct VerdictLabel {
 pub struct Metrics {
     registry: Arc<Registry>,
     events: Family<EventLabel, Counter>,
+    folded: Family<EventLabel, Counter>,
     unreachable: Family<VerdictLabel, Counter>,
     health: Arc<Mutex<Health>>,
 }
@@ -93,11 +98,15 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(strategy: Strategy) -> Self {
         let events = Family::<EventLabel, Counter>::default();
+        let folded = Family::<EventLabel, Counter>::default();
         let unreachable = Family::<VerdictLabel, Counter>::default();
         // Every series exists from the start, at 0: a rate() over a series that appears only
         // with its first event misses that event.
         for k in ReportKind::ALL {
             events.get_or_create_owned(&EventLabel { event: k.name() });
+        }
+        for k in FOLDABLE {
+            folded.get_or_create_owned(&EventLabel { event: k.name() });
         }
         for v in VERDICTS {
             unreachable.get_or_create_owned(&VerdictLabel {
@@ -110,6 +119,11 @@ impl Metrics {
             "events",
             "Events udpmon reported (those that passed its filters), by kind",
             events.clone(),
+        );
+        registry.register(
+            "events_folded",
+            "Events udpmon counted in a summary instead of printing them, by kind",
+            folded.clone(),
         );
         registry.register(
             "unreachable",
@@ -128,6 +142,7 @@ impl Metrics {
         Self {
             registry: Arc::new(registry),
             events,
+            folded,
             unreachable,
             health,
         }
@@ -140,12 +155,31 @@ impl Metrics {
                 event: r.kind.name(),
             })
             .inc();
-        if let Detail::Unreachable(u) = &r.detail {
-            self.unreachable
-                .get_or_create(&VerdictLabel {
-                    verdict: verdict_name(u.verdict),
-                })
-                .inc();
+        let folded = |kind: ReportKind, n: u64| {
+            self.folded
+                .get_or_create(&EventLabel { event: kind.name() })
+                .inc_by(n);
+        };
+        match &r.detail {
+            Detail::Unreachable(u) => {
+                self.unreachable
+                    .get_or_create(&VerdictLabel {
+                        verdict: verdict_name(u.verdict),
+                    })
+                    .inc();
+            }
+            Detail::SocketSummary(s) => {
+                folded(ReportKind::Connect, s.connected);
+                folded(ReportKind::Accept, s.accepted);
+                folded(ReportKind::Establish, s.established);
+                folded(ReportKind::Close, s.closed);
+                folded(ReportKind::Unreachable, s.folded.unreachable);
+                folded(ReportKind::Silent, s.folded.silent);
+                folded(ReportKind::AppError, s.folded.app_error);
+                folded(ReportKind::Resumed, s.folded.resumed);
+            }
+            Detail::PeerSummary(s) => folded(ReportKind::Unreachable, s.folded),
+            _ => {}
         }
     }
 
@@ -166,6 +200,18 @@ impl Metrics {
         Ok(out)
     }
 }
+
+/// The kinds a SUMMARY can count instead of printing.
+const FOLDABLE: [ReportKind; 8] = [
+    ReportKind::Connect,
+    ReportKind::Accept,
+    ReportKind::Establish,
+    ReportKind::Unreachable,
+    ReportKind::Silent,
+    ReportKind::Resumed,
+    ReportKind::AppError,
+    ReportKind::Close,
+];
 
 const VERDICTS: [Verdict; 4] = [
     Verdict::Notified,
@@ -423,6 +469,7 @@ mod tests {
             let want: &[&str] = if openmetrics {
                 &[
                     "udpmon_events counter",
+                    "udpmon_events_folded counter",
                     "udpmon_unreachable counter",
                     "udpmon_build info",
                     "udpmon_events_lost counter",
@@ -433,6 +480,7 @@ mod tests {
                 // The 0.0.4 format names a counter's family with its _total suffix.
                 &[
                     "udpmon_events_total counter",
+                    "udpmon_events_folded_total counter",
                     "udpmon_unreachable_total counter",
                     "udpmon_build_info gauge",
                     "udpmon_events_lost_total counter",
@@ -476,6 +524,10 @@ mod tests {
         }
         for v in ["notified", "queued", "discarded", "no-socket"] {
             let series = format!("udpmon_unreachable_total{{verdict=\"{v}\"}}");
+            assert_eq!(value(&text, &series).as_deref(), Some("0"), "{text}");
+        }
+        for k in FOLDABLE {
+            let series = format!("udpmon_events_folded_total{{event=\"{}\"}}", k.name());
             assert_eq!(value(&text, &series).as_deref(), Some("0"), "{text}");
         }
         assert_eq!(
@@ -529,6 +581,51 @@ mod tests {
             Some("0"),
             "{text}"
         );
+    }
+
+    /// A SUMMARY counts as one `summary` event, and what it folded under the folded kinds.
+    #[test]
+    fn summaries_count_what_they_folded() {
+        let m = Metrics::new(Strategy::Tracepoint);
+        let summary = report(
+            ReportKind::Summary,
+            Detail::SocketSummary(Box::new(crate::engine::SocketSummary {
+                interval_ns: 10_000_000_000,
+                new_flows: 50,
+                accepted: 40,
+                connected: 9,
+                established: 30,
+                closed: 20,
+                never_established: 5,
+                open: 30,
+                problems: crate::engine::Problems::default(),
+                folded: crate::engine::Folded {
+                    unreachable: 3,
+                    resumed: 1,
+                    ..crate::engine::Folded::default()
+                },
+            })),
+        );
+        m.report(&summary);
+        m.report(&summary);
+        let text = m.encode(false).unwrap();
+        for (series, want) in [
+            ("udpmon_events_total{event=\"summary\"}", "2"),
+            ("udpmon_events_total{event=\"accept\"}", "0"),
+            ("udpmon_events_folded_total{event=\"accept\"}", "80"),
+            ("udpmon_events_folded_total{event=\"connect\"}", "18"),
+            ("udpmon_events_folded_total{event=\"establish\"}", "60"),
+            ("udpmon_events_folded_total{event=\"close\"}", "40"),
+            ("udpmon_events_folded_total{event=\"unreachable\"}", "6"),
+            ("udpmon_events_folded_total{event=\"resumed\"}", "2"),
+            ("udpmon_events_folded_total{event=\"silent\"}", "0"),
+        ] {
+            assert_eq!(
+                value(&text, series).as_deref(),
+                Some(want),
+                "{series}: {text}"
+            );
+        }
     }
 
     /// Every counter the health warnings name is a `reason`, with its value: a Health written

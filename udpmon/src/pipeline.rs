@@ -13,7 +13,7 @@ use std::{
 use crate::{
     container::{self, ContainerMap, StateRoots},
     decode::{self, Fact, KernelEvent},
-    engine::{CloseReason, Counters, Detail, Engine, FlowId, Report},
+    engine::{Counters, Engine, FlowId, Report},
     filter::Filter,
     health::Health,
     netns::{Lookup, NetnsMap},
@@ -233,7 +233,7 @@ impl<K: FlowCounters> Pipeline<K> {
         let kernel = &self.kernel;
         reports.extend(self.engine.on_event(&ev, &|id| kernel.now(id)));
         // The socket is gone: so are its kernel flow entries.
-        for id in &closing {
+        for id in closing.iter().chain(self.engine.expired()) {
             self.kernel.forget(id);
         }
     }
@@ -251,6 +251,9 @@ impl<K: FlowCounters> Pipeline<K> {
         self.kernel.refresh();
         let kernel = &self.kernel;
         let mut reports = self.engine.on_tick(now, &|id| kernel.at_tick(id));
+        for id in self.engine.expired() {
+            self.kernel.forget(id);
+        }
         self.emit(&mut reports)
     }
 
@@ -272,16 +275,6 @@ impl<K: FlowCounters> Pipeline<K> {
                         self.unknown_cgroups.insert(r.cgroup);
                     }
                 }
-            }
-            if let Detail::Closed {
-                reason: CloseReason::Idle | CloseReason::Evicted,
-                ..
-            } = r.detail
-            {
-                self.kernel.forget(&FlowId {
-                    cookie: r.cookie,
-                    remote: r.remote,
-                });
             }
             if self.filter.matches(r) {
                 self.sinks.report(r)?;
@@ -423,5 +416,46 @@ mod tests {
         assert!(reports.iter().any(|r| r.kind == ReportKind::Close));
         let remote = "10.0.0.2:53".parse().unwrap();
         assert_eq!(p.kernel.forgotten, [FlowId { cookie: 1, remote }]);
+    }
+
+    /// Idle flows are forgotten in the kernel, whether their CLOSE was printed or, on a busy
+    /// socket, counted in a summary: else their next datagram would not open them again.
+    #[test]
+    fn expired_flows_are_forgotten_printed_or_summarised() {
+        let mut p = pipeline();
+        p.engine = Engine::new(EngineConfig {
+            summary: Some(crate::engine::SummaryConfig {
+                threshold: 1,
+                ..Default::default()
+            }),
+            ..EngineConfig::default()
+        });
+        p.tick(500_000_000).unwrap();
+        let mut reports = Vec::new();
+        for remote in [2, 3, 4] {
+            let mut ev = first_tx(1, 0);
+            // The same socket to three peers: the second and third flows are summarised.
+            ev[std::mem::offset_of!(Event, remote) + 3] = remote;
+            p.record(&ev, &mut reports);
+        }
+        assert_eq!(
+            reports
+                .iter()
+                .filter(|r| r.kind == ReportKind::Connect)
+                .count(),
+            1
+        );
+        p.tick(1_000 * 1_000_000_000).unwrap();
+        let mut forgotten: Vec<u8> = p
+            .kernel
+            .forgotten
+            .iter()
+            .map(|id| match id.remote.ip() {
+                std::net::IpAddr::V4(a) => a.octets()[3],
+                std::net::IpAddr::V6(_) => 0,
+            })
+            .collect();
+        forgotten.sort_unstable();
+        assert_eq!(forgotten, [2, 3, 4]);
     }
 }

@@ -96,6 +96,10 @@ impl<V> CookieMap<V> {
         self.entries.swap_remove(i).1
     }
 
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
+        self.entries.iter_mut().map(|(_, v)| v)
+    }
+
     pub fn retain(&mut self, mut keep: impl FnMut(&u64, &mut V) -> bool) {
         let mut i = 0;
         while i < self.entries.len() {

@@ -221,6 +221,10 @@ pub(super) struct Flow {
     pub established: bool,
     /// Some report named this flow.
     pub reported: bool,
+    /// Counted in its socket's summaries rather than reported line by line (`summary.rs`).
+    pub summarised: bool,
+    /// Summarised, and its last SILENT or UNREACHABLE was folded: so is the RESUMED.
+    pub muted: bool,
 }
 
 impl Flow {
@@ -243,6 +247,8 @@ impl Flow {
             preexisting: false,
             established: false,
             reported: false,
+            summarised: false,
+            muted: false,
         }
     }
 

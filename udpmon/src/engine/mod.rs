@@ -16,19 +16,29 @@
 //! - RESUMED ends SILENT or UNREACHABLE when the peer's last datagram is newer than the
 //!   trouble, and only for a peer that had been heard before; a first reply to an
 //!   unreachable flow is its ESTABLISH.
-//! - After a CLOSE with reason `idle` or `evicted` the caller should delete the flow's
-//!   kernel entry: the kernel reports only a flow's first datagram each way, so otherwise
-//!   new traffic on that flow would never reopen it.
+//! - After a flow's expiry (reason `idle`) or eviction the caller should delete its kernel
+//!   entry: the kernel reports only a flow's first datagram each way, so otherwise new
+//!   traffic on that flow would never reopen it. [`Engine::expired`] names them, whether
+//!   their CLOSE was reported or counted in a summary.
 //! - SILENT and RESUMED also have a peer scope, across the flows one program opens to one
 //!   peer (a resolver's fresh socket per query); its rules, and how the two scopes share a
 //!   silence, are in `peer.rs`.
+//! - A busy socket's flows are summarised (SUMMARY with scope socket) rather than reported
+//!   line by line; its rules are in `summary.rs`.
 mod cookies;
 mod flow;
 mod peer;
 mod report;
 pub mod rules;
+mod summary;
 
-use std::{hash::BuildHasher, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    hash::BuildHasher,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use cookies::CookieMap;
 use flow::{Addr, Flow, FlowTable, State};
@@ -36,9 +46,11 @@ pub use flow::{Counters, FlowId};
 use hashbrown::{DefaultHashBuilder, HashMap, HashTable, hash_map::Entry};
 use peer::{PeerKey, PeerTable};
 pub use report::{
-    CloseReason, CloseStats, Detail, Op, Owner, Report, ReportKind, Scope, Trouble, Unanswered,
-    UnreachableInfo, Via,
+    ByVerdict, CloseReason, CloseStats, Detail, Folded, Op, Owner, PeerSummary, Problems, Report,
+    ReportKind, Scope, SocketSummary, Trouble, Unanswered, UnreachableInfo, Via,
 };
+use summary::Busy;
+pub use summary::SummaryConfig;
 
 use crate::decode::{Fact, Family, Icmp, KernelEvent, Verdict};
 
@@ -57,6 +69,9 @@ pub struct EngineConfig {
     /// Most flows tracked at once (values below 1 count as 1); also the most peers
     /// remembered across flows (peer-scope SILENT).
     pub max_flows: usize,
+    /// Busy-socket summaries and the folding of a peer's repeated UNREACHABLE; `None`
+    /// (`--no-summary`): every line.
+    pub summary: Option<SummaryConfig>,
 }
 
 impl Default for EngineConfig {
@@ -66,6 +81,7 @@ impl Default for EngineConfig {
             silent_min_sends: 2,
             idle_timeout: Duration::from_secs(120),
             max_flows: 65536,
+            summary: Some(SummaryConfig::default()),
         }
     }
 }
@@ -92,6 +108,9 @@ pub struct EngineStats {
     /// answer and any silence in progress are lost, so a peer-scope SILENT may come late
     /// or say "never answered".
     pub peers_evicted: u64,
+    /// Flows of busy sockets counted in a SUMMARY instead of reported line by line (of
+    /// `flows_opened`).
+    pub flows_summarised: u64,
 }
 
 /// What the engine knows about a socket. One per socket, and as many as flows when each
@@ -110,6 +129,10 @@ struct Socket {
     /// Learned at startup (sock_diag and /proc): kept until it closes, however quiet, since
     /// nothing else would name its owner again (no hook saw it being created).
     preexisting: bool,
+    /// New flows are summarised (see `summary.rs`).
+    summarised: bool,
+    /// Flows opened in the current summary interval.
+    new_flows: u32,
 }
 
 /// The last process seen on a local port, for naming it when a peer keeps sending there.
@@ -252,6 +275,13 @@ pub struct Engine {
     /// (netns, local, remote) -> time of the last REFUSED report.
     refused_at: HashMap<(u32, SocketAddr, SocketAddr), u64>,
     peers: PeerTable,
+    /// Summaries in the making, of busy sockets and of those whose summarised flows are not
+    /// all closed yet, in cookie order (the order their summaries are reported in).
+    busy: BTreeMap<u64, Busy>,
+    /// When the current summary interval ends (0: at the first tick, which starts it).
+    interval_end_ns: u64,
+    /// The flows the last call expired or evicted (see [`Engine::expired`]).
+    expired: Vec<FlowId>,
     stats: EngineStats,
 }
 
@@ -268,12 +298,24 @@ fn unspecified(a: &SocketAddr) -> bool {
     a.ip().is_unspecified() && a.port() == 0
 }
 
+/// How early a tick may come relative to the grid of the first one (see `end_interval`).
+const TICK_JITTER_NS: u64 = 100_000_000;
+
 fn ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn family_of(a: &SocketAddr) -> Family {
     if a.is_ipv4() { Family::V4 } else { Family::V6 }
+}
+
+/// The address of no particular peer, for the reports about many.
+fn anywhere(family: Family) -> SocketAddr {
+    let ip = match family {
+        Family::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        Family::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    SocketAddr::new(ip, 0)
 }
 
 /// Keeps the most precise local address: a new port replaces the old one (a disconnect can
@@ -301,6 +343,9 @@ impl Engine {
             refused_at: HashMap::new(),
             // Peers with live flows are never evicted, so at least one peer per flow.
             peers: PeerTable::new(max_flows),
+            busy: BTreeMap::new(),
+            interval_end_ns: 0,
+            expired: Vec::new(),
             stats: EngineStats::default(),
         }
     }
@@ -325,10 +370,34 @@ impl Engine {
         self.flows.of_cookie(cookie)
     }
 
+    /// The flows the last [`Engine::on_event`] or [`Engine::on_tick`] closed for being idle
+    /// or to make room, whose kernel entries the caller should delete. Held only until the
+    /// next call, so that a caller that does not care holds nothing.
+    pub fn expired(&self) -> &[FlowId] {
+        &self.expired
+    }
+
     #[cfg(test)]
     /// Every tracked flow, in id order.
     pub fn flows(&self) -> Vec<FlowId> {
         self.flows.ids()
+    }
+
+    #[cfg(test)]
+    /// Summarised flows live, whether `id` is one, and the new and closed flows counted in
+    /// summaries not reported yet.
+    pub fn summary_census(&self, id: &FlowId) -> (u64, bool, u64, u64) {
+        let live = self
+            .flows
+            .ids()
+            .iter()
+            .filter(|i| self.flows.get(i).is_some_and(|f| f.summarised))
+            .count() as u64;
+        let (new, closed) = self.busy.values().fold((0, 0), |(n, c), b| {
+            (n + b.counts.new_flows, c + b.counts.closed)
+        });
+        let is = self.flows.get(id).is_some_and(|f| f.summarised);
+        (live, is, new, closed)
     }
 
     #[cfg(test)]
@@ -380,6 +449,7 @@ impl Engine {
         // allocator's per-thread cache, where the default first growth (four reports, over
         // a kilobyte) is not.
         let mut out = Vec::with_capacity(1);
+        self.expired.clear();
         let socketless = match &ev.fact {
             Fact::NoSocket => true,
             Fact::Icmp(icmp) => icmp.verdict == Verdict::NoSocket || ev.cookie == 0,
@@ -415,6 +485,7 @@ impl Engine {
     /// counters, and forgetting what is no longer needed.
     pub fn on_tick(&mut self, now_ns: u64, counters: CountersFn<'_>) -> Vec<Report> {
         let mut out = Vec::new();
+        self.expired.clear();
         for id in self.flows.ids() {
             self.tick_flow(id, now_ns, counters, &mut out);
         }
@@ -425,8 +496,48 @@ impl Engine {
             self.cfg.silent_min_sends,
             &mut out,
         );
+        self.end_interval(now_ns, &mut out);
         self.forget(now_ns);
         out
+    }
+
+    /// At a summary interval's end: a SUMMARY for each busy socket, and each socket's count
+    /// of new flows starts again.
+    fn end_interval(&mut self, now: u64, out: &mut Vec<Report>) {
+        let Some(cfg) = &self.cfg.summary else {
+            return;
+        };
+        let interval = ns(cfg.interval).max(1);
+        if self.interval_end_ns == 0 {
+            self.interval_end_ns = now.saturating_add(interval);
+            return;
+        }
+        // Ticks jitter around the second on which the first one came: one just short of the
+        // interval's end ends it, rather than the next, a second later.
+        if now.saturating_add(TICK_JITTER_NS) < self.interval_end_ns {
+            return;
+        }
+        // On the grid the first tick set, unless ticks stopped for longer than an interval.
+        self.interval_end_ns = self.interval_end_ns.saturating_add(interval);
+        if self.interval_end_ns <= now {
+            self.interval_end_ns = now.saturating_add(interval);
+        }
+        let threshold = cfg.threshold;
+        self.peers.end_interval(now, ns(self.cfg.idle_timeout), out);
+        for sock in self.sockets.values_mut() {
+            // Busy for the next interval only if this one crossed the threshold again.
+            sock.summarised &= sock.new_flows > threshold;
+            sock.new_flows = 0;
+        }
+        let sockets = &self.sockets;
+        self.busy.retain(|&cookie, b| {
+            let worth = b.worth_reporting();
+            b.busy = sockets.get(&cookie).is_some_and(|s| s.summarised);
+            if worth {
+                out.push(summary_report(sockets, cookie, b, now));
+            }
+            b.busy || b.live > 0
+        });
     }
 
     fn tick_flow(&mut self, id: FlowId, now: u64, counters: CountersFn<'_>, out: &mut Vec<Report>) {
@@ -566,6 +677,8 @@ impl Engine {
             local: Addr::new(SocketAddr::new(ev.local.ip(), 0)),
             connected: None,
             preexisting: false,
+            summarised: false,
+            new_flows: 0,
         });
         sock.seen_ns = sock.seen_ns.max(ev.ts_ns);
         sock.preexisting |= ev.fact == Fact::Existing;
@@ -653,6 +766,14 @@ impl Engine {
         if kind != ReportKind::AppError {
             flow.set_last_app_errno(None);
         }
+        if flow.summarised
+            && let Some(b) = self.busy.get_mut(&id.cookie)
+        {
+            let limit = self.cfg.summary.as_ref().map_or(0, |c| c.problem_lines);
+            if !b.report(kind, &detail, &mut flow.muted, limit) {
+                return;
+            }
+        }
         out.push(Report::new(
             kind,
             ts_ns,
@@ -698,7 +819,7 @@ impl Engine {
     fn open_flow(
         &mut self,
         id: FlowId,
-        flow: Flow,
+        mut flow: Flow,
         ts_ns: u64,
         counters: CountersFn<'_>,
         out: &mut Vec<Report>,
@@ -710,8 +831,39 @@ impl Engine {
             self.close_flow(&victim, CloseReason::Evicted, ts_ns, counters, out);
             self.stats.flows_evicted += 1;
         }
+        flow.summarised = !flow.preexisting && self.count_new_flow(id.cookie, flow.family, ts_ns);
         self.flows.insert(id, flow, ts_ns);
         self.stats.flows_opened += 1;
+    }
+
+    /// A new flow of a socket: counted for the busy-socket rule; whether it is summarised.
+    fn count_new_flow(&mut self, cookie: u64, family: Family, ts_ns: u64) -> bool {
+        let Some(cfg) = &self.cfg.summary else {
+            return false;
+        };
+        let Some(sock) = self.sockets.get_mut(&cookie) else {
+            return false;
+        };
+        sock.new_flows = sock.new_flows.saturating_add(1);
+        if !sock.summarised {
+            if sock.new_flows <= cfg.threshold {
+                return false;
+            }
+            sock.summarised = true;
+        }
+        let b = self.busy.entry(cookie).or_insert_with(|| {
+            Busy::new(
+                sock.owner.clone().unwrap_or_else(|| self.unknown.clone()),
+                sock.netns,
+                family,
+                sock.local.get(),
+                ts_ns,
+            )
+        });
+        b.busy = true;
+        b.opened();
+        self.stats.flows_summarised += 1;
+        true
     }
 
     fn close_flow(
@@ -725,6 +877,9 @@ impl Engine {
         let Some(mut flow) = self.flows.remove(id) else {
             return;
         };
+        if matches!(reason, CloseReason::Idle | CloseReason::Evicted) {
+            self.expired.push(*id);
+        }
         if let Some(c) = counters(id)
             && flow.absorb(&c)
         {
@@ -739,6 +894,15 @@ impl Engine {
             self.peers.detach(&flow.peer, flow.silence_reported());
         }
         self.stats.flows_closed += 1;
+        if flow.summarised
+            && let Some(b) = self.busy.get_mut(&id.cookie)
+        {
+            b.closed(flow.established);
+            if let Some(sock) = self.sockets.get_mut(&id.cookie) {
+                sock.seen_ns = sock.seen_ns.max(ts_ns);
+            }
+            return;
+        }
         let c = flow.counters;
         if reason == CloseReason::Idle
             && !flow.reported
@@ -1026,6 +1190,23 @@ impl Engine {
             icmp: key,
             last_rx_ns: flow.counters.last_rx_ns,
         };
+        // A summarised flow's problems are rate-limited by its socket instead.
+        if self.cfg.summary.is_some()
+            && flow.peer.is_linked()
+            && !flow.summarised
+            && !self.peers.unreachable(
+                flow.peer.idx,
+                &info,
+                ev.ts_ns,
+                ns(self.cfg.idle_timeout),
+                out,
+            )
+        {
+            // Folded into the peer's run of errors: the flow saw its transition all the same.
+            flow.reported = true;
+            flow.set_last_app_errno(None);
+            return;
+        }
         self.flow_report(
             &id,
             ReportKind::Unreachable,
@@ -1041,9 +1222,19 @@ impl Engine {
         let mut info = self.icmp_info(ev, icmp, false);
         info.last_owner = self.last_owner(ev.netns, ev.local.port());
         // A resolver's socket is often gone when the error for its query comes back.
-        if let Some(o) = &info.last_owner {
-            self.peers
-                .icmp_for(&PeerKey::new(o, ev.netns, ev.remote), ev.ts_ns);
+        let peer = info
+            .last_owner
+            .as_ref()
+            .and_then(|o| self.peers.find(&PeerKey::new(o, ev.netns, ev.remote)));
+        if let Some(idx) = peer {
+            self.peers.icmp(idx, ev.ts_ns);
+            if self.cfg.summary.is_some()
+                && !self
+                    .peers
+                    .unreachable(idx, &info, ev.ts_ns, ns(self.cfg.idle_timeout), out)
+            {
+                return;
+            }
         }
         out.push(Report::new(
             ReportKind::Unreachable,
@@ -1122,6 +1313,11 @@ impl Engine {
         for id in self.flows.of_cookie(ev.cookie) {
             self.close_flow(&id, CloseReason::Closed, ev.ts_ns, counters, out);
         }
+        if let Some(mut b) = self.busy.remove(&ev.cookie)
+            && b.worth_reporting()
+        {
+            out.push(summary_report(&self.sockets, ev.cookie, &mut b, ev.ts_ns));
+        }
         let Some(sock) = self.sockets.remove(&ev.cookie) else {
             return;
         };
@@ -1176,6 +1372,30 @@ impl Engine {
             Detail::Refused { last_owner },
         ));
     }
+}
+
+/// The SUMMARY of a busy socket, ending its interval at `now`: named after the socket's
+/// owner as it is now, or as it was when the socket became busy if it is gone.
+fn summary_report(sockets: &CookieMap<Socket>, cookie: u64, b: &mut Busy, now: u64) -> Report {
+    if let Some(s) = sockets.get(&cookie) {
+        if let Some(o) = &s.owner {
+            b.owner = o.clone();
+        }
+        b.netns = s.netns;
+        if s.local.get().port() != 0 {
+            b.local = s.local.get();
+        }
+    }
+    let detail = Detail::SocketSummary(Box::new(b.take(now)));
+    Report::new(
+        ReportKind::Summary,
+        now,
+        cookie,
+        (&b.owner, b.netns),
+        b.family,
+        (b.local, anywhere(b.family)),
+        detail,
+    )
 }
 
 #[cfg(test)]

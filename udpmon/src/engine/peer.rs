@@ -40,23 +40,34 @@
 //!   SILENT nor, later, its RESUMED. Whichever scope notices first reports. When a peer's
 //!   silence ends but one of its flows still hears nothing, that flow's silence is its own
 //!   from then on and may be reported at flow scope.
+//! - UNREACHABLE folded per peer (issue 15, item 3; only with the summaries on): a resolver
+//!   whose upstream rejects every query draws one ICMP error per query, each on a fresh flow,
+//!   so per-flow deduplication cannot help. A run (the issue's "episode"; here that word
+//!   names a silence) is a series of errors of one type, code and verdict for the peer: its
+//!   first UNREACHABLE is printed at once, the next ones are counted, and every summary
+//!   interval in which some were counted ends with a SUMMARY with scope peer. The run ends
+//!   when the peer answers, when an error of another kind comes (whose UNREACHABLE is
+//!   printed, starting the next run), or after the idle timeout without an error. A flow
+//!   its busy socket summarises is rate-limited there instead (`summary.rs`). Runs are held
+//!   for at most `--max-flows` peers at once; beyond that, errors are printed as they come.
 //! - Memory: at most `--max-flows` peers. Peers with live flows are never evicted (there are
 //!   at most `--max-flows` of those, so a flowless one is always there to evict when the table
 //!   is full); among the others the least recently used goes, and is counted. An evicted
 //!   peer that comes back starts afresh, as never answered.
 use std::{
     hash::{BuildHasher, Hash, Hasher},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     sync::Arc,
 };
 
-use hashbrown::{DefaultHashBuilder, HashTable};
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 
 use super::{
+    anywhere,
     flow::Counters,
-    report::{Detail, Owner, Report, ReportKind, Unanswered},
+    report::{Detail, Owner, PeerSummary, Report, ReportKind, Unanswered, UnreachableInfo},
 };
-use crate::decode::Family;
+use crate::decode::{Family, Verdict};
 
 /// Whether datagrams from `remote` can answer what was sent to it (see the module's rules).
 pub(super) fn can_answer(remote: &SocketAddr) -> bool {
@@ -298,6 +309,25 @@ impl PeerIndex {
     }
 }
 
+/// A peer's run of one ICMP error (see the module's rules).
+#[derive(Debug)]
+struct ErrorRun {
+    /// The first error, as its UNREACHABLE showed it.
+    first: UnreachableInfo,
+    /// Start of the current summary interval (the first error, or the last summary).
+    since_ns: u64,
+    last_ns: u64,
+    /// UNREACHABLE events in the interval, printed or not, and those not printed.
+    unreachable: u64,
+    folded: u64,
+}
+
+impl ErrorRun {
+    fn kind(&self) -> (u8, u8, Verdict) {
+        (self.first.ty, self.first.code, self.first.verdict)
+    }
+}
+
 /// The peers, bounded: a slab indexed by key, with an intrusive LRU list of the flowless.
 pub(super) struct PeerTable {
     index: PeerIndex,
@@ -306,14 +336,10 @@ pub(super) struct PeerTable {
     idle_tail: u32,
     cap: usize,
     evicted: u64,
-}
-
-fn unspecified(family: Family) -> SocketAddr {
-    let ip = match family {
-        Family::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        Family::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-    };
-    SocketAddr::new(ip, 0)
+    /// Error runs, by slot: few peers have one.
+    runs: HashMap<u32, ErrorRun>,
+    /// Summaries of runs whose peer was evicted, for the next interval's end.
+    orphans: Vec<Report>,
 }
 
 impl Peer {
@@ -349,7 +375,7 @@ impl Peer {
             cur.set_port(0);
         }
         if cur.ip() != seen.ip() {
-            cur.set_ip(unspecified(self.family).ip());
+            cur.set_ip(anywhere(self.family).ip());
         }
     }
 
@@ -382,6 +408,24 @@ impl Peer {
         }
     }
 
+    /// The SUMMARY of a run's interval, ending it at `now`; none when it folded nothing
+    /// (its errors were printed).
+    fn run_summary(&self, key: &PeerKey, e: &mut ErrorRun, now: u64) -> Option<Report> {
+        let folded = std::mem::take(&mut e.folded);
+        let unreachable = std::mem::take(&mut e.unreachable);
+        let since = std::mem::replace(&mut e.since_ns, now);
+        if folded == 0 {
+            return None;
+        }
+        let detail = Detail::PeerSummary(Box::new(PeerSummary {
+            interval_ns: now.saturating_sub(since),
+            icmp: e.first.clone(),
+            unreachable,
+            folded,
+        }));
+        Some(self.report(key, ReportKind::Summary, now, detail))
+    }
+
     fn report(&self, key: &PeerKey, kind: ReportKind, ts_ns: u64, detail: Detail) -> Report {
         let o = &self.owner;
         // Names as a peer keys them: cut to what the kernel keeps of one.
@@ -406,7 +450,7 @@ impl Peer {
             (&owner, key.netns),
             self.family,
             (
-                self.local.unwrap_or_else(|| unspecified(self.family)),
+                self.local.unwrap_or_else(|| anywhere(self.family)),
                 key.remote(),
             ),
             detail,
@@ -423,6 +467,8 @@ impl PeerTable {
             idle_tail: NIL,
             cap: cap.max(1),
             evicted: 0,
+            runs: HashMap::new(),
+            orphans: Vec::new(),
         }
     }
 
@@ -502,6 +548,14 @@ impl PeerTable {
                     return PeerLink::NONE;
                 }
                 self.unlink(victim);
+                if let Some(mut e) = self.runs.remove(&victim) {
+                    let s = &self.slots[victim as usize];
+                    let key = &self.index.keys[victim as usize];
+                    // Covering the run up to now, reported at the interval's end.
+                    if let Some(r) = s.peer.run_summary(key, &mut e, ts_ns) {
+                        self.orphans.push(r);
+                    }
+                }
                 self.index.remove(victim);
                 self.slots[victim as usize].peer = peer;
                 self.evicted += 1;
@@ -561,6 +615,13 @@ impl PeerTable {
             let reported = p.silence == Silence::Reported;
             p.last_answer_ns = at;
             p.end_episode();
+            if !self.runs.is_empty()
+                && let Some(mut e) = self.runs.remove(&link.idx)
+            {
+                // The peer answers: its run of errors is over.
+                let key = &self.index.keys[link.idx as usize];
+                out.extend(p.run_summary(key, &mut e, at));
+            }
             if reported {
                 let detail = Detail::PeerResumed {
                     quiet_ns,
@@ -604,9 +665,8 @@ impl PeerTable {
     }
 
     /// An ICMP error for the peer: whatever silence there was is an error instead. Every
-    /// error for a peer passes here (through [`PeerTable::icmp_for`] once its socket is
-    /// gone), which is where the busy-socket summaries of issue 15, item 3, can count a
-    /// peer's run of errors and let only the first UNREACHABLE of a run through.
+    /// error for a peer passes here (its UNREACHABLE, when there is one, then through
+    /// [`PeerTable::unreachable`]).
     pub fn icmp(&mut self, idx: u32, ts_ns: u64) {
         if let Some(s) = self.slots.get_mut(idx as usize) {
             s.peer.last_icmp_ns = s.peer.last_icmp_ns.max(ts_ns);
@@ -614,11 +674,79 @@ impl PeerTable {
         }
     }
 
-    /// As [`PeerTable::icmp`], for an error whose socket is gone.
-    pub fn icmp_for(&mut self, key: &PeerKey, ts_ns: u64) {
-        if let Some(i) = self.index.get(key) {
-            self.icmp(i, ts_ns);
+    /// The peer's slot, if it is remembered.
+    pub fn find(&self, key: &PeerKey) -> Option<u32> {
+        self.index.get(key)
+    }
+
+    /// A new UNREACHABLE for the peer (one per flow and error; see the module's rules):
+    /// whether it is printed, or counted in its run.
+    pub fn unreachable(
+        &mut self,
+        idx: u32,
+        info: &UnreachableInfo,
+        ts_ns: u64,
+        idle_ns: u64,
+        out: &mut Vec<Report>,
+    ) -> bool {
+        let Some(s) = self.slots.get(idx as usize) else {
+            return true;
+        };
+        let kind = (info.ty, info.code, info.verdict);
+        let same = self.runs.get_mut(&idx).map(|e| {
+            let same = e.kind() == kind && ts_ns.saturating_sub(e.last_ns) < idle_ns;
+            if same {
+                e.last_ns = e.last_ns.max(ts_ns);
+                e.unreachable += 1;
+                e.folded += 1;
+            }
+            same
+        });
+        match same {
+            Some(true) => return false,
+            // Another error, or one after a long quiet: a new run.
+            Some(false) => {
+                if let Some(mut old) = self.runs.remove(&idx) {
+                    let key = &self.index.keys[idx as usize];
+                    out.extend(s.peer.run_summary(key, &mut old, ts_ns));
+                }
+            }
+            None => {}
         }
+        if self.runs.len() < self.cap {
+            self.runs.insert(
+                idx,
+                ErrorRun {
+                    first: info.clone(),
+                    since_ns: ts_ns,
+                    last_ns: ts_ns,
+                    unreachable: 1,
+                    folded: 0,
+                },
+            );
+        }
+        true
+    }
+
+    /// At a summary interval's end: a SUMMARY for each peer whose run folded errors in it,
+    /// and the end of the runs without an error for `idle_ns`.
+    pub fn end_interval(&mut self, now: u64, idle_ns: u64, out: &mut Vec<Report>) {
+        let mut reports = std::mem::take(&mut self.orphans);
+        let (slots, keys) = (&self.slots, &self.index.keys);
+        self.runs.retain(|&idx, e| {
+            let p = &slots[idx as usize].peer;
+            reports.extend(p.run_summary(&keys[idx as usize], e, now));
+            now.saturating_sub(e.last_ns) < idle_ns
+        });
+        // A stable order, whatever the table's.
+        reports
+            .sort_by(|a, b| (a.netns, &a.process, a.remote).cmp(&(b.netns, &b.process, b.remote)));
+        out.extend(reports);
+    }
+
+    #[cfg(test)]
+    pub fn runs(&self) -> usize {
+        self.runs.len()
     }
 
     /// A flow of this peer meets the flow-level SILENT rule: whether it reports it (not when
@@ -757,9 +885,9 @@ mod tests {
         assert_eq!(p(&t), Some(local(0)));
         let other = SocketAddr::new(IpAddr::from([10, 0, 1, 1]), 4002);
         t.attach(key(9), &owner("dnsmasq"), Family::V4, other, 4);
-        assert_eq!(p(&t), Some(unspecified(Family::V4)));
+        assert_eq!(p(&t), Some(anywhere(Family::V4)));
         // An address not known yet (a connect() seen before the bind) changes nothing.
-        let wild = unspecified(Family::V4);
+        let wild = anywhere(Family::V4);
         let b = t.attach(key(8), &owner("dnsmasq"), Family::V4, wild, 5);
         assert_eq!(t.slots[b.idx as usize].peer.local, None);
         t.attach(key(8), &owner("dnsmasq"), Family::V4, local(5000), 6);

@@ -23,10 +23,11 @@ pub enum ReportKind {
     AppError,
     Close,
     Refused,
+    Summary,
 }
 
 impl ReportKind {
-    pub const ALL: [ReportKind; 9] = [
+    pub const ALL: [ReportKind; 10] = [
         Self::Connect,
         Self::Accept,
         Self::Establish,
@@ -36,6 +37,7 @@ impl ReportKind {
         Self::AppError,
         Self::Close,
         Self::Refused,
+        Self::Summary,
     ];
 
     /// The lower-case name used by `--events` and the JSON `event` key.
@@ -50,6 +52,7 @@ impl ReportKind {
             Self::AppError => "app-error",
             Self::Close => "close",
             Self::Refused => "refused",
+            Self::Summary => "summary",
         }
     }
 
@@ -65,6 +68,7 @@ impl ReportKind {
             Self::AppError => "APP-ERROR",
             Self::Close => "CLOSE",
             Self::Refused => "REFUSED",
+            Self::Summary => "SUMMARY",
         }
     }
 }
@@ -224,11 +228,13 @@ pub struct Unanswered {
     pub last_answer_ns: Option<u64>,
 }
 
-/// Whether a SILENT or RESUMED is about one flow or about a peer across flows.
+/// Whether a SILENT or RESUMED is about one flow or about a peer across flows; a SUMMARY is
+/// about one socket's flows or about a peer's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope {
     Flow,
     Peer,
+    Socket,
 }
 
 impl Scope {
@@ -236,8 +242,97 @@ impl Scope {
         match self {
             Self::Flow => "flow",
             Self::Peer => "peer",
+            Self::Socket => "socket",
         }
     }
+}
+
+/// UNREACHABLE events by the kernel's verdict.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ByVerdict {
+    pub notified: u64,
+    pub queued: u64,
+    pub discarded: u64,
+    /// Only ever at scope peer: a socket's flows have their socket.
+    pub no_socket: u64,
+}
+
+impl ByVerdict {
+    pub fn total(&self) -> u64 {
+        self.notified + self.queued + self.discarded + self.no_socket
+    }
+
+    pub fn add(&mut self, v: Verdict, n: u64) {
+        match v {
+            Verdict::Notified => self.notified += n,
+            Verdict::Queued => self.queued += n,
+            Verdict::Discarded => self.discarded += n,
+            Verdict::NoSocket => self.no_socket += n,
+        }
+    }
+}
+
+/// The problem reports of a busy socket's summarised flows in one interval, whether printed
+/// or folded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Problems {
+    pub unreachable: ByVerdict,
+    pub silent: u64,
+    pub app_error: u64,
+}
+
+/// The reports of a busy socket's summarised flows that were counted instead of printed,
+/// by kind, besides the openings, establishments and closes that are always counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Folded {
+    /// Problems beyond the per-socket rate limit.
+    pub unreachable: u64,
+    pub silent: u64,
+    pub app_error: u64,
+    /// The end of a trouble whose SILENT or UNREACHABLE was folded: it goes with it.
+    pub resumed: u64,
+}
+
+/// SUMMARY with scope socket: what the summarised flows of a busy socket did in one interval
+/// (see the engine's `summary` module). Every summarised flow is counted in `new_flows` of one
+/// summary and in `closed` of one summary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketSummary {
+    /// The time this summary covers: since the previous one, or since the socket became busy.
+    pub interval_ns: u64,
+    /// Flows opened (their CONNECT or ACCEPT not printed).
+    pub new_flows: u64,
+    /// Of them, opened by the peer's datagram (ACCEPT).
+    pub accepted: u64,
+    /// Of them, opened by connect() or a datagram sent (CONNECT); the rest were first seen
+    /// through an ICMP error.
+    pub connected: u64,
+    /// Summarised flows that saw traffic both ways (their ESTABLISH not printed).
+    pub established: u64,
+    /// Summarised flows closed (their CLOSE not printed), whatever the reason.
+    pub closed: u64,
+    /// Of them, those that never saw traffic both ways.
+    pub never_established: u64,
+    /// Summarised flows still open at the end of the interval.
+    pub open: u64,
+    pub problems: Problems,
+    pub folded: Folded,
+}
+
+/// SUMMARY with scope peer: a peer whose flows keep drawing the same ICMP error, while its
+/// UNREACHABLE lines are folded (see `peer.rs`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerSummary {
+    /// The time this summary covers: since the previous one, or since the run's first
+    /// error.
+    pub interval_ns: u64,
+    /// The run's error, as its first (printed) UNREACHABLE showed it.
+    pub icmp: UnreachableInfo,
+    /// Flows of the peer that drew the error in the interval (one UNREACHABLE each, printed
+    /// or folded).
+    pub unreachable: u64,
+    /// Of them, the UNREACHABLE lines not printed.
+    pub folded: u64,
 }
 
 /// Kind-specific facts of a report. Durations are nanoseconds.
@@ -292,6 +387,10 @@ pub enum Detail {
     Refused {
         last_owner: Option<Owner>,
     },
+    /// SUMMARY with scope socket (boxed: far larger than the other details, and rare).
+    SocketSummary(Box<SocketSummary>),
+    /// SUMMARY with scope peer.
+    PeerSummary(Box<PeerSummary>),
 }
 
 /// One operator-facing event.
@@ -353,11 +452,14 @@ impl Report {
         }
     }
 
-    /// The scope of a SILENT or RESUMED; `None` for the other kinds.
+    /// The scope of a SILENT, RESUMED or SUMMARY; `None` for the other kinds.
     pub fn scope(&self) -> Option<Scope> {
         match self.detail {
             Detail::Silent { .. } | Detail::Resumed { .. } => Some(Scope::Flow),
-            Detail::PeerSilent { .. } | Detail::PeerResumed { .. } => Some(Scope::Peer),
+            Detail::PeerSilent { .. } | Detail::PeerResumed { .. } | Detail::PeerSummary(_) => {
+                Some(Scope::Peer)
+            }
+            Detail::SocketSummary(_) => Some(Scope::Socket),
             _ => None,
         }
     }

@@ -1140,6 +1140,10 @@ mod props {
         seen: HashMap<FlowId, (bool, bool)>,
         established: HashSet<FlowId>,
         evictions: u64,
+        /// Summed over the SUMMARY reports: new flows, closed flows.
+        summarised: (u64, u64),
+        /// The last SUMMARY's `open`, by socket.
+        summary_open: HashMap<u64, u64>,
     }
 
     impl Checker {
@@ -1162,6 +1166,16 @@ mod props {
                         let (tx, rx) = self.seen.get(&id).copied().unwrap_or_default();
                         prop_assert!(tx && rx, "established without traffic both ways: {r:?}");
                         prop_assert!(self.established.insert(id), "established twice: {r:?}");
+                    }
+                    ReportKind::Summary => {
+                        let Detail::SocketSummary(s) = &r.detail else {
+                            continue;
+                        };
+                        let before = self.summary_open.get(&r.cookie).copied().unwrap_or(0);
+                        prop_assert_eq!(s.open, before + s.new_flows - s.closed, "{:?}", r);
+                        self.summary_open.insert(r.cookie, s.open);
+                        self.summarised.0 += s.new_flows;
+                        self.summarised.1 += s.closed;
                     }
                     ReportKind::Close => {
                         self.open.remove(&id);
@@ -1191,16 +1205,35 @@ mod props {
                 return Err(TestCaseError::fail(why));
             }
             prop_assert_eq!(e.stats().flows_tracked, live.len());
-            prop_assert_eq!(e.stats().flows_evicted, self.evictions);
+            // A summarised flow's eviction is counted, not reported.
+            if e.config().summary.is_some() {
+                prop_assert!(self.evictions <= e.stats().flows_evicted);
+            } else {
+                prop_assert_eq!(e.stats().flows_evicted, self.evictions);
+            }
+            // Each summarised flow is counted once opened and once closed, and a flow whose
+            // opening was printed is not summarised.
+            let (summarised_live, _, new, closed) = e.summary_census(&flow7());
+            let (opened, gone) = (self.summarised.0 + new, self.summarised.1 + closed);
+            prop_assert_eq!(opened, e.stats().flows_summarised);
+            prop_assert_eq!(opened - gone, summarised_live);
+            for id in &self.open {
+                prop_assert!(!e.summary_census(id).1, "{:?} printed and summarised", id);
+            }
             Ok(())
         }
     }
 
-    fn simulate(steps: &[(Step, u64)], max_flows: usize) -> Result<(), TestCaseError> {
+    fn simulate(
+        steps: &[(Step, u64)],
+        max_flows: usize,
+        summary: Option<SummaryConfig>,
+    ) -> Result<(), TestCaseError> {
         let mut e = Engine::new(EngineConfig {
             silent_after: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(20),
             max_flows,
+            summary,
             ..EngineConfig::default()
         });
         let kernel = Kernel::default();
@@ -1295,18 +1328,36 @@ mod props {
             };
             chk.check(&reports, &e)?;
             // What the caller does after an expiry or eviction, so that the flow's next
-            // datagram is reported as new.
+            // datagram is reported as new; each one reported closed, or summarised.
+            for id in e.expired() {
+                kernel.0.borrow_mut().remove(id);
+            }
             for r in &reports {
                 if let Detail::Closed { reason, .. } = r.detail
                     && matches!(reason, CloseReason::Idle | CloseReason::Evicted)
                 {
-                    kernel.0.borrow_mut().remove(&FlowId {
+                    let id = FlowId {
                         cookie: r.cookie,
                         remote: r.remote,
-                    });
+                    };
+                    prop_assert!(e.expired().contains(&id), "{:?} not expired", r);
                 }
             }
         }
+        // Every socket closes, and the intervals end: every summarised flow was reported
+        // closed.
+        for cookie in 1..5 {
+            ts += MS;
+            let r = e.on_event(&kev(Fact::Close, ts, cookie, addr("0.0.0.0:0")), &none);
+            chk.check(&r, &e)?;
+        }
+        for _ in 0..3 {
+            ts += 30 * S;
+            let r = e.on_tick(ts, &none);
+            chk.check(&r, &e)?;
+        }
+        prop_assert_eq!(chk.summarised.0, chk.summarised.1);
+        prop_assert_eq!(chk.summarised.0, e.stats().flows_summarised);
         Ok(())
     }
 
@@ -1318,7 +1369,25 @@ mod props {
             steps in prop::collection::vec((step(), 0..4 * S), 1..200),
             max_flows in 1..12usize,
         ) {
-            simulate(&steps, max_flows)?;
+            simulate(&steps, max_flows, None)?;
+        }
+
+        /// The same histories on sockets that become busy after a flow or two, with
+        /// intervals of a few steps and few problem lines: every invariant holds, and the
+        /// summaries' counts add up to the flows the engine opened and closed.
+        #[test]
+        fn random_histories_add_up_in_summaries(
+            steps in prop::collection::vec((step(), 0..4 * S), 1..600),
+            max_flows in 1..12usize,
+            threshold in 1..3u32,
+            problem_lines in 0..2u32,
+        ) {
+            let summary = SummaryConfig {
+                threshold,
+                interval: Duration::from_secs(5),
+                problem_lines,
+            };
+            simulate(&steps, max_flows, Some(summary))?;
         }
     }
 }
@@ -1860,4 +1929,497 @@ fn multicast_and_broadcast_destinations_are_no_peers() {
     let r = tl.run(&mut e);
     assert!(r.iter().all(|r| r.kind != ReportKind::Silent), "{r:?}");
     assert_eq!(e.stats().peers_tracked, 0);
+}
+
+// Busy-socket summaries (summary.rs): dnsmasq (tgid 300) serves on socket 50, 10.0.0.1:53,
+// to clients 10.0.1.1 from many ports.
+
+const SERVER: u64 = 50;
+
+fn client(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::from([10, 0, 1, 1]), port)
+}
+
+fn srv(fact: Fact, ts: u64, port: u16) -> KernelEvent {
+    KernelEvent {
+        cookie: SERVER,
+        tgid: 300,
+        pid: 300,
+        comm: "dnsmasq".into(),
+        process: "dnsmasq".into(),
+        local: addr("10.0.0.1:53"),
+        remote: client(port),
+        ..ev(fact, ts)
+    }
+}
+
+/// Summaries every 10 s, idle timeout 20 s.
+fn summarising(threshold: u32, problem_lines: u32) -> Engine {
+    Engine::new(EngineConfig {
+        idle_timeout: Duration::from_secs(20),
+        summary: Some(SummaryConfig {
+            threshold,
+            interval: Duration::from_secs(10),
+            problem_lines,
+        }),
+        ..EngineConfig::default()
+    })
+}
+
+/// One query from `port` at `ts`, and its answer 1 ms later.
+fn served(tl: &mut Timeline, ts: u64, port: u16) {
+    tl.at(ts, srv(Fact::FirstRx { bytes: 40 }, ts, port));
+    tl.at(ts + MS, srv(Fact::FirstTx { bytes: 90 }, ts + MS, port));
+}
+
+fn socket_summaries(r: &[Report]) -> Vec<(u64, SocketSummary)> {
+    r.iter()
+        .filter_map(|r| match &r.detail {
+            Detail::SocketSummary(s) => Some((r.ts_ns, **s)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn count(r: &[Report], kind: ReportKind) -> usize {
+    r.iter().filter(|r| r.kind == kind).count()
+}
+
+/// Issue 11, item 6: past the threshold, a socket's new flows are counted in one SUMMARY per
+/// interval; the flows opened before keep their lines, from ACCEPT to CLOSE; the socket
+/// stays busy while intervals cross the threshold, and its summarised flows are reported
+/// until the last has closed.
+#[test]
+fn a_busy_socket_is_summarised_per_interval() {
+    let mut e = summarising(3, 5);
+    let mut tl = Timeline::default();
+    // The first tick (1 s) starts the intervals: they end at 11 s, 21 s, 31 s...
+    for i in 0..10 {
+        served(&mut tl, 2 * S + i * 100 * MS, 1000 + i as u16);
+    }
+    for i in 0..5 {
+        served(&mut tl, 12 * S + i * 100 * MS, 2000 + i as u16);
+    }
+    // Still busy in the third interval (the second crossed the threshold), which opens one
+    // flow: no longer busy in the fourth.
+    served(&mut tl, 25 * S, 2500);
+    served(&mut tl, 35 * S, 3000);
+    tl.ticks(1, 80);
+    let r = tl.run(&mut e);
+    let printed = |kind, port| {
+        r.iter()
+            .filter(|r| r.kind == kind && r.remote == client(port))
+            .count()
+    };
+    for port in [1000, 1001, 1002, 3000] {
+        assert_eq!(printed(ReportKind::Accept, port), 1, "{port}: {r:#?}");
+        assert_eq!(printed(ReportKind::Establish, port), 1, "{port}");
+        assert_eq!(printed(ReportKind::Close, port), 1, "{port}");
+    }
+    for port in (1003..1010).chain(2000..2005).chain([2500]) {
+        assert_eq!(printed(ReportKind::Accept, port), 0, "{port}");
+        assert_eq!(printed(ReportKind::Close, port), 0, "{port}");
+    }
+    assert_eq!(count(&r, ReportKind::Accept), 4);
+    let sums = socket_summaries(&r);
+    let at: Vec<u64> = sums.iter().map(|(ts, _)| ts / S).collect();
+    // 11 s and 21 s busy, 31 s its last busy interval; then the summarised flows expire
+    // 20 s after their answers (at 2-3 s, 12-13 s and 25 s) in the intervals ending 31 s,
+    // 41 s and 51 s.
+    assert_eq!(at, [11, 21, 31, 41, 51], "{sums:#?}");
+    let (_, first) = &sums[0];
+    assert_eq!(
+        (
+            first.new_flows,
+            first.accepted,
+            first.established,
+            first.open
+        ),
+        (7, 7, 7, 7)
+    );
+    assert_eq!(
+        first.interval_ns,
+        11 * S - (2 * S + 300 * MS),
+        "since it became busy"
+    );
+    assert_eq!((sums[1].1.new_flows, sums[1].1.open), (5, 12));
+    assert_eq!(sums[1].1.interval_ns, 10 * S);
+    let total = |f: fn(&SocketSummary) -> u64| sums.iter().map(|(_, s)| f(s)).sum::<u64>();
+    assert_eq!(total(|s| s.new_flows), 13);
+    assert_eq!(total(|s| s.closed), 13);
+    assert_eq!(total(|s| s.never_established), 0);
+    assert_eq!(sums.last().unwrap().1.open, 0);
+    let r0 = r.iter().find(|r| r.kind == ReportKind::Summary).unwrap();
+    assert_eq!(
+        (r0.cookie, r0.tgid, r0.process.as_str(), r0.local, r0.remote),
+        (
+            SERVER,
+            300,
+            "dnsmasq",
+            addr("10.0.0.1:53"),
+            addr("0.0.0.0:0")
+        )
+    );
+    assert_eq!(r0.scope(), Some(Scope::Socket));
+    assert_eq!(
+        e.stats().flows_opened,
+        e.stats().flows_closed,
+        "all expired"
+    );
+}
+
+/// A busy socket's problems are printed up to the per-kind limit, the rest counted; the
+/// RESUMED of a folded UNREACHABLE is folded with it.
+#[test]
+fn a_busy_sockets_problems_are_rate_limited() {
+    let mut e = summarising(1, 2);
+    let k = Kernel::default();
+    let get = |id: &FlowId| k.get(id);
+    e.on_tick(S, &get);
+    let mut r = Vec::new();
+    let unreachable = srv(icmp(3, 3, Some(111), Verdict::Discarded), 0, 0);
+    for i in 0..6u16 {
+        let ts = 2 * S + u64::from(i) * MS;
+        let id = FlowId {
+            cookie: SERVER,
+            remote: client(4000 + i),
+        };
+        k.recv(id, ts);
+        r.extend(e.on_event(&srv(Fact::FirstRx { bytes: 40 }, ts, 4000 + i), &get));
+        r.extend(e.on_event(&srv(Fact::FirstTx { bytes: 90 }, ts, 4000 + i), &get));
+        k.send(id, ts, 1);
+        let err = KernelEvent {
+            ts_ns: ts + MS / 2,
+            remote: client(4000 + i),
+            ..unreachable.clone()
+        };
+        r.extend(e.on_event(&err, &get));
+    }
+    // The first flow's error was printed (not summarised), then two of the five summarised
+    // ones'.
+    assert_eq!(count(&r, ReportKind::Unreachable), 3, "{r:#?}");
+    // The last flow's peer speaks again: its UNREACHABLE was folded, so is the RESUMED.
+    let last = FlowId {
+        cookie: SERVER,
+        remote: client(4005),
+    };
+    k.recv(last, 3 * S);
+    // And the first summarised flow's, whose UNREACHABLE was printed: its RESUMED too.
+    let shown = FlowId {
+        cookie: SERVER,
+        remote: client(4001),
+    };
+    k.recv(shown, 3 * S);
+    r.extend(e.on_tick(4 * S, &get));
+    let resumed: Vec<_> = r.iter().filter(|r| r.kind == ReportKind::Resumed).collect();
+    assert_eq!(resumed.len(), 1, "{resumed:#?}");
+    assert_eq!(resumed[0].remote, client(4001));
+    r.extend(e.on_tick(11 * S, &get));
+    let sums = socket_summaries(&r);
+    assert_eq!(sums.len(), 1, "{r:#?}");
+    let s = sums[0].1;
+    assert_eq!(s.new_flows, 5);
+    assert_eq!(
+        s.problems.unreachable,
+        ByVerdict {
+            discarded: 5,
+            ..ByVerdict::default()
+        }
+    );
+    assert_eq!(
+        s.folded,
+        Folded {
+            unreachable: 3,
+            resumed: 1,
+            ..Folded::default()
+        }
+    );
+}
+
+/// A busy socket's close ends its summaries at once, with its flows' closes; with
+/// `--no-summary` every flow has its lines.
+#[test]
+fn a_busy_sockets_close_reports_its_last_summary() {
+    for summary in [true, false] {
+        let mut e = summarising(2, 5);
+        if !summary {
+            e.cfg.summary = None;
+        }
+        let mut tl = Timeline::default();
+        for i in 0..5 {
+            served(&mut tl, 2 * S + i * MS, 5000 + i as u16);
+        }
+        tl.at(3 * S, srv(Fact::Close, 3 * S, 0));
+        tl.ticks(1, 30);
+        let r = tl.run(&mut e);
+        let sums = socket_summaries(&r);
+        if summary {
+            assert_eq!(kinds(&r[..2]), [ReportKind::Accept, ReportKind::Establish]);
+            assert_eq!(count(&r, ReportKind::Accept), 2);
+            assert_eq!(count(&r, ReportKind::Close), 2);
+            assert_eq!(sums.len(), 1, "{r:#?}");
+            assert_eq!(sums[0].0, 3 * S);
+            assert_eq!((sums[0].1.new_flows, sums[0].1.closed), (3, 3));
+            assert_eq!(sums[0].1.open, 0);
+        } else {
+            assert_eq!(count(&r, ReportKind::Accept), 5);
+            assert_eq!(count(&r, ReportKind::Close), 5);
+            assert!(sums.is_empty());
+        }
+    }
+}
+
+// Issue 15, item 3: a peer whose fresh flows keep drawing the same ICMP error.
+
+fn peer_summaries(r: &[Report]) -> Vec<(u64, PeerSummary)> {
+    r.iter()
+        .filter_map(|r| match &r.detail {
+            Detail::PeerSummary(s) => Some((r.ts_ns, PeerSummary::clone(s))),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A query from a fresh socket at `ts` whose upstream rejects it 1 ms later; its socket
+/// closes 2 ms after the send (`close_first`: before the error comes back).
+fn rejected(tl: &mut Timeline, cookie: u64, ts: u64, close_first: bool) {
+    let err = icmp(3, 3, None, Verdict::Discarded);
+    tl.at(ts, fwd(Fact::FirstTx { bytes: 40 }, ts, cookie));
+    let close = if close_first {
+        ts + MS / 2
+    } else {
+        ts + 2 * MS
+    };
+    tl.at(close, fwd(Fact::Close, close, cookie));
+    let at = ts + MS;
+    let error = if close_first {
+        KernelEvent {
+            cookie: 0,
+            fact: icmp(3, 3, None, Verdict::NoSocket),
+            ..fwd(err.clone(), at, cookie)
+        }
+    } else {
+        fwd(err, at, cookie)
+    };
+    tl.at(at, error);
+}
+
+/// The first UNREACHABLE of a run of errors is printed at once, the next ones (flows with
+/// their socket, or whose socket is gone) are counted in one SUMMARY with scope peer per
+/// interval; an answer ends the run, so the next error is printed again.
+#[test]
+fn a_peers_repeated_unreachable_is_folded() {
+    let mut e = engine();
+    let mut tl = Timeline::default();
+    for i in 0..8 {
+        rejected(&mut tl, 100 + i, (2 + i) * S, false);
+    }
+    // Intervals end at 11 s, 21 s (the first tick is at 1 s).
+    for i in 0..4 {
+        rejected(&mut tl, 200 + i, 12 * S + i * S, false);
+    }
+    tl.query(300, 17 * S, Some(MS), 2 * MS);
+    rejected(&mut tl, 400, 18 * S, false);
+    tl.ticks(1, 25);
+    let r = tl.run(&mut e);
+    let printed: Vec<u64> = r
+        .iter()
+        .filter(|r| r.kind == ReportKind::Unreachable)
+        .map(|r| r.ts_ns / S)
+        .collect();
+    assert_eq!(printed, [2, 18], "{r:#?}");
+    let sums = peer_summaries(&r);
+    let at: Vec<u64> = sums.iter().map(|(ts, _)| *ts).collect();
+    // The first interval; then the answer ends the run with what it folded so far.
+    assert_eq!(at, [11 * S, 17 * S + MS], "{sums:#?}");
+    let (_, first) = &sums[0];
+    assert_eq!((first.unreachable, first.folded), (8, 7));
+    assert_eq!(
+        first.interval_ns,
+        11 * S - (2 * S + MS),
+        "since the first error"
+    );
+    assert_eq!(
+        (first.icmp.ty, first.icmp.code, first.icmp.verdict),
+        (3, 3, Verdict::Discarded)
+    );
+    assert_eq!((sums[1].1.unreachable, sums[1].1.folded), (4, 4));
+    let s = r.iter().find(|r| r.kind == ReportKind::Summary).unwrap();
+    assert_eq!(s.scope(), Some(Scope::Peer));
+    assert_eq!(
+        (s.cookie, s.tgid, s.process.as_str(), s.remote),
+        (0, 300, "dnsmasq", addr(UPSTREAM))
+    );
+    // Nothing lost: printed and folded are every error.
+    let folded: u64 = sums.iter().map(|(_, s)| s.folded).sum();
+    assert_eq!(printed.len() as u64 + folded, 13);
+    assert_eq!(e.peers.runs(), 1, "the last error's run");
+
+    // Without summaries, every error has its line.
+    let mut e = Engine::new(EngineConfig {
+        summary: None,
+        ..EngineConfig::default()
+    });
+    let mut tl = Timeline::default();
+    for i in 0..8 {
+        rejected(&mut tl, 100 + i, (2 + i) * S, false);
+    }
+    tl.ticks(1, 25);
+    let r = tl.run(&mut e);
+    assert_eq!(count(&r, ReportKind::Unreachable), 8);
+    assert_eq!(count(&r, ReportKind::Summary), 0);
+}
+
+/// Errors for sockets already closed fold the same way, through the port's last owner; an
+/// error of another kind starts a new run, printed; a run ends after the idle timeout
+/// without errors.
+#[test]
+fn a_peers_run_of_errors_changes_with_the_error_and_ends_when_quiet() {
+    let mut e = summarising(100, 5);
+    let mut tl = Timeline::default();
+    for i in 0..3 {
+        rejected(&mut tl, 100 + i, (2 + i) * S, true);
+    }
+    let host = 5 * S + 500 * MS;
+    tl.at(host, fwd(Fact::FirstTx { bytes: 40 }, host, 150));
+    tl.at(
+        host + MS,
+        fwd(icmp(3, 1, None, Verdict::Discarded), host + MS, 150),
+    );
+    for i in 0..2 {
+        rejected(&mut tl, 200 + i, (6 + i) * S, false);
+    }
+    // 20 s idle timeout: the run of the error at 7 s is over at the end of the
+    // interval at 31 s; a new error after it is printed.
+    rejected(&mut tl, 300, 33 * S, false);
+    tl.ticks(1, 45);
+    let r = tl.run(&mut e);
+    let printed: Vec<(u64, u8, Verdict)> = r
+        .iter()
+        .filter_map(|r| match &r.detail {
+            Detail::Unreachable(u) => Some((r.ts_ns / S, u.code, u.verdict)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        printed,
+        [
+            (2, 3, Verdict::NoSocket),
+            (5, 1, Verdict::Discarded),
+            (6, 3, Verdict::Discarded),
+            (33, 3, Verdict::Discarded),
+        ],
+        "{r:#?}"
+    );
+    let sums = peer_summaries(&r);
+    let got: Vec<(u64, u64, u64, Verdict)> = sums
+        .iter()
+        .map(|(ts, s)| (*ts, s.unreachable, s.folded, s.icmp.verdict))
+        .collect();
+    // The no-socket run ends with the host unreachable (its summary then); the
+    // discarded one at the interval's end.
+    assert_eq!(
+        got,
+        [
+            (host + MS, 3, 2, Verdict::NoSocket),
+            (11 * S, 2, 1, Verdict::Discarded)
+        ]
+    );
+}
+
+/// Ticks that jitter around the grid of the first one end every interval on time, not a
+/// tick late.
+#[test]
+fn summary_intervals_keep_to_the_first_ticks_grid() {
+    let mut e = summarising(1, 5);
+    let k = Kernel::default();
+    let get = |id: &FlowId| k.get(id);
+    e.on_tick(S + 7 * MS, &get);
+    let mut at = Vec::new();
+    for t in 2..=41u64 {
+        // Three flows each second keep the socket busy.
+        for p in 0..3 {
+            let ts = t * S + 100 * MS + p * MS;
+            e.on_event(
+                &srv(Fact::FirstRx { bytes: 40 }, ts, (t * 10 + p) as u16),
+                &get,
+            );
+        }
+        // Ticks a few milliseconds either side of the first one's grid: those that end the
+        // intervals come early.
+        let jitter = if t % 2 == 0 { 9 * MS } else { 3 * MS };
+        let r = e.on_tick(t * S + jitter, &get);
+        at.extend(socket_summaries(&r).iter().map(|(ts, _)| ts / S));
+    }
+    assert_eq!(at, [11, 21, 31, 41]);
+}
+
+/// A client socket that sends to many peers is busy the same way: its CONNECTs are counted as
+/// `connected`, and its flows' closes with the socket.
+#[test]
+fn a_busy_client_socket_counts_its_connects() {
+    let mut e = summarising(2, 5);
+    e.on_tick(S, &none);
+    let mut r = Vec::new();
+    for p in 0..5u8 {
+        let to = KernelEvent {
+            remote: SocketAddr::new(IpAddr::from([10, 0, 2, p]), 123),
+            ..ev(Fact::FirstTx { bytes: 48 }, 2 * S + u64::from(p) * MS)
+        };
+        r.extend(e.on_event(&to, &none));
+    }
+    r.extend(e.on_event(&ev(Fact::Close, 3 * S), &none));
+    assert_eq!(count(&r, ReportKind::Connect), 2, "{r:#?}");
+    assert_eq!(count(&r, ReportKind::Close), 2);
+    let sums = socket_summaries(&r);
+    assert_eq!(sums.len(), 1);
+    let s = sums[0].1;
+    assert_eq!(
+        (
+            s.new_flows,
+            s.connected,
+            s.accepted,
+            s.closed,
+            s.never_established
+        ),
+        (3, 3, 0, 3, 3)
+    );
+    assert_eq!(e.stats().flows_summarised, 3);
+}
+
+/// A peer forgotten to make room takes its run's counts with it only after they are
+/// reported: in a summary up to its eviction, at the next interval's end.
+#[test]
+fn an_evicted_peers_folded_errors_are_still_reported() {
+    let mut e = Engine::new(EngineConfig {
+        max_flows: 2,
+        ..EngineConfig::default()
+    });
+    let mut tl = Timeline::default();
+    for i in 0..3 {
+        rejected(&mut tl, 100 + i, (2 + i) * S, false);
+    }
+    // Two other upstreams: the first peer, flowless and least recently used, makes room.
+    for (i, other) in ["10.0.0.8:53", "10.0.0.7:53"].into_iter().enumerate() {
+        let (cookie, ts) = (200 + i as u64, 6 * S + i as u64 * S);
+        let to = |fact, ts| KernelEvent {
+            remote: addr(other),
+            ..fwd(fact, ts, cookie)
+        };
+        tl.at(ts, to(Fact::FirstTx { bytes: 40 }, ts));
+        tl.at(ts + MS, to(Fact::FirstRx { bytes: 90 }, ts + MS));
+        tl.at(ts + 2 * MS, to(Fact::Close, ts + 2 * MS));
+    }
+    tl.ticks(1, 12);
+    let r = tl.run(&mut e);
+    assert_eq!(e.stats().peers_evicted, 1, "{r:#?}");
+    let sums = peer_summaries(&r);
+    assert_eq!(sums.len(), 1, "{r:#?}");
+    let (ts, s) = &sums[0];
+    // The second other upstream's flow evicted it.
+    assert_eq!((*ts, s.unreachable, s.folded), (7 * S, 3, 2));
+    assert_eq!(s.interval_ns, 7 * S - (2 * S + MS));
+    let summary = r.iter().find(|r| r.kind == ReportKind::Summary).unwrap();
+    assert_eq!(summary.remote, addr(UPSTREAM));
+    assert_eq!(count(&r, ReportKind::Unreachable), 1);
 }

@@ -3,7 +3,7 @@
 //! Every line has:
 //! - `ts`: wall-clock time, RFC 3339 UTC with nanoseconds (`2026-11-27T23:41:00.123456789Z`)
 //! - `event`: `connect`, `accept`, `establish`, `unreachable`, `silent`, `resumed`,
-//!   `app-error`, `close` or `refused`
+//!   `app-error`, `close`, `refused` or `summary`
 //! - `pid` (process id), `tid` (thread id), `comm` (the thread's name), `process` (the
 //!   process's name, its main thread's), `uid`, `cgroup` (v2 id), `netns` (inode),
 //!   `cookie` (socket cookie): 0 / "" when unknown or when no socket is involved; the owner
@@ -45,6 +45,28 @@
 //!   predates udpmon: counts and duration are lower bounds)}
 //! - refused: `last_owner` {`pid`, `comm`, `process`, `uid`} of the last process seen on the local
 //!   port, or null
+//! - summary: `scope` (`socket` or `peer`), `interval_ms` (the time it covers: since the
+//!   previous summary, or since the socket became busy or the peer's error first came),
+//!   `problems` {`unreachable` {`notified`, `queued`, `discarded`, `no_socket`: UNREACHABLE
+//!   events by verdict; `no_socket` only at scope peer}, `silent`, `app_error`} (problem events, printed or not), `folded`
+//!   {`unreachable`, `silent`, `app_error`, `resumed`} (events not printed: counted here only)
+//! - summary with scope `socket` (a busy socket: one that opened more than
+//!   `--summary-threshold` flows in one interval; owner keys, `cookie` and `local` are the
+//!   socket's, `remote` is `0.0.0.0:0` or `[::]:0`): counts of the flows it summarises,
+//!   those opened once it was busy, whose CONNECT/ACCEPT, ESTABLISH and CLOSE are not
+//!   printed: `new_flows` (opened in the interval), `accepted` (of them, opened by the
+//!   peer's datagram), `connected` (of them, opened by connect() or a datagram sent; the
+//!   rest were first seen through an ICMP error), `established` (saw traffic both ways in the interval), `closed`
+//!   (closed in the interval, for any reason), `never_established` (of them, without ever
+//!   traffic both ways), `open` (still open at its end: the previous summary's `open` +
+//!   `new_flows` - `closed`). Each summarised flow is counted once in `new_flows` and once
+//!   in `closed`. Problems beyond `--summary-problems` lines per kind per interval are
+//!   folded; a RESUMED is folded when the SILENT or UNREACHABLE it ends was.
+//! - summary with scope `peer` (one program's flows to one remote address:port, keys as for
+//!   silent with scope peer): while its flows keep drawing the same ICMP error, only the
+//!   first UNREACHABLE of the run is printed; `icmp` (as for unreachable, that first
+//!   error's) and the run's UNREACHABLE events in the interval, printed or not, in
+//!   `problems.unreachable`, those not printed in `folded.unreachable` (every other count 0)
 use std::{cell::Cell, io::Write as _};
 
 use time::OffsetDateTime;
@@ -53,8 +75,8 @@ use super::{ClockOffset, family_name, ms, verdict_name};
 use crate::{
     container::Container,
     engine::{
-        CloseStats, Detail, Op, Owner, Report, Scope, Trouble, Unanswered, UnreachableInfo, Via,
-        rules::errno_name,
+        CloseStats, Detail, Folded, Op, Owner, Problems, Report, Scope, Trouble, Unanswered,
+        UnreachableInfo, Via, rules::errno_name,
     },
 };
 
@@ -372,6 +394,32 @@ impl JsonFormat {
                 self.stats(o.obj("stats"), stats);
             }
             Detail::Refused { last_owner } => owner(o, "last_owner", last_owner.as_ref()),
+            Detail::SocketSummary(s) => {
+                o.name("scope", Scope::Socket.name())
+                    .num("interval_ms", ms(s.interval_ns))
+                    .num("new_flows", s.new_flows)
+                    .num("accepted", s.accepted)
+                    .num("connected", s.connected)
+                    .num("established", s.established)
+                    .num("closed", s.closed)
+                    .num("never_established", s.never_established)
+                    .num("open", s.open);
+                problems(o.obj("problems"), &s.problems);
+                folded(o.obj("folded"), &s.folded);
+            }
+            Detail::PeerSummary(s) => {
+                o.name("scope", Scope::Peer.name())
+                    .num("interval_ms", ms(s.interval_ns));
+                icmp(o.obj("icmp"), &s.icmp);
+                let mut p = Problems::default();
+                p.unreachable.add(s.icmp.verdict, s.unreachable);
+                problems(o.obj("problems"), &p);
+                let f = Folded {
+                    unreachable: s.folded,
+                    ..Folded::default()
+                };
+                folded(o.obj("folded"), &f);
+            }
         }
     }
 
@@ -423,6 +471,27 @@ fn icmp(mut o: Obj<'_>, u: &UnreachableInfo) {
         None => o.null("fatal"),
     };
     o.name("verdict", verdict_name(u.verdict)).close();
+}
+
+fn problems(mut o: Obj<'_>, p: &Problems) {
+    let u = &p.unreachable;
+    o.obj("unreachable")
+        .num("notified", u.notified)
+        .num("queued", u.queued)
+        .num("discarded", u.discarded)
+        .num("no_socket", u.no_socket)
+        .close();
+    o.num("silent", p.silent)
+        .num("app_error", p.app_error)
+        .close();
+}
+
+fn folded(mut o: Obj<'_>, f: &Folded) {
+    o.num("unreachable", f.unreachable)
+        .num("silent", f.silent)
+        .num("app_error", f.app_error)
+        .num("resumed", f.resumed)
+        .close();
 }
 
 fn owner(o: &mut Obj<'_>, k: &str, who: Option<&Owner>) {

@@ -4,8 +4,8 @@ use time::UtcOffset;
 use super::*;
 use crate::container::{Container, Runtime};
 use crate::engine::{
-    CloseReason, CloseStats, Detail, Op, Owner, ReportKind, Scope, Trouble, Unanswered,
-    UnreachableInfo, Via,
+    ByVerdict, CloseReason, CloseStats, Detail, Folded, Op, Owner, PeerSummary, Problems,
+    ReportKind, Scope, SocketSummary, Trouble, Unanswered, UnreachableInfo, Via,
 };
 
 const S: u64 = 1_000_000_000;
@@ -126,6 +126,56 @@ fn close(reason: CloseReason) -> Report {
     )
 }
 
+/// A busy DNS server's summary.
+fn socket_summary(problems: Problems, folded: Folded) -> Report {
+    Report {
+        cookie: 8193,
+        tgid: 300,
+        pid: 300,
+        comm: "dnsmasq".into(),
+        process: "dnsmasq".into(),
+        local: "10.200.0.1:53".parse().unwrap(),
+        remote: "0.0.0.0:0".parse().unwrap(),
+        ..laptop(
+            ReportKind::Summary,
+            Detail::SocketSummary(Box::new(SocketSummary {
+                interval_ns: 10 * S,
+                new_flows: 4210,
+                accepted: 4210,
+                connected: 0,
+                established: 4200,
+                closed: 4190,
+                never_established: 10,
+                open: 20,
+                problems,
+                folded,
+            })),
+        )
+    }
+}
+
+fn peer_summary() -> Report {
+    let Detail::Unreachable(icmp) = unreachable(Verdict::Discarded, false).detail else {
+        unreachable!()
+    };
+    Report {
+        cookie: 0,
+        comm: "dnsmasq".into(),
+        process: "dnsmasq".into(),
+        local: "10.200.0.1:0".parse().unwrap(),
+        remote: "10.200.0.2:53".parse().unwrap(),
+        ..laptop(
+            ReportKind::Summary,
+            Detail::PeerSummary(Box::new(PeerSummary {
+                interval_ns: 9_500_000_000,
+                icmp,
+                unreachable: 41,
+                folded: 40,
+            })),
+        )
+    }
+}
+
 /// One report of every kind (and every detail shape).
 fn every_kind() -> Vec<Report> {
     vec![
@@ -213,6 +263,24 @@ fn every_kind() -> Vec<Report> {
         close(CloseReason::Evicted),
         refused(Some(nc_owner())),
         refused(None),
+        socket_summary(Problems::default(), Folded::default()),
+        socket_summary(
+            Problems {
+                unreachable: ByVerdict {
+                    discarded: 12,
+                    notified: 1,
+                    ..ByVerdict::default()
+                },
+                silent: 0,
+                app_error: 2,
+            },
+            Folded {
+                unreachable: 8,
+                resumed: 1,
+                ..Folded::default()
+            },
+        ),
+        peer_summary(),
     ]
 }
 
@@ -294,6 +362,9 @@ fn text_details() {
             "evicted (flow table full) after 3.2s: tx 2 dgrams/7 B, rx 1 dgram/4 B",
             "datagram to closed port 12345 (last owner: nc pid 123)",
             "datagram to closed port 12345",
+            "busy socket, 10.0s: 4210 new flows (4210 accepted), 4200 established, 4190 closed (10 never established), 20 open",
+            "busy socket, 10.0s: 4210 new flows (4210 accepted), 4200 established, 4190 closed (10 never established), 20 open; problems: 13 unreachable (1 notified, 12 discarded), 2 app errors; folded: 8 unreachable, 1 resumed",
+            "9.5s: 41 flows drew ICMP port unreachable from 10.0.0.2 (discarded); 40 UNREACHABLE lines folded",
         ]
     );
     let discarded = text().format(&unreachable(Verdict::Discarded, true));
@@ -669,7 +740,62 @@ fn json_schema_of_every_kind() {
                 has(&v, "last_owner", Ty::Obj, true);
                 owner_schema(&v);
             }
+            ReportKind::Summary => summary_schema(&v, r),
         }
+    }
+}
+
+/// The keys of a SUMMARY, and how its counts relate.
+fn summary_schema(v: &Value, r: &Report) {
+    one_of(v, "scope", &["socket", "peer"]);
+    assert_eq!(v["scope"], r.scope().map(Scope::name).unwrap());
+    has(v, "interval_ms", Ty::Uint, false);
+    has(v, "problems", Ty::Obj, false);
+    let p = &v["problems"];
+    has(p, "unreachable", Ty::Obj, false);
+    for key in ["notified", "queued", "discarded", "no_socket"] {
+        has(&p["unreachable"], key, Ty::Uint, false);
+    }
+    for key in ["silent", "app_error"] {
+        has(p, key, Ty::Uint, false);
+    }
+    has(v, "folded", Ty::Obj, false);
+    let f = &v["folded"];
+    for key in ["unreachable", "silent", "app_error", "resumed"] {
+        has(f, key, Ty::Uint, false);
+    }
+    let unreachable: u64 = ["notified", "queued", "discarded", "no_socket"]
+        .iter()
+        .map(|k| p["unreachable"][k].as_u64().unwrap())
+        .sum();
+    assert!(f["unreachable"].as_u64().unwrap() <= unreachable, "{v}");
+    if v["scope"] == "socket" {
+        assert_ne!(v["cookie"], 0, "{v}");
+        assert_eq!(p["unreachable"]["no_socket"], 0, "{v}");
+        for key in [
+            "new_flows",
+            "accepted",
+            "connected",
+            "established",
+            "closed",
+            "never_established",
+            "open",
+        ] {
+            has(v, key, Ty::Uint, false);
+        }
+        let n = |k: &str| v[k].as_u64().unwrap();
+        assert!(n("accepted") + n("connected") <= n("new_flows"), "{v}");
+        assert!(n("never_established") <= n("closed"), "{v}");
+    } else {
+        assert_eq!(v["cookie"], 0, "{v}");
+        has(v, "icmp", Ty::Obj, false);
+        one_of(
+            &v["icmp"],
+            "verdict",
+            &["notified", "queued", "discarded", "no-socket"],
+        );
+        assert_eq!(p["silent"], 0, "{v}");
+        assert_eq!(p["app_error"], 0, "{v}");
     }
 }
 

@@ -11,7 +11,9 @@
 //!   is answered: RESUMED with scope peer. Never a flow-scope SILENT for those flows.
 //! - `forwarder_upstream_rejects`: the upstream rejects with ICMP port unreachable:
 //!   UNREACHABLE, and no SILENT for the upstream, though as many queries go out for longer
-//!   than `--silent-after`.
+//!   than `--silent-after`. The errors are one run for the peer (issue 15, item 3): its
+//!   first UNREACHABLE printed, the next ones counted in SUMMARY lines with scope peer; with
+//!   `--no-summary`, one UNREACHABLE per query.
 use std::{
     net::UdpSocket,
     process::Child,
@@ -274,13 +276,19 @@ fn caught_up(u: &mut Udpmon, netns: &str) {
     });
 }
 
-pub fn upstream_rejects(st: Strategy) -> Outcome {
+pub fn upstream_rejects(st: Strategy, summary: bool) -> Outcome {
     if let Err(o) = need_tools(&["dnsmasq", "dig", "nft", "ip"]) {
         return o;
     }
     let silent_after = format!("{SILENT_AFTER}s");
-    let mut u = Udpmon::start(st, &["--silent-after", &silent_after]).expect("udpmon starts");
-    let mut dns = Dns::start("fr");
+    let mut args = vec!["--silent-after", &silent_after];
+    args.extend(if summary {
+        ["--summary-interval", "2s"].as_slice()
+    } else {
+        ["--no-summary"].as_slice()
+    });
+    let mut u = Udpmon::start(st, &args).expect("udpmon starts");
+    let mut dns = Dns::start(if summary { "fr" } else { "fn" });
     let fwd = dns.forwarder_pid();
     answered_queries(&mut dns, &mut u);
 
@@ -296,8 +304,13 @@ pub fn upstream_rejects(st: Strategy) -> Outcome {
             && s(v, "remote") == upstream()
             && (v["pid"] == fwd || v["last_owner"]["pid"] == fwd)
     };
+    // The forwarder's summary of the errors it drew from the upstream after the first.
+    let folded = |v: &Value| {
+        is(v, "summary") && v["scope"] == "peer" && s(v, "remote") == upstream() && v["pid"] == fwd
+    };
     // Queries keep going out for longer than --silent-after (plus a tick) after the first
-    // error: the SILENT rule would have fired on them by then, were errors a silence.
+    // error: the SILENT rule would have fired on them by then, were errors a silence. With
+    // the summaries, until one of them counted at least two folded errors.
     let window = Duration::from_secs(SILENT_AFTER + 2);
     let mut first_error: Option<Instant> = None;
     let end = Instant::now() + deadline(30);
@@ -306,18 +319,61 @@ pub fn upstream_rejects(st: Strategy) -> Outcome {
         if first_error.is_none() && !u.all(refused).is_empty() {
             first_error = Some(Instant::now());
         }
-        if first_error.is_some_and(|t| t.elapsed() >= window) && u.all(refused).len() >= 3 {
+        let enough = if summary {
+            u.all(folded)
+                .iter()
+                .map(|v| v["folded"]["unreachable"].as_u64().unwrap_or(0))
+                .sum::<u64>()
+                >= 2
+        } else {
+            u.all(refused).len() >= 3
+        };
+        if first_error.is_some_and(|t| t.elapsed() >= window) && enough {
             break;
         }
         assert!(
             Instant::now() < end,
-            "fewer than 3 UNREACHABLE for the upstream within {:?}; udpmon printed:\n{}",
+            "not enough UNREACHABLE (or summaries of them) for the upstream within {:?}; udpmon printed:\n{}",
             deadline(30),
             u.dump()
         );
     }
     caught_up(&mut u, &dns.h.client);
     let un = u.all(refused);
+    if summary {
+        // One run: its first error printed at once, the rest counted.
+        assert_eq!(un.len(), 1, "{}", u.dump());
+        let sums = u.all(folded);
+        for v in &sums {
+            assert_eq!(v["cookie"], 0, "{v}");
+            assert_eq!(s(v, "process"), "dnsmasq", "{v}");
+            assert_eq!(v["icmp"]["type"], 3, "{v}");
+            assert_eq!(v["icmp"]["code"], 3, "{v}");
+            let p = &v["problems"]["unreachable"];
+            let all: u64 = ["notified", "queued", "discarded", "no_socket"]
+                .iter()
+                .map(|k| p[k].as_u64().unwrap())
+                .sum();
+            let f = v["folded"]["unreachable"].as_u64().unwrap();
+            assert!(f >= 1 && f <= all, "{v}");
+            // The run's verdict is the first error's.
+            let verdict = s(&v["icmp"], "verdict").replace('-', "_");
+            assert_eq!(p[verdict.as_str()].as_u64(), Some(all), "{v}");
+        }
+        // Every query after the first drew an error: printed once, counted after.
+        let counted: u64 = sums
+            .iter()
+            .map(|v| v["folded"]["unreachable"].as_u64().unwrap())
+            .sum();
+        assert!(
+            counted < u64::from(dns.queries) - 3,
+            "{counted} folded from {} rejected queries",
+            dns.queries - 3
+        );
+    } else {
+        assert!(un.len() >= 3, "{}", u.dump());
+        assert!(u.all(|v| is(v, "summary")).is_empty(), "{}", u.dump());
+    }
     let first = &un[0];
     assert_eq!(first["icmp"]["type"], 3, "{first}");
     assert_eq!(first["icmp"]["code"], 3, "{first}");

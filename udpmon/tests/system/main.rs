@@ -6,6 +6,7 @@
 //! or a tool that is missing, makes the scenario SKIPPED with the reason. The last line has libtest's shape
 //! so that runners can collect it: `test result: ok. N passed; M failed; K skipped`.
 mod behaviour;
+mod busy;
 mod containers;
 mod dns;
 mod dualstack;

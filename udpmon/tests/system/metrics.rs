@@ -196,6 +196,51 @@ fn printed(u: &mut Udpmon) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {
     (kinds, verdicts)
 }
 
+/// What the printed SUMMARY lines folded, by the kind of the lines they stand for (the
+/// `udpmon_events_folded_total` labels).
+fn folded_printed(u: &mut Udpmon) -> BTreeMap<String, u64> {
+    let mut folded: BTreeMap<String, u64> = BTreeMap::new();
+    for v in u.all(|v| is(v, "summary")) {
+        let mut add = |kind: &str, n: &Value| {
+            *folded.entry(kind.to_string()).or_default() += n.as_u64().unwrap_or(0);
+        };
+        add("connect", &v["connected"]);
+        add("accept", &v["accepted"]);
+        add("establish", &v["established"]);
+        add("close", &v["closed"]);
+        add("unreachable", &v["folded"]["unreachable"]);
+        add("silent", &v["folded"]["silent"]);
+        add("app-error", &v["folded"]["app_error"]);
+        add("resumed", &v["folded"]["resumed"]);
+    }
+    folded
+}
+
+/// A socket that hears from more than the summary threshold (100) of client ports at once:
+/// a SUMMARY once the interval ends, awaited on `u` itself (it is found on udpmon's tick).
+fn busy_socket(u: &mut Udpmon) {
+    let h = TwoHosts::new("mb");
+    let server = addr(SERVER4, 7900);
+    let ssock = udp_socket_in(&h.server, &server);
+    in_netns(&h.client, {
+        let server = server.clone();
+        move || {
+            for _ in 0..150 {
+                let c = std::net::UdpSocket::bind(addr(CLIENT4, 0)).unwrap();
+                c.send_to(b"hello", &server).unwrap();
+            }
+        }
+    });
+    u.wait_for("the busy socket's summary", |v| {
+        is(v, "summary") && s(v, "local") == server && v["new_flows"].as_u64() > Some(0)
+    });
+    // Its close reports what its summarised flows did since.
+    drop(ssock);
+    u.wait_for("the busy socket's last summary", |v| {
+        is(v, "summary") && s(v, "local") == server && v["open"] == 0
+    });
+}
+
 /// A flow that goes SILENT and then RESUMED, awaited on `u` itself: both are found on
 /// udpmon's one-second tick, so another udpmon's timing (that of the scenarios reused below,
 /// which wait on their own udpmon) cannot be relied on for them.
@@ -263,8 +308,18 @@ pub fn prometheus(st: Strategy) -> Outcome {
         return o;
     }
     // Port 0: udpmon takes a free port and logs it, so no other process can take it first.
-    let mut u = Udpmon::start(st, &["--metrics", "127.0.0.1:0", "--silent-after", "1s"])
-        .expect("udpmon starts");
+    let mut u = Udpmon::start(
+        st,
+        &[
+            "--metrics",
+            "127.0.0.1:0",
+            "--silent-after",
+            "1s",
+            "--summary-interval",
+            "1s",
+        ],
+    )
+    .expect("udpmon starts");
     let target = served_at(&u);
     assert!(target.starts_with("127.0.0.1:"), "{target}");
     let prom = Prometheus::start(&target);
@@ -272,8 +327,10 @@ pub fn prometheus(st: Strategy) -> Outcome {
     // Every event kind. These scenarios check their own udpmon's events as they go, and what
     // they cause is reported from the ring buffer as it happens, so this udpmon sees it too:
     // CONNECT, ACCEPT, ESTABLISH, CLOSE, UNREACHABLE (notified) and REFUSED from the seed;
-    // APP-ERROR from a reject; the queued and discarded verdicts from unconnected senders.
+    // APP-ERROR from a reject; the queued and discarded verdicts from unconnected senders;
+    // SUMMARY from a socket with many clients.
     silent_then_resumed(&mut u);
+    busy_socket(&mut u);
     for (name, run) in [
         (
             "seed_ipv4",
@@ -297,18 +354,21 @@ pub fn prometheus(st: Strategy) -> Outcome {
     // The traffic is over; what is still on its way (the last CLOSEs) reaches both the output
     // and the next scrape.
     let end = Instant::now() + deadline(30);
-    let (kinds, verdicts) = loop {
+    let (kinds, verdicts, folded) = loop {
         let (kinds, verdicts) = printed(&mut u);
+        let folded = folded_printed(&mut u);
         let scraped_kinds = prom.by("udpmon_events_total", "event");
         let scraped_verdicts = prom.by("udpmon_unreachable_total", "verdict");
-        if scraped_kinds == kinds && scraped_verdicts == verdicts {
-            break (kinds, verdicts);
+        let scraped_folded = prom.by("udpmon_events_folded_total", "event");
+        if scraped_kinds == kinds && scraped_verdicts == verdicts && scraped_folded == folded {
+            break (kinds, verdicts, folded);
         }
         assert!(
             Instant::now() < end,
             "Prometheus's values did not come to match udpmon's output within {:?}:\n\
              printed {kinds:?}\nscraped {scraped_kinds:?}\nprinted {verdicts:?}\n\
-             scraped {scraped_verdicts:?}\ntargets: {}",
+             scraped {scraped_verdicts:?}\nprinted summaries {folded:?}\n\
+             scraped {scraped_folded:?}\ntargets: {}",
             deadline(30),
             prom.targets()
         );
@@ -329,6 +389,12 @@ pub fn prometheus(st: Strategy) -> Outcome {
     for v in ["notified", "queued", "discarded"] {
         assert!(verdicts[v] > 0, "no {v} UNREACHABLE: {verdicts:?}");
     }
+    // The busy socket's flows past the threshold (up to 50, fewer when an interval ends
+    // during its burst): accepted, then closed with it.
+    assert!(
+        folded["accept"] > 0 && folded["close"] == folded["accept"],
+        "{folded:?}"
+    );
 
     // The build and the hook strategy in use.
     let info = prom.query("udpmon_build_info");

@@ -72,7 +72,20 @@ pub const ALL: &[Scenario] = &[
     },
     Scenario {
         name: "forwarder_upstream_rejects",
-        run: crate::forwarder::upstream_rejects,
+        run: |st| crate::forwarder::upstream_rejects(st, true),
+    },
+    Scenario {
+        name: "forwarder_upstream_rejects_no_summary",
+        run: |st| crate::forwarder::upstream_rejects(st, false),
+    },
+    // Issue 11, item 6: a busy socket's flows in summaries.
+    Scenario {
+        name: "busy_dns_server",
+        run: crate::busy::busy_dns_server,
+    },
+    Scenario {
+        name: "busy_dns_server_no_summary",
+        run: crate::busy::busy_dns_server_no_summary,
     },
     Scenario {
         name: "socat_relay_burst",

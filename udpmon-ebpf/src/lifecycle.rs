@@ -25,7 +25,7 @@ pub fn on_create(sk: *mut bpf_sock) {
     // SAFETY: helpers on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(sk as *mut _) };
     let netns = unsafe { bpf_get_netns_cookie(sk as *mut _) };
-    let _ = learn_owner(cookie, netns);
+    learn_owner(cookie, netns);
 }
 
 /// cgroup/connect4 and connect6: runs before the connect completes, in the caller's context.

@@ -3,7 +3,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
 use udpmon_common::{
     COUNTERS, Counter, Event, FlowKey, FlowStats, IcmpFreeCallers, Offsets, Owner,
@@ -23,10 +23,20 @@ pub static FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::with_max_entries(
 #[map]
 pub static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(65536, 0);
 
-/// What became of processes (tgid -> exit, exec), for telling whether an owner in OWNERS is
-/// still what it was learned as: see owner.rs. Sized as FLOWS by userspace.
+/// Processes that hold or held a socket in OWNERS (tgid -> 1): only their exits and execs
+/// are recorded, so that the churn of the host's other processes cannot push a holder's out
+/// of PROCESSES. Sized as FLOWS by userspace.
+#[map]
+pub static HOLDERS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(65536, 0);
+
+/// What became of those processes (tgid -> exit, exec), for telling whether an owner in
+/// OWNERS is still what it was learned as: see owner.rs. Sized as FLOWS by userspace.
 #[map]
 pub static PROCESSES: LruHashMap<u32, ProcessChange> = LruHashMap::with_max_entries(65536, 0);
+
+/// Counts holders' exits: a per-CPU note (HOLDER_SEEN) taken before the last one is stale.
+#[map]
+pub static HOLDER_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Per CPU, the socket and process of the last send or receive call checked against OWNERS
 /// (see owner.rs).
@@ -90,6 +100,7 @@ pub struct HolderSeen {
     pub sk: u64,
     pub tgid: u32,
     pub _pad: u32,
+    pub epoch: u64,
 }
 
 /// Both ends of a datagram: two sockets on one port in two network namespaces (containers)

@@ -8,10 +8,15 @@
 //! holder:
 //! - every send and receive call checks that its caller is the remembered holder and takes
 //!   its place when not ([`note_holder`]); a per-CPU note of the last socket and process
-//!   checked keeps the common case (one process talking on one socket) to one comparison;
+//!   checked keeps the common case (one process talking on one socket) to one comparison.
+//!   A holder's exit makes every note stale: the processes that share its socket (a
+//!   daemon's pre-forked workers, a passed descriptor's sender) take its place at their next
+//!   call instead of being skipped by their notes;
 //! - a process that receives a socket's descriptor (SCM_RIGHTS, pidfd_getfd) holds it from
 //!   then on, where the strategy can hook that ([`on_file_received`]: fentry, kprobe);
-//! - the exit of a process is recorded ([`on_exit`]), and a remembered holder that exited
+//! - the exit of a holder is recorded ([`on_exit`]; only processes that held a socket, so
+//!   that the churn of short-lived others cannot crowd it out), and a remembered holder that
+//!   exited
 //!   after udpmon learned it is no name at all: the event says the owner is unknown
 //!   (`OWNER_GONE`) rather than name a pid the system may already have given to another
 //!   process. Its cgroup is kept: the socket's new holder is, as a rule, its child;
@@ -25,9 +30,13 @@ use udpmon_common::{Event, Owner, event::flags};
 
 use crate::{
     kread::{Kernel, read, sock_netns},
-    maps::{HOLDER_SEEN, OWNERS, PROCESSES, ProcessChange, field, off, self_tgid},
+    maps::{
+        HOLDER_EPOCH, HOLDER_SEEN, HOLDERS, OWNERS, PROCESSES, ProcessChange, field, off, self_tgid,
+    },
     packet::IPPROTO_UDP,
 };
+
+const SOCK_DGRAM: u16 = 2;
 
 /// Fills pid, comm, uid and cgroup: from the current task when the hook runs in the
 /// socket user's context, else from what was learned about the socket's holder. Returns
@@ -35,20 +44,20 @@ use crate::{
 #[inline(always)]
 pub fn fill_identity(ev: &mut Event, in_task: bool) -> bool {
     if in_task {
-        let mut owner = current_owner();
+        let owner = current_owner();
         if owner.tgid == self_tgid() {
             return false;
         }
         set_owner(ev, &owner);
         if ev.cookie != 0 {
-            remember(ev.cookie, &mut owner);
+            remember(ev.cookie, owner.tgid, || owner, || 0);
         }
         return true;
     }
     ev.flags |= flags::TASK_UNRELATED;
     // Read in place, not copied: these programs are within a few bytes of the 512-byte stack
-    // limit on some kernels. A holder replaced meanwhile on another CPU can at worst mix two
-    // holders' fields in this one event.
+    // limit on some kernels. An entry replaced meanwhile on another CPU can at worst give this
+    // one event another holder's fields (the LRU map reuses freed entries at once).
     // SAFETY: the map value stays valid for the program run.
     if let Some(o) = unsafe { OWNERS.get(ev.cookie) } {
         if o.tgid == self_tgid() {
@@ -75,14 +84,14 @@ pub fn fill_identity(ev: &mut Event, in_task: bool) -> bool {
 
 /// Records the current task as the holder of `cookie` (socket creation).
 #[inline(always)]
-pub fn learn_owner(cookie: u64, netns_cookie: u64) -> Option<Owner> {
+pub fn learn_owner(cookie: u64, netns_cookie: u64) {
     let mut o = current_owner();
     if o.tgid == self_tgid() {
-        return None;
+        return;
     }
     o.netns_cookie = netns_cookie;
     let _ = OWNERS.insert(cookie, o, 0);
-    Some(o)
+    holds(o.tgid);
 }
 
 /// A send or receive call on `sk` (any protocol where `check_udp`), in its caller's
@@ -96,25 +105,30 @@ pub fn note_holder<K: Kernel>(sk: u64, check_udp: bool, cookie: impl FnOnce() ->
         return;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let epoch = HOLDER_EPOCH.get(0).copied().unwrap_or(0);
     let Some(seen) = HOLDER_SEEN.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: a per-CPU value valid for this program run. A program interrupting this one on
-    // the CPU can only make the note stale, which costs a lookup, never a wrong holder: a
-    // note is only ever a reason to skip a lookup whose answer it recorded. (The note can
-    // outlive its socket; a new socket at the same address passed to the same process, with
-    // no other call on this CPU in between, would wait for that process's next call.)
+    // the CPU can only make the note stale, which costs a lookup. The note can outlive its
+    // socket: a new socket at the same address passed to the same process, with no other
+    // call on this CPU nor a holder's exit in between, would wait for one of those.
     unsafe {
-        if (*seen).sk == sk && (*seen).tgid == tgid {
+        if (*seen).sk == sk && (*seen).tgid == tgid && (*seen).epoch == epoch {
             return;
         }
         (*seen).sk = sk;
         (*seen).tgid = tgid;
+        (*seen).epoch = epoch;
     }
-    if tgid == self_tgid() {
+    // Raw sockets of protocol UDP pass the first check.
+    if tgid == self_tgid() || check_udp && K::get::<u16>(sk, off!(sk_type)) != SOCK_DGRAM {
         return;
     }
-    take_over(sk, cookie(), tgid);
+    let cookie = cookie();
+    if cookie != 0 {
+        remember(cookie, tgid, current_owner, || sock_netns(sk));
+    }
 }
 
 /// A descriptor received by the current process (`security_file_receive(struct file *)`:
@@ -131,42 +145,53 @@ pub fn on_file_received<K: Kernel>(file: u64) {
     // `private_data` is untyped: what follows it is read, not loaded.
     let socket: u64 = K::get(file, off!(file_private_data));
     let sk: u64 = read(socket, off!(socket_sk));
-    if sk == 0 || read::<u16>(sk, off!(sk_protocol)) != IPPROTO_UDP as u16 {
+    if sk == 0
+        || read::<u16>(sk, off!(sk_protocol)) != IPPROTO_UDP as u16
+        || read::<u16>(sk, off!(sk_type)) != SOCK_DGRAM
+    {
         return;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if tgid != self_tgid() {
-        take_over(sk, read(sk, off!(skc_cookie)), tgid);
+    let cookie: u64 = read(sk, off!(skc_cookie));
+    if tgid != self_tgid() && cookie != 0 {
+        remember(cookie, tgid, current_owner, || sock_netns(sk));
     }
 }
 
-/// Makes the current task, `tgid`, the remembered holder of socket `sk` unless it already
-/// is; a known socket keeps the namespace it was learned in.
+/// Makes the current task (`tgid`; `holder` describes it) the remembered holder of `cookie`
+/// unless it already is. A known socket keeps the namespace it was learned in; one new to
+/// OWNERS (older than udpmon, or dropped by the LRU) gets `netns`.
 #[inline(always)]
-fn take_over(sk: u64, cookie: u64, tgid: u32) {
-    if cookie == 0 {
-        return;
-    }
+fn remember(cookie: u64, tgid: u32, holder: impl FnOnce() -> Owner, netns: impl FnOnce() -> u32) {
     // SAFETY: the map value stays valid for the program run.
     let known = unsafe { OWNERS.get(cookie) };
     if known.is_some_and(|o| o.tgid == tgid) {
         return;
     }
-    let mut holder = current_owner();
+    let mut h = holder();
     match known {
         Some(o) => {
-            holder.netns = o.netns;
-            holder.netns_cookie = o.netns_cookie;
+            h.netns = o.netns;
+            h.netns_cookie = o.netns_cookie;
         }
-        // A socket older than udpmon, or one whose entry the LRU dropped.
-        None => holder.netns = sock_netns(sk),
+        None => h.netns = netns(),
     }
-    let _ = OWNERS.insert(cookie, holder, 0);
+    let _ = OWNERS.insert(cookie, h, 0);
+    holds(tgid);
+}
+
+/// Marks `tgid` as a process whose exit and execs matter.
+#[inline(always)]
+fn holds(tgid: u32) {
+    // SAFETY: only the presence is read.
+    if unsafe { HOLDERS.get(tgid) }.is_none() {
+        let _ = HOLDERS.insert(tgid, 1, 0);
+    }
 }
 
 /// `sched_process_exit(struct task_struct *p)`, in the exiting thread's context, after it
 /// left its thread group's count of live threads and before its files are closed: the last
-/// thread out records its process's exit.
+/// thread out of a holder records its process's exit.
 #[inline(always)]
 pub fn on_exit(task: u64) {
     let signal: u64 = field(task, off!(task_signal));
@@ -174,6 +199,11 @@ pub fn on_exit(task: u64) {
         return;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: only the presence is read.
+    if unsafe { HOLDERS.get(tgid) }.is_none() {
+        return;
+    }
+    let _ = HOLDERS.remove(tgid);
     // SAFETY: BPF helper without preconditions.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     match PROCESSES.get_ptr_mut(tgid) {
@@ -188,17 +218,26 @@ pub fn on_exit(task: u64) {
             let _ = PROCESSES.insert(tgid, c, 0);
         }
     }
+    if let Some(e) = HOLDER_EPOCH.get_ptr_mut(0) {
+        // SAFETY: a map value valid for this program run; a lost increment between two
+        // exits at once still moves the epoch.
+        unsafe { *e += 1 };
+    }
 }
 
-/// `sched_process_exec`, in the process's context once it runs the new program (whose name
+/// `sched_process_exec`, in a holder's context once it runs the new program (whose name
 /// `comm` already is). An earlier process's exit under the same tgid is kept: an owner
 /// learned before it is that process's, and gone.
 #[inline(always)]
 pub fn on_exec() {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: only the presence is read.
+    if unsafe { HOLDERS.get(tgid) }.is_none() {
+        return;
+    }
     // SAFETY: BPF helper without preconditions.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     let comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     match PROCESSES.get_ptr_mut(tgid) {
         // SAFETY: a map value valid for this program run.
         Some(c) => unsafe {
@@ -212,24 +251,6 @@ pub fn on_exec() {
                 comm,
             };
             let _ = PROCESSES.insert(tgid, c, 0);
-        }
-    }
-}
-
-/// Makes `owner`, the current task, the remembered holder of `cookie` unless it already is;
-/// a known socket keeps the namespace it was learned in.
-#[inline(always)]
-fn remember(cookie: u64, owner: &mut Owner) {
-    // SAFETY: the map value stays valid for the program run.
-    match unsafe { OWNERS.get(cookie) } {
-        Some(o) if o.tgid == owner.tgid => {}
-        Some(o) => {
-            owner.netns = o.netns;
-            owner.netns_cookie = o.netns_cookie;
-            let _ = OWNERS.insert(cookie, *owner, 0);
-        }
-        None => {
-            let _ = OWNERS.insert(cookie, *owner, 0);
         }
     }
 }

@@ -341,15 +341,17 @@ impl Probes {
     /// Gives the kernel side the holders of the sockets the startup scan found (`since_ns`:
     /// when the scan began), so that their events name them from the first, and name nobody
     /// once the holder exits while another process keeps the socket. Holders the hooks
-    /// learned meanwhile are newer and stay. Returns how many were given.
+    /// learned meanwhile are newer and stay. Returns how many processes were given.
     pub fn remember_owners(
         &mut self,
         sockets: &[crate::decode::KernelEvent],
         since_ns: u64,
     ) -> anyhow::Result<usize> {
+        // BPF_NOEXIST (uapi/linux/bpf.h).
+        const NO_EXIST: u64 = 1;
         let map = self.ebpf.map_mut(map::OWNERS).context("map OWNERS")?;
         let mut owners: aya::maps::HashMap<_, u64, Owner> = aya::maps::HashMap::try_from(map)?;
-        let mut given = 0;
+        let mut given = std::collections::HashSet::new();
         for ev in sockets.iter().filter(|e| e.tgid != 0 && e.cookie != 0) {
             let mut comm = [0u8; 16];
             let name = ev.comm.as_bytes();
@@ -365,16 +367,22 @@ impl Probes {
                 netns_cookie: 0,
                 since_ns,
             };
-            // BPF_NOEXIST (uapi/linux/bpf.h).
-            const NO_EXIST: u64 = 1;
             match owners.insert(ev.cookie, owner, NO_EXIST) {
-                Ok(()) => given += 1,
+                Ok(()) => {
+                    given.insert(ev.tgid);
+                }
                 Err(aya::maps::MapError::SyscallError(e))
                     if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
                 Err(e) => return Err(e).context("writing map OWNERS"),
             }
         }
-        Ok(given)
+        // Their exits and execs matter now (see udpmon-ebpf/src/owner.rs).
+        let map = self.ebpf.map_mut(map::HOLDERS).context("map HOLDERS")?;
+        let mut holders: aya::maps::HashMap<_, u32, u32> = aya::maps::HashMap::try_from(map)?;
+        for &tgid in &given {
+            holders.insert(tgid, 1, 0).context("writing map HOLDERS")?;
+        }
+        Ok(given.len())
     }
 
     /// Detaches every program, so that nothing more reaches the maps: what the ring buffer
@@ -499,6 +507,7 @@ fn load_strategy(
         .map_max_entries(map::OWNERS, side)
         .map_max_entries(map::SENDERS, side)
         .map_max_entries(map::PROCESSES, side)
+        .map_max_entries(map::HOLDERS, side)
         .load(EBPF_OBJECT)
         .with_context(|| match memlock {
             Some(why) => format!("loading the eBPF object ({why})"),

@@ -180,7 +180,7 @@ pub fn fd_passing(st: Strategy) -> Outcome {
     let name = format!("udpmon-test-{}-{}", std::process::id(), st.name());
     let mut taker = Helper::start(&["take", &name]);
     let taker_pid = taker.expect("ready");
-    let mut giver = Helper::start(&["give", &peer_addr, &name]);
+    let mut giver = Helper::start(&["give", &peer_addr, &name, "close"]);
     let giver_pid = giver.expect("passed");
     taker.expect("got");
     let (hello, local) = receive(&peer);
@@ -265,6 +265,61 @@ pub fn exec(st: Strategy) -> Outcome {
     Outcome::Pass
 }
 
+/// A socket that two processes use (a passed descriptor the sender keeps; pre-forked workers
+/// alike): when the one udpmon last saw take it exits, the other is named again from its
+/// next call, though it called before and was not seen to take the socket over then.
+pub fn shared(st: Strategy) -> Outcome {
+    let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
+    // The giver calls from CPU 0 only, everything else here from CPU 1: its note there stays
+    // the one it took before the hand-over (where the machine has two CPUs).
+    let _pinned = Pinned::to(1);
+    let (peer, peer_addr) = peer();
+    let name = format!("udpmon-test-shared-{}-{}", std::process::id(), st.name());
+    let mut taker = Helper::start(&["take", &name]);
+    taker.expect("ready");
+    let mut giver = Helper::start(&["give", &peer_addr, &name, "keep"]);
+    let giver_pid = giver.expect("passed");
+    taker.expect("got");
+    assert_eq!(receive(&peer).0, "hello");
+    let connect = u.wait_for("the giver's connect", |v| {
+        is(v, "connect") && s(v, "remote") == peer_addr && pid(v) == giver_pid
+    });
+    let cookie = connect["cookie"].clone();
+    taker.tell("send");
+    assert_eq!(receive(&peer).0, "x");
+    taker.tell("exit");
+    assert!(taker.child.wait().expect("the taker exits").success());
+    giver.tell("send");
+    assert_eq!(receive(&peer).0, "x");
+    drop(peer);
+    giver.tell("send");
+    let un = u.wait_for("the unreachable", |v| {
+        is(v, "unreachable") && v["cookie"] == cookie
+    });
+    assert_eq!(pid(&un), giver_pid, "the giver still holds it: {un}");
+    Outcome::Pass
+}
+
+/// The test thread kept on one CPU while it lives, then free again.
+struct Pinned(libc::cpu_set_t);
+
+impl Pinned {
+    fn to(cpu: usize) -> Pinned {
+        // SAFETY: sched_getaffinity fills the set it is given.
+        let mut old: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut old) };
+        pin_to_cpu(cpu);
+        Pinned(old)
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: restores the set read before.
+        unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &self.0) };
+    }
+}
+
 /// No event of the socket after `first` names `stale`.
 fn no_stale(u: &mut Udpmon, cookie: &Value, stale: u64, first: &Value) {
     let events = u.all(|v| v["cookie"] == *cookie);
@@ -283,8 +338,9 @@ fn no_stale(u: &mut Udpmon, cookie: &Value, stale: u64, first: &Value) {
 ///   killed.
 /// - `take NAME`: binds the abstract unix socket NAME, says `ready PID`, receives a socket
 ///   over it, says `got` and serves commands.
-/// - `give PEER NAME`: binds, connects to PEER, sends "hello", passes the socket to NAME,
-///   closes it, says `passed PID` and serves commands (only `exit`).
+/// - `give PEER NAME close|keep`: binds, connects to PEER, sends "hello", passes the socket
+///   to NAME, closes its own descriptor or keeps it, says `passed PID` and serves commands
+///   (`send` only when it kept the socket).
 /// - `exec PEER PATH`: binds, connects to PEER, sends "hello", says `before PID` and execs
 ///   PATH (this binary) as `execd FD`, which says `execd PID` and serves commands.
 ///
@@ -317,6 +373,7 @@ pub fn role(args: &[String]) -> ! {
             }
         }
         ["take", name] => {
+            pin_to_cpu(1);
             let addr = UnixAddr::from_abstract_name(name).unwrap();
             let unix = UnixDatagram::bind_addr(&addr).expect("binding the unix socket");
             say(&format!("ready {}", std::process::id()));
@@ -326,15 +383,18 @@ pub fn role(args: &[String]) -> ! {
             say("got");
             serve(Some(sock), None)
         }
-        ["give", peer, name] => {
+        ["give", peer, name, mode @ ("close" | "keep")] => {
+            if *mode == "keep" {
+                pin_to_cpu(0);
+            }
             let sock = connected(peer);
             let addr = UnixAddr::from_abstract_name(name).unwrap();
             let unix = UnixDatagram::unbound().unwrap();
             unix.connect_addr(&addr).expect("connecting to the taker");
             send_fd(unix.as_raw_fd(), sock.as_raw_fd());
-            drop(sock);
+            let sock = (*mode == "keep").then_some(sock);
             say(&format!("passed {}", std::process::id()));
-            serve(None, None)
+            serve(sock, None)
         }
         ["exec", peer, path] => {
             let sock = connected(peer);
@@ -395,6 +455,18 @@ fn serve(sock: Option<UdpSocket>, to: Option<&str>) -> ! {
     }
     say("done");
     std::process::exit(0)
+}
+
+/// Keeps the calling thread on one CPU (the last one where there are fewer), so that what
+/// udpmon notes per CPU is not shuffled by the scheduler.
+fn pin_to_cpu(cpu: usize) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET stays within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu.min(cpus - 1), &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    }
 }
 
 /// Sends `fd` over the connected unix socket `unix` (SCM_RIGHTS).

@@ -122,6 +122,10 @@ pub const ALL: &[Scenario] = &[
         run: crate::holders::fd_passing,
     },
     Scenario {
+        name: "holder_shared",
+        run: crate::holders::shared,
+    },
+    Scenario {
         name: "holder_preexisting",
         run: crate::holders::preexisting,
     },

@@ -289,6 +289,7 @@ impl Agent {
             Stop::Signal => match self
                 .drain(rb, usize::MAX)
                 .and_then(|_| self.pipeline.release_pending(true))
+                .and_then(|()| self.pipeline.finish(clock::boot_ns()))
             {
                 Err(e) if e.kind() == io::ErrorKind::BrokenPipe => self.count_unread(rb),
                 r => {

@@ -257,6 +257,12 @@ impl<K: FlowCounters> Pipeline<K> {
         self.emit(&mut reports)
     }
 
+    /// At exit, after the last records: the summaries in the making (see `Engine::finish`).
+    pub fn finish(&mut self, now: u64) -> io::Result<()> {
+        let mut reports = self.engine.finish(now);
+        self.emit(&mut reports)
+    }
+
     /// Held events nobody will see (the output is gone), for the exit summary.
     pub fn drop_pending(&mut self) -> usize {
         let n = self.pending.len();

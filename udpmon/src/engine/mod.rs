@@ -522,6 +522,25 @@ impl Engine {
         if self.interval_end_ns <= now {
             self.interval_end_ns = now.saturating_add(interval);
         }
+        self.report_interval(now, out);
+    }
+
+    /// At exit: what the summaries in the making have counted so far, so that nothing folded
+    /// or counted since the last interval's end is lost.
+    pub fn finish(&mut self, now_ns: u64) -> Vec<Report> {
+        let mut out = Vec::new();
+        if self.cfg.summary.is_some() {
+            self.report_interval(now_ns, &mut out);
+        }
+        out
+    }
+
+    /// The SUMMARY of each busy socket and peer run, and each socket's count of new flows
+    /// starts again.
+    fn report_interval(&mut self, now: u64, out: &mut Vec<Report>) {
+        let Some(cfg) = &self.cfg.summary else {
+            return;
+        };
         let threshold = cfg.threshold;
         self.peers.end_interval(now, ns(self.cfg.idle_timeout), out);
         for sock in self.sockets.values_mut() {

@@ -2423,3 +2423,32 @@ fn an_evicted_peers_folded_errors_are_still_reported() {
     assert_eq!(summary.remote, addr(UPSTREAM));
     assert_eq!(count(&r, ReportKind::Unreachable), 1);
 }
+
+/// At exit, what a busy socket counted since the last interval's end is reported, not lost.
+#[test]
+fn finish_reports_the_summaries_in_the_making() {
+    let mut e = summarising(3, 5);
+    let mut tl = Timeline::default();
+    for i in 0..6 {
+        served(&mut tl, 2 * S + i * 100 * MS, 1000 + i as u16);
+    }
+    // The first tick starts the intervals; none ends before the exit at 5 s.
+    tl.ticks(1, 4);
+    let r = tl.run(&mut e);
+    assert!(socket_summaries(&r).is_empty(), "{r:#?}");
+    let last = e.finish(5 * S);
+    let sums = socket_summaries(&last);
+    assert_eq!(sums.len(), 1, "{last:#?}");
+    let (ts, s) = &sums[0];
+    assert_eq!(*ts, 5 * S);
+    assert_eq!(
+        (s.new_flows, s.accepted, s.established, s.open),
+        (3, 3, 3, 3)
+    );
+    // Without summaries there is nothing to finish.
+    let mut plain = Engine::new(EngineConfig {
+        summary: None,
+        ..EngineConfig::default()
+    });
+    assert!(plain.finish(5 * S).is_empty());
+}

@@ -28,6 +28,9 @@ pub enum EventKind {
     NoSocket = 8,
     /// A socket that existed before udpmon started (from iter/udp).
     Existing = 9,
+    /// Another process took the socket over (a send or receive call, a received descriptor):
+    /// the owner fields are the new holder's; no address.
+    Holder = 10,
 }
 
 impl EventKind {
@@ -42,6 +45,7 @@ impl EventKind {
             7 => Self::Close,
             8 => Self::NoSocket,
             9 => Self::Existing,
+            10 => Self::Holder,
             _ => return None,
         })
     }

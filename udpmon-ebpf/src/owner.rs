@@ -16,22 +16,24 @@
 //!   then on, where the strategy can hook that ([`on_file_received`]: fentry, kprobe);
 //! - the exit of a holder is recorded ([`on_exit`]; only processes that held a socket, so
 //!   that the churn of short-lived others cannot crowd it out), and a remembered holder that
-//!   exited
-//!   after udpmon learned it is no name at all: the event says the owner is unknown
+//!   exited after udpmon learned it is no name at all: the event says the owner is unknown
 //!   (`OWNER_GONE`) rather than name a pid the system may already have given to another
 //!   process. Its cgroup is kept: the socket's new holder is, as a rule, its child;
 //! - so is each exec ([`on_exec`]), with the name the process took: a remembered holder that
-//!   exec'd since is named after the program it runs now.
+//!   exec'd since is named after the program it runs now;
+//! - a take-over seen by no event of its own (a send or receive call, a received descriptor)
+//!   is told to userspace with a `Holder` record, for the reports it makes on its own timer.
 use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
     bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
 };
-use udpmon_common::{Event, Owner, event::flags};
+use udpmon_common::{Event, EventKind, Owner, event::flags};
 
 use crate::{
     kread::{Kernel, read, sock_netns},
     maps::{
-        HOLDER_EPOCH, HOLDER_SEEN, HOLDERS, OWNERS, PROCESSES, ProcessChange, field, off, self_tgid,
+        HOLDER_EPOCH, HOLDER_SEEN, HOLDERS, OWNERS, PROCESSES, ProcessChange, emit, field, off,
+        self_tgid,
     },
     packet::IPPROTO_UDP,
 };
@@ -49,6 +51,7 @@ pub fn fill_identity(ev: &mut Event, in_task: bool) -> bool {
             return false;
         }
         set_owner(ev, &owner);
+        // The event itself tells userspace.
         if ev.cookie != 0 {
             remember(ev.cookie, owner.tgid, || owner, || 0);
         }
@@ -126,8 +129,8 @@ pub fn note_holder<K: Kernel>(sk: u64, check_udp: bool, cookie: impl FnOnce() ->
         return;
     }
     let cookie = cookie();
-    if cookie != 0 {
-        remember(cookie, tgid, current_owner, || sock_netns(sk));
+    if cookie != 0 && remember(cookie, tgid, current_owner, || sock_netns(sk)) {
+        tell_holder(cookie);
     }
 }
 
@@ -153,21 +156,44 @@ pub fn on_file_received<K: Kernel>(file: u64) {
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let cookie: u64 = read(sk, off!(skc_cookie));
-    if tgid != self_tgid() && cookie != 0 {
-        remember(cookie, tgid, current_owner, || sock_netns(sk));
+    if tgid != self_tgid()
+        && cookie != 0
+        && remember(cookie, tgid, current_owner, || sock_netns(sk))
+    {
+        tell_holder(cookie);
     }
 }
 
-/// Makes the current task (`tgid`; `holder` describes it) the remembered holder of `cookie`
-/// unless it already is. A known socket keeps the namespace it was learned in; one new to
-/// OWNERS (older than udpmon, or dropped by the LRU) gets `netns`.
+/// Tells userspace that the current task holds `cookie` now, for the reports it makes
+/// without a kernel event (its timers: idle CLOSE, SILENT, SUMMARY).
 #[inline(always)]
-fn remember(cookie: u64, tgid: u32, holder: impl FnOnce() -> Owner, netns: impl FnOnce() -> u32) {
+fn tell_holder(cookie: u64) {
+    emit(|ev| {
+        ev.kind = EventKind::Holder as u16;
+        ev.cookie = cookie;
+        // SAFETY: BPF helper without preconditions.
+        ev.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
+        fill_identity(ev, true)
+    });
+}
+
+/// Makes the current task (`tgid`; `holder` describes it) the remembered holder of `cookie`
+/// unless it already is; whether it took another process's place. A known socket keeps the
+/// namespace it was learned in; one new to OWNERS (older than udpmon, or dropped by the LRU)
+/// gets `netns`.
+#[inline(always)]
+fn remember(
+    cookie: u64,
+    tgid: u32,
+    holder: impl FnOnce() -> Owner,
+    netns: impl FnOnce() -> u32,
+) -> bool {
     // SAFETY: the map value stays valid for the program run.
     let known = unsafe { OWNERS.get(cookie) };
     if known.is_some_and(|o| o.tgid == tgid) {
-        return;
+        return false;
     }
+    let took_over = known.is_some();
     let mut h = holder();
     match known {
         Some(o) => {
@@ -178,6 +204,7 @@ fn remember(cookie: u64, tgid: u32, holder: impl FnOnce() -> Owner, netns: impl 
     }
     let _ = OWNERS.insert(cookie, h, 0);
     holds(tgid);
+    took_over
 }
 
 /// Marks `tgid` as a process whose exit and execs matter.

@@ -65,6 +65,8 @@ pub enum Fact {
     NoSocket,
     /// A socket that existed when udpmon started.
     Existing,
+    /// Another process took the socket over: the event's owner is its holder from now on.
+    Holder,
 }
 
 /// A decoded ring-buffer record.
@@ -176,8 +178,14 @@ pub fn decode_event(ev: &Event) -> Result<KernelEvent, DecodeError> {
     let family = match ev.family {
         AF_INET => Family::V4,
         AF_INET6 => Family::V6,
-        // A disconnect (connect with AF_UNSPEC) carries no address.
-        0 if kind == EventKind::Connect || kind == EventKind::Close => Family::V4,
+        // A disconnect (connect with AF_UNSPEC) carries no address, nor does a take-over.
+        0 if matches!(
+            kind,
+            EventKind::Connect | EventKind::Close | EventKind::Holder
+        ) =>
+        {
+            Family::V4
+        }
         f => return Err(DecodeError::UnknownFamily(f)),
     };
     let errno = (-ev.ret).max(0);
@@ -207,6 +215,7 @@ pub fn decode_event(ev: &Event) -> Result<KernelEvent, DecodeError> {
         EventKind::Close => Fact::Close,
         EventKind::NoSocket => Fact::NoSocket,
         EventKind::Existing => Fact::Existing,
+        EventKind::Holder => Fact::Holder,
     };
     let (family, local, remote) = unmap_v4(
         family,

@@ -477,6 +477,8 @@ impl Engine {
             Fact::RecvError { errno } => self.app_error(ev, Op::Recv, *errno, &mut out),
             Fact::Close => self.close_socket(ev, counters, &mut out),
             Fact::Existing => self.existing(ev, counters, &mut out),
+            // Learned above: what the socket's next reports, timer-made ones included, name.
+            Fact::Holder => {}
         }
         out
     }

@@ -504,6 +504,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             tier: format!("vm-bench-{}", k.name),
             program: xtask.clone(),
             name: "xtask".into(),
+            cpus: 2,
             args: vec![
                 "bench-guest".into(),
                 "--reps".into(),

@@ -37,6 +37,8 @@ pub(super) struct Machine<'a> {
     pub kernel_args: &'a str,
     /// Appended to qemu's command line.
     pub extra_args: &'a [String],
+    /// Virtual CPUs.
+    pub cpus: u32,
 }
 
 pub(super) fn boot(
@@ -48,7 +50,8 @@ pub(super) fn boot(
     let timeout = machine.timeout;
     host::ensure_packages(&["qemu-system-x86"])?;
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2048"])
+    let cpus = machine.cpus.to_string();
+    cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", &cpus, "-m", "2048"])
         .args(["-nographic", "-no-reboot"])
         // No network device: the tests build their own veth pairs and need no way out.
         .args(["-nic", "none"])

@@ -330,31 +330,40 @@ pub fn busy_dns_server_no_summary(st: Strategy) -> Outcome {
     let sent = FIRST_PORT..FIRST_PORT + 300;
     assert_eq!(burst(&h, sent.clone()), sent.len());
     let want: BTreeSet<u16> = sent.collect();
-    let end = Instant::now() + deadline(30);
-    loop {
-        let ports: BTreeSet<u16> = u
+    // Every ACCEPT comes, unless udpmon lost its record, which it then says at exit: wait
+    // for all of them, or until they stop coming.
+    let mut ports = BTreeSet::new();
+    let mut progress = Instant::now();
+    while ports != want && progress.elapsed() < deadline(5) {
+        let now: BTreeSet<u16> = u
             .all(|v| is(v, "accept") && of_dnsmasq(v, pid))
             .iter()
             .map(client_port)
             .collect();
-        if ports == want {
-            break;
+        if now.len() > ports.len() {
+            progress = Instant::now();
         }
-        assert!(
-            Instant::now() < end,
-            "{} of {} ACCEPTs of dnsmasq's flows within {:?}",
-            ports.len(),
-            want.len(),
-            deadline(30)
-        );
+        ports = now;
     }
+    assert!(
+        ports.is_subset(&want),
+        "ACCEPTs from ports that sent nothing"
+    );
     sigterm(&mut dm);
+    // A flow whose query's record was lost opened on the answer: it closes all the same.
     wait_until("dnsmasq's closes", 30, || {
-        u.all(|v| is(v, "close") && of_dnsmasq(v, pid)).len() == want.len()
+        u.all(|v| is(v, "close") && of_dnsmasq(v, pid)).len() >= ports.len()
     });
     let summaries = u.all(|v| is(v, "summary"));
     assert!(summaries.is_empty(), "--no-summary: {summaries:?}");
-    let (status, _) = u.stop();
+    let (status, stderr) = u.stop();
     assert!(status.success(), "udpmon after SIGTERM: {status}");
+    let lost = losses(&stderr);
+    let missing = (want.len() - ports.len()) as u64;
+    assert!(
+        missing <= lost,
+        "{missing} of {} ACCEPTs missing, while udpmon says it lost {lost}: {stderr:?}",
+        want.len()
+    );
     Outcome::Pass
 }

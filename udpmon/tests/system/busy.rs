@@ -13,21 +13,20 @@
 use std::{
     collections::BTreeSet,
     net::UdpSocket,
-    process::Child,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 
 use crate::{
+    dns::{PORT, dnsmasq},
     harness::{
         CLIENT4, Outcome, SERVER4, Strategy, TwoHosts, Udpmon, deadline, in_netns, is, need_tools,
-        s, spawn_in, wait_until,
+        s, wait_until,
     },
-    util::{addr, nft, sigterm, wait_until_bound},
+    util::{addr, nft, sigterm},
 };
 
-const PORT: u16 = 5353;
 /// Queries in the burst, each from its own client port, from FIRST_PORT on.
 const QUERIES: u16 = 3000;
 const FIRST_PORT: u16 = 20000;
@@ -36,29 +35,6 @@ const FIRST_PORT: u16 = 20000;
 const REJECTED: std::ops::Range<u16> = 21000..21040;
 /// `--summary-problems`: the default.
 const PROBLEM_LINES: u64 = 5;
-
-fn dnsmasq(h: &TwoHosts) -> Child {
-    let listen = format!("--listen-address={SERVER4}");
-    let port = format!("--port={PORT}");
-    let c = spawn_in(
-        &h.server,
-        "dnsmasq",
-        &[
-            "--no-daemon",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            &listen,
-            "--bind-interfaces",
-            &port,
-            "--address=/test.example/10.9.9.9",
-            "--user=root",
-            "--pid-file=",
-        ],
-    );
-    wait_until_bound(&h.server, PORT, false);
-    c
-}
 
 /// An A query for test.example, with id `id`.
 fn query(id: u16) -> Vec<u8> {

@@ -22,9 +22,10 @@ use crate::{
     },
 };
 
-const PORT: u16 = 5353;
+pub const PORT: u16 = 5353;
 
-fn dnsmasq(h: &TwoHosts) -> Child {
+/// dnsmasq answering for `test.example` on the server side's PORT.
+pub fn dnsmasq(h: &TwoHosts) -> Child {
     let listen = format!("--listen-address={SERVER4}");
     let port = format!("--port={PORT}");
     let c = spawn_in(

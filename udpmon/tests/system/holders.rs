@@ -473,8 +473,9 @@ fn pin_to_cpu(cpu: usize) {
     }
 }
 
-/// Sends `fd` over the connected unix socket `unix` (SCM_RIGHTS).
-fn send_fd(unix: RawFd, fd: RawFd) {
+/// Runs `call` with a message of one byte and room for one descriptor (SCM_RIGHTS), as
+/// sendmsg and recvmsg take it.
+fn with_fd_message<T>(call: impl FnOnce(&mut libc::msghdr) -> T) -> T {
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
@@ -489,45 +490,40 @@ fn send_fd(unix: RawFd, fd: RawFd) {
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
     msg.msg_controllen = space as _;
-    // SAFETY: the control buffer has room for one header and one descriptor.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as _;
-        libc::CMSG_DATA(c).cast::<RawFd>().write_unaligned(fd);
-    }
-    // SAFETY: msg points at live buffers.
-    let rc = unsafe { libc::sendmsg(unix, &msg, 0) };
+    call(&mut msg)
+}
+
+/// Sends `fd` over the connected unix socket `unix` (SCM_RIGHTS).
+fn send_fd(unix: RawFd, fd: RawFd) {
+    let rc = with_fd_message(|msg| {
+        // SAFETY: the control buffer has room for one header and one descriptor; msg points
+        // at live buffers.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as _;
+            libc::CMSG_DATA(c).cast::<RawFd>().write_unaligned(fd);
+            libc::sendmsg(unix, msg, 0)
+        }
+    });
     assert_eq!(rc, 1, "sendmsg: {}", std::io::Error::last_os_error());
 }
 
 /// Receives one descriptor over `unix` (SCM_RIGHTS).
 fn receive_fd(unix: RawFd) -> RawFd {
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: as in send_fd.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: msg points at live buffers.
-    let rc = unsafe { libc::recvmsg(unix, &mut msg, 0) };
-    assert_eq!(rc, 1, "recvmsg: {}", std::io::Error::last_os_error());
-    // SAFETY: the kernel filled the control buffer; the first header is the descriptor's.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        assert!(
-            !c.is_null() && (*c).cmsg_type == libc::SCM_RIGHTS,
-            "no descriptor came"
-        );
-        libc::CMSG_DATA(c).cast::<RawFd>().read_unaligned()
-    }
+    with_fd_message(|msg| {
+        // SAFETY: msg points at live buffers.
+        let rc = unsafe { libc::recvmsg(unix, msg, 0) };
+        assert_eq!(rc, 1, "recvmsg: {}", std::io::Error::last_os_error());
+        // SAFETY: the kernel filled the control buffer; the first header is the descriptor's.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(msg);
+            assert!(
+                !c.is_null() && (*c).cmsg_type == libc::SCM_RIGHTS,
+                "no descriptor came"
+            );
+            libc::CMSG_DATA(c).cast::<RawFd>().read_unaligned()
+        }
+    })
 }

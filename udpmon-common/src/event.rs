@@ -31,6 +31,11 @@ pub enum EventKind {
     /// Another process took the socket over (a send or receive call, a received descriptor):
     /// the owner fields are the new holder's; no address.
     Holder = 10,
+    /// A process that held a socket exited (its last thread): `tgid` only, no socket.
+    Exit = 11,
+    /// A process that held a socket exec'd: its identity as it is now (`comm` is the new
+    /// program's), no socket.
+    Exec = 12,
 }
 
 impl EventKind {
@@ -46,6 +51,8 @@ impl EventKind {
             8 => Self::NoSocket,
             9 => Self::Existing,
             10 => Self::Holder,
+            11 => Self::Exit,
+            12 => Self::Exec,
             _ => return None,
         })
     }

@@ -22,7 +22,8 @@
 //! - so is each exec ([`on_exec`]), with the name the process took: a remembered holder that
 //!   exec'd since is named after the program it runs now;
 //! - a take-over seen by no event of its own (a send or receive call, a received descriptor)
-//!   is told to userspace with a `Holder` record, for the reports it makes on its own timer.
+//!   is told to userspace with a `Holder` record, and so are a holder's exit and exec (`Exit`,
+//!   `Exec`), for the reports userspace makes on its own timer.
 use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
     bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
@@ -250,6 +251,12 @@ pub fn on_exit(task: u64) {
         // exits at once still moves the epoch.
         unsafe { *e += 1 };
     }
+    emit(|ev| {
+        ev.kind = EventKind::Exit as u16;
+        ev.ts_ns = now;
+        ev.tgid = tgid;
+        true
+    });
 }
 
 /// `sched_process_exec`, in a holder's context once it runs the new program (whose name
@@ -280,6 +287,12 @@ pub fn on_exec() {
             let _ = PROCESSES.insert(tgid, c, 0);
         }
     }
+    emit(|ev| {
+        ev.kind = EventKind::Exec as u16;
+        ev.ts_ns = now;
+        set_owner(ev, &current_owner());
+        true
+    });
 }
 
 #[inline(always)]

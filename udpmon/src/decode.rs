@@ -67,6 +67,10 @@ pub enum Fact {
     Existing,
     /// Another process took the socket over: the event's owner is its holder from now on.
     Holder,
+    /// Process `tgid`, which held a socket, exited. No socket.
+    Exit,
+    /// Process `tgid`, which held a socket, exec'd: the event names it as it is now. No socket.
+    Exec,
 }
 
 /// A decoded ring-buffer record.
@@ -178,10 +182,15 @@ pub fn decode_event(ev: &Event) -> Result<KernelEvent, DecodeError> {
     let family = match ev.family {
         AF_INET => Family::V4,
         AF_INET6 => Family::V6,
-        // A disconnect (connect with AF_UNSPEC) carries no address, nor does a take-over.
+        // A disconnect (connect with AF_UNSPEC) carries no address, nor do a take-over and
+        // a holder's exit or exec.
         0 if matches!(
             kind,
-            EventKind::Connect | EventKind::Close | EventKind::Holder
+            EventKind::Connect
+                | EventKind::Close
+                | EventKind::Holder
+                | EventKind::Exit
+                | EventKind::Exec
         ) =>
         {
             Family::V4
@@ -216,6 +225,8 @@ pub fn decode_event(ev: &Event) -> Result<KernelEvent, DecodeError> {
         EventKind::NoSocket => Fact::NoSocket,
         EventKind::Existing => Fact::Existing,
         EventKind::Holder => Fact::Holder,
+        EventKind::Exit => Fact::Exit,
+        EventKind::Exec => Fact::Exec,
     };
     let (family, local, remote) = unmap_v4(
         family,

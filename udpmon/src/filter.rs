@@ -234,7 +234,8 @@ fn any_of<T>(allowed: &[T], is: impl FnMut(&T) -> bool) -> bool {
 impl Filter {
     pub fn matches(&self, r: &Report) -> bool {
         // REFUSED and ICMP errors for closed sockets have no process of their own; the
-        // process filters apply to the last owner they name.
+        // process and cgroup filters apply to the last owner they name (and the container
+        // ones to its container, which the report carries).
         let owner = r.last_owner();
         any_of(&self.events, |k| *k == r.kind)
             && self.family.is_none_or(|f| f == r.family)
@@ -252,7 +253,9 @@ impl Filter {
             })
             && any_of(&self.peers, |p| p.matches(&r.remote))
             && any_of(&self.netns, |n| *n == r.netns)
-            && any_of(&self.cgroups, |c| *c == r.cgroup)
+            && any_of(&self.cgroups, |c| {
+                *c == r.cgroup || owner.is_some_and(|o| o.cgroup == *c)
+            })
             && any_of(&self.containers, |s| {
                 r.container.as_deref().is_some_and(|c| s.matches(c))
             })
@@ -515,10 +518,12 @@ mod tests {
             pid: 0,
             comm: String::new(),
             process: String::new(),
+            cgroup: 0,
             detail: Detail::Refused {
                 last_owner: Some(Owner {
                     tgid: 123,
                     comm: "nc".into(),
+                    cgroup: 77,
                     ..Owner::default()
                 }),
             },
@@ -526,7 +531,9 @@ mod tests {
         };
         assert!(filter(&["--pid", "123"]).matches(&r));
         assert!(filter(&["--comm", "nc"]).matches(&r));
+        assert!(filter(&["--cgroup", "77"]).matches(&r));
         assert!(!filter(&["--pid", "10"]).matches(&r));
         assert!(!filter(&["--comm", "dnsmasq"]).matches(&r));
+        assert!(!filter(&["--cgroup", "78"]).matches(&r));
     }
 }

@@ -113,7 +113,10 @@ impl<K: FlowCounters> Pipeline<K> {
             Ok((mut ev, netns_cookie)) => {
                 // The engine takes a record's identity only from the task that ran the
                 // hook; a softirq record is named after its socket's owner.
-                if !ev.task_unrelated {
+                if ev.fact == Fact::Exit {
+                    // Its number is free for another process to take.
+                    self.processes.forget(ev.tgid);
+                } else if !ev.task_unrelated {
                     ev.process = self.processes.name(ev.tgid, ev.pid, &ev.comm);
                     self.note_cgroup(&ev);
                 }
@@ -273,12 +276,18 @@ impl<K: FlowCounters> Pipeline<K> {
     /// Names each report's container, then writes those the filter passes.
     pub fn emit(&mut self, reports: &mut [Report]) -> io::Result<()> {
         for r in reports {
-            if r.cgroup != 0 {
-                match self.containers.lookup(r.cgroup) {
+            // A report of no socket (REFUSED, an ICMP error no socket matched) is of the
+            // container whose process held the port last.
+            let cgroup = match r.cgroup {
+                0 => r.last_owner().map_or(0, |o| o.cgroup),
+                c => c,
+            };
+            if cgroup != 0 {
+                match self.containers.lookup(cgroup) {
                     container::Lookup::Known(c) => r.container = c,
                     // Forgotten to make room: for the next reports.
                     container::Lookup::Unknown => {
-                        self.unknown_cgroups.insert(r.cgroup);
+                        self.unknown_cgroups.insert(cgroup);
                     }
                 }
             }
@@ -299,6 +308,7 @@ mod tests {
     use super::*;
     use crate::{
         cli::Cli,
+        container::Container,
         engine::{EngineConfig, ReportKind},
         report::{ClockOffset, Formatter, JsonFormat},
     };
@@ -463,5 +473,53 @@ mod tests {
             .collect();
         forgotten.sort_unstable();
         assert_eq!(forgotten, [2, 3, 4]);
+    }
+
+    /// A REFUSED names the container of the port's last owner: the port was the container's.
+    #[test]
+    fn a_refused_names_the_last_owners_container() {
+        let mut p = pipeline();
+        let podman = Container {
+            id: "3f".repeat(32),
+            runtime: Some(container::Runtime::Podman),
+            name: Some("web".into()),
+            pod: None,
+            namespace: None,
+            pod_uid: None,
+        };
+        p.containers.learn(HashMap::from([(77, Some(podman))]));
+        let raw = |ev: &Event| {
+            // SAFETY: as in `first_tx`.
+            unsafe { std::slice::from_raw_parts((&raw const *ev).cast::<u8>(), size_of::<Event>()) }
+                .to_vec()
+        };
+        let mut opened = first_tx(1, 0);
+        opened[std::mem::offset_of!(Event, cgroup)..][..8].copy_from_slice(&77u64.to_ne_bytes());
+        let mut close = Event::zeroed();
+        close.kind = EventKind::Close as u16;
+        close.cookie = 1;
+        close.tgid = 4242;
+        close.pid = 4242;
+        close.cgroup = 77;
+        close.ts_ns = 2_000_000_000;
+        let mut refused = Event::zeroed();
+        refused.kind = EventKind::NoSocket as u16;
+        refused.family = AF_INET;
+        refused.ts_ns = 3_000_000_000;
+        refused.local[..4].copy_from_slice(&[10, 0, 0, 1]);
+        refused.lport = 40001;
+        refused.remote[..4].copy_from_slice(&[10, 0, 0, 2]);
+        refused.rport = 53;
+        refused.flags = udpmon_common::event::flags::TASK_UNRELATED;
+        let mut reports = Vec::new();
+        for ev in [opened, raw(&close), raw(&refused)] {
+            p.record(&ev, &mut reports);
+        }
+        let r = reports.iter_mut().find(|r| r.kind == ReportKind::Refused);
+        let r = r.expect("a REFUSED");
+        assert_eq!(r.last_owner().map(|o| o.cgroup), Some(77));
+        p.emit(std::slice::from_mut(r)).unwrap();
+        let c = r.container.as_deref().expect("the last owner's container");
+        assert_eq!(c.name.as_deref(), Some("web"));
     }
 }

@@ -96,6 +96,11 @@ impl ProcessNames {
         }
     }
 
+    /// Process `tgid` exited.
+    pub fn forget(&mut self, tgid: u32) {
+        self.names.remove(&tgid);
+    }
+
     fn remember(&mut self, tgid: u32, name: String) -> String {
         let now = Instant::now();
         if self.names.len() >= Self::MAX {

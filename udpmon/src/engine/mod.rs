@@ -27,6 +27,7 @@
 //!   line by line; its rules are in `summary.rs`.
 mod cookies;
 mod flow;
+mod owners;
 mod peer;
 mod report;
 pub mod rules;
@@ -34,7 +35,6 @@ mod summary;
 
 use std::{
     collections::BTreeMap,
-    hash::BuildHasher,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
     time::Duration,
@@ -43,7 +43,8 @@ use std::{
 use cookies::CookieMap;
 use flow::{Addr, Flow, FlowTable, State};
 pub use flow::{Counters, FlowId};
-use hashbrown::{DefaultHashBuilder, HashMap, HashTable, hash_map::Entry};
+use hashbrown::{HashMap, hash_map::Entry};
+use owners::{Held, OwnerOf, Owners, UNKNOWN};
 use peer::{PeerKey, PeerTable};
 pub use report::{
     ByVerdict, CloseReason, CloseStats, Detail, Folded, Op, Owner, PeerSummary, Problems, Report,
@@ -118,7 +119,7 @@ pub struct EngineStats {
 /// [`Owners`]) and addresses are compact.
 #[derive(Debug)]
 struct Socket {
-    owner: Option<Arc<Owner>>,
+    owner: Option<Arc<Held>>,
     /// Last time any event named the socket, for forgetting flowless sockets.
     seen_ns: u64,
     netns: u32,
@@ -138,127 +139,10 @@ struct Socket {
 /// The last process seen on a local port, for naming it when a peer keeps sending there.
 #[derive(Debug)]
 struct PortOwner {
-    owner: Arc<Owner>,
+    owner: Arc<Held>,
     /// When its socket closed; `None` while it is open.
     closed_ns: Option<u64>,
 }
-
-/// Who an event names as its socket's owner, before it is interned.
-struct OwnerOf<'a> {
-    ev: &'a KernelEvent,
-    netns: u32,
-}
-
-/// An owner's identity, as the intern table hashes and compares it: one definition for the
-/// event side and the stored side, so that the two cannot disagree.
-type OwnerKey<'a> = (u32, u32, &'a str, &'a str, u32, u64, u32);
-
-impl OwnerOf<'_> {
-    fn key(&self) -> OwnerKey<'_> {
-        let e = self.ev;
-        (
-            e.tgid,
-            e.pid,
-            e.comm.as_str(),
-            e.process.as_str(),
-            e.uid,
-            e.cgroup,
-            self.netns,
-        )
-    }
-
-    fn hash(&self, h: &DefaultHashBuilder) -> u64 {
-        h.hash_one(self.key())
-    }
-
-    fn is(&self, o: &Owner) -> bool {
-        self.key() == owner_key(o)
-    }
-}
-
-fn owner_key(o: &Owner) -> OwnerKey<'_> {
-    (
-        o.tgid,
-        o.pid,
-        o.comm.as_str(),
-        o.process.as_str(),
-        o.uid,
-        o.cgroup,
-        o.netns,
-    )
-}
-
-fn hash_owner(h: &DefaultHashBuilder, o: &Owner) -> u64 {
-    h.hash_one(owner_key(o))
-}
-
-/// Owners held once, however many sockets and ports name them: a program's sockets share
-/// one, and the events of a socket, which nearly always name the owner it already has,
-/// cost a comparison instead of two string copies. Owners that nothing names any more are
-/// dropped at each tick.
-#[derive(Default)]
-struct Owners {
-    table: HashTable<Arc<Owner>>,
-    hasher: DefaultHashBuilder,
-}
-
-impl Owners {
-    fn intern(&mut self, who: &OwnerOf<'_>) -> Arc<Owner> {
-        let hasher = &self.hasher;
-        let e = who.ev;
-        self.table
-            .entry(who.hash(hasher), |o| who.is(o), |o| hash_owner(hasher, o))
-            .or_insert_with(|| {
-                Arc::new(Owner {
-                    tgid: e.tgid,
-                    pid: e.pid,
-                    comm: e.comm.clone(),
-                    process: e.process.clone(),
-                    uid: e.uid,
-                    cgroup: e.cgroup,
-                    netns: who.netns,
-                })
-            })
-            .get()
-            .clone()
-    }
-
-    /// `owner` in another namespace.
-    fn renamed(&mut self, owner: &Arc<Owner>, netns: u32) -> Arc<Owner> {
-        if owner.netns == netns {
-            return owner.clone();
-        }
-        let o = Owner {
-            netns,
-            ..Owner::clone(owner)
-        };
-        let hasher = &self.hasher;
-        self.table
-            .entry(
-                hash_owner(hasher, &o),
-                |x| **x == o,
-                |x| hash_owner(hasher, x),
-            )
-            .or_insert_with(|| Arc::new(o))
-            .get()
-            .clone()
-    }
-
-    fn purge(&mut self) {
-        self.table.retain(|o| Arc::strong_count(o) > 1);
-    }
-}
-
-/// The owner of an unknown socket.
-static UNKNOWN: Owner = Owner {
-    tgid: 0,
-    pid: 0,
-    comm: String::new(),
-    process: String::new(),
-    uid: 0,
-    cgroup: 0,
-    netns: 0,
-};
 
 pub struct Engine {
     cfg: EngineConfig,
@@ -266,7 +150,7 @@ pub struct Engine {
     sockets: CookieMap<Socket>,
     owners: Owners,
     /// [`UNKNOWN`], for a peer to share.
-    unknown: Arc<Owner>,
+    unknown: Arc<Held>,
     /// The last APP-ERROR reported for a call not tied to a tracked flow (errno, remote),
     /// by socket: rare, so not a field of every socket.
     last_app_error: HashMap<u64, (i32, SocketAddr)>,
@@ -289,7 +173,7 @@ pub struct Engine {
 /// the sockets alone, so that a report can borrow it while a flow is borrowed mutably.
 fn owner_of(sockets: &CookieMap<Socket>, cookie: u64) -> (&Owner, u32) {
     match sockets.get(&cookie) {
-        Some(s) => (s.owner.as_deref().unwrap_or(&UNKNOWN), s.netns),
+        Some(s) => (s.owner.as_deref().map_or(&UNKNOWN, Held::now), s.netns),
         None => (&UNKNOWN, 0),
     }
 }
@@ -337,7 +221,7 @@ impl Engine {
             flows: FlowTable::default(),
             sockets: CookieMap::default(),
             owners: Owners::default(),
-            unknown: Arc::new(UNKNOWN.clone()),
+            unknown: Arc::new(Held::new(UNKNOWN.clone())),
             last_app_error: HashMap::new(),
             port_owners: HashMap::new(),
             refused_at: HashMap::new(),
@@ -451,7 +335,7 @@ impl Engine {
         let mut out = Vec::with_capacity(1);
         self.expired.clear();
         let socketless = match &ev.fact {
-            Fact::NoSocket => true,
+            Fact::NoSocket | Fact::Exit | Fact::Exec => true,
             Fact::Icmp(icmp) => icmp.verdict == Verdict::NoSocket || ev.cookie == 0,
             _ => false,
         };
@@ -479,6 +363,8 @@ impl Engine {
             Fact::Existing => self.existing(ev, counters, &mut out),
             // Learned above: what the socket's next reports, timer-made ones included, name.
             Fact::Holder => {}
+            Fact::Exit => self.owners.exited(ev.tgid),
+            Fact::Exec => self.owners.execd(ev),
         }
         out
     }
@@ -714,8 +600,8 @@ impl Engine {
                 ev,
                 netns: sock.netns,
             };
-            if !sock.owner.as_deref().is_some_and(|o| who.is(o)) {
-                sock.owner = Some(self.owners.intern(&who));
+            if !sock.owner.as_ref().is_some_and(|o| o.is(&who)) {
+                sock.owner = Some(self.owners.of(&who));
             }
         }
         // A Connect fact's address is what the socket is being connected *to*; the other
@@ -749,7 +635,7 @@ impl Engine {
     fn last_owner(&self, netns: u32, port: u16) -> Option<Owner> {
         self.port_owners
             .get(&(netns, port))
-            .map(|p| Owner::clone(&p.owner))
+            .map(|p| p.owner.learned().clone())
     }
 
     /// The event's peer; for a connected socket whose hook could not see the address, the
@@ -818,7 +704,7 @@ impl Engine {
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
-        let key = PeerKey::new(owner, netns, id.remote);
+        let key = PeerKey::new(owner.now(), netns, id.remote);
         flow.peer = self
             .peers
             .attach(key, owner, flow.family, flow.local(), ts_ns);
@@ -1412,7 +1298,7 @@ fn summary_report(sockets: &CookieMap<Socket>, cookie: u64, b: &mut Busy, now: u
         ReportKind::Summary,
         now,
         cookie,
-        (&b.owner, b.netns),
+        (b.owner.now(), b.netns),
         b.family,
         (b.local, anywhere(b.family)),
         detail,

@@ -65,6 +65,7 @@ use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 use super::{
     anywhere,
     flow::Counters,
+    owners::Held,
     report::{Detail, Owner, PeerSummary, Report, ReportKind, Unanswered, UnreachableInfo},
 };
 use crate::decode::{Family, Verdict};
@@ -199,25 +200,25 @@ enum Silence {
 /// An owner a peer can hold: the engine passes the socket's interned owner, which the peer
 /// then shares (8 bytes instead of a 40-byte copy of the ids and the thread's name).
 pub(super) trait SharedOwner {
-    fn shared(self) -> Arc<Owner>;
+    fn shared(self) -> Arc<Held>;
 }
 
-impl SharedOwner for &Arc<Owner> {
-    fn shared(self) -> Arc<Owner> {
+impl SharedOwner for &Arc<Held> {
+    fn shared(self) -> Arc<Held> {
         Arc::clone(self)
     }
 }
 
 impl SharedOwner for &Owner {
-    fn shared(self) -> Arc<Owner> {
-        Arc::new(self.clone())
+    fn shared(self) -> Arc<Held> {
+        Arc::new(Held::new(self.clone()))
     }
 }
 
 #[derive(Debug)]
 struct Peer {
     /// The process of its most recent flow (its netns is the key's, not this one's).
-    owner: Arc<Owner>,
+    owner: Arc<Held>,
     family: Family,
     /// The flows' local address (`None` until one is known): the port becomes 0 once they
     /// used several ports, the address the wildcard once they used several addresses.
@@ -343,7 +344,7 @@ pub(super) struct PeerTable {
 }
 
 impl Peer {
-    fn new(owner: Arc<Owner>, family: Family, ts_ns: u64) -> Self {
+    fn new(owner: Arc<Held>, family: Family, ts_ns: u64) -> Self {
         Self {
             owner,
             family,
@@ -427,13 +428,14 @@ impl Peer {
     }
 
     fn report(&self, key: &PeerKey, kind: ReportKind, ts_ns: u64, detail: Detail) -> Report {
-        let o = &self.owner;
-        // Names as a peer keys them: cut to what the kernel keeps of one.
+        let o = self.owner.now();
+        // Names as a peer keys them: cut to what the kernel keeps of one. A process that
+        // has exited since is no pid, but the peer is still its program's.
         let owner = Owner {
             tgid: o.tgid,
             pid: o.pid,
             comm: Name::new(&o.comm).as_str().to_owned(),
-            process: if !o.process.is_empty() {
+            process: if !o.process.is_empty() || o.tgid == 0 {
                 key.program.as_str().to_owned()
             } else {
                 String::new()

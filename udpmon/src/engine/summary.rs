@@ -37,7 +37,10 @@
 //!   fit its padding); the counts of a summary live in a side table of busy sockets only.
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use super::report::{Detail, Owner, ReportKind, SocketSummary};
+use super::{
+    owners::Held,
+    report::{Detail, ReportKind, SocketSummary},
+};
 use crate::decode::Family;
 
 /// The knobs of the busy-socket summaries and of the peer-scope folding of UNREACHABLE.
@@ -64,7 +67,7 @@ impl Default for SummaryConfig {
 /// is gone.
 #[derive(Debug)]
 pub(super) struct Busy {
-    pub owner: Arc<Owner>,
+    pub owner: Arc<Held>,
     pub netns: u32,
     pub family: Family,
     pub local: SocketAddr,
@@ -80,7 +83,7 @@ pub(super) struct Busy {
 }
 
 impl Busy {
-    pub fn new(owner: Arc<Owner>, netns: u32, family: Family, local: SocketAddr, ts: u64) -> Self {
+    pub fn new(owner: Arc<Held>, netns: u32, family: Family, local: SocketAddr, ts: u64) -> Self {
         Self {
             owner,
             netns,
@@ -192,11 +195,17 @@ mod tests {
     use std::net::SocketAddr;
 
     use super::*;
-    use crate::engine::{Folded, Op, Problems, Trouble};
+    use crate::engine::{Folded, Op, Owner, Problems, Trouble};
 
     fn busy() -> Busy {
         let local: SocketAddr = "10.0.0.1:53".parse().unwrap();
-        Busy::new(Arc::new(Owner::default()), 1, Family::V4, local, 0)
+        Busy::new(
+            Arc::new(Held::new(Owner::default())),
+            1,
+            Family::V4,
+            local,
+            0,
+        )
     }
 
     /// Per kind, `limit` lines an interval; an APP-ERROR leaves the pairing of SILENT and

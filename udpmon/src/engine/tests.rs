@@ -1088,6 +1088,9 @@ mod props {
         NoSocket {
             peer: u8,
         },
+        /// The holder (tgid 100) exits, or execs.
+        Exit,
+        Exec,
         Tick,
     }
 
@@ -1107,6 +1110,7 @@ mod props {
             1 => (cookie, prop::option::of(peer.clone()))
                 .prop_map(|(cookie, peer)| Step::Existing { cookie, peer }),
             1 => peer.prop_map(|peer| Step::NoSocket { peer }),
+            1 => prop_oneof![Just(Step::Exit), Just(Step::Exec)],
             3 => Just(Step::Tick),
         ]
     }
@@ -1324,6 +1328,8 @@ mod props {
                 Step::NoSocket { peer } => {
                     e.on_event(&kev(Fact::NoSocket, ts, 0, remote(peer)), &get)
                 }
+                Step::Exit => e.on_event(&exit(100, ts), &get),
+                Step::Exec => e.on_event(&ev(Fact::Exec, ts), &get),
                 Step::Tick => e.on_tick(ts, &get),
             };
             chk.check(&reports, &e)?;
@@ -2451,4 +2457,169 @@ fn finish_reports_the_summaries_in_the_making() {
         ..EngineConfig::default()
     });
     assert!(plain.finish(5 * S).is_empty());
+}
+
+/// Process `tgid`'s exit, as the kernel tells it: no socket.
+fn exit(tgid: u32, ts: u64) -> KernelEvent {
+    KernelEvent {
+        cookie: 0,
+        tgid,
+        pid: 0,
+        comm: String::new(),
+        process: String::new(),
+        uid: 0,
+        cgroup: 0,
+        netns: 0,
+        ..ev(Fact::Exit, ts)
+    }
+}
+
+fn who(r: &Report) -> (u32, u32, &str, &str, u32, u64) {
+    (
+        r.tgid,
+        r.pid,
+        r.comm.as_str(),
+        r.process.as_str(),
+        r.uid,
+        r.cgroup,
+    )
+}
+
+/// Issue 12: the socket's holder exited (a daemon's parent, a descriptor's sender); nothing
+/// of the socket's says who holds it now, so what the engine reports on its own timer names
+/// no one rather than a pid the system may give to another process. The next event of the
+/// socket names its holder again.
+#[test]
+fn timer_reports_name_no_one_once_the_holder_exited() {
+    let mut e = engine();
+    let k = Kernel::default();
+    let get = |id: &FlowId| k.get(id);
+    established(&mut e, &k);
+    assert!(e.on_tick(2 * S, &get).is_empty());
+    assert!(run(&mut e, &[exit(100, 2 * S)]).is_empty());
+    k.send(flow7(), 3 * S, 2);
+    let r = e.on_tick(14 * S, &get);
+    assert_eq!(kinds(&r), [ReportKind::Silent]);
+    // Its cgroup is kept, as the kernel keeps it: the new holder is, as a rule, its child.
+    assert_eq!(who(&r[0]), (0, 0, "", "", 0, 25));
+    assert_eq!(r[0].netns, 4026531833);
+    // The child's first call names it.
+    let child = KernelEvent {
+        tgid: 200,
+        pid: 200,
+        ..ev(Fact::Holder, 15 * S)
+    };
+    assert!(run(&mut e, &[child]).is_empty());
+    let r = e.on_tick(130 * S, &get);
+    assert_eq!(kinds(&r), [ReportKind::Close]);
+    assert_eq!(who(&r[0]), (200, 200, "nc", "nc", 1000, 25));
+}
+
+/// A holder that closes its socket on its way out (the kernel closes an exiting process's
+/// files after it has told of the exit) is named by that close.
+#[test]
+fn a_close_by_the_exiting_holder_names_it() {
+    let mut e = engine();
+    let k = Kernel::default();
+    established(&mut e, &k);
+    let r = run(&mut e, &[exit(100, 2 * S), ev(Fact::Close, 2 * S)]);
+    assert_eq!(kinds(&r), [ReportKind::Close]);
+    assert_eq!(who(&r[0]), (100, 101, "nc", "nc", 1000, 25));
+}
+
+/// A holder that exec'd another program is named after it.
+#[test]
+fn timer_reports_name_the_program_a_holder_execd() {
+    let mut e = engine();
+    let k = Kernel::default();
+    let get = |id: &FlowId| k.get(id);
+    established(&mut e, &k);
+    assert!(e.on_tick(2 * S, &get).is_empty());
+    let exec = KernelEvent {
+        cookie: 0,
+        pid: 100,
+        comm: "socat".into(),
+        process: "socat".into(),
+        uid: 0,
+        ..ev(Fact::Exec, 2 * S)
+    };
+    assert!(run(&mut e, &[exec]).is_empty());
+    k.send(flow7(), 3 * S, 2);
+    let r = e.on_tick(14 * S, &get);
+    assert_eq!(kinds(&r), [ReportKind::Silent]);
+    assert_eq!(who(&r[0]), (100, 100, "socat", "socat", 0, 25));
+    // ... and then exited.
+    assert!(run(&mut e, &[exit(100, 15 * S)]).is_empty());
+    let r = e.on_tick(130 * S, &get);
+    assert_eq!(kinds(&r), [ReportKind::Close]);
+    assert_eq!(who(&r[0]), (0, 0, "", "", 0, 25));
+}
+
+/// The exited process's number, given to a new process, names the new one's sockets; the
+/// old sockets still name no one.
+#[test]
+fn a_reused_pid_names_only_the_new_process() {
+    let mut e = engine();
+    let k = Kernel::default();
+    let get = |id: &FlowId| k.get(id);
+    established(&mut e, &k);
+    assert!(e.on_tick(2 * S, &get).is_empty());
+    let other = FlowId {
+        cookie: 8,
+        remote: addr("10.0.0.3:53"),
+    };
+    let reborn = |fact, ts| KernelEvent {
+        cookie: 8,
+        remote: other.remote,
+        ..ev(fact, ts)
+    };
+    k.send(other, 3 * S, 1);
+    k.recv(other, 3 * S + MS);
+    let r = run(
+        &mut e,
+        &[
+            exit(100, 2 * S),
+            reborn(Fact::FirstTx { bytes: 1 }, 3 * S),
+            reborn(Fact::FirstRx { bytes: 1 }, 3 * S + MS),
+        ],
+    );
+    assert_eq!(kinds(&r), [ReportKind::Connect, ReportKind::Establish]);
+    assert_eq!(who(&r[0]).0, 100);
+    assert!(e.on_tick(4 * S, &get).is_empty());
+    k.send(flow7(), 4 * S, 2);
+    k.send(other, 4 * S, 2);
+    let r = e.on_tick(15 * S, &get);
+    assert_eq!(kinds(&r), [ReportKind::Silent, ReportKind::Silent]);
+    let by_cookie = |c: u64| r.iter().find(|r| r.cookie == c).map(who).unwrap();
+    assert_eq!(by_cookie(7), (0, 0, "", "", 0, 25));
+    assert_eq!(by_cookie(8), (100, 101, "nc", "nc", 1000, 25));
+}
+
+/// A peer across the flows of short-lived programs (`dig` per query) is named after its
+/// most recent flow's process; once that one exited, after its program only.
+#[test]
+fn a_peers_report_names_no_exited_pid() {
+    let mut e = engine();
+    let mut tl = Timeline::default();
+    for i in 0..6 {
+        let ts = (1 + i) * S;
+        let dig = |fact, ts| KernelEvent {
+            tgid: 500 + i as u32,
+            pid: 500 + i as u32,
+            comm: "dig".into(),
+            process: "dig".into(),
+            ..fwd(fact, ts, 100 + i)
+        };
+        tl.at(ts, dig(Fact::FirstTx { bytes: 40 }, ts));
+        tl.at(ts + 2 * S, dig(Fact::Close, ts + 2 * S));
+        tl.at(ts + 2 * S, exit(500 + i as u32, ts + 2 * S));
+    }
+    tl.ticks(1, 12);
+    let r = tl.run(&mut e);
+    let peer = of_scope(&r, Scope::Peer);
+    assert_eq!(
+        kinds(&peer.iter().copied().cloned().collect::<Vec<_>>()),
+        [ReportKind::Silent]
+    );
+    assert_eq!(who(peer[0]), (0, 0, "", "dig", 0, 25));
 }

@@ -13,7 +13,8 @@
 //! - `container`: null outside containers, else {`id` (the runtime's full id, 64 hex
 //!   digits), `runtime` (`docker`, `containerd`, `cri-o`, `podman`, or null when the cgroup
 //!   layout does not say and no runtime's state names the id), `name`, `pod`, `namespace`,
-//!   `pod_uid` (Kubernetes; each null when unknown)}
+//!   `pod_uid` (Kubernetes; each null when unknown)}; for refused and a `no-socket`
+//!   unreachable, the container of their `last_owner`
 //!
 //! and, by event:
 //! - connect, accept: `via` (`connect`, `send`, `recv`), `bytes` (first datagram's payload;

@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::{
     behaviour::once,
-    harness::{Outcome, Strategy, Udpmon, is, need_tools, s},
+    harness::{Outcome, Strategy, Udpmon, in_netns_at, is, need_tools, s},
 };
 
 /// podman as the test needs it on hosts like this one (see the module comment).
@@ -166,6 +166,22 @@ pub fn podman_container(st: Strategy) -> Outcome {
         "the query's socket: {kinds:?}\n{}",
         all.dump()
     );
+    // The query's port, closed: a datagram to it, sent from inside the container's namespace,
+    // is a REFUSED of the container (its last owner's), though no process of it is involved.
+    let port = |v: &Value| s(v, "local").rsplit(':').next().unwrap_or("").to_owned();
+    let query_port = port(&close);
+    let pid = made.process().0;
+    let to = format!("127.0.0.1:{query_port}");
+    in_netns_at(format!("/proc/{pid}/ns/net"), move || {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        sock.send_to(b"late", &to).expect("send");
+    });
+    let refused = all.wait_for("the REFUSED at the query's closed port", |v| {
+        is(v, "refused") && v["netns"] == netns && port(v) == query_port
+    });
+    assert_eq!(refused["last_owner"]["pid"], close["pid"], "{refused}");
+    let mut story = story;
+    story.push(refused.clone());
     for v in &story {
         let c = &v["container"];
         assert_eq!(c["id"], id.as_str(), "{v}");
@@ -178,6 +194,9 @@ pub fn podman_container(st: Strategy) -> Outcome {
     // The filtered udpmon: the same socket, and only the container's events.
     only.wait_for("CLOSE of the query socket through --container", |v| {
         v["cookie"] == cookie && is(v, "close")
+    });
+    only.wait_for("the REFUSED through --container", |v| {
+        is(v, "refused") && v["local"] == refused["local"]
     });
     let filtered = only.all(|_| true);
     let strangers: Vec<&Value> = filtered

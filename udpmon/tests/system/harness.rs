@@ -495,7 +495,11 @@ impl Drop for TwoHosts {
 /// Runs `f` on a thread that has joined network namespace `name`. Sockets created there stay
 /// in that namespace wherever they are used afterwards.
 pub fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{name}");
+    in_netns_at(format!("/run/netns/{name}"), f)
+}
+
+/// [`in_netns`], for the namespace at `path` (`/proc/PID/ns/net`).
+pub fn in_netns_at<T: Send + 'static>(path: String, f: impl FnOnce() -> T + Send + 'static) -> T {
     thread::spawn(move || {
         let ns = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         // SAFETY: setns on this thread only, with a valid fd.

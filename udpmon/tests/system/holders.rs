@@ -137,6 +137,43 @@ pub fn double_fork(st: Strategy) -> Outcome {
     Outcome::Pass
 }
 
+/// The daemon's parent exits and its child holds the socket without using it: nothing of the
+/// socket's own tells who holds it, so the flow's idle CLOSE, which udpmon makes on its own
+/// timer, names no one rather than the exited parent.
+pub fn exit_then_idle(st: Strategy) -> Outcome {
+    let mut u = Udpmon::start(st, &["--idle-timeout", "2s"]).expect("udpmon starts");
+    let (peer, peer_addr) = peer();
+    let mut d = Helper::start(&["daemon", &peer_addr, "exit"]);
+    let parent = d.expect("parent");
+    d.expect("child");
+    assert!(d.child.wait().expect("the parent exits").success());
+    assert_eq!(receive(&peer).0, "hello");
+    let connect = u.wait_for("the parent's connect", |v| {
+        is(v, "connect") && s(v, "remote") == peer_addr && pid(v) == parent
+    });
+    let cookie = connect["cookie"].clone();
+    let close = u.wait_for("the idle close", |v| {
+        is(v, "close") && v["cookie"] == cookie
+    });
+    assert_eq!(s(&close, "reason"), "idle", "{close}");
+    assert_eq!(
+        pid(&close),
+        0,
+        "the exited parent {parent} is no owner: {close}"
+    );
+    assert_eq!(
+        (s(&close, "comm"), s(&close, "process")),
+        ("", ""),
+        "{close}"
+    );
+    assert_eq!(
+        close["cgroup"], connect["cgroup"],
+        "the cgroup is kept: {close}"
+    );
+    d.tell("exit");
+    Outcome::Pass
+}
+
 /// A socket older than udpmon, held by a daemon's parent and child: the startup scan names
 /// one of them (the parent: the scan keeps the first holder in /proc's order), and once that
 /// one exits, events name the child or nobody, never the exited parent.
@@ -233,10 +270,12 @@ pub fn fd_passing(st: Strategy) -> Outcome {
     Outcome::Pass
 }
 
-/// A process that execs another program keeps its sockets: events from softirq name the
-/// program it runs now, not the one that opened the socket.
+/// A process that execs another program keeps its sockets: the reports udpmon makes on its
+/// own timer and the events from softirq name the program it runs now, not the one that
+/// opened the socket.
 pub fn exec(st: Strategy) -> Outcome {
-    let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
+    // The flow's idle CLOSE comes before any event of the socket's after the exec.
+    let mut u = Udpmon::start(st, &["--idle-timeout", "2s"]).expect("udpmon starts");
     let (peer, peer_addr) = peer();
     // exec sets the process's name from the file name it was given: a link to this binary.
     let dir = std::env::temp_dir().join(format!("udpmon-exec-{}-{}", std::process::id(), st));
@@ -254,16 +293,25 @@ pub fn exec(st: Strategy) -> Outcome {
     });
     assert_ne!(s(&connect, "process"), "renamed-holder", "{connect}");
     let cookie = connect["cookie"].clone();
-    peer.send_to(b"answer", local).unwrap();
-    let est = u.wait_for("the establish", |v| {
-        is(v, "establish") && v["cookie"] == cookie
+    let idle = u.wait_for("the idle close", |v| {
+        is(v, "close") && v["cookie"] == cookie
     });
-    assert_eq!(pid(&est), before, "{est}");
-    assert_eq!(
-        (s(&est, "comm"), s(&est, "process")),
-        ("renamed-holder", "renamed-holder"),
-        "{est}"
-    );
+    assert_eq!(s(&idle, "reason"), "idle", "{idle}");
+    let renamed = |v: &Value| {
+        assert_eq!(pid(v), before, "{v}");
+        assert_eq!(
+            (s(v, "comm"), s(v, "process")),
+            ("renamed-holder", "renamed-holder"),
+            "{v}"
+        );
+    };
+    renamed(&idle);
+    // The answer opens the flow anew, heard in softirq.
+    peer.send_to(b"answer", local).unwrap();
+    let heard = u.wait_for("the answer", |v| {
+        v["cookie"] == cookie && s(v, "ts") > s(&idle, "ts")
+    });
+    renamed(&heard);
     h.tell("exit");
     let _ = std::fs::remove_dir_all(&dir);
     Outcome::Pass

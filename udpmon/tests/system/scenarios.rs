@@ -126,6 +126,10 @@ pub const ALL: &[Scenario] = &[
         run: crate::holders::shared,
     },
     Scenario {
+        name: "holder_exit_then_idle",
+        run: crate::holders::exit_then_idle,
+    },
+    Scenario {
         name: "holder_preexisting",
         run: crate::holders::preexisting,
     },

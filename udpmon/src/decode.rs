@@ -1,6 +1,7 @@
 //! Ring-buffer records -> typed events. The only place that knows the raw layout.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use crate::name::Name;
 use udpmon_common::{
     Event, EventKind,
     event::{AF_INET, AF_INET6, flags, verdict},
@@ -84,10 +85,10 @@ pub struct KernelEvent {
     pub tgid: u32,
     pub pid: u32,
     /// The thread's name.
-    pub comm: String,
+    pub comm: Name,
     /// The process's name (its thread-group leader's): the kernel records carry only the
     /// thread's, so the agent fills it in (`procfs::ProcessNames`); "" when unknown.
-    pub process: String,
+    pub process: Name,
     pub uid: u32,
     pub cgroup: u64,
     /// Network namespace inode, 0 when the hook could not see it.
@@ -162,11 +163,6 @@ pub fn unmap_v4(
     }
 }
 
-fn comm(raw: &[u8; 16]) -> String {
-    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..end]).into_owned()
-}
-
 /// The record as the kernel wrote it (for the fields the typed event leaves out, such as the
 /// netns cookie that userspace resolves).
 pub fn raw(bytes: &[u8]) -> Result<Event, DecodeError> {
@@ -239,8 +235,8 @@ pub fn decode_event(ev: &Event) -> Result<KernelEvent, DecodeError> {
         cookie: ev.cookie,
         tgid: ev.tgid,
         pid: ev.pid,
-        comm: comm(&ev.comm),
-        process: String::new(),
+        comm: Name::from_comm(&ev.comm),
+        process: Name::default(),
         uid: ev.uid,
         cgroup: ev.cgroup,
         netns: ev.netns,

@@ -18,6 +18,7 @@ use anyhow::{Context, anyhow};
 use crate::{
     container::{self, Ask},
     decode::{self, Fact, KernelEvent},
+    name::Name,
     netns::{self, network_namespaces},
     procfs::{comm_of, socket_owners},
     sock_diag::{DiagSocket, SockDiag, TCP_ESTABLISHED},
@@ -99,7 +100,7 @@ pub fn existing_sockets() -> anyhow::Result<Existing> {
     // After the dumps, not before: every socket still open then is in some fd table now.
     let wanted: HashSet<u64> = found.iter().map(|(_, _, s)| u64::from(s.inode)).collect();
     let owners = socket_owners(&wanted);
-    let mut comms: HashMap<u32, String> = HashMap::new();
+    let mut comms: HashMap<u32, Name> = HashMap::new();
     let mount = std::fs::read_to_string("/proc/self/mountinfo")
         .ok()
         .and_then(|m| container::v2_mount(&m));
@@ -112,9 +113,9 @@ pub fn existing_sockets() -> anyhow::Result<Existing> {
         .map(|(netns, ts_ns, s)| {
             let tgid = owners.get(&u64::from(s.inode)).copied().unwrap_or(0);
             let comm = if tgid == 0 {
-                String::new()
+                Name::default()
             } else {
-                comms.entry(tgid).or_insert_with(|| comm_of(tgid)).clone()
+                *comms.entry(tgid).or_insert_with(|| comm_of(tgid))
             };
             let cgroup = match (tgid, &mount) {
                 (0, _) | (_, None) => None,
@@ -131,7 +132,7 @@ pub fn existing_sockets() -> anyhow::Result<Existing> {
                 tgid,
                 pid: tgid,
                 // /proc/PID/comm of the process is its leader's name.
-                process: comm.clone(),
+                process: comm,
                 comm,
                 uid: s.uid,
                 cgroup: cgroup.map_or(0, |(id, _)| *id),

@@ -244,8 +244,8 @@ impl Filter {
             })
             // The thread's name or the process's: `--comm dig` finds dig's `isc-net-0000`.
             && any_of(&self.comms, |c| {
-                *c == r.comm
-                    || *c == r.process
+                r.comm == *c
+                    || r.process == *c
                     || owner.is_some_and(|o| o.comm == *c || o.process == *c)
             })
             && any_of(&self.ports, |p| {
@@ -271,6 +271,7 @@ mod tests {
     use crate::{
         cli::tests::ok,
         engine::{Detail, Owner, Via},
+        name::Name,
     };
 
     fn peer(s: &str) -> Peer {
@@ -481,8 +482,8 @@ mod tests {
         assert!(!filter(&["--comm", "dnsmasq"]).matches(&r));
         let refused = Report {
             tgid: 0,
-            comm: String::new(),
-            process: String::new(),
+            comm: Name::EMPTY,
+            process: Name::EMPTY,
             detail: Detail::Refused {
                 last_owner: Some(Owner {
                     tgid: 123,
@@ -516,8 +517,8 @@ mod tests {
         let r = Report {
             tgid: 0,
             pid: 0,
-            comm: String::new(),
-            process: String::new(),
+            comm: Name::EMPTY,
+            process: Name::EMPTY,
             cgroup: 0,
             detail: Detail::Refused {
                 last_owner: Some(Owner {

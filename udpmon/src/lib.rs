@@ -15,6 +15,7 @@ pub mod flowmap;
 pub mod health;
 pub mod journal;
 pub mod metrics;
+pub mod name;
 pub mod netns;
 pub mod output;
 pub mod pipeline;

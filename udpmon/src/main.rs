@@ -111,8 +111,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 );
             }
             let none = |_: &engine::FlowId| None;
+            // Learned silently: no reports.
+            let mut reports = Vec::new();
             for ev in &found.events {
-                engine.on_event(ev, &none);
+                engine.on_event(ev, &none, &mut reports);
             }
             namespaces.learn(found.netns_cookies, &HashSet::new());
             existing_cgroups = found.cgroups;

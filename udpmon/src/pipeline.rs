@@ -117,7 +117,7 @@ impl<K: FlowCounters> Pipeline<K> {
                     // Its number is free for another process to take.
                     self.processes.forget(ev.tgid);
                 } else if !ev.task_unrelated {
-                    ev.process = self.processes.name(ev.tgid, ev.pid, &ev.comm);
+                    ev.process = self.processes.name(ev.tgid, ev.pid, ev.comm);
                     self.note_cgroup(&ev);
                 }
                 // Nearly always: nothing held, nothing to wait for. Otherwise it waits behind
@@ -234,7 +234,7 @@ impl<K: FlowCounters> Pipeline<K> {
             _ => Vec::new(),
         };
         let kernel = &self.kernel;
-        reports.extend(self.engine.on_event(&ev, &|id| kernel.now(id)));
+        self.engine.on_event(&ev, &|id| kernel.now(id), reports);
         // The socket is gone: so are its kernel flow entries.
         for id in closing.iter().chain(self.engine.expired()) {
             self.kernel.forget(id);

@@ -7,6 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::name::Name;
+
 /// Numeric /proc entries, ascending, so that the first owner found is the lowest pid.
 pub(crate) fn pids() -> Vec<u32> {
     let mut pids: Vec<u32> = fs::read_dir("/proc")
@@ -55,9 +57,9 @@ pub fn socket_owners(wanted: &HashSet<u64>) -> HashMap<u64, u32> {
     owners
 }
 
-pub fn comm_of(pid: u32) -> String {
-    fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("comm"))
-        .map(|c| c.trim_end_matches('\n').to_owned())
+pub fn comm_of(pid: u32) -> Name {
+    fs::read(Path::new("/proc").join(pid.to_string()).join("comm"))
+        .map(|c| Name::from_bytes(c.strip_suffix(b"\n").unwrap_or(&c)))
         .unwrap_or_default()
 }
 
@@ -67,7 +69,7 @@ pub fn comm_of(pid: u32) -> String {
 /// a reused pid is not named after what it was.
 #[derive(Default)]
 pub struct ProcessNames {
-    names: HashMap<u32, (String, Instant)>,
+    names: HashMap<u32, (Name, Instant)>,
 }
 
 impl ProcessNames {
@@ -76,22 +78,22 @@ impl ProcessNames {
 
     /// The name of process `tgid`, given that its thread `pid` is called `comm`: "" when the
     /// process is unknown (0) or already gone.
-    pub fn name(&mut self, tgid: u32, pid: u32, comm: &str) -> String {
+    pub fn name(&mut self, tgid: u32, pid: u32, comm: Name) -> Name {
         if tgid == 0 {
-            return String::new();
+            return Name::default();
         }
         let known = self.names.get(&tgid);
         if pid == tgid {
             // The main thread names the process itself: remembered for its other threads,
             // without a clock read or a table write when nothing changed.
-            if known.is_some_and(|(n, _)| n == comm) {
-                return comm.to_owned();
+            if known.is_some_and(|(n, _)| *n == comm) {
+                return comm;
             }
-            return self.remember(tgid, comm.to_owned());
+            return self.remember(tgid, comm);
         }
         let now = Instant::now();
         match known {
-            Some((n, at)) if now.duration_since(*at) < Self::FRESH_FOR => n.clone(),
+            Some((n, at)) if now.duration_since(*at) < Self::FRESH_FOR => *n,
             _ => self.remember(tgid, comm_of(tgid)),
         }
     }
@@ -101,12 +103,12 @@ impl ProcessNames {
         self.names.remove(&tgid);
     }
 
-    fn remember(&mut self, tgid: u32, name: String) -> String {
+    fn remember(&mut self, tgid: u32, name: Name) -> Name {
         let now = Instant::now();
         if self.names.len() >= Self::MAX {
             self.names.clear();
         }
-        self.names.insert(tgid, (name.clone(), now));
+        self.names.insert(tgid, (name, now));
         name
     }
 }
@@ -146,13 +148,13 @@ mod tests {
         assert!(!main_name.is_empty());
         let mut names = ProcessNames::default();
         // Another thread of this process, with its own name: the process keeps its name.
-        assert_eq!(names.name(me, me + 1_000_000, "worker-7"), main_name);
+        assert_eq!(names.name(me, me + 1_000_000, "worker-7".into()), main_name);
         // The main thread's record names the process itself.
-        assert_eq!(names.name(me, me, "renamed"), "renamed");
-        assert_eq!(names.name(me, me + 1_000_000, "worker-7"), "renamed");
+        assert_eq!(names.name(me, me, "renamed".into()), "renamed");
+        assert_eq!(names.name(me, me + 1_000_000, "worker-7".into()), "renamed");
         // Unknown, and gone.
-        assert_eq!(names.name(0, 0, "swapper/0"), "");
-        assert_eq!(names.name(u32::MAX - 1, 1, "x"), "");
+        assert_eq!(names.name(0, 0, "swapper/0".into()), "");
+        assert_eq!(names.name(u32::MAX - 1, 1, "x".into()), "");
     }
 
     #[test]

@@ -47,8 +47,8 @@ use hashbrown::{HashMap, hash_map::Entry};
 use owners::{Held, OwnerOf, Owners, UNKNOWN};
 use peer::{PeerKey, PeerTable};
 pub use report::{
-    ByVerdict, CloseReason, CloseStats, Detail, Folded, Op, Owner, PeerSummary, Problems, Report,
-    ReportKind, Scope, SocketSummary, Trouble, Unanswered, UnreachableInfo, Via,
+    ByVerdict, CloseReason, CloseStats, Detail, Folded, Name, Op, Owner, PeerSummary, Problems,
+    Report, ReportKind, Scope, SocketSummary, Trouble, Unanswered, UnreachableInfo, Via,
 };
 use summary::Busy;
 pub use summary::SummaryConfig;
@@ -221,7 +221,7 @@ impl Engine {
             flows: FlowTable::default(),
             sockets: CookieMap::default(),
             owners: Owners::default(),
-            unknown: Arc::new(Held::new(UNKNOWN.clone())),
+            unknown: Arc::new(Held::new(UNKNOWN)),
             last_app_error: HashMap::new(),
             port_owners: HashMap::new(),
             refused_at: HashMap::new(),
@@ -325,14 +325,11 @@ impl Engine {
         Ok(())
     }
 
-    /// Processes one kernel fact. `counters` is consulted for the flows this event closes
+    /// Processes one kernel fact, adding its reports to `out` (the caller's, reused: most
+    /// events make none or one). `counters` is consulted for the flows this event closes
     /// (a socket's close, a disconnect, an eviction), so the caller must keep the kernel's
     /// entries until this returns.
-    pub fn on_event(&mut self, ev: &KernelEvent, counters: CountersFn<'_>) -> Vec<Report> {
-        // Most events make at most one report: room for one is an allocation from the
-        // allocator's per-thread cache, where the default first growth (four reports, over
-        // a kilobyte) is not.
-        let mut out = Vec::with_capacity(1);
+    pub fn on_event(&mut self, ev: &KernelEvent, counters: CountersFn<'_>, out: &mut Vec<Report>) {
         self.expired.clear();
         let socketless = match &ev.fact {
             Fact::NoSocket | Fact::Exit | Fact::Exec => true,
@@ -342,31 +339,26 @@ impl Engine {
         if !socketless {
             if ev.cookie == 0 {
                 self.stats.events_ignored += 1;
-                return out;
+                return;
             }
             self.learn(ev);
         }
         match &ev.fact {
-            Fact::NoSocket => self.refused(ev, &mut out),
-            Fact::Icmp(icmp) if socketless => self.unreachable_without_socket(ev, icmp, &mut out),
-            Fact::Icmp(icmp) => self.unreachable(ev, icmp, counters, &mut out),
-            Fact::FirstTx { bytes } => {
-                self.first_datagram(ev, Via::Send, *bytes, counters, &mut out)
-            }
-            Fact::FirstRx { bytes } => {
-                self.first_datagram(ev, Via::Recv, *bytes, counters, &mut out)
-            }
-            Fact::Connect => self.connect(ev, counters, &mut out),
-            Fact::SendError { errno } => self.app_error(ev, Op::Send, *errno, &mut out),
-            Fact::RecvError { errno } => self.app_error(ev, Op::Recv, *errno, &mut out),
-            Fact::Close => self.close_socket(ev, counters, &mut out),
-            Fact::Existing => self.existing(ev, counters, &mut out),
+            Fact::NoSocket => self.refused(ev, out),
+            Fact::Icmp(icmp) if socketless => self.unreachable_without_socket(ev, icmp, out),
+            Fact::Icmp(icmp) => self.unreachable(ev, icmp, counters, out),
+            Fact::FirstTx { bytes } => self.first_datagram(ev, Via::Send, *bytes, counters, out),
+            Fact::FirstRx { bytes } => self.first_datagram(ev, Via::Recv, *bytes, counters, out),
+            Fact::Connect => self.connect(ev, counters, out),
+            Fact::SendError { errno } => self.app_error(ev, Op::Send, *errno, out),
+            Fact::RecvError { errno } => self.app_error(ev, Op::Recv, *errno, out),
+            Fact::Close => self.close_socket(ev, counters, out),
+            Fact::Existing => self.existing(ev, counters, out),
             // Learned above: what the socket's next reports, timer-made ones included, name.
             Fact::Holder => {}
             Fact::Exit => self.owners.exited(ev.tgid),
             Fact::Exec => self.owners.execd(ev),
         }
-        out
     }
 
     /// Periodic work, about once a second: SILENT, RESUMED and idle expiry from the kernel
@@ -635,7 +627,7 @@ impl Engine {
     fn last_owner(&self, netns: u32, port: u16) -> Option<Owner> {
         self.port_owners
             .get(&(netns, port))
-            .map(|p| p.owner.learned().clone())
+            .map(|p| *p.owner.learned())
     }
 
     /// The event's peer; for a connected socket whose hook could not see the address, the

@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 
 use hashbrown::HashMap;
 
-use super::Owner;
+use super::{Name, Owner};
 use crate::decode::KernelEvent;
 
 /// An owner as sockets, ports and peers share it.
@@ -73,8 +73,8 @@ impl OwnerOf<'_> {
         Owner {
             tgid: e.tgid,
             pid: e.pid,
-            comm: e.comm.clone(),
-            process: e.process.clone(),
+            comm: e.comm,
+            process: e.process,
             uid: e.uid,
             cgroup: e.cgroup,
             netns: self.netns,
@@ -110,7 +110,7 @@ impl Owners {
         }
         self.intern(Owner {
             netns,
-            ..owner.learned.clone()
+            ..owner.learned
         })
     }
 
@@ -119,10 +119,10 @@ impl Owners {
         self.succeed(tgid, |o| Owner {
             tgid: 0,
             pid: 0,
-            comm: String::new(),
-            process: String::new(),
+            comm: Name::default(),
+            process: Name::default(),
             uid: 0,
-            ..o.clone()
+            ..*o
         });
     }
 
@@ -168,8 +168,8 @@ impl Owners {
 pub(super) static UNKNOWN: Owner = Owner {
     tgid: 0,
     pid: 0,
-    comm: String::new(),
-    process: String::new(),
+    comm: Name::EMPTY,
+    process: Name::EMPTY,
     uid: 0,
     cgroup: 0,
     netns: 0,

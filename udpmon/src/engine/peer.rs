@@ -66,7 +66,7 @@ use super::{
     anywhere,
     flow::Counters,
     owners::Held,
-    report::{Detail, Owner, PeerSummary, Report, ReportKind, Unanswered, UnreachableInfo},
+    report::{Detail, Name, Owner, PeerSummary, Report, ReportKind, Unanswered, UnreachableInfo},
 };
 use crate::decode::{Family, Verdict};
 
@@ -75,35 +75,6 @@ pub(super) fn can_answer(remote: &SocketAddr) -> bool {
     match remote.ip() {
         IpAddr::V4(a) => !(a.is_multicast() || a.is_broadcast()),
         IpAddr::V6(a) => !a.is_multicast(),
-    }
-}
-
-/// A process or thread name, held inline: the kernel keeps at most 15 bytes of one. A lossy
-/// decoding of invalid UTF-8 can make a name longer; it is cut at a character boundary.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(super) struct Name {
-    len: u8,
-    bytes: [u8; Name::MAX],
-}
-
-impl Name {
-    const MAX: usize = 15;
-
-    pub fn new(s: &str) -> Self {
-        let mut end = s.len().min(Self::MAX);
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        let mut bytes = [0; Self::MAX];
-        bytes[..end].copy_from_slice(&s.as_bytes()[..end]);
-        Self {
-            len: end as u8,
-            bytes,
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
     }
 }
 
@@ -122,10 +93,7 @@ impl Hash for PeerKey {
     // Word-sized writes: the derived hash feeds the name and the address byte by byte, and
     // hashing was the largest cost of a new flow's peer lookup.
     fn hash<H: Hasher>(&self, h: &mut H) {
-        let mut name = [0; 16];
-        name[0] = self.program.len;
-        name[1..].copy_from_slice(&self.program.bytes);
-        h.write_u128(u128::from_ne_bytes(name));
+        h.write_u128(self.program.word());
         h.write_u128(u128::from_ne_bytes(self.ip));
         h.write_u64(u64::from(self.netns) << 32 | u64::from(self.port) << 8 | u64::from(self.v6));
     }
@@ -144,7 +112,7 @@ impl PeerKey {
         };
         Self {
             netns,
-            program: Name::new(program),
+            program: *program,
             ip,
             port: remote.port(),
             v6,
@@ -211,7 +179,7 @@ impl SharedOwner for &Arc<Held> {
 
 impl SharedOwner for &Owner {
     fn shared(self) -> Arc<Held> {
-        Arc::new(Held::new(self.clone()))
+        Arc::new(Held::new(*self))
     }
 }
 
@@ -434,11 +402,11 @@ impl Peer {
         let owner = Owner {
             tgid: o.tgid,
             pid: o.pid,
-            comm: Name::new(&o.comm).as_str().to_owned(),
+            comm: o.comm,
             process: if !o.process.is_empty() || o.tgid == 0 {
-                key.program.as_str().to_owned()
+                key.program
             } else {
-                String::new()
+                Name::default()
             },
             uid: o.uid,
             cgroup: o.cgroup,
@@ -851,20 +819,16 @@ mod tests {
     }
 
     #[test]
-    fn names_are_inline_and_cut_at_a_character_boundary() {
-        assert_eq!(Name::new("dnsmasq").as_str(), "dnsmasq");
-        let long = "\u{fffd}".repeat(10);
-        let n = Name::new(&long);
-        assert_eq!(n.as_str(), "\u{fffd}".repeat(5));
+    fn a_peer_is_its_process_or_else_its_threads() {
         let k = PeerKey::new(
             &Owner {
-                process: String::new(),
+                process: Name::EMPTY,
                 ..owner("isc-net-0000")
             },
             5,
             local(53),
         );
-        assert_eq!(k.program.as_str(), "isc-net-0000");
+        assert_eq!(k.program, "isc-net-0000");
         for remote in ["10.0.0.9:53", "[fd00::9]:53", "[::ffff:10.0.0.9]:53"] {
             let a: SocketAddr = remote.parse().unwrap();
             assert_eq!(PeerKey::new(&owner("dig"), 5, a).remote(), a);

@@ -6,6 +6,7 @@ use std::{
     sync::Arc,
 };
 
+pub use crate::name::Name;
 use crate::{
     container::Container,
     decode::{Family, Verdict},
@@ -103,16 +104,16 @@ impl FromStr for ReportKind {
 
 /// The process a socket belongs to, as far as udpmon knows it. All zero / empty when unknown
 /// (only softirq-side facts were seen for the socket, or no socket exists).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Owner {
     /// Process id.
     pub tgid: u32,
     /// Thread id.
     pub pid: u32,
     /// The thread's name.
-    pub comm: String,
+    pub comm: Name,
     /// The process's name (its thread-group leader's), "" when unknown.
-    pub process: String,
+    pub process: Name,
     pub uid: u32,
     pub cgroup: u64,
     /// Network namespace inode.
@@ -406,9 +407,9 @@ pub struct Report {
     /// Process id.
     pub tgid: u32,
     /// The thread's name.
-    pub comm: String,
+    pub comm: Name,
     /// The process's name (its thread-group leader's).
-    pub process: String,
+    pub process: Name,
     pub uid: u32,
     pub cgroup: u64,
     pub netns: u32,
@@ -439,8 +440,8 @@ impl Report {
             cookie,
             pid: owner.pid,
             tgid: owner.tgid,
-            comm: owner.comm.clone(),
-            process: owner.process.clone(),
+            comm: owner.comm,
+            process: owner.process,
             uid: owner.uid,
             cgroup: owner.cgroup,
             netns,

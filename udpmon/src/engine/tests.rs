@@ -61,9 +61,22 @@ fn engine() -> Engine {
     Engine::new(EngineConfig::default())
 }
 
+/// [`Engine::on_event`] as the tests use it: an event's reports.
+trait OneEvent {
+    fn on(&mut self, ev: &KernelEvent, counters: CountersFn<'_>) -> Vec<Report>;
+}
+
+impl OneEvent for Engine {
+    fn on(&mut self, ev: &KernelEvent, counters: CountersFn<'_>) -> Vec<Report> {
+        let mut out = Vec::new();
+        self.on_event(ev, counters, &mut out);
+        out
+    }
+}
+
 /// Feeds events (without kernel counters) and returns every report.
 fn run(e: &mut Engine, evs: &[KernelEvent]) -> Vec<Report> {
-    evs.iter().flat_map(|x| e.on_event(x, &none)).collect()
+    evs.iter().flat_map(|x| e.on(x, &none)).collect()
 }
 
 fn close_stats(r: &Report) -> (CloseReason, CloseStats) {
@@ -99,7 +112,7 @@ fn first_send_connects_and_the_reply_establishes() {
     );
     let first = &r[0];
     assert_eq!(
-        (first.cookie, first.tgid, first.pid, first.comm.as_str()),
+        (first.cookie, first.tgid, first.pid, &*first.comm.to_str()),
         (7, 100, 101, "nc")
     );
     assert_eq!(
@@ -370,7 +383,7 @@ fn icmp_for_a_closed_socket_names_the_ports_last_owner() {
     };
     let r = run(&mut e, &[orphan]);
     assert_eq!(kinds(&r), [ReportKind::Unreachable]);
-    assert_eq!((r[0].cookie, r[0].tgid, r[0].comm.as_str()), (0, 0, ""));
+    assert_eq!((r[0].cookie, r[0].tgid, &*r[0].comm.to_str()), (0, 0, ""));
     assert_eq!(r[0].netns, 4026531833);
     let Detail::Unreachable(u) = &r[0].detail else {
         panic!("{r:?}")
@@ -378,7 +391,7 @@ fn icmp_for_a_closed_socket_names_the_ports_last_owner() {
     assert_eq!(u.verdict, Verdict::NoSocket);
     assert_eq!(u.errno, Some(libc::ECONNREFUSED));
     let owner = u.last_owner.as_ref().expect("last owner");
-    assert_eq!((owner.tgid, owner.comm.as_str()), (100, "nc"));
+    assert_eq!((owner.tgid, &*owner.comm.to_str()), (100, "nc"));
     assert!(e.flows().is_empty(), "no flow for a socket that is gone");
 }
 
@@ -471,7 +484,7 @@ fn close_reports_every_flow_with_kernel_counters() {
             last_rx_ns: 2 * S,
         })
     };
-    let r = e.on_event(&ev(Fact::Close, 4 * S + 200 * MS), &kernel);
+    let r = e.on(&ev(Fact::Close, 4 * S + 200 * MS), &kernel);
     assert_eq!(kinds(&r), [ReportKind::Close, ReportKind::Close]);
     let (reason, stats) = close_stats(&r[0]);
     assert_eq!(reason, CloseReason::Closed);
@@ -537,9 +550,9 @@ fn refused_is_rate_limited_and_names_the_last_owner() {
     );
     assert_eq!(kinds(&r), [ReportKind::Refused]);
     assert_eq!(r[0].ts_ns, S + idle);
-    assert_eq!((r[0].cookie, r[0].tgid, r[0].comm.as_str()), (0, 0, ""));
+    assert_eq!((r[0].cookie, r[0].tgid, &*r[0].comm.to_str()), (0, 0, ""));
     let owner = r[0].last_owner().expect("last owner");
-    assert_eq!((owner.tgid, owner.comm.as_str()), (100, "nc"));
+    assert_eq!((owner.tgid, &*owner.comm.to_str()), (100, "nc"));
     assert_eq!(e.stats().refused_suppressed, 3);
 }
 
@@ -564,11 +577,11 @@ fn a_ports_last_owner_is_the_socket_that_used_it_last() {
             remote: SocketAddr::new(addr("10.0.0.9:0").ip(), port),
             ..ev(Fact::NoSocket, ts)
         };
-        let r = e.on_event(&refused, &none);
-        r[0].last_owner().map(|o| (o.tgid, o.comm.clone()))
+        let r = e.on(&refused, &none);
+        r[0].last_owner().map(|o| (o.tgid, o.comm))
     };
-    let nc = Some((100, "nc".to_owned()));
-    let dig_owner = Some((200, "dig".to_owned()));
+    let nc = Some((100, Name::new("nc")));
+    let dig_owner = Some((200, Name::new("dig")));
     run(&mut e, &[ev(Fact::FirstTx { bytes: 1 }, S)]);
     assert_eq!(last_owner(&mut e, S + 1), nc);
     run(&mut e, &[dig(Fact::FirstTx { bytes: 1 }, 2 * S)]);
@@ -599,7 +612,7 @@ fn existing_sockets_are_learned_silently() {
         task_unrelated: true,
         tgid: 0,
         pid: 0,
-        comm: String::new(),
+        comm: Name::EMPTY,
         ..ev(Fact::Existing, S)
     };
     assert!(run(&mut e, &[existing]).is_empty());
@@ -641,7 +654,7 @@ fn softirq_facts_use_the_sockets_learned_owner() {
     run(&mut e, &[ev(Fact::FirstTx { bytes: 1 }, S)]);
     let r = run(&mut e, &[softirq(Fact::FirstRx { bytes: 2 }, 2 * S)]);
     assert_eq!(
-        (r[0].tgid, r[0].comm.as_str(), r[0].uid, r[0].cgroup),
+        (r[0].tgid, &*r[0].comm.to_str(), r[0].uid, r[0].cgroup),
         (100, "nc", 1000, 25)
     );
     // A socket only ever seen from softirq has no known owner: nothing is made up.
@@ -651,7 +664,7 @@ fn softirq_facts_use_the_sockets_learned_owner() {
     };
     let r = run(&mut e, &[stranger]);
     assert_eq!(
-        (r[0].tgid, r[0].comm.as_str(), r[0].uid, r[0].cgroup),
+        (r[0].tgid, &*r[0].comm.to_str(), r[0].uid, r[0].cgroup),
         (0, "", 0, 0)
     );
     assert_eq!(r[0].netns, 4026531833);
@@ -811,7 +824,7 @@ fn resumed_after_unreachable() {
     let get = |id: &FlowId| k.get(id);
     established(&mut e, &k);
     e.on_tick(2 * S, &get);
-    let r = e.on_event(&ev(icmp(3, 3, Some(111), Verdict::Notified), 3 * S), &get);
+    let r = e.on(&ev(icmp(3, 3, Some(111), Verdict::Notified), 3 * S), &get);
     assert_eq!(kinds(&r), [ReportKind::Unreachable]);
     // A reply from before the ICMP does not count.
     assert!(e.on_tick(4 * S, &get).is_empty());
@@ -845,7 +858,7 @@ fn a_first_reply_after_unreachable_is_the_establish() {
         e.on_tick(3 * S + 1, &get).is_empty(),
         "no RESUMED before the peer was ever heard"
     );
-    let r = e.on_event(&ev(Fact::FirstRx { bytes: 10 }, 3 * S), &get);
+    let r = e.on(&ev(Fact::FirstRx { bytes: 10 }, 3 * S), &get);
     assert_eq!(kinds(&r), [ReportKind::Establish]);
     assert!(e.on_tick(4 * S, &get).is_empty());
 }
@@ -1045,7 +1058,7 @@ fn seed_server_side() {
     assert_eq!(r[3].local, addr("10.142.0.2:12345"));
     assert_eq!(r[3].remote, addr("51.6.191.203:54321"));
     let owner = r[3].last_owner().expect("last owner");
-    assert_eq!((owner.tgid, owner.comm.as_str()), (19075, "nc"));
+    assert_eq!((owner.tgid, &*owner.comm.to_str()), (19075, "nc"));
 }
 
 mod props {
@@ -1272,14 +1285,14 @@ mod props {
                         } else {
                             Fact::FirstRx { bytes: 10 }
                         };
-                        e.on_event(&kev(fact, ts, cookie, id.remote), &get)
+                        e.on(&kev(fact, ts, cookie, id.remote), &get)
                     } else {
                         Vec::new()
                     }
                 }
                 Step::Connect { cookie, peer } => {
                     let r = peer.map_or(addr("0.0.0.0:0"), remote);
-                    e.on_event(&kev(Fact::Connect, ts, cookie, r), &get)
+                    e.on(&kev(Fact::Connect, ts, cookie, r), &get)
                 }
                 Step::Icmp {
                     cookie,
@@ -1298,17 +1311,17 @@ mod props {
                     } else {
                         cookie
                     };
-                    e.on_event(
+                    e.on(
                         &kev(icmp(3, code, None, verdict), ts, cookie, remote(peer)),
                         &get,
                     )
                 }
                 Step::AppError { cookie, errno } => {
                     let fact = Fact::SendError { errno };
-                    e.on_event(&kev(fact, ts, cookie, addr("0.0.0.0:0")), &get)
+                    e.on(&kev(fact, ts, cookie, addr("0.0.0.0:0")), &get)
                 }
                 Step::Close { cookie } => {
-                    let r = e.on_event(&kev(Fact::Close, ts, cookie, addr("0.0.0.0:0")), &get);
+                    let r = e.on(&kev(Fact::Close, ts, cookie, addr("0.0.0.0:0")), &get);
                     kernel.0.borrow_mut().retain(|id, _| id.cookie != cookie);
                     r
                 }
@@ -1323,13 +1336,11 @@ mod props {
                             peer.map_or(addr("0.0.0.0:0"), remote),
                         )
                     };
-                    e.on_event(&ev, &get)
+                    e.on(&ev, &get)
                 }
-                Step::NoSocket { peer } => {
-                    e.on_event(&kev(Fact::NoSocket, ts, 0, remote(peer)), &get)
-                }
-                Step::Exit => e.on_event(&exit(100, ts), &get),
-                Step::Exec => e.on_event(&ev(Fact::Exec, ts), &get),
+                Step::NoSocket { peer } => e.on(&kev(Fact::NoSocket, ts, 0, remote(peer)), &get),
+                Step::Exit => e.on(&exit(100, ts), &get),
+                Step::Exec => e.on(&ev(Fact::Exec, ts), &get),
                 Step::Tick => e.on_tick(ts, &get),
             };
             chk.check(&reports, &e)?;
@@ -1354,7 +1365,7 @@ mod props {
         // closed.
         for cookie in 1..5 {
             ts += MS;
-            let r = e.on_event(&kev(Fact::Close, ts, cookie, addr("0.0.0.0:0")), &none);
+            let r = e.on(&kev(Fact::Close, ts, cookie, addr("0.0.0.0:0")), &none);
             chk.check(&r, &e)?;
         }
         for _ in 0..3 {
@@ -1412,7 +1423,7 @@ fn a_kernel_entry_recreated_under_pressure_keeps_its_counts() {
     k.send(flow7(), 3 * S, 2);
     e.on_tick(3 * S, &read);
     assert_eq!(e.stats().kernel_entries_renewed, 1);
-    let r = e.on_event(&ev(Fact::Close, 4 * S), &read);
+    let r = e.on(&ev(Fact::Close, 4 * S), &read);
     let (reason, st) = close_stats(r.last().unwrap());
     assert_eq!(reason, CloseReason::Closed);
     assert_eq!((st.tx_datagrams, st.tx_bytes), (6, 60));
@@ -1451,7 +1462,7 @@ fn a_quiet_server_from_before_udpmon_keeps_its_owner() {
     };
     let r = run(&mut e, &[from_softirq]);
     assert_eq!(kinds(&r), [ReportKind::Accept]);
-    assert_eq!((r[0].tgid, r[0].comm.as_str()), (100, "nc"));
+    assert_eq!((r[0].tgid, &*r[0].comm.to_str()), (100, "nc"));
     // Closed: forgotten.
     let close = KernelEvent {
         cookie: 8,
@@ -1512,7 +1523,7 @@ impl Timeline {
         let mut out = Vec::new();
         for (ts, ev) in self.0 {
             out.extend(match ev {
-                Some(ev) => e.on_event(&ev, &none),
+                Some(ev) => e.on(&ev, &none),
                 None => e.on_tick(ts, &none),
             });
             e.check_peers().unwrap();
@@ -1567,8 +1578,8 @@ fn a_resolvers_upstream_goes_silent_across_fresh_flows() {
     assert_eq!(
         (
             silent.tgid,
-            silent.process.as_str(),
-            silent.comm.as_str(),
+            &*silent.process.to_str(),
+            &*silent.comm.to_str(),
             silent.netns
         ),
         (300, "dnsmasq", "dnsmasq", 7)
@@ -1699,7 +1710,7 @@ fn establish_long_flow(e: &mut Engine, k: &Kernel) {
         (Fact::FirstTx { bytes: 40 }, S),
         (Fact::FirstRx { bytes: 90 }, S + 100 * MS),
     ] {
-        e.on_event(&fwd(fact, ts, 50), &get);
+        e.on(&fwd(fact, ts, 50), &get);
     }
 }
 
@@ -1718,8 +1729,8 @@ fn a_flow_level_silent_holds_back_the_peer_level_one() {
         }
         if (8..12).contains(&t) {
             let fresh = 200 + t;
-            r.extend(e.on_event(&fwd(Fact::FirstTx { bytes: 40 }, t * S, fresh), &get));
-            r.extend(e.on_event(&fwd(Fact::Close, t * S + 2 * S / 3, fresh), &get));
+            r.extend(e.on(&fwd(Fact::FirstTx { bytes: 40 }, t * S, fresh), &get));
+            r.extend(e.on(&fwd(Fact::Close, t * S + 2 * S / 3, fresh), &get));
         }
         if t == 20 {
             k.recv(long_flow(), 20 * S);
@@ -1759,14 +1770,14 @@ fn a_peer_level_silent_holds_back_the_flow_level_one() {
             k.send(long_flow(), t * S + S / 5, 1);
         }
         if t == 2 || t == 3 {
-            r.extend(e.on_event(&fwd(Fact::FirstTx { bytes: 40 }, t * S, 200 + t), &get));
+            r.extend(e.on(&fwd(Fact::FirstTx { bytes: 40 }, t * S, 200 + t), &get));
         }
         if t == 15 {
             for (fact, ts) in [
                 (Fact::FirstTx { bytes: 40 }, 15 * S),
                 (Fact::FirstRx { bytes: 90 }, 15 * S + S / 10),
             ] {
-                r.extend(e.on_event(&fwd(fact, ts, 215), &get));
+                r.extend(e.on(&fwd(fact, ts, 215), &get));
             }
         }
         if t == 17 {
@@ -2057,7 +2068,13 @@ fn a_busy_socket_is_summarised_per_interval() {
     assert_eq!(sums.last().unwrap().1.open, 0);
     let r0 = r.iter().find(|r| r.kind == ReportKind::Summary).unwrap();
     assert_eq!(
-        (r0.cookie, r0.tgid, r0.process.as_str(), r0.local, r0.remote),
+        (
+            r0.cookie,
+            r0.tgid,
+            &*r0.process.to_str(),
+            r0.local,
+            r0.remote
+        ),
         (
             SERVER,
             300,
@@ -2091,15 +2108,15 @@ fn a_busy_sockets_problems_are_rate_limited() {
             remote: client(4000 + i),
         };
         k.recv(id, ts);
-        r.extend(e.on_event(&srv(Fact::FirstRx { bytes: 40 }, ts, 4000 + i), &get));
-        r.extend(e.on_event(&srv(Fact::FirstTx { bytes: 90 }, ts, 4000 + i), &get));
+        r.extend(e.on(&srv(Fact::FirstRx { bytes: 40 }, ts, 4000 + i), &get));
+        r.extend(e.on(&srv(Fact::FirstTx { bytes: 90 }, ts, 4000 + i), &get));
         k.send(id, ts, 1);
         let err = KernelEvent {
             ts_ns: ts + MS / 2,
             remote: client(4000 + i),
             ..unreachable.clone()
         };
-        r.extend(e.on_event(&err, &get));
+        r.extend(e.on(&err, &get));
     }
     // The first flow's error was printed (not summarised), then two of the five summarised
     // ones'.
@@ -2253,7 +2270,7 @@ fn a_peers_repeated_unreachable_is_folded() {
     let s = r.iter().find(|r| r.kind == ReportKind::Summary).unwrap();
     assert_eq!(s.scope(), Some(Scope::Peer));
     assert_eq!(
-        (s.cookie, s.tgid, s.process.as_str(), s.remote),
+        (s.cookie, s.tgid, &*s.process.to_str(), s.remote),
         (0, 300, "dnsmasq", addr(UPSTREAM))
     );
     // Nothing lost: printed and folded are every error.
@@ -2346,7 +2363,7 @@ fn summary_intervals_keep_to_the_first_ticks_grid() {
         // Three flows each second keep the socket busy.
         for p in 0..3 {
             let ts = t * S + 100 * MS + p * MS;
-            e.on_event(
+            e.on(
                 &srv(Fact::FirstRx { bytes: 40 }, ts, (t * 10 + p) as u16),
                 &get,
             );
@@ -2372,9 +2389,9 @@ fn a_busy_client_socket_counts_its_connects() {
             remote: SocketAddr::new(IpAddr::from([10, 0, 2, p]), 123),
             ..ev(Fact::FirstTx { bytes: 48 }, 2 * S + u64::from(p) * MS)
         };
-        r.extend(e.on_event(&to, &none));
+        r.extend(e.on(&to, &none));
     }
-    r.extend(e.on_event(&ev(Fact::Close, 3 * S), &none));
+    r.extend(e.on(&ev(Fact::Close, 3 * S), &none));
     assert_eq!(count(&r, ReportKind::Connect), 2, "{r:#?}");
     assert_eq!(count(&r, ReportKind::Close), 2);
     let sums = socket_summaries(&r);
@@ -2465,8 +2482,8 @@ fn exit(tgid: u32, ts: u64) -> KernelEvent {
         cookie: 0,
         tgid,
         pid: 0,
-        comm: String::new(),
-        process: String::new(),
+        comm: Name::EMPTY,
+        process: Name::EMPTY,
         uid: 0,
         cgroup: 0,
         netns: 0,
@@ -2474,15 +2491,14 @@ fn exit(tgid: u32, ts: u64) -> KernelEvent {
     }
 }
 
-fn who(r: &Report) -> (u32, u32, &str, &str, u32, u64) {
-    (
-        r.tgid,
-        r.pid,
-        r.comm.as_str(),
-        r.process.as_str(),
-        r.uid,
-        r.cgroup,
-    )
+fn who(r: &Report) -> (u32, u32, Name, Name, u32, u64) {
+    (r.tgid, r.pid, r.comm, r.process, r.uid, r.cgroup)
+}
+
+const NO_ONE: Name = Name::EMPTY;
+
+fn name(s: &str) -> Name {
+    Name::new(s)
 }
 
 /// Issue 12: the socket's holder exited (a daemon's parent, a descriptor's sender); nothing
@@ -2501,7 +2517,7 @@ fn timer_reports_name_no_one_once_the_holder_exited() {
     let r = e.on_tick(14 * S, &get);
     assert_eq!(kinds(&r), [ReportKind::Silent]);
     // Its cgroup is kept, as the kernel keeps it: the new holder is, as a rule, its child.
-    assert_eq!(who(&r[0]), (0, 0, "", "", 0, 25));
+    assert_eq!(who(&r[0]), (0, 0, NO_ONE, NO_ONE, 0, 25));
     assert_eq!(r[0].netns, 4026531833);
     // The child's first call names it.
     let child = KernelEvent {
@@ -2512,7 +2528,7 @@ fn timer_reports_name_no_one_once_the_holder_exited() {
     assert!(run(&mut e, &[child]).is_empty());
     let r = e.on_tick(130 * S, &get);
     assert_eq!(kinds(&r), [ReportKind::Close]);
-    assert_eq!(who(&r[0]), (200, 200, "nc", "nc", 1000, 25));
+    assert_eq!(who(&r[0]), (200, 200, name("nc"), name("nc"), 1000, 25));
 }
 
 /// A holder that closes its socket on its way out (the kernel closes an exiting process's
@@ -2524,7 +2540,7 @@ fn a_close_by_the_exiting_holder_names_it() {
     established(&mut e, &k);
     let r = run(&mut e, &[exit(100, 2 * S), ev(Fact::Close, 2 * S)]);
     assert_eq!(kinds(&r), [ReportKind::Close]);
-    assert_eq!(who(&r[0]), (100, 101, "nc", "nc", 1000, 25));
+    assert_eq!(who(&r[0]), (100, 101, name("nc"), name("nc"), 1000, 25));
 }
 
 /// A holder that exec'd another program is named after it.
@@ -2547,12 +2563,12 @@ fn timer_reports_name_the_program_a_holder_execd() {
     k.send(flow7(), 3 * S, 2);
     let r = e.on_tick(14 * S, &get);
     assert_eq!(kinds(&r), [ReportKind::Silent]);
-    assert_eq!(who(&r[0]), (100, 100, "socat", "socat", 0, 25));
+    assert_eq!(who(&r[0]), (100, 100, name("socat"), name("socat"), 0, 25));
     // ... and then exited.
     assert!(run(&mut e, &[exit(100, 15 * S)]).is_empty());
     let r = e.on_tick(130 * S, &get);
     assert_eq!(kinds(&r), [ReportKind::Close]);
-    assert_eq!(who(&r[0]), (0, 0, "", "", 0, 25));
+    assert_eq!(who(&r[0]), (0, 0, NO_ONE, NO_ONE, 0, 25));
 }
 
 /// The exited process's number, given to a new process, names the new one's sockets; the
@@ -2591,8 +2607,8 @@ fn a_reused_pid_names_only_the_new_process() {
     let r = e.on_tick(15 * S, &get);
     assert_eq!(kinds(&r), [ReportKind::Silent, ReportKind::Silent]);
     let by_cookie = |c: u64| r.iter().find(|r| r.cookie == c).map(who).unwrap();
-    assert_eq!(by_cookie(7), (0, 0, "", "", 0, 25));
-    assert_eq!(by_cookie(8), (100, 101, "nc", "nc", 1000, 25));
+    assert_eq!(by_cookie(7), (0, 0, NO_ONE, NO_ONE, 0, 25));
+    assert_eq!(by_cookie(8), (100, 101, name("nc"), name("nc"), 1000, 25));
 }
 
 /// A peer across the flows of short-lived programs (`dig` per query) is named after its
@@ -2621,5 +2637,5 @@ fn a_peers_report_names_no_exited_pid() {
         kinds(&peer.iter().copied().cloned().collect::<Vec<_>>()),
         [ReportKind::Silent]
     );
-    assert_eq!(who(peer[0]), (0, 0, "", "dig", 0, 25));
+    assert_eq!(who(peer[0]), (0, 0, NO_ONE, name("dig"), 0, 25));
 }

@@ -251,8 +251,8 @@ impl JsonFormat {
         o.name("event", r.kind.name())
             .num("pid", r.tgid)
             .num("tid", r.pid)
-            .str("comm", &r.comm)
-            .str("process", &r.process)
+            .str("comm", &r.comm.to_str())
+            .str("process", &r.process.to_str())
             .num("uid", r.uid)
             .num("cgroup", r.cgroup)
             .num("netns", r.netns)
@@ -500,8 +500,8 @@ fn owner(o: &mut Obj<'_>, k: &str, who: Option<&Owner>) {
         Some(w) if w.is_known() => {
             o.obj(k)
                 .num("pid", w.tgid)
-                .str("comm", &w.comm)
-                .str("process", &w.process)
+                .str("comm", &w.comm.to_str())
+                .str("process", &w.process.to_str())
                 .num("uid", w.uid)
                 .close();
         }

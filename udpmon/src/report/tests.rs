@@ -4,7 +4,7 @@ use time::UtcOffset;
 use super::*;
 use crate::container::{Container, Runtime};
 use crate::engine::{
-    ByVerdict, CloseReason, CloseStats, Detail, Folded, Op, Owner, PeerSummary, Problems,
+    ByVerdict, CloseReason, CloseStats, Detail, Folded, Name, Op, Owner, PeerSummary, Problems,
     ReportKind, Scope, SocketSummary, Trouble, Unanswered, UnreachableInfo, Via,
 };
 
@@ -66,8 +66,8 @@ fn refused(last_owner: Option<Owner>) -> Report {
         cookie: 0,
         pid: 0,
         tgid: 0,
-        comm: String::new(),
-        process: String::new(),
+        comm: Name::EMPTY,
+        process: Name::EMPTY,
         uid: 0,
         cgroup: 0,
         local: "10.142.0.2:12345".parse().unwrap(),
@@ -825,14 +825,15 @@ fn json_escapes_any_comm() {
     let mut r = close(CloseReason::Closed);
     r.comm = "a\"b\\c\td\u{1}é".into();
     let v: Value = serde_json::from_str(&j.format(&r)).unwrap();
-    assert_eq!(v["comm"], r.comm.as_str());
+    assert_eq!(v["comm"], &*r.comm.to_str());
 }
 
-/// Everything a process can put in its name to attack a terminal or a log: CSI colour
-/// sequences, a newline forging a second line, a carriage return overwriting the first, tab,
-/// backslash, DEL, the one-byte C1 CSI, and BEL.
-const HOSTILE: &str = "\u{1b}[31mevil\nFAKE\rLINE\t\\\u{7f}\u{9b}2J\u{7}";
-const HOSTILE_ESCAPED: &str = r"\x1b[31mevil\nFAKE\rLINE\t\\\x7f\x9b2J\x07";
+/// Everything a process can put in its name (15 bytes, as the kernel keeps) to attack a
+/// terminal or a log: a CSI sequence (clear the screen), a newline forging a second line, a
+/// carriage return overwriting the first, tab, backslash, DEL, the C1 CSI, and BEL.
+const HOSTILE: &str = "\u{1b}[2J\nF\rL\t\\\u{7f}\u{9b}\u{7}";
+const HOSTILE_ESCAPED: &str = r"\x1b[2J\nF\rL\t\\\x7f\x9b\x07";
+const _: () = assert!(HOSTILE.len() <= Name::MAX);
 
 fn hostile_owner() -> Owner {
     Owner {
@@ -954,15 +955,15 @@ fn json_round_trips_hostile_names() {
         assert!(!line.chars().any(char::is_control), "{line:?}");
         assert_eq!(line.lines().count(), 1, "{line:?}");
         let v: Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(v["comm"], r.comm.as_str());
-        assert_eq!(v["process"], r.process.as_str());
+        assert_eq!(v["comm"], &*r.comm.to_str());
+        assert_eq!(v["process"], &*r.process.to_str());
         let owner = match &r.detail {
             Detail::Refused { last_owner } => last_owner.as_ref(),
             Detail::Unreachable(u) => u.last_owner.as_ref(),
             _ => None,
         };
         if let Some(o) = owner {
-            assert_eq!(v["last_owner"]["comm"], o.comm.as_str(), "{line}");
+            assert_eq!(v["last_owner"]["comm"], &*o.comm.to_str(), "{line}");
         }
     }
 }

@@ -1,5 +1,8 @@
 //! One aligned, plain-English line per report, in the spirit of `tcplife` / `tcpstates`.
-use std::fmt::{self, Write as _};
+use std::{
+    borrow::Cow,
+    fmt::{self, Write as _},
+};
 
 use time::{UtcOffset, macros::format_description};
 
@@ -8,7 +11,7 @@ use crate::{
     container::Container,
     decode::{Family, Verdict},
     engine::{
-        CloseReason, CloseStats, Detail, Folded, Op, Owner, PeerSummary, Problems, Report,
+        CloseReason, CloseStats, Detail, Folded, Name, Op, Owner, PeerSummary, Problems, Report,
         SocketSummary, Trouble, Unanswered, UnreachableInfo, Via, rules::errno_name,
     },
 };
@@ -122,7 +125,8 @@ impl TextFormat {
             0 => "-".to_owned(),
             p => p.to_string(),
         };
-        let comm = Escaped(process_name(&r.process, &r.comm));
+        let name = process_name(&r.process, &r.comm);
+        let comm = Escaped(&name);
         let mut line = format!(
             "{time:<12} {pid:>7} {comm:<COMM_WIDTH$} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:<11} {}",
             r.local.to_string(),
@@ -377,7 +381,7 @@ fn owner_note(owner: Option<&Owner>) -> String {
         Some(o) if o.is_known() => {
             format!(
                 " (last owner: {} pid {})",
-                Escaped(process_name(&o.process, &o.comm)),
+                Escaped(&process_name(&o.process, &o.comm)),
                 o.tgid
             )
         }
@@ -387,11 +391,11 @@ fn owner_note(owner: Option<&Owner>) -> String {
 
 /// The process's name; its thread's where the process's is unknown (it exited before udpmon
 /// could read it), and "-" where neither is.
-fn process_name<'a>(process: &'a str, comm: &'a str) -> &'a str {
-    match (process, comm) {
-        ("", "") => "-",
-        ("", c) => c,
-        (p, _) => p,
+fn process_name<'a>(process: &'a Name, comm: &'a Name) -> Cow<'a, str> {
+    match (process.is_empty(), comm.is_empty()) {
+        (true, true) => Cow::Borrowed("-"),
+        (true, false) => comm.to_str(),
+        (false, _) => process.to_str(),
     }
 }
 

@@ -10,6 +10,8 @@
 //!   `peers_tracked`: each flow goes to a remote of its own, so each also holds a peer).
 //! - `engine --udpmon-rss-peers PEERS`: the same for PEERS peers remembered across flows,
 //!   none of them with a live flow (`peers_tracked`).
+//! - `engine --udpmon-tick FLOWS REPS`: the time of a tick over FLOWS flows, one line per
+//!   tick (`tick_ns N`), and `flows_tracked`.
 use std::{
     hint::black_box,
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -180,15 +182,44 @@ fn rss_bytes() -> u64 {
     pages * u64::try_from(page).unwrap_or(4096)
 }
 
-/// Resident memory growth while an engine holds `flows` flows, `peers` per socket. Events
-/// are made one at a time and dropped, so only the engine's own memory grows.
+/// Resident memory growth while an engine holds `flows` flows, `peers` per socket.
 fn rss(flows: usize, peers: usize) {
+    let before = rss_bytes();
+    let engine = holding(flows, peers);
+    let after = rss_bytes();
+    println!("rss_before_bytes {before}");
+    println!("rss_after_bytes {after}");
+    println!("flows_tracked {}", engine.stats().flows_tracked);
+    println!("sockets_tracked {}", engine.stats().sockets_tracked);
+    println!("peers_tracked {}", engine.stats().peers_tracked);
+    black_box(engine);
+}
+
+/// What a tick costs an engine that holds `flows` flows, 4 per socket, none due for
+/// anything: one line per tick, after a first one.
+fn tick_time(flows: usize, reps: usize) {
+    let mut engine = holding(flows, PEERS);
+    let mut now = 2_000_000_000u64;
+    for i in 0..=reps {
+        now += 1_000_000_000;
+        let start = Instant::now();
+        black_box(engine.on_tick(now, &counters));
+        let ns = start.elapsed().as_nanos();
+        if i > 0 {
+            println!("tick_ns {ns}");
+        }
+    }
+    println!("flows_tracked {}", engine.stats().flows_tracked);
+}
+
+/// An engine holding `flows` flows, `peers` per socket, each opened by its first datagram.
+/// Events are made one at a time and dropped, so only the engine's own memory grows.
+fn holding(flows: usize, peers: usize) -> Engine {
     let peers = peers.max(1);
     let mut engine = Engine::new(EngineConfig {
         idle_timeout: Duration::from_secs(3600),
         ..config(flows + 1)
     });
-    let before = rss_bytes();
     for i in 0..flows {
         let socket = i / peers;
         let n = u32::try_from(i).expect("fewer than 2^32 flows");
@@ -203,13 +234,7 @@ fn rss(flows: usize, peers: usize) {
         );
         engine.on_event(&ev, &counters, &mut Vec::new());
     }
-    let after = rss_bytes();
-    println!("rss_before_bytes {before}");
-    println!("rss_after_bytes {after}");
-    println!("flows_tracked {}", engine.stats().flows_tracked);
-    println!("sockets_tracked {}", engine.stats().sockets_tracked);
-    println!("peers_tracked {}", engine.stats().peers_tracked);
-    black_box(engine);
+    engine
 }
 
 /// Resident memory growth while an engine remembers `peers` peers (a query to each from a
@@ -316,6 +341,7 @@ fn main() {
         Some("--udpmon-rate") => rate(num(2), num(3)),
         Some("--udpmon-rss") => rss(num(2), num(3)),
         Some("--udpmon-rss-peers") => rss_peers(num(2)),
+        Some("--udpmon-tick") => tick_time(num(2), num(3)),
         _ => divan::main(),
     }
 }

@@ -708,6 +708,8 @@ struct Engine {
     rss: Vec<(usize, f64, f64)>,
     /// (peers, bytes per peer remembered across flows, none with a live flow).
     peers_rss: Vec<(usize, f64)>,
+    /// (flows, the time of one tick in ms).
+    ticks: Vec<(usize, Spread)>,
 }
 
 /// Builds `udpmon/benches/NAME.rs`; returns its executable.
@@ -827,11 +829,28 @@ fn engine(plan: &Plan, bin: &FsPath, pipeline_bin: &FsPath) -> anyhow::Result<En
             (get("rss_after_bytes")? - get("rss_before_bytes")?) / tracked,
         ));
     }
+    let mut ticks = Vec::new();
+    for &n in &plan.rss_flows {
+        let l = engine_mode(
+            bin,
+            &["--udpmon-tick".into(), n.to_string(), reps.to_string()],
+        )?;
+        let ms: Vec<f64> = l
+            .iter()
+            .filter(|(k, _)| k == "tick_ns")
+            .map(|(_, v)| v / 1e6)
+            .collect();
+        if ms.is_empty() {
+            bail!("{} printed no tick_ns", bin.display());
+        }
+        ticks.push((n, spread(&ms)));
+    }
     Ok(Engine {
         rate: engine_rate,
         path_rate,
         rss,
         peers_rss,
+        ticks,
     })
 }
 
@@ -1263,6 +1282,25 @@ fn table(
             "-",
             "<= 128 B",
             yes_no(*one <= 128.0 && *many <= 128.0),
+        ]);
+    }
+    for (n, ms) in &eng.ticks {
+        tb.row([
+            &format!(
+                "engine: one tick (SILENT, RESUMED, idle checks; once a second) at {} flows, \
+                 4 per socket",
+                si(*n as f64)
+            ),
+            "-",
+            &fmt_spread(*ms, 2, " ms"),
+            "-",
+            "-",
+            if *n >= 1_000_000 { "<= 2 ms" } else { "-" },
+            if *n >= 1_000_000 {
+                yes_no(ms.median <= 2.0)
+            } else {
+                "-"
+            },
         ]);
     }
     for (n, per) in &eng.peers_rss {

@@ -641,15 +641,27 @@ impl FlowTable {
         }
     }
 
-    fn live(&self) -> impl Iterator<Item = &Slot> {
-        self.slots.iter().filter(|s| s.flow.is_some())
-    }
-
     /// Every flow, in id order.
+    #[cfg(test)]
     pub fn ids(&self) -> Vec<FlowId> {
-        let mut ids: Vec<FlowId> = self.live().map(Slot::id).collect();
+        let live = self.slots.iter().filter(|s| s.flow.is_some());
+        let mut ids: Vec<FlowId> = live.map(Slot::id).collect();
         ids.sort_unstable();
         ids
+    }
+
+    /// How many slots there are: [`FlowTable::at`] takes `0..slots()`.
+    pub fn slots(&self) -> u32 {
+        self.slots.len() as u32
+    }
+
+    /// The flow in `slot`, if there is one; the next lookups of it cost nothing. A walk over
+    /// every flow that reads the table front to back and looks none of them up.
+    pub fn at(&self, slot: u32) -> Option<FlowId> {
+        let s = self.slots.get(slot as usize)?;
+        s.flow.as_ref()?;
+        self.last_found.set(slot);
+        Some(s.id())
     }
 
     /// A socket's flows, in address order.

@@ -366,8 +366,13 @@ impl Engine {
     pub fn on_tick(&mut self, now_ns: u64, counters: CountersFn<'_>) -> Vec<Report> {
         let mut out = Vec::new();
         self.expired.clear();
-        for id in self.flows.ids() {
-            self.tick_flow(id, now_ns, counters, &mut out);
+        // In the table's order, not the ids': a sort of every flow each second was a third
+        // of a tick at 1M flows, and the reports of one tick share its time. A tick opens no
+        // flow, so the slots stay put; those it frees are passed over.
+        for slot in 0..self.flows.slots() {
+            if let Some(id) = self.flows.at(slot) {
+                self.tick_flow(id, now_ns, counters, &mut out);
+            }
         }
         // After every flow told its peer what it sent and heard.
         self.peers.tick(

@@ -20,7 +20,7 @@ use std::{
 
 use udpmon::{
     decode::{Fact, Family, KernelEvent},
-    engine::{Counters, Engine, EngineConfig, FlowId},
+    engine::{Counters, Engine, EngineConfig, FlowId, Identity},
 };
 
 /// Sockets open at once in the realistic workload.
@@ -33,19 +33,21 @@ fn event(fact: Fact, ts_ns: u64, cookie: u64, local_port: u16, remote: SocketAdd
         fact,
         ts_ns,
         cookie,
-        tgid: 4242,
-        pid: 4242,
-        comm: "bench-client".into(),
-        process: "bench-client".into(),
-        uid: 1000,
-        cgroup: 1,
-        netns: 4026531840 + (cookie / 60_000) as u32,
         family: Family::V4,
         local: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), local_port),
         remote,
         task_unrelated: false,
         connected: false,
         recverr: false,
+        who: Identity {
+            tgid: 4242,
+            pid: 4242,
+            comm: "bench-client".into(),
+            process: "bench-client".into(),
+            uid: 1000,
+            cgroup: 1,
+            netns: 4026531840 + (cookie / 60_000) as u32,
+        },
     }
 }
 

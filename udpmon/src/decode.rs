@@ -1,7 +1,7 @@
 //! Ring-buffer records -> typed events. The only place that knows the raw layout.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::name::Name;
+use crate::identity::{Identity, Name};
 use udpmon_common::{
     Event, EventKind,
     event::{AF_INET, AF_INET6, flags, verdict},
@@ -82,17 +82,11 @@ pub struct KernelEvent {
     pub ts_ns: u64,
     /// Socket cookie; 0 when no socket is involved (NoSocket, ICMP without a socket).
     pub cookie: u64,
-    pub tgid: u32,
-    pub pid: u32,
-    /// The thread's name.
-    pub comm: Name,
-    /// The process's name (its thread-group leader's): the kernel records carry only the
-    /// thread's, so the agent fills it in (`procfs::ProcessNames`); "" when unknown.
-    pub process: Name,
-    pub uid: u32,
-    pub cgroup: u64,
-    /// Network namespace inode, 0 when the hook could not see it.
-    pub netns: u32,
+    /// Who ran the hook (or, where the kernel side knows it, the socket's holder): its
+    /// process name is not in the kernel's record, the agent fills it in
+    /// (`procfs::ProcessNames`; "" when unknown). `netns` is the socket's, 0 when the hook
+    /// could not see it.
+    pub who: Identity,
     pub family: Family,
     pub local: SocketAddr,
     pub remote: SocketAddr,
@@ -233,13 +227,15 @@ pub fn decode_event(ev: &Event) -> Result<KernelEvent, DecodeError> {
         fact,
         ts_ns: ev.ts_ns,
         cookie: ev.cookie,
-        tgid: ev.tgid,
-        pid: ev.pid,
-        comm: Name::from_comm(&ev.comm),
-        process: Name::default(),
-        uid: ev.uid,
-        cgroup: ev.cgroup,
-        netns: ev.netns,
+        who: Identity {
+            tgid: ev.tgid,
+            pid: ev.pid,
+            comm: Name::from_comm(&ev.comm),
+            process: Name::EMPTY,
+            uid: ev.uid,
+            cgroup: ev.cgroup,
+            netns: ev.netns,
+        },
         family,
         local,
         remote,
@@ -283,7 +279,7 @@ mod tests {
         ev.icmp_from[..4].copy_from_slice(&[10, 200, 0, 2]);
         ev.flags = flags::CONNECTED;
         let d = decode(&bytes(&ev)).unwrap();
-        assert_eq!(d.comm, "nc");
+        assert_eq!(d.who.comm, "nc");
         assert_eq!(d.local, "10.200.0.1:54321".parse().unwrap());
         assert_eq!(d.remote, "10.200.0.2:12345".parse().unwrap());
         assert!(d.connected && !d.recverr && !d.task_unrelated);

@@ -18,7 +18,7 @@ use anyhow::{Context, anyhow};
 use crate::{
     container::{self, Ask},
     decode::{self, Fact, KernelEvent},
-    name::Name,
+    identity::{Identity, Name},
     netns::{self, network_namespaces},
     procfs::{comm_of, socket_owners},
     sock_diag::{DiagSocket, SockDiag, TCP_ESTABLISHED},
@@ -129,15 +129,17 @@ pub fn existing_sockets() -> anyhow::Result<Existing> {
                 fact: Fact::Existing,
                 ts_ns,
                 cookie: s.cookie,
-                tgid,
-                pid: tgid,
-                // /proc/PID/comm of the process is its leader's name.
-                process: comm,
-                comm,
-                uid: s.uid,
-                cgroup: cgroup.map_or(0, |(id, _)| *id),
-                // nsfs inode numbers are 32-bit (`ns_common.inum`), as the hooks report them.
-                netns: netns as u32,
+                who: Identity {
+                    tgid,
+                    pid: tgid,
+                    // /proc/PID/comm of the process is its leader's name.
+                    process: comm,
+                    comm,
+                    uid: s.uid,
+                    cgroup: cgroup.map_or(0, |(id, _)| *id),
+                    // nsfs inode numbers are 32-bit (`ns_common.inum`), as the hooks report them.
+                    netns: netns as u32,
+                },
                 family,
                 local,
                 remote,
@@ -148,7 +150,7 @@ pub fn existing_sockets() -> anyhow::Result<Existing> {
         })
         .collect();
     stats.sockets = events.len();
-    stats.without_process = events.iter().filter(|e| e.tgid == 0).count();
+    stats.without_process = events.iter().filter(|e| e.who.tgid == 0).count();
     stats.elapsed = start.elapsed();
     let mut seen = HashSet::new();
     let cgroups = cgroups
@@ -258,18 +260,18 @@ mod tests {
         assert_eq!(ev.fact, Fact::Existing);
         assert_eq!(ev.family, Family::V4);
         assert!(ev.connected && !ev.recverr && !ev.task_unrelated);
-        assert_eq!(ev.tgid, std::process::id());
-        assert_eq!(ev.pid, ev.tgid);
-        assert!(!ev.comm.is_empty());
-        assert_eq!(ev.uid, 0);
-        assert_eq!(u64::from(ev.netns), inode_of("/proc/self/ns/net"));
+        assert_eq!(ev.who.tgid, std::process::id());
+        assert_eq!(ev.who.pid, ev.who.tgid);
+        assert!(!ev.who.comm.is_empty());
+        assert_eq!(ev.who.uid, 0);
+        assert_eq!(u64::from(ev.who.netns), inode_of("/proc/self/ns/net"));
         assert_ne!(ev.cookie, 0);
         assert_eq!(ev.cookie, so_cookie(&sock));
         assert!(ev.ts_ns > 0 && ev.ts_ns <= crate::clock::boot_ns());
         assert!(stats.netns_scanned >= 1 && stats.sockets >= 1);
         // The dump also named its namespace's cookie, for the events to come.
         let own = netns::current_cookie().unwrap();
-        assert_eq!(netns_cookies.get(&own).copied(), Some(ev.netns));
+        assert_eq!(netns_cookies.get(&own).copied(), Some(ev.who.netns));
         // Its holder's cgroup, where cgroup v2 is mounted, and that cgroup among those whose
         // containers are to be resolved.
         let mount = fs::read_to_string("/proc/self/mountinfo")
@@ -280,11 +282,11 @@ mod tests {
                 let own = fs::read_to_string("/proc/self/cgroup").unwrap();
                 let path = container::v2_path(&own).unwrap();
                 let id = inode_of(m.join(path.trim_start_matches('/')).to_str().unwrap());
-                assert_eq!(ev.cgroup, id);
+                assert_eq!(ev.who.cgroup, id);
                 let ask = cgroups.iter().find(|a| a.cgroup == id).expect("asked");
                 assert_eq!(ask.path.as_deref(), Some(path));
             }
-            None => assert_eq!(ev.cgroup, 0),
+            None => assert_eq!(ev.who.cgroup, 0),
         }
     }
 
@@ -315,11 +317,11 @@ mod tests {
             .iter()
             .find(|e| e.cookie == cookie)
             .unwrap_or_else(|| panic!("cookie {cookie} not among {events:#?}"));
-        assert_eq!(u64::from(ev.netns), netns);
+        assert_eq!(u64::from(ev.who.netns), netns);
         assert_eq!(ev.local, local);
         assert_eq!(ev.family, Family::V6);
         assert_eq!(ev.remote, "[::]:0".parse().unwrap());
         assert!(!ev.connected);
-        assert_eq!(ev.tgid, std::process::id());
+        assert_eq!(ev.who.tgid, std::process::id());
     }
 }

@@ -240,21 +240,21 @@ impl Filter {
         any_of(&self.events, |k| *k == r.kind)
             && self.family.is_none_or(|f| f == r.family)
             && any_of(&self.pids, |p| {
-                *p == r.tgid || owner.is_some_and(|o| o.tgid == *p)
+                *p == r.who.tgid || owner.is_some_and(|o| o.tgid == *p)
             })
             // The thread's name or the process's: `--comm dig` finds dig's `isc-net-0000`.
             && any_of(&self.comms, |c| {
-                r.comm == *c
-                    || r.process == *c
+                r.who.comm == *c
+                    || r.who.process == *c
                     || owner.is_some_and(|o| o.comm == *c || o.process == *c)
             })
             && any_of(&self.ports, |p| {
                 *p == r.local.port() || *p == r.remote.port()
             })
             && any_of(&self.peers, |p| p.matches(&r.remote))
-            && any_of(&self.netns, |n| *n == r.netns)
+            && any_of(&self.netns, |n| *n == r.who.netns)
             && any_of(&self.cgroups, |c| {
-                *c == r.cgroup || owner.is_some_and(|o| o.cgroup == *c)
+                *c == r.who.cgroup || owner.is_some_and(|o| o.cgroup == *c)
             })
             && any_of(&self.containers, |s| {
                 r.container.as_deref().is_some_and(|c| s.matches(c))
@@ -270,8 +270,8 @@ mod tests {
     use super::*;
     use crate::{
         cli::tests::ok,
-        engine::{Detail, Owner, Via},
-        name::Name,
+        engine::{Detail, Identity, Via},
+        identity::Name,
     };
 
     fn peer(s: &str) -> Peer {
@@ -331,13 +331,6 @@ mod tests {
             kind,
             ts_ns: 0,
             cookie: 1,
-            pid: 11,
-            tgid: 10,
-            comm: "dnsmasq".into(),
-            process: "dnsmasq".into(),
-            uid: 0,
-            cgroup: 25,
-            netns: 4026531833,
             family: Family::V4,
             local: sa("10.0.0.1:53"),
             remote: sa("10.0.0.2:40000"),
@@ -346,6 +339,15 @@ mod tests {
                 bytes: Some(1),
             },
             container: None,
+            who: Identity {
+                pid: 11,
+                tgid: 10,
+                comm: "dnsmasq".into(),
+                process: "dnsmasq".into(),
+                uid: 0,
+                cgroup: 25,
+                netns: 4026531833,
+            },
         }
     }
 
@@ -459,8 +461,11 @@ mod tests {
     #[test]
     fn comm_filters_compare_what_the_kernel_keeps() {
         let r = Report {
-            comm: "systemd-resolve".into(),
-            process: "systemd-resolve".into(),
+            who: Identity {
+                comm: "systemd-resolve".into(),
+                process: "systemd-resolve".into(),
+                ..report(ReportKind::Accept).who
+            },
             ..report(ReportKind::Accept)
         };
         assert!(filter(&["--comm", "systemd-resolved"]).matches(&r));
@@ -473,24 +478,30 @@ mod tests {
     #[test]
     fn comm_filters_match_the_thread_or_the_process() {
         let r = Report {
-            comm: "isc-net-0000".into(),
-            process: "dig".into(),
+            who: Identity {
+                comm: "isc-net-0000".into(),
+                process: "dig".into(),
+                ..report(ReportKind::Connect).who
+            },
             ..report(ReportKind::Connect)
         };
         assert!(filter(&["--comm", "dig"]).matches(&r));
         assert!(filter(&["--comm", "isc-net-0000"]).matches(&r));
         assert!(!filter(&["--comm", "dnsmasq"]).matches(&r));
         let refused = Report {
-            tgid: 0,
-            comm: Name::EMPTY,
-            process: Name::EMPTY,
             detail: Detail::Refused {
-                last_owner: Some(Owner {
+                last_owner: Some(Identity {
                     tgid: 123,
                     comm: "isc-net-0000".into(),
                     process: "dig".into(),
-                    ..Owner::default()
+                    ..Identity::default()
                 }),
+            },
+            who: Identity {
+                tgid: 0,
+                comm: Name::EMPTY,
+                process: Name::EMPTY,
+                ..report(ReportKind::Refused).who
             },
             ..report(ReportKind::Refused)
         };
@@ -515,18 +526,21 @@ mod tests {
     #[test]
     fn process_filters_follow_the_last_owner_of_a_closed_port() {
         let r = Report {
-            tgid: 0,
-            pid: 0,
-            comm: Name::EMPTY,
-            process: Name::EMPTY,
-            cgroup: 0,
             detail: Detail::Refused {
-                last_owner: Some(Owner {
+                last_owner: Some(Identity {
                     tgid: 123,
                     comm: "nc".into(),
                     cgroup: 77,
-                    ..Owner::default()
+                    ..Identity::default()
                 }),
+            },
+            who: Identity {
+                tgid: 0,
+                pid: 0,
+                comm: Name::EMPTY,
+                process: Name::EMPTY,
+                cgroup: 0,
+                ..report(ReportKind::Refused).who
             },
             ..report(ReportKind::Refused)
         };

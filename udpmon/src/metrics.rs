@@ -399,7 +399,7 @@ mod tests {
     use super::*;
     use crate::{
         decode::Family as AddrFamily,
-        engine::UnreachableInfo,
+        engine::{Identity, UnreachableInfo},
         report::{ClockOffset, JsonFormat},
     };
 
@@ -408,18 +408,20 @@ mod tests {
             kind,
             ts_ns: 1,
             cookie: 7,
-            pid: 42,
-            tgid: 42,
-            comm: "nc".into(),
-            process: "nc".into(),
-            uid: 0,
-            cgroup: 1,
-            netns: 4026531833,
             family: AddrFamily::V4,
             local: "10.0.0.1:54321".parse().unwrap(),
             remote: "10.0.0.2:12345".parse().unwrap(),
             detail,
             container: None,
+            who: Identity {
+                pid: 42,
+                tgid: 42,
+                comm: "nc".into(),
+                process: "nc".into(),
+                uid: 0,
+                cgroup: 1,
+                netns: 4026531833,
+            },
         }
     }
 

@@ -115,9 +115,9 @@ impl<K: FlowCounters> Pipeline<K> {
                 // hook; a softirq record is named after its socket's owner.
                 if ev.fact == Fact::Exit {
                     // Its number is free for another process to take.
-                    self.processes.forget(ev.tgid);
+                    self.processes.forget(ev.who.tgid);
                 } else if !ev.task_unrelated {
-                    ev.process = self.processes.name(ev.tgid, ev.pid, ev.comm);
+                    ev.who.process = self.processes.name(ev.who.tgid, ev.who.pid, ev.who.comm);
                     self.note_cgroup(&ev);
                 }
                 // Nearly always: nothing held, nothing to wait for. Otherwise it waits behind
@@ -180,25 +180,25 @@ impl<K: FlowCounters> Pipeline<K> {
     /// The path of a cgroup not resolved yet, while its process is surely alive: read from
     /// procfs, in memory, as the process names are.
     fn note_cgroup(&mut self, ev: &KernelEvent) {
-        if ev.cgroup == 0
-            || self.containers.knows(ev.cgroup)
-            || self.cgroup_paths.contains_key(&ev.cgroup)
+        if ev.who.cgroup == 0
+            || self.containers.knows(ev.who.cgroup)
+            || self.cgroup_paths.contains_key(&ev.who.cgroup)
         {
             return;
         }
-        let path = std::fs::read_to_string(format!("/proc/{}/cgroup", ev.tgid))
+        let path = std::fs::read_to_string(format!("/proc/{}/cgroup", ev.who.tgid))
             .ok()
             .and_then(|c| container::v2_path(&c).map(str::to_owned));
-        self.cgroup_paths.insert(ev.cgroup, path);
+        self.cgroup_paths.insert(ev.who.cgroup, path);
     }
 
     /// Whether `ev` can go to the engine now: its namespace resolved (filled in here) and its
     /// container known. If not, what it waits for is queued for the next scan or lookup;
     /// `force`, at exit, lets everything through.
     fn ready(&mut self, ev: &mut KernelEvent, netns_cookie: u64, force: bool) -> bool {
-        if ev.netns == 0 && netns_cookie != 0 {
+        if ev.who.netns == 0 && netns_cookie != 0 {
             match self.netns.lookup(netns_cookie) {
-                Lookup::Inode(i) => ev.netns = i,
+                Lookup::Inode(i) => ev.who.netns = i,
                 Lookup::Unresolvable => {}
                 Lookup::Unknown if force => {}
                 Lookup::Unknown => {
@@ -209,8 +209,12 @@ impl<K: FlowCounters> Pipeline<K> {
         }
         // Held until its container is known, so that every report of the socket names
         // it (the engine takes the owner's cgroup only from such events).
-        if !force && !ev.task_unrelated && ev.cgroup != 0 && !self.containers.knows(ev.cgroup) {
-            self.unknown_cgroups.insert(ev.cgroup);
+        if !force
+            && !ev.task_unrelated
+            && ev.who.cgroup != 0
+            && !self.containers.knows(ev.who.cgroup)
+        {
+            self.unknown_cgroups.insert(ev.who.cgroup);
             return false;
         }
         true
@@ -278,7 +282,7 @@ impl<K: FlowCounters> Pipeline<K> {
         for r in reports {
             // A report of no socket (REFUSED, an ICMP error no socket matched) is of the
             // container whose process held the port last.
-            let cgroup = match r.cgroup {
+            let cgroup = match r.who.cgroup {
                 0 => r.last_owner().map_or(0, |o| o.cgroup),
                 c => c,
             };
@@ -384,7 +388,7 @@ mod tests {
         // Known namespace: straight through.
         p.record(&first_tx(1, 7), &mut reports);
         assert_eq!(reports.len(), 1);
-        assert_eq!(reports[0].netns, 4026531840);
+        assert_eq!(reports[0].who.netns, 4026531840);
         // Unknown: held and asked for, and the next one, of a known namespace, waits behind it.
         p.record(&first_tx(2, 8), &mut reports);
         p.record(&first_tx(3, 7), &mut reports);
@@ -395,7 +399,7 @@ mod tests {
         p.netns.learn(HashMap::from([(8, 4026532000)]), &asked);
         let mut later = Vec::new();
         p.process_pending(false, &mut later);
-        let got: Vec<(u64, u32)> = later.iter().map(|r| (r.cookie, r.netns)).collect();
+        let got: Vec<(u64, u32)> = later.iter().map(|r| (r.cookie, r.who.netns)).collect();
         assert_eq!(got, [(2, 4026532000), (3, 4026531840)]);
         assert!(later.iter().all(|r| r.kind == ReportKind::Connect));
         // A namespace gone before the scan: its events go out without one, and are not held
@@ -406,7 +410,7 @@ mod tests {
         let mut last = Vec::new();
         p.process_pending(false, &mut last);
         p.record(&first_tx(5, 9), &mut last);
-        let got: Vec<(u64, u32)> = last.iter().map(|r| (r.cookie, r.netns)).collect();
+        let got: Vec<(u64, u32)> = last.iter().map(|r| (r.cookie, r.who.netns)).collect();
         assert_eq!(got, [(4, 0), (5, 0)]);
         assert_eq!(p.drop_pending(), 0);
         assert_eq!(p.health.events_read, 5);

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::name::Name;
+use crate::identity::Name;
 
 /// Numeric /proc entries, ascending, so that the first owner found is the lowest pid.
 pub(crate) fn pids() -> Vec<u32> {

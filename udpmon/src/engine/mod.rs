@@ -44,10 +44,10 @@ use cookies::CookieMap;
 use flow::{Addr, Flow, FlowTable, State};
 pub use flow::{Counters, FlowId};
 use hashbrown::{HashMap, hash_map::Entry};
-use owners::{Held, OwnerOf, Owners, UNKNOWN};
+use owners::{Held, Owners, UNKNOWN};
 use peer::{PeerKey, PeerTable};
 pub use report::{
-    ByVerdict, CloseReason, CloseStats, Detail, Folded, Name, Op, Owner, PeerSummary, Problems,
+    ByVerdict, CloseReason, CloseStats, Detail, Folded, Identity, Name, Op, PeerSummary, Problems,
     Report, ReportKind, Scope, SocketSummary, Trouble, Unanswered, UnreachableInfo, Via,
 };
 use summary::Busy;
@@ -171,7 +171,7 @@ pub struct Engine {
 
 /// A socket's owner as reports name it: in the socket's current namespace. A function of
 /// the sockets alone, so that a report can borrow it while a flow is borrowed mutably.
-fn owner_of(sockets: &CookieMap<Socket>, cookie: u64) -> (&Owner, u32) {
+fn owner_of(sockets: &CookieMap<Socket>, cookie: u64) -> (&Identity, u32) {
     match sockets.get(&cookie) {
         Some(s) => (s.owner.as_deref().map_or(&UNKNOWN, Held::now), s.netns),
         None => (&UNKNOWN, 0),
@@ -356,8 +356,8 @@ impl Engine {
             Fact::Existing => self.existing(ev, counters, out),
             // Learned above: what the socket's next reports, timer-made ones included, name.
             Fact::Holder => {}
-            Fact::Exit => self.owners.exited(ev.tgid),
-            Fact::Exec => self.owners.execd(ev),
+            Fact::Exit => self.owners.exited(ev.who.tgid),
+            Fact::Exec => self.owners.execd(&ev.who),
         }
     }
 
@@ -586,16 +586,17 @@ impl Engine {
         });
         sock.seen_ns = sock.seen_ns.max(ev.ts_ns);
         sock.preexisting |= ev.fact == Fact::Existing;
-        if ev.netns != 0 {
-            sock.netns = ev.netns;
+        if ev.who.netns != 0 {
+            sock.netns = ev.who.netns;
         }
         let mut local = sock.local.get();
         refine_local(&mut local, ev.local);
         sock.local = Addr::new(local);
         if !ev.task_unrelated {
-            let who = OwnerOf {
-                ev,
+            // As the socket's namespace knows it (a hook may not have seen it).
+            let who = Identity {
                 netns: sock.netns,
+                ..ev.who
             };
             if !sock.owner.as_ref().is_some_and(|o| o.is(&who)) {
                 sock.owner = Some(self.owners.of(&who));
@@ -629,7 +630,7 @@ impl Engine {
         }
     }
 
-    fn last_owner(&self, netns: u32, port: u16) -> Option<Owner> {
+    fn last_owner(&self, netns: u32, port: u16) -> Option<Identity> {
         self.port_owners
             .get(&(netns, port))
             .map(|p| *p.owner.learned())
@@ -1124,12 +1125,12 @@ impl Engine {
     /// the last process seen on the local port.
     fn unreachable_without_socket(&mut self, ev: &KernelEvent, icmp: &Icmp, out: &mut Vec<Report>) {
         let mut info = self.icmp_info(ev, icmp, false);
-        info.last_owner = self.last_owner(ev.netns, ev.local.port());
+        info.last_owner = self.last_owner(ev.who.netns, ev.local.port());
         // A resolver's socket is often gone when the error for its query comes back.
         let peer = info
             .last_owner
             .as_ref()
-            .and_then(|o| self.peers.find(&PeerKey::new(o, ev.netns, ev.remote)));
+            .and_then(|o| self.peers.find(&PeerKey::new(o, ev.who.netns, ev.remote)));
         if let Some(idx) = peer {
             self.peers.icmp(idx, ev.ts_ns);
             if self.cfg.summary.is_some()
@@ -1144,7 +1145,7 @@ impl Engine {
             ReportKind::Unreachable,
             ev.ts_ns,
             ev.cookie,
-            (&UNKNOWN, ev.netns),
+            (&UNKNOWN, ev.who.netns),
             ev.family,
             (ev.local, ev.remote),
             Detail::Unreachable(info),
@@ -1243,7 +1244,7 @@ impl Engine {
     /// A peer sending to a local port without a socket: one REFUSED per (local, remote) per
     /// idle timeout.
     fn refused(&mut self, ev: &KernelEvent, out: &mut Vec<Report>) {
-        let key = (ev.netns, ev.local, ev.remote);
+        let key = (ev.who.netns, ev.local, ev.remote);
         let idle = ns(self.cfg.idle_timeout);
         let full = self.refused_at.len() >= self.cfg.max_flows;
         match self.refused_at.entry(key) {
@@ -1265,12 +1266,12 @@ impl Engine {
                 e.insert(ev.ts_ns);
             }
         }
-        let last_owner = self.last_owner(ev.netns, ev.local.port());
+        let last_owner = self.last_owner(ev.who.netns, ev.local.port());
         out.push(Report::new(
             ReportKind::Refused,
             ev.ts_ns,
             0,
-            (&UNKNOWN, ev.netns),
+            (&UNKNOWN, ev.who.netns),
             ev.family,
             (ev.local, ev.remote),
             Detail::Refused { last_owner },

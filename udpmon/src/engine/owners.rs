@@ -12,20 +12,19 @@ use std::sync::{Arc, OnceLock};
 
 use hashbrown::HashMap;
 
-use super::{Name, Owner};
-use crate::decode::KernelEvent;
+use super::{Identity, Name};
 
 /// An owner as sockets, ports and peers share it.
 #[derive(Debug)]
 pub(super) struct Held {
     /// As an event named it.
-    learned: Owner,
+    learned: Identity,
     /// Set once its process exits or execs.
     next: OnceLock<Arc<Held>>,
 }
 
 impl Held {
-    pub fn new(owner: Owner) -> Self {
+    pub fn new(owner: Identity) -> Self {
         Self {
             learned: owner,
             next: OnceLock::new(),
@@ -34,7 +33,7 @@ impl Held {
 
     /// Who holds the socket now, as far as the engine knows: what the reports it makes on
     /// its own name.
-    pub fn now(&self) -> &Owner {
+    pub fn now(&self) -> &Identity {
         let mut h = self;
         while let Some(n) = h.next.get() {
             h = n;
@@ -44,41 +43,13 @@ impl Held {
 
     /// As an event named it, before any exit or exec: the port's last owner that a REFUSED
     /// names is the one that closed it, and has usually exited since.
-    pub fn learned(&self) -> &Owner {
+    pub fn learned(&self) -> &Identity {
         &self.learned
     }
 
     /// Whether an event naming `who` names this owner, still alive as it was.
-    pub fn is(&self, who: &OwnerOf<'_>) -> bool {
-        self.next.get().is_none() && who.is(&self.learned)
-    }
-}
-
-/// Who an event names as its socket's owner, before it is interned.
-pub(super) struct OwnerOf<'a> {
-    pub ev: &'a KernelEvent,
-    pub netns: u32,
-}
-
-impl OwnerOf<'_> {
-    fn is(&self, o: &Owner) -> bool {
-        let e = self.ev;
-        (e.tgid, e.pid, e.uid, e.cgroup, self.netns) == (o.tgid, o.pid, o.uid, o.cgroup, o.netns)
-            && e.comm == o.comm
-            && e.process == o.process
-    }
-
-    fn owner(&self) -> Owner {
-        let e = self.ev;
-        Owner {
-            tgid: e.tgid,
-            pid: e.pid,
-            comm: e.comm,
-            process: e.process,
-            uid: e.uid,
-            cgroup: e.cgroup,
-            netns: self.netns,
-        }
+    pub fn is(&self, who: &Identity) -> bool {
+        self.next.get().is_none() && self.learned == *who
     }
 }
 
@@ -92,13 +63,14 @@ pub(super) struct Owners {
 }
 
 impl Owners {
-    /// The owner an event names.
-    pub fn of(&mut self, who: &OwnerOf<'_>) -> Arc<Held> {
-        let list = self.by_tgid.entry(who.ev.tgid).or_default();
+    /// The owner `who` is, held once. The lists hold only owners that nothing took the place
+    /// of (see [`Owners::succeed`]).
+    pub fn of(&mut self, who: &Identity) -> Arc<Held> {
+        let list = self.by_tgid.entry(who.tgid).or_default();
         if let Some(h) = list.iter().find(|h| h.is(who)) {
             return h.clone();
         }
-        let h = Arc::new(Held::new(who.owner()));
+        let h = Arc::new(Held::new(*who));
         list.push(h.clone());
         h
     }
@@ -108,7 +80,7 @@ impl Owners {
         if owner.learned.netns == netns {
             return owner.clone();
         }
-        self.intern(Owner {
+        self.of(&Identity {
             netns,
             ..owner.learned
         })
@@ -116,7 +88,7 @@ impl Owners {
 
     /// Process `tgid` exited: its owners are unknown from now on.
     pub fn exited(&mut self, tgid: u32) {
-        self.succeed(tgid, |o| Owner {
+        self.succeed(tgid, |o| Identity {
             tgid: 0,
             pid: 0,
             comm: Name::default(),
@@ -126,13 +98,16 @@ impl Owners {
         });
     }
 
-    /// Process `ev.tgid` exec'd: its owners are named as `ev` names it from now on.
-    pub fn execd(&mut self, ev: &KernelEvent) {
-        self.succeed(ev.tgid, |o| OwnerOf { ev, netns: o.netns }.owner());
+    /// Process `now.tgid` exec'd: its owners are named as `now` from then on.
+    pub fn execd(&mut self, now: &Identity) {
+        self.succeed(now.tgid, |o| Identity {
+            netns: o.netns,
+            ..*now
+        });
     }
 
-    fn succeed(&mut self, tgid: u32, next: impl Fn(&Owner) -> Owner) {
-        // Owner 0 is no process: the unknown ones.
+    fn succeed(&mut self, tgid: u32, next: impl Fn(&Identity) -> Identity) {
+        // Process 0 is no process: the unknown owners.
         if tgid == 0 {
             return;
         }
@@ -140,20 +115,10 @@ impl Owners {
             return;
         };
         for h in old {
-            let n = self.intern(next(&h.learned));
+            let n = self.of(&next(&h.learned));
             // Only here, and `h` has just left the table: it has no successor yet.
             let _ = h.next.set(n);
         }
-    }
-
-    fn intern(&mut self, o: Owner) -> Arc<Held> {
-        let list = self.by_tgid.entry(o.tgid).or_default();
-        if let Some(h) = list.iter().find(|h| h.learned == o) {
-            return h.clone();
-        }
-        let h = Arc::new(Held::new(o));
-        list.push(h.clone());
-        h
     }
 
     pub fn purge(&mut self) {
@@ -165,7 +130,7 @@ impl Owners {
 }
 
 /// The owner of an unknown socket.
-pub(super) static UNKNOWN: Owner = Owner {
+pub(super) static UNKNOWN: Identity = Identity {
     tgid: 0,
     pid: 0,
     comm: Name::EMPTY,

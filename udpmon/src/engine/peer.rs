@@ -66,7 +66,9 @@ use super::{
     anywhere,
     flow::Counters,
     owners::Held,
-    report::{Detail, Name, Owner, PeerSummary, Report, ReportKind, Unanswered, UnreachableInfo},
+    report::{
+        Detail, Identity, Name, PeerSummary, Report, ReportKind, Unanswered, UnreachableInfo,
+    },
 };
 use crate::decode::{Family, Verdict};
 
@@ -100,7 +102,7 @@ impl Hash for PeerKey {
 }
 
 impl PeerKey {
-    pub fn new(owner: &Owner, netns: u32, remote: SocketAddr) -> Self {
+    pub fn new(owner: &Identity, netns: u32, remote: SocketAddr) -> Self {
         let program = if owner.process.is_empty() {
             &owner.comm
         } else {
@@ -177,7 +179,7 @@ impl SharedOwner for &Arc<Held> {
     }
 }
 
-impl SharedOwner for &Owner {
+impl SharedOwner for &Identity {
     fn shared(self) -> Arc<Held> {
         Arc::new(Held::new(*self))
     }
@@ -399,7 +401,7 @@ impl Peer {
         let o = self.owner.now();
         // Names as a peer keys them: cut to what the kernel keeps of one. A process that
         // has exited since is no pid, but the peer is still its program's.
-        let owner = Owner {
+        let owner = Identity {
             tgid: o.tgid,
             pid: o.pid,
             comm: o.comm,
@@ -709,8 +711,9 @@ impl PeerTable {
             now.saturating_sub(e.last_ns) < idle_ns
         });
         // A stable order, whatever the table's.
-        reports
-            .sort_by(|a, b| (a.netns, &a.process, a.remote).cmp(&(b.netns, &b.process, b.remote)));
+        reports.sort_by(|a, b| {
+            (a.who.netns, &a.who.process, a.remote).cmp(&(b.who.netns, &b.who.process, b.remote))
+        });
         out.extend(reports);
     }
 
@@ -794,8 +797,8 @@ impl PeerTable {
 mod tests {
     use super::*;
 
-    fn owner(process: &str) -> Owner {
-        Owner {
+    fn owner(process: &str) -> Identity {
+        Identity {
             tgid: 10,
             pid: 11,
             comm: process.into(),
@@ -821,7 +824,7 @@ mod tests {
     #[test]
     fn a_peer_is_its_process_or_else_its_threads() {
         let k = PeerKey::new(
-            &Owner {
+            &Identity {
                 process: Name::EMPTY,
                 ..owner("isc-net-0000")
             },

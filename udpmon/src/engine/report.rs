@@ -6,7 +6,7 @@ use std::{
     sync::Arc,
 };
 
-pub use crate::name::Name;
+pub use crate::identity::{Identity, Name};
 use crate::{
     container::Container,
     decode::{Family, Verdict},
@@ -102,30 +102,6 @@ impl FromStr for ReportKind {
     }
 }
 
-/// The process a socket belongs to, as far as udpmon knows it. All zero / empty when unknown
-/// (only softirq-side facts were seen for the socket, or no socket exists).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Owner {
-    /// Process id.
-    pub tgid: u32,
-    /// Thread id.
-    pub pid: u32,
-    /// The thread's name.
-    pub comm: Name,
-    /// The process's name (its thread-group leader's), "" when unknown.
-    pub process: Name,
-    pub uid: u32,
-    pub cgroup: u64,
-    /// Network namespace inode.
-    pub netns: u32,
-}
-
-impl Owner {
-    pub fn is_known(&self) -> bool {
-        self.tgid != 0 || !self.comm.is_empty()
-    }
-}
-
 /// How a flow was opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Via {
@@ -212,7 +188,7 @@ pub struct UnreachableInfo {
     /// The socket was connected to this peer.
     pub connected: bool,
     /// For [`Verdict::NoSocket`]: the last process seen on the local port, if known.
-    pub last_owner: Option<Owner>,
+    pub last_owner: Option<Identity>,
 }
 
 /// What a peer left unanswered since its last answer (peer-scope SILENT and RESUMED).
@@ -386,7 +362,7 @@ pub enum Detail {
     },
     /// REFUSED: the last process seen on the local port, if known.
     Refused {
-        last_owner: Option<Owner>,
+        last_owner: Option<Identity>,
     },
     /// SUMMARY with scope socket (boxed: far larger than the other details, and rare).
     SocketSummary(Box<SocketSummary>),
@@ -402,17 +378,8 @@ pub struct Report {
     pub ts_ns: u64,
     /// Socket cookie, 0 when no socket is involved (REFUSED, ICMP for a closed socket).
     pub cookie: u64,
-    /// Thread id.
-    pub pid: u32,
-    /// Process id.
-    pub tgid: u32,
-    /// The thread's name.
-    pub comm: Name,
-    /// The process's name (its thread-group leader's).
-    pub process: Name,
-    pub uid: u32,
-    pub cgroup: u64,
-    pub netns: u32,
+    /// The socket's owner, in the socket's network namespace.
+    pub who: Identity,
     pub family: Family,
     pub local: SocketAddr,
     pub remote: SocketAddr,
@@ -429,7 +396,7 @@ impl Report {
         cookie: u64,
         // The owner's own netns is that of its socket when it was learned; a socket moved
         // since is reported in its current one.
-        (owner, netns): (&Owner, u32),
+        (owner, netns): (&Identity, u32),
         family: Family,
         (local, remote): (SocketAddr, SocketAddr),
         detail: Detail,
@@ -438,13 +405,7 @@ impl Report {
             kind,
             ts_ns,
             cookie,
-            pid: owner.pid,
-            tgid: owner.tgid,
-            comm: owner.comm,
-            process: owner.process,
-            uid: owner.uid,
-            cgroup: owner.cgroup,
-            netns,
+            who: Identity { netns, ..*owner },
             family,
             local,
             remote,
@@ -466,7 +427,7 @@ impl Report {
     }
 
     /// The last owner named by REFUSED and by an ICMP error for a closed socket.
-    pub fn last_owner(&self) -> Option<&Owner> {
+    pub fn last_owner(&self) -> Option<&Identity> {
         match &self.detail {
             Detail::Refused { last_owner } => last_owner.as_ref(),
             Detail::Unreachable(u) => u.last_owner.as_ref(),

@@ -195,12 +195,12 @@ mod tests {
     use std::net::SocketAddr;
 
     use super::*;
-    use crate::engine::{Folded, Op, Owner, Problems, Trouble};
+    use crate::engine::{Folded, Identity, Op, Problems, Trouble};
 
     fn busy() -> Busy {
         let local: SocketAddr = "10.0.0.1:53".parse().unwrap();
         Busy::new(
-            Arc::new(Held::new(Owner::default())),
+            Arc::new(Held::new(Identity::default())),
             1,
             Family::V4,
             local,

@@ -14,25 +14,32 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
+/// `nc`, tgid 100, as [`ev`] names it.
+fn nc() -> Identity {
+    ev(Fact::Close, 0).who
+}
+
 /// An event from `nc` (tgid 100) on socket 7, 10.0.0.1:5000 <-> 10.0.0.2:53.
 fn ev(fact: Fact, ts_ns: u64) -> KernelEvent {
     KernelEvent {
         fact,
         ts_ns,
         cookie: 7,
-        tgid: 100,
-        pid: 101,
-        comm: "nc".into(),
-        process: "nc".into(),
-        uid: 1000,
-        cgroup: 25,
-        netns: 4026531833,
         family: Family::V4,
         local: addr("10.0.0.1:5000"),
         remote: addr("10.0.0.2:53"),
         task_unrelated: false,
         connected: false,
         recverr: false,
+        who: Identity {
+            tgid: 100,
+            pid: 101,
+            comm: "nc".into(),
+            process: "nc".into(),
+            uid: 1000,
+            cgroup: 25,
+            netns: 4026531833,
+        },
     }
 }
 
@@ -112,11 +119,16 @@ fn first_send_connects_and_the_reply_establishes() {
     );
     let first = &r[0];
     assert_eq!(
-        (first.cookie, first.tgid, first.pid, &*first.comm.to_str()),
+        (
+            first.cookie,
+            first.who.tgid,
+            first.who.pid,
+            &*first.who.comm.to_str()
+        ),
         (7, 100, 101, "nc")
     );
     assert_eq!(
-        (first.uid, first.cgroup, first.netns),
+        (first.who.uid, first.who.cgroup, first.who.netns),
         (1000, 25, 4026531833)
     );
     assert_eq!(
@@ -376,15 +388,21 @@ fn icmp_for_a_closed_socket_names_the_ports_last_owner() {
     let orphan = KernelEvent {
         cookie: 0,
         task_unrelated: true,
-        tgid: 0,
-        pid: 0,
-        comm: "swapper/1".into(),
+        who: Identity {
+            tgid: 0,
+            pid: 0,
+            comm: "swapper/1".into(),
+            ..ev(icmp(3, 3, None, Verdict::NoSocket), 3 * S).who
+        },
         ..ev(icmp(3, 3, None, Verdict::NoSocket), 3 * S)
     };
     let r = run(&mut e, &[orphan]);
     assert_eq!(kinds(&r), [ReportKind::Unreachable]);
-    assert_eq!((r[0].cookie, r[0].tgid, &*r[0].comm.to_str()), (0, 0, ""));
-    assert_eq!(r[0].netns, 4026531833);
+    assert_eq!(
+        (r[0].cookie, r[0].who.tgid, &*r[0].who.comm.to_str()),
+        (0, 0, "")
+    );
+    assert_eq!(r[0].who.netns, 4026531833);
     let Detail::Unreachable(u) = &r[0].detail else {
         panic!("{r:?}")
     };
@@ -520,9 +538,12 @@ fn refused_is_rate_limited_and_names_the_last_owner() {
     let no_socket = |ts| KernelEvent {
         cookie: 0,
         task_unrelated: true,
-        comm: "ksoftirqd/0".into(),
         local: addr("10.0.0.1:5000"),
         remote: addr("10.0.0.2:53"),
+        who: Identity {
+            comm: "ksoftirqd/0".into(),
+            ..ev(Fact::NoSocket, ts).who
+        },
         ..ev(Fact::NoSocket, ts)
     };
     let r = run(&mut e, &[no_socket(S)]);
@@ -550,7 +571,10 @@ fn refused_is_rate_limited_and_names_the_last_owner() {
     );
     assert_eq!(kinds(&r), [ReportKind::Refused]);
     assert_eq!(r[0].ts_ns, S + idle);
-    assert_eq!((r[0].cookie, r[0].tgid, &*r[0].comm.to_str()), (0, 0, ""));
+    assert_eq!(
+        (r[0].cookie, r[0].who.tgid, &*r[0].who.comm.to_str()),
+        (0, 0, "")
+    );
     let owner = r[0].last_owner().expect("last owner");
     assert_eq!((owner.tgid, &*owner.comm.to_str()), (100, "nc"));
     assert_eq!(e.stats().refused_suppressed, 3);
@@ -562,10 +586,13 @@ fn a_ports_last_owner_is_the_socket_that_used_it_last() {
     let mut e = engine();
     let dig = |fact, ts| KernelEvent {
         cookie: 8,
-        tgid: 200,
-        pid: 200,
-        comm: "dig".into(),
-        process: "dig".into(),
+        who: Identity {
+            tgid: 200,
+            pid: 200,
+            comm: "dig".into(),
+            process: "dig".into(),
+            ..nc()
+        },
         ..ev(fact, ts)
     };
     let mut port = 4000;
@@ -610,9 +637,12 @@ fn existing_sockets_are_learned_silently() {
     let existing = KernelEvent {
         connected: true,
         task_unrelated: true,
-        tgid: 0,
-        pid: 0,
-        comm: Name::EMPTY,
+        who: Identity {
+            tgid: 0,
+            pid: 0,
+            comm: Name::EMPTY,
+            ..ev(Fact::Existing, S).who
+        },
         ..ev(Fact::Existing, S)
     };
     assert!(run(&mut e, &[existing]).is_empty());
@@ -644,17 +674,25 @@ fn softirq_facts_use_the_sockets_learned_owner() {
     let mut e = engine();
     let softirq = |fact, ts| KernelEvent {
         task_unrelated: true,
-        tgid: 0,
-        pid: 0,
-        comm: "swapper/3".into(),
-        uid: 0,
-        cgroup: 1,
+        who: Identity {
+            tgid: 0,
+            pid: 0,
+            comm: "swapper/3".into(),
+            uid: 0,
+            cgroup: 1,
+            ..nc()
+        },
         ..ev(fact, ts)
     };
     run(&mut e, &[ev(Fact::FirstTx { bytes: 1 }, S)]);
     let r = run(&mut e, &[softirq(Fact::FirstRx { bytes: 2 }, 2 * S)]);
     assert_eq!(
-        (r[0].tgid, &*r[0].comm.to_str(), r[0].uid, r[0].cgroup),
+        (
+            r[0].who.tgid,
+            &*r[0].who.comm.to_str(),
+            r[0].who.uid,
+            r[0].who.cgroup
+        ),
         (100, "nc", 1000, 25)
     );
     // A socket only ever seen from softirq has no known owner: nothing is made up.
@@ -664,10 +702,15 @@ fn softirq_facts_use_the_sockets_learned_owner() {
     };
     let r = run(&mut e, &[stranger]);
     assert_eq!(
-        (r[0].tgid, &*r[0].comm.to_str(), r[0].uid, r[0].cgroup),
+        (
+            r[0].who.tgid,
+            &*r[0].who.comm.to_str(),
+            r[0].who.uid,
+            r[0].who.cgroup
+        ),
         (0, "", 0, 0)
     );
-    assert_eq!(r[0].netns, 4026531833);
+    assert_eq!(r[0].who.netns, 4026531833);
 }
 
 #[test]
@@ -949,19 +992,35 @@ fn a_full_table_evicts_the_least_recently_active_flow() {
 fn seed_laptop_side() {
     let laptop = |fact, ts| KernelEvent {
         cookie: 41,
-        tgid: 41383,
-        pid: 41383,
         local: addr("192.168.1.4:54321"),
         remote: addr("35.190.176.201:12345"),
         connected: true,
+        who: Identity {
+            tgid: 41383,
+            pid: 41383,
+            ..nc()
+        },
         ..ev(fact, ts)
     };
     let mut e = engine();
     let icmp_ev = KernelEvent {
         task_unrelated: true,
-        tgid: 0,
-        pid: 0,
-        comm: "swapper/0".into(),
+        who: Identity {
+            tgid: 0,
+            pid: 0,
+            comm: "swapper/0".into(),
+            ..laptop(
+                Fact::Icmp(Icmp {
+                    ty: 3,
+                    code: 3,
+                    errno: Some(111),
+                    from: "35.190.176.201".parse().unwrap(),
+                    verdict: Verdict::Notified,
+                }),
+                30 * S,
+            )
+            .who
+        },
         ..laptop(
             Fact::Icmp(Icmp {
                 ty: 3,
@@ -990,7 +1049,7 @@ fn seed_laptop_side() {
             ReportKind::Unreachable
         ]
     );
-    assert!(r.iter().all(|r| r.tgid == 41383 && r.comm == "nc"));
+    assert!(r.iter().all(|r| r.who.tgid == 41383 && r.who.comm == "nc"));
     assert!(r.iter().all(|r| r.remote == addr("35.190.176.201:12345")));
     let Detail::Unreachable(u) = &r[2].detail else {
         panic!("{r:?}")
@@ -1010,19 +1069,25 @@ fn seed_laptop_side() {
 fn seed_server_side() {
     let server = |fact, ts| KernelEvent {
         cookie: 19,
-        tgid: 19075,
-        pid: 19075,
         local: addr("10.142.0.2:12345"),
         remote: addr("51.6.191.203:54321"),
+        who: Identity {
+            tgid: 19075,
+            pid: 19075,
+            ..nc()
+        },
         ..ev(fact, ts)
     };
     let mut e = engine();
     let no_socket = KernelEvent {
         cookie: 0,
         task_unrelated: true,
-        tgid: 0,
-        pid: 0,
-        comm: "swapper/0".into(),
+        who: Identity {
+            tgid: 0,
+            pid: 0,
+            comm: "swapper/0".into(),
+            ..server(Fact::NoSocket, 40 * S).who
+        },
         ..server(Fact::NoSocket, 40 * S)
     };
     let r = run(
@@ -1455,14 +1520,17 @@ fn a_quiet_server_from_before_udpmon_keeps_its_owner() {
         local: addr("10.0.0.1:53"),
         remote: addr("10.0.0.9:4000"),
         task_unrelated: true,
-        tgid: 0,
-        pid: 0,
-        comm: "swapper/0".into(),
+        who: Identity {
+            tgid: 0,
+            pid: 0,
+            comm: "swapper/0".into(),
+            ..ev(Fact::FirstRx { bytes: 30 }, S + 4 * idle).who
+        },
         ..ev(Fact::FirstRx { bytes: 30 }, S + 4 * idle)
     };
     let r = run(&mut e, &[from_softirq]);
     assert_eq!(kinds(&r), [ReportKind::Accept]);
-    assert_eq!((r[0].tgid, &*r[0].comm.to_str()), (100, "nc"));
+    assert_eq!((r[0].who.tgid, &*r[0].who.comm.to_str()), (100, "nc"));
     // Closed: forgotten.
     let close = KernelEvent {
         cookie: 8,
@@ -1478,16 +1546,24 @@ fn a_quiet_server_from_before_udpmon_keeps_its_owner() {
 
 const UPSTREAM: &str = "10.0.0.9:53";
 
+/// dnsmasq, tgid 300, as [`fwd`] names it.
+fn forwarder() -> Identity {
+    fwd(Fact::Close, 0, 0).who
+}
+
 fn fwd(fact: Fact, ts: u64, cookie: u64) -> KernelEvent {
     KernelEvent {
         cookie,
-        tgid: 300,
-        pid: 300,
-        comm: "dnsmasq".into(),
-        process: "dnsmasq".into(),
-        netns: 7,
         local: SocketAddr::new(IpAddr::from([10, 0, 0, 1]), 40000 + cookie as u16),
         remote: addr(UPSTREAM),
+        who: Identity {
+            tgid: 300,
+            pid: 300,
+            comm: "dnsmasq".into(),
+            process: "dnsmasq".into(),
+            netns: 7,
+            ..nc()
+        },
         ..ev(fact, ts)
     }
 }
@@ -1577,10 +1653,10 @@ fn a_resolvers_upstream_goes_silent_across_fresh_flows() {
     );
     assert_eq!(
         (
-            silent.tgid,
-            &*silent.process.to_str(),
-            &*silent.comm.to_str(),
-            silent.netns
+            silent.who.tgid,
+            &*silent.who.process.to_str(),
+            &*silent.who.comm.to_str(),
+            silent.who.netns
         ),
         (300, "dnsmasq", "dnsmasq", 7)
     );
@@ -1604,7 +1680,7 @@ fn a_resolvers_upstream_goes_silent_across_fresh_flows() {
             },
         }
     );
-    assert_eq!((resumed.remote, resumed.tgid), (addr(UPSTREAM), 300));
+    assert_eq!((resumed.remote, resumed.who.tgid), (addr(UPSTREAM), 300));
     assert_eq!(e.stats().peers_tracked, 1);
 }
 
@@ -1819,18 +1895,24 @@ fn peers_group_by_namespace_program_and_remote() {
     let mut e = engine();
     let mut tl = Timeline::default();
     let worker = |tgid: u32, fact, ts, cookie| KernelEvent {
-        tgid,
-        pid: tgid,
+        who: Identity {
+            tgid,
+            pid: tgid,
+            ..forwarder()
+        },
         ..fwd(fact, ts, cookie)
     };
     tl.at(S, worker(300, Fact::FirstTx { bytes: 40 }, S, 1));
     tl.at(2 * S, worker(301, Fact::FirstTx { bytes: 40 }, 2 * S, 2));
     let other = |fact, ts, cookie, process: &str, netns| KernelEvent {
-        tgid: 400,
-        pid: 400,
-        comm: process.into(),
-        process: process.into(),
-        netns,
+        who: Identity {
+            tgid: 400,
+            pid: 400,
+            comm: process.into(),
+            process: process.into(),
+            netns,
+            ..forwarder()
+        },
         ..fwd(fact, ts, cookie)
     };
     tl.at(S, other(Fact::FirstTx { bytes: 40 }, S, 3, "unbound", 7));
@@ -1854,7 +1936,7 @@ fn peers_group_by_namespace_program_and_remote() {
     assert_eq!(silent[0].ts_ns, 11 * S);
     // Named after the most recent worker.
     assert_eq!(
-        (silent[0].tgid, silent[0].netns, silent[0].remote),
+        (silent[0].who.tgid, silent[0].who.netns, silent[0].remote),
         (301, 7, addr(UPSTREAM))
     );
     let Detail::PeerSilent { unanswered, .. } = &silent[0].detail else {
@@ -1960,12 +2042,15 @@ fn client(port: u16) -> SocketAddr {
 fn srv(fact: Fact, ts: u64, port: u16) -> KernelEvent {
     KernelEvent {
         cookie: SERVER,
-        tgid: 300,
-        pid: 300,
-        comm: "dnsmasq".into(),
-        process: "dnsmasq".into(),
         local: addr("10.0.0.1:53"),
         remote: client(port),
+        who: Identity {
+            tgid: 300,
+            pid: 300,
+            comm: "dnsmasq".into(),
+            process: "dnsmasq".into(),
+            ..nc()
+        },
         ..ev(fact, ts)
     }
 }
@@ -2070,8 +2155,8 @@ fn a_busy_socket_is_summarised_per_interval() {
     assert_eq!(
         (
             r0.cookie,
-            r0.tgid,
-            &*r0.process.to_str(),
+            r0.who.tgid,
+            &*r0.who.process.to_str(),
             r0.local,
             r0.remote
         ),
@@ -2270,7 +2355,7 @@ fn a_peers_repeated_unreachable_is_folded() {
     let s = r.iter().find(|r| r.kind == ReportKind::Summary).unwrap();
     assert_eq!(s.scope(), Some(Scope::Peer));
     assert_eq!(
-        (s.cookie, s.tgid, &*s.process.to_str(), s.remote),
+        (s.cookie, s.who.tgid, &*s.who.process.to_str(), s.remote),
         (0, 300, "dnsmasq", addr(UPSTREAM))
     );
     // Nothing lost: printed and folded are every error.
@@ -2480,19 +2565,17 @@ fn finish_reports_the_summaries_in_the_making() {
 fn exit(tgid: u32, ts: u64) -> KernelEvent {
     KernelEvent {
         cookie: 0,
-        tgid,
-        pid: 0,
-        comm: Name::EMPTY,
-        process: Name::EMPTY,
-        uid: 0,
-        cgroup: 0,
-        netns: 0,
+        who: Identity {
+            tgid,
+            ..Identity::default()
+        },
         ..ev(Fact::Exit, ts)
     }
 }
 
 fn who(r: &Report) -> (u32, u32, Name, Name, u32, u64) {
-    (r.tgid, r.pid, r.comm, r.process, r.uid, r.cgroup)
+    let w = &r.who;
+    (w.tgid, w.pid, w.comm, w.process, w.uid, w.cgroup)
 }
 
 const NO_ONE: Name = Name::EMPTY;
@@ -2518,11 +2601,14 @@ fn timer_reports_name_no_one_once_the_holder_exited() {
     assert_eq!(kinds(&r), [ReportKind::Silent]);
     // Its cgroup is kept, as the kernel keeps it: the new holder is, as a rule, its child.
     assert_eq!(who(&r[0]), (0, 0, NO_ONE, NO_ONE, 0, 25));
-    assert_eq!(r[0].netns, 4026531833);
+    assert_eq!(r[0].who.netns, 4026531833);
     // The child's first call names it.
     let child = KernelEvent {
-        tgid: 200,
-        pid: 200,
+        who: Identity {
+            tgid: 200,
+            pid: 200,
+            ..ev(Fact::Holder, 15 * S).who
+        },
         ..ev(Fact::Holder, 15 * S)
     };
     assert!(run(&mut e, &[child]).is_empty());
@@ -2553,10 +2639,13 @@ fn timer_reports_name_the_program_a_holder_execd() {
     assert!(e.on_tick(2 * S, &get).is_empty());
     let exec = KernelEvent {
         cookie: 0,
-        pid: 100,
-        comm: "socat".into(),
-        process: "socat".into(),
-        uid: 0,
+        who: Identity {
+            pid: 100,
+            comm: "socat".into(),
+            process: "socat".into(),
+            uid: 0,
+            ..ev(Fact::Exec, 2 * S).who
+        },
         ..ev(Fact::Exec, 2 * S)
     };
     assert!(run(&mut e, &[exec]).is_empty());
@@ -2620,10 +2709,13 @@ fn a_peers_report_names_no_exited_pid() {
     for i in 0..6 {
         let ts = (1 + i) * S;
         let dig = |fact, ts| KernelEvent {
-            tgid: 500 + i as u32,
-            pid: 500 + i as u32,
-            comm: "dig".into(),
-            process: "dig".into(),
+            who: Identity {
+                tgid: 500 + i as u32,
+                pid: 500 + i as u32,
+                comm: "dig".into(),
+                process: "dig".into(),
+                ..forwarder()
+            },
             ..fwd(fact, ts, 100 + i)
         };
         tl.at(ts, dig(Fact::FirstTx { bytes: 40 }, ts));

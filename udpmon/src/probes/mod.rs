@@ -352,24 +352,24 @@ impl Probes {
         let map = self.ebpf.map_mut(map::OWNERS).context("map OWNERS")?;
         let mut owners: aya::maps::HashMap<_, u64, Owner> = aya::maps::HashMap::try_from(map)?;
         let mut given = std::collections::HashSet::new();
-        for ev in sockets.iter().filter(|e| e.tgid != 0 && e.cookie != 0) {
+        for ev in sockets.iter().filter(|e| e.who.tgid != 0 && e.cookie != 0) {
             let mut comm = [0u8; 16];
-            let name = ev.comm.as_bytes();
+            let name = ev.who.comm.as_bytes();
             let n = name.len().min(15);
             comm[..n].copy_from_slice(&name[..n]);
             let owner = Owner {
-                tgid: ev.tgid,
-                pid: ev.pid,
-                uid: ev.uid,
-                netns: ev.netns,
-                cgroup: ev.cgroup,
+                tgid: ev.who.tgid,
+                pid: ev.who.pid,
+                uid: ev.who.uid,
+                netns: ev.who.netns,
+                cgroup: ev.who.cgroup,
                 comm,
                 netns_cookie: 0,
                 since_ns,
             };
             match owners.insert(ev.cookie, owner, NO_EXIST) {
                 Ok(()) => {
-                    given.insert(ev.tgid);
+                    given.insert(ev.who.tgid);
                 }
                 Err(aya::maps::MapError::SyscallError(e))
                     if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}

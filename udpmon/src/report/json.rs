@@ -76,7 +76,7 @@ use super::{ClockOffset, family_name, ms, verdict_name};
 use crate::{
     container::Container,
     engine::{
-        CloseStats, Detail, Folded, Op, Owner, Problems, Report, Scope, Trouble, Unanswered,
+        CloseStats, Detail, Folded, Identity, Op, Problems, Report, Scope, Trouble, Unanswered,
         UnreachableInfo, Via, rules::errno_name,
     },
 };
@@ -249,13 +249,13 @@ impl JsonFormat {
         let mut o = Obj::open(out);
         self.ts(o.key("ts"), r.ts_ns);
         o.name("event", r.kind.name())
-            .num("pid", r.tgid)
-            .num("tid", r.pid)
-            .str("comm", &r.comm.to_str())
-            .str("process", &r.process.to_str())
-            .num("uid", r.uid)
-            .num("cgroup", r.cgroup)
-            .num("netns", r.netns)
+            .num("pid", r.who.tgid)
+            .num("tid", r.who.pid)
+            .str("comm", &r.who.comm.to_str())
+            .str("process", &r.who.process.to_str())
+            .num("uid", r.who.uid)
+            .num("cgroup", r.who.cgroup)
+            .num("netns", r.who.netns)
             .num("cookie", r.cookie)
             .name("family", family_name(r.family))
             .addr("local", r.local)
@@ -495,7 +495,7 @@ fn folded(mut o: Obj<'_>, f: &Folded) {
         .close();
 }
 
-fn owner(o: &mut Obj<'_>, k: &str, who: Option<&Owner>) {
+fn owner(o: &mut Obj<'_>, k: &str, who: Option<&Identity>) {
     match who {
         Some(w) if w.is_known() => {
             o.obj(k)

@@ -4,7 +4,7 @@ use time::UtcOffset;
 use super::*;
 use crate::container::{Container, Runtime};
 use crate::engine::{
-    ByVerdict, CloseReason, CloseStats, Detail, Folded, Name, Op, Owner, PeerSummary, Problems,
+    ByVerdict, CloseReason, CloseStats, Detail, Folded, Identity, Name, Op, PeerSummary, Problems,
     ReportKind, Scope, SocketSummary, Trouble, Unanswered, UnreachableInfo, Via,
 };
 
@@ -18,6 +18,17 @@ fn laptop(kind: ReportKind, detail: Detail) -> Report {
         kind,
         ts_ns: AT,
         cookie: 4097,
+        family: Family::V4,
+        local: "192.168.1.4:54321".parse().unwrap(),
+        remote: "35.190.176.201:12345".parse().unwrap(),
+        detail,
+        container: None,
+        who: laptop_nc(),
+    }
+}
+
+fn laptop_nc() -> Identity {
+    Identity {
         pid: 41384,
         tgid: 41383,
         comm: "nc".into(),
@@ -25,11 +36,6 @@ fn laptop(kind: ReportKind, detail: Detail) -> Report {
         uid: 1000,
         cgroup: 25,
         netns: 4026531833,
-        family: Family::V4,
-        local: "192.168.1.4:54321".parse().unwrap(),
-        remote: "35.190.176.201:12345".parse().unwrap(),
-        detail,
-        container: None,
     }
 }
 
@@ -49,8 +55,8 @@ fn unreachable(verdict: Verdict, connected: bool) -> Report {
     )
 }
 
-fn nc_owner() -> Owner {
-    Owner {
+fn nc_owner() -> Identity {
+    Identity {
         tgid: 123,
         pid: 123,
         comm: "nc".into(),
@@ -61,17 +67,20 @@ fn nc_owner() -> Owner {
     }
 }
 
-fn refused(last_owner: Option<Owner>) -> Report {
+fn refused(last_owner: Option<Identity>) -> Report {
     Report {
         cookie: 0,
-        pid: 0,
-        tgid: 0,
-        comm: Name::EMPTY,
-        process: Name::EMPTY,
-        uid: 0,
-        cgroup: 0,
         local: "10.142.0.2:12345".parse().unwrap(),
         remote: "51.6.191.203:54321".parse().unwrap(),
+        who: Identity {
+            pid: 0,
+            tgid: 0,
+            comm: Name::EMPTY,
+            process: Name::EMPTY,
+            uid: 0,
+            cgroup: 0,
+            ..laptop_nc()
+        },
         ..laptop(ReportKind::Refused, Detail::Refused { last_owner })
     }
 }
@@ -97,10 +106,13 @@ fn peer_silence(kind: ReportKind, last_answer: Option<u64>) -> Report {
     };
     Report {
         cookie: 0,
-        comm: "dnsmasq".into(),
-        process: "dnsmasq".into(),
         local: "10.200.0.1:0".parse().unwrap(),
         remote: "10.200.0.2:53".parse().unwrap(),
+        who: Identity {
+            comm: "dnsmasq".into(),
+            process: "dnsmasq".into(),
+            ..laptop_nc()
+        },
         ..laptop(kind, detail)
     }
 }
@@ -130,12 +142,15 @@ fn close(reason: CloseReason) -> Report {
 fn socket_summary(problems: Problems, folded: Folded) -> Report {
     Report {
         cookie: 8193,
-        tgid: 300,
-        pid: 300,
-        comm: "dnsmasq".into(),
-        process: "dnsmasq".into(),
         local: "10.200.0.1:53".parse().unwrap(),
         remote: "0.0.0.0:0".parse().unwrap(),
+        who: Identity {
+            tgid: 300,
+            pid: 300,
+            comm: "dnsmasq".into(),
+            process: "dnsmasq".into(),
+            ..laptop_nc()
+        },
         ..laptop(
             ReportKind::Summary,
             Detail::SocketSummary(Box::new(SocketSummary {
@@ -160,10 +175,13 @@ fn peer_summary() -> Report {
     };
     Report {
         cookie: 0,
-        comm: "dnsmasq".into(),
-        process: "dnsmasq".into(),
         local: "10.200.0.1:0".parse().unwrap(),
         remote: "10.200.0.2:53".parse().unwrap(),
+        who: Identity {
+            comm: "dnsmasq".into(),
+            process: "dnsmasq".into(),
+            ..laptop_nc()
+        },
         ..laptop(
             ReportKind::Summary,
             Detail::PeerSummary(Box::new(PeerSummary {
@@ -823,9 +841,9 @@ fn wall_clock_is_boot_time_plus_offset() {
 fn json_escapes_any_comm() {
     let j = JsonFormat::new(CLOCK);
     let mut r = close(CloseReason::Closed);
-    r.comm = "a\"b\\c\td\u{1}é".into();
+    r.who.comm = "a\"b\\c\td\u{1}é".into();
     let v: Value = serde_json::from_str(&j.format(&r)).unwrap();
-    assert_eq!(v["comm"], &*r.comm.to_str());
+    assert_eq!(v["comm"], &*r.who.comm.to_str());
 }
 
 /// Everything a process can put in its name (15 bytes, as the kernel keeps) to attack a
@@ -835,8 +853,8 @@ const HOSTILE: &str = "\u{1b}[2J\nF\rL\t\\\u{7f}\u{9b}\u{7}";
 const HOSTILE_ESCAPED: &str = r"\x1b[2J\nF\rL\t\\\x7f\x9b\x07";
 const _: () = assert!(HOSTILE.len() <= Name::MAX);
 
-fn hostile_owner() -> Owner {
-    Owner {
+fn hostile_owner() -> Identity {
+    Identity {
         comm: HOSTILE.into(),
         process: HOSTILE.into(),
         ..nc_owner()
@@ -851,13 +869,19 @@ fn hostile_reports() -> Vec<Report> {
     }
     vec![
         Report {
-            comm: HOSTILE.into(),
-            process: HOSTILE.into(),
+            who: Identity {
+                comm: HOSTILE.into(),
+                process: HOSTILE.into(),
+                ..close(CloseReason::Closed).who
+            },
             ..close(CloseReason::Closed)
         },
         Report {
-            comm: HOSTILE.into(),
-            process: HOSTILE.into(),
+            who: Identity {
+                comm: HOSTILE.into(),
+                process: HOSTILE.into(),
+                ..no_socket.who
+            },
             ..no_socket
         },
         refused(Some(hostile_owner())),
@@ -904,8 +928,11 @@ fn text_escapes_without_breaking_columns() {
         ),
     ] {
         let line = t.format(&Report {
-            comm: comm.into(),
-            process: comm.into(),
+            who: Identity {
+                comm: comm.into(),
+                process: comm.into(),
+                ..close(CloseReason::Closed).who
+            },
             ..close(CloseReason::Closed)
         });
         assert_eq!(line, plain.replacen("nc             ", shown, 1));
@@ -923,8 +950,11 @@ fn text_prints_ordinary_names_unchanged() {
         "café",
     ] {
         let r = Report {
-            comm: name.into(),
-            process: name.into(),
+            who: Identity {
+                comm: name.into(),
+                process: name.into(),
+                ..close(CloseReason::Closed).who
+            },
             ..close(CloseReason::Closed)
         };
         assert!(
@@ -934,7 +964,7 @@ fn text_prints_ordinary_names_unchanged() {
             "{}",
             t.format(&r)
         );
-        let owner = Owner {
+        let owner = Identity {
             comm: name.into(),
             process: name.into(),
             ..nc_owner()
@@ -955,8 +985,8 @@ fn json_round_trips_hostile_names() {
         assert!(!line.chars().any(char::is_control), "{line:?}");
         assert_eq!(line.lines().count(), 1, "{line:?}");
         let v: Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(v["comm"], &*r.comm.to_str());
-        assert_eq!(v["process"], &*r.process.to_str());
+        assert_eq!(v["comm"], &*r.who.comm.to_str());
+        assert_eq!(v["process"], &*r.who.process.to_str());
         let owner = match &r.detail {
             Detail::Refused { last_owner } => last_owner.as_ref(),
             Detail::Unreachable(u) => u.last_owner.as_ref(),

@@ -11,7 +11,7 @@ use crate::{
     container::Container,
     decode::{Family, Verdict},
     engine::{
-        CloseReason, CloseStats, Detail, Folded, Name, Op, Owner, PeerSummary, Problems, Report,
+        CloseReason, CloseStats, Detail, Folded, Identity, Name, Op, PeerSummary, Problems, Report,
         SocketSummary, Trouble, Unanswered, UnreachableInfo, Via, rules::errno_name,
     },
 };
@@ -121,11 +121,11 @@ impl TextFormat {
                 "[hour]:[minute]:[second].[subsecond digits:3]"
             ))
             .unwrap_or_default();
-        let pid = match r.tgid {
+        let pid = match r.who.tgid {
             0 => "-".to_owned(),
             p => p.to_string(),
         };
-        let name = process_name(&r.process, &r.comm);
+        let name = process_name(&r.who.process, &r.who.comm);
         let comm = Escaped(&name);
         let mut line = format!(
             "{time:<12} {pid:>7} {comm:<COMM_WIDTH$} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:<11} {}",
@@ -376,7 +376,7 @@ fn unreachable(family: Family, local_port: u16, u: &UnreachableInfo) -> String {
     }
 }
 
-fn owner_note(owner: Option<&Owner>) -> String {
+fn owner_note(owner: Option<&Identity>) -> String {
     match owner {
         Some(o) if o.is_known() => {
             format!(

@@ -1,9 +1,38 @@
-//! Process and thread names, held inline: the kernel keeps at most 15 bytes of one
-//! (`TASK_COMM_LEN`), so every event, owner and report carries its names without a heap
-//! allocation. The bytes are the kernel's, whatever they are; they are read as UTF-8 where
-//! they are written out, and a name that is not UTF-8 is decoded lossily there.
+//! Who a socket belongs to: [`Identity`], and the [`Name`]s in it.
+//!
+//! Names are held inline: the kernel keeps at most 15 bytes of one (`TASK_COMM_LEN`), so
+//! every event, owner and report carries its names without a heap allocation. The bytes are
+//! the kernel's, whatever they are; they are read as UTF-8 where they are written out, and a
+//! name that is not UTF-8 is decoded lossily there.
 use std::{borrow::Cow, fmt};
 
+/// Who: a process (and the thread that acted), with its user, cgroup and network namespace.
+/// The one description of a socket's owner, in kernel events, in the engine and in reports.
+/// All zero / empty when unknown (only softirq-side facts were seen for the socket, or no
+/// socket exists).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// Process id.
+    pub tgid: u32,
+    /// Thread id.
+    pub pid: u32,
+    /// The thread's name.
+    pub comm: Name,
+    /// The process's name (its thread-group leader's), "" when unknown.
+    pub process: Name,
+    pub uid: u32,
+    pub cgroup: u64,
+    /// Network namespace inode.
+    pub netns: u32,
+}
+
+impl Identity {
+    pub fn is_known(&self) -> bool {
+        self.tgid != 0 || !self.comm.is_empty()
+    }
+}
+
+/// A process or thread name.
 #[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Name {
     len: u8,

@@ -342,6 +342,30 @@ mod tests {
         assert_eq!(d.local, a("0.0.0.0:0"));
     }
 
+    /// A take-over, an exit and an exec carry no address (family 0) and no socket but the
+    /// take-over's.
+    #[test]
+    fn decodes_holder_records_without_addresses() {
+        for (kind, fact) in [
+            (EventKind::Holder, Fact::Holder),
+            (EventKind::Exit, Fact::Exit),
+            (EventKind::Exec, Fact::Exec),
+        ] {
+            let mut ev = Event::zeroed();
+            ev.kind = kind as u16;
+            ev.tgid = 77;
+            ev.pid = 77;
+            ev.comm[..4].copy_from_slice(b"sh-2");
+            let d = decode(&bytes(&ev)).unwrap();
+            assert_eq!(d.fact, fact);
+            assert_eq!((d.who.tgid, d.who.comm), (77, Name::new("sh-2")));
+        }
+        // Other kinds must say where they happened.
+        let mut ev = Event::zeroed();
+        ev.kind = EventKind::FirstTx as u16;
+        assert_eq!(decode(&bytes(&ev)), Err(DecodeError::UnknownFamily(0)));
+    }
+
     #[test]
     fn rejects_bad_records() {
         assert_eq!(decode(&[0; 3]), Err(DecodeError::Size(3)));

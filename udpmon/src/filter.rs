@@ -10,6 +10,7 @@ use crate::{
     container::Container,
     decode::Family,
     engine::{Report, ReportKind},
+    identity::Name,
 };
 
 /// A `--peer` value: an address prefix and an optional port.
@@ -180,7 +181,7 @@ impl PodSel {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Filter {
     pids: Vec<u32>,
-    comms: Vec<String>,
+    comms: Vec<Name>,
     ports: Vec<u16>,
     peers: Vec<Peer>,
     netns: Vec<u32>,
@@ -191,22 +192,10 @@ pub struct Filter {
     events: Vec<ReportKind>,
 }
 
-/// The kernel keeps TASK_COMM_LEN - 1 bytes of a command name.
-const COMM_MAX: usize = 15;
-
 impl From<&Cli> for Filter {
     fn from(cli: &Cli) -> Self {
-        let comms = cli
-            .comm
-            .iter()
-            .map(|c| {
-                let mut end = c.len().min(COMM_MAX);
-                while !c.is_char_boundary(end) {
-                    end -= 1;
-                }
-                c[..end].to_owned()
-            })
-            .collect();
+        // Cut as the kernel cuts a name, to its first 15 bytes.
+        let comms = cli.comm.iter().map(|c| Name::new(c)).collect();
         let family = match (cli.ipv4, cli.ipv6) {
             (true, false) => Some(Family::V4),
             (false, true) => Some(Family::V6),
@@ -271,7 +260,6 @@ mod tests {
     use crate::{
         cli::tests::ok,
         engine::{Detail, Identity, Via},
-        identity::Name,
     };
 
     fn peer(s: &str) -> Peer {

@@ -33,7 +33,7 @@ impl Identity {
 }
 
 /// A process or thread name.
-#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Name {
     len: u8,
     bytes: [u8; Name::MAX],
@@ -87,6 +87,18 @@ impl Name {
         w[0] = self.len;
         w[1..].copy_from_slice(&self.bytes);
         u128::from_ne_bytes(w)
+    }
+}
+
+impl Ord for Name {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+
+impl PartialOrd for Name {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
@@ -144,5 +156,7 @@ mod tests {
         assert_eq!(bad.as_bytes(), b"a\xffb");
         assert_eq!(bad.to_str(), "a\u{fffd}b");
         assert_eq!(format!("{bad:?}"), "\"a\u{fffd}b\"");
+        // In byte order, as text sorts, not by length.
+        assert!(Name::new("b") > Name::new("abc"));
     }
 }

@@ -114,8 +114,7 @@ impl<K: FlowCounters> Pipeline<K> {
                 // The engine takes a record's identity only from the task that ran the
                 // hook; a softirq record is named after its socket's owner.
                 if ev.fact == Fact::Exit {
-                    // Its number is free for another process to take.
-                    self.processes.forget(ev.who.tgid);
+                    self.processes.exited(ev.who.tgid);
                 } else if !ev.task_unrelated {
                     ev.who.process = self.processes.name(ev.who.tgid, ev.who.pid, ev.who.comm);
                     self.note_cgroup(&ev);
@@ -255,6 +254,7 @@ impl<K: FlowCounters> Pipeline<K> {
 
     /// The engine's timers, at CLOCK_BOOTTIME `now`.
     pub fn tick(&mut self, now: u64) -> io::Result<()> {
+        self.processes.tick();
         self.kernel.refresh();
         let kernel = &self.kernel;
         let mut reports = self.engine.on_tick(now, &|id| kernel.at_tick(id));

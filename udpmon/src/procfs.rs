@@ -70,6 +70,8 @@ pub fn comm_of(pid: u32) -> Name {
 #[derive(Default)]
 pub struct ProcessNames {
     names: HashMap<u32, (Name, Instant)>,
+    /// Processes that exited since the last tick.
+    exited: Vec<u32>,
 }
 
 impl ProcessNames {
@@ -98,9 +100,17 @@ impl ProcessNames {
         }
     }
 
-    /// Process `tgid` exited.
-    pub fn forget(&mut self, tgid: u32) {
-        self.names.remove(&tgid);
+    /// Process `tgid` exited: its name is forgotten at the next tick, once the records its
+    /// exit still causes (its sockets' closes, named after it) are through, so that its
+    /// number, when another process gets it, is not named after it.
+    pub fn exited(&mut self, tgid: u32) {
+        self.exited.push(tgid);
+    }
+
+    pub fn tick(&mut self) {
+        for tgid in self.exited.drain(..) {
+            self.names.remove(&tgid);
+        }
     }
 
     fn remember(&mut self, tgid: u32, name: Name) -> Name {
@@ -155,6 +165,13 @@ mod tests {
         // Unknown, and gone.
         assert_eq!(names.name(0, 0, "swapper/0".into()), "");
         assert_eq!(names.name(u32::MAX - 1, 1, "x".into()), "");
+        // Exited: named until the next tick, then read anew (here: gone, no name).
+        let dead = u32::MAX - 2;
+        assert_eq!(names.name(dead, dead, "dead".into()), "dead");
+        names.exited(dead);
+        assert_eq!(names.name(dead, dead + 1, "worker".into()), "dead");
+        names.tick();
+        assert_eq!(names.name(dead, dead + 1, "worker".into()), "");
     }
 
     #[test]

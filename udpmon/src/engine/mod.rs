@@ -631,9 +631,11 @@ impl Engine {
     }
 
     fn last_owner(&self, netns: u32, port: u16) -> Option<Identity> {
-        self.port_owners
-            .get(&(netns, port))
-            .map(|p| *p.owner.learned())
+        // In the port's namespace, which the owner may have been learned outside of.
+        self.port_owners.get(&(netns, port)).map(|p| Identity {
+            netns,
+            ..*p.owner.learned()
+        })
     }
 
     /// The event's peer; for a connected socket whose hook could not see the address, the
@@ -702,7 +704,9 @@ impl Engine {
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
-        let key = PeerKey::new(owner.now(), netns, id.remote);
+        // As learned, as the last owner of a closed port is (an ICMP error after the socket
+        // closed finds its peer by that one).
+        let key = PeerKey::new(owner.learned(), netns, id.remote);
         flow.peer = self
             .peers
             .attach(key, owner, flow.family, flow.local(), ts_ns);
@@ -1234,7 +1238,7 @@ impl Engine {
             self.port_owners.insert(
                 (sock.netns, port),
                 PortOwner {
-                    owner: self.owners.renamed(&owner, sock.netns),
+                    owner,
                     closed_ns: Some(ev.ts_ns),
                 },
             );
@@ -1280,7 +1284,7 @@ impl Engine {
 }
 
 /// The SUMMARY of a busy socket, ending its interval at `now`: named after the socket's
-/// owner as it is now, or as it was when the socket became busy if it is gone.
+/// owner as it is now (or, once the socket is gone, its last owner as it is now).
 fn summary_report(sockets: &CookieMap<Socket>, cookie: u64, b: &mut Busy, now: u64) -> Report {
     if let Some(s) = sockets.get(&cookie) {
         if let Some(o) = &s.owner {

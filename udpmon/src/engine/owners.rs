@@ -42,7 +42,8 @@ impl Held {
     }
 
     /// As an event named it, before any exit or exec: the port's last owner that a REFUSED
-    /// names is the one that closed it, and has usually exited since.
+    /// (or an ICMP error no socket matched) names is the one that closed it, and has
+    /// usually exited since.
     pub fn learned(&self) -> &Identity {
         &self.learned
     }
@@ -53,10 +54,10 @@ impl Held {
     }
 }
 
-/// The live owners, by process id: a program's sockets share one, and the events of a
-/// socket, which nearly always name the owner it already has, cost a comparison instead of
-/// two string copies. A process has few (its threads, the namespaces its sockets are in).
-/// Owners that nothing names any more are dropped at each tick.
+/// The live owners, by process id: a program's sockets share one, so that its exit or exec
+/// reaches all of them at once (see [`Held`]). A process has few (its threads, the
+/// namespaces its sockets are in). Owners that nothing names any more are dropped at each
+/// tick.
 #[derive(Default)]
 pub(super) struct Owners {
     by_tgid: HashMap<u32, Vec<Arc<Held>>>,
@@ -75,26 +76,12 @@ impl Owners {
         h
     }
 
-    /// `owner` (as learned) in another namespace.
-    pub fn renamed(&mut self, owner: &Arc<Held>, netns: u32) -> Arc<Held> {
-        if owner.learned.netns == netns {
-            return owner.clone();
-        }
-        self.of(&Identity {
-            netns,
-            ..owner.learned
-        })
-    }
-
     /// Process `tgid` exited: its owners are unknown from now on.
     pub fn exited(&mut self, tgid: u32) {
         self.succeed(tgid, |o| Identity {
-            tgid: 0,
-            pid: 0,
-            comm: Name::default(),
-            process: Name::default(),
-            uid: 0,
-            ..*o
+            cgroup: o.cgroup,
+            netns: o.netns,
+            ..UNKNOWN
         });
     }
 
@@ -139,3 +126,57 @@ pub(super) static UNKNOWN: Identity = Identity {
     cgroup: 0,
     netns: 0,
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nc(tgid: u32) -> Identity {
+        Identity {
+            tgid,
+            pid: tgid,
+            comm: "nc".into(),
+            process: "nc".into(),
+            uid: 1000,
+            cgroup: 25,
+            netns: 7,
+        }
+    }
+
+    #[test]
+    fn an_owner_follows_its_process_through_exec_and_exit() {
+        let mut o = Owners::default();
+        let held = o.of(&nc(100));
+        // Held once.
+        assert!(Arc::ptr_eq(&held, &o.of(&nc(100))));
+        let socat = Identity {
+            comm: "socat".into(),
+            process: "socat".into(),
+            uid: 0,
+            ..nc(100)
+        };
+        o.execd(&socat);
+        assert_eq!(*held.now(), socat);
+        assert_eq!(*held.learned(), nc(100));
+        o.exited(100);
+        let gone = Identity {
+            cgroup: 25,
+            netns: 7,
+            ..UNKNOWN
+        };
+        assert_eq!(*held.now(), gone);
+        // The same number, another process: a new owner, not the exited one's.
+        let again = o.of(&nc(100));
+        assert!(!Arc::ptr_eq(&again, &held));
+        assert_eq!(*again.now(), nc(100));
+        assert_eq!(*held.now(), gone);
+        // Only what something still names is kept.
+        drop(again);
+        o.purge();
+        assert!(!o.by_tgid.contains_key(&100));
+        assert!(o.by_tgid.contains_key(&0), "the successor `held` leads to");
+        drop(held);
+        o.purge();
+        assert!(o.by_tgid.is_empty());
+    }
+}

@@ -167,24 +167,6 @@ enum Silence {
     Covered,
 }
 
-/// An owner a peer can hold: the engine passes the socket's interned owner, which the peer
-/// then shares (8 bytes instead of a 40-byte copy of the ids and the thread's name).
-pub(super) trait SharedOwner {
-    fn shared(self) -> Arc<Held>;
-}
-
-impl SharedOwner for &Arc<Held> {
-    fn shared(self) -> Arc<Held> {
-        Arc::clone(self)
-    }
-}
-
-impl SharedOwner for &Identity {
-    fn shared(self) -> Arc<Held> {
-        Arc::new(Held::new(*self))
-    }
-}
-
 #[derive(Debug)]
 struct Peer {
     /// The process of its most recent flow (its netns is the key's, not this one's).
@@ -399,20 +381,11 @@ impl Peer {
 
     fn report(&self, key: &PeerKey, kind: ReportKind, ts_ns: u64, detail: Detail) -> Report {
         let o = self.owner.now();
-        // Names as a peer keys them: cut to what the kernel keeps of one. A process that
-        // has exited since is no pid, but the peer is still its program's.
+        // A process that has exited since is no pid, but the peer is still its program's.
         let owner = Identity {
-            tgid: o.tgid,
-            pid: o.pid,
-            comm: o.comm,
-            process: if !o.process.is_empty() || o.tgid == 0 {
-                key.program
-            } else {
-                Name::default()
-            },
-            uid: o.uid,
-            cgroup: o.cgroup,
+            process: if o.tgid == 0 { key.program } else { o.process },
             netns: key.netns,
+            ..*o
         };
         // No one socket: the flows each had their own.
         Report::new(
@@ -490,7 +463,7 @@ impl PeerTable {
     pub fn attach(
         &mut self,
         key: PeerKey,
-        owner: impl SharedOwner,
+        owner: &Arc<Held>,
         family: Family,
         local: SocketAddr,
         ts_ns: u64,
@@ -501,10 +474,10 @@ impl PeerTable {
             }
             let p = &mut self.slots[i as usize].peer;
             p.flows += 1;
-            p.owner = owner.shared();
+            p.owner = Arc::clone(owner);
             i
         } else {
-            let peer = Peer::new(owner.shared(), family, ts_ns);
+            let peer = Peer::new(Arc::clone(owner), family, ts_ns);
             let i = if self.slots.len() < self.cap {
                 self.slots.push(Slot {
                     peer,
@@ -797,6 +770,10 @@ impl PeerTable {
 mod tests {
     use super::*;
 
+    fn held(process: &str) -> Arc<Held> {
+        Arc::new(Held::new(owner(process)))
+    }
+
     fn owner(process: &str) -> Identity {
         Identity {
             tgid: 10,
@@ -845,45 +822,45 @@ mod tests {
     #[test]
     fn local_keeps_the_address_and_drops_a_varying_port() {
         let mut t = PeerTable::new(4);
-        let a = t.attach(key(9), &owner("dnsmasq"), Family::V4, local(4000), 1);
+        let a = t.attach(key(9), &held("dnsmasq"), Family::V4, local(4000), 1);
         let p = |t: &PeerTable| t.slots[a.idx as usize].peer.local;
         assert_eq!(p(&t), Some(local(4000)));
-        t.attach(key(9), &owner("dnsmasq"), Family::V4, local(4000), 2);
+        t.attach(key(9), &held("dnsmasq"), Family::V4, local(4000), 2);
         assert_eq!(p(&t), Some(local(4000)), "one socket address, kept");
-        t.attach(key(9), &owner("dnsmasq"), Family::V4, local(4001), 3);
+        t.attach(key(9), &held("dnsmasq"), Family::V4, local(4001), 3);
         assert_eq!(p(&t), Some(local(0)));
         let other = SocketAddr::new(IpAddr::from([10, 0, 1, 1]), 4002);
-        t.attach(key(9), &owner("dnsmasq"), Family::V4, other, 4);
+        t.attach(key(9), &held("dnsmasq"), Family::V4, other, 4);
         assert_eq!(p(&t), Some(anywhere(Family::V4)));
         // An address not known yet (a connect() seen before the bind) changes nothing.
         let wild = anywhere(Family::V4);
-        let b = t.attach(key(8), &owner("dnsmasq"), Family::V4, wild, 5);
+        let b = t.attach(key(8), &held("dnsmasq"), Family::V4, wild, 5);
         assert_eq!(t.slots[b.idx as usize].peer.local, None);
-        t.attach(key(8), &owner("dnsmasq"), Family::V4, local(5000), 6);
+        t.attach(key(8), &held("dnsmasq"), Family::V4, local(5000), 6);
         assert_eq!(t.slots[b.idx as usize].peer.local, Some(local(5000)));
     }
 
     #[test]
     fn only_flowless_peers_are_evicted_least_recently_used_first() {
         let mut t = PeerTable::new(3);
-        let a = t.attach(key(1), &owner("a"), Family::V4, local(1), 1);
-        let b = t.attach(key(2), &owner("b"), Family::V4, local(2), 2);
-        let c = t.attach(key(3), &owner("c"), Family::V4, local(3), 3);
+        let a = t.attach(key(1), &held("a"), Family::V4, local(1), 1);
+        let b = t.attach(key(2), &held("b"), Family::V4, local(2), 2);
+        let c = t.attach(key(3), &held("c"), Family::V4, local(3), 3);
         t.detach(&b, false);
         t.detach(&a, false);
         // Full: the new peer takes b's slot (flowless longest), not c's (live).
-        let d = t.attach(key(4), &owner("d"), Family::V4, local(4), 4);
+        let d = t.attach(key(4), &held("d"), Family::V4, local(4), 4);
         assert_eq!((d.idx, t.evicted(), t.len()), (b.idx, 1, 3));
         assert!(!t.index.contains_key(&key(2)));
         // a comes back: the same peer, no eviction.
-        let a2 = t.attach(key(1), &owner("a"), Family::V4, local(1), 5);
+        let a2 = t.attach(key(1), &held("a"), Family::V4, local(1), 5);
         assert_eq!((a2.idx, t.evicted()), (a.idx, 1));
         // Every peer has a live flow: the next one takes no part rather than evicting one.
-        let e = t.attach(key(5), &owner("e"), Family::V4, local(5), 6);
+        let e = t.attach(key(5), &held("e"), Family::V4, local(5), 6);
         assert!(!e.is_linked());
         assert_eq!((t.evicted(), t.len()), (1, 3));
         t.detach(&c, false);
-        let e = t.attach(key(5), &owner("e"), Family::V4, local(5), 7);
+        let e = t.attach(key(5), &held("e"), Family::V4, local(5), 7);
         assert_eq!((e.idx, t.evicted()), (c.idx, 2));
     }
 }

@@ -2719,8 +2719,9 @@ fn a_peers_report_names_no_exited_pid() {
             ..fwd(fact, ts, 100 + i)
         };
         tl.at(ts, dig(Fact::FirstTx { bytes: 40 }, ts));
-        tl.at(ts + 2 * S, dig(Fact::Close, ts + 2 * S));
+        // As the kernel tells it: the exit, then the close of the exiting process's socket.
         tl.at(ts + 2 * S, exit(500 + i as u32, ts + 2 * S));
+        tl.at(ts + 2 * S, dig(Fact::Close, ts + 2 * S));
     }
     tl.ticks(1, 12);
     let r = tl.run(&mut e);

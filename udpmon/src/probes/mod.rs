@@ -355,8 +355,7 @@ impl Probes {
         for ev in sockets.iter().filter(|e| e.who.tgid != 0 && e.cookie != 0) {
             let mut comm = [0u8; 16];
             let name = ev.who.comm.as_bytes();
-            let n = name.len().min(15);
-            comm[..n].copy_from_slice(&name[..n]);
+            comm[..name.len()].copy_from_slice(name);
             let owner = Owner {
                 tgid: ev.who.tgid,
                 pid: ev.who.pid,

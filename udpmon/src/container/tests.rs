@@ -304,19 +304,30 @@ fn cgroups_are_found_by_id_when_no_path_is_known() {
         .unwrap()
         .ino();
     let r = Roots::new("walk");
-    // Another cgroup that exists, to give as a wrong path.
-    let other = if own == "/" {
-        fs::read_dir(&mount)
-            .unwrap()
-            .flatten()
-            .find(|e| e.path().is_dir())
-            .map(|e| format!("/{}", e.file_name().to_string_lossy()))
-            .expect("a child cgroup")
+    // Another cgroup that exists, to give as a wrong path. A fresh machine's v2 tree may have
+    // no child of the root yet: then one of our own, removed at the end.
+    let made = mount.join(format!("udpmon-test-{}", std::process::id()));
+    let mut removed_at_end = None;
+    let other = if own != "/" {
+        Some("/".to_owned())
+    } else if let Some(child) = fs::read_dir(&mount)
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().is_dir())
+    {
+        Some(format!("/{}", child.file_name().to_string_lossy()))
+    } else if fs::create_dir(&made).is_ok() {
+        removed_at_end = Some(RemoveDir(made.clone()));
+        Some(format!("/{}", made.file_name().unwrap().to_string_lossy()))
     } else {
-        "/".to_owned()
+        eprintln!(
+            "SKIPPED (part) cgroups_are_found_by_id_when_no_path_is_known: no child cgroup of {} and none can be made: the wrong-path case is not checked",
+            mount.display()
+        );
+        None
     };
     // Found by walking the tree; and a wrong path is not believed.
-    for path in [None, Some(other)] {
+    for path in std::iter::once(None).chain(other.map(Some)) {
         let found = resolve(
             Some(&mount),
             &r.roots,
@@ -338,6 +349,16 @@ fn cgroups_are_found_by_id_when_no_path_is_known() {
         }],
     );
     assert_eq!(found.get(&1), Some(&None));
+    drop(removed_at_end);
+}
+
+/// An empty directory (a cgroup a test made) removed when the test ends, passed or not.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.0);
+    }
 }
 
 #[test]

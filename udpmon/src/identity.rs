@@ -72,6 +72,12 @@ impl Name {
         &self.bytes[..usize::from(self.len)]
     }
 
+    /// The whole fixed-size array (zero past the name) and the name's length, for writers
+    /// that copy a fixed size and cut.
+    pub fn padded(&self) -> (&[u8; Name::MAX], usize) {
+        (&self.bytes, usize::from(self.len))
+    }
+
     /// The name as text: borrowed when it is UTF-8, as nearly every name is.
     pub fn to_str(&self) -> Cow<'_, str> {
         String::from_utf8_lossy(self.as_bytes())

@@ -76,8 +76,8 @@ use super::{ClockOffset, family_name, ms, verdict_name};
 use crate::{
     container::Container,
     engine::{
-        CloseStats, Detail, Folded, Identity, Op, Problems, Report, Scope, Trouble, Unanswered,
-        UnreachableInfo, Via, rules::errno_name,
+        CloseStats, Detail, Folded, Identity, Name, Op, Problems, Report, Scope, Trouble,
+        Unanswered, UnreachableInfo, Via, rules::errno_name,
     },
 };
 
@@ -126,6 +126,7 @@ impl<'a> Obj<'a> {
         Obj { out, empty: true }
     }
 
+    #[inline(always)]
     fn key(&mut self, k: &str) -> &mut Vec<u8> {
         if !std::mem::take(&mut self.empty) {
             self.out.push(b',');
@@ -136,10 +137,9 @@ impl<'a> Obj<'a> {
         self.out
     }
 
-    fn num(&mut self, k: &str, v: impl itoa::Integer) -> &mut Self {
-        let mut b = itoa::Buffer::new();
-        let s = b.format(v);
-        self.key(k).extend_from_slice(s.as_bytes());
+    #[inline(always)]
+    fn num(&mut self, k: &str, v: impl Into<u64>) -> &mut Self {
+        decimal(self.key(k), v.into());
         self
     }
 
@@ -147,12 +147,8 @@ impl<'a> Obj<'a> {
     /// and `\\`, as names nearly always are, needs nothing and is copied as it is.
     fn str(&mut self, k: &str, v: &str) -> &mut Self {
         let out = self.key(k);
-        if v.bytes()
-            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-        {
-            out.push(b'"');
-            out.extend_from_slice(v.as_bytes());
-            out.push(b'"');
+        if plain(v.as_bytes()) {
+            quoted(out, v.as_bytes());
         } else {
             let mut ser = serde_json::Serializer::with_formatter(out, TerminalSafe);
             let _ = serde::Serialize::serialize(v, &mut ser);
@@ -160,7 +156,30 @@ impl<'a> Obj<'a> {
         self
     }
 
+    /// A process name: its bytes as they are when plain (no UTF-8 check needed), else as
+    /// [`Obj::str`] writes its lossy text.
+    #[inline(always)]
+    fn comm(&mut self, k: &str, v: &Name) -> &mut Self {
+        let (bytes, len) = v.padded();
+        // Every byte of the fixed-size array at once, the padding passing: no loop exit per
+        // byte, and one fixed-size copy below.
+        let plain = bytes.iter().enumerate().fold(true, |ok, (i, &c)| {
+            ok & (i >= len || ((0x20..0x7f).contains(&c) && c != b'"' && c != b'\\'))
+        });
+        if !plain {
+            return self.str(k, &v.to_str());
+        }
+        let out = self.key(k);
+        out.push(b'"');
+        let at = out.len();
+        out.extend_from_slice(bytes);
+        out.truncate(at + len);
+        out.push(b'"');
+        self
+    }
+
     /// One of this program's own names (an event kind, a reason): nothing to escape.
+    #[inline(always)]
     fn name(&mut self, k: &str, v: &'static str) -> &mut Self {
         let out = self.key(k);
         out.push(b'"');
@@ -183,42 +202,52 @@ impl<'a> Obj<'a> {
         self
     }
 
-    /// `"a.b.c.d:port"` or `"[v6]:port"`. IPv4 digit by digit: `Display` costs as much as
-    /// the rest of the line.
+    /// `"a.b.c.d:port"` or `"[v6]:port"`. IPv4 from a table of octets into a stack buffer,
+    /// copied at a fixed size: `Display` costs as much as the rest of the line.
+    #[inline(always)]
     fn addr(&mut self, k: &str, a: std::net::SocketAddr) -> &mut Self {
         let std::net::SocketAddr::V4(a) = a else {
             return self.display(k, a);
         };
-        let out = self.key(k);
-        let mut b = itoa::Buffer::new();
-        out.push(b'"');
+        // `"255.255.255.255:` is 17 bytes; the port follows.
+        let mut b = [0u8; 24];
+        b[0] = b'"';
+        let mut n = 1;
         for (i, o) in a.ip().octets().into_iter().enumerate() {
-            if i > 0 {
-                out.push(b'.');
-            }
-            out.extend_from_slice(b.format(o).as_bytes());
+            let [len, digits @ ..] = OCTETS[usize::from(o)];
+            b[n..n + 3].copy_from_slice(&digits);
+            n += usize::from(len);
+            b[n] = if i < 3 { b'.' } else { b':' };
+            n += 1;
         }
-        out.push(b':');
-        out.extend_from_slice(b.format(a.port()).as_bytes());
+        let out = self.key(k);
+        let at = out.len();
+        out.extend_from_slice(&b);
+        out.truncate(at + n);
+        decimal(out, u64::from(a.port()));
         out.push(b'"');
         self
     }
 
+    #[inline(always)]
     fn bool(&mut self, k: &str, v: bool) -> &mut Self {
         self.key(k)
             .extend_from_slice(if v { b"true" } else { b"false" });
         self
     }
 
+    #[inline(always)]
     fn null(&mut self, k: &str) -> &mut Self {
         self.key(k).extend_from_slice(b"null");
         self
     }
 
+    #[inline(always)]
     fn obj(&mut self, k: &str) -> Obj<'_> {
         Obj::open(self.key(k))
     }
 
+    #[inline(always)]
     fn close(&mut self) {
         self.out.push(b'}');
     }
@@ -251,8 +280,8 @@ impl JsonFormat {
         o.name("event", r.kind.name())
             .num("pid", r.who.tgid)
             .num("tid", r.who.pid)
-            .str("comm", &r.who.comm.to_str())
-            .str("process", &r.who.process.to_str())
+            .comm("comm", &r.who.comm)
+            .comm("process", &r.who.process)
             .num("uid", r.who.uid)
             .num("cgroup", r.who.cgroup)
             .num("netns", r.who.netns)
@@ -273,10 +302,14 @@ impl JsonFormat {
     /// RFC 3339 UTC with nanoseconds, quoted: `"2026-11-27T23:41:00.123456789Z"`.
     fn ts(&self, out: &mut Vec<u8>, boot_ns: u64) {
         let wall = i128::from(boot_ns) + self.clock.0;
-        let (secs, nanos) = (
-            wall.div_euclid(1_000_000_000),
-            wall.rem_euclid(1_000_000_000),
-        );
+        // i128 division is a library call: u64 whenever the time fits (until 2554).
+        let (secs, nanos) = match u64::try_from(wall) {
+            Ok(w) => (i128::from(w / 1_000_000_000), (w % 1_000_000_000) as i128),
+            Err(_) => (
+                wall.div_euclid(1_000_000_000),
+                wall.rem_euclid(1_000_000_000),
+            ),
+        };
         out.push(b'"');
         match self.second.get() {
             Some((s, prefix)) if s == secs => {
@@ -452,15 +485,84 @@ impl JsonFormat {
     }
 }
 
-/// `n` in decimal, zero-padded to `width` digits (the low `width` digits of a wider one).
-fn digits(out: &mut Vec<u8>, mut n: u32, width: usize) {
+/// Each octet's decimal digits, after their count.
+static OCTETS: [[u8; 4]; 256] = {
+    let mut t = [[0u8; 4]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = match i {
+            100.. => [3, digit(i / 100), digit(i / 10), digit(i)],
+            10.. => [2, digit(i / 10), digit(i), 0],
+            _ => [1, digit(i), 0, 0],
+        };
+        i += 1;
+    }
+    t
+};
+
+const fn digit(n: usize) -> u8 {
+    b'0' + (n % 10) as u8
+}
+
+/// Nothing in `b` to escape, in JSON or on a terminal: printable ASCII without `"` and `\\`.
+fn plain(b: &[u8]) -> bool {
+    b.iter()
+        .all(|&c| (0x20..0x7f).contains(&c) && c != b'"' && c != b'\\')
+}
+
+#[inline(always)]
+fn quoted(out: &mut Vec<u8>, b: &[u8]) {
+    out.push(b'"');
+    out.extend_from_slice(b);
+    out.push(b'"');
+}
+
+/// `v` in decimal. Digits written two at a time into a stack buffer, copied at a fixed size
+/// and cut: a copy of the exact length is a call to `memcpy`, a dozen per line.
+#[inline(always)]
+fn decimal(out: &mut Vec<u8>, v: u64) {
+    let len = v.checked_ilog10().map_or(1, |l| l as usize + 1);
+    let mut b = [0u8; 20]; // u64::MAX has 20 digits
+    fill_digits(&mut b, v, len);
     let at = out.len();
-    out.resize(at + width, b'0');
-    for d in out[at..].iter_mut().rev() {
-        *d = b'0' + (n % 10) as u8;
-        n /= 10;
+    out.extend_from_slice(&b);
+    out.truncate(at + len);
+}
+
+/// `n` in decimal, zero-padded to `width` digits (the low `width` digits of a wider one).
+#[inline(always)]
+fn digits(out: &mut Vec<u8>, n: u32, width: usize) {
+    let mut b = [0u8; 10];
+    fill_digits(&mut b, u64::from(n), width);
+    out.extend_from_slice(&b[..width]);
+}
+
+/// The low `len` digits of `v` into `b[..len]`, two at a time from the right.
+#[inline(always)]
+fn fill_digits(b: &mut [u8], mut v: u64, len: usize) {
+    let mut i = len;
+    while i >= 2 {
+        let p = (v % 100) as usize * 2;
+        v /= 100;
+        i -= 2;
+        b[i..i + 2].copy_from_slice(&PAIRS[p..p + 2]);
+    }
+    if i == 1 {
+        b[0] = b'0' + (v % 10) as u8;
     }
 }
+
+/// "00" to "99".
+static PAIRS: [u8; 200] = {
+    let mut t = [0u8; 200];
+    let mut i = 0;
+    while i < 100 {
+        t[2 * i] = digit(i / 10);
+        t[2 * i + 1] = digit(i);
+        i += 1;
+    }
+    t
+};
 
 fn icmp(mut o: Obj<'_>, u: &UnreachableInfo) {
     o.num("type", u.ty)
@@ -500,8 +602,8 @@ fn owner(o: &mut Obj<'_>, k: &str, who: Option<&Identity>) {
         Some(w) if w.is_known() => {
             o.obj(k)
                 .num("pid", w.tgid)
-                .str("comm", &w.comm.to_str())
-                .str("process", &w.process.to_str())
+                .comm("comm", &w.comm)
+                .comm("process", &w.process)
                 .num("uid", w.uid)
                 .close();
         }
@@ -533,6 +635,11 @@ mod tests {
             "0.0.0.0:0",
             "255.255.255.255:65535",
             "10.0.20.3:53",
+            "1.10.100.0:10",
+            "9.99.199.200:100",
+            "127.0.0.1:1000",
+            "10.0.0.1:12345",
+            "100.64.0.255:99",
             "[::ffff:1.2.3.4]:9",
             "[fd00::1]:54321",
         ] {
@@ -541,6 +648,49 @@ mod tests {
             Obj::open(&mut out).addr("a", a).close();
             assert_eq!(String::from_utf8(out).unwrap(), format!(r#"{{"a":"{a}"}}"#));
         }
+        for v in [
+            0,
+            7,
+            9,
+            10,
+            99,
+            100,
+            101,
+            4026531840,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            let mut out = Vec::new();
+            decimal(&mut out, v);
+            assert_eq!(String::from_utf8(out).unwrap(), v.to_string());
+        }
+        // Names: the plain ones copied, the others escaped as serde_json (and DEL) would.
+        for raw in [
+            &b""[..],
+            b"a",
+            b"exactly15bytes!",
+            b"longer than fifteen bytes",
+            b"say \"hi\"",
+            b"back\\slash",
+            b"\x1b[31mred\n",
+            b"del\x7f",
+            b"bad\xffutf8",
+        ] {
+            let name = Name::from_bytes(raw);
+            let mut out = Vec::new();
+            Obj::open(&mut out).comm("c", &name).close();
+            let mut want = Vec::new();
+            Obj::open(&mut want).str("c", &name.to_str()).close();
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                String::from_utf8(want).unwrap()
+            );
+        }
+        let mut out = Vec::new();
+        Obj::open(&mut out)
+            .comm("c", &Name::from_bytes(b"a\"b\x7f"))
+            .close();
+        assert_eq!(String::from_utf8(out).unwrap(), r#"{"c":"a\"b\u007f"}"#);
         let j = JsonFormat::new(ClockOffset(0));
         // In order, so that the cached second is used and left: within one second, across
         // one, and far apart.

@@ -4,8 +4,8 @@
 //! by the hot-path and ramp steps of `cargo xtask bench`.
 //!
 //! `cargo bench -p udpmon --bench pipeline` runs the divan benchmark. `cargo xtask bench`
-//! runs `pipeline --udpmon-rate REPS EVENTS`: records/s, one `events_per_sec N` line per
-//! repetition.
+//! runs `pipeline --udpmon-rate REPS EVENTS [text]`: records/s, one `events_per_sec N` line
+//! per repetition; with `text`, text lines (the default output) instead of JSON.
 use std::{path::Path, time::Instant};
 
 use clap::Parser as _;
@@ -16,7 +16,7 @@ use udpmon::{
     netns::NetnsMap,
     output::Output,
     pipeline::{FlowCounters, Pipeline},
-    report::{ClockOffset, Formatter, JsonFormat},
+    report::{ClockOffset, Formatter, JsonFormat, TextFormat},
     sinks::Sinks,
 };
 use udpmon_common::{Event, EventKind, event::AF_INET};
@@ -101,11 +101,16 @@ fn workload(sockets: usize) -> Vec<Vec<u8>> {
     out
 }
 
-fn pipeline() -> Pipeline<Kernel> {
+fn pipeline(text: bool) -> Pipeline<Kernel> {
     let cli = Cli::parse_from(["udpmon", "--format", "json"]);
+    let clock = ClockOffset(1_700_000_000_000_000_000);
     let sinks = Sinks {
-        clock: ClockOffset(1_700_000_000_000_000_000),
-        formatter: Formatter::Json(JsonFormat::new(ClockOffset(1_700_000_000_000_000_000))),
+        clock,
+        formatter: if text {
+            Formatter::Text(TextFormat::with_offset(clock, time::UtcOffset::UTC))
+        } else {
+            Formatter::Json(JsonFormat::new(clock))
+        },
         out: Some(Output::open(Path::new("/dev/null")).expect("opening /dev/null")),
         header: false,
         journal: None,
@@ -126,8 +131,8 @@ fn pipeline() -> Pipeline<Kernel> {
 
 /// Feeds every record to a fresh pipeline in batches, as the agent drains the ring; returns
 /// the records read.
-fn run(records: &[Vec<u8>]) -> u64 {
-    let mut p = pipeline();
+fn run(records: &[Vec<u8>], text: bool) -> u64 {
+    let mut p = pipeline(text);
     let mut reports = Vec::new();
     for batch in records.chunks(4096) {
         for r in batch {
@@ -144,15 +149,15 @@ fn records_to_json(bencher: divan::Bencher, sockets: usize) {
     let records = workload(sockets);
     bencher
         .counter(divan::counter::ItemsCount::new(records.len()))
-        .bench_local(|| run(&records));
+        .bench_local(|| run(&records, false));
 }
 
-fn rate(reps: usize, events: usize) {
+fn rate(reps: usize, events: usize, text: bool) {
     let records = workload(events.div_ceil(2 * PEERS + 1).max(1));
-    run(&records); // warm-up
+    run(&records, text); // warm-up
     for _ in 0..reps {
         let start = Instant::now();
-        let read = run(&records);
+        let read = run(&records, text);
         let secs = start.elapsed().as_secs_f64().max(1e-9);
         assert_eq!(read, records.len() as u64);
         println!("events_per_sec {:.0}", records.len() as f64 / secs);
@@ -167,7 +172,7 @@ fn main() {
             .unwrap_or_else(|| panic!("argument {i} must be a number: {args:?}"))
     };
     match args.get(1).map(String::as_str) {
-        Some("--udpmon-rate") => rate(num(2), num(3)),
+        Some("--udpmon-rate") => rate(num(2), num(3), args.get(4).is_some_and(|a| a == "text")),
         _ => divan::main(),
     }
 }

@@ -702,8 +702,10 @@ fn pipeline(plan: &Plan, bin: &FsPath) -> anyhow::Result<Vec<RampStep>> {
 
 struct Engine {
     rate: Spread,
-    /// The whole agent path (`udpmon/benches/pipeline.rs`): records/s.
+    /// The whole agent path (`udpmon/benches/pipeline.rs`): records/s, JSON lines and text
+    /// lines (the default output).
     path_rate: Spread,
+    text_path_rate: Spread,
     /// (flows, bytes per flow with one flow per socket, with 64 flows per socket).
     rss: Vec<(usize, f64, f64)>,
     /// (peers, bytes per peer remembered across flows, none with a live flow).
@@ -768,15 +770,14 @@ fn engine(plan: &Plan, bin: &FsPath, pipeline_bin: &FsPath) -> anyhow::Result<En
          the whole agent path: records/s on one core"
     );
     let reps = plan.reps.max(3).min(if plan.smoke { 1 } else { 5 });
-    let rate = |bin: &FsPath| -> anyhow::Result<Spread> {
-        let lines = engine_mode(
-            bin,
-            &[
-                "--udpmon-rate".into(),
-                reps.to_string(),
-                plan.engine_events.to_string(),
-            ],
-        )?;
+    let rate = |bin: &FsPath, extra: &[&str]| -> anyhow::Result<Spread> {
+        let mut args = vec![
+            "--udpmon-rate".into(),
+            reps.to_string(),
+            plan.engine_events.to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let lines = engine_mode(bin, &args)?;
         let rates: Vec<f64> = lines
             .iter()
             .filter(|(k, _)| k == "events_per_sec")
@@ -787,8 +788,9 @@ fn engine(plan: &Plan, bin: &FsPath, pipeline_bin: &FsPath) -> anyhow::Result<En
         }
         Ok(spread(&rates))
     };
-    let engine_rate = rate(bin)?;
-    let path_rate = rate(pipeline_bin)?;
+    let engine_rate = rate(bin, &[])?;
+    let path_rate = rate(pipeline_bin, &[])?;
+    let text_path_rate = rate(pipeline_bin, &["text"])?;
     let mut rss = Vec::new();
     for &n in &plan.rss_flows {
         let mut per = [0.0; 2];
@@ -848,6 +850,7 @@ fn engine(plan: &Plan, bin: &FsPath, pipeline_bin: &FsPath) -> anyhow::Result<En
     Ok(Engine {
         rate: engine_rate,
         path_rate,
+        text_path_rate,
         rss,
         peers_rss,
         ticks,
@@ -1269,6 +1272,15 @@ fn table(
         "-",
         ">= 3M",
         yes_no(eng.path_rate.median >= 3e6),
+    ]);
+    tb.row([
+        "agent path with text lines (the default output) instead of JSON, records/s on one core",
+        "-",
+        &fmt_spread(div(eng.text_path_rate, 1e6), 2, "M"),
+        "-",
+        "-",
+        "-",
+        "-",
     ]);
     for (n, one, many) in &eng.rss {
         tb.row([

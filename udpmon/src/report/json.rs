@@ -72,7 +72,10 @@ use std::{cell::Cell, io::Write as _};
 
 use time::OffsetDateTime;
 
-use super::{ClockOffset, family_name, ms, verdict_name};
+use super::{
+    ClockOffset, family_name, ms, verdict_name,
+    write::{self, digits},
+};
 use crate::{
     container::Container,
     engine::{
@@ -139,7 +142,7 @@ impl<'a> Obj<'a> {
 
     #[inline(always)]
     fn num(&mut self, k: &str, v: impl Into<u64>) -> &mut Self {
-        decimal(self.key(k), v.into());
+        write::decimal(self.key(k), v.into());
         self
     }
 
@@ -202,29 +205,12 @@ impl<'a> Obj<'a> {
         self
     }
 
-    /// `"a.b.c.d:port"` or `"[v6]:port"`. IPv4 from a table of octets into a stack buffer,
-    /// copied at a fixed size: `Display` costs as much as the rest of the line.
+    /// `"a.b.c.d:port"` or `"[v6]:port"`.
     #[inline(always)]
     fn addr(&mut self, k: &str, a: std::net::SocketAddr) -> &mut Self {
-        let std::net::SocketAddr::V4(a) = a else {
-            return self.display(k, a);
-        };
-        // `"255.255.255.255:` is 17 bytes; the port follows.
-        let mut b = [0u8; 24];
-        b[0] = b'"';
-        let mut n = 1;
-        for (i, o) in a.ip().octets().into_iter().enumerate() {
-            let [len, digits @ ..] = OCTETS[usize::from(o)];
-            b[n..n + 3].copy_from_slice(&digits);
-            n += usize::from(len);
-            b[n] = if i < 3 { b'.' } else { b':' };
-            n += 1;
-        }
         let out = self.key(k);
-        let at = out.len();
-        out.extend_from_slice(&b);
-        out.truncate(at + n);
-        decimal(out, u64::from(a.port()));
+        out.push(b'"');
+        write::addr(out, a);
         out.push(b'"');
         self
     }
@@ -301,21 +287,13 @@ impl JsonFormat {
 
     /// RFC 3339 UTC with nanoseconds, quoted: `"2026-11-27T23:41:00.123456789Z"`.
     fn ts(&self, out: &mut Vec<u8>, boot_ns: u64) {
-        let wall = i128::from(boot_ns) + self.clock.0;
-        // i128 division is a library call: u64 whenever the time fits (until 2554).
-        let (secs, nanos) = match u64::try_from(wall) {
-            Ok(w) => (i128::from(w / 1_000_000_000), (w % 1_000_000_000) as i128),
-            Err(_) => (
-                wall.div_euclid(1_000_000_000),
-                wall.rem_euclid(1_000_000_000),
-            ),
-        };
+        let (secs, nanos) = write::split_ns(i128::from(boot_ns) + self.clock.0);
         out.push(b'"');
         match self.second.get() {
             Some((s, prefix)) if s == secs => {
                 out.extend_from_slice(&prefix);
                 out.push(b'.');
-                digits(out, nanos as u32, 9);
+                digits(out, nanos, 9);
             }
             _ => {
                 let t: OffsetDateTime = self.clock.wall(boot_ns);
@@ -485,25 +463,6 @@ impl JsonFormat {
     }
 }
 
-/// Each octet's decimal digits, after their count.
-static OCTETS: [[u8; 4]; 256] = {
-    let mut t = [[0u8; 4]; 256];
-    let mut i = 0;
-    while i < 256 {
-        t[i] = match i {
-            100.. => [3, digit(i / 100), digit(i / 10), digit(i)],
-            10.. => [2, digit(i / 10), digit(i), 0],
-            _ => [1, digit(i), 0, 0],
-        };
-        i += 1;
-    }
-    t
-};
-
-const fn digit(n: usize) -> u8 {
-    b'0' + (n % 10) as u8
-}
-
 /// Nothing in `b` to escape, in JSON or on a terminal: printable ASCII without `"` and `\\`.
 fn plain(b: &[u8]) -> bool {
     b.iter()
@@ -516,53 +475,6 @@ fn quoted(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
     out.push(b'"');
 }
-
-/// `v` in decimal. Digits written two at a time into a stack buffer, copied at a fixed size
-/// and cut: a copy of the exact length is a call to `memcpy`, a dozen per line.
-#[inline(always)]
-fn decimal(out: &mut Vec<u8>, v: u64) {
-    let len = v.checked_ilog10().map_or(1, |l| l as usize + 1);
-    let mut b = [0u8; 20]; // u64::MAX has 20 digits
-    fill_digits(&mut b, v, len);
-    let at = out.len();
-    out.extend_from_slice(&b);
-    out.truncate(at + len);
-}
-
-/// `n` in decimal, zero-padded to `width` digits (the low `width` digits of a wider one).
-#[inline(always)]
-fn digits(out: &mut Vec<u8>, n: u32, width: usize) {
-    let mut b = [0u8; 10];
-    fill_digits(&mut b, u64::from(n), width);
-    out.extend_from_slice(&b[..width]);
-}
-
-/// The low `len` digits of `v` into `b[..len]`, two at a time from the right.
-#[inline(always)]
-fn fill_digits(b: &mut [u8], mut v: u64, len: usize) {
-    let mut i = len;
-    while i >= 2 {
-        let p = (v % 100) as usize * 2;
-        v /= 100;
-        i -= 2;
-        b[i..i + 2].copy_from_slice(&PAIRS[p..p + 2]);
-    }
-    if i == 1 {
-        b[0] = b'0' + (v % 10) as u8;
-    }
-}
-
-/// "00" to "99".
-static PAIRS: [u8; 200] = {
-    let mut t = [0u8; 200];
-    let mut i = 0;
-    while i < 100 {
-        t[2 * i] = digit(i / 10);
-        t[2 * i + 1] = digit(i);
-        i += 1;
-    }
-    t
-};
 
 fn icmp(mut o: Obj<'_>, u: &UnreachableInfo) {
     o.num("type", u.ty)
@@ -647,22 +559,6 @@ mod tests {
             let mut out = Vec::new();
             Obj::open(&mut out).addr("a", a).close();
             assert_eq!(String::from_utf8(out).unwrap(), format!(r#"{{"a":"{a}"}}"#));
-        }
-        for v in [
-            0,
-            7,
-            9,
-            10,
-            99,
-            100,
-            101,
-            4026531840,
-            u64::from(u32::MAX),
-            u64::MAX,
-        ] {
-            let mut out = Vec::new();
-            decimal(&mut out, v);
-            assert_eq!(String::from_utf8(out).unwrap(), v.to_string());
         }
         // Names: the plain ones copied, the others escaped as serde_json (and DEL) would.
         for raw in [

@@ -5,6 +5,7 @@
 //! wall clock shows in the next lines).
 mod json;
 mod text;
+mod write;
 
 pub use json::JsonFormat;
 pub use text::TextFormat;
@@ -53,7 +54,7 @@ impl Formatter {
     /// One report as one line, without the newline, appended to `out`.
     pub fn write(&self, r: &Report, out: &mut Vec<u8>) {
         match self {
-            Self::Text(t) => out.extend_from_slice(t.format(r).as_bytes()),
+            Self::Text(t) => t.write(r, out),
             Self::Json(j) => j.write(r, out),
         }
     }

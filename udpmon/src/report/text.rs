@@ -1,12 +1,13 @@
 //! One aligned, plain-English line per report, in the spirit of `tcplife` / `tcpstates`.
 use std::{
     borrow::Cow,
+    cell::Cell,
     fmt::{self, Write as _},
 };
 
-use time::{UtcOffset, macros::format_description};
+use time::UtcOffset;
 
-use super::{ClockOffset, verdict_name};
+use super::{ClockOffset, verdict_name, write};
 use crate::{
     container::Container,
     decode::{Family, Verdict},
@@ -26,6 +27,10 @@ pub struct TextFormat {
     zone: Zone,
     /// The local time zone could not be determined: times are UTC, and the header says so.
     utc_fallback: bool,
+    /// The last wall-clock second written and its local `HH:MM:SS`: reports come in bursts
+    /// within a second, and the zone's offset and the calendar are the costly part of a time.
+    /// A change of zone shows from the next second on.
+    second: Cell<Option<(i128, [u8; 8])>>,
 }
 
 /// Where the offset from UTC of a report's local time comes from.
@@ -44,6 +49,7 @@ impl TextFormat {
             clock,
             zone: Zone::Fixed(offset),
             utc_fallback: false,
+            second: Cell::new(None),
         }
     }
 
@@ -53,6 +59,7 @@ impl TextFormat {
             clock,
             zone: Zone::Rules(zone),
             utc_fallback: false,
+            second: Cell::new(None),
         }
     }
 
@@ -65,6 +72,7 @@ impl TextFormat {
                 clock,
                 zone: Zone::System,
                 utc_fallback: false,
+                second: Cell::new(None),
             },
             Err(_) => Self::utc_fallback(clock),
         }
@@ -114,30 +122,98 @@ impl TextFormat {
     }
 
     pub fn format(&self, r: &Report) -> String {
-        let wall = self.clock.wall(r.ts_ns);
-        let t = wall.to_offset(self.offset_at(wall));
-        let time = t
-            .format(format_description!(
-                "[hour]:[minute]:[second].[subsecond digits:3]"
-            ))
-            .unwrap_or_default();
-        let pid = match r.who.tgid {
-            0 => "-".to_owned(),
-            p => p.to_string(),
-        };
+        let mut out = Vec::with_capacity(160);
+        self.write(r, &mut out);
+        // Everything written is UTF-8: literals, digits, addresses and escaped names.
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// The line of `r`, appended to `out` (the output's own buffer). The columns go straight
+    /// into the line: `format!` with a `String` per column cost five times the JSON line.
+    pub fn write(&self, r: &Report, out: &mut Vec<u8>) {
+        self.time(out, r.ts_ns);
+        out.push(b' ');
+        padded(out, 7, Align::Right, |out| match r.who.tgid {
+            0 => out.push(b'-'),
+            p => write::decimal(out, u64::from(p)),
+        });
+        out.push(b' ');
         let name = process_name(&r.who.process, &r.who.comm);
-        let comm = Escaped(&name);
-        let mut line = format!(
-            "{time:<12} {pid:>7} {comm:<COMM_WIDTH$} {:<ADDR_WIDTH$} {:<ADDR_WIDTH$} {:<11} {}",
-            r.local.to_string(),
-            r.remote.to_string(),
-            r.kind.label(),
-            detail(r)
-        );
-        if let Some(c) = &r.container {
-            let _ = write!(line, " {}", container_note(c));
+        if name
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
+        {
+            padded(out, COMM_WIDTH, Align::Left, |out| {
+                out.extend_from_slice(name.as_bytes());
+            });
+        } else {
+            // Escapes, and widths counted in characters.
+            let _ = std::io::Write::write_fmt(out, format_args!("{:<COMM_WIDTH$}", Escaped(&name)));
         }
-        line
+        for a in [r.local, r.remote] {
+            out.push(b' ');
+            padded(out, ADDR_WIDTH, Align::Left, |out| write::addr(out, a));
+        }
+        out.push(b' ');
+        padded(out, 11, Align::Left, |out| {
+            out.extend_from_slice(r.kind.label().as_bytes());
+        });
+        out.push(b' ');
+        out.extend_from_slice(detail(r).as_bytes());
+        if let Some(c) = &r.container {
+            out.push(b' ');
+            out.extend_from_slice(container_note(c).as_bytes());
+        }
+    }
+
+    /// `HH:MM:SS.mmm`, local time.
+    fn time(&self, out: &mut Vec<u8>, boot_ns: u64) {
+        let (secs, nanos) = write::split_ns(i128::from(boot_ns) + self.clock.0);
+        match self.second.get() {
+            Some((s, hms)) if s == secs => {
+                out.extend_from_slice(&hms);
+                out.push(b'.');
+                write::digits(out, nanos / 1_000_000, 3);
+            }
+            _ => {
+                let wall = self.clock.wall(boot_ns);
+                let t = wall.to_offset(self.offset_at(wall));
+                let at = out.len();
+                write::digits(out, u32::from(t.hour()), 2);
+                out.push(b':');
+                write::digits(out, u32::from(t.minute()), 2);
+                out.push(b':');
+                write::digits(out, u32::from(t.second()), 2);
+                // A time `time` cannot represent shows as the epoch: not cached.
+                if i128::from(wall.unix_timestamp()) == secs
+                    && let Ok(hms) = out[at..].try_into()
+                {
+                    self.second.set(Some((secs, hms)));
+                }
+                out.push(b'.');
+                write::digits(out, u32::from(t.millisecond()), 3);
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Align {
+    Left,
+    Right,
+}
+
+/// What `put` writes, padded with spaces to `width` bytes (ASCII only: bytes are columns).
+#[inline(always)]
+fn padded(out: &mut Vec<u8>, width: usize, align: Align, put: impl FnOnce(&mut Vec<u8>)) {
+    let at = out.len();
+    put(out);
+    let fill = width.saturating_sub(out.len() - at);
+    if fill > 0 {
+        out.resize(out.len() + fill, b' ');
+        if let Align::Right = align {
+            out[at..].rotate_right(fill);
+        }
     }
 }
 

@@ -543,18 +543,8 @@ mod tests {
 
     #[test]
     fn addresses_and_stamps_as_display_and_time_write_them() {
-        for a in [
-            "0.0.0.0:0",
-            "255.255.255.255:65535",
-            "10.0.20.3:53",
-            "1.10.100.0:10",
-            "9.99.199.200:100",
-            "127.0.0.1:1000",
-            "10.0.0.1:12345",
-            "100.64.0.255:99",
-            "[::ffff:1.2.3.4]:9",
-            "[fd00::1]:54321",
-        ] {
+        // Quoted; the digits themselves are `write.rs`'s (tested there).
+        for a in ["10.0.20.3:53", "[fd00::1]:54321"] {
             let a: SocketAddr = a.parse().unwrap();
             let mut out = Vec::new();
             Obj::open(&mut out).addr("a", a).close();

@@ -29,7 +29,7 @@ pub struct TextFormat {
     utc_fallback: bool,
     /// The last wall-clock second written and its local `HH:MM:SS`: reports come in bursts
     /// within a second, and the zone's offset and the calendar are the costly part of a time.
-    /// A change of zone shows from the next second on.
+    /// Offsets change on whole seconds, so the cache is never behind a daylight-saving change.
     second: Cell<Option<(i128, [u8; 8])>>,
 }
 
@@ -38,7 +38,7 @@ enum Zone {
     Fixed(UtcOffset),
     /// A zone's rules (daylight saving time included), applied to each report's own time.
     Rules(jiff::tz::TimeZone),
-    /// The system's zone: jiff re-reads it (TZ, /etc/localtime) when it changes.
+    /// The system's zone: jiff re-reads it (TZ, /etc/localtime) every five minutes.
     System,
 }
 
@@ -63,9 +63,9 @@ impl TextFormat {
         }
     }
 
-    /// Times in the system's time zone, as it is at each report (a change of zone or of
-    /// daylight saving time shows in the next lines), or in UTC, labelled in the header, when
-    /// the system has none.
+    /// Times in the system's time zone, its rules applied to each report's second (a change of
+    /// daylight saving time shows at once; a change of the zone itself once jiff re-reads it,
+    /// within five minutes), or in UTC, labelled in the header, when the system has none.
     pub fn local(clock: ClockOffset) -> Self {
         match jiff::tz::TimeZone::try_system() {
             Ok(_) => Self {

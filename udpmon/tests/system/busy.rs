@@ -24,7 +24,7 @@ use crate::{
         CLIENT4, Outcome, SERVER4, Strategy, TwoHosts, Udpmon, deadline, in_netns, is, need_tools,
         s, wait_until,
     },
-    util::{addr, nft, sigterm},
+    util::{addr, losses, nft, sigterm},
 };
 
 /// Queries in the burst, each from its own client port, from FIRST_PORT on.
@@ -99,40 +99,6 @@ fn n(v: &Value, path: &[&str]) -> u64 {
         .fold(v, |v, k| &v[k])
         .as_u64()
         .unwrap_or_else(|| panic!("no count {path:?} in {v}"))
-}
-
-/// The count after `label` in udpmon's exit summary.
-fn exit_count(summary: &str, label: &str) -> u64 {
-    summary
-        .split(label)
-        .nth(1)
-        .and_then(|rest| {
-            rest.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no '{label}' count in {summary}"))
-}
-
-/// What udpmon says it lost, from its exit summary: records the kernel could not queue or
-/// udpmon not decode or map, and events it could not write.
-fn losses(stderr: &[String]) -> u64 {
-    let summary = stderr
-        .iter()
-        .find(|l| l.contains("udpmon: stopped;"))
-        .unwrap_or_else(|| panic!("no exit summary in {stderr:?}"));
-    [
-        "ring-buffer drops ",
-        "decode errors ",
-        "flow-map insert failures ",
-        "program runs skipped (recursion) ",
-        "kprobe misses ",
-        "events not written ",
-    ]
-    .iter()
-    .map(|l| exit_count(summary, l))
-    .sum()
 }
 
 pub fn busy_dns_server(st: Strategy) -> Outcome {

@@ -161,6 +161,8 @@ impl Udpmon {
 
     /// As [`Udpmon::start`], through a wrapper command (`setpriv ...`) that runs udpmon.
     pub fn start_under(wrapper: &[String], st: Strategy, extra: &[&str]) -> Result<Udpmon, String> {
+        // What a failed scenario's udpmon owed is not this one's.
+        SHORT.set(0);
         let bin = udpmon_bin();
         let mut cmd = match wrapper.split_first() {
             Some((w, args)) => {
@@ -374,7 +376,22 @@ impl Udpmon {
             self.drain(Duration::from_millis(50));
         };
         self.drain_to_end();
+        self.settle();
         status
+    }
+
+    /// After udpmon's exit summary: the CLOSE counts asserted short must be covered by what
+    /// it reported lost.
+    fn settle(&mut self) {
+        let short = SHORT.take();
+        if short > 0 {
+            let lost = crate::util::losses(&self.stderr);
+            assert!(
+                short <= lost,
+                "CLOSE counts short of {short} datagram(s), but udpmon reported only {lost} lost: {:?}",
+                self.stderr
+            );
+        }
     }
 
     /// After udpmon exited: everything it wrote, up to the end of both pipes (a fixed wait
@@ -395,8 +412,29 @@ impl Udpmon {
     }
 }
 
+thread_local! {
+    /// Datagrams the CLOSEs asserted so far were short of (`util::assert_close`), which the
+    /// running udpmon must have reported lost by its exit.
+    static SHORT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts asserted short by `short` datagrams: the running udpmon owes a loss report.
+pub fn owe_short(short: u64) {
+    SHORT.set(SHORT.get() + short);
+}
+
 impl Drop for Udpmon {
     fn drop(&mut self) {
+        // Short counts are settled against the exit summary, so udpmon must print it.
+        if SHORT.get() > 0 && !std::thread::panicking() {
+            if self.running() {
+                self.signal(libc::SIGINT);
+            } else {
+                self.drain_to_end();
+                self.settle();
+            }
+            return;
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -201,7 +201,7 @@ pub fn losses(stderr: &[String]) -> u64 {
 /// is "recursion" to the next task that hits it), and udpmon counts and reports each skip.
 pub fn assert_close_within(v: &Value, reason: &str, tx: (u64, u64), rx: (u64, u64), lost: u64) {
     if lost == 0 {
-        return assert_close(v, reason, tx, rx);
+        return assert_close_exact(v, reason, tx, rx);
     }
     assert_eq!(s(v, "event"), "close", "{v}");
     assert_eq!(s(v, "reason"), reason, "close reason of {v}");
@@ -219,21 +219,61 @@ pub fn assert_close_within(v: &Value, reason: &str, tx: (u64, u64), rx: (u64, u6
     }
 }
 
-/// Asserts a CLOSE's reason and datagram/byte counts.
+/// Asserts a CLOSE's reason and datagram/byte counts. Counts short of these (fewer
+/// datagrams, none more) are left for the running udpmon to answer for: they pass only if it
+/// says at exit that it lost at least as many (`Udpmon` checks, see `harness::owe_short`). A
+/// kernel can skip a program run, and udpmon counts and reports each skip: on a preemptible
+/// kernel (7.x, `PREEMPT_LAZY`) a tracing program preempted on the one-CPU VM is "recursion"
+/// to the next task that reaches the same hook.
 pub fn assert_close(v: &Value, reason: &str, tx: (u64, u64), rx: (u64, u64)) {
+    let (got, want) = close_counts(v, reason, tx, rx);
+    if got == want {
+        return;
+    }
+    let (d_tx, b_tx, d_rx, b_rx) = got;
+    if d_tx <= tx.0 && b_tx <= tx.1 && d_rx <= rx.0 && b_rx <= rx.1 {
+        let short = (tx.0 - d_tx) + (rx.0 - d_rx);
+        if short > 0 {
+            eprintln!(
+                "  CLOSE short of {short} datagram(s), to be covered by udpmon's reported losses at its exit: {v}"
+            );
+            crate::harness::owe_short(short);
+            return;
+        }
+    }
+    assert_eq!(
+        got, want,
+        "(tx datagrams, tx bytes, rx datagrams, rx bytes) of {v}"
+    );
+}
+
+/// Asserts a CLOSE's reason and counts: exact.
+fn assert_close_exact(v: &Value, reason: &str, tx: (u64, u64), rx: (u64, u64)) {
+    let (got, want) = close_counts(v, reason, tx, rx);
+    assert_eq!(
+        got, want,
+        "(tx datagrams, tx bytes, rx datagrams, rx bytes) of {v}"
+    );
+}
+
+type Counts = (u64, u64, u64, u64);
+
+/// A CLOSE's (tx datagrams, tx bytes, rx datagrams, rx bytes), and those wanted; asserts the
+/// event and its reason.
+fn close_counts(v: &Value, reason: &str, tx: (u64, u64), rx: (u64, u64)) -> (Counts, Counts) {
     assert_eq!(s(v, "event"), "close", "{v}");
     assert_eq!(s(v, "reason"), reason, "close reason of {v}");
     let st = &v["stats"];
-    assert_eq!(
+    let count = |k: &str| st[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"));
+    (
         (
-            st["tx_datagrams"].as_u64(),
-            st["tx_bytes"].as_u64(),
-            st["rx_datagrams"].as_u64(),
-            st["rx_bytes"].as_u64()
+            count("tx_datagrams"),
+            count("tx_bytes"),
+            count("rx_datagrams"),
+            count("rx_bytes"),
         ),
-        (Some(tx.0), Some(tx.1), Some(rx.0), Some(rx.1)),
-        "(tx datagrams, tx bytes, rx datagrams, rx bytes) of {v}"
-    );
+        (tx.0, tx.1, rx.0, rx.1),
+    )
 }
 
 /// Loads an nftables ruleset (`nft -f -`) in a namespace.

@@ -195,30 +195,6 @@ pub fn losses(stderr: &[String]) -> u64 {
     .sum()
 }
 
-/// Asserts a CLOSE's reason and counts, `lost` being what udpmon said it lost (`losses`):
-/// exact when it lost nothing, else short of the exact counts by no more datagrams than it
-/// lost. A kernel can skip a program run (a tracing program preempted on a one-CPU machine
-/// is "recursion" to the next task that hits it), and udpmon counts and reports each skip.
-pub fn assert_close_within(v: &Value, reason: &str, tx: (u64, u64), rx: (u64, u64), lost: u64) {
-    if lost == 0 {
-        return assert_close_exact(v, reason, tx, rx);
-    }
-    assert_eq!(s(v, "event"), "close", "{v}");
-    assert_eq!(s(v, "reason"), reason, "close reason of {v}");
-    let st = &v["stats"];
-    let count = |k: &str| st[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"));
-    for (dgrams, bytes, (want_dgrams, want_bytes)) in [
-        ("tx_datagrams", "tx_bytes", tx),
-        ("rx_datagrams", "rx_bytes", rx),
-    ] {
-        let (d, b) = (count(dgrams), count(bytes));
-        assert!(
-            d <= want_dgrams && want_dgrams - d <= lost && b <= want_bytes,
-            "{dgrams} {d} and {bytes} {b} of {v}: want {want_dgrams} and {want_bytes}, or fewer by at most the {lost} udpmon said it lost"
-        );
-    }
-}
-
 /// Asserts a CLOSE's reason and datagram/byte counts. Counts short of these (fewer
 /// datagrams, none more) are left for the running udpmon to answer for: they pass only if it
 /// says at exit that it lost at least as many (`Udpmon` checks, see `harness::owe_short`). A
@@ -241,15 +217,6 @@ pub fn assert_close(v: &Value, reason: &str, tx: (u64, u64), rx: (u64, u64)) {
             return;
         }
     }
-    assert_eq!(
-        got, want,
-        "(tx datagrams, tx bytes, rx datagrams, rx bytes) of {v}"
-    );
-}
-
-/// Asserts a CLOSE's reason and counts: exact.
-fn assert_close_exact(v: &Value, reason: &str, tx: (u64, u64), rx: (u64, u64)) {
-    let (got, want) = close_counts(v, reason, tx, rx);
     assert_eq!(
         got, want,
         "(tx datagrams, tx bytes, rx datagrams, rx bytes) of {v}"

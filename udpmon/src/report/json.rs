@@ -166,9 +166,10 @@ impl<'a> Obj<'a> {
         let (bytes, len) = v.padded();
         // Every byte of the fixed-size array at once, the padding passing: no loop exit per
         // byte, and one fixed-size copy below.
-        let plain = bytes.iter().enumerate().fold(true, |ok, (i, &c)| {
-            ok & (i >= len || ((0x20..0x7f).contains(&c) && c != b'"' && c != b'\\'))
-        });
+        let plain = bytes
+            .iter()
+            .enumerate()
+            .fold(true, |ok, (i, &c)| ok & (i >= len || plain_byte(c)));
         if !plain {
             return self.str(k, &v.to_str());
         }
@@ -465,8 +466,12 @@ impl JsonFormat {
 
 /// Nothing in `b` to escape, in JSON or on a terminal: printable ASCII without `"` and `\\`.
 fn plain(b: &[u8]) -> bool {
-    b.iter()
-        .all(|&c| (0x20..0x7f).contains(&c) && c != b'"' && c != b'\\')
+    b.iter().all(|&c| plain_byte(c))
+}
+
+#[inline(always)]
+fn plain_byte(c: u8) -> bool {
+    (0x20..0x7f).contains(&c) && c != b'"' && c != b'\\'
 }
 
 #[inline(always)]

@@ -7,9 +7,12 @@ use std::{
     time::Instant,
 };
 
-use crate::harness::{
-    Outcome, Strategy, TwoHosts, Udpmon, deadline, is, must_attach, need_tools, s, udp_socket_in,
-    udpmon_bin, wait_until,
+use crate::{
+    harness::{
+        Outcome, Strategy, TwoHosts, Udpmon, deadline, is, must_attach, need_tools, s,
+        udp_socket_in, udpmon_bin, wait_until,
+    },
+    util::exit_summary,
 };
 
 /// These do not depend on the hook strategy: they run once, with tracepoint, or on a kernel
@@ -97,10 +100,7 @@ pub fn sigint(st: Strategy) -> Outcome {
         .collect();
     let (status, stderr, seen) = u.interrupt();
     assert!(status.success(), "exit status after SIGINT: {status}");
-    let summary = stderr
-        .iter()
-        .find(|l| l.starts_with("udpmon: stopped;"))
-        .unwrap_or_else(|| panic!("no summary line on stderr: {stderr:?}"));
+    let summary = exit_summary(&stderr);
     assert!(summary.contains("ring-buffer drops 0"), "{summary}");
     assert!(summary.contains("decode errors 0"), "{summary}");
     assert!(

@@ -14,6 +14,7 @@ use serde_json::Value;
 use crate::{
     behaviour::once,
     harness::{Outcome, Strategy, Udpmon, deadline, is, s, wait_until},
+    util::{exit_count, exit_summary},
 };
 
 /// `n` new loopback flows, one datagram each: a CONNECT per sender. Their local addresses.
@@ -223,16 +224,8 @@ pub fn full_disk(st: Strategy) -> Outcome {
     });
     let (status, stderr) = u.stop();
     assert!(status.success(), "exit status: {status}");
-    let summary = stderr
-        .iter()
-        .find(|l| l.starts_with("udpmon: stopped;"))
-        .unwrap_or_else(|| panic!("no summary: {stderr:?}"));
-    let unwritten: u64 = summary
-        .split("events not written ")
-        .nth(1)
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no count of unwritten events: {summary}"));
+    let summary = exit_summary(&stderr);
+    let unwritten = exit_count(summary, "events not written ");
     assert!(unwritten > 0, "{summary}");
     // Each lost flow's CONNECT is either in the file or among those counted.
     let missing = lost

@@ -11,8 +11,8 @@ use crate::{
         udp_socket_in,
     },
     util::{
-        Who, addr, assert_close, assert_event, assert_icmp, assert_story, local_of, of_flow,
-        read_errqueue, set_recverr,
+        Who, addr, assert_close, assert_event, assert_icmp, assert_story, exit_count, exit_summary,
+        local_of, of_flow, read_errqueue, set_recverr,
     },
 };
 
@@ -272,15 +272,8 @@ pub fn refused_flood(st: Strategy) -> Outcome {
         status.success(),
         "udpmon after SIGTERM: {status}; {stderr:?}"
     );
-    let summary = stderr
-        .iter()
-        .find(|l| l.contains("udpmon: stopped;"))
-        .unwrap_or_else(|| panic!("no exit summary in {stderr:?}"));
-    let limited: usize = summary
-        .rsplit("closed-port reports rate-limited ")
-        .next()
-        .and_then(|n| n.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no count in {summary}"));
+    let summary = exit_summary(&stderr);
+    let limited = exit_count(summary, "closed-port reports rate-limited ") as usize;
     // Each CPU's budget is renewed every second: one per second the flood took, and one
     // more for the second it started in.
     let budgets = BUDGET_PER_CPU * cpus * (seconds + 2);

@@ -161,6 +161,14 @@ pub fn assert_icmp(v: &Value, ty: u8, code: u8, from: &str, errno: &str, verdict
     assert_eq!(i["verdict"], verdict, "verdict of {v}");
 }
 
+/// udpmon's exit summary line (`udpmon: stopped; ...`) among its stderr lines.
+pub fn exit_summary(stderr: &[String]) -> &str {
+    stderr
+        .iter()
+        .find(|l| l.contains("udpmon: stopped;"))
+        .unwrap_or_else(|| panic!("no exit summary in {stderr:?}"))
+}
+
 /// The count after `label` in udpmon's exit summary.
 pub fn exit_count(summary: &str, label: &str) -> u64 {
     summary
@@ -178,10 +186,7 @@ pub fn exit_count(summary: &str, label: &str) -> u64 {
 /// What udpmon says it lost, from its exit summary: records the kernel could not queue or
 /// udpmon not decode or map, and events it could not write.
 pub fn losses(stderr: &[String]) -> u64 {
-    let summary = stderr
-        .iter()
-        .find(|l| l.contains("udpmon: stopped;"))
-        .unwrap_or_else(|| panic!("no exit summary in {stderr:?}"));
+    let summary = exit_summary(stderr);
     [
         "ring-buffer drops ",
         "decode errors ",

@@ -5,6 +5,7 @@ use std::{
     io::{BufRead as _, BufReader},
     net::UdpSocket,
     os::fd::AsRawFd as _,
+    panic,
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -18,6 +19,12 @@ pub enum Outcome {
     Pass,
     Skip(String),
 }
+
+/// A scenario that cannot be judged: an event it waits for never came, and udpmon reported
+/// meanwhile that it lost records (the kernel skipped program runs, the ring was full). The
+/// event may be one of those, so the runner runs the scenario once more, and the second run
+/// is judged in full. Raised with `panic_any` from [`Udpmon::wait_for`].
+pub struct Inconclusive(pub String);
 
 /// The hook strategies, and their `--hooks` names, as udpmon itself defines them.
 pub use udpmon::probes::Strategy;
@@ -258,11 +265,13 @@ impl Udpmon {
                 return v.clone();
             }
             if Instant::now() > end {
-                panic!(
-                    "no {what} event within {:?}; udpmon printed:\n{}",
-                    deadline(20),
-                    self.dump()
-                );
+                let missing = format!("no {what} event within {:?}", deadline(20));
+                if let Some(lost) = self.stderr.iter().find(|l| l.contains("events lost:")) {
+                    panic::panic_any(Inconclusive(format!(
+                        "{missing}, and udpmon reported {lost:?}"
+                    )));
+                }
+                panic!("{missing}; udpmon printed:\n{}", self.dump());
             }
             self.drain(Duration::from_millis(100));
         }

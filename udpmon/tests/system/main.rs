@@ -3,7 +3,9 @@
 //!
 //! Every scenario runs once per hook strategy. A strategy the tier requires
 //! (`harness::must_attach`) that does not attach FAILS its scenarios; one it does not require,
-//! or a tool that is missing, makes the scenario SKIPPED with the reason. The last line has libtest's shape
+//! or a tool that is missing, makes the scenario SKIPPED with the reason. A scenario that
+//! waited in vain for an event while udpmon reported losing records runs once more
+//! (`harness::Inconclusive`). The last line has libtest's shape
 //! so that runners can collect it: `test result: ok. N passed; M failed; K skipped`.
 mod behaviour;
 mod busy;
@@ -26,7 +28,7 @@ mod util;
 
 use std::{panic, process::ExitCode, time::Instant};
 
-use harness::{Outcome, Strategy};
+use harness::{Inconclusive, Outcome, Strategy};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -80,7 +82,16 @@ fn main() -> ExitCode {
                 Ok(()) => {}
             }
             let t = Instant::now();
-            let res = panic::catch_unwind(|| (s.run)(st));
+            let mut res = panic::catch_unwind(|| (s.run)(st));
+            // Once, and only for what udpmon itself said it lost (see `Inconclusive`).
+            let lost = res
+                .as_ref()
+                .err()
+                .and_then(|e| e.downcast_ref::<Inconclusive>());
+            if let Some(why) = lost.map(|i| i.0.clone()) {
+                println!("test {name} ... running again: {why}");
+                res = panic::catch_unwind(|| (s.run)(st));
+            }
             let secs = t.elapsed().as_secs_f64();
             match res {
                 Ok(Outcome::Pass) => {
@@ -96,6 +107,7 @@ fn main() -> ExitCode {
                         .downcast_ref::<String>()
                         .cloned()
                         .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .or_else(|| e.downcast_ref::<Inconclusive>().map(|i| i.0.clone()))
                         .unwrap_or_default();
                     println!("test {name} ... FAILED ({secs:.1}s): {msg}");
                     failed += 1;

@@ -66,9 +66,22 @@ pub struct Offsets {
     pub inode_mode: u32,
     pub file_private_data: u32,
     pub socket_sk: u32,
+    /// The current task's identity as the helpers give it (tgid, pid, `flags` for
+    /// `PF_KTHREAD`, `comm`, `cred->uid.val`, `cgroups->dfl_cgrp->kn->id`), read where those
+    /// helpers are not offered: cgroup_skb egress naming a datagram's sender (see owner.rs).
+    pub task_tgid: u32,
+    pub task_pid: u32,
+    pub task_flags: u32,
+    pub task_comm: u32,
+    pub task_cred: u32,
+    pub cred_uid: u32,
+    pub task_cgroups: u32,
+    pub css_set_dfl_cgrp: u32,
+    pub cgroup_kn: u32,
+    pub kernfs_node_id: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Offsets>() == 39 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 49 * 4);
 
 impl Offsets {
     pub const fn zeroed() -> Self {
@@ -112,6 +125,16 @@ impl Offsets {
             inode_mode: 0,
             file_private_data: 0,
             socket_sk: 0,
+            task_tgid: 0,
+            task_pid: 0,
+            task_flags: 0,
+            task_comm: 0,
+            task_cred: 0,
+            cred_uid: 0,
+            task_cgroups: 0,
+            css_set_dfl_cgrp: 0,
+            cgroup_kn: 0,
+            kernfs_node_id: 0,
         }
     }
 }

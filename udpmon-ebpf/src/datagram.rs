@@ -22,9 +22,10 @@ use aya_ebpf::{
 const HDRS4: u32 = 28;
 
 /// cgroup_skb: offset 0 is the IP header. Egress of a UDP datagram runs in the sender's
-/// syscall (or a kernel worker for corked sends); ingress runs in softirq.
+/// syscall (or a kernel worker for corked sends); ingress runs in softirq. `sent_by` gets a
+/// UDP datagram's socket cookie before the datagram is counted.
 #[inline(always)]
-pub fn on_skb(ctx: &SkBuffContext, dir: Dir) {
+pub fn on_skb(ctx: &SkBuffContext, dir: Dir, sent_by: impl FnOnce(u64)) {
     let skb = ctx.skb.skb;
     // SAFETY: the context's skb; data/data_end are the verifier-checked packet bounds.
     let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
@@ -66,6 +67,7 @@ pub fn on_skb(ctx: &SkBuffContext, dir: Dir) {
     let u = udp_words(|i| unsafe { w.add(i).read() }, v6);
     // SAFETY: the helper accepts the program's own skb context.
     let cookie = unsafe { bpf_get_socket_cookie(skb as *mut _) };
+    sent_by(cookie);
     let d = Datagram::from_headers(&u, dir, cookie, 0);
     on_datagram(&d, dir, false);
 }

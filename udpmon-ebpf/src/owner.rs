@@ -11,7 +11,8 @@
 //!   checked keeps the common case (one process talking on one socket) to one comparison.
 //!   A holder's exit makes every note stale: the processes that share its socket (a
 //!   daemon's pre-forked workers, a passed descriptor's sender) take its place at their next
-//!   call instead of being skipped by their notes;
+//!   call instead of being skipped by their notes. Where a kernel has no hook on send
+//!   calls, each datagram sent does it ([`note_sender`]);
 //! - a process that receives a socket's descriptor (SCM_RIGHTS, pidfd_getfd) holds it from
 //!   then on, where the strategy can hook that ([`on_file_received`]: fentry, kprobe);
 //! - the exit of a holder is recorded ([`on_exit`]; only processes that held a socket, so
@@ -26,12 +27,12 @@
 //!   `Exec`), for the reports userspace makes on its own timer.
 use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-    bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
+    bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
 };
 use udpmon_common::{Event, EventKind, Owner, event::flags};
 
 use crate::{
-    kread::{Kernel, read, sock_netns},
+    kread::{Kernel, read, read_buf, sock_netns},
     maps::{
         HOLDER_EPOCH, HOLDER_SEEN, HOLDERS, OWNERS, PROCESSES, ProcessChange, emit, field, off,
         self_tgid,
@@ -132,6 +133,72 @@ pub fn note_holder<K: Kernel>(sk: u64, check_udp: bool, cookie: impl FnOnce() ->
     let cookie = cookie();
     if cookie != 0 && remember(cookie, tgid, current_owner, || sock_netns(sk)) {
         tell_holder(cookie);
+    }
+}
+
+/// A datagram the socket `cookie` sends, seen in cgroup_skb egress, which runs in the
+/// sender's system call: where no send call is hooked (the tracepoint strategy before 6.3,
+/// without `sock_send_length`), the sender takes the remembered holder's place as
+/// [`note_holder`] would. cgroup_skb programs are not offered the current task's helpers
+/// there, so its identity is read from the task. Only a socket udpmon knows a holder of is
+/// followed: a kernel socket's datagrams (a tunnel's) go out in whatever task the softirq
+/// interrupted.
+#[inline(always)]
+pub fn note_sender(cookie: u64) {
+    // SAFETY: BPF helper without preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let tgid: u32 = read(task, off!(task_tgid));
+    let epoch = HOLDER_EPOCH.get(0).copied().unwrap_or(0);
+    let Some(seen) = HOLDER_SEEN.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: as in note_holder; the note holds the cookie where that one holds the address.
+    unsafe {
+        if (*seen).sk == cookie && (*seen).tgid == tgid && (*seen).epoch == epoch {
+            return;
+        }
+        (*seen).sk = cookie;
+        (*seen).tgid = tgid;
+        (*seen).epoch = epoch;
+    }
+    const PF_KTHREAD: u32 = 0x0020_0000;
+    if tgid == 0 || tgid == self_tgid() || read::<u32>(task, off!(task_flags)) & PF_KTHREAD != 0 {
+        return;
+    }
+    // SAFETY: the map value stays valid for the program run.
+    if unsafe { OWNERS.get(cookie) }.is_none_or(|o| o.tgid == tgid) {
+        return;
+    }
+    let holder = task_owner(task, tgid);
+    remember(cookie, tgid, || holder, || 0);
+    emit(|ev| {
+        ev.kind = EventKind::Holder as u16;
+        ev.cookie = cookie;
+        ev.ts_ns = holder.since_ns;
+        set_owner(ev, &holder);
+        true
+    });
+}
+
+/// What `current_owner` gives, read from `task` (the current one) field by field.
+#[inline(always)]
+fn task_owner(task: u64, tgid: u32) -> Owner {
+    let mut comm = [0u8; 16];
+    read_buf(task, off!(task_comm), &mut comm);
+    let cred: u64 = read(task, off!(task_cred));
+    let css_set: u64 = read(task, off!(task_cgroups));
+    let cgroup: u64 = read(css_set, off!(css_set_dfl_cgrp));
+    let kn: u64 = read(cgroup, off!(cgroup_kn));
+    Owner {
+        tgid,
+        pid: read(task, off!(task_pid)),
+        uid: read(cred, off!(cred_uid)),
+        netns: 0,
+        cgroup: read(kn, off!(kernfs_node_id)),
+        comm,
+        netns_cookie: 0,
+        // SAFETY: BPF helper without preconditions.
+        since_ns: unsafe { bpf_ktime_get_boot_ns() },
     }
 }
 

@@ -12,14 +12,22 @@ use crate::{apperr, apperr::cookie_of, datagram, flow::Dir, kread::Btf, lifecycl
 /// Every datagram a socket sends (tracepoint strategy).
 #[cgroup_skb]
 pub fn udp_egress(ctx: SkBuffContext) -> i32 {
-    datagram::on_skb(&ctx, Dir::Tx);
+    datagram::on_skb(&ctx, Dir::Tx, |_| {});
+    1
+}
+
+/// As `udp_egress`, where the kernel has no `sock_send_length` (< 6.3): each datagram also
+/// tells who sends on the socket (owner.rs).
+#[cgroup_skb]
+pub fn udp_egress_sender(ctx: SkBuffContext) -> i32 {
+    datagram::on_skb(&ctx, Dir::Tx, owner::note_sender);
     1
 }
 
 /// Every datagram a socket receives, at enqueue time (tracepoint strategy).
 #[cgroup_skb]
 pub fn udp_ingress(ctx: SkBuffContext) -> i32 {
-    datagram::on_skb(&ctx, Dir::Rx);
+    datagram::on_skb(&ctx, Dir::Rx, |_| {});
     1
 }
 

@@ -485,6 +485,17 @@ pub fn resolve_offsets(btf: &KernelBtf) -> Result<Offsets, BtfError> {
         inode_mode: at("inode_mode", "inode", "i_mode")?,
         file_private_data: at("file_private_data", "file", "private_data")?,
         socket_sk: at("socket_sk", "socket", "sk")?,
+        task_tgid: at("task_tgid", "task_struct", "tgid")?,
+        task_pid: at("task_pid", "task_struct", "pid")?,
+        task_flags: at("task_flags", "task_struct", "flags")?,
+        task_comm: at("task_comm", "task_struct", "comm")?,
+        task_cred: at("task_cred", "task_struct", "cred")?,
+        // kuid_t wraps `val`.
+        cred_uid: at("cred_uid", "cred", "uid.val")?,
+        task_cgroups: at("task_cgroups", "task_struct", "cgroups")?,
+        css_set_dfl_cgrp: at("css_set_dfl_cgrp", "css_set", "dfl_cgrp")?,
+        cgroup_kn: at("cgroup_kn", "cgroup", "kn")?,
+        kernfs_node_id: at("kernfs_node_id", "kernfs_node", "id")?,
     })
 }
 
@@ -800,6 +811,14 @@ mod tests {
         assert_eq!(o.fl6_saddr, o.fl6_daddr + 16);
         assert!(o.fl6_ports > o.fl6_saddr && o.skb_sk < skb && o.skb_refdst < skb);
         assert!(btf.has_func("udp_send_skb") && btf.has_func("udp_v6_send_skb"));
+        // `pid_t pid; pid_t tgid;` have been neighbours in task_struct since before BTF.
+        assert_eq!(o.task_tgid, o.task_pid + 4);
+        let task = btf.struct_size("task_struct").unwrap();
+        assert!(
+            [o.task_flags, o.task_comm, o.task_cred, o.task_cgroups]
+                .iter()
+                .all(|&f| f < task)
+        );
         // Tracepoints every strategy attaches to, and one no kernel has.
         assert!(btf.has_tracepoint("consume_skb") && btf.has_tracepoint("kfree_skb"));
         assert!(!btf.has_tracepoint("udpmon_no_such_tracepoint"));

@@ -241,8 +241,7 @@ fn call_result_hooks() -> [Hook; 2] {
         Hook::optional(
             program::UDP_SEND_RESULT,
             Target::TpBtf("sock_send_length"),
-            "failed sends are not reported as APP-ERROR, and a socket that changed hands \
-             (fork, passed descriptor) is named after its previous holder (kernel < 6.3)",
+            "failed sends are not reported as APP-ERROR (kernel < 6.3)",
         ),
         Hook::optional(
             program::UDP_RECV_RESULT,

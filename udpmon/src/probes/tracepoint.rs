@@ -3,15 +3,20 @@
 //! ICMP errors, their verdict, drops and application errors.
 use aya::programs::CgroupSkbAttachType;
 
-use super::{Hook, Strategy, Target, call_result_hooks, program, shared_hooks};
+use super::{
+    Hook, Strategy, Target, call_result_hooks, has_call_result_tracepoints, program, shared_hooks,
+};
 use crate::btf::KernelBtf;
 
 pub fn hooks(btf: &KernelBtf) -> Vec<Hook> {
+    // Without sock_send_length (< 6.3), egress is where a socket's new holder shows first.
+    let egress = if has_call_result_tracepoints(btf) {
+        program::UDP_EGRESS
+    } else {
+        program::UDP_EGRESS_SENDER
+    };
     let mut hooks = vec![
-        Hook::required(
-            program::UDP_EGRESS,
-            Target::CgroupSkb(CgroupSkbAttachType::Egress),
-        ),
+        Hook::required(egress, Target::CgroupSkb(CgroupSkbAttachType::Egress)),
         Hook::required(
             program::UDP_INGRESS,
             Target::CgroupSkb(CgroupSkbAttachType::Ingress),

@@ -101,13 +101,6 @@ pub fn app_errors_expected(st: Strategy) -> bool {
     st != Strategy::Tracepoint || kernel_version() >= (6, 3)
 }
 
-/// Whether a socket's new holder (after a fork, a passed descriptor) is named once it sends or
-/// receives: every send and receive call is checked against the remembered holder, which the
-/// tracepoint strategy can do only through sock_send_length / sock_recv_length (6.3).
-pub fn holders_followed(st: Strategy) -> bool {
-    app_errors_expected(st)
-}
-
 /// Whether a process that receives a socket over a unix socket is named from then on, before
 /// it uses it: fentry and kprobe hook `security_file_receive`; the tracepoint strategy has no
 /// such hook.

@@ -19,9 +19,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::harness::{
-    Outcome, Strategy, Udpmon, deadline, holders_followed, is, passes_followed, s,
-};
+use crate::harness::{Outcome, Strategy, Udpmon, deadline, is, passes_followed, s};
 
 /// A helper program started with `--role`, driven a line at a time.
 struct Helper {
@@ -95,7 +93,7 @@ fn pid(v: &Value) -> u64 {
 
 /// The classic daemon: bind and connect, fork, parent exits, the child keeps the socket.
 /// After the parent's exit and before the child uses the socket, udpmon cannot know who holds
-/// it: unknown. Once the child sends, the child, where the strategy sees send calls.
+/// it: unknown. Once the child sends, the child.
 pub fn double_fork(st: Strategy) -> Outcome {
     let fast = ["--silent-after", "1s", "--silent-min-sends", "1"];
     let mut u = Udpmon::start(st, &fast).expect("udpmon starts");
@@ -120,16 +118,15 @@ pub fn double_fork(st: Strategy) -> Outcome {
     d.tell("send");
     assert_eq!(receive(&peer).0, "x");
     // Unanswered: a SILENT, made on udpmon's own timer from what it was told of the holder.
-    let expected = if holders_followed(st) { child } else { 0 };
     let silent = u.wait_for("the silent", |v| is(v, "silent") && v["cookie"] == cookie);
-    assert_eq!(pid(&silent), expected, "{silent}");
+    assert_eq!(pid(&silent), child, "{silent}");
     drop(peer);
     // Port unreachable, in softirq: named after what udpmon knows of the holder.
     d.tell("send");
     let un = u.wait_for("the unreachable", |v| {
         is(v, "unreachable") && v["cookie"] == cookie
     });
-    assert_eq!(pid(&un), expected, "{un}");
+    assert_eq!(pid(&un), child, "{un}");
     d.tell("exit");
     let close = u.wait_for("the close", |v| is(v, "close") && v["cookie"] == cookie);
     assert_eq!(pid(&close), child, "the close runs in the child: {close}");
@@ -207,8 +204,7 @@ pub fn preexisting(st: Strategy) -> Outcome {
     let un = u.wait_for("the unreachable", |v| {
         is(v, "unreachable") && v["cookie"] == cookie
     });
-    let expected = if holders_followed(st) { child } else { 0 };
-    assert_eq!(pid(&un), expected, "{un}");
+    assert_eq!(pid(&un), child, "{un}");
     no_stale(&mut u, &cookie, parent, &heard);
     Outcome::Pass
 }
@@ -248,12 +244,7 @@ pub fn fd_passing(st: Strategy) -> Outcome {
     let un = u.wait_for("the unreachable", |v| {
         is(v, "unreachable") && v["cookie"] == cookie
     });
-    if holders_followed(st) {
-        assert_eq!(pid(&un), taker_pid, "{un}");
-    } else {
-        // Without a hook on send calls the hand-over is invisible until the giver exits.
-        assert_eq!(pid(&un), giver_pid, "{un}");
-    }
+    assert_eq!(pid(&un), taker_pid, "{un}");
     giver.tell("exit");
     assert!(giver.child.wait().expect("the giver exits").success());
     taker.tell("exit");
@@ -263,10 +254,8 @@ pub fn fd_passing(st: Strategy) -> Outcome {
         taker_pid,
         "the close runs in the taker: {close}"
     );
-    if holders_followed(st) {
-        let handed_over = if passes_followed(st) { &connect } else { &est };
-        no_stale(&mut u, &cookie, giver_pid, handed_over);
-    }
+    let handed_over = if passes_followed(st) { &connect } else { &est };
+    no_stale(&mut u, &cookie, giver_pid, handed_over);
     Outcome::Pass
 }
 

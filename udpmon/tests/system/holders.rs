@@ -58,6 +58,19 @@ impl Helper {
         parts.next().and_then(|n| n.parse().ok()).unwrap_or(0)
     }
 
+    /// The next line, which must be `word` and two numbers.
+    fn expect2(&mut self, word: &str) -> (u64, u16) {
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .expect("reading the helper");
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        match parts.as_slice() {
+            [w, a, b] if *w == word => (a.parse().expect("a number"), b.parse().expect("a port")),
+            _ => panic!("the helper said {line:?}, not {word} and two numbers"),
+        }
+    }
+
     /// Tells the helper (or, after a fork, its child) to do `what`; waits until it has.
     fn tell(&mut self, what: &str) {
         writeln!(self.stdin, "{what}").expect("writing to the helper");
@@ -306,6 +319,101 @@ pub fn exec(st: Strategy) -> Outcome {
     Outcome::Pass
 }
 
+/// systemd's socket activation: a manager binds the socket and keeps it; the service it
+/// starts (fork, exec) gets it as descriptor 3 and answers. A peer's first datagram, heard in
+/// softirq, names one of the two (which one depends on whether the strategy hooked the
+/// service's waiting receive call before the datagram came); from the answer on, every event
+/// names the service, under its own program's name.
+pub fn socket_activation(st: Strategy) -> Outcome {
+    let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
+    let dir = std::env::temp_dir().join(format!("udpmon-act-{}-{}", std::process::id(), st));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("activated-srv");
+    std::os::unix::fs::symlink(std::env::current_exe().unwrap(), &link).unwrap();
+    let mut h = Helper::start(&["activate", link.to_str().unwrap()]);
+    let (manager, port) = h.expect2("manager");
+    let service = h.expect("activated");
+    let server = format!("127.0.0.1:{port}");
+    let (client, client_addr) = peer();
+    client.send_to(b"q", &server).unwrap();
+    assert_eq!(
+        receive(&client).0,
+        service.to_string(),
+        "the service answers"
+    );
+    let accept = u.wait_for("the accept", |v| {
+        is(v, "accept") && s(v, "local") == server && s(v, "remote") == client_addr
+    });
+    assert!(
+        [manager, service].contains(&pid(&accept)),
+        "the manager {manager} or the service {service}: {accept}"
+    );
+    let cookie = accept["cookie"].clone();
+    let est = u.wait_for("the establish", |v| {
+        is(v, "establish") && v["cookie"] == cookie
+    });
+    assert_eq!(pid(&est), service, "{est}");
+    assert_eq!(s(&est, "process"), "activated-srv", "{est}");
+    // A second peer is heard by a socket whose holder udpmon now knows.
+    let (other, other_addr) = peer();
+    other.send_to(b"q", &server).unwrap();
+    assert_eq!(receive(&other).0, service.to_string());
+    let accept2 = u.wait_for("the second accept", |v| {
+        is(v, "accept") && v["cookie"] == cookie && s(v, "remote") == other_addr
+    });
+    assert_eq!(pid(&accept2), service, "{accept2}");
+    no_stale(&mut u, &cookie, manager, &est);
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
+    Outcome::Pass
+}
+
+/// An SO_REUSEPORT group: two processes each bind the same port; every peer's events name the
+/// process whose socket the kernel gave it to (the one that answered it), never the other.
+pub fn reuseport_group(st: Strategy) -> Outcome {
+    let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
+    let mut a = Helper::start(&["reuseport", "0"]);
+    let (pid_a, port) = a.expect2("bound");
+    let mut b = Helper::start(&["reuseport", &port.to_string()]);
+    let (pid_b, port_b) = b.expect2("bound");
+    assert_eq!(port_b, port);
+    let server = format!("127.0.0.1:{port}");
+    // Fresh client ports until both members have answered (the kernel spreads peers by a
+    // hash of their addresses), within a bound.
+    let mut answered = Vec::new();
+    for _ in 0..64 {
+        let (client, client_addr) = peer();
+        client.send_to(b"q", &server).unwrap();
+        let by: u64 = receive(&client).0.parse().expect("a pid");
+        answered.push((client_addr, by));
+        if [pid_a, pid_b]
+            .iter()
+            .all(|p| answered.iter().any(|(_, by)| by == p))
+        {
+            break;
+        }
+    }
+    assert!(
+        [pid_a, pid_b]
+            .iter()
+            .all(|p| answered.iter().any(|(_, by)| by == p)),
+        "both members answered some of the {} peers: {answered:?}",
+        answered.len()
+    );
+    for (client, by) in &answered {
+        let accept = u.wait_for("a member's accept", |v| {
+            is(v, "accept") && s(v, "local") == server && s(v, "remote") == client
+        });
+        assert_eq!(pid(&accept), *by, "{client} was answered by {by}: {accept}");
+        let est = u.wait_for("a member's establish", |v| {
+            is(v, "establish") && v["cookie"] == accept["cookie"] && s(v, "remote") == client
+        });
+        assert_eq!(pid(&est), *by, "{est}");
+    }
+    Outcome::Pass
+}
+
 /// A socket that two processes use (a passed descriptor the sender keeps; pre-forked workers
 /// alike): when the one udpmon last saw take it exits, the other is named again from its
 /// next call, though it called before and was not seen to take the socket over then.
@@ -384,6 +492,12 @@ fn no_stale(u: &mut Udpmon, cookie: &Value, stale: u64, first: &Value) {
 ///   (`send` only when it kept the socket).
 /// - `exec PEER PATH`: binds, connects to PEER, sends "hello", says `before PID` and execs
 ///   PATH (this binary) as `execd FD`, which says `execd PID` and serves commands.
+/// - `activate PATH`: systemd's socket activation: binds a server socket, says
+///   `manager PID PORT`, forks and keeps the socket; the child execs PATH (this binary) as
+///   `activated` with the socket as descriptor 3 (LISTEN_FDS, LISTEN_PID), which answers every
+///   datagram with its pid, says `activated PID` and serves commands.
+/// - `reuseport PORT`: binds 127.0.0.1:PORT with SO_REUSEPORT, answers every datagram with
+///   its pid, says `bound PID PORT` and serves commands.
 ///
 /// Commands, a line each on stdin: `send` (one datagram "x"), `exit`; each answered `done`.
 pub fn role(args: &[String]) -> ! {
@@ -458,7 +572,100 @@ pub fn role(args: &[String]) -> ! {
             say(&format!("execd {}", std::process::id()));
             serve(Some(sock), None)
         }
+        ["activate", path] => {
+            let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let port = sock.local_addr().unwrap().port();
+            say(&format!("manager {} {port}", std::process::id()));
+            // SAFETY: this process is single-threaded; the child only sets up and execs.
+            match unsafe { libc::fork() } {
+                0 => {
+                    // sd_listen_fds(3): the first passed socket is descriptor 3, open across
+                    // exec, announced by LISTEN_FDS and LISTEN_PID.
+                    let fd = sock.into_raw_fd();
+                    // SAFETY: descriptors this process owns; dup2 leaves the copy open across
+                    // exec, and fcntl does the same where the socket is already 3.
+                    let rc = unsafe {
+                        if fd == 3 {
+                            libc::fcntl(3, libc::F_SETFD, 0)
+                        } else {
+                            libc::dup2(fd, 3)
+                        }
+                    };
+                    assert!(rc >= 0, "passing the socket as 3");
+                    let err = Command::new(path)
+                        .args(["--role", "activated"])
+                        .env("LISTEN_FDS", "1")
+                        .env("LISTEN_PID", std::process::id().to_string())
+                        .exec();
+                    panic!("exec {path}: {err}");
+                }
+                // The manager keeps its descriptor, as systemd keeps a listening socket.
+                n if n > 0 => loop {
+                    // SAFETY: waits for a signal; the test kills this process.
+                    unsafe { libc::pause() };
+                },
+                _ => panic!("fork: {}", std::io::Error::last_os_error()),
+            }
+        }
+        ["activated"] => {
+            let me = std::process::id().to_string();
+            assert_eq!(std::env::var("LISTEN_PID").as_deref(), Ok(me.as_str()));
+            assert_eq!(std::env::var("LISTEN_FDS").as_deref(), Ok("1"));
+            // SAFETY: descriptor 3 was passed to this program (above).
+            let sock = unsafe { UdpSocket::from_raw_fd(3) };
+            echo(&sock);
+            say(&format!("activated {me}"));
+            serve(None, None)
+        }
+        ["reuseport", port] => {
+            let sock = reuseport(port.parse().expect("a port"));
+            echo(&sock);
+            let port = sock.local_addr().unwrap().port();
+            say(&format!("bound {} {port}", std::process::id()));
+            serve(None, None)
+        }
         _ => panic!("unknown role {args:?}"),
+    }
+}
+
+/// Answers every datagram `sock` receives with this process's pid, on a thread of its own.
+fn echo(sock: &UdpSocket) {
+    let sock = sock.try_clone().expect("a second descriptor");
+    std::thread::spawn(move || {
+        let me = std::process::id().to_string();
+        let mut buf = [0u8; 64];
+        while let Ok((_, from)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(me.as_bytes(), from);
+        }
+    });
+}
+
+/// A socket bound to 127.0.0.1:`port` with SO_REUSEPORT (0: a port of the kernel's choice).
+fn reuseport(port: u16) -> UdpSocket {
+    // SAFETY: plain socket calls on a descriptor this function owns until it returns it.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let one: libc::c_int = 1;
+        let rc = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "SO_REUSEPORT: {}", std::io::Error::last_os_error());
+        let mut sin: libc::sockaddr_in = std::mem::zeroed();
+        sin.sin_family = libc::AF_INET as libc::sa_family_t;
+        sin.sin_port = port.to_be();
+        sin.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let rc = libc::bind(
+            fd,
+            (&sin as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        UdpSocket::from_raw_fd(fd)
     }
 }
 

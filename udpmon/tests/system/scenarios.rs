@@ -138,6 +138,14 @@ pub const ALL: &[Scenario] = &[
         run: crate::holders::exec,
     },
     Scenario {
+        name: "holder_socket_activation",
+        run: crate::holders::socket_activation,
+    },
+    Scenario {
+        name: "holder_reuseport_group",
+        run: crate::holders::reuseport_group,
+    },
+    Scenario {
         name: "dualstack_v4_mapped",
         run: crate::dualstack::v4_mapped,
     },

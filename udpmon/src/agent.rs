@@ -258,6 +258,9 @@ impl Agent {
                     }
                 }
                 _ = tick.tick() => {
+                    // Text times are in the system's zone, which jiff would keep for five
+                    // minutes: read anew (TZ, /etc/localtime) when next asked.
+                    jiff::tz::reset_system_time_zone_cache();
                     let offset = ClockOffset(clock::wall_minus_boot_ns());
                     self.pipeline.sinks.set_clock(offset);
                     let r = self.pipeline.tick(clock::boot_ns());

@@ -38,7 +38,7 @@ enum Zone {
     Fixed(UtcOffset),
     /// A zone's rules (daylight saving time included), applied to each report's own time.
     Rules(jiff::tz::TimeZone),
-    /// The system's zone: jiff re-reads it (TZ, /etc/localtime) every five minutes.
+    /// The system's zone, which the agent has jiff read anew at each tick.
     System,
 }
 
@@ -64,8 +64,8 @@ impl TextFormat {
     }
 
     /// Times in the system's time zone, its rules applied to each report's second (a change of
-    /// daylight saving time shows at once; a change of the zone itself once jiff re-reads it,
-    /// within five minutes), or in UTC, labelled in the header, when the system has none.
+    /// daylight saving time shows at once; a change of the zone itself once the agent's tick
+    /// has jiff read it anew), or in UTC, labelled in the header, when the system has none.
     pub fn local(clock: ClockOffset) -> Self {
         match jiff::tz::TimeZone::try_system() {
             Ok(_) => Self {

@@ -1,10 +1,14 @@
 //! How udpmon behaves as a program: privileges, bad flags, signals, a closed stdout.
 use std::{
+    fs,
     io::{BufRead as _, BufReader},
     net::UdpSocket,
-    os::unix::process::CommandExt as _,
+    os::unix::{fs::symlink, process::CommandExt as _},
+    path::Path,
     process::{Command, Stdio},
-    time::Instant,
+    sync::mpsc,
+    thread,
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use crate::{
@@ -165,6 +169,86 @@ pub fn closed_stdout(st: Strategy) -> Outcome {
         rest.iter().any(|l| l.starts_with("udpmon: output closed;")),
         "{rest:?}"
     );
+    Outcome::Pass
+}
+
+/// Text times follow a change of the system's time zone within seconds, not when the
+/// time-zone library's cache would expire (five minutes): TZ names a file that the test
+/// repoints from UTC to UTC+5, as `timedatectl set-timezone` repoints /etc/localtime.
+pub fn zone_change(st: Strategy) -> Outcome {
+    if let Err(o) = once(st) {
+        return o;
+    }
+    let zoneinfo = Path::new("/usr/share/zoneinfo");
+    let (utc, plus5) = (zoneinfo.join("UTC"), zoneinfo.join("Etc/GMT-5"));
+    if !utc.exists() || !plus5.exists() {
+        return Outcome::Skip("no tzdata: /usr/share/zoneinfo/{UTC,Etc/GMT-5} missing".into());
+    }
+    let dir = std::env::temp_dir().join(format!("udpmon-tz-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let zone = dir.join("localtime");
+    symlink(&utc, &zone).unwrap();
+    let mut child = Command::new(udpmon_bin())
+        .args(["--format", "text", "--hooks", st.name()])
+        .env("TZ", &zone)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning udpmon");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("watching UDP sockets") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "udpmon exited early"
+        );
+    }
+    let (tx, lines) = mpsc::channel();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    thread::spawn(move || {
+        for l in out.lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // The offset from UTC, in whole minutes, of the time on the first line about a datagram
+    // sent now from a new port.
+    let offset_now = || -> i64 {
+        let from = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let me = from.local_addr().unwrap().to_string();
+        from.send_to(b"x", sink.local_addr().unwrap()).unwrap();
+        let utc = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let line = loop {
+            let l = lines
+                .recv_timeout(deadline(10))
+                .expect("a line about the datagram");
+            if l.contains(&me) {
+                break l;
+            }
+        };
+        let hms: Vec<i64> = line[..8].split(':').map(|n| n.parse().unwrap()).collect();
+        let [h, m, s] = hms[..] else {
+            panic!("no HH:MM:SS at the start of {line:?}")
+        };
+        let diff = (h * 3600 + m * 60 + s - utc % 86_400 + 43_200).rem_euclid(86_400) - 43_200;
+        (diff + 30).div_euclid(60) * 60
+    };
+    assert_eq!(offset_now(), 0, "times in UTC first");
+    let next = dir.join("next");
+    symlink(&plus5, &next).unwrap();
+    fs::rename(&next, &zone).unwrap();
+    wait_until("the times to be UTC+5", 10, || offset_now() == 5 * 3600);
+    // SAFETY: kill on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert!(child.wait().unwrap().success());
+    let _ = fs::remove_dir_all(&dir);
     Outcome::Pass
 }
 

@@ -173,6 +173,10 @@ pub const ALL: &[Scenario] = &[
         name: "closed_stdout",
         run: crate::behaviour::closed_stdout,
     },
+    Scenario {
+        name: "zone_change",
+        run: crate::behaviour::zone_change,
+    },
     // Issue 13: udpmon as a production log writer.
     Scenario {
         name: "sighup_reopens_output",

@@ -89,7 +89,7 @@ fn main() -> ExitCode {
                 .err()
                 .and_then(|e| e.downcast_ref::<Inconclusive>());
             if let Some(why) = lost.map(|i| i.0.clone()) {
-                println!("test {name} ... running again: {why}");
+                println!("running {name} again (inconclusive): {why}");
                 res = panic::catch_unwind(|| (s.run)(st));
             }
             let secs = t.elapsed().as_secs_f64();

@@ -11,8 +11,9 @@
 //!   checked keeps the common case (one process talking on one socket) to one comparison.
 //!   A holder's exit makes every note stale: the processes that share its socket (a
 //!   daemon's pre-forked workers, a passed descriptor's sender) take its place at their next
-//!   call instead of being skipped by their notes. Where a kernel has no hook on send
-//!   calls, each datagram sent does it ([`note_sender`]);
+//!   call instead of being skipped by their notes. Where a kernel has no hook on those
+//!   calls, each datagram sent and each receive call that asks for the sender does it
+//!   ([`note_user`]);
 //! - a process that receives a socket's descriptor (SCM_RIGHTS, pidfd_getfd) holds it from
 //!   then on, where the strategy can hook that ([`on_file_received`]: fentry, kprobe);
 //! - the exit of a holder is recorded ([`on_exit`]; only processes that held a socket, so
@@ -136,15 +137,16 @@ pub fn note_holder<K: Kernel>(sk: u64, check_udp: bool, cookie: impl FnOnce() ->
     }
 }
 
-/// A datagram the socket `cookie` sends, seen in cgroup_skb egress, which runs in the
-/// sender's system call: where no send call is hooked (the tracepoint strategy before 6.3,
-/// without `sock_send_length`), the sender takes the remembered holder's place as
-/// [`note_holder`] would. cgroup_skb programs are not offered the current task's helpers
-/// there, so its identity is read from the task. Only a socket udpmon knows a holder of is
-/// followed: a kernel socket's datagrams (a tunnel's) go out in whatever task the softirq
-/// interrupted.
+/// The current task uses the socket `cookie`: a datagram it sends (cgroup_skb egress, which
+/// runs in the sender's system call) or a receive call that asks for the sender's address
+/// (the cgroup recvmsg hooks). Where no send and receive calls are hooked (the tracepoint
+/// strategy before 6.3, without `sock_send_length`/`sock_recv_length`), the user takes the
+/// remembered holder's place as [`note_holder`] would. Those cgroup programs are not offered
+/// the current task's helpers there, so its identity is read from the task. Only a socket
+/// udpmon knows a holder of is followed: a kernel socket's datagrams (a tunnel's) go out in
+/// whatever task the softirq interrupted.
 #[inline(always)]
-pub fn note_sender(cookie: u64) {
+pub fn note_user(cookie: u64) {
     // SAFETY: BPF helper without preconditions.
     let task = unsafe { bpf_get_current_task() };
     let tgid: u32 = read(task, off!(task_tgid));

@@ -2,6 +2,7 @@
 //! cgroup hooks on the cgroup-v2 root for datagrams and the socket lifecycle, BTF
 //! tracepoints for application errors (with the hooks in main.rs that every strategy shares).
 use aya_ebpf::{
+    helpers::bpf_get_socket_cookie,
     macros::{btf_tracepoint, cgroup_skb, cgroup_sock, cgroup_sock_addr},
     programs::{BtfTracePointContext, SkBuffContext, SockAddrContext, SockContext},
 };
@@ -19,8 +20,25 @@ pub fn udp_egress(ctx: SkBuffContext) -> i32 {
 /// As `udp_egress`, where the kernel has no `sock_send_length` (< 6.3): each datagram also
 /// tells who sends on the socket (owner.rs).
 #[cgroup_skb]
-pub fn udp_egress_sender(ctx: SkBuffContext) -> i32 {
-    datagram::on_skb(&ctx, Dir::Tx, owner::note_sender);
+pub fn udp_egress_user(ctx: SkBuffContext) -> i32 {
+    datagram::on_skb(&ctx, Dir::Tx, owner::note_user);
+    1
+}
+
+/// Where the kernel has no `sock_recv_length` (< 6.3): a receive call that asks for the
+/// sender's address (recvfrom, recvmsg with a name: a server's) tells who receives on the
+/// socket. Runs as the call returns; must return 1.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn udp_recvmsg4_user(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the helper accepts the program's own context.
+    owner::note_user(unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) });
+    1
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn udp_recvmsg6_user(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as above.
+    owner::note_user(unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) });
     1
 }
 

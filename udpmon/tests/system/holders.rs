@@ -272,6 +272,36 @@ pub fn fd_passing(st: Strategy) -> Outcome {
     Outcome::Pass
 }
 
+/// A socket passed over a unix socket and closed by its sender, whose receiver only ever
+/// receives: once it has received (recvfrom), what udpmon reports on its own timer (the idle
+/// CLOSE) names the receiver, on every strategy: where none hooks the receive call itself
+/// (the tracepoint strategy before 6.3), the cgroup recvmsg hook does.
+pub fn passed_receiver(st: Strategy) -> Outcome {
+    let mut u = Udpmon::start(st, &["--idle-timeout", "2s"]).expect("udpmon starts");
+    let (peer, peer_addr) = peer();
+    let name = format!("udpmon-test-recv-{}-{}", std::process::id(), st.name());
+    let mut taker = Helper::start(&["take", &name]);
+    let taker_pid = taker.expect("ready");
+    let mut giver = Helper::start(&["give", &peer_addr, &name, "close"]);
+    let giver_pid = giver.expect("passed");
+    taker.expect("got");
+    let (hello, local) = receive(&peer);
+    assert_eq!(hello, "hello");
+    let connect = u.wait_for("the giver's connect", |v| {
+        is(v, "connect") && s(v, "remote") == peer_addr && pid(v) == giver_pid
+    });
+    let cookie = connect["cookie"].clone();
+    writeln!(taker.stdin, "recv").expect("writing to the taker");
+    peer.send_to(b"answer", local).unwrap();
+    taker.expect("done");
+    let close = u.wait_for("the idle close", |v| {
+        is(v, "close") && v["cookie"] == cookie
+    });
+    assert_eq!(s(&close, "reason"), "idle", "{close}");
+    assert_eq!(pid(&close), taker_pid, "the receiver holds it: {close}");
+    Outcome::Pass
+}
+
 /// A process that execs another program keeps its sockets: the reports udpmon makes on its
 /// own timer and the events from softirq name the program it runs now, not the one that
 /// opened the socket.
@@ -499,7 +529,8 @@ fn no_stale(u: &mut Udpmon, cookie: &Value, stale: u64, first: &Value) {
 /// - `reuseport PORT`: binds 127.0.0.1:PORT with SO_REUSEPORT, answers every datagram with
 ///   its pid, says `bound PID PORT` and serves commands.
 ///
-/// Commands, a line each on stdin: `send` (one datagram "x"), `exit`; each answered `done`.
+/// Commands, a line each on stdin: `send` (one datagram "x"), `recv` (one datagram, with
+/// recvfrom), `exit`; each answered `done`.
 pub fn role(args: &[String]) -> ! {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match args.as_slice() {
@@ -695,6 +726,13 @@ fn serve(sock: Option<UdpSocket>, to: Option<&str>) -> ! {
                     Some(to) => sock.send_to(b"x", to),
                     None => sock.send(b"x"),
                 };
+                say("done");
+            }
+            Ok("recv") => {
+                let sock = sock.as_ref().expect("a socket to receive on");
+                let mut buf = [0u8; 64];
+                // recvfrom, asking for the sender: what a server calls.
+                sock.recv_from(&mut buf).expect("a datagram");
                 say("done");
             }
             Ok("exit") | Err(_) => break,

@@ -122,6 +122,10 @@ pub const ALL: &[Scenario] = &[
         run: crate::holders::fd_passing,
     },
     Scenario {
+        name: "holder_passed_receiver",
+        run: crate::holders::passed_receiver,
+    },
+    Scenario {
         name: "holder_shared",
         run: crate::holders::shared,
     },

@@ -38,8 +38,8 @@ pub static PROCESSES: LruHashMap<u32, ProcessChange> = LruHashMap::with_max_entr
 #[map]
 pub static HOLDER_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 
-/// Per CPU, the socket and process of the last send or receive call checked against OWNERS
-/// (see owner.rs).
+/// Per CPU, the socket (its address; its cookie where the hook has none) and process of the
+/// last send or receive call checked against OWNERS (see owner.rs).
 #[map]
 pub static HOLDER_SEEN: PerCpuArray<HolderSeen> = PerCpuArray::with_max_entries(1, 0);
 

@@ -111,21 +111,8 @@ pub fn note_holder<K: Kernel>(sk: u64, check_udp: bool, cookie: impl FnOnce() ->
         return;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let epoch = HOLDER_EPOCH.get(0).copied().unwrap_or(0);
-    let Some(seen) = HOLDER_SEEN.get_ptr_mut(0) else {
+    if noted(sk, tgid) {
         return;
-    };
-    // SAFETY: a per-CPU value valid for this program run. A program interrupting this one on
-    // the CPU can only make the note stale, which costs a lookup. The note can outlive its
-    // socket: a new socket at the same address passed to the same process, with no other
-    // call on this CPU nor a holder's exit in between, would wait for one of those.
-    unsafe {
-        if (*seen).sk == sk && (*seen).tgid == tgid && (*seen).epoch == epoch {
-            return;
-        }
-        (*seen).sk = sk;
-        (*seen).tgid = tgid;
-        (*seen).epoch = epoch;
     }
     // Raw sockets of protocol UDP pass the first check.
     if tgid == self_tgid() || check_udp && K::get::<u16>(sk, off!(sk_type)) != SOCK_DGRAM {
@@ -137,38 +124,61 @@ pub fn note_holder<K: Kernel>(sk: u64, check_udp: bool, cookie: impl FnOnce() ->
     }
 }
 
+/// Whether this CPU's note says that `key` (a socket's address, or its cookie where a hook
+/// has no address) was last checked for `tgid`, with no holder's exit since; notes them if
+/// not, so that one process talking on one socket costs one comparison per call.
+#[inline(always)]
+fn noted(key: u64, tgid: u32) -> bool {
+    let epoch = HOLDER_EPOCH.get(0).copied().unwrap_or(0);
+    let Some(seen) = HOLDER_SEEN.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: a per-CPU value valid for this program run. A program interrupting this one on
+    // the CPU can only make the note stale, which costs a lookup. The note can outlive its
+    // socket: a new socket at the same address passed to the same process, with no other
+    // call on this CPU nor a holder's exit in between, would wait for one of those.
+    unsafe {
+        if (*seen).sk == key && (*seen).tgid == tgid && (*seen).epoch == epoch {
+            return true;
+        }
+        (*seen).sk = key;
+        (*seen).tgid = tgid;
+        (*seen).epoch = epoch;
+    }
+    false
+}
+
 /// The current task uses the socket `cookie`: a datagram it sends (cgroup_skb egress, which
-/// runs in the sender's system call) or a receive call that asks for the sender's address
-/// (the cgroup recvmsg hooks). Where no send and receive calls are hooked (the tracepoint
-/// strategy before 6.3, without `sock_send_length`/`sock_recv_length`), the user takes the
-/// remembered holder's place as [`note_holder`] would. Those cgroup programs are not offered
-/// the current task's helpers there, so its identity is read from the task. Only a socket
-/// udpmon knows a holder of is followed: a kernel socket's datagrams (a tunnel's) go out in
-/// whatever task the softirq interrupted.
+/// runs in the sender's system call) or a receive call that passes an address buffer (the
+/// cgroup recvmsg hooks: every receive call but recv(), read() and recvfrom() without an
+/// address). Where no send and receive calls are hooked (the tracepoint strategy before
+/// 6.3, without `sock_send_length`/`sock_recv_length`), the user takes the remembered
+/// holder's place as [`note_holder`] would. cgroup_skb programs are not offered the current
+/// task's helpers there, so its identity is read from the task (the recvmsg hooks could call
+/// them, but one way serves both). Only a socket udpmon knows a holder of is followed: a
+/// kernel socket's datagrams (a tunnel's) go out in whatever task the softirq interrupted.
 #[inline(always)]
 pub fn note_user(cookie: u64) {
     // SAFETY: BPF helper without preconditions.
     let task = unsafe { bpf_get_current_task() };
     let tgid: u32 = read(task, off!(task_tgid));
-    let epoch = HOLDER_EPOCH.get(0).copied().unwrap_or(0);
-    let Some(seen) = HOLDER_SEEN.get_ptr_mut(0) else {
+    if noted(cookie, tgid) {
         return;
-    };
-    // SAFETY: as in note_holder; the note holds the cookie where that one holds the address.
-    unsafe {
-        if (*seen).sk == cookie && (*seen).tgid == tgid && (*seen).epoch == epoch {
-            return;
-        }
-        (*seen).sk = cookie;
-        (*seen).tgid = tgid;
-        (*seen).epoch = epoch;
     }
     const PF_KTHREAD: u32 = 0x0020_0000;
     if tgid == 0 || tgid == self_tgid() || read::<u32>(task, off!(task_flags)) & PF_KTHREAD != 0 {
         return;
     }
     // SAFETY: the map value stays valid for the program run.
-    if unsafe { OWNERS.get(cookie) }.is_none_or(|o| o.tgid == tgid) {
+    let Some(known) = (unsafe { OWNERS.get(cookie) }) else {
+        // Not noted after all: the startup scan may yet give the socket an owner.
+        if let Some(seen) = HOLDER_SEEN.get_ptr_mut(0) {
+            // SAFETY: as in `noted`.
+            unsafe { (*seen).sk = 0 };
+        }
+        return;
+    };
+    if known.tgid == tgid {
         return;
     }
     let holder = task_owner(task, tgid);

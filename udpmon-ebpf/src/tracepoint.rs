@@ -25,9 +25,9 @@ pub fn udp_egress_user(ctx: SkBuffContext) -> i32 {
     1
 }
 
-/// Where the kernel has no `sock_recv_length` (< 6.3): a receive call that asks for the
-/// sender's address (recvfrom, recvmsg with a name: a server's) tells who receives on the
-/// socket. Runs as the call returns; must return 1.
+/// Where the kernel has no `sock_recv_length` (< 6.3): a receive call that passes an address
+/// buffer (recvmsg, recvmmsg, recvfrom with an address: all but recv() and read()) tells who
+/// receives on the socket. Runs as the call returns; must return 1.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn udp_recvmsg4_user(ctx: SockAddrContext) -> i32 {
     // SAFETY: the helper accepts the program's own context.

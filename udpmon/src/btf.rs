@@ -811,13 +811,18 @@ mod tests {
         assert_eq!(o.fl6_saddr, o.fl6_daddr + 16);
         assert!(o.fl6_ports > o.fl6_saddr && o.skb_sk < skb && o.skb_refdst < skb);
         assert!(btf.has_func("udp_send_skb") && btf.has_func("udp_v6_send_skb"));
-        // `pid_t pid; pid_t tgid;` have been neighbours in task_struct since before BTF.
-        assert_eq!(o.task_tgid, o.task_pid + 4);
         let task = btf.struct_size("task_struct").unwrap();
         assert!(
-            [o.task_flags, o.task_comm, o.task_cred, o.task_cgroups]
-                .iter()
-                .all(|&f| f < task)
+            [
+                o.task_tgid,
+                o.task_pid,
+                o.task_flags,
+                o.task_comm,
+                o.task_cred,
+                o.task_cgroups
+            ]
+            .iter()
+            .all(|&f| f < task)
         );
         // Tracepoints every strategy attaches to, and one no kernel has.
         assert!(btf.has_tracepoint("consume_skb") && btf.has_tracepoint("kfree_skb"));

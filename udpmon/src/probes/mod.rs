@@ -246,8 +246,8 @@ fn call_result_hooks() -> [Hook; 2] {
         Hook::optional(
             program::UDP_RECV_RESULT,
             Target::TpBtf("sock_recv_length"),
-            "failed receives are not reported as APP-ERROR, and a receive call that does not \
-             ask for the sender's address names no new holder of its socket (kernel < 6.3)",
+            "failed receives are not reported as APP-ERROR, and recv(), read() or recvfrom() \
+             without an address name no new holder of their socket (kernel < 6.3)",
         ),
     ]
 }

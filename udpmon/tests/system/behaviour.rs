@@ -189,13 +189,16 @@ pub fn zone_change(st: Strategy) -> Outcome {
     fs::create_dir_all(&dir).unwrap();
     let zone = dir.join("localtime");
     symlink(&utc, &zone).unwrap();
-    let mut child = Command::new(udpmon_bin())
-        .args(["--format", "text", "--hooks", st.name()])
-        .env("TZ", &zone)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning udpmon");
+    let mut child = Stopped(
+        Command::new(udpmon_bin())
+            .args(["--format", "text", "--hooks", st.name()])
+            .env("TZ", &zone)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning udpmon"),
+    );
+    let child = &mut child.0;
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     while !line.contains("watching UDP sockets") {
@@ -250,6 +253,19 @@ pub fn zone_change(st: Strategy) -> Outcome {
     assert!(child.wait().unwrap().success());
     let _ = fs::remove_dir_all(&dir);
     Outcome::Pass
+}
+
+/// A child that is killed when the test ends early, so that a failed scenario leaves no
+/// udpmon attached for the ones after it.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// `setpriv` running udpmon as nobody with exactly these capabilities (ambient, so that they

@@ -5,7 +5,7 @@ use std::{
     net::UdpSocket,
     os::unix::{fs::symlink, process::CommandExt as _},
     path::Path,
-    process::{Command, Stdio},
+    process::{Child, ChildStderr, Command, Stdio},
     sync::mpsc,
     thread,
     time::{Instant, SystemTime, UNIX_EPOCH},
@@ -126,16 +126,9 @@ pub fn sigint(st: Strategy) -> Outcome {
     Outcome::Pass
 }
 
-/// `udpmon | head -1`: when the reader goes away udpmon ends cleanly (exit 0, a note on
-/// stderr), instead of dying of SIGPIPE or looping on write errors.
-pub fn closed_stdout(st: Strategy) -> Outcome {
-    let mut child = Command::new(udpmon_bin())
-        .args(["--format", "json", "--hooks", st.name()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning udpmon");
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+/// Reads a spawned udpmon's stderr (piped) until it says it is watching; the rest of it.
+fn until_watching(child: &mut Child) -> BufReader<ChildStderr> {
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr piped"));
     let end = Instant::now() + deadline(60);
     let mut line = String::new();
     while !line.contains("watching UDP sockets") {
@@ -146,6 +139,19 @@ pub fn closed_stdout(st: Strategy) -> Outcome {
         );
         assert!(Instant::now() < end, "udpmon not ready");
     }
+    stderr
+}
+
+/// `udpmon | head -1`: when the reader goes away udpmon ends cleanly (exit 0, a note on
+/// stderr), instead of dying of SIGPIPE or looping on write errors.
+pub fn closed_stdout(st: Strategy) -> Outcome {
+    let mut child = Command::new(udpmon_bin())
+        .args(["--format", "json", "--hooks", st.name()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning udpmon");
+    let stderr = until_watching(&mut child);
     // Loopback traffic until one event line arrives; then the reader leaves.
     let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
     let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -199,15 +205,7 @@ pub fn zone_change(st: Strategy) -> Outcome {
             .expect("spawning udpmon"),
     );
     let child = &mut child.0;
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("watching UDP sockets") {
-        line.clear();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "udpmon exited early"
-        );
-    }
+    let _stderr = until_watching(child);
     let (tx, lines) = mpsc::channel();
     let out = BufReader::new(child.stdout.take().unwrap());
     thread::spawn(move || {
@@ -257,7 +255,7 @@ pub fn zone_change(st: Strategy) -> Outcome {
 
 /// A child that is killed when the test ends early, so that a failed scenario leaves no
 /// udpmon attached for the ones after it.
-struct Stopped(std::process::Child);
+struct Stopped(Child);
 
 impl Drop for Stopped {
     fn drop(&mut self) {

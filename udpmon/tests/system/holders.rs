@@ -222,23 +222,63 @@ pub fn preexisting(st: Strategy) -> Outcome {
     Outcome::Pass
 }
 
+/// A socket handed over: the giver binds, connects to a fresh peer and sends "hello", passes
+/// the socket to the taker over a unix socket and closes its descriptor (`close`) or keeps it
+/// (`keep`); udpmon has printed the giver's CONNECT.
+struct Passed {
+    taker: Helper,
+    taker_pid: u64,
+    giver: Helper,
+    giver_pid: u64,
+    peer: UdpSocket,
+    /// The socket's local address, as the peer saw it.
+    local: std::net::SocketAddr,
+    connect: Value,
+    cookie: Value,
+}
+
+impl Passed {
+    fn new(u: &mut Udpmon, st: Strategy, tag: &str, mode: &str) -> Passed {
+        let (peer, peer_addr) = peer();
+        let name = format!("udpmon-test-{tag}-{}-{}", std::process::id(), st.name());
+        let mut taker = Helper::start(&["take", &name]);
+        let taker_pid = taker.expect("ready");
+        let mut giver = Helper::start(&["give", &peer_addr, &name, mode]);
+        let giver_pid = giver.expect("passed");
+        taker.expect("got");
+        let (hello, local) = receive(&peer);
+        assert_eq!(hello, "hello");
+        let connect = u.wait_for("the giver's connect", |v| {
+            is(v, "connect") && s(v, "remote") == peer_addr && pid(v) == giver_pid
+        });
+        let cookie = connect["cookie"].clone();
+        Passed {
+            taker,
+            taker_pid,
+            giver,
+            giver_pid,
+            peer,
+            local,
+            connect,
+            cookie,
+        }
+    }
+}
+
 /// A socket passed over a unix socket and closed by its sender: events name the receiver
 /// from the moment it receives it (where the strategy hooks that), else from its first use.
 pub fn fd_passing(st: Strategy) -> Outcome {
     let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
-    let (peer, peer_addr) = peer();
-    let name = format!("udpmon-test-{}-{}", std::process::id(), st.name());
-    let mut taker = Helper::start(&["take", &name]);
-    let taker_pid = taker.expect("ready");
-    let mut giver = Helper::start(&["give", &peer_addr, &name, "close"]);
-    let giver_pid = giver.expect("passed");
-    taker.expect("got");
-    let (hello, local) = receive(&peer);
-    assert_eq!(hello, "hello");
-    let connect = u.wait_for("the giver's connect", |v| {
-        is(v, "connect") && s(v, "remote") == peer_addr && pid(v) == giver_pid
-    });
-    let cookie = connect["cookie"].clone();
+    let Passed {
+        mut taker,
+        taker_pid,
+        mut giver,
+        giver_pid,
+        peer,
+        local,
+        connect,
+        cookie,
+    } = Passed::new(&mut u, st, "pass", "close");
     // Passed, not used yet: heard in softirq.
     peer.send_to(b"answer", local).unwrap();
     let est = u.wait_for("the establish", |v| {
@@ -278,19 +318,14 @@ pub fn fd_passing(st: Strategy) -> Outcome {
 /// (the tracepoint strategy before 6.3), the cgroup recvmsg hook does.
 pub fn passed_receiver(st: Strategy) -> Outcome {
     let mut u = Udpmon::start(st, &["--idle-timeout", "2s"]).expect("udpmon starts");
-    let (peer, peer_addr) = peer();
-    let name = format!("udpmon-test-recv-{}-{}", std::process::id(), st.name());
-    let mut taker = Helper::start(&["take", &name]);
-    let taker_pid = taker.expect("ready");
-    let mut giver = Helper::start(&["give", &peer_addr, &name, "close"]);
-    let giver_pid = giver.expect("passed");
-    taker.expect("got");
-    let (hello, local) = receive(&peer);
-    assert_eq!(hello, "hello");
-    let connect = u.wait_for("the giver's connect", |v| {
-        is(v, "connect") && s(v, "remote") == peer_addr && pid(v) == giver_pid
-    });
-    let cookie = connect["cookie"].clone();
+    let Passed {
+        mut taker,
+        taker_pid,
+        peer,
+        local,
+        cookie,
+        ..
+    } = Passed::new(&mut u, st, "recv", "close");
     writeln!(taker.stdin, "recv").expect("writing to the taker");
     peer.send_to(b"answer", local).unwrap();
     taker.expect("done");
@@ -454,18 +489,14 @@ pub fn shared(st: Strategy) -> Outcome {
     // The giver calls from CPU 0 only, everything else here from CPU 1: its note there stays
     // the one it took before the hand-over (where the machine has two CPUs).
     let _pinned = Pinned::to(1);
-    let (peer, peer_addr) = peer();
-    let name = format!("udpmon-test-shared-{}-{}", std::process::id(), st.name());
-    let mut taker = Helper::start(&["take", &name]);
-    taker.expect("ready");
-    let mut giver = Helper::start(&["give", &peer_addr, &name, "keep"]);
-    let giver_pid = giver.expect("passed");
-    taker.expect("got");
-    assert_eq!(receive(&peer).0, "hello");
-    let connect = u.wait_for("the giver's connect", |v| {
-        is(v, "connect") && s(v, "remote") == peer_addr && pid(v) == giver_pid
-    });
-    let cookie = connect["cookie"].clone();
+    let Passed {
+        mut taker,
+        mut giver,
+        giver_pid,
+        peer,
+        cookie,
+        ..
+    } = Passed::new(&mut u, st, "shared", "keep");
     taker.tell("send");
     assert_eq!(receive(&peer).0, "x");
     taker.tell("exit");

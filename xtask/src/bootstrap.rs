@@ -25,6 +25,8 @@ pub const TEST_PACKAGES: &[&str] = &[
     "bpftrace",
     "qemu-system-x86",
     "busybox-static",
+    // The zone files the time-zone scenario repoints TZ between.
+    "tzdata",
     "cpio",
     "kmod",
     "xz-utils",

@@ -149,6 +149,11 @@ impl Agent {
         })
     }
 
+    /// See [`Pipeline::set_cri_sockets`].
+    pub fn set_cri_sockets(&mut self, sockets: Vec<std::path::PathBuf>) {
+        self.pipeline.set_cri_sockets(sockets);
+    }
+
     /// See [`Pipeline::resolve_containers`].
     pub fn resolve_containers(&mut self, asks: Vec<Ask>) {
         self.pipeline.resolve_containers(asks);

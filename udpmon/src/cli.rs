@@ -224,6 +224,14 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<std::net::SocketAddr>,
 
+    /// Ask the CRI runtime service listening on this unix socket (containerd, CRI-O) for the
+    /// names of the Kubernetes containers and pods events come from. Repeatable; default: the
+    /// ones of /run/containerd/containerd.sock, /run/k3s/containerd/containerd.sock and
+    /// /run/crio/crio.sock that exist. Where none answers, names come from the runtimes' state
+    /// files.
+    #[arg(long, value_name = "PATH")]
+    pub cri_socket: Vec<PathBuf>,
+
     /// More diagnostics on standard error: -v debug, -vv trace (default: info).
     #[arg(short, long, action = ArgAction::Count)]
     pub verbose: u8,

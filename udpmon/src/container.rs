@@ -7,8 +7,10 @@
 //! The path of a cgroup id is read from `/proc/PID/cgroup` of the process that ran the hook
 //! (by the agent, as soon as it decodes the event: the process may be gone a moment later),
 //! checked against the id (the directory's inode), and otherwise found by walking the cgroup
-//! v2 tree. Both, and reading the runtimes' files, happen in [`resolve`], which is blocking:
-//! the agent runs it off its event loop and keeps the results in a [`ContainerMap`].
+//! v2 tree. Where a CRI runtime service's socket is there, it names the containers kubelet
+//! made ([`cri`]), before the runtimes' files are read. All of it happens in [`resolve`],
+//! which is blocking: the agent runs it off its event loop and keeps the results in a
+//! [`ContainerMap`].
 use std::{
     collections::{HashMap, HashSet},
     fs,
@@ -18,6 +20,8 @@ use std::{
 };
 
 use serde_json::Value;
+
+pub mod cri;
 
 /// The container runtimes whose cgroup layouts and state files udpmon knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -37,6 +41,11 @@ impl Runtime {
             Self::CriO => "cri-o",
             Self::Podman => "podman",
         }
+    }
+
+    /// Whether kubelet may have made its containers through a CRI runtime service.
+    const fn has_cri(self) -> bool {
+        !matches!(self, Self::Podman)
     }
 }
 
@@ -171,8 +180,9 @@ pub fn v2_mount(mountinfo: &str) -> Option<PathBuf> {
     })
 }
 
-/// Where the runtimes keep the state that names containers (host paths by default).
-#[derive(Clone, Debug)]
+/// Where the runtimes keep the state that names containers, and where their CRI runtime
+/// services listen (host paths by default).
+#[derive(Debug)]
 pub struct StateRoots {
     /// Docker's `containers/<id>/config.v2.json`.
     pub docker: PathBuf,
@@ -182,6 +192,7 @@ pub struct StateRoots {
     pub crio_run: PathBuf,
     /// containerd's task bundles: `<namespace>/<id>/config.json`.
     pub containerd_tasks: PathBuf,
+    pub cri: cri::Cri,
 }
 
 impl Default for StateRoots {
@@ -191,6 +202,7 @@ impl Default for StateRoots {
             storage: "/var/lib/containers/storage".into(),
             crio_run: "/run/containers/storage".into(),
             containerd_tasks: "/run/containerd/io.containerd.runtime.v2.task".into(),
+            cri: cri::Cri::new(cri::DEFAULT_SOCKETS.iter().map(PathBuf::from).collect()),
         }
     }
 }
@@ -227,6 +239,8 @@ struct State<'a> {
     roots: &'a StateRoots,
     /// containers-storage id -> first name.
     storage_names: Option<HashMap<String, String>>,
+    /// What the CRI runtime services said of this lookup's containers, by id.
+    cri: HashMap<String, cri::Named>,
 }
 
 impl State<'_> {
@@ -320,8 +334,16 @@ impl State<'_> {
     }
 
     /// Fills in the names; for a layout that does not say which runtime, the runtime whose
-    /// state knows the id.
+    /// service or state knows the id.
     fn describe(&mut self, c: &mut Container) {
+        if let Some(n) = self.cri.get(&c.id) {
+            c.runtime = Some(n.runtime);
+            c.name.clone_from(&n.name);
+            c.pod.clone_from(&n.pod);
+            c.namespace.clone_from(&n.namespace);
+            c.pod_uid = c.pod_uid.take().or_else(|| n.pod_uid.clone());
+            return;
+        }
         let order = match c.runtime {
             Some(rt) => vec![rt],
             None => vec![
@@ -423,13 +445,25 @@ pub fn resolve(
     {
         paths.extend(walk(m, &lost));
     }
+    let mut out: HashMap<u64, Option<Container>> = lost.into_iter().map(|c| (c, None)).collect();
+    let parsed: Vec<(u64, Option<Container>)> = paths
+        .into_iter()
+        .map(|(cgroup, path)| (cgroup, parse_path(&path)))
+        .collect();
+    // One question per lookup for every container a CRI runtime may have made.
+    let cri_ids: Vec<String> = parsed
+        .iter()
+        .filter_map(|(_, c)| c.as_ref())
+        .filter(|c| c.runtime.is_none_or(Runtime::has_cri))
+        .map(|c| c.id.clone())
+        .collect();
     let mut state = State {
         roots,
         storage_names: None,
+        cri: roots.cri.ask(&cri_ids),
     };
-    let mut out: HashMap<u64, Option<Container>> = lost.into_iter().map(|c| (c, None)).collect();
-    for (cgroup, path) in paths {
-        let container = parse_path(&path).map(|mut c| {
+    for (cgroup, container) in parsed {
+        let container = container.map(|mut c| {
             state.describe(&mut c);
             c
         });

@@ -145,6 +145,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     };
     let mut agent = Agent::new(probes, engine, namespaces, Filter::from(cli), sinks)?;
     agent.kernel_log = cli.verbose >= 2;
+    if !cli.cri_socket.is_empty() {
+        agent.set_cri_sockets(cli.cri_socket.clone());
+    }
     agent.resolve_containers(existing_cgroups);
     let stop = rt.block_on(agent.run())?;
     let summary = agent.summary();

@@ -94,6 +94,14 @@ impl<K: FlowCounters> Pipeline<K> {
         }
     }
 
+    /// Asks these CRI runtime service sockets for Kubernetes names instead of the default ones.
+    pub fn set_cri_sockets(&mut self, sockets: Vec<PathBuf>) {
+        self.state_roots = Arc::new(StateRoots {
+            cri: container::cri::Cri::new(sockets),
+            ..StateRoots::default()
+        });
+    }
+
     /// Resolves these cgroups' containers now, blocking: those of the sockets found at
     /// startup, so that their first reports already name their containers.
     pub fn resolve_containers(&mut self, asks: Vec<container::Ask>) {

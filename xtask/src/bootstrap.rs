@@ -47,6 +47,10 @@ pub const TEST_PACKAGES: &[&str] = &[
     // hybrid cgroup layouts like this machine's.
     "podman",
     "runc",
+    // The CRI scenario: containerd's CRI plugin runs a pod as kubelet would; and protoc for
+    // the generated CRI bindings the scenario drives it with (a dev-dependency).
+    "containerd",
+    "protobuf-compiler",
 ];
 
 /// Where downloads and builds are cached (bpf-linker, VM kernels): $UDPMON_CACHE or

@@ -296,12 +296,18 @@ fn podman_args(manifest: &str) -> anyhow::Result<Run> {
             .with_context(|| format!("{MANIFEST}: no volume {name}"))?;
         only_known("a volume", v, &["name", "hostPath"])?;
         let host = str_of(&v["hostPath"]["path"], "a hostPath")?;
-        if v["hostPath"]["type"] == "Directory" {
+        match v["hostPath"]["type"].as_str() {
             // The kubelet refuses to start the pod when the directory is missing.
-            ensure!(
+            Some("Directory") => ensure!(
                 Path::new(host).is_dir(),
                 "{MANIFEST}: hostPath {host} is not a directory on this machine"
-            );
+            ),
+            // And makes it, empty, for this type.
+            Some("DirectoryOrCreate") => fs::create_dir_all(host)
+                .with_context(|| format!("{MANIFEST}: making hostPath {host}"))?,
+            other => {
+                bail!("{MANIFEST}: hostPath {host}: type {other:?} is not one the image tier knows")
+            }
         }
         let target = str_of(&m["mountPath"], "a mountPath")?;
         // `-v` binds recursively, as the CRI runtimes bind a hostPath; `ro` applies to the top

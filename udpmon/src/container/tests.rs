@@ -157,6 +157,7 @@ impl Roots {
             storage: dir.join("storage"),
             crio_run: dir.join("crio"),
             containerd_tasks: dir.join("containerd"),
+            cri: super::cri::Cri::new(vec![dir.join("cri.sock")]),
         };
         Self { dir, roots }
     }

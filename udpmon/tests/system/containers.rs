@@ -21,7 +21,7 @@ use crate::{
 };
 
 /// podman as the test needs it on hosts like this one (see the module comment).
-fn podman(args: &[&str]) -> Output {
+pub fn podman(args: &[&str]) -> Output {
     Command::new("podman")
         .args(["--cgroup-manager", "cgroupfs", "--runtime", "runc"])
         .args(args)
@@ -29,7 +29,7 @@ fn podman(args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("running podman {args:?}: {e}"))
 }
 
-fn podman_ok(args: &[&str]) -> String {
+pub fn podman_ok(args: &[&str]) -> String {
     let out = podman(args);
     assert!(
         out.status.success(),
@@ -62,7 +62,7 @@ impl Made {
             image: format!("localhost/{tag}:latest"),
             container: tag,
         };
-        build_image(&made.dir, &busybox, &made.image);
+        build_image(&made.dir, &busybox, &made.image, "");
         Ok(made)
     }
 
@@ -104,7 +104,7 @@ impl Drop for Made {
 }
 
 /// A statically linked busybox: the image has no libc.
-fn static_busybox() -> Option<PathBuf> {
+pub fn static_busybox() -> Option<PathBuf> {
     ["/bin/busybox", "/usr/bin/busybox"]
         .into_iter()
         .map(PathBuf::from)
@@ -267,13 +267,13 @@ pub fn podman_preexisting(st: Strategy) -> Outcome {
     Outcome::Pass
 }
 
-/// `FROM scratch` with busybox as its only file.
-fn build_image(dir: &Path, busybox: &Path, image: &str) {
+/// `FROM scratch` with busybox as its only file, and the Containerfile lines `more`.
+pub fn build_image(dir: &Path, busybox: &Path, image: &str, more: &str) {
     fs::create_dir_all(dir).expect("temp dir");
     fs::copy(busybox, dir.join("busybox")).expect("copying busybox");
     fs::write(
         dir.join("Containerfile"),
-        "FROM scratch\nCOPY busybox /bin/busybox\n",
+        format!("FROM scratch\nCOPY busybox /bin/busybox\n{more}"),
     )
     .expect("writing the Containerfile");
     podman_ok(&[

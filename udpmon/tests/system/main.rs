@@ -10,6 +10,7 @@
 mod behaviour;
 mod busy;
 mod containers;
+mod cri;
 mod dns;
 mod dualstack;
 mod firewall;

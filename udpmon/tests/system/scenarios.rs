@@ -213,6 +213,11 @@ pub const ALL: &[Scenario] = &[
         name: "podman_preexisting",
         run: crate::containers::podman_preexisting,
     },
+    // Issue 14, item 1: Kubernetes names from a real containerd's CRI runtime service.
+    Scenario {
+        name: "cri_containerd",
+        run: crate::cri::cri_containerd,
+    },
 ];
 
 /// Issue 12, point 1 (names): a program that sends from a thread with its own name (dig's

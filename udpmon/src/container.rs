@@ -193,6 +193,8 @@ pub struct StateRoots {
     /// containerd's task bundles: `<namespace>/<id>/config.json`.
     pub containerd_tasks: PathBuf,
     pub cri: cri::Cri,
+    /// A user's home directory, where rootless Podman keeps its containers-storage.
+    pub home_of: fn(u32) -> Option<PathBuf>,
 }
 
 impl Default for StateRoots {
@@ -203,8 +205,37 @@ impl Default for StateRoots {
             crio_run: "/run/containers/storage".into(),
             containerd_tasks: "/run/containerd/io.containerd.runtime.v2.task".into(),
             cri: cri::Cri::new(cri::DEFAULT_SOCKETS.iter().map(PathBuf::from).collect()),
+            home_of,
         }
     }
+}
+
+/// The home directory of `uid`, from the system's user database (NSS: /etc/passwd, LDAP...).
+fn home_of(uid: u32) -> Option<PathBuf> {
+    use std::{ffi::CStr, os::unix::ffi::OsStrExt as _};
+    let mut buf = vec![0 as libc::c_char; 4096];
+    // SAFETY: a zeroed passwd is a valid out-parameter.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found = std::ptr::null_mut();
+    // SAFETY: every pointer is to a live value of the right type, `buf` with its length.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut found) };
+    if rc != 0 || found.is_null() || pw.pw_dir.is_null() {
+        return None;
+    }
+    // SAFETY: getpwuid_r succeeded: pw_dir is a NUL-terminated string inside `buf`.
+    let dir = unsafe { CStr::from_ptr(pw.pw_dir) };
+    Some(PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes())))
+}
+
+/// The uid whose systemd user manager a cgroup path is under (`.../user@1000.service/...`):
+/// where rootless Podman's containers live.
+fn user_of(path: &str) -> Option<u32> {
+    path.split('/').find_map(|c| {
+        c.strip_prefix("user@")?
+            .strip_suffix(".service")?
+            .parse()
+            .ok()
+    })
 }
 
 /// Kubernetes names from a container's annotations (containerd's CRI plugin, CRI-O) or
@@ -237,33 +268,36 @@ fn read_json(path: &Path) -> Option<Value> {
 /// container in one file.
 struct State<'a> {
     roots: &'a StateRoots,
-    /// containers-storage id -> first name.
-    storage_names: Option<HashMap<String, String>>,
+    /// containers-storage id -> first name, by storage directory (the system's, and a rootless
+    /// Podman user's).
+    storage_names: HashMap<PathBuf, HashMap<String, String>>,
     /// What the CRI runtime services said of this lookup's containers, by id.
     cri: HashMap<String, cri::Named>,
 }
 
 impl State<'_> {
-    fn storage_names(&mut self) -> &HashMap<String, String> {
-        let storage = &self.roots.storage;
-        self.storage_names.get_or_insert_with(|| {
-            let mut names = HashMap::new();
-            // One file per storage driver: overlay-containers, vfs-containers, ...
-            for dir in fs::read_dir(storage).into_iter().flatten().flatten() {
-                if !dir.file_name().to_string_lossy().ends_with("-containers") {
-                    continue;
-                }
-                let Some(Value::Array(all)) = read_json(&dir.path().join("containers.json")) else {
-                    continue;
-                };
-                for c in all {
-                    if let (Some(id), Some(name)) = (c["id"].as_str(), c["names"][0].as_str()) {
-                        names.insert(id.to_owned(), name.to_owned());
+    fn storage_names(&mut self, storage: PathBuf) -> &HashMap<String, String> {
+        self.storage_names
+            .entry(storage)
+            .or_insert_with_key(|storage| {
+                let mut names = HashMap::new();
+                // One file per storage driver: overlay-containers, vfs-containers, ...
+                for dir in fs::read_dir(storage).into_iter().flatten().flatten() {
+                    if !dir.file_name().to_string_lossy().ends_with("-containers") {
+                        continue;
+                    }
+                    let Some(Value::Array(all)) = read_json(&dir.path().join("containers.json"))
+                    else {
+                        continue;
+                    };
+                    for c in all {
+                        if let (Some(id), Some(name)) = (c["id"].as_str(), c["names"][0].as_str()) {
+                            names.insert(id.to_owned(), name.to_owned());
+                        }
                     }
                 }
-            }
-            names
-        })
+                names
+            })
     }
 
     fn docker(&self, c: &mut Container) -> bool {
@@ -323,19 +357,28 @@ impl State<'_> {
         c.pod_uid = c.pod_uid.take().or(uid);
     }
 
-    fn podman(&mut self, c: &mut Container) -> bool {
-        match self.storage_names().get(&c.id) {
-            Some(name) => {
+    /// The system's containers-storage, then, for a container of a user's systemd manager
+    /// (rootless Podman), that user's (`~/.local/share/containers/storage`).
+    fn podman(&mut self, c: &mut Container, user: Option<u32>) -> bool {
+        let user_storage = user
+            .filter(|uid| *uid != 0)
+            .and_then(self.roots.home_of)
+            .map(|home| home.join(".local/share/containers/storage"));
+        for storage in [Some(self.roots.storage.clone()), user_storage]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(name) = self.storage_names(storage).get(&c.id) {
                 c.name = Some(name.clone());
-                true
+                return true;
             }
-            None => false,
         }
+        false
     }
 
     /// Fills in the names; for a layout that does not say which runtime, the runtime whose
-    /// service or state knows the id.
-    fn describe(&mut self, c: &mut Container) {
+    /// service or state knows the id. `user`: the uid whose systemd manager the cgroup is under.
+    fn describe(&mut self, c: &mut Container, user: Option<u32>) {
         if let Some(n) = self.cri.get(&c.id) {
             c.runtime = Some(n.runtime);
             c.name.clone_from(&n.name);
@@ -357,7 +400,7 @@ impl State<'_> {
             let found = match rt {
                 Runtime::Docker => self.docker(c),
                 Runtime::Containerd | Runtime::CriO => self.bundle(c, rt),
-                Runtime::Podman => self.podman(c),
+                Runtime::Podman => self.podman(c, user),
             };
             if found {
                 c.runtime = Some(rt);
@@ -446,25 +489,25 @@ pub fn resolve(
         paths.extend(walk(m, &lost));
     }
     let mut out: HashMap<u64, Option<Container>> = lost.into_iter().map(|c| (c, None)).collect();
-    let parsed: Vec<(u64, Option<Container>)> = paths
+    let parsed: Vec<(u64, Option<Container>, Option<u32>)> = paths
         .into_iter()
-        .map(|(cgroup, path)| (cgroup, parse_path(&path)))
+        .map(|(cgroup, path)| (cgroup, parse_path(&path), user_of(&path)))
         .collect();
     // One question per lookup for every container a CRI runtime may have made.
     let cri_ids: Vec<String> = parsed
         .iter()
-        .filter_map(|(_, c)| c.as_ref())
+        .filter_map(|(_, c, _)| c.as_ref())
         .filter(|c| c.runtime.is_none_or(Runtime::has_cri))
         .map(|c| c.id.clone())
         .collect();
     let mut state = State {
         roots,
-        storage_names: None,
+        storage_names: HashMap::new(),
         cri: roots.cri.ask(&cri_ids),
     };
-    for (cgroup, container) in parsed {
+    for (cgroup, container, user) in parsed {
         let container = container.map(|mut c| {
-            state.describe(&mut c);
+            state.describe(&mut c, user);
             c
         });
         out.insert(cgroup, container);

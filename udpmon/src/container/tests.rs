@@ -158,6 +158,7 @@ impl Roots {
             crio_run: dir.join("crio"),
             containerd_tasks: dir.join("containerd"),
             cri: super::cri::Cri::new(vec![dir.join("cri.sock")]),
+            home_of: test_home,
         };
         Self { dir, roots }
     }
@@ -172,6 +173,54 @@ impl Drop for Roots {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Users' homes in tests: one directory per uid, in this process's temp space.
+fn test_home(uid: u32) -> Option<PathBuf> {
+    Some(std::env::temp_dir().join(format!("udpmon-home-{uid}-{}", std::process::id())))
+}
+
+/// Rootless Podman: the container's cgroup is under its user's systemd manager, and its name
+/// in that user's containers-storage, not the system's.
+#[test]
+fn rootless_podman_names_from_the_users_storage() {
+    let r = Roots::new("rootless");
+    let home = test_home(1000).unwrap();
+    let storage = home.join(".local/share/containers/storage/overlay-containers");
+    fs::create_dir_all(&storage).unwrap();
+    fs::write(
+        storage.join("containers.json"),
+        format!(r#"[{{"id":"{ID}","names":["rootless-web"]}}]"#),
+    )
+    .unwrap();
+    let path = format!(
+        "/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{ID}.scope/container"
+    );
+    let c = one(&r.roots, &path).unwrap();
+    assert_eq!(
+        (c.runtime, c.name.as_deref(), c.id.as_str()),
+        (Some(Runtime::Podman), Some("rootless-web"), ID)
+    );
+    // Another user's container of the same id is not this user's.
+    let other = one(&r.roots, &path.replace("1000", "1001")).unwrap();
+    assert_eq!(other.name, None);
+    let _ = fs::remove_dir_all(&home);
+}
+
+#[test]
+fn users_of_cgroup_paths() {
+    assert_eq!(
+        user_of("/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-x.scope"),
+        Some(1000)
+    );
+    assert_eq!(user_of("/system.slice/docker-x.scope"), None);
+    assert_eq!(user_of("/user.slice/user@x.service"), None);
+    // Root's own manager: uid 0, whose storage is the system's.
+    assert_eq!(
+        user_of("/user.slice/user-0.slice/user@0.service/a"),
+        Some(0)
+    );
+    assert_eq!(home_of(0).as_deref(), Some(Path::new("/root")));
 }
 
 fn one(roots: &StateRoots, path: &str) -> Option<Container> {

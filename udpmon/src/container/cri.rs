@@ -176,7 +176,20 @@ impl Cri {
             });
             let failed = match asked {
                 Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e),
+                Ok(Err(Failure::NoService)) => {
+                    // Docker's own containerd has the CRI plugin disabled: nothing to ask
+                    // there for this run, and nothing worth a warning.
+                    log::debug!(
+                        "{}: no CRI runtime service behind this socket",
+                        socket.display()
+                    );
+                    self.quiet_until
+                        .lock()
+                        .expect("not poisoned")
+                        .insert(socket.clone(), now + Duration::from_secs(365 * 86400));
+                    None
+                }
+                Ok(Err(Failure::Other(e))) => Some(e),
                 Err(_) => Some(format!("no answer within {BUDGET:?}")),
             };
             if let Some(e) = failed {
@@ -202,12 +215,25 @@ impl Cri {
     }
 }
 
+/// Why a runtime service gave no names.
+enum Failure {
+    /// The socket answers gRPC but has no `runtime.v1.RuntimeService`.
+    NoService,
+    Other(String),
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Self {
+        Self::Other(e)
+    }
+}
+
 /// Asks the service at `socket` for each of `ids`, adding what it knows to `found`.
 async fn names(
     socket: &Path,
     ids: &[&String],
     found: &mut HashMap<String, Named>,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let mut grpc = Grpc::new(connect(socket).await.map_err(|e| format!("{e:?}"))?);
     let version: VersionResponse = call(
         &mut grpc,
@@ -221,7 +247,7 @@ async fn names(
         "containerd" => Runtime::Containerd,
         "cri-o" => Runtime::CriO,
         "docker" => Runtime::Docker,
-        other => return Err(format!("an unknown runtime, {other:?}")),
+        other => return Err(format!("an unknown runtime, {other:?}").into()),
     };
     let mut pods: HashMap<String, Option<PodSandboxMetadata>> = HashMap::new();
     for id in ids {
@@ -293,7 +319,7 @@ async fn call<Req, Resp>(
     grpc: &mut Grpc<Channel>,
     method: &'static str,
     req: Req,
-) -> Result<Resp, String>
+) -> Result<Resp, Failure>
 where
     Req: prost::Message + Send + Sync + 'static,
     Resp: prost::Message + Default + Send + Sync + 'static,
@@ -306,7 +332,10 @@ where
     )
     .await
     .map(tonic::Response::into_inner)
-    .map_err(|e| format!("{method}: {}", e.message()))
+    .map_err(|e| match e.code() {
+        tonic::Code::Unimplemented => Failure::NoService,
+        _ => Failure::Other(format!("{method}: {}", e.message())),
+    })
 }
 
 #[cfg(test)]

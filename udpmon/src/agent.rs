@@ -22,7 +22,7 @@ use crate::{
     container::{self, Ask},
     engine::{Counters, Engine, FlowId},
     filter::Filter,
-    flowmap::{Removals, Snapshot},
+    flowmap::{Batches, Removals},
     health::{self, Warner},
     netns::{self, NetnsMap},
     pipeline::{FlowCounters, Pipeline},
@@ -60,8 +60,8 @@ pub struct KernelFlows {
     map: BpfHashMap<MapData, FlowKey, FlowStats>,
     /// The same map, for batch reads and deletes (aya has no batch API).
     fd: OwnedFd,
-    /// The tick's bulk read of every flow's counters; None once batch reads failed.
-    snapshot: Option<Snapshot>,
+    /// The tick's bulk reads of every flow's counters; None once batch reads failed.
+    batches: Option<Batches>,
     /// Kernel entries of flows that ended, deleted together once the reports are written.
     removals: Removals,
 }
@@ -72,23 +72,22 @@ impl FlowCounters for KernelFlows {
     }
 
     /// On failure falls back, for good, to one lookup per flow.
-    fn refresh(&mut self) {
-        if let Some(snap) = &mut self.snapshot
-            && let Err(e) = snap.read(self.fd.as_fd())
-        {
-            warn!("batch reads of the flow map failed ({e}): reading flows one by one");
-            self.snapshot = None;
-        }
-    }
-
-    fn at_tick(&self, id: &FlowId) -> Option<Counters> {
-        match &self.snapshot {
-            Some(snap) => snap
-                .entries
-                .get(&FlowKey::from(id))
-                .copied()
-                .map(Counters::from),
-            None => self.now(id),
+    fn read_all(&mut self, each: &mut dyn FnMut(&FlowId, &Counters)) -> bool {
+        let Some(batches) = &mut self.batches else {
+            return false;
+        };
+        let read = batches.read(self.fd.as_fd(), |k, v| {
+            if let Some(id) = FlowId::of_key(k) {
+                each(&id, &Counters::from(*v));
+            }
+        });
+        match read {
+            Ok(()) => true,
+            Err(e) => {
+                warn!("batch reads of the flow map failed ({e}): reading flows one by one");
+                self.batches = None;
+                false
+            }
         }
     }
 
@@ -137,7 +136,7 @@ impl Agent {
         let kernel = KernelFlows {
             map: flows,
             fd: flows_fd,
-            snapshot: Some(Snapshot::default()),
+            batches: Some(Batches::default()),
             removals: Removals::default(),
         };
         Ok(Self {

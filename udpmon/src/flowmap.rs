@@ -3,12 +3,13 @@
 //! The tick looks at every tracked flow. One lookup syscall per flow cost ~5 us each with
 //! the engine's work, so 65536 flows stalled the agent for about a third of a second every
 //! second, long enough for a 1 MiB ring buffer to overflow at 20k new flows per second.
-//! `BPF_MAP_LOOKUP_BATCH` (5.6+, hash and LRU hash maps) copies thousands of entries per call.
+//! `BPF_MAP_LOOKUP_BATCH` (5.6+, hash and LRU hash maps) copies thousands of entries per call,
+//! and each batch goes to the engine as it comes ([`Batches::read`]): a copy of the whole map
+//! kept for the tick cost as much memory per flow as a third of the engine's own.
 //! Entries of flows that ended are deleted the same way, a batch at a time ([`Removals`]):
 //! at a hundred thousand new flows a second, a syscall per flow was a tenth of the agent's
 //! time.
 use std::{
-    collections::HashMap,
     io, mem,
     os::fd::{AsRawFd, BorrowedFd},
 };
@@ -51,14 +52,14 @@ unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
     }
 }
 
-/// Reusable buffers for [`snapshot`].
-pub struct Snapshot {
-    pub entries: HashMap<FlowKey, FlowStats>,
+/// Reusable buffers for [`Batches::read`]: the map's entries pass through them a batch at a
+/// time.
+pub struct Batches {
     keys: Vec<FlowKey>,
     values: Vec<FlowStats>,
 }
 
-impl Default for Snapshot {
+impl Default for Batches {
     fn default() -> Self {
         let key = FlowKey {
             cookie: 0,
@@ -68,17 +69,19 @@ impl Default for Snapshot {
             _pad: 0,
         };
         Self {
-            entries: HashMap::new(),
             keys: vec![key; BATCH],
             values: vec![FlowStats::default(); BATCH],
         }
     }
 }
 
-impl Snapshot {
-    /// Replaces the entries with the map's current content.
-    pub fn read(&mut self, map: BorrowedFd<'_>) -> io::Result<()> {
-        self.entries.clear();
+impl Batches {
+    /// Calls `each` with every entry of the map.
+    pub fn read(
+        &mut self,
+        map: BorrowedFd<'_>,
+        mut each: impl FnMut(&FlowKey, &FlowStats),
+    ) -> io::Result<()> {
         // The batch token of a hash map is a u32 bucket index; u64 storage holds it.
         let (mut token_in, mut token_out) = (0u64, 0u64);
         let mut first = true;
@@ -97,12 +100,9 @@ impl Snapshot {
             // the eBPF side), one token into `token_out`, and `count` back into `attr`.
             let err = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
             let n = (attr.count as usize).min(BATCH);
-            self.entries.extend(
-                self.keys[..n]
-                    .iter()
-                    .copied()
-                    .zip(self.values[..n].iter().copied()),
-            );
+            for (k, v) in self.keys[..n].iter().zip(&self.values[..n]) {
+                each(k, v);
+            }
             match err {
                 None => {}
                 // The end of the map (the last entries, if any, came with it).
@@ -213,6 +213,20 @@ mod tests {
         unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
     }
 
+    /// The whole map, as the tick's reads see it.
+    fn read_all(
+        batches: &mut Batches,
+        map: &OwnedFd,
+    ) -> std::collections::HashMap<FlowKey, FlowStats> {
+        let mut all = std::collections::HashMap::new();
+        batches
+            .read(map.as_fd(), |k, v| {
+                all.insert(*k, *v);
+            })
+            .unwrap();
+        all
+    }
+
     fn key(i: u64) -> FlowKey {
         let mut remote = [0; 16];
         remote[..8].copy_from_slice(&i.to_be_bytes());
@@ -249,10 +263,10 @@ mod tests {
         r.push(key(3000));
         r.flush(map.as_fd()).unwrap();
         assert!(r.keys.is_empty() && !r.one_by_one);
-        let mut snap = Snapshot::default();
-        snap.read(map.as_fd()).unwrap();
+        let mut batches = Batches::default();
+        let entries = read_all(&mut batches, &map);
         let left: std::collections::BTreeSet<u64> = (0..100)
-            .filter(|i| snap.entries.contains_key(&key(*i)))
+            .filter(|i| entries.contains_key(&key(*i)))
             .collect();
         let want = (0..100).filter(|i| *i >= 60 || i % 2 == 1).collect();
         assert_eq!(left, want);
@@ -262,13 +276,13 @@ mod tests {
         r.push(key(61));
         r.push(key(63));
         r.flush(map.as_fd()).unwrap();
-        snap.read(map.as_fd()).unwrap();
-        assert!(!snap.entries.contains_key(&key(61)) && !snap.entries.contains_key(&key(63)));
-        assert_eq!(snap.entries.len(), want.len() - 2);
+        let entries = read_all(&mut batches, &map);
+        assert!(!entries.contains_key(&key(61)) && !entries.contains_key(&key(63)));
+        assert_eq!(entries.len(), want.len() - 2);
     }
 
     #[test]
-    fn snapshot_reads_every_entry_across_batches() {
+    fn batches_read_every_entry() {
         // More entries than one batch, so the continuation token is exercised too.
         let n = (BATCH + BATCH / 2) as u64;
         let map = match lru_map(2 * n as u32) {
@@ -278,9 +292,8 @@ mod tests {
                 return;
             }
         };
-        let mut snap = Snapshot::default();
-        snap.read(map.as_fd()).unwrap();
-        assert!(snap.entries.is_empty());
+        let mut batches = Batches::default();
+        assert!(read_all(&mut batches, &map).is_empty());
         for i in 0..n {
             let v = FlowStats {
                 tx_datagrams: i,
@@ -289,10 +302,10 @@ mod tests {
             };
             update(&map, &key(i), &v).unwrap();
         }
-        snap.read(map.as_fd()).unwrap();
-        assert_eq!(snap.entries.len(), n as usize);
+        let entries = read_all(&mut batches, &map);
+        assert_eq!(entries.len(), n as usize);
         for i in 0..n {
-            let v = snap.entries[&key(i)];
+            let v = entries[&key(i)];
             assert_eq!((v.tx_datagrams, v.rx_bytes), (i, 3 * i));
         }
     }

@@ -29,10 +29,10 @@ const CONTAINERS_MAX: usize = 16384;
 pub trait FlowCounters {
     /// A flow's counters now, for an event about it; None when the kernel holds none.
     fn now(&self, id: &FlowId) -> Option<Counters>;
-    /// Before a tick, which looks at every flow: read them all at once.
-    fn refresh(&mut self);
-    /// A flow's counters as of the last [`refresh`](Self::refresh).
-    fn at_tick(&self, id: &FlowId) -> Option<Counters>;
+    /// Before a tick, which looks at every flow: every flow's counters, read in bulk, to
+    /// `each`. False when the kernel cannot read in bulk: the tick asks [`now`](Self::now)
+    /// for each flow instead.
+    fn read_all(&mut self, each: &mut dyn FnMut(&FlowId, &Counters)) -> bool;
     /// The flow ended: its kernel entry is deleted at the next [`flush`](Self::flush), so
     /// that new traffic opens it afresh, with events.
     fn forget(&mut self, id: &FlowId);
@@ -263,9 +263,14 @@ impl<K: FlowCounters> Pipeline<K> {
     /// The engine's timers, at CLOCK_BOOTTIME `now`.
     pub fn tick(&mut self, now: u64) -> io::Result<()> {
         self.processes.tick();
-        self.kernel.refresh();
+        let engine = &mut self.engine;
+        let bulk = self.kernel.read_all(&mut |id, c| engine.absorb(id, c));
         let kernel = &self.kernel;
-        let mut reports = self.engine.on_tick(now, &|id| kernel.at_tick(id));
+        let mut reports = if bulk {
+            self.engine.on_tick(now, &|_| None)
+        } else {
+            self.engine.on_tick(now, &|id| kernel.now(id))
+        };
         for id in self.engine.expired() {
             self.kernel.forget(id);
         }
@@ -335,9 +340,8 @@ mod tests {
         fn now(&self, _: &FlowId) -> Option<Counters> {
             None
         }
-        fn refresh(&mut self) {}
-        fn at_tick(&self, _: &FlowId) -> Option<Counters> {
-            None
+        fn read_all(&mut self, _: &mut dyn FnMut(&FlowId, &Counters)) -> bool {
+            true
         }
         fn forget(&mut self, id: &FlowId) {
             self.forgotten.push(*id);

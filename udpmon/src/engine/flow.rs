@@ -55,6 +55,26 @@ impl From<&FlowId> for FlowKey {
     }
 }
 
+impl FlowId {
+    /// The flow a kernel map key is of; None for a family udpmon does not key flows by.
+    pub fn of_key(k: &FlowKey) -> Option<Self> {
+        let ip = match k.family {
+            AF_INET => IpAddr::V4(Ipv4Addr::new(
+                k.remote[0],
+                k.remote[1],
+                k.remote[2],
+                k.remote[3],
+            )),
+            AF_INET6 => IpAddr::V6(Ipv6Addr::from(k.remote)),
+            _ => return None,
+        };
+        Some(Self {
+            cookie: k.cookie,
+            remote: SocketAddr::new(ip, k.rport),
+        })
+    }
+}
+
 /// A flow's kernel-side counters. Times are CLOCK_BOOTTIME nanoseconds, 0 for "never".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -703,6 +723,18 @@ mod tests {
             cookie,
             remote: remote.parse().unwrap(),
         }
+    }
+
+    /// Kernel map keys and flow ids name the same flows, both ways.
+    #[test]
+    fn kernel_keys_and_flow_ids_round_trip() {
+        for remote in ["10.1.2.3:53", "[fd00::1:2]:4433", "0.0.0.0:0"] {
+            let f = id(77, remote);
+            assert_eq!(FlowId::of_key(&FlowKey::from(&f)), Some(f));
+        }
+        let mut k = FlowKey::from(&id(1, "10.1.2.3:53"));
+        k.family = 0;
+        assert_eq!(FlowId::of_key(&k), None);
     }
 
     #[test]

@@ -2732,3 +2732,47 @@ fn a_peers_report_names_no_exited_pid() {
     );
     assert_eq!(who(peer[0]), (0, 0, NO_ONE, name("dig"), 0, 25));
 }
+
+/// The agent reads the kernel map in bulk before a tick and folds each flow's counters in
+/// (`Engine::absorb`), then ticks without counters: the reports and counts are those of a
+/// tick that asks for each flow's counters itself (a silence, its end, a kernel entry
+/// recreated under pressure, an idle close).
+#[test]
+fn counters_absorbed_before_a_tick_are_that_ticks() {
+    let k = Kernel::default();
+    let mut asks = engine();
+    let mut absorbs = engine();
+    established(&mut asks, &k);
+    // The same events, without counting the datagrams in the kernel map twice.
+    run(
+        &mut absorbs,
+        &[
+            ev(Fact::FirstTx { bytes: 10 }, S),
+            ev(Fact::FirstRx { bytes: 10 }, S + 100 * MS),
+        ],
+    );
+    let read = |id: &FlowId| k.get(id);
+    let tick = |asks: &mut Engine, absorbs: &mut Engine, now: u64| {
+        let asked = asks.on_tick(now, &read);
+        for (id, c) in k.0.borrow().iter() {
+            absorbs.absorb(id, c);
+        }
+        let absorbed = absorbs.on_tick(now, &none);
+        assert_eq!(asked, absorbed, "tick at {now}");
+        asked
+    };
+    tick(&mut asks, &mut absorbs, 2 * S);
+    k.send(flow7(), 3 * S, 4);
+    let r = tick(&mut asks, &mut absorbs, 12 * S);
+    assert_eq!(kinds(&r), [ReportKind::Silent]);
+    k.0.borrow_mut().remove(&flow7());
+    k.send(flow7(), 13 * S, 1);
+    k.recv(flow7(), 13 * S + 5 * MS);
+    let r = tick(&mut asks, &mut absorbs, 14 * S);
+    assert_eq!(kinds(&r), [ReportKind::Resumed]);
+    assert_eq!(asks.stats().kernel_entries_renewed, 1);
+    assert_eq!(absorbs.stats().kernel_entries_renewed, 1);
+    let closed = tick(&mut asks, &mut absorbs, 14 * S + 200 * S);
+    assert_eq!(kinds(&closed), [ReportKind::Close]);
+    assert_eq!(close_stats(&closed[0]).1.tx_datagrams, 6);
+}

@@ -42,11 +42,6 @@ impl Runtime {
             Self::Podman => "podman",
         }
     }
-
-    /// Whether kubelet may have made its containers through a CRI runtime service.
-    const fn has_cri(self) -> bool {
-        !matches!(self, Self::Podman)
-    }
 }
 
 /// A container, as far as its cgroup path and its runtime's state tell.
@@ -213,14 +208,19 @@ impl Default for StateRoots {
 /// The home directory of `uid`, from the system's user database (NSS: /etc/passwd, LDAP...).
 fn home_of(uid: u32) -> Option<PathBuf> {
     use std::{ffi::CStr, os::unix::ffi::OsStrExt as _};
-    let mut buf = vec![0 as libc::c_char; 4096];
+    let mut buf = vec![0 as libc::c_char; 1024];
     // SAFETY: a zeroed passwd is a valid out-parameter.
     let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut found = std::ptr::null_mut();
-    // SAFETY: every pointer is to a live value of the right type, `buf` with its length.
-    let rc = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut found) };
-    if rc != 0 || found.is_null() || pw.pw_dir.is_null() {
-        return None;
+    loop {
+        let mut found = std::ptr::null_mut();
+        // SAFETY: every pointer is to a live value of the right type, `buf` with its length.
+        let rc = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut found) };
+        match rc {
+            // An entry longer than the buffer (long GECOS fields, LDAP).
+            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
+            0 if !found.is_null() && !pw.pw_dir.is_null() => break,
+            _ => return None,
+        }
     }
     // SAFETY: getpwuid_r succeeded: pw_dir is a NUL-terminated string inside `buf`.
     let dir = unsafe { CStr::from_ptr(pw.pw_dir) };
@@ -493,11 +493,11 @@ pub fn resolve(
         .into_iter()
         .map(|(cgroup, path)| (cgroup, parse_path(&path), user_of(&path)))
         .collect();
-    // One question per lookup for every container a CRI runtime may have made.
+    // One question per lookup, for the containers kubelet made (those under a pod's cgroup).
     let cri_ids: Vec<String> = parsed
         .iter()
         .filter_map(|(_, c, _)| c.as_ref())
-        .filter(|c| c.runtime.is_none_or(Runtime::has_cri))
+        .filter(|c| c.pod_uid.is_some())
         .map(|c| c.id.clone())
         .collect();
     let mut state = State {

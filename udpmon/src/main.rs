@@ -146,6 +146,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let mut agent = Agent::new(probes, engine, namespaces, Filter::from(cli), sinks)?;
     agent.kernel_log = cli.verbose >= 2;
     if !cli.cri_socket.is_empty() {
+        for s in cli.cri_socket.iter().filter(|s| !s.exists()) {
+            log::warn!(
+                "--cri-socket {}: nothing there yet (asked again at each new container)",
+                s.display()
+            );
+        }
         agent.set_cri_sockets(cli.cri_socket.clone());
     }
     agent.resolve_containers(existing_cgroups);

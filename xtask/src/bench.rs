@@ -138,7 +138,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .transpose()?;
     let plan = Plan::new(args);
     let path = bootstrap::build_env()?;
-    bootstrap::apt(&["bpftrace", "bpftool", "iproute2"])?;
+    // protoc: the benches build the dev-dependencies, the CRI bindings among them.
+    bootstrap::apt(&["bpftrace", "bpftool", "iproute2", "protobuf-compiler"])?;
     let bins = Bins {
         udpmon: build::release()?,
         against,

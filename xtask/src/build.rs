@@ -97,6 +97,8 @@ pub fn musl_bench_binaries(path: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
 
 pub fn lint() -> anyhow::Result<()> {
     let path = bootstrap::build_env()?;
+    // clippy --all-targets builds the dev-dependencies: the CRI bindings run protoc.
+    bootstrap::apt(&["protobuf-compiler"])?;
     lint_with(&path)
 }
 

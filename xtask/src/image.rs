@@ -168,6 +168,9 @@ struct Run {
     opts: Vec<String>,
     image: String,
     args: Vec<String>,
+    /// `DirectoryOrCreate` hostPaths, which the kubelet makes (empty) where they are missing
+    /// and podman would refuse to bind.
+    make_dirs: Vec<PathBuf>,
 }
 
 fn podman_args(manifest: &str) -> anyhow::Result<Run> {
@@ -287,8 +290,13 @@ fn podman_args(manifest: &str) -> anyhow::Result<Run> {
     }
 
     let volumes = pod["volumes"].as_array().cloned().unwrap_or_default();
+    let mut make_dirs = Vec::new();
     for m in c["volumeMounts"].as_array().into_iter().flatten() {
-        only_known("a volumeMount", m, &["name", "mountPath", "readOnly"])?;
+        only_known(
+            "a volumeMount",
+            m,
+            &["name", "mountPath", "readOnly", "recursiveReadOnly"],
+        )?;
         let name = str_of(&m["name"], "a volumeMount's name")?;
         let v = volumes
             .iter()
@@ -302,13 +310,19 @@ fn podman_args(manifest: &str) -> anyhow::Result<Run> {
                 Path::new(host).is_dir(),
                 "{MANIFEST}: hostPath {host} is not a directory on this machine"
             ),
-            // And makes it, empty, for this type.
-            Some("DirectoryOrCreate") => fs::create_dir_all(host)
-                .with_context(|| format!("{MANIFEST}: making hostPath {host}"))?,
+            Some("DirectoryOrCreate") => make_dirs.push(PathBuf::from(host)),
             other => {
                 bail!("{MANIFEST}: hostPath {host}: type {other:?} is not one the image tier knows")
             }
         }
+        // IfPossible: read-only all the way down where the node's runtime can do it (a
+        // runtime's directory holds its containers' root filesystems), the top mount only
+        // where it cannot, which is what podman 4 does with `ro`.
+        ensure!(
+            m["recursiveReadOnly"].is_null() || m["recursiveReadOnly"] == "IfPossible",
+            "{MANIFEST}: recursiveReadOnly {} is not translated",
+            m["recursiveReadOnly"]
+        );
         let target = str_of(&m["mountPath"], "a mountPath")?;
         // `-v` binds recursively, as the CRI runtimes bind a hostPath; `ro` applies to the top
         // mount only, as readOnly does without recursiveReadOnly.
@@ -325,7 +339,12 @@ fn podman_args(manifest: &str) -> anyhow::Result<Run> {
         .flatten()
         .map(|a| str_of(a, "an argument").map(str::to_owned))
         .collect::<anyhow::Result<_>>()?;
-    Ok(Run { opts, image, args })
+    Ok(Run {
+        opts,
+        image,
+        args,
+        make_dirs,
+    })
 }
 
 /// Explicit `--ulimit` values: podman's default RLIMIT_NOFILE and RLIMIT_NPROC requests
@@ -407,6 +426,9 @@ pub fn check() -> anyhow::Result<Vec<String>> {
         spec.image
     );
     build_sender()?;
+    for dir in &spec.make_dirs {
+        fs::create_dir_all(dir).with_context(|| format!("making hostPath {}", dir.display()))?;
+    }
 
     let _ = podman().args(["rm", "-f", "-t", "0", CONTAINER]).output();
     let _container = Container;
@@ -592,10 +614,16 @@ mod tests {
             "--security-opt=no-new-privileges",
             "--volume=/sys/kernel/btf:/sys/kernel/btf:ro",
             "--volume=/sys/fs/cgroup:/sys/fs/cgroup:ro",
+            "--volume=/run/containerd:/run/containerd:ro",
+            "--volume=/run/crio:/run/crio:ro",
             "--memory=256m",
         ] {
             assert!(run.opts.iter().any(|o| o == opt), "{opt} not in {run:?}");
         }
+        assert_eq!(
+            run.make_dirs,
+            [PathBuf::from("/run/containerd"), PathBuf::from("/run/crio")]
+        );
     }
 
     #[test]

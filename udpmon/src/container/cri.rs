@@ -6,20 +6,21 @@
 //!
 //! gRPC comes from tonic and the wire format from prost. The messages are declared here, by
 //! the field numbers of `runtime.v1` (k8s.io/cri-api `api.proto`), and only with the fields
-//! udpmon reads: prost skips the rest. Generated bindings (the `k8s-cri` crate) would need
-//! `protoc` on every machine that builds udpmon for three calls; the system test uses them,
-//! and a unit test checks these declarations against them.
+//! udpmon reads: prost skips the rest. Generated bindings (the `k8s-cri` crate) run `protoc`
+//! at build time, which every machine that builds udpmon would then need, for four messages;
+//! the system test drives containerd with them, and a unit test checks these declarations
+//! against them.
 use std::{
     collections::HashMap,
+    error::Error as _,
+    io,
     path::{Path, PathBuf},
-    sync::{
-        Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::{Duration, Instant},
+    sync::Mutex,
+    time::Duration,
 };
 
 use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
 use tonic::{
     client::Grpc,
     codegen::http::uri::PathAndQuery,
@@ -40,17 +41,10 @@ pub(super) struct VersionResponse {
     pub runtime_name: String,
 }
 
+/// `ListContainersRequest` and `ListPodSandboxRequest` without their filter (field 1):
+/// every container, every pod.
 #[derive(Clone, PartialEq, prost::Message)]
-pub(super) struct ListContainersRequest {
-    #[prost(message, optional, tag = "1")]
-    pub filter: Option<ContainerFilter>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub(super) struct ContainerFilter {
-    #[prost(string, tag = "1")]
-    pub id: String,
-}
+pub(super) struct ListAll {}
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub(super) struct ListContainersResponse {
@@ -76,19 +70,16 @@ pub(super) struct ContainerMetadata {
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
-pub(super) struct PodSandboxStatusRequest {
+pub(super) struct ListPodSandboxResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub items: Vec<PodSandbox>,
+}
+
+/// `runtime.v1.PodSandbox`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(super) struct PodSandbox {
     #[prost(string, tag = "1")]
-    pub pod_sandbox_id: String,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub(super) struct PodSandboxStatusResponse {
-    #[prost(message, optional, tag = "1")]
-    pub status: Option<PodSandboxStatus>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub(super) struct PodSandboxStatus {
+    pub id: String,
     #[prost(message, optional, tag = "2")]
     pub metadata: Option<PodSandboxMetadata>,
 }
@@ -113,18 +104,11 @@ pub struct Named {
     pub pod_uid: Option<String>,
 }
 
-/// A lookup's whole budget: containers' events are held until it ends.
-const BUDGET: Duration = Duration::from_secs(2);
+/// A lookup's whole budget, over every socket: containers' events are held until it ends.
+pub const BUDGET: Duration = Duration::from_secs(2);
 /// After a runtime service failed to answer, how long it is not asked again, so that a hung
 /// runtime does not hold every new container's events for the whole budget.
 const QUIET: Duration = Duration::from_secs(60);
-
-/// The runtime service sockets to ask, and when each may be asked again after a failure.
-#[derive(Debug)]
-pub struct Cri {
-    sockets: Vec<PathBuf>,
-    quiet_until: Mutex<HashMap<PathBuf, Instant>>,
-}
 
 /// containerd (also k3s's) and CRI-O, at their default places.
 pub const DEFAULT_SOCKETS: [&str; 3] = [
@@ -133,26 +117,52 @@ pub const DEFAULT_SOCKETS: [&str; 3] = [
     "/run/crio/crio.sock",
 ];
 
+/// How a socket fared when last asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Standing {
+    Answered,
+    /// Failed; not asked again before this.
+    Failing(Instant),
+    /// Nothing to ask there for this run: no runtime service behind it (Docker's own
+    /// containerd, whose CRI plugin is disabled), or not ours to connect to.
+    Ignored,
+}
+
+/// The runtime service sockets to ask, and how each fared.
+#[derive(Debug)]
+pub struct Cri {
+    sockets: Vec<PathBuf>,
+    standing: Mutex<HashMap<PathBuf, Standing>>,
+}
+
 impl Cri {
     pub fn new(sockets: Vec<PathBuf>) -> Self {
         Self {
             sockets,
-            quiet_until: Mutex::new(HashMap::new()),
+            standing: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The names each runtime service knows for `ids`. Blocking (at most [`BUDGET`]); ids
+    /// The names the runtime services know for `ids`. Blocking, for at most [`BUDGET`]; ids
     /// that no service knows are left out, and so is everything when no socket is there.
+    /// Must not be called from within an async runtime: the agent's is single-threaded, so
+    /// a lookup off its thread could not drive its IO, and each lookup runs its own.
     pub fn ask(&self, ids: &[String]) -> HashMap<String, Named> {
-        let now = Instant::now();
-        let sockets: Vec<&PathBuf> = {
-            let quiet = self.quiet_until.lock().expect("not poisoned");
+        let mut found = HashMap::new();
+        let sockets: Vec<PathBuf> = {
+            let standing = self.standing.lock().expect("not poisoned");
+            let now = Instant::now();
             self.sockets
                 .iter()
-                .filter(|s| quiet.get(*s).is_none_or(|t| *t <= now) && s.exists())
+                .filter(|s| match standing.get(*s) {
+                    Some(Standing::Ignored) => false,
+                    Some(Standing::Failing(until)) => *until <= now,
+                    _ => true,
+                })
+                .filter(|s| s.exists())
+                .cloned()
                 .collect()
         };
-        let mut found = HashMap::new();
         if ids.is_empty() || sockets.is_empty() {
             return found;
         }
@@ -166,150 +176,171 @@ impl Cri {
                 return found;
             }
         };
-        for socket in sockets {
-            let left: Vec<&String> = ids.iter().filter(|id| !found.contains_key(*id)).collect();
-            if left.is_empty() {
-                break;
-            }
-            let asked = rt.block_on(async {
-                tokio::time::timeout(BUDGET, names(socket, &left, &mut found)).await
-            });
-            let failed = match asked {
-                Ok(Ok(())) => None,
-                Ok(Err(Failure::NoService)) => {
-                    // Docker's own containerd has the CRI plugin disabled: nothing to ask
-                    // there for this run, and nothing worth a warning.
-                    log::debug!(
-                        "{}: no CRI runtime service behind this socket",
-                        socket.display()
-                    );
-                    self.quiet_until
-                        .lock()
-                        .expect("not poisoned")
-                        .insert(socket.clone(), now + Duration::from_secs(365 * 86400));
-                    None
+        rt.block_on(async {
+            let deadline = Instant::now() + BUDGET;
+            for socket in &sockets {
+                if ids.iter().all(|id| found.contains_key(id)) {
+                    break;
                 }
-                Ok(Err(Failure::Other(e))) => Some(e),
-                Err(_) => Some(format!("no answer within {BUDGET:?}")),
-            };
-            if let Some(e) = failed {
-                static WARNED: AtomicBool = AtomicBool::new(false);
+                let asked = tokio::time::timeout_at(deadline, names(socket, ids, &mut found))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Failure::Other(format!("no answer within {BUDGET:?}")))
+                    });
+                self.fared(socket, asked);
+            }
+        });
+        found
+    }
+
+    /// Notes how `socket` fared, saying so when that changed.
+    fn fared(&self, socket: &Path, asked: Result<(), Failure>) {
+        let mut standing = self.standing.lock().expect("not poisoned");
+        let was = standing.get(socket).copied();
+        let shown = socket.display();
+        let now = match asked {
+            Ok(()) => {
+                if matches!(was, Some(Standing::Failing(_))) {
+                    log::info!("the CRI runtime service at {shown} answers again");
+                }
+                Standing::Answered
+            }
+            Err(Failure::Ignored(why)) => {
+                log::info!("{shown}: {why}; not asked for Kubernetes names");
+                Standing::Ignored
+            }
+            Err(Failure::Other(e)) => {
                 let msg = format!(
-                    "asking the CRI runtime service at {}: {e}; Kubernetes names come from the \
-                     runtimes' state files where they are readable (asking again in {}s)",
-                    socket.display(),
+                    "asking the CRI runtime service at {shown}: {e}; Kubernetes names come \
+                     from the runtimes' state files where they are readable (asking again in \
+                     {}s)",
                     QUIET.as_secs()
                 );
-                if WARNED.swap(true, Ordering::Relaxed) {
+                if matches!(was, Some(Standing::Failing(_))) {
                     log::debug!("{msg}");
                 } else {
                     log::warn!("{msg}");
                 }
-                self.quiet_until
-                    .lock()
-                    .expect("not poisoned")
-                    .insert(socket.clone(), now + QUIET);
+                Standing::Failing(Instant::now() + QUIET)
             }
-        }
-        found
+        };
+        standing.insert(socket.to_owned(), now);
     }
 }
 
 /// Why a runtime service gave no names.
 enum Failure {
-    /// The socket answers gRPC but has no `runtime.v1.RuntimeService`.
-    NoService,
+    /// Nothing to ask there for the rest of the run, and why.
+    Ignored(&'static str),
     Other(String),
 }
 
-impl From<String> for Failure {
-    fn from(e: String) -> Self {
-        Self::Other(e)
+/// An error with its causes, which is where tonic says what went wrong.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
     }
+    out
 }
 
-/// Asks the service at `socket` for each of `ids`, adding what it knows to `found`.
+/// Asks the service at `socket` for every container and pod it has, adding those of `ids`
+/// to `found`: two calls whatever the number of ids.
 async fn names(
     socket: &Path,
-    ids: &[&String],
+    ids: &[String],
     found: &mut HashMap<String, Named>,
 ) -> Result<(), Failure> {
-    let mut grpc = Grpc::new(connect(socket).await.map_err(|e| format!("{e:?}"))?);
-    let version: VersionResponse = call(
+    let channel = connect(socket).await.map_err(|e| {
+        let denied = e
+            .source()
+            .and_then(|s| s.downcast_ref::<io::Error>())
+            .is_some_and(|io| io.kind() == io::ErrorKind::PermissionDenied);
+        if denied {
+            // The packaged service's user may not connect to a socket that only root may.
+            Failure::Ignored("permission denied (connecting needs write access to the socket)")
+        } else {
+            Failure::Other(chain(&e))
+        }
+    })?;
+    let mut grpc = Grpc::new(channel);
+    let version: VersionResponse = match call(
         &mut grpc,
         "/runtime.v1.RuntimeService/Version",
         VersionRequest {
             version: "v1".into(),
         },
     )
-    .await?;
+    .await
+    {
+        Err(e) if e.code() == tonic::Code::Unimplemented => {
+            return Err(Failure::Ignored(
+                "no CRI runtime service (runtime.v1) there",
+            ));
+        }
+        other => other.map_err(|e| Failure::Other(status("Version", &e)))?,
+    };
     let runtime = match version.runtime_name.as_str() {
         "containerd" => Runtime::Containerd,
         "cri-o" => Runtime::CriO,
         "docker" => Runtime::Docker,
-        other => return Err(format!("an unknown runtime, {other:?}").into()),
+        other => return Err(Failure::Other(format!("an unknown runtime, {other:?}"))),
     };
-    let mut pods: HashMap<String, Option<PodSandboxMetadata>> = HashMap::new();
-    for id in ids {
-        let list: ListContainersResponse = call(
-            &mut grpc,
-            "/runtime.v1.RuntimeService/ListContainers",
-            ListContainersRequest {
-                filter: Some(ContainerFilter { id: id.to_string() }),
-            },
-        )
-        .await?;
-        // The filter may match by prefix: only the container with this very id counts.
-        let Some(c) = list.containers.into_iter().find(|c| &c.id == *id) else {
+    let containers: ListContainersResponse = call(
+        &mut grpc,
+        "/runtime.v1.RuntimeService/ListContainers",
+        ListAll {},
+    )
+    .await
+    .map_err(|e| Failure::Other(status("ListContainers", &e)))?;
+    let pods: ListPodSandboxResponse = call(
+        &mut grpc,
+        "/runtime.v1.RuntimeService/ListPodSandbox",
+        ListAll {},
+    )
+    .await
+    .map_err(|e| Failure::Other(status("ListPodSandbox", &e)))?;
+    let pods: HashMap<String, PodSandboxMetadata> = pods
+        .items
+        .into_iter()
+        .filter_map(|p| Some((p.id, p.metadata?)))
+        .collect();
+    let some = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    for c in containers.containers {
+        if !ids.contains(&c.id) {
             continue;
-        };
-        let pod = match pods.get(&c.pod_sandbox_id) {
-            Some(p) => p.clone(),
-            None => {
-                let status: PodSandboxStatusResponse = call(
-                    &mut grpc,
-                    "/runtime.v1.RuntimeService/PodSandboxStatus",
-                    PodSandboxStatusRequest {
-                        pod_sandbox_id: c.pod_sandbox_id.clone(),
-                    },
-                )
-                .await?;
-                let p = status.status.and_then(|s| s.metadata);
-                pods.insert(c.pod_sandbox_id.clone(), p.clone());
-                p
-            }
-        };
-        let some = |s: String| (!s.is_empty()).then_some(s);
-        let (pod, namespace, pod_uid) = match pod {
-            Some(p) => (some(p.name), some(p.namespace), some(p.uid)),
-            None => (None, None, None),
-        };
+        }
+        let pod = pods.get(&c.pod_sandbox_id);
         found.insert(
-            id.to_string(),
+            c.id,
             Named {
                 runtime,
-                name: c.metadata.and_then(|m| some(m.name)),
-                pod,
-                namespace,
-                pod_uid,
+                name: c.metadata.and_then(|m| some(&m.name)),
+                pod: pod.and_then(|p| some(&p.name)),
+                namespace: pod.and_then(|p| some(&p.namespace)),
+                pod_uid: pod.and_then(|p| some(&p.uid)),
             },
         );
     }
     Ok(())
 }
 
-async fn connect(socket: &Path) -> Result<Channel, tonic::transport::Error> {
-    let socket = socket.to_owned();
+fn status(method: &str, e: &tonic::Status) -> String {
+    format!("{method}: {:?}: {}", e.code(), e.message())
+}
+
+/// A gRPC channel to the unix socket at `path`.
+pub async fn connect(path: &Path) -> Result<Channel, tonic::transport::Error> {
+    let path = path.to_owned();
     // The URI is required by the API and unused: the connector dials the socket.
     Endpoint::from_static("http://localhost")
-        .connect_timeout(BUDGET)
-        .timeout(BUDGET)
         .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
+            let path = path.clone();
             async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
+                Ok::<_, io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
             }
         }))
         .await
@@ -319,12 +350,14 @@ async fn call<Req, Resp>(
     grpc: &mut Grpc<Channel>,
     method: &'static str,
     req: Req,
-) -> Result<Resp, Failure>
+) -> Result<Resp, tonic::Status>
 where
     Req: prost::Message + Send + Sync + 'static,
     Resp: prost::Message + Default + Send + Sync + 'static,
 {
-    grpc.ready().await.map_err(|e| format!("{method}: {e}"))?;
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(chain(&e)))?;
     grpc.unary(
         tonic::Request::new(req),
         PathAndQuery::from_static(method),
@@ -332,10 +365,6 @@ where
     )
     .await
     .map(tonic::Response::into_inner)
-    .map_err(|e| match e.code() {
-        tonic::Code::Unimplemented => Failure::NoService,
-        _ => Failure::Other(format!("{method}: {}", e.message())),
-    })
 }
 
 #[cfg(test)]
@@ -353,15 +382,10 @@ mod tests {
 
     #[test]
     fn requests_are_what_the_generated_bindings_read() {
-        let list: cri_v1::ListContainersRequest = recode(&ListContainersRequest {
-            filter: Some(ContainerFilter { id: "abc".into() }),
-        });
-        assert_eq!(list.filter.expect("a filter").id, "abc");
-        let pod: cri_v1::PodSandboxStatusRequest = recode(&PodSandboxStatusRequest {
-            pod_sandbox_id: "p1".into(),
-        });
-        assert_eq!(pod.pod_sandbox_id, "p1");
-        assert!(!pod.verbose);
+        let list: cri_v1::ListContainersRequest = recode(&ListAll {});
+        assert_eq!(list.filter, None);
+        let pods: cri_v1::ListPodSandboxRequest = recode(&ListAll {});
+        assert_eq!(pods.filter, None);
         let v: cri_v1::VersionRequest = recode(&VersionRequest {
             version: "v1".into(),
         });
@@ -401,8 +425,8 @@ mod tests {
                 }),
             }]
         );
-        let status: PodSandboxStatusResponse = recode(&cri_v1::PodSandboxStatusResponse {
-            status: Some(cri_v1::PodSandboxStatus {
+        let pods: ListPodSandboxResponse = recode(&cri_v1::ListPodSandboxResponse {
+            items: vec![cri_v1::PodSandbox {
                 id: "p1".into(),
                 metadata: Some(cri_v1::PodSandboxMetadata {
                     name: "web-0".into(),
@@ -413,18 +437,20 @@ mod tests {
                 state: cri_v1::PodSandboxState::SandboxReady as i32,
                 created_at: 7,
                 labels: [("x".into(), "y".into())].into(),
-                ..Default::default()
-            }),
-            info: [("info".into(), "{}".into())].into(),
-            ..Default::default()
+                annotations: [("a".into(), "b".into())].into(),
+                runtime_handler: "runc".into(),
+            }],
         });
         assert_eq!(
-            status.status.and_then(|s| s.metadata),
-            Some(PodSandboxMetadata {
-                name: "web-0".into(),
-                uid: "u-1".into(),
-                namespace: "shop".into(),
-            })
+            pods.items,
+            vec![PodSandbox {
+                id: "p1".into(),
+                metadata: Some(PodSandboxMetadata {
+                    name: "web-0".into(),
+                    uid: "u-1".into(),
+                    namespace: "shop".into(),
+                }),
+            }]
         );
         let v: VersionResponse = recode(&cri_v1::VersionResponse {
             version: "0.1.0".into(),
@@ -455,7 +481,10 @@ mod tests {
         let ids = vec!["f".repeat(64)];
         assert!(cri.ask(&ids).is_empty());
         server.join().unwrap();
-        assert!(cri.quiet_until.lock().unwrap().contains_key(&path));
+        assert!(matches!(
+            cri.standing.lock().unwrap().get(&path),
+            Some(Standing::Failing(_))
+        ));
         let began = Instant::now();
         assert!(cri.ask(&ids).is_empty());
         assert!(

@@ -172,12 +172,53 @@ impl Roots {
 impl Drop for Roots {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.dir);
+        let _ = fs::remove_dir_all(homes());
     }
 }
 
-/// Users' homes in tests: one directory per uid, in this process's temp space.
+/// Users' homes in tests: one directory per uid under this process's temp directory.
 fn test_home(uid: u32) -> Option<PathBuf> {
-    Some(std::env::temp_dir().join(format!("udpmon-home-{uid}-{}", std::process::id())))
+    Some(homes().join(uid.to_string()))
+}
+
+fn homes() -> PathBuf {
+    std::env::temp_dir().join(format!("udpmon-homes-{}", std::process::id()))
+}
+
+/// What a CRI runtime service says of a container overrides the path's guess of the runtime
+/// and the state files' names; the pod uid the cgroup path gave stays.
+#[test]
+fn the_cri_names_kubelets_containers() {
+    let r = Roots::new("cri");
+    let named = cri::Named {
+        runtime: Runtime::CriO,
+        name: Some("dns".into()),
+        pod: Some("resolver-0".into()),
+        namespace: Some("infra".into()),
+        pod_uid: Some("from-the-cri".into()),
+    };
+    let mut state = State {
+        roots: &r.roots,
+        storage_names: HashMap::new(),
+        cri: [(ID.to_owned(), named)].into(),
+    };
+    let mut c = parse_path(&format!("/kubepods/besteffort/pod{UID}/{ID}")).unwrap();
+    state.describe(&mut c, None);
+    assert_eq!(
+        c,
+        Container {
+            id: ID.into(),
+            runtime: Some(Runtime::CriO),
+            name: Some("dns".into()),
+            pod: Some("resolver-0".into()),
+            namespace: Some("infra".into()),
+            pod_uid: Some(UID.into()),
+        }
+    );
+    // A container the service does not know is named from the files, as before.
+    let mut other = parse_path(&format!("/kubepods/besteffort/pod{UID}/{ID2}")).unwrap();
+    state.describe(&mut other, None);
+    assert_eq!((other.runtime, other.name), (None, None));
 }
 
 /// Rootless Podman: the container's cgroup is under its user's systemd manager, and its name
@@ -204,7 +245,6 @@ fn rootless_podman_names_from_the_users_storage() {
     // Another user's container of the same id is not this user's.
     let other = one(&r.roots, &path.replace("1000", "1001")).unwrap();
     assert_eq!(other.name, None);
-    let _ = fs::remove_dir_all(&home);
 }
 
 #[test]
@@ -220,7 +260,6 @@ fn users_of_cgroup_paths() {
         user_of("/user.slice/user-0.slice/user@0.service/a"),
         Some(0)
     );
-    assert_eq!(home_of(0).as_deref(), Some(Path::new("/root")));
 }
 
 fn one(roots: &StateRoots, path: &str) -> Option<Container> {

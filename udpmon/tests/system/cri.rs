@@ -1,5 +1,7 @@
 //! Issue 14, item 1: Kubernetes names from the CRI runtime service. A containerd of the test's
-//! own (Debian's, its CRI plugin, runc, the native snapshotter; every path in a temp dir)
+//! own (Debian's, its CRI plugin, runc, the native snapshotter; its state, runc's and its
+//! socket in a temp dir: only the shim's sockets go to /run/containerd/s, which the shim
+//! does not let one move)
 //! is driven through the CRI exactly as kubelet drives it: a pod sandbox `shop/web-0` with a
 //! pod uid and kubelet's cgroupfs parent, and in it a container `resolver` from the busybox
 //! image built `FROM scratch`. The pod shares the host's network (a pod network needs CNI
@@ -17,10 +19,9 @@ use std::{
     time::Duration,
 };
 
-use hyper_util::rt::TokioIo;
 use k8s_cri::v1::{self as cri, runtime_service_client::RuntimeServiceClient};
 use serde_json::Value;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use crate::{
     behaviour::once,
@@ -35,11 +36,13 @@ const CONTAINER: &str = "resolver";
 /// The test's containerd, stopped with what it ran however the scenario ends.
 struct Containerd {
     dir: PathBuf,
-    daemon: Child,
+    daemon: Option<Child>,
     image: String,
     rt: tokio::runtime::Runtime,
     client: Option<RuntimeServiceClient<Channel>>,
     sandbox: Option<String>,
+    /// The pod's cgroup (kubelet's cgroupfs layout), which runc leaves behind.
+    pod_cgroup: Option<String>,
 }
 
 impl Containerd {
@@ -59,28 +62,40 @@ impl Containerd {
         let dir = std::env::temp_dir().join(tag);
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("temp dir");
-        let image = format!("localhost/{tag}:latest");
+        // Made before anything that can fail, so that its Drop cleans up whatever was made.
+        let mut me = Self {
+            dir,
+            daemon: None,
+            image: format!("localhost/{tag}:latest"),
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime"),
+            client: None,
+            sandbox: None,
+            pod_cgroup: None,
+        };
         // A sandbox container runs its image's command for the pod's lifetime.
         build_image(
-            &dir.join("image"),
+            &me.dir.join("image"),
             &busybox,
-            &image,
+            &me.image,
             "ENTRYPOINT [\"/bin/busybox\", \"sleep\", \"3600\"]\n",
         );
-        let archive = dir.join("image.tar");
+        let archive = me.dir.join("image.tar");
         podman_ok(&[
             "save",
             "--format",
             "docker-archive",
             "--output",
             &archive.display().to_string(),
-            &image,
+            &me.image,
         ]);
-        let d = dir.display();
+        let (d, image) = (me.dir.display(), &me.image);
         // restrict_oom_score_adj: a sandbox asks for -998, which this machine's root may not
         // set; no CNI directories exist, and a pod on the host's network needs none.
         fs::write(
-            dir.join("config.toml"),
+            me.dir.join("config.toml"),
             format!(
                 r#"version = 2
 root = "{d}/root"
@@ -96,6 +111,8 @@ state = "{d}/state"
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        Root = "{d}/runc"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{d}/cni-bin"
     conf_dir = "{d}/cni-conf"
@@ -103,38 +120,19 @@ state = "{d}/state"
             ),
         )
         .expect("writing containerd's config");
-        let daemon = Command::new("containerd")
-            .arg("--config")
-            .arg(dir.join("config.toml"))
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.join("containerd.log")).expect("log file"))
-            .spawn()
-            .expect("starting containerd");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        let mut me = Self {
-            dir,
-            daemon,
-            image,
-            rt,
-            client: None,
-            sandbox: None,
-        };
+        me.daemon = Some(
+            Command::new("containerd")
+                .arg("--config")
+                .arg(me.dir.join("config.toml"))
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(me.dir.join("containerd.log")).expect("log file"))
+                .spawn()
+                .expect("starting containerd"),
+        );
         let socket = Self::socket(&me.dir);
         wait_until("containerd's socket", 30, || socket.exists());
-        let sock = socket.clone();
-        let client = me.rt.block_on(async move {
-            let ch = Endpoint::from_static("http://localhost")
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let s = sock.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(
-                            tokio::net::UnixStream::connect(s).await?,
-                        ))
-                    }
-                }))
+        let client = me.rt.block_on(async {
+            let ch = udpmon::container::cri::connect(&socket)
                 .await
                 .expect("connecting to containerd");
             RuntimeServiceClient::new(ch)
@@ -211,6 +209,7 @@ state = "{d}/state"
         });
         let sandbox = sandbox.unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", self.log()));
         self.sandbox = Some(sandbox.clone());
+        self.pod_cgroup = Some(format!("kubepods/besteffort/pod{pod_uid}"));
         let id = self.rt.block_on(async {
             let id = c
                 .create_container(cri::CreateContainerRequest {
@@ -271,11 +270,55 @@ impl Drop for Containerd {
             });
         }
         self.client = None;
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
+        if let Some(pod) = &self.pod_cgroup {
+            // What the removal left running, if it did not finish: every process of the pod.
+            for h in hierarchies() {
+                let procs = h.join(pod).join("cgroup.procs");
+                for pid in fs::read_to_string(&procs).unwrap_or_default().lines() {
+                    let _ = Command::new("kill").args(["-KILL", pid]).status();
+                }
+            }
+        }
+        if let Some(mut d) = self.daemon.take() {
+            // SIGTERM, so that containerd closes its shims' connections and its database.
+            let _ = Command::new("kill").arg(d.id().to_string()).status();
+            let stopped = (0..100).any(|_| {
+                std::thread::sleep(Duration::from_millis(50));
+                d.try_wait().is_ok_and(|s| s.is_some())
+            });
+            if !stopped {
+                let _ = d.kill();
+                let _ = d.wait();
+            }
+        }
+        if let Some(pod) = &self.pod_cgroup {
+            // runc removes the containers' cgroups but not the pod's, nor kubelet's parents:
+            // the deepest first, each only if empty.
+            for h in hierarchies() {
+                for dir in [pod.as_str(), "kubepods/besteffort", "kubepods"] {
+                    let _ = fs::remove_dir(h.join(dir));
+                }
+            }
+        }
+        // The shims' socket directory, if nothing else uses it.
+        let _ = fs::remove_dir("/run/containerd/s");
+        let _ = fs::remove_dir("/run/containerd");
         let _ = podman(&["rmi", "--force", &self.image]);
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Every mounted cgroup hierarchy (v1 controllers, the v2 tree, systemd's).
+fn hierarchies() -> Vec<PathBuf> {
+    fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (point, fs) = (f.nth(1)?, f.next()?);
+            matches!(fs, "cgroup" | "cgroup2").then(|| PathBuf::from(point))
+        })
+        .collect()
 }
 
 pub fn cri_containerd(st: Strategy) -> Outcome {

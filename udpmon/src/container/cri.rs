@@ -247,6 +247,18 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// The kind of the system error under a connection's failure, however deep tonic wraps it.
+fn io_kind(e: &tonic::transport::Error) -> Option<io::ErrorKind> {
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<io::Error>() {
+            return Some(io.kind());
+        }
+        cause = c.source();
+    }
+    None
+}
+
 /// Asks the service at `socket` for every container and pod it has, adding those of `ids`
 /// to `found`: two calls whatever the number of ids.
 async fn names(
@@ -255,11 +267,7 @@ async fn names(
     found: &mut HashMap<String, Named>,
 ) -> Result<(), Failure> {
     let channel = connect(socket).await.map_err(|e| {
-        let denied = e
-            .source()
-            .and_then(|s| s.downcast_ref::<io::Error>())
-            .is_some_and(|io| io.kind() == io::ErrorKind::PermissionDenied);
-        if denied {
+        if io_kind(&e) == Some(io::ErrorKind::PermissionDenied) {
             // The packaged service's user may not connect to a socket that only root may.
             Failure::Ignored("permission denied (connecting needs write access to the socket)")
         } else {
@@ -459,6 +467,21 @@ mod tests {
             runtime_api_version: "v1".into(),
         });
         assert_eq!(v.runtime_name, "cri-o");
+    }
+
+    /// What refused a connection is found under tonic's wrapping (permission denied is told
+    /// apart from a runtime that fails this way).
+    #[test]
+    fn a_refused_connection_says_why() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let e = rt
+            .block_on(connect(Path::new("/nonexistent/udpmon-cri.sock")))
+            .unwrap_err();
+        assert_eq!(io_kind(&e), Some(io::ErrorKind::NotFound));
+        assert!(chain(&e).contains("No such file"), "{}", chain(&e));
     }
 
     /// A socket where something that is not a runtime service listens: no names, and it is

@@ -41,7 +41,7 @@ use std::{
 };
 
 use cookies::CookieMap;
-use flow::{Addr, Flow, FlowTable, State};
+use flow::{Addr, Flow, FlowRef, FlowTable, State};
 pub use flow::{Counters, FlowId};
 use hashbrown::{HashMap, hash_map::Entry};
 use owners::{Held, Owners, UNKNOWN};
@@ -275,13 +275,18 @@ impl Engine {
             .flows
             .ids()
             .iter()
-            .filter(|i| self.flows.get(i).is_some_and(|f| f.summarised))
+            .filter(|i| self.flow(i).is_some_and(|f| f.summarised))
             .count() as u64;
         let (new, closed) = self.busy.values().fold((0, 0), |(n, c), b| {
             (n + b.counts.new_flows, c + b.counts.closed)
         });
-        let is = self.flows.get(id).is_some_and(|f| f.summarised);
+        let is = self.flow(id).is_some_and(|f| f.summarised);
         (live, is, new, closed)
+    }
+
+    #[cfg(test)]
+    fn flow(&self, id: &FlowId) -> Option<&Flow> {
+        self.flows.get(self.flows.find(id)?)
     }
 
     #[cfg(test)]
@@ -292,7 +297,7 @@ impl Engine {
         let census = self.peers.census();
         let mut seen = vec![(0u32, 0u32); census.len()];
         for id in self.flows.ids() {
-            let Some(f) = self.flows.get(&id) else {
+            let Some(f) = self.flow(&id) else {
                 continue;
             };
             if f.peer.is_linked() {
@@ -370,8 +375,8 @@ impl Engine {
         // of a tick at 1M flows, and the reports of one tick share its time. A tick opens no
         // flow, so the slots stay put; those it frees are passed over.
         for slot in 0..self.flows.slots() {
-            if let Some(id) = self.flows.at(slot) {
-                self.tick_flow(id, now_ns, counters, &mut out);
+            if let Some(r) = self.flows.at(slot) {
+                self.tick_flow(r, now_ns, counters, &mut out);
             }
         }
         // After every flow told its peer what it sent and heard.
@@ -444,8 +449,9 @@ impl Engine {
         });
     }
 
-    fn tick_flow(&mut self, id: FlowId, now: u64, counters: CountersFn<'_>, out: &mut Vec<Report>) {
-        let Some(flow) = self.flows.get_mut(&id) else {
+    fn tick_flow(&mut self, r: FlowRef, now: u64, counters: CountersFn<'_>, out: &mut Vec<Report>) {
+        let id = self.flows.id(r);
+        let Some(flow) = self.flows.get_mut(r) else {
             return;
         };
         if let Some(c) = counters(&id)
@@ -488,7 +494,7 @@ impl Engine {
             // A silence reported at peer scope ends with the peer's RESUMED, not the flow's.
             if reported {
                 self.flow_report(
-                    &id,
+                    r,
                     ReportKind::Resumed,
                     c.last_rx_ns,
                     Detail::Resumed { after, quiet_ns },
@@ -496,13 +502,12 @@ impl Engine {
                 );
             }
         }
-        self.flows.touch(&id, c.last_ns());
-        let last_activity = self.flows.last_activity(&id).unwrap_or(now);
-        if now.saturating_sub(last_activity) >= ns(self.cfg.idle_timeout) {
+        self.flows.seen(r, c.last_ns());
+        if now.saturating_sub(self.flows.last_seen(r)) >= ns(self.cfg.idle_timeout) {
             self.close_flow(&id, CloseReason::Idle, now, counters, out);
             return;
         }
-        let Some(flow) = self.flows.get_mut(&id) else {
+        let Some(flow) = self.flows.get_mut(r) else {
             return;
         };
         if matches!(
@@ -532,7 +537,7 @@ impl Engine {
             };
             if reported {
                 self.flow_report(
-                    &id,
+                    r,
                     ReportKind::Silent,
                     now,
                     Detail::Silent { no_reply_ns, sends },
@@ -660,13 +665,14 @@ impl Engine {
 
     fn flow_report(
         &mut self,
-        id: &FlowId,
+        r: FlowRef,
         kind: ReportKind,
         ts_ns: u64,
         detail: Detail,
         out: &mut Vec<Report>,
     ) {
-        let Some(flow) = self.flows.get_mut(id) else {
+        let id = self.flows.id(r);
+        let Some(flow) = self.flows.get_mut(r) else {
             return;
         };
         flow.reported = true;
@@ -693,7 +699,8 @@ impl Engine {
     }
 
     /// Ties a flow the local side opened to its peer across flows (see `peer.rs`).
-    fn join_peer(&mut self, id: &FlowId, ts_ns: u64) {
+    fn join_peer(&mut self, r: FlowRef, ts_ns: u64) {
+        let id = self.flows.id(r);
         if !peer::can_answer(&id.remote) {
             return;
         }
@@ -701,7 +708,7 @@ impl Engine {
             Some(s) => (s.owner.as_ref().unwrap_or(&self.unknown), s.netns),
             None => (&self.unknown, 0),
         };
-        let Some(flow) = self.flows.get_mut(id) else {
+        let Some(flow) = self.flows.get_mut(r) else {
             return;
         };
         // As learned, as the last owner of a closed port is (an ICMP error after the socket
@@ -713,8 +720,8 @@ impl Engine {
     }
 
     /// Tells a flow's peer what the flow's counters show now.
-    fn sync_peer(&mut self, id: &FlowId, out: &mut Vec<Report>) {
-        if let Some(flow) = self.flows.get_mut(id)
+    fn sync_peer(&mut self, r: FlowRef, out: &mut Vec<Report>) {
+        if let Some(flow) = self.flows.get_mut(r)
             && flow.peer.is_linked()
         {
             let c = flow.counters;
@@ -732,7 +739,7 @@ impl Engine {
         ts_ns: u64,
         counters: CountersFn<'_>,
         out: &mut Vec<Report>,
-    ) {
+    ) -> FlowRef {
         while self.flows.len() >= self.cfg.max_flows {
             let Some(victim) = self.flows.least_active() else {
                 break;
@@ -741,8 +748,8 @@ impl Engine {
             self.stats.flows_evicted += 1;
         }
         flow.summarised = !flow.preexisting && self.count_new_flow(id.cookie, flow.family, ts_ns);
-        self.flows.insert(id, flow, ts_ns);
         self.stats.flows_opened += 1;
+        self.flows.insert(id, flow, ts_ns)
     }
 
     /// A new flow of a socket: counted for the busy-socket rule; whether it is summarised.
@@ -892,7 +899,8 @@ impl Engine {
                 }
             }
         };
-        let Some(flow) = self.flows.get_mut(&id) else {
+        let found = self.flows.find(&id);
+        let Some((r, flow)) = found.and_then(|r| Some((r, self.flows.get_mut(r)?))) else {
             let mut flow = Flow::new(local, ev.family, ev.ts_ns);
             flow.counters = seen;
             // The kernel created the flow's entry with this datagram, at this time.
@@ -902,7 +910,7 @@ impl Engine {
             } else {
                 flow.set_first_rx_ns(ev.ts_ns);
             }
-            self.open_flow(id, flow, ev.ts_ns, counters, out);
+            let r = self.open_flow(id, flow, ev.ts_ns, counters, out);
             let kind = if via == Via::Send {
                 ReportKind::Connect
             } else {
@@ -912,11 +920,11 @@ impl Engine {
                 via,
                 bytes: Some(bytes),
             };
-            self.flow_report(&id, kind, ev.ts_ns, detail, out);
+            self.flow_report(r, kind, ev.ts_ns, detail, out);
             // A peer that spoke first is a client of ours: only our own flows count for it.
             if via == Via::Send {
-                self.join_peer(&id, ev.ts_ns);
-                self.sync_peer(&id, out);
+                self.join_peer(r, ev.ts_ns);
+                self.sync_peer(r, out);
             }
             return;
         };
@@ -962,10 +970,10 @@ impl Engine {
             _ => None,
         };
         flow.established |= established.is_some();
-        self.flows.touch(&id, ev.ts_ns);
+        self.flows.seen(r, ev.ts_ns);
         if let Some(reply_after_ns) = established {
             let detail = Detail::Established { reply_after_ns };
-            self.flow_report(&id, ReportKind::Establish, ev.ts_ns, detail, out);
+            self.flow_report(r, ReportKind::Establish, ev.ts_ns, detail, out);
         }
     }
 
@@ -1004,19 +1012,19 @@ impl Engine {
             cookie: ev.cookie,
             remote: ev.remote,
         };
-        if self.flows.contains(&id) {
+        if let Some(r) = self.flows.find(&id) {
             // An unconnected socket that already talked to this peer: same flow.
-            self.flows.touch(&id, ev.ts_ns);
+            self.flows.seen(r, ev.ts_ns);
             return;
         }
         let flow = Flow::new(self.local_of(ev), family_of(&ev.remote), ev.ts_ns);
-        self.open_flow(id, flow, ev.ts_ns, counters, out);
+        let r = self.open_flow(id, flow, ev.ts_ns, counters, out);
         let detail = Detail::Opened {
             via: Via::Connect,
             bytes: None,
         };
-        self.flow_report(&id, ReportKind::Connect, ev.ts_ns, detail, out);
-        self.join_peer(&id, ev.ts_ns);
+        self.flow_report(r, ReportKind::Connect, ev.ts_ns, detail, out);
+        self.join_peer(r, ev.ts_ns);
     }
 
     fn existing(&mut self, ev: &KernelEvent, counters: CountersFn<'_>, out: &mut Vec<Report>) {
@@ -1027,14 +1035,14 @@ impl Engine {
             cookie: ev.cookie,
             remote: ev.remote,
         };
-        if self.flows.contains(&id) {
+        if self.flows.find(&id).is_some() {
             return;
         }
         let mut flow = Flow::new(self.local_of(ev), ev.family, ev.ts_ns);
         flow.preexisting = true;
-        self.open_flow(id, flow, ev.ts_ns, counters, out);
+        let r = self.open_flow(id, flow, ev.ts_ns, counters, out);
         // A connected socket is, as a rule, a client: its peer is one it asked.
-        self.join_peer(&id, ev.ts_ns);
+        self.join_peer(r, ev.ts_ns);
     }
 
     fn icmp_info(&self, ev: &KernelEvent, icmp: &Icmp, connected: bool) -> UnreachableInfo {
@@ -1066,20 +1074,24 @@ impl Engine {
             cookie: ev.cookie,
             remote,
         };
-        if !self.flows.contains(&id) {
-            let flow = Flow::new(self.local_of(ev), ev.family, ev.ts_ns);
-            self.open_flow(id, flow, ev.ts_ns, counters, out);
-            // An error came back, so the local side sent to the peer.
-            self.join_peer(&id, ev.ts_ns);
-        }
+        let r = match self.flows.find(&id) {
+            Some(r) => r,
+            None => {
+                let flow = Flow::new(self.local_of(ev), ev.family, ev.ts_ns);
+                let r = self.open_flow(id, flow, ev.ts_ns, counters, out);
+                // An error came back, so the local side sent to the peer.
+                self.join_peer(r, ev.ts_ns);
+                r
+            }
+        };
         let connected = ev.connected
             || self
                 .sockets
                 .get(&ev.cookie)
                 .is_some_and(|s| s.connected == Some(Addr::new(remote)));
         let info = self.icmp_info(ev, icmp, connected);
-        self.flows.touch(&id, ev.ts_ns);
-        let Some(flow) = self.flows.get_mut(&id) else {
+        self.flows.seen(r, ev.ts_ns);
+        let Some(flow) = self.flows.get_mut(r) else {
             return;
         };
         flow.count_icmp_error();
@@ -1117,7 +1129,7 @@ impl Engine {
             return;
         }
         self.flow_report(
-            &id,
+            r,
             ReportKind::Unreachable,
             ev.ts_ns,
             Detail::Unreachable(info),
@@ -1165,9 +1177,9 @@ impl Engine {
             cookie: ev.cookie,
             remote,
         });
-        if let Some(id) = id.filter(|id| self.flows.contains(id)) {
-            self.flows.touch(&id, ev.ts_ns);
-            let Some(flow) = self.flows.get_mut(&id) else {
+        if let Some(r) = id.and_then(|id| self.flows.find(&id)) {
+            self.flows.seen(r, ev.ts_ns);
+            let Some(flow) = self.flows.get_mut(r) else {
                 return;
             };
             flow.count_app_error();
@@ -1184,7 +1196,7 @@ impl Engine {
                 errno,
                 after_unreachable_ns,
             };
-            self.flow_report(&id, ReportKind::AppError, ev.ts_ns, detail, out);
+            self.flow_report(r, ReportKind::AppError, ev.ts_ns, detail, out);
             return;
         }
         // A call that is not about a tracked flow: a sendto() refused before any datagram

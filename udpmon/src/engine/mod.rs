@@ -202,15 +202,12 @@ fn anywhere(family: Family) -> SocketAddr {
     SocketAddr::new(ip, 0)
 }
 
-/// Keeps the most precise local address: a new port replaces the old one (a disconnect can
-/// re-bind), and a specific address replaces a wildcard one on the same port.
-fn refine_local(cur: &mut SocketAddr, seen: SocketAddr) {
-    if seen.port() == 0 {
-        return;
-    }
-    if seen.port() != cur.port() || !seen.ip().is_unspecified() {
-        *cur = seen;
-    }
+/// Whether `seen` is a more precise local address than the one known, on `port`: a new port
+/// replaces the old one (a disconnect can re-bind), and a specific address replaces a
+/// wildcard one on the same port. Only the port is asked for, so that the known address
+/// need not be unpacked when it stays.
+fn refines_local(port: u16, seen: &SocketAddr) -> bool {
+    seen.port() != 0 && (seen.port() != port || !seen.ip().is_unspecified())
 }
 
 impl Engine {
@@ -594,9 +591,10 @@ impl Engine {
         if ev.who.netns != 0 {
             sock.netns = ev.who.netns;
         }
-        let mut local = sock.local.get();
-        refine_local(&mut local, ev.local);
-        sock.local = Addr::new(local);
+        if refines_local(sock.local.get().port(), &ev.local) {
+            sock.local = Addr::new(ev.local);
+        }
+        let port = sock.local.get().port();
         if !ev.task_unrelated {
             // As the socket's namespace knows it (a hook may not have seen it).
             let who = Identity {
@@ -613,9 +611,9 @@ impl Engine {
             sock.connected = Some(Addr::new(ev.remote));
         }
         if let Some(owner) = &sock.owner
-            && local.port() != 0
+            && port != 0
         {
-            match self.port_owners.entry((sock.netns, local.port())) {
+            match self.port_owners.entry((sock.netns, port)) {
                 // Nearly every event: the port's owner as it was.
                 Entry::Occupied(e)
                     if e.get().closed_ns.is_none() && Arc::ptr_eq(&e.get().owner, owner) => {}
@@ -655,12 +653,10 @@ impl Engine {
     }
 
     fn local_of(&self, ev: &KernelEvent) -> SocketAddr {
-        let mut local = self
-            .sockets
-            .get(&ev.cookie)
-            .map_or(ev.local, |s| s.local.get());
-        refine_local(&mut local, ev.local);
-        local
+        match self.sockets.get(&ev.cookie) {
+            Some(s) if !refines_local(s.local.get().port(), &ev.local) => s.local.get(),
+            _ => ev.local,
+        }
     }
 
     fn flow_report(
@@ -928,9 +924,9 @@ impl Engine {
             }
             return;
         };
-        let mut flow_local = flow.local();
-        refine_local(&mut flow_local, local);
-        flow.set_local(flow_local);
+        if refines_local(flow.local().port(), &local) {
+            flow.set_local(local);
+        }
         if flow.kernel_first_ns == 0 && flow.first_tx_ns().is_none() && flow.first_rx_ns().is_none()
         {
             // A flow opened by connect() or learned at startup: this datagram made its entry.

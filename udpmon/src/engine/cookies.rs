@@ -35,12 +35,20 @@ impl<V> CookieMap<V> {
         self.entries.len()
     }
 
+    #[inline]
     fn find(&self, cookie: u64) -> Option<usize> {
-        let entries = &self.entries;
-        let last = self.last.get();
-        if entries.get(last as usize).is_some_and(|e| e.0 == cookie) {
-            return Some(last as usize);
+        let last = self.last.get() as usize;
+        if self.entries.get(last).is_some_and(|e| e.0 == cookie) {
+            return Some(last);
         }
+        self.look_up(cookie)
+    }
+
+    /// [`CookieMap::find`] past the position found last: kept out of line, so that the
+    /// check before it is inlined into each caller.
+    #[inline(never)]
+    fn look_up(&self, cookie: u64) -> Option<usize> {
+        let entries = &self.entries;
         let i = *self.table.find(self.hasher.hash_one(cookie), |&i| {
             entries[i as usize].0 == cookie
         })?;

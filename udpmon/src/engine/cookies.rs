@@ -5,7 +5,7 @@
 //! (the table doubles past 7/8 full). Here the entries sit densely in a `Vec`, and the hash
 //! table holds only their positions (4 bytes each); a removal moves the last entry into
 //! the hole.
-use std::hash::BuildHasher;
+use std::{cell::Cell, hash::BuildHasher};
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 
@@ -13,6 +13,10 @@ pub(super) struct CookieMap<V> {
     entries: Vec<(u64, V)>,
     table: HashTable<u32>,
     hasher: DefaultHashBuilder,
+    /// The position [`CookieMap::find`] found last: one event asks for its socket several
+    /// times (to learn from it, for the local address, the owner of each report, the peer).
+    /// Checked against the entry, so never stale.
+    last: Cell<u32>,
 }
 
 impl<V> Default for CookieMap<V> {
@@ -21,6 +25,7 @@ impl<V> Default for CookieMap<V> {
             entries: Vec::new(),
             table: HashTable::new(),
             hasher: DefaultHashBuilder::default(),
+            last: Cell::new(0),
         }
     }
 }
@@ -30,13 +35,25 @@ impl<V> CookieMap<V> {
         self.entries.len()
     }
 
+    #[inline]
     fn find(&self, cookie: u64) -> Option<usize> {
+        let last = self.last.get() as usize;
+        if self.entries.get(last).is_some_and(|e| e.0 == cookie) {
+            return Some(last);
+        }
+        self.look_up(cookie)
+    }
+
+    /// [`CookieMap::find`] past the position found last: kept out of line, so that the
+    /// check before it is inlined into each caller.
+    #[inline(never)]
+    fn look_up(&self, cookie: u64) -> Option<usize> {
         let entries = &self.entries;
-        self.table
-            .find(self.hasher.hash_one(cookie), |&i| {
-                entries[i as usize].0 == cookie
-            })
-            .map(|&i| i as usize)
+        let i = *self.table.find(self.hasher.hash_one(cookie), |&i| {
+            entries[i as usize].0 == cookie
+        })?;
+        self.last.set(i);
+        Some(i as usize)
     }
 
     pub fn get(&self, cookie: &u64) -> Option<&V> {
@@ -63,6 +80,7 @@ impl<V> CookieMap<V> {
                     .insert_unique(hasher.hash_one(cookie), pos, |&j| {
                         hasher.hash_one(entries[j as usize].0)
                     });
+                self.last.set(pos);
                 i
             }
         };

@@ -7,13 +7,12 @@
 //! [`Oldest`]). Fields that most flows never use (error counts, a recreated kernel entry's
 //! counts) live in a box of their own.
 use std::{
-    cell::Cell,
     collections::BTreeSet,
     hash::{BuildHasher, Hash, Hasher},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use hashbrown::{DefaultHashBuilder, HashTable};
+use hashbrown::{DefaultHashBuilder, HashTable, hash_table};
 use udpmon_common::{
     FlowKey, FlowStats,
     event::{AF_INET, AF_INET6},
@@ -361,6 +360,13 @@ impl Flow {
 /// Sentinel slot number: none.
 const NIL: u32 = u32::MAX;
 
+/// Where a flow is in its [`FlowTable`]: looked up once per event and handed to each step
+/// that needs the flow (open, report, join its peer, tell the peer), where a lookup by id
+/// per step cost more than the steps. Valid until the flow is removed: the table checks
+/// that a flow is still there, not which one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct FlowRef(u32);
+
 struct Slot {
     cookie: u64,
     remote: Addr,
@@ -407,8 +413,6 @@ pub(super) struct FlowTable {
     heads: HashTable<u32>,
     hasher: DefaultHashBuilder,
     oldest: Option<Oldest>,
-    /// The slot [`FlowTable::find`] found last.
-    last_found: Cell<u32>,
 }
 
 impl Default for FlowTable {
@@ -421,7 +425,6 @@ impl Default for FlowTable {
             heads: HashTable::new(),
             hasher: DefaultHashBuilder::default(),
             oldest: None,
-            last_found: Cell::new(NIL),
         }
     }
 }
@@ -452,42 +455,28 @@ impl FlowTable {
         self.len
     }
 
-    fn find(&self, id: &FlowId) -> Option<u32> {
+    pub fn find(&self, id: &FlowId) -> Option<FlowRef> {
         let remote = Addr::new(id.remote);
-        let is = |i: u32| {
-            self.slots
-                .get(i as usize)
-                .is_some_and(|s| s.cookie == id.cookie && s.remote == remote && s.flow.is_some())
-        };
-        // The engine looks a flow up several times in a row for one event (open, report,
-        // join its peer, tell the peer); checked against the slot, so never stale.
-        let last = self.last_found.get();
-        if is(last) {
-            return Some(last);
-        }
-        let found = self
-            .index
-            .find(hash_id(&self.hasher, id.cookie, &remote), |&i| is(i))
-            .copied();
-        if let Some(i) = found {
-            self.last_found.set(i);
-        }
-        found
+        let slots = &self.slots;
+        self.index
+            .find(hash_id(&self.hasher, id.cookie, &remote), |&i| {
+                let s = &slots[i as usize];
+                s.cookie == id.cookie && s.remote == remote
+            })
+            .map(|&i| FlowRef(i))
     }
 
     #[cfg(test)]
-    pub fn get(&self, id: &FlowId) -> Option<&Flow> {
-        let i = self.find(id)?;
-        self.slots[i as usize].flow.as_ref()
+    pub fn get(&self, r: FlowRef) -> Option<&Flow> {
+        self.slots.get(r.0 as usize)?.flow.as_ref()
     }
 
-    pub fn get_mut(&mut self, id: &FlowId) -> Option<&mut Flow> {
-        let i = self.find(id)?;
-        self.slots[i as usize].flow.as_mut()
+    pub fn get_mut(&mut self, r: FlowRef) -> Option<&mut Flow> {
+        self.slots.get_mut(r.0 as usize)?.flow.as_mut()
     }
 
-    pub fn contains(&self, id: &FlowId) -> bool {
-        self.find(id).is_some()
+    pub fn id(&self, r: FlowRef) -> FlowId {
+        self.slots[r.0 as usize].id()
     }
 
     /// Keeps `oldest` true to its rule for a flow whose activity became `at`.
@@ -506,24 +495,42 @@ impl FlowTable {
         }
     }
 
-    pub fn insert(&mut self, id: FlowId, flow: Flow, ts_ns: u64) {
-        if let Some(i) = self.find(&id) {
-            let s = &mut self.slots[i as usize];
-            s.flow = Some(flow);
-            s.at = ts_ns;
-            self.note_activity(ts_ns, &id);
-            return;
-        }
+    /// Adds a flow, or replaces the one with its id.
+    pub fn insert(&mut self, id: FlowId, flow: Flow, ts_ns: u64) -> FlowRef {
         let remote = Addr::new(id.remote);
+        let (slots, hasher) = (&mut self.slots, &self.hasher);
+        // One probe for both the lookup and the insertion.
+        let entry = self.index.entry(
+            hash_id(hasher, id.cookie, &remote),
+            |&i| {
+                let s = &slots[i as usize];
+                s.cookie == id.cookie && s.remote == remote
+            },
+            |&j| {
+                let s = &slots[j as usize];
+                hash_id(hasher, s.cookie, &s.remote)
+            },
+        );
+        let vacant = match entry {
+            hash_table::Entry::Occupied(e) => {
+                let i = *e.get();
+                let s = &mut slots[i as usize];
+                s.flow = Some(flow);
+                s.at = ts_ns;
+                self.note_activity(ts_ns, &id);
+                return FlowRef(i);
+            }
+            hash_table::Entry::Vacant(e) => e,
+        };
         let i = if self.free == NIL {
-            self.slots.push(Slot::default());
-            u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 flows")
+            slots.push(Slot::default());
+            u32::try_from(slots.len() - 1).expect("fewer than 2^32 flows")
         } else {
             let i = self.free;
-            self.free = self.slots[i as usize].next;
+            self.free = slots[i as usize].next;
             i
         };
-        let (slots, hasher) = (&mut self.slots, &self.hasher);
+        vacant.insert(i);
         let hc = hash_cookie(hasher, id.cookie);
         let head = self
             .heads
@@ -549,14 +556,9 @@ impl FlowTable {
             next,
             flow: Some(flow),
         };
-        self.index
-            .insert_unique(hash_id(hasher, id.cookie, &remote), i, |&j| {
-                let s = &slots[j as usize];
-                hash_id(hasher, s.cookie, &s.remote)
-            });
         self.len += 1;
-        self.last_found.set(i);
         self.note_activity(ts_ns, &id);
+        FlowRef(i)
     }
 
     pub fn remove(&mut self, id: &FlowId) -> Option<Flow> {
@@ -600,18 +602,32 @@ impl FlowTable {
 
     /// Records activity at `ts_ns`; activity never moves backwards (events can arrive
     /// slightly out of order across CPUs).
-    pub fn touch(&mut self, id: &FlowId, ts_ns: u64) {
-        if let Some(i) = self.find(id) {
-            let s = &mut self.slots[i as usize];
-            if ts_ns > s.at {
-                s.at = ts_ns;
-                self.note_activity(ts_ns, id);
+    pub fn seen(&mut self, r: FlowRef, ts_ns: u64) {
+        let s = &mut self.slots[r.0 as usize];
+        if ts_ns > s.at {
+            s.at = ts_ns;
+            // The id is wanted only by the order for eviction, once the table was full.
+            if self.oldest.is_some() {
+                let id = s.id();
+                self.note_activity(ts_ns, &id);
             }
         }
     }
 
+    pub fn last_seen(&self, r: FlowRef) -> u64 {
+        self.slots[r.0 as usize].at
+    }
+
+    #[cfg(test)]
+    pub fn touch(&mut self, id: &FlowId, ts_ns: u64) {
+        if let Some(r) = self.find(id) {
+            self.seen(r, ts_ns);
+        }
+    }
+
+    #[cfg(test)]
     pub fn last_activity(&self, id: &FlowId) -> Option<u64> {
-        self.find(id).map(|i| self.slots[i as usize].at)
+        self.find(id).map(|r| self.last_seen(r))
     }
 
     /// The flow with the oldest activity (the smallest id among equals).
@@ -675,13 +691,11 @@ impl FlowTable {
         self.slots.len() as u32
     }
 
-    /// The flow in `slot`, if there is one; the next lookups of it cost nothing. A walk over
-    /// every flow that reads the table front to back and looks none of them up.
-    pub fn at(&self, slot: u32) -> Option<FlowId> {
-        let s = self.slots.get(slot as usize)?;
-        s.flow.as_ref()?;
-        self.last_found.set(slot);
-        Some(s.id())
+    /// The flow in `slot`, if there is one: a walk over every flow that reads the table
+    /// front to back and looks none of them up.
+    pub fn at(&self, slot: u32) -> Option<FlowRef> {
+        self.slots.get(slot as usize)?.flow.as_ref()?;
+        Some(FlowRef(slot))
     }
 
     /// A socket's flows, in address order.

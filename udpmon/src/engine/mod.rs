@@ -41,7 +41,7 @@ use std::{
 };
 
 use cookies::CookieMap;
-use flow::{Addr, Flow, FlowTable, State};
+use flow::{Addr, Flow, FlowRef, FlowTable, State};
 pub use flow::{Counters, FlowId};
 use hashbrown::{HashMap, hash_map::Entry};
 use owners::{Held, Owners, UNKNOWN};
@@ -202,15 +202,12 @@ fn anywhere(family: Family) -> SocketAddr {
     SocketAddr::new(ip, 0)
 }
 
-/// Keeps the most precise local address: a new port replaces the old one (a disconnect can
-/// re-bind), and a specific address replaces a wildcard one on the same port.
-fn refine_local(cur: &mut SocketAddr, seen: SocketAddr) {
-    if seen.port() == 0 {
-        return;
-    }
-    if seen.port() != cur.port() || !seen.ip().is_unspecified() {
-        *cur = seen;
-    }
+/// Whether `seen` is a more precise local address than the one known, on `port`: a new port
+/// replaces the old one (a disconnect can re-bind), and a specific address replaces a
+/// wildcard one on the same port. Only the port is asked for, so that the known address
+/// need not be unpacked when it stays.
+fn refines_local(port: u16, seen: &SocketAddr) -> bool {
+    seen.port() != 0 && (seen.port() != port || !seen.ip().is_unspecified())
 }
 
 impl Engine {
@@ -275,13 +272,18 @@ impl Engine {
             .flows
             .ids()
             .iter()
-            .filter(|i| self.flows.get(i).is_some_and(|f| f.summarised))
+            .filter(|i| self.flow(i).is_some_and(|f| f.summarised))
             .count() as u64;
         let (new, closed) = self.busy.values().fold((0, 0), |(n, c), b| {
             (n + b.counts.new_flows, c + b.counts.closed)
         });
-        let is = self.flows.get(id).is_some_and(|f| f.summarised);
+        let is = self.flow(id).is_some_and(|f| f.summarised);
         (live, is, new, closed)
+    }
+
+    #[cfg(test)]
+    fn flow(&self, id: &FlowId) -> Option<&Flow> {
+        self.flows.get(self.flows.find(id)?)
     }
 
     #[cfg(test)]
@@ -292,7 +294,7 @@ impl Engine {
         let census = self.peers.census();
         let mut seen = vec![(0u32, 0u32); census.len()];
         for id in self.flows.ids() {
-            let Some(f) = self.flows.get(&id) else {
+            let Some(f) = self.flow(&id) else {
                 continue;
             };
             if f.peer.is_linked() {
@@ -380,8 +382,8 @@ impl Engine {
         // of a tick at 1M flows, and the reports of one tick share its time. A tick opens no
         // flow, so the slots stay put; those it frees are passed over.
         for slot in 0..self.flows.slots() {
-            if let Some(id) = self.flows.at(slot) {
-                self.tick_flow(id, now_ns, counters, &mut out);
+            if let Some(r) = self.flows.at(slot) {
+                self.tick_flow(r, now_ns, counters, &mut out);
             }
         }
         // After every flow told its peer what it sent and heard.
@@ -454,8 +456,9 @@ impl Engine {
         });
     }
 
-    fn tick_flow(&mut self, id: FlowId, now: u64, counters: CountersFn<'_>, out: &mut Vec<Report>) {
-        let Some(flow) = self.flows.get_mut(&id) else {
+    fn tick_flow(&mut self, r: FlowRef, now: u64, counters: CountersFn<'_>, out: &mut Vec<Report>) {
+        let id = self.flows.id(r);
+        let Some(flow) = self.flows.get_mut(r) else {
             return;
         };
         if let Some(c) = counters(&id)
@@ -498,7 +501,7 @@ impl Engine {
             // A silence reported at peer scope ends with the peer's RESUMED, not the flow's.
             if reported {
                 self.flow_report(
-                    &id,
+                    r,
                     ReportKind::Resumed,
                     c.last_rx_ns,
                     Detail::Resumed { after, quiet_ns },
@@ -506,13 +509,12 @@ impl Engine {
                 );
             }
         }
-        self.flows.touch(&id, c.last_ns());
-        let last_activity = self.flows.last_activity(&id).unwrap_or(now);
-        if now.saturating_sub(last_activity) >= ns(self.cfg.idle_timeout) {
+        self.flows.seen(r, c.last_ns());
+        if now.saturating_sub(self.flows.last_seen(r)) >= ns(self.cfg.idle_timeout) {
             self.close_flow(&id, CloseReason::Idle, now, counters, out);
             return;
         }
-        let Some(flow) = self.flows.get_mut(&id) else {
+        let Some(flow) = self.flows.get_mut(r) else {
             return;
         };
         if matches!(
@@ -542,7 +544,7 @@ impl Engine {
             };
             if reported {
                 self.flow_report(
-                    &id,
+                    r,
                     ReportKind::Silent,
                     now,
                     Detail::Silent { no_reply_ns, sends },
@@ -599,9 +601,10 @@ impl Engine {
         if ev.who.netns != 0 {
             sock.netns = ev.who.netns;
         }
-        let mut local = sock.local.get();
-        refine_local(&mut local, ev.local);
-        sock.local = Addr::new(local);
+        if refines_local(sock.local.get().port(), &ev.local) {
+            sock.local = Addr::new(ev.local);
+        }
+        let port = sock.local.get().port();
         if !ev.task_unrelated {
             // As the socket's namespace knows it (a hook may not have seen it).
             let who = Identity {
@@ -618,9 +621,9 @@ impl Engine {
             sock.connected = Some(Addr::new(ev.remote));
         }
         if let Some(owner) = &sock.owner
-            && local.port() != 0
+            && port != 0
         {
-            match self.port_owners.entry((sock.netns, local.port())) {
+            match self.port_owners.entry((sock.netns, port)) {
                 // Nearly every event: the port's owner as it was.
                 Entry::Occupied(e)
                     if e.get().closed_ns.is_none() && Arc::ptr_eq(&e.get().owner, owner) => {}
@@ -660,23 +663,22 @@ impl Engine {
     }
 
     fn local_of(&self, ev: &KernelEvent) -> SocketAddr {
-        let mut local = self
-            .sockets
-            .get(&ev.cookie)
-            .map_or(ev.local, |s| s.local.get());
-        refine_local(&mut local, ev.local);
-        local
+        match self.sockets.get(&ev.cookie) {
+            Some(s) if !refines_local(s.local.get().port(), &ev.local) => s.local.get(),
+            _ => ev.local,
+        }
     }
 
     fn flow_report(
         &mut self,
-        id: &FlowId,
+        r: FlowRef,
         kind: ReportKind,
         ts_ns: u64,
         detail: Detail,
         out: &mut Vec<Report>,
     ) {
-        let Some(flow) = self.flows.get_mut(id) else {
+        let id = self.flows.id(r);
+        let Some(flow) = self.flows.get_mut(r) else {
             return;
         };
         flow.reported = true;
@@ -703,7 +705,8 @@ impl Engine {
     }
 
     /// Ties a flow the local side opened to its peer across flows (see `peer.rs`).
-    fn join_peer(&mut self, id: &FlowId, ts_ns: u64) {
+    fn join_peer(&mut self, r: FlowRef, ts_ns: u64) {
+        let id = self.flows.id(r);
         if !peer::can_answer(&id.remote) {
             return;
         }
@@ -711,7 +714,7 @@ impl Engine {
             Some(s) => (s.owner.as_ref().unwrap_or(&self.unknown), s.netns),
             None => (&self.unknown, 0),
         };
-        let Some(flow) = self.flows.get_mut(id) else {
+        let Some(flow) = self.flows.get_mut(r) else {
             return;
         };
         // As learned, as the last owner of a closed port is (an ICMP error after the socket
@@ -723,8 +726,8 @@ impl Engine {
     }
 
     /// Tells a flow's peer what the flow's counters show now.
-    fn sync_peer(&mut self, id: &FlowId, out: &mut Vec<Report>) {
-        if let Some(flow) = self.flows.get_mut(id)
+    fn sync_peer(&mut self, r: FlowRef, out: &mut Vec<Report>) {
+        if let Some(flow) = self.flows.get_mut(r)
             && flow.peer.is_linked()
         {
             let c = flow.counters;
@@ -742,7 +745,7 @@ impl Engine {
         ts_ns: u64,
         counters: CountersFn<'_>,
         out: &mut Vec<Report>,
-    ) {
+    ) -> FlowRef {
         while self.flows.len() >= self.cfg.max_flows {
             let Some(victim) = self.flows.least_active() else {
                 break;
@@ -751,8 +754,8 @@ impl Engine {
             self.stats.flows_evicted += 1;
         }
         flow.summarised = !flow.preexisting && self.count_new_flow(id.cookie, flow.family, ts_ns);
-        self.flows.insert(id, flow, ts_ns);
         self.stats.flows_opened += 1;
+        self.flows.insert(id, flow, ts_ns)
     }
 
     /// A new flow of a socket: counted for the busy-socket rule; whether it is summarised.
@@ -902,7 +905,8 @@ impl Engine {
                 }
             }
         };
-        let Some(flow) = self.flows.get_mut(&id) else {
+        let found = self.flows.find(&id);
+        let Some((r, flow)) = found.and_then(|r| Some((r, self.flows.get_mut(r)?))) else {
             let mut flow = Flow::new(local, ev.family, ev.ts_ns);
             flow.counters = seen;
             // The kernel created the flow's entry with this datagram, at this time.
@@ -912,7 +916,7 @@ impl Engine {
             } else {
                 flow.set_first_rx_ns(ev.ts_ns);
             }
-            self.open_flow(id, flow, ev.ts_ns, counters, out);
+            let r = self.open_flow(id, flow, ev.ts_ns, counters, out);
             let kind = if via == Via::Send {
                 ReportKind::Connect
             } else {
@@ -922,17 +926,17 @@ impl Engine {
                 via,
                 bytes: Some(bytes),
             };
-            self.flow_report(&id, kind, ev.ts_ns, detail, out);
+            self.flow_report(r, kind, ev.ts_ns, detail, out);
             // A peer that spoke first is a client of ours: only our own flows count for it.
             if via == Via::Send {
-                self.join_peer(&id, ev.ts_ns);
-                self.sync_peer(&id, out);
+                self.join_peer(r, ev.ts_ns);
+                self.sync_peer(r, out);
             }
             return;
         };
-        let mut flow_local = flow.local();
-        refine_local(&mut flow_local, local);
-        flow.set_local(flow_local);
+        if refines_local(flow.local().port(), &local) {
+            flow.set_local(local);
+        }
         if flow.kernel_first_ns == 0 && flow.first_tx_ns().is_none() && flow.first_rx_ns().is_none()
         {
             // A flow opened by connect() or learned at startup: this datagram made its entry.
@@ -972,10 +976,10 @@ impl Engine {
             _ => None,
         };
         flow.established |= established.is_some();
-        self.flows.touch(&id, ev.ts_ns);
+        self.flows.seen(r, ev.ts_ns);
         if let Some(reply_after_ns) = established {
             let detail = Detail::Established { reply_after_ns };
-            self.flow_report(&id, ReportKind::Establish, ev.ts_ns, detail, out);
+            self.flow_report(r, ReportKind::Establish, ev.ts_ns, detail, out);
         }
     }
 
@@ -1014,19 +1018,19 @@ impl Engine {
             cookie: ev.cookie,
             remote: ev.remote,
         };
-        if self.flows.contains(&id) {
+        if let Some(r) = self.flows.find(&id) {
             // An unconnected socket that already talked to this peer: same flow.
-            self.flows.touch(&id, ev.ts_ns);
+            self.flows.seen(r, ev.ts_ns);
             return;
         }
         let flow = Flow::new(self.local_of(ev), family_of(&ev.remote), ev.ts_ns);
-        self.open_flow(id, flow, ev.ts_ns, counters, out);
+        let r = self.open_flow(id, flow, ev.ts_ns, counters, out);
         let detail = Detail::Opened {
             via: Via::Connect,
             bytes: None,
         };
-        self.flow_report(&id, ReportKind::Connect, ev.ts_ns, detail, out);
-        self.join_peer(&id, ev.ts_ns);
+        self.flow_report(r, ReportKind::Connect, ev.ts_ns, detail, out);
+        self.join_peer(r, ev.ts_ns);
     }
 
     fn existing(&mut self, ev: &KernelEvent, counters: CountersFn<'_>, out: &mut Vec<Report>) {
@@ -1037,14 +1041,14 @@ impl Engine {
             cookie: ev.cookie,
             remote: ev.remote,
         };
-        if self.flows.contains(&id) {
+        if self.flows.find(&id).is_some() {
             return;
         }
         let mut flow = Flow::new(self.local_of(ev), ev.family, ev.ts_ns);
         flow.preexisting = true;
-        self.open_flow(id, flow, ev.ts_ns, counters, out);
+        let r = self.open_flow(id, flow, ev.ts_ns, counters, out);
         // A connected socket is, as a rule, a client: its peer is one it asked.
-        self.join_peer(&id, ev.ts_ns);
+        self.join_peer(r, ev.ts_ns);
     }
 
     fn icmp_info(&self, ev: &KernelEvent, icmp: &Icmp, connected: bool) -> UnreachableInfo {
@@ -1076,20 +1080,24 @@ impl Engine {
             cookie: ev.cookie,
             remote,
         };
-        if !self.flows.contains(&id) {
-            let flow = Flow::new(self.local_of(ev), ev.family, ev.ts_ns);
-            self.open_flow(id, flow, ev.ts_ns, counters, out);
-            // An error came back, so the local side sent to the peer.
-            self.join_peer(&id, ev.ts_ns);
-        }
+        let r = match self.flows.find(&id) {
+            Some(r) => r,
+            None => {
+                let flow = Flow::new(self.local_of(ev), ev.family, ev.ts_ns);
+                let r = self.open_flow(id, flow, ev.ts_ns, counters, out);
+                // An error came back, so the local side sent to the peer.
+                self.join_peer(r, ev.ts_ns);
+                r
+            }
+        };
         let connected = ev.connected
             || self
                 .sockets
                 .get(&ev.cookie)
                 .is_some_and(|s| s.connected == Some(Addr::new(remote)));
         let info = self.icmp_info(ev, icmp, connected);
-        self.flows.touch(&id, ev.ts_ns);
-        let Some(flow) = self.flows.get_mut(&id) else {
+        self.flows.seen(r, ev.ts_ns);
+        let Some(flow) = self.flows.get_mut(r) else {
             return;
         };
         flow.count_icmp_error();
@@ -1127,7 +1135,7 @@ impl Engine {
             return;
         }
         self.flow_report(
-            &id,
+            r,
             ReportKind::Unreachable,
             ev.ts_ns,
             Detail::Unreachable(info),
@@ -1175,9 +1183,9 @@ impl Engine {
             cookie: ev.cookie,
             remote,
         });
-        if let Some(id) = id.filter(|id| self.flows.contains(id)) {
-            self.flows.touch(&id, ev.ts_ns);
-            let Some(flow) = self.flows.get_mut(&id) else {
+        if let Some(r) = id.and_then(|id| self.flows.find(&id)) {
+            self.flows.seen(r, ev.ts_ns);
+            let Some(flow) = self.flows.get_mut(r) else {
                 return;
             };
             flow.count_app_error();
@@ -1194,7 +1202,7 @@ impl Engine {
                 errno,
                 after_unreachable_ns,
             };
-            self.flow_report(&id, ReportKind::AppError, ev.ts_ns, detail, out);
+            self.flow_report(r, ReportKind::AppError, ev.ts_ns, detail, out);
             return;
         }
         // A call that is not about a tracked flow: a sendto() refused before any datagram

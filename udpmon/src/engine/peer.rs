@@ -226,28 +226,34 @@ impl PeerIndex {
         self.table.len()
     }
 
-    fn get(&self, key: &PeerKey) -> Option<u32> {
+    /// The hash [`PeerIndex::get`] and [`PeerIndex::insert`] take: a new peer is looked up
+    /// and then filed, and its key hashed once for both.
+    fn hash(&self, key: &PeerKey) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    fn get(&self, key: &PeerKey, hash: u64) -> Option<u32> {
         let keys = &self.keys;
         self.table
-            .find(self.hasher.hash_one(key), |&i| keys[i as usize] == *key)
+            .find(hash, |&i| keys[i as usize] == *key)
             .copied()
     }
 
     #[cfg(test)]
     fn contains_key(&self, key: &PeerKey) -> bool {
-        self.get(key).is_some()
+        self.get(key, self.hash(key)).is_some()
     }
 
-    /// Files `key` under slot `i`, the next slot or one whose key was removed.
-    fn insert(&mut self, key: PeerKey, i: u32) {
+    /// Files `key` (whose hash is `hash`) under slot `i`, the next slot or one whose key was
+    /// removed.
+    fn insert(&mut self, key: PeerKey, hash: u64, i: u32) {
         let (keys, hasher) = (&mut self.keys, &self.hasher);
         match keys.get_mut(i as usize) {
             Some(k) => *k = key,
             None => keys.push(key),
         }
-        self.table.insert_unique(hasher.hash_one(key), i, |&j| {
-            hasher.hash_one(keys[j as usize])
-        });
+        self.table
+            .insert_unique(hash, i, |&j| hasher.hash_one(keys[j as usize]));
     }
 
     /// Unfiles slot `i` (its key stays until the slot is reused).
@@ -468,7 +474,8 @@ impl PeerTable {
         local: SocketAddr,
         ts_ns: u64,
     ) -> PeerLink {
-        let idx = if let Some(i) = self.index.get(&key) {
+        let hash = self.index.hash(&key);
+        let idx = if let Some(i) = self.index.get(&key, hash) {
             if self.slots[i as usize].peer.flows == 0 {
                 self.unlink(i);
             }
@@ -506,7 +513,7 @@ impl PeerTable {
                 self.evicted += 1;
                 victim
             };
-            self.index.insert(key, i);
+            self.index.insert(key, hash, i);
             i
         };
         self.slots[idx as usize].peer.merge_local(local);
@@ -621,7 +628,7 @@ impl PeerTable {
 
     /// The peer's slot, if it is remembered.
     pub fn find(&self, key: &PeerKey) -> Option<u32> {
-        self.index.get(key)
+        self.index.get(key, self.index.hash(key))
     }
 
     /// A new UNREACHABLE for the peer (one per flow and error; see the module's rules):

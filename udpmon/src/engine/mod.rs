@@ -366,7 +366,7 @@ impl Engine {
     /// Folds in a flow's kernel counters read in bulk before a tick (which then needs no
     /// counters of its own); a flow the engine does not track is passed over.
     pub fn absorb(&mut self, id: &FlowId, c: &Counters) {
-        if let Some(flow) = self.flows.get_mut(id)
+        if let Some(flow) = self.flows.find(id).and_then(|r| self.flows.get_mut(r))
             && flow.absorb(c)
         {
             self.stats.kernel_entries_renewed += 1;

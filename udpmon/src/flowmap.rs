@@ -99,15 +99,20 @@ impl Batches {
             // BATCH elements whose layouts are the map's key and value (repr(C), shared with
             // the eBPF side), one token into `token_out`, and `count` back into `attr`.
             let err = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
+            // The end of the map comes with its last entries, if any.
+            let end = match err {
+                None => false,
+                Some(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+                // Other failures may leave `count` as it was sent: the buffers then hold
+                // the previous call's entries, no reading of now.
+                Some(e) => return Err(e),
+            };
             let n = (attr.count as usize).min(BATCH);
             for (k, v) in self.keys[..n].iter().zip(&self.values[..n]) {
                 each(k, v);
             }
-            match err {
-                None => {}
-                // The end of the map (the last entries, if any, came with it).
-                Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-                Some(e) => return Err(e),
+            if end {
+                return Ok(());
             }
             token_in = token_out;
             first = false;
@@ -279,6 +284,29 @@ mod tests {
         let entries = read_all(&mut batches, &map);
         assert!(!entries.contains_key(&key(61)) && !entries.contains_key(&key(63)));
         assert_eq!(entries.len(), want.len() - 2);
+    }
+
+    /// A failed read hands nothing on, though the buffers still hold an earlier read's
+    /// entries.
+    #[test]
+    fn a_failed_read_gives_no_entries() {
+        let map = match lru_map(64) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("\n*** SKIPPED: cannot create a BPF map ({e}): needs root ***\n");
+                return;
+            }
+        };
+        for i in 0..10 {
+            update(&map, &key(i), &FlowStats::default()).unwrap();
+        }
+        let mut batches = Batches::default();
+        assert_eq!(read_all(&mut batches, &map).len(), 10);
+        // Not a map: the kernel refuses it before writing anything back.
+        let not_a_map = std::fs::File::open("/dev/null").unwrap();
+        let mut handed = 0;
+        assert!(batches.read(not_a_map.as_fd(), |_, _| handed += 1).is_err());
+        assert_eq!(handed, 0);
     }
 
     #[test]

@@ -362,8 +362,8 @@ const NIL: u32 = u32::MAX;
 
 /// Where a flow is in its [`FlowTable`]: looked up once per event and handed to each step
 /// that needs the flow (open, report, join its peer, tell the peer), where a lookup by id
-/// per step cost more than the steps. Valid until the flow is removed: the table checks
-/// that a flow is still there, not which one.
+/// per step cost more than the steps. Valid until the flow is removed: `get_mut` checks that
+/// a flow is still there (not which one), the other accessors only in debug builds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct FlowRef(u32);
 
@@ -476,7 +476,9 @@ impl FlowTable {
     }
 
     pub fn id(&self, r: FlowRef) -> FlowId {
-        self.slots[r.0 as usize].id()
+        let s = &self.slots[r.0 as usize];
+        debug_assert!(s.flow.is_some(), "a FlowRef to a freed slot");
+        s.id()
     }
 
     /// Keeps `oldest` true to its rule for a flow whose activity became `at`.
@@ -604,6 +606,7 @@ impl FlowTable {
     /// slightly out of order across CPUs).
     pub fn seen(&mut self, r: FlowRef, ts_ns: u64) {
         let s = &mut self.slots[r.0 as usize];
+        debug_assert!(s.flow.is_some(), "a FlowRef to a freed slot");
         if ts_ns > s.at {
             s.at = ts_ns;
             // The id is wanted only by the order for eviction, once the table was full.
@@ -615,7 +618,9 @@ impl FlowTable {
     }
 
     pub fn last_seen(&self, r: FlowRef) -> u64 {
-        self.slots[r.0 as usize].at
+        let s = &self.slots[r.0 as usize];
+        debug_assert!(s.flow.is_some(), "a FlowRef to a freed slot");
+        s.at
     }
 
     #[cfg(test)]

@@ -187,6 +187,7 @@ pub struct StateRoots {
     pub crio_run: PathBuf,
     /// containerd's task bundles: `<namespace>/<id>/config.json`.
     pub containerd_tasks: PathBuf,
+    /// The CRI runtime services to ask for Kubernetes names.
     pub cri: cri::Cri,
     /// A user's home directory, where rootless Podman keeps its containers-storage.
     pub home_of: fn(u32) -> Option<PathBuf>,

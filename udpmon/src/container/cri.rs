@@ -7,7 +7,7 @@
 //! gRPC comes from tonic and the wire format from prost. The messages are declared here, by
 //! the field numbers of `runtime.v1` (k8s.io/cri-api `api.proto`), and only with the fields
 //! udpmon reads: prost skips the rest. Generated bindings (the `k8s-cri` crate) run `protoc`
-//! at build time, which every machine that builds udpmon would then need, for four messages;
+//! at build time, which every machine that builds udpmon would then need, for three calls;
 //! the system test drives containerd with them, and a unit test checks these declarations
 //! against them.
 use std::{

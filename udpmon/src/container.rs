@@ -273,7 +273,7 @@ struct State<'a> {
     /// Podman user's).
     storage_names: HashMap<PathBuf, HashMap<String, String>>,
     /// What the CRI runtime services said of this lookup's containers, by id.
-    cri: HashMap<String, cri::Named>,
+    cri: HashMap<String, Container>,
 }
 
 impl State<'_> {
@@ -380,12 +380,10 @@ impl State<'_> {
     /// Fills in the names; for a layout that does not say which runtime, the runtime whose
     /// service or state knows the id. `user`: the uid whose systemd manager the cgroup is under.
     fn describe(&mut self, c: &mut Container, user: Option<u32>) {
-        if let Some(n) = self.cri.get(&c.id) {
-            c.runtime = Some(n.runtime);
-            c.name.clone_from(&n.name);
-            c.pod.clone_from(&n.pod);
-            c.namespace.clone_from(&n.namespace);
-            c.pod_uid = c.pod_uid.take().or_else(|| n.pod_uid.clone());
+        if let Some(named) = self.cri.get(&c.id) {
+            let path_uid = c.pod_uid.take();
+            *c = named.clone();
+            c.pod_uid = path_uid.or(c.pod_uid.take());
             return;
         }
         let order = match c.runtime {

@@ -206,6 +206,15 @@ mod tests {
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
     }
 
+    /// A map of `max` entries, or None (said loudly) where this process may not make one.
+    fn map_or_skip(max: u32) -> Option<OwnedFd> {
+        lru_map(max)
+            .inspect_err(|e| {
+                eprintln!("\n*** SKIPPED: cannot create a BPF map ({e}): needs root ***\n")
+            })
+            .ok()
+    }
+
     fn update(map: &OwnedFd, k: &FlowKey, v: &FlowStats) -> io::Result<()> {
         // map_fd (u32, padded), key, value, flags
         let mut attr = [
@@ -246,12 +255,8 @@ mod tests {
 
     #[test]
     fn removals_delete_present_keys_and_skip_missing_ones() {
-        let map = match lru_map(1024) {
-            Ok(m) => m,
-            Err(e) => {
-                eprintln!("\n*** SKIPPED: cannot create a BPF map ({e}): needs root ***\n");
-                return;
-            }
+        let Some(map) = map_or_skip(1024) else {
+            return;
         };
         for i in 0..100 {
             update(&map, &key(i), &FlowStats::default()).unwrap();
@@ -290,12 +295,8 @@ mod tests {
     /// entries.
     #[test]
     fn a_failed_read_gives_no_entries() {
-        let map = match lru_map(64) {
-            Ok(m) => m,
-            Err(e) => {
-                eprintln!("\n*** SKIPPED: cannot create a BPF map ({e}): needs root ***\n");
-                return;
-            }
+        let Some(map) = map_or_skip(64) else {
+            return;
         };
         for i in 0..10 {
             update(&map, &key(i), &FlowStats::default()).unwrap();
@@ -313,12 +314,8 @@ mod tests {
     fn batches_read_every_entry() {
         // More entries than one batch, so the continuation token is exercised too.
         let n = (BATCH + BATCH / 2) as u64;
-        let map = match lru_map(2 * n as u32) {
-            Ok(m) => m,
-            Err(e) => {
-                eprintln!("\n*** SKIPPED: cannot create a BPF map ({e}): needs root ***\n");
-                return;
-            }
+        let Some(map) = map_or_skip(2 * n as u32) else {
+            return;
         };
         let mut batches = Batches::default();
         assert!(read_all(&mut batches, &map).is_empty());

@@ -27,7 +27,7 @@ use tonic::{
     transport::{Channel, Endpoint, Uri},
 };
 
-use super::Runtime;
+use super::{Container, Runtime};
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub(super) struct VersionRequest {
@@ -94,16 +94,6 @@ pub(super) struct PodSandboxMetadata {
     pub namespace: String,
 }
 
-/// What the runtime service says of a container.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Named {
-    pub runtime: Runtime,
-    pub name: Option<String>,
-    pub pod: Option<String>,
-    pub namespace: Option<String>,
-    pub pod_uid: Option<String>,
-}
-
 /// A lookup's whole budget, over every socket: containers' events are held until it ends.
 pub const BUDGET: Duration = Duration::from_secs(2);
 /// After a runtime service failed to answer, how long it is not asked again, so that a hung
@@ -147,8 +137,11 @@ impl Cri {
     /// that no service knows are left out, and so is everything when no socket is there.
     /// Must not be called from within an async runtime: the agent's is single-threaded, so
     /// a lookup off its thread could not drive its IO, and each lookup runs its own.
-    pub fn ask(&self, ids: &[String]) -> HashMap<String, Named> {
+    pub fn ask(&self, ids: &[String]) -> HashMap<String, Container> {
         let mut found = HashMap::new();
+        if ids.is_empty() {
+            return found;
+        }
         let sockets: Vec<PathBuf> = {
             let standing = self.standing.lock().expect("not poisoned");
             let now = Instant::now();
@@ -163,7 +156,7 @@ impl Cri {
                 .cloned()
                 .collect()
         };
-        if ids.is_empty() || sockets.is_empty() {
+        if sockets.is_empty() {
             return found;
         }
         let rt = match tokio::runtime::Builder::new_current_thread()
@@ -265,7 +258,7 @@ fn io_kind(e: &tonic::transport::Error) -> Option<io::ErrorKind> {
 async fn names(
     socket: &Path,
     ids: &[String],
-    found: &mut HashMap<String, Named>,
+    found: &mut HashMap<String, Container>,
 ) -> Result<(), Failure> {
     let channel = connect(socket).await.map_err(|e| {
         if io_kind(&e) == Some(io::ErrorKind::PermissionDenied) {
@@ -278,7 +271,7 @@ async fn names(
     let mut grpc = Grpc::new(channel);
     let version: VersionResponse = match call(
         &mut grpc,
-        "/runtime.v1.RuntimeService/Version",
+        VERSION,
         VersionRequest {
             version: "v1".into(),
         },
@@ -290,7 +283,7 @@ async fn names(
                 "no CRI runtime service (runtime.v1) there",
             ));
         }
-        other => other.map_err(|e| Failure::Other(status("Version", &e)))?,
+        other => other.map_err(|e| Failure::Other(status(VERSION, &e)))?,
     };
     let runtime = match version.runtime_name.as_str() {
         "containerd" => Runtime::Containerd,
@@ -298,20 +291,10 @@ async fn names(
         "docker" => Runtime::Docker,
         other => return Err(Failure::Other(format!("an unknown runtime, {other:?}"))),
     };
-    let containers: ListContainersResponse = call(
-        &mut grpc,
-        "/runtime.v1.RuntimeService/ListContainers",
-        ListAll {},
-    )
-    .await
-    .map_err(|e| Failure::Other(status("ListContainers", &e)))?;
-    let pods: ListPodSandboxResponse = call(
-        &mut grpc,
-        "/runtime.v1.RuntimeService/ListPodSandbox",
-        ListAll {},
-    )
-    .await
-    .map_err(|e| Failure::Other(status("ListPodSandbox", &e)))?;
+    let containers: ListContainersResponse =
+        list(&mut grpc, "/runtime.v1.RuntimeService/ListContainers").await?;
+    let pods: ListPodSandboxResponse =
+        list(&mut grpc, "/runtime.v1.RuntimeService/ListPodSandbox").await?;
     let pods: HashMap<String, PodSandboxMetadata> = pods
         .items
         .into_iter()
@@ -323,18 +306,29 @@ async fn names(
             continue;
         }
         let pod = pods.get(&c.pod_sandbox_id);
-        found.insert(
-            c.id,
-            Named {
-                runtime,
-                name: c.metadata.and_then(|m| some(&m.name)),
-                pod: pod.and_then(|p| some(&p.name)),
-                namespace: pod.and_then(|p| some(&p.namespace)),
-                pod_uid: pod.and_then(|p| some(&p.uid)),
-            },
-        );
+        let named = Container {
+            id: c.id.clone(),
+            runtime: Some(runtime),
+            name: c.metadata.and_then(|m| some(&m.name)),
+            pod: pod.and_then(|p| some(&p.name)),
+            namespace: pod.and_then(|p| some(&p.namespace)),
+            pod_uid: pod.and_then(|p| some(&p.uid)),
+        };
+        found.insert(c.id, named);
     }
     Ok(())
+}
+
+const VERSION: &str = "/runtime.v1.RuntimeService/Version";
+
+/// Every item of a `List*` method.
+async fn list<Resp>(grpc: &mut Grpc<Channel>, method: &'static str) -> Result<Resp, Failure>
+where
+    Resp: prost::Message + Default + Send + Sync + 'static,
+{
+    call(grpc, method, ListAll {})
+        .await
+        .map_err(|e| Failure::Other(status(method, &e)))
 }
 
 fn status(method: &str, e: &tonic::Status) -> String {

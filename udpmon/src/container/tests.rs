@@ -190,8 +190,9 @@ fn homes() -> PathBuf {
 #[test]
 fn the_cri_names_kubelets_containers() {
     let r = Roots::new("cri");
-    let named = cri::Named {
-        runtime: Runtime::CriO,
+    let named = Container {
+        id: ID.into(),
+        runtime: Some(Runtime::CriO),
         name: Some("dns".into()),
         pod: Some("resolver-0".into()),
         namespace: Some("infra".into()),

@@ -36,6 +36,11 @@ pub enum EventKind {
     /// A process that held a socket exec'd: its identity as it is now (`comm` is the new
     /// program's), no socket.
     Exec = 12,
+    /// A datagram, sent or received, on a flow that had none for more than
+    /// [`WAKE_NS`](crate::WAKE_NS): its addresses, `cookie` and `ts_ns` only.
+    /// Userspace reads the counters only of flows that are due or awake (see the engine's
+    /// tick), so this is how it learns that a quiet flow moves again.
+    Wake = 13,
 }
 
 impl EventKind {
@@ -53,6 +58,7 @@ impl EventKind {
             10 => Self::Holder,
             11 => Self::Exit,
             12 => Self::Exec,
+            13 => Self::Wake,
             _ => return None,
         })
     }

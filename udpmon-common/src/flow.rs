@@ -29,6 +29,15 @@ pub struct FlowStats {
 
 const _: () = assert!(core::mem::size_of::<FlowStats>() == 56);
 
+/// A flow quiet for longer than this (no datagram either way) that moves again is reported
+/// with a [`Wake`](crate::EventKind::Wake) record. Userspace lets a flow sleep (stops reading
+/// its counters every tick) only once it has been quiet for [`SLEEP_NS`], longer than this by
+/// more than a read takes, so that no datagram after its last read can go unreported.
+pub const WAKE_NS: u64 = 1_000_000_000;
+
+/// See [`WAKE_NS`].
+pub const SLEEP_NS: u64 = 2 * WAKE_NS;
+
 #[cfg(feature = "user")]
 // SAFETY: repr(C), no padding (checked above), every bit pattern is valid.
 unsafe impl aya::Pod for FlowKey {}

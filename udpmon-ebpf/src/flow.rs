@@ -3,7 +3,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_boot_ns};
-use udpmon_common::{Counter, EventKind, FlowKey, FlowStats};
+use udpmon_common::{Counter, EventKind, FlowKey, FlowStats, WAKE_NS};
 
 use crate::{
     maps::{FLOWS, SENDERS, TupleKey, count, emit},
@@ -64,7 +64,7 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
     };
     // SAFETY: BPF helper without preconditions.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let first = match FLOWS.get_ptr_mut(key) {
+    let seen = match FLOWS.get_ptr_mut(key) {
         Some(st) => bump(st, dir, d.bytes, now),
         None => {
             let mut st = FlowStats {
@@ -84,20 +84,37 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
                 }
             }
             match FLOWS.insert(key, st, BPF_NOEXIST as u64) {
-                Ok(()) => true,
+                Ok(()) => Seen::First,
                 // Another CPU created it between our lookup and insert.
                 Err(_) => match FLOWS.get_ptr_mut(key) {
                     Some(st) => bump(st, dir, d.bytes, now),
                     None => {
                         count(Counter::FlowInsertFailed);
-                        false
+                        Seen::Again
                     }
                 },
             }
         }
     };
-    if !first {
-        return;
+    match seen {
+        Seen::Again => return,
+        Seen::Woke => {
+            emit(|ev| {
+                ev.kind = EventKind::Wake as u16;
+                ev.family = d.family;
+                ev.ts_ns = now;
+                ev.cookie = d.cookie;
+                // Both addresses, so that userspace names the flow as the first
+                // datagram's record did (a v4-mapped pair is unmapped only as a pair).
+                ev.local = d.local;
+                ev.remote = d.remote;
+                ev.lport = d.lport;
+                ev.rport = d.rport;
+                true
+            });
+            return;
+        }
+        Seen::First => {}
     }
     if dir == Dir::Tx {
         let tk = TupleKey {
@@ -130,9 +147,18 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
     });
 }
 
-/// Returns true when this datagram is the first of its direction.
+/// What a datagram was to its flow's userspace reader.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// The first of its direction.
+    First,
+    /// The first after more than `WAKE_NS` without any.
+    Woke,
+    Again,
+}
+
 #[inline(always)]
-fn bump(st: *mut FlowStats, dir: Dir, bytes: u32, now: u64) -> bool {
+fn bump(st: *mut FlowStats, dir: Dir, bytes: u32, now: u64) -> Seen {
     // SAFETY: `st` points into a map value that stays valid for this program run; the
     // counters are only ever updated atomically.
     unsafe {
@@ -148,6 +174,8 @@ fn bump(st: *mut FlowStats, dir: Dir, bytes: u32, now: u64) -> bool {
                 &raw mut (*st).last_rx_ns,
             ),
         };
+        // Both directions' times: userspace sleeps a flow on the later of the two.
+        let quiet_since = (*st).last_tx_ns.max((*st).last_rx_ns);
         // The value returned by a fetching add needs BPF atomics v3 (5.12); a plain add
         // works from 5.8. Two CPUs may both see 0 and report "first" twice; the engine
         // treats the second as a repeat.
@@ -155,6 +183,12 @@ fn bump(st: *mut FlowStats, dir: Dir, bytes: u32, now: u64) -> bool {
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1);
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(b, bytes as u64);
         *last = now;
-        prev == 0
+        if prev == 0 {
+            Seen::First
+        } else if now.saturating_sub(quiet_since) > WAKE_NS {
+            Seen::Woke
+        } else {
+            Seen::Again
+        }
     }
 }

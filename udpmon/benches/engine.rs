@@ -184,10 +184,12 @@ fn rss_bytes() -> u64 {
     pages * u64::try_from(page).unwrap_or(4096)
 }
 
-/// Resident memory growth while an engine holds `flows` flows, `peers` per socket.
+/// Resident memory growth while an engine holds `flows` flows, `peers` per socket, after
+/// a tick put them all to sleep (so that their timers count too).
 fn rss(flows: usize, peers: usize) {
     let before = rss_bytes();
-    let engine = holding(flows, peers);
+    let mut engine = holding(flows, peers);
+    black_box(engine.on_tick(asleep_at(flows), &counters));
     let after = rss_bytes();
     println!("rss_before_bytes {before}");
     println!("rss_after_bytes {after}");
@@ -197,19 +199,28 @@ fn rss(flows: usize, peers: usize) {
     black_box(engine);
 }
 
+/// When the flows of [`holding`] (last active at 1 s + their number in ns) have been quiet
+/// for long enough to sleep.
+fn asleep_at(flows: usize) -> u64 {
+    1_000_000_000 + flows as u64 + udpmon_common::SLEEP_NS
+}
+
 /// What a tick costs an engine that holds `flows` flows, 4 per socket, none due for
-/// anything: one line per tick, after a first one.
+/// anything: one line per tick (`tick_ns`), after a first one (`first_tick_ns`), which finds
+/// every flow quiet for long enough to sleep and puts it to sleep.
 fn tick_time(flows: usize, reps: usize) {
     let mut engine = holding(flows, PEERS);
-    let mut now = 2_000_000_000u64;
+    let mut now = asleep_at(flows);
     for i in 0..=reps {
-        now += 1_000_000_000;
         let start = Instant::now();
         black_box(engine.on_tick(now, &counters));
         let ns = start.elapsed().as_nanos();
         if i > 0 {
             println!("tick_ns {ns}");
+        } else {
+            println!("first_tick_ns {ns}");
         }
+        now += 1_000_000_000;
     }
     println!("flows_tracked {}", engine.stats().flows_tracked);
 }

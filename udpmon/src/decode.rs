@@ -72,6 +72,8 @@ pub enum Fact {
     Exit,
     /// Process `tgid`, which held a socket, exec'd: the event names it as it is now. No socket.
     Exec,
+    /// A flow quiet for a while sent or received a datagram again. No owner.
+    Wake,
 }
 
 /// A decoded ring-buffer record.
@@ -217,6 +219,7 @@ pub fn decode_event(ev: &Event) -> Result<KernelEvent, DecodeError> {
         EventKind::Holder => Fact::Holder,
         EventKind::Exit => Fact::Exit,
         EventKind::Exec => Fact::Exec,
+        EventKind::Wake => Fact::Wake,
     };
     let (family, local, remote) = unmap_v4(
         family,
@@ -306,6 +309,23 @@ mod tests {
         let d = decode(&bytes(&ev)).unwrap();
         assert_eq!(d.remote, "[fd00:200::2]:7000".parse().unwrap());
         assert_eq!(d.fact, Fact::SendError { errno: 111 });
+    }
+
+    /// A wake names its flow as the flow's first-datagram record did, v4-mapped or not.
+    #[test]
+    fn decodes_a_wake_as_its_flow() {
+        let mut ev = Event::zeroed();
+        ev.kind = EventKind::Wake as u16;
+        ev.family = AF_INET6;
+        ev.cookie = 9;
+        ev.local = "::ffff:10.0.0.1".parse::<Ipv6Addr>().unwrap().octets();
+        ev.lport = 5000;
+        ev.remote = "::ffff:10.0.0.2".parse::<Ipv6Addr>().unwrap().octets();
+        ev.rport = 53;
+        let d = decode(&bytes(&ev)).unwrap();
+        assert_eq!(d.fact, Fact::Wake);
+        assert_eq!((d.cookie, d.family), (9, Family::V4));
+        assert_eq!(d.remote, "10.0.0.2:53".parse().unwrap());
     }
 
     #[test]

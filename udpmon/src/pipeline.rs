@@ -29,9 +29,9 @@ const CONTAINERS_MAX: usize = 16384;
 pub trait FlowCounters {
     /// A flow's counters now, for an event about it; None when the kernel holds none.
     fn now(&self, id: &FlowId) -> Option<Counters>;
-    /// Before a tick, which looks at every flow: every flow's counters, read in bulk, to
+    /// Before a tick that looks at most flows: every flow's counters, read in bulk, to
     /// `each`. False when the kernel cannot read in bulk: the tick asks [`now`](Self::now)
-    /// for each flow instead.
+    /// for each flow it looks at instead, as it does when it looks at few.
     fn read_all(&mut self, each: &mut dyn FnMut(&FlowId, &Counters)) -> bool;
     /// The flow ended: its kernel entry is deleted at the next [`flush`](Self::flush), so
     /// that new traffic opens it afresh, with events.
@@ -119,6 +119,13 @@ impl<K: FlowCounters> Pipeline<K> {
         match decode::raw(bytes).and_then(|raw| Ok((decode::decode_event(&raw)?, raw.netns_cookie)))
         {
             Ok((mut ev, netns_cookie)) => {
+                if ev.fact == Fact::Wake {
+                    // Names no one and waits for nothing: it only tells the next tick which
+                    // flow to look at (a flow held back behind a scan wakes when it opens).
+                    let kernel = &self.kernel;
+                    self.engine.on_event(&ev, &|id| kernel.now(id), reports);
+                    return;
+                }
                 // The engine takes a record's identity only from the task that ran the
                 // hook; a softirq record is named after its socket's owner.
                 if ev.fact == Fact::Exit {
@@ -263,8 +270,12 @@ impl<K: FlowCounters> Pipeline<K> {
     /// The engine's timers, at CLOCK_BOOTTIME `now`.
     pub fn tick(&mut self, now: u64) -> io::Result<()> {
         self.processes.tick();
+        // One lookup per flow the tick looks at, unless that is most of them: a bulk read
+        // of the whole map costs about a third of a lookup per entry.
+        let due = self.engine.due(now);
         let engine = &mut self.engine;
-        let bulk = self.kernel.read_all(&mut |id, c| engine.absorb(id, c));
+        let bulk = due.saturating_mul(3) > engine.stats().flows_tracked
+            && self.kernel.read_all(&mut |id, c| engine.absorb(id, c));
         let kernel = &self.kernel;
         let mut reports = if bulk {
             self.engine.on_tick(now, &|_| None)
@@ -330,17 +341,21 @@ mod tests {
         report::{ClockOffset, Formatter, JsonFormat},
     };
 
-    /// No kernel entries; what was forgotten, in order.
+    /// No kernel entries; what was forgotten, in order, and how often it was read.
     #[derive(Default)]
     struct Kernel {
         forgotten: Vec<FlowId>,
+        lookups: std::cell::Cell<usize>,
+        bulk_reads: usize,
     }
 
     impl FlowCounters for Kernel {
         fn now(&self, _: &FlowId) -> Option<Counters> {
+            self.lookups.set(self.lookups.get() + 1);
             None
         }
         fn read_all(&mut self, _: &mut dyn FnMut(&FlowId, &Counters)) -> bool {
+            self.bulk_reads += 1;
             true
         }
         fn forget(&mut self, id: &FlowId) {
@@ -448,6 +463,34 @@ mod tests {
         assert!(reports.iter().any(|r| r.kind == ReportKind::Close));
         let remote = "10.0.0.2:53".parse().unwrap();
         assert_eq!(p.kernel.forgotten, [FlowId { cookie: 1, remote }]);
+    }
+
+    /// A tick reads the counters of the flows it looks at, one by one, or all at once when
+    /// that is most of them; none of flows that sleep, until the kernel says one woke.
+    #[test]
+    fn ticks_read_only_the_flows_that_are_due() {
+        const S: u64 = 1_000_000_000;
+        let mut p = pipeline();
+        let mut reports = Vec::new();
+        for cookie in 1..=4 {
+            p.record(&first_tx(cookie, 0), &mut reports);
+        }
+        let reads = |p: &Pipeline<Kernel>| (p.kernel.bulk_reads, p.kernel.lookups.get());
+        // Every flow is awake: the whole map, once.
+        p.tick(2 * S).unwrap();
+        assert_eq!(reads(&p), (1, 0));
+        // Quiet for long enough: they fall asleep at this tick.
+        p.tick(4 * S).unwrap();
+        assert_eq!(reads(&p), (2, 0));
+        p.tick(5 * S).unwrap();
+        assert_eq!(reads(&p), (2, 0));
+        let mut wake = first_tx(3, 0);
+        wake[std::mem::offset_of!(Event, kind)..][..2]
+            .copy_from_slice(&(EventKind::Wake as u16).to_ne_bytes());
+        p.record(&wake, &mut reports);
+        p.tick(6 * S).unwrap();
+        assert_eq!(reads(&p), (2, 1));
+        assert_eq!(reports.len(), 4, "the wake record reports nothing");
     }
 
     /// Idle flows are forgotten in the kernel, whether their CLOSE was printed or, on a busy

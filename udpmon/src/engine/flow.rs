@@ -6,8 +6,12 @@
 //! the order by activity that eviction needs is kept only once the table is full (see
 //! [`Oldest`]). Fields that most flows never use (error counts, a recreated kernel entry's
 //! counts) live in a box of their own.
+//!
+//! Ticks: a flow is either awake, looked at by every tick, or asleep until a time by which
+//! nothing can have happened to it unless the kernel said so (see [`FlowTable::sleep`]).
 use std::{
-    collections::BTreeSet,
+    cmp::Reverse,
+    collections::{BTreeSet, BinaryHeap},
     hash::{BuildHasher, Hash, Hasher},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
@@ -360,11 +364,16 @@ impl Flow {
 /// Sentinel slot number: none.
 const NIL: u32 = u32::MAX;
 
+/// [`Slot::due`] of a flow on the awake list.
+const AWAKE: u64 = 0;
+/// [`Slot::due`] of a flow a tick is looking at.
+const CHECKING: u64 = u64::MAX;
+
 /// Where a flow is in its [`FlowTable`]: looked up once per event and handed to each step
 /// that needs the flow (open, report, join its peer, tell the peer), where a lookup by id
 /// per step cost more than the steps. Valid until the flow is removed: `get_mut` checks that
 /// a flow is still there (not which one), the other accessors only in debug builds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct FlowRef(u32);
 
 struct Slot {
@@ -372,6 +381,9 @@ struct Slot {
     remote: Addr,
     /// Last activity, for idle expiry and eviction.
     at: u64,
+    /// When the next tick must look at the flow: [`AWAKE`] (every tick), [`CHECKING`] (this
+    /// tick, which took it off the awake list), or a time it sleeps until (in `timers`).
+    due: u64,
     /// Neighbours in the list of the socket's flows; on a free slot, `next` is the next free.
     prev: u32,
     next: u32,
@@ -413,6 +425,10 @@ pub(super) struct FlowTable {
     heads: HashTable<u32>,
     hasher: DefaultHashBuilder,
     oldest: Option<Oldest>,
+    /// Slots of awake flows (and of flows that left the list since: their `due` says so).
+    awake: Vec<u32>,
+    /// (due, slot) of sleeping flows; an entry whose slot's `due` differs is stale.
+    timers: BinaryHeap<Reverse<(u64, u32)>>,
 }
 
 impl Default for FlowTable {
@@ -425,6 +441,8 @@ impl Default for FlowTable {
             heads: HashTable::new(),
             hasher: DefaultHashBuilder::default(),
             oldest: None,
+            awake: Vec::new(),
+            timers: BinaryHeap::new(),
         }
     }
 }
@@ -435,6 +453,7 @@ impl Default for Slot {
             cookie: 0,
             remote: Addr::new(FlowId::MIN_ADDR),
             at: 0,
+            due: CHECKING,
             prev: NIL,
             next: NIL,
             flow: None,
@@ -466,7 +485,6 @@ impl FlowTable {
             .map(|&i| FlowRef(i))
     }
 
-    #[cfg(test)]
     pub fn get(&self, r: FlowRef) -> Option<&Flow> {
         self.slots.get(r.0 as usize)?.flow.as_ref()
     }
@@ -520,6 +538,7 @@ impl FlowTable {
                 s.flow = Some(flow);
                 s.at = ts_ns;
                 self.note_activity(ts_ns, &id);
+                self.wake(FlowRef(i));
                 return FlowRef(i);
             }
             hash_table::Entry::Vacant(e) => e,
@@ -554,12 +573,14 @@ impl FlowTable {
             cookie: id.cookie,
             remote,
             at: ts_ns,
+            due: CHECKING,
             prev: NIL,
             next,
             flow: Some(flow),
         };
         self.len += 1;
         self.note_activity(ts_ns, &id);
+        self.wake(FlowRef(i));
         FlowRef(i)
     }
 
@@ -595,6 +616,8 @@ impl FlowTable {
         }
         let s = &mut slots[i as usize];
         let flow = s.flow.take();
+        // Whatever list or timer still names the slot passes it over.
+        s.due = CHECKING;
         s.prev = NIL;
         s.next = self.free;
         self.free = i;
@@ -602,9 +625,15 @@ impl FlowTable {
         flow
     }
 
-    /// Records activity at `ts_ns`; activity never moves backwards (events can arrive
-    /// slightly out of order across CPUs).
+    /// Records activity that an event reported at `ts_ns`, and wakes the flow.
     pub fn seen(&mut self, r: FlowRef, ts_ns: u64) {
+        self.heard(r, ts_ns);
+        self.wake(r);
+    }
+
+    /// Records activity at `ts_ns` (a tick's read of the counters); activity never moves
+    /// backwards (events can arrive slightly out of order across CPUs).
+    pub fn heard(&mut self, r: FlowRef, ts_ns: u64) {
         let s = &mut self.slots[r.0 as usize];
         debug_assert!(s.flow.is_some(), "a FlowRef to a freed slot");
         if ts_ns > s.at {
@@ -615,6 +644,65 @@ impl FlowTable {
                 self.note_activity(ts_ns, &id);
             }
         }
+    }
+
+    /// The next ticks look at the flow, until one puts it to [`sleep`](Self::sleep).
+    pub fn wake(&mut self, r: FlowRef) {
+        let s = &mut self.slots[r.0 as usize];
+        if s.due != AWAKE {
+            s.due = AWAKE;
+            self.awake.push(r.0);
+        }
+    }
+
+    /// Ticks pass the flow over until `until` (or until it wakes): the caller knows that
+    /// nothing it looks for can happen to the flow before then unless the kernel reports
+    /// activity, which wakes it. `None`: it stays awake.
+    pub fn sleep(&mut self, r: FlowRef, until: Option<u64>) {
+        let Some(until) = until else {
+            return self.wake(r);
+        };
+        let until = until.clamp(AWAKE + 1, CHECKING - 1);
+        let s = &mut self.slots[r.0 as usize];
+        if s.due == until {
+            return;
+        }
+        s.due = until;
+        self.timers.push(Reverse((until, r.0)));
+        // Stale entries (flows that woke, moved on or went) past this: one pass over the
+        // table rebuilds the heap, so a push costs O(1) amortised and the heap stays within
+        // twice the flows.
+        if self.timers.len() > 2 * self.len + 1024 {
+            let slots = &self.slots;
+            let live = (0..slots.len() as u32).filter_map(|i| {
+                let s = &slots[i as usize];
+                (s.flow.is_some() && s.due != AWAKE && s.due != CHECKING)
+                    .then_some(Reverse((s.due, i)))
+            });
+            self.timers = live.collect();
+        }
+    }
+
+    /// The flows a tick at `now` must look at, in slot order (the order of a walk over the
+    /// table, which reports followed before flows could sleep): the awake ones and those
+    /// whose sleep ended. Each is marked as being looked at: the tick wakes or sleeps it.
+    pub fn take_due(&mut self, now: u64) -> Vec<FlowRef> {
+        let mut due = std::mem::take(&mut self.awake);
+        due.retain(|&i| self.slots[i as usize].due == AWAKE);
+        while let Some(&Reverse((at, i))) = self.timers.peek()
+            && at <= now
+        {
+            self.timers.pop();
+            if self.slots[i as usize].due == at {
+                due.push(i);
+            }
+        }
+        due.sort_unstable();
+        due.dedup();
+        for &i in &due {
+            self.slots[i as usize].due = CHECKING;
+        }
+        due.into_iter().map(FlowRef).collect()
     }
 
     pub fn last_seen(&self, r: FlowRef) -> u64 {
@@ -689,18 +777,6 @@ impl FlowTable {
         let mut ids: Vec<FlowId> = live.map(Slot::id).collect();
         ids.sort_unstable();
         ids
-    }
-
-    /// How many slots there are: [`FlowTable::at`] takes `0..slots()`.
-    pub fn slots(&self) -> u32 {
-        self.slots.len() as u32
-    }
-
-    /// The flow in `slot`, if there is one: a walk over every flow that reads the table
-    /// front to back and looks none of them up.
-    pub fn at(&self, slot: u32) -> Option<FlowRef> {
-        self.slots.get(slot as usize)?.flow.as_ref()?;
-        Some(FlowRef(slot))
     }
 
     /// A socket's flows, in address order.

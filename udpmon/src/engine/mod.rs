@@ -34,7 +34,8 @@ pub mod rules;
 mod summary;
 
 use std::{
-    collections::BTreeMap,
+    cmp::Reverse,
+    collections::{BTreeMap, BinaryHeap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
     time::Duration,
@@ -52,6 +53,8 @@ pub use report::{
 };
 use summary::Busy;
 pub use summary::SummaryConfig;
+
+use udpmon_common::SLEEP_NS;
 
 use crate::decode::{Fact, Family, Icmp, KernelEvent, Verdict};
 
@@ -166,7 +169,18 @@ pub struct Engine {
     interval_end_ns: u64,
     /// The flows the last call expired or evicted (see [`Engine::expired`]).
     expired: Vec<FlowId>,
+    /// (when it may be forgotten, cookie) of sockets that were without flows: `forget`
+    /// looks at them then, rather than at every socket every tick. Sockets that close are
+    /// not listed (their entries would stay for the idle timeout).
+    flowless: BinaryHeap<Reverse<(u64, u64)>>,
+    /// The flows the tick at `due_at` looks at, taken by [`Engine::due`].
+    due: Vec<FlowRef>,
+    due_at: Option<u64>,
     stats: EngineStats,
+    /// Every tick looks at every flow, as before flows could sleep: for the tests that hold
+    /// the two alike.
+    #[cfg(test)]
+    sleepless: bool,
 }
 
 /// A socket's owner as reports name it: in the socket's current namespace. A function of
@@ -227,6 +241,11 @@ impl Engine {
             busy: BTreeMap::new(),
             interval_end_ns: 0,
             expired: Vec::new(),
+            flowless: BinaryHeap::new(),
+            due: Vec::new(),
+            due_at: None,
+            #[cfg(test)]
+            sleepless: false,
             stats: EngineStats::default(),
         }
     }
@@ -333,17 +352,29 @@ impl Engine {
     /// entries until this returns.
     pub fn on_event(&mut self, ev: &KernelEvent, counters: CountersFn<'_>, out: &mut Vec<Report>) {
         self.expired.clear();
+        if ev.fact == Fact::Wake {
+            // Nothing about its owner: only which flow the next tick must look at.
+            let id = FlowId {
+                cookie: ev.cookie,
+                remote: ev.remote,
+            };
+            if let Some(r) = self.flows.find(&id) {
+                self.flows.wake(r);
+            }
+            return;
+        }
         let socketless = match &ev.fact {
             Fact::NoSocket | Fact::Exit | Fact::Exec => true,
             Fact::Icmp(icmp) => icmp.verdict == Verdict::NoSocket || ev.cookie == 0,
             _ => false,
         };
+        let mut created = false;
         if !socketless {
             if ev.cookie == 0 {
                 self.stats.events_ignored += 1;
                 return;
             }
-            self.learn(ev);
+            created = self.learn(ev);
         }
         match &ev.fact {
             Fact::NoSocket => self.refused(ev, out),
@@ -360,6 +391,19 @@ impl Engine {
             Fact::Holder => {}
             Fact::Exit => self.owners.exited(ev.who.tgid),
             Fact::Exec => self.owners.execd(&ev.who),
+            Fact::Wake => unreachable!("handled above"),
+        }
+        // Most new sockets have a flow by now; those without are forgotten in time.
+        if created && !self.flows.has_cookie(ev.cookie) {
+            self.list_flowless(ev.cookie);
+        }
+    }
+
+    /// Lists a socket without flows for `forget`, if it is still there.
+    fn list_flowless(&mut self, cookie: u64) {
+        if let Some(s) = self.sockets.get(&cookie) {
+            let until = s.seen_ns.saturating_add(ns(self.cfg.idle_timeout));
+            self.flowless.push(Reverse((until, cookie)));
         }
     }
 
@@ -373,17 +417,34 @@ impl Engine {
         }
     }
 
+    /// How many flows the next tick, at `now_ns`, will look at: for the caller to choose
+    /// between reading their counters one by one and reading the whole kernel map.
+    pub fn due(&mut self, now_ns: u64) -> usize {
+        if self.due_at != Some(now_ns) {
+            self.due_at = Some(now_ns);
+            // Those taken for another time and not looked at yet stay taken.
+            self.due.extend(self.flows.take_due(now_ns));
+            self.due.sort_unstable();
+            self.due.dedup();
+        }
+        self.due.len()
+    }
+
     /// Periodic work, about once a second: SILENT, RESUMED and idle expiry from the kernel
-    /// counters, and forgetting what is no longer needed.
+    /// counters, and forgetting what is no longer needed. It looks only at the flows that are
+    /// awake or whose sleep ended (see [`Engine::next_look`]).
     pub fn on_tick(&mut self, now_ns: u64, counters: CountersFn<'_>) -> Vec<Report> {
         let mut out = Vec::new();
         self.expired.clear();
-        // In the table's order, not the ids': a sort of every flow each second was a third
-        // of a tick at 1M flows, and the reports of one tick share its time. A tick opens no
+        self.due(now_ns);
+        self.due_at = None;
+        // In the table's order: the reports of one tick share its time. A tick opens no
         // flow, so the slots stay put; those it frees are passed over.
-        for slot in 0..self.flows.slots() {
-            if let Some(r) = self.flows.at(slot) {
-                self.tick_flow(r, now_ns, counters, &mut out);
+        for r in std::mem::take(&mut self.due) {
+            self.tick_flow(r, now_ns, counters, &mut out);
+            if self.flows.get_mut(r).is_some() {
+                let until = self.next_look(r, now_ns);
+                self.flows.sleep(r, until);
             }
         }
         // After every flow told its peer what it sent and heard.
@@ -396,6 +457,40 @@ impl Engine {
         self.end_interval(now_ns, &mut out);
         self.forget(now_ns);
         out
+    }
+
+    /// When a tick must look at a flow again, having just looked at it at `now` (`None`:
+    /// at every tick). A flow quiet for [`SLEEP_NS`] can sleep: any datagram now wakes it
+    /// (the kernel's [`Fact::Wake`], or the event of a new kernel entry), and so does any
+    /// event about it, so until then only time can change what a tick finds: its idle
+    /// expiry, and its SILENT once its peer has been quiet long enough.
+    fn next_look(&self, r: FlowRef, now: u64) -> Option<u64> {
+        let last = self.flows.last_seen(r);
+        let flow = self.flows.get(r)?;
+        #[cfg(test)]
+        if self.sleepless {
+            return None;
+        }
+        if now.saturating_sub(last) < SLEEP_NS {
+            return None;
+        }
+        let c = &flow.counters;
+        let until = match flow.state {
+            // Covered by its peer's silence, which another flow's answer can end.
+            State::Silent {
+                reported: false, ..
+            } => return None,
+            State::Active
+                if flow.established
+                    && c.last_tx_ns > c.last_rx_ns
+                    && c.tx_datagrams.saturating_sub(flow.tx_at_rx)
+                        >= self.cfg.silent_min_sends =>
+            {
+                c.last_rx_ns.saturating_add(ns(self.cfg.silent_after))
+            }
+            _ => u64::MAX,
+        };
+        Some(until.min(last.saturating_add(ns(self.cfg.idle_timeout))))
     }
 
     /// At a summary interval's end: a SUMMARY for each busy socket, and each socket's count
@@ -509,7 +604,7 @@ impl Engine {
                 );
             }
         }
-        self.flows.seen(r, c.last_ns());
+        self.flows.heard(r, c.last_ns());
         if now.saturating_sub(self.flows.last_seen(r)) >= ns(self.cfg.idle_timeout) {
             self.close_flow(&id, CloseReason::Idle, now, counters, out);
             return;
@@ -558,10 +653,24 @@ impl Engine {
     /// REFUSED rate-limit entries, and the oldest closed port owners beyond the flow bound.
     fn forget(&mut self, now: u64) {
         let idle = ns(self.cfg.idle_timeout);
-        let flows = &self.flows;
-        self.sockets.retain(|cookie, s| {
-            s.preexisting || now.saturating_sub(s.seen_ns) < idle || flows.has_cookie(*cookie)
-        });
+        while let Some(&Reverse((at, cookie))) = self.flowless.peek()
+            && at <= now
+        {
+            self.flowless.pop();
+            // A socket with flows is listed again when its last one goes.
+            let Some(s) = self.sockets.get(&cookie) else {
+                continue;
+            };
+            if s.preexisting || self.flows.has_cookie(cookie) {
+                continue;
+            }
+            let until = s.seen_ns.saturating_add(idle);
+            if until <= now {
+                self.sockets.remove(&cookie);
+            } else {
+                self.flowless.push(Reverse((until, cookie)));
+            }
+        }
         let sockets = &self.sockets;
         self.last_app_error
             .retain(|cookie, _| sockets.contains_key(cookie));
@@ -585,16 +694,21 @@ impl Engine {
     }
 
     /// Updates what is known about the event's socket: owner, netns, local address, peer.
-    fn learn(&mut self, ev: &KernelEvent) {
-        let sock = self.sockets.get_or_insert_with(ev.cookie, || Socket {
-            owner: None,
-            seen_ns: ev.ts_ns,
-            netns: 0,
-            local: Addr::new(SocketAddr::new(ev.local.ip(), 0)),
-            connected: None,
-            preexisting: false,
-            summarised: false,
-            new_flows: 0,
+    /// Returns whether the socket is new.
+    fn learn(&mut self, ev: &KernelEvent) -> bool {
+        let mut created = false;
+        let sock = self.sockets.get_or_insert_with(ev.cookie, || {
+            created = true;
+            Socket {
+                owner: None,
+                seen_ns: ev.ts_ns,
+                netns: 0,
+                local: Addr::new(SocketAddr::new(ev.local.ip(), 0)),
+                connected: None,
+                preexisting: false,
+                summarised: false,
+                new_flows: 0,
+            }
         });
         sock.seen_ns = sock.seen_ns.max(ev.ts_ns);
         sock.preexisting |= ev.fact == Fact::Existing;
@@ -641,6 +755,7 @@ impl Engine {
                 }
             }
         }
+        created
     }
 
     fn last_owner(&self, netns: u32, port: u16) -> Option<Identity> {
@@ -799,6 +914,10 @@ impl Engine {
         let Some(mut flow) = self.flows.remove(id) else {
             return;
         };
+        // A closing socket's flows go with it.
+        if reason != CloseReason::Closed && !self.flows.has_cookie(id.cookie) {
+            self.list_flowless(id.cookie);
+        }
         if matches!(reason, CloseReason::Idle | CloseReason::Evicted) {
             self.expired.push(*id);
         }

@@ -192,6 +192,9 @@ struct Peer {
     silent_flows: u32,
     /// Its live flows.
     flows: u32,
+    /// Its slot is in [`PeerTable::candidates`]. The slot's, not the peer's: a new peer in
+    /// a reused slot inherits it with the slot's entry, so that no slot is listed twice.
+    listed: bool,
 }
 
 /// Sentinel index: no slot.
@@ -299,6 +302,10 @@ pub(super) struct PeerTable {
     runs: HashMap<u32, ErrorRun>,
     /// Summaries of runs whose peer was evicted, for the next interval's end.
     orphans: Vec<Report>,
+    /// The slots whose peer may meet the SILENT rule at some tick (see
+    /// [`Peer::may_go_silent`]), each at most once (its `listed`): `tick` looks at these
+    /// only, not at every peer.
+    candidates: Vec<u32>,
 }
 
 impl Peer {
@@ -317,7 +324,15 @@ impl Peer {
             silence: Silence::None,
             silent_flows: 0,
             flows: 1,
+            listed: false,
         }
+    }
+
+    /// Whether the SILENT rule may fire for it at some tick: `min_sends` and the time are
+    /// the tick's. Only `sync` makes this true, and nothing but the episode's end or a
+    /// silence makes it false again.
+    fn may_go_silent(&self) -> bool {
+        self.silence == Silence::None && self.unanswered_flows >= 2 && self.unanswered_sends > 0
     }
 
     /// Folds in a flow's local address (see `local`).
@@ -420,6 +435,7 @@ impl PeerTable {
             evicted: 0,
             runs: HashMap::new(),
             orphans: Vec::new(),
+            candidates: Vec::new(),
         }
     }
 
@@ -509,7 +525,10 @@ impl PeerTable {
                     }
                 }
                 self.index.remove(victim);
-                self.slots[victim as usize].peer = peer;
+                // The slot's entry in `candidates` stays: `tick` drops it unless the new
+                // peer qualifies by then.
+                let listed = self.slots[victim as usize].peer.listed;
+                self.slots[victim as usize].peer = Peer { listed, ..peer };
                 self.evicted += 1;
                 victim
             };
@@ -614,6 +633,10 @@ impl PeerTable {
         link.counted = link
             .counted
             .saturating_add(u32::try_from(counted).unwrap_or(u32::MAX));
+        if !p.listed && p.may_go_silent() {
+            p.listed = true;
+            self.candidates.push(link.idx);
+        }
     }
 
     /// An ICMP error for the peer: whatever silence there was is an error instead. Every
@@ -729,29 +752,36 @@ impl PeerTable {
             .is_some_and(|s| s.peer.silence == Silence::Reported)
     }
 
-    /// The peer-scope SILENT rule, for every peer.
+    /// The peer-scope SILENT rule, for every peer that may meet it.
     pub fn tick(&mut self, now: u64, silent_after_ns: u64, min_sends: u64, out: &mut Vec<Report>) {
-        for (s, key) in self.slots.iter_mut().zip(&self.index.keys) {
-            let p = &mut s.peer;
-            if p.silence != Silence::None
-                || p.unanswered_flows < 2
-                || p.unanswered_sends < min_sends
+        let (slots, keys) = (&mut self.slots, &self.index.keys);
+        // Slot order, as a walk of every slot would report them.
+        self.candidates.sort_unstable();
+        self.candidates.retain(|&i| {
+            let p = &mut slots[i as usize].peer;
+            if !p.may_go_silent() {
+                p.listed = false;
+                return false;
+            }
+            if p.unanswered_sends < min_sends
                 || p.unanswered_since_ns == 0
                 || now.saturating_sub(p.unanswered_since_ns) < silent_after_ns
             {
-                continue;
+                return true;
             }
+            p.listed = false;
             if p.silent_flows > 0 {
                 p.silence = Silence::Covered;
-                continue;
+                return false;
             }
             p.silence = Silence::Reported;
             let detail = Detail::PeerSilent {
                 no_reply_ns: now.saturating_sub(p.heard_ns()),
                 unanswered: p.unanswered(now),
             };
-            out.push(p.report(key, ReportKind::Silent, now, detail));
-        }
+            out.push(p.report(&keys[i as usize], ReportKind::Silent, now, detail));
+            false
+        });
     }
 
     #[cfg(test)]
@@ -869,5 +899,214 @@ mod tests {
         t.detach(&c, false);
         let e = t.attach(key(5), &held("e"), Family::V4, local(5), 7);
         assert_eq!((e.idx, t.evicted()), (c.idx, 2));
+    }
+
+    fn sent(n: u64, at: u64) -> Counters {
+        Counters {
+            tx_datagrams: n,
+            first_ns: at,
+            last_tx_ns: at,
+            ..Counters::default()
+        }
+    }
+
+    /// A flow to peer `n` that sent `sends` datagrams at `at`, told to the table.
+    fn flow(t: &mut PeerTable, n: u8, sends: u64, at: u64) -> PeerLink {
+        let mut out = Vec::new();
+        let mut l = t.attach(key(n), &held("dnsmasq"), Family::V4, local(4000), at);
+        t.sync(&mut l, &sent(sends, at), local(4000), at, &mut out);
+        assert!(out.is_empty());
+        l
+    }
+
+    fn listed(t: &PeerTable) -> Vec<u32> {
+        let mut v = t.candidates.clone();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn tick_visits_candidates_only_and_reports_in_slot_order() {
+        let mut t = PeerTable::new(8);
+        let lone = flow(&mut t, 1, 5, 10);
+        let a = flow(&mut t, 2, 1, 10);
+        let b = flow(&mut t, 3, 1, 10);
+        flow(&mut t, 3, 1, 11);
+        assert_eq!(t.candidates, [b.idx], "one flow makes no candidate");
+        flow(&mut t, 2, 1, 12);
+        flow(&mut t, 3, 1, 13);
+        assert_eq!(
+            t.candidates,
+            [b.idx, a.idx],
+            "listed once, in the order they qualified"
+        );
+        let mut out = Vec::new();
+        t.tick(50, 100, 2, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(
+            t.candidates,
+            [a.idx, b.idx],
+            "still waiting for silent_after"
+        );
+        t.tick(200, 100, 2, &mut out);
+        let remotes: Vec<_> = out.iter().map(|r| (r.kind, r.remote)).collect();
+        assert_eq!(
+            remotes,
+            [
+                (ReportKind::Silent, key(2).remote()),
+                (ReportKind::Silent, key(3).remote())
+            ]
+        );
+        assert!(
+            t.candidates.is_empty(),
+            "reported: nothing left to wait for"
+        );
+        assert!(!t.slots[lone.idx as usize].peer.listed);
+        // A silent peer's further flows do not list it again.
+        flow(&mut t, 2, 1, 300);
+        assert!(t.candidates.is_empty());
+    }
+
+    #[test]
+    fn an_ended_episode_drops_the_candidate() {
+        let mut t = PeerTable::new(8);
+        let mut out = Vec::new();
+        let mut a = flow(&mut t, 2, 1, 10);
+        flow(&mut t, 2, 1, 11);
+        assert_eq!(listed(&t), [a.idx]);
+        // An answer ends the episode: the next tick drops the entry.
+        let answer = Counters {
+            rx_datagrams: 1,
+            last_rx_ns: 20,
+            ..sent(1, 10)
+        };
+        t.sync(&mut a, &answer, local(4000), 10, &mut out);
+        t.tick(30, 100, 2, &mut out);
+        assert!(out.is_empty());
+        assert!(t.candidates.is_empty());
+        assert!(!t.slots[a.idx as usize].peer.listed);
+        // A new episode lists it again; an ICMP error ends that one too.
+        flow(&mut t, 2, 1, 40);
+        flow(&mut t, 2, 1, 41);
+        assert_eq!(listed(&t), [a.idx]);
+        t.icmp(a.idx, 42);
+        t.tick(500, 100, 2, &mut out);
+        assert!(out.is_empty());
+        assert!(t.candidates.is_empty());
+    }
+
+    #[test]
+    fn a_reused_slot_is_listed_once_and_judged_by_its_new_peer() {
+        let mut t = PeerTable::new(2);
+        let mut out = Vec::new();
+        let a1 = flow(&mut t, 1, 1, 10);
+        let a2 = flow(&mut t, 1, 1, 11);
+        t.detach(&a1, false);
+        t.detach(&a2, false);
+        flow(&mut t, 2, 1, 12);
+        // A flowless candidate is evicted: its slot's entry stays, for the new peer.
+        let c1 = flow(&mut t, 3, 1, 20);
+        assert_eq!((c1.idx, t.evicted()), (a1.idx, 1));
+        assert_eq!(listed(&t), [c1.idx]);
+        flow(&mut t, 3, 1, 21);
+        assert_eq!(listed(&t), [c1.idx], "not listed twice");
+        t.tick(200, 100, 2, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].remote, key(3).remote());
+        assert!(t.candidates.is_empty());
+        // A new peer that does not qualify: the inherited entry goes at the next tick.
+        let mut t = PeerTable::new(1);
+        let a1 = flow(&mut t, 1, 1, 10);
+        flow(&mut t, 1, 1, 11);
+        t.detach(&a1, false);
+        t.detach(&a1, false);
+        let b = flow(&mut t, 2, 1, 12);
+        assert_eq!(listed(&t), [b.idx]);
+        t.tick(200, 100, 1, &mut out);
+        assert_eq!(out.len(), 1, "nothing new");
+        assert!(t.candidates.is_empty());
+        assert!(!t.slots[b.idx as usize].peer.listed);
+    }
+
+    /// Random attaches, sends, answers, errors, closes and evictions: every peer that may go
+    /// silent is listed, once, and a tick reports what a walk of every slot would, in order.
+    #[test]
+    fn candidates_match_a_walk_of_every_slot() {
+        let mut t = PeerTable::new(4);
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let mut flows: Vec<(PeerLink, Counters, u64)> = Vec::new();
+        let (mut now, mut out, mut reported) = (1, Vec::new(), 0);
+        for _ in 0..20_000 {
+            now += 1 + next(3);
+            match next(10) {
+                0..=1 if flows.len() < 4 => {
+                    let l = t.attach(key(next(6) as u8), &held("d"), Family::V4, local(1), now);
+                    if l.is_linked() {
+                        flows.push((l, Counters::default(), now));
+                    }
+                }
+                2..=4 if !flows.is_empty() => {
+                    let f = next(flows.len() as u64) as usize;
+                    let (l, c, opened) = &mut flows[f];
+                    c.tx_datagrams += 1 + next(2);
+                    c.last_tx_ns = now;
+                    t.sync(l, c, local(1), *opened, &mut out);
+                }
+                5 if !flows.is_empty() => {
+                    let f = next(flows.len() as u64) as usize;
+                    let (l, c, opened) = &mut flows[f];
+                    c.rx_datagrams += 1;
+                    c.last_rx_ns = now;
+                    t.sync(l, c, local(1), *opened, &mut out);
+                }
+                6 if !t.slots.is_empty() => t.icmp(next(t.slots.len() as u64) as u32, now),
+                7 if !flows.is_empty() => {
+                    let (l, ..) = flows.swap_remove(next(flows.len() as u64) as usize);
+                    t.detach(&l, false);
+                }
+                _ => {
+                    let mut seen = vec![false; t.slots.len()];
+                    for &i in &t.candidates {
+                        assert!(
+                            !std::mem::replace(&mut seen[i as usize], true),
+                            "listed twice"
+                        );
+                    }
+                    for (i, s) in t.slots.iter().enumerate() {
+                        assert_eq!(s.peer.listed, seen[i]);
+                        assert!(!s.peer.may_go_silent() || s.peer.listed);
+                    }
+                    let (after, min_sends) = (5 + next(10), 1 + next(3));
+                    let want: Vec<_> = (t.slots.iter().zip(&t.index.keys))
+                        .filter(|(s, _)| {
+                            let p = &s.peer;
+                            p.silence == Silence::None
+                                && p.unanswered_flows >= 2
+                                && p.unanswered_sends >= min_sends
+                                && p.unanswered_since_ns != 0
+                                && now.saturating_sub(p.unanswered_since_ns) >= after
+                        })
+                        .map(|(_, k)| k.remote())
+                        .collect();
+                    out.clear();
+                    t.tick(now, after, min_sends, &mut out);
+                    let got: Vec<_> = out.iter().map(|r| r.remote).collect();
+                    assert_eq!(got, want);
+                    reported += got.len();
+                    out.clear();
+                }
+            }
+        }
+        assert!(
+            reported > 50 && t.evicted() > 50,
+            "{reported} {}",
+            t.evicted()
+        );
     }
 }

@@ -733,35 +733,64 @@ fn zero_cookie_and_addressless_events_are_ignored() {
     assert_eq!(e.stats().events_ignored, 2);
 }
 
-/// A kernel flow map the tests can change between ticks.
+/// A kernel flow map the tests can change between ticks, and the [`Fact::Wake`] records the
+/// kernel makes as it does: for a datagram after more than `WAKE_NS` without any, and (where
+/// the kernel's is a first-datagram record) for one that makes a new entry.
 #[derive(Default)]
-struct Kernel(RefCell<HashMap<FlowId, Counters>>);
+struct Kernel(RefCell<HashMap<FlowId, Counters>>, RefCell<Vec<FlowId>>);
 
 impl Kernel {
-    fn send(&self, id: FlowId, ts: u64, n: u64) {
+    fn count(&self, id: FlowId, ts: u64, tx: u64, rx: u64) {
         let mut m = self.0.borrow_mut();
         let c = m.entry(id).or_default();
         if c.first_ns == 0 {
             c.first_ns = ts;
         }
-        c.tx_datagrams += n;
-        c.tx_bytes += 10 * n;
-        c.last_tx_ns = ts;
+        let fresh = c.tx_datagrams == 0 && c.rx_datagrams == 0;
+        if fresh || ts.saturating_sub(c.last_ns()) > udpmon_common::WAKE_NS {
+            self.1.borrow_mut().push(id);
+        }
+        c.tx_datagrams += tx;
+        c.tx_bytes += 10 * tx;
+        c.rx_datagrams += rx;
+        c.rx_bytes += 10 * rx;
+        if tx > 0 {
+            c.last_tx_ns = ts;
+        } else {
+            c.last_rx_ns = ts;
+        }
+    }
+
+    fn send(&self, id: FlowId, ts: u64, n: u64) {
+        self.count(id, ts, n, 0);
     }
 
     fn recv(&self, id: FlowId, ts: u64) {
-        let mut m = self.0.borrow_mut();
-        let c = m.entry(id).or_default();
-        if c.first_ns == 0 {
-            c.first_ns = ts;
-        }
-        c.rx_datagrams += 1;
-        c.rx_bytes += 10;
-        c.last_rx_ns = ts;
+        self.count(id, ts, 0, 1);
     }
 
     fn get(&self, id: &FlowId) -> Option<Counters> {
         self.0.borrow().get(id).copied()
+    }
+
+    /// The wake records since the last call, as each engine would read them from the ring.
+    fn wake(&self, engines: &mut [&mut Engine]) {
+        for id in self.1.borrow_mut().drain(..) {
+            let w = KernelEvent {
+                cookie: id.cookie,
+                remote: id.remote,
+                ..ev(Fact::Wake, 0)
+            };
+            for e in engines.iter_mut() {
+                assert!(e.on(&w, &none).is_empty());
+            }
+        }
+    }
+
+    /// A tick of `e` after it read the records so far.
+    fn tick(&self, e: &mut Engine, now: u64) -> Vec<Report> {
+        self.wake(&mut [e]);
+        e.on_tick(now, &|id| self.get(id))
     }
 }
 
@@ -783,17 +812,16 @@ fn established(e: &mut Engine, k: &Kernel) {
 fn silent_needs_sends_after_the_last_reply_for_long_enough() {
     let mut e = engine();
     let k = Kernel::default();
-    let get = |id: &FlowId| k.get(id);
     established(&mut e, &k);
     let reply = S + 100 * MS;
-    assert!(e.on_tick(2 * S, &get).is_empty());
+    assert!(k.tick(&mut e, 2 * S).is_empty());
     // Quiet both ways: not silent, only idle.
-    assert!(e.on_tick(reply + 11 * S, &get).is_empty());
+    assert!(k.tick(&mut e, reply + 11 * S).is_empty());
     // One send is not enough.
     k.send(flow7(), reply + 12 * S, 1);
-    assert!(e.on_tick(reply + 13 * S, &get).is_empty());
+    assert!(k.tick(&mut e, reply + 13 * S).is_empty());
     k.send(flow7(), reply + 13 * S, 1);
-    let r = e.on_tick(reply + 14 * S, &get);
+    let r = k.tick(&mut e, reply + 14 * S);
     assert_eq!(kinds(&r), [ReportKind::Silent]);
     assert_eq!(r[0].ts_ns, reply + 14 * S);
     assert_eq!(
@@ -805,47 +833,41 @@ fn silent_needs_sends_after_the_last_reply_for_long_enough() {
     );
     // Reported once per silence.
     k.send(flow7(), reply + 15 * S, 5);
-    assert!(e.on_tick(reply + 16 * S, &get).is_empty());
+    assert!(k.tick(&mut e, reply + 16 * S).is_empty());
 }
 
 #[test]
 fn silent_waits_for_silent_after() {
     let mut e = engine();
     let k = Kernel::default();
-    let get = |id: &FlowId| k.get(id);
     established(&mut e, &k);
     let reply = S + 100 * MS;
-    assert!(e.on_tick(2 * S, &get).is_empty());
+    assert!(k.tick(&mut e, 2 * S).is_empty());
     k.send(flow7(), 3 * S, 5);
-    assert!(e.on_tick(reply + 10 * S - 1, &get).is_empty());
-    assert_eq!(
-        kinds(&e.on_tick(reply + 10 * S, &get)),
-        [ReportKind::Silent]
-    );
+    assert!(k.tick(&mut e, reply + 10 * S - 1).is_empty());
+    assert_eq!(kinds(&k.tick(&mut e, reply + 10 * S)), [ReportKind::Silent]);
 }
 
 #[test]
 fn never_silent_before_established() {
     let mut e = engine();
     let k = Kernel::default();
-    let get = |id: &FlowId| k.get(id);
     k.send(flow7(), S, 1);
     run(&mut e, &[ev(Fact::FirstTx { bytes: 10 }, S)]);
     k.send(flow7(), 5 * S, 10);
-    assert!(e.on_tick(20 * S, &get).is_empty());
+    assert!(k.tick(&mut e, 20 * S).is_empty());
 }
 
 #[test]
 fn resumed_after_silent_carries_the_time_of_the_reply() {
     let mut e = engine();
     let k = Kernel::default();
-    let get = |id: &FlowId| k.get(id);
     established(&mut e, &k);
-    e.on_tick(2 * S, &get);
+    k.tick(&mut e, 2 * S);
     k.send(flow7(), 5 * S, 3);
-    assert_eq!(kinds(&e.on_tick(12 * S, &get)), [ReportKind::Silent]);
+    assert_eq!(kinds(&k.tick(&mut e, 12 * S)), [ReportKind::Silent]);
     k.recv(flow7(), 13 * S + 500 * MS);
-    let r = e.on_tick(14 * S, &get);
+    let r = k.tick(&mut e, 14 * S);
     assert_eq!(kinds(&r), [ReportKind::Resumed]);
     assert_eq!(r[0].ts_ns, 13 * S + 500 * MS);
     assert_eq!(
@@ -857,7 +879,7 @@ fn resumed_after_silent_carries_the_time_of_the_reply() {
     );
     // Silent again later, from the new reply on.
     k.send(flow7(), 20 * S, 2);
-    assert_eq!(kinds(&e.on_tick(24 * S, &get)), [ReportKind::Silent]);
+    assert_eq!(kinds(&k.tick(&mut e, 24 * S)), [ReportKind::Silent]);
 }
 
 #[test]
@@ -866,13 +888,13 @@ fn resumed_after_unreachable() {
     let k = Kernel::default();
     let get = |id: &FlowId| k.get(id);
     established(&mut e, &k);
-    e.on_tick(2 * S, &get);
+    k.tick(&mut e, 2 * S);
     let r = e.on(&ev(icmp(3, 3, Some(111), Verdict::Notified), 3 * S), &get);
     assert_eq!(kinds(&r), [ReportKind::Unreachable]);
     // A reply from before the ICMP does not count.
-    assert!(e.on_tick(4 * S, &get).is_empty());
+    assert!(k.tick(&mut e, 4 * S).is_empty());
     k.recv(flow7(), 5 * S);
-    let r = e.on_tick(6 * S, &get);
+    let r = k.tick(&mut e, 6 * S);
     assert_eq!(kinds(&r), [ReportKind::Resumed]);
     assert_eq!(
         r[0].detail,
@@ -898,24 +920,23 @@ fn a_first_reply_after_unreachable_is_the_establish() {
     );
     k.recv(flow7(), 3 * S);
     assert!(
-        e.on_tick(3 * S + 1, &get).is_empty(),
+        k.tick(&mut e, 3 * S + 1).is_empty(),
         "no RESUMED before the peer was ever heard"
     );
     let r = e.on(&ev(Fact::FirstRx { bytes: 10 }, 3 * S), &get);
     assert_eq!(kinds(&r), [ReportKind::Establish]);
-    assert!(e.on_tick(4 * S, &get).is_empty());
+    assert!(k.tick(&mut e, 4 * S).is_empty());
 }
 
 #[test]
 fn idle_flows_expire() {
     let mut e = engine();
     let k = Kernel::default();
-    let get = |id: &FlowId| k.get(id);
     established(&mut e, &k);
     k.send(flow7(), 50 * S, 1);
     let idle = ns(e.config().idle_timeout);
-    assert!(e.on_tick(50 * S + idle - 1, &get).is_empty());
-    let r = e.on_tick(50 * S + idle, &get);
+    assert!(k.tick(&mut e, 50 * S + idle - 1).is_empty());
+    let r = k.tick(&mut e, 50 * S + idle);
     assert_eq!(kinds(&r), [ReportKind::Close]);
     let (reason, stats) = close_stats(&r[0]);
     assert_eq!(reason, CloseReason::Idle);
@@ -924,8 +945,39 @@ fn idle_flows_expire() {
     assert!(e.flows().is_empty());
     // The socket itself is forgotten one idle period after it was last named.
     assert_eq!(e.stats().sockets_tracked, 1);
-    e.on_tick(2 * idle + 50 * S, &get);
+    k.tick(&mut e, 2 * idle + 50 * S);
     assert_eq!(e.stats().sockets_tracked, 0);
+}
+
+/// A socket named by an event but never given a flow is forgotten one idle period after it
+/// was last named; a socket that closed leaves nothing behind for the ticks to look at.
+#[test]
+fn flowless_sockets_are_forgotten_and_closed_ones_leave_nothing() {
+    let mut e = engine();
+    let idle = ns(e.config().idle_timeout);
+    run(&mut e, &[ev(Fact::SendError { errno: 111 }, S)]);
+    assert!(e.flows().is_empty());
+    run(&mut e, &[ev(Fact::Holder, 10 * S)]);
+    assert_eq!(e.stats().sockets_tracked, 1);
+    e.on_tick(S + idle, &none);
+    assert_eq!(e.stats().sockets_tracked, 1, "named again at 10 s");
+    e.on_tick(10 * S + idle, &none);
+    assert_eq!(e.stats().sockets_tracked, 0);
+    // A resolver's sockets: one query each, then closed.
+    for cookie in 1..=100 {
+        let at = 20 * S + cookie;
+        let query = KernelEvent {
+            cookie,
+            ..ev(Fact::FirstTx { bytes: 30 }, at)
+        };
+        let close = KernelEvent {
+            cookie,
+            ..ev(Fact::Close, at)
+        };
+        run(&mut e, &[query, close]);
+    }
+    assert_eq!(e.stats().sockets_tracked, 0);
+    assert!(e.flowless.is_empty());
 }
 
 #[test]
@@ -1193,6 +1245,24 @@ mod props {
         ]
     }
 
+    /// Mostly traffic and ticks, in gaps around the times that matter to a sleeping flow (the
+    /// kernel's wake after a second, a flow's sleep after two, SILENT after three), on a few
+    /// sockets to few peers so that flows share a peer.
+    fn traffic_step() -> impl Strategy<Value = Step> {
+        let cookie = 1..3u64;
+        let peer = 0..2u8;
+        // Sends more often than answers, for silences.
+        let tx = prop::sample::select(vec![true, true, false]);
+        prop_oneof![
+            8 => (cookie.clone(), peer.clone(), tx)
+                .prop_map(|(cookie, peer, tx)| Step::Traffic { cookie, peer, tx }),
+            6 => Just(Step::Tick),
+            1 => (cookie.clone(), peer, 0..4u8, 1..4u8)
+                .prop_map(|(cookie, peer, code, verdict)| Step::Icmp { cookie, peer, code, verdict }),
+            1 => cookie.prop_map(|cookie| Step::Close { cookie }),
+        ]
+    }
+
     fn remote(peer: u8) -> SocketAddr {
         match peer {
             3 => addr("[fd00::3]:53"),
@@ -1306,12 +1376,44 @@ mod props {
         }
     }
 
+    /// Two engines fed alike: one whose flows sleep between ticks, one whose every tick
+    /// looks at every flow. Whatever the history, they report the same.
+    struct Twins {
+        e: Engine,
+        sleepless: Engine,
+    }
+
+    impl Twins {
+        fn new(cfg: EngineConfig) -> Self {
+            let mut sleepless = Engine::new(cfg.clone());
+            sleepless.sleepless = true;
+            Self {
+                e: Engine::new(cfg),
+                sleepless,
+            }
+        }
+
+        fn tick(&mut self, now: u64, counters: CountersFn<'_>) -> Vec<Report> {
+            let r = self.e.on_tick(now, counters);
+            assert_eq!(r, self.sleepless.on_tick(now, counters), "tick at {now}");
+            r
+        }
+    }
+
+    impl OneEvent for Twins {
+        fn on(&mut self, ev: &KernelEvent, counters: CountersFn<'_>) -> Vec<Report> {
+            let r = self.e.on(ev, counters);
+            assert_eq!(r, self.sleepless.on(ev, counters), "{ev:?}");
+            r
+        }
+    }
+
     fn simulate(
         steps: &[(Step, u64)],
         max_flows: usize,
         summary: Option<SummaryConfig>,
     ) -> Result<(), TestCaseError> {
-        let mut e = Engine::new(EngineConfig {
+        let mut e = Twins::new(EngineConfig {
             silent_after: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(20),
             max_flows,
@@ -1406,12 +1508,16 @@ mod props {
                 Step::NoSocket { peer } => e.on(&kev(Fact::NoSocket, ts, 0, remote(peer)), &get),
                 Step::Exit => e.on(&exit(100, ts), &get),
                 Step::Exec => e.on(&ev(Fact::Exec, ts), &get),
-                Step::Tick => e.on_tick(ts, &get),
+                Step::Tick => {
+                    kernel.wake(&mut [&mut e.e, &mut e.sleepless]);
+                    e.tick(ts, &get)
+                }
             };
-            chk.check(&reports, &e)?;
+            chk.check(&reports, &e.e)?;
+            prop_assert_eq!(e.e.expired(), e.sleepless.expired());
             // What the caller does after an expiry or eviction, so that the flow's next
             // datagram is reported as new; each one reported closed, or summarised.
-            for id in e.expired() {
+            for id in e.e.expired() {
                 kernel.0.borrow_mut().remove(id);
             }
             for r in &reports {
@@ -1422,7 +1528,7 @@ mod props {
                         cookie: r.cookie,
                         remote: r.remote,
                     };
-                    prop_assert!(e.expired().contains(&id), "{:?} not expired", r);
+                    prop_assert!(e.e.expired().contains(&id), "{:?} not expired", r);
                 }
             }
         }
@@ -1431,15 +1537,15 @@ mod props {
         for cookie in 1..5 {
             ts += MS;
             let r = e.on(&kev(Fact::Close, ts, cookie, addr("0.0.0.0:0")), &none);
-            chk.check(&r, &e)?;
+            chk.check(&r, &e.e)?;
         }
         for _ in 0..3 {
             ts += 30 * S;
-            let r = e.on_tick(ts, &none);
-            chk.check(&r, &e)?;
+            let r = e.tick(ts, &none);
+            chk.check(&r, &e.e)?;
         }
         prop_assert_eq!(chk.summarised.0, chk.summarised.1);
-        prop_assert_eq!(chk.summarised.0, e.stats().flows_summarised);
+        prop_assert_eq!(chk.summarised.0, e.e.stats().flows_summarised);
         Ok(())
     }
 
@@ -1452,6 +1558,15 @@ mod props {
             max_flows in 1..12usize,
         ) {
             simulate(&steps, max_flows, None)?;
+        }
+
+        /// Histories of traffic and ticks: flows that sleep between ticks report exactly what
+        /// flows looked at by every tick do (`Twins`).
+        #[test]
+        fn sleeping_flows_miss_nothing(
+            steps in prop::collection::vec((traffic_step(), 0..2000 * MS), 1..300),
+        ) {
+            simulate(&steps, 64, None)?;
         }
 
         /// The same histories on sockets that become busy after a flow or two, with
@@ -1811,7 +1926,7 @@ fn a_flow_level_silent_holds_back_the_peer_level_one() {
         if t == 20 {
             k.recv(long_flow(), 20 * S);
         }
-        r.extend(e.on_tick(t * S + S / 2, &get));
+        r.extend(k.tick(&mut e, t * S + S / 2));
         e.check_peers().unwrap();
     }
     let silences: Vec<_> = r
@@ -1859,7 +1974,7 @@ fn a_peer_level_silent_holds_back_the_flow_level_one() {
         if t == 17 {
             k.recv(long_flow(), 17 * S);
         }
-        r.extend(e.on_tick(t * S + S / 2, &get));
+        r.extend(k.tick(&mut e, t * S + S / 2));
         e.check_peers().unwrap();
     }
     let silences: Vec<_> = r
@@ -2183,7 +2298,7 @@ fn a_busy_sockets_problems_are_rate_limited() {
     let mut e = summarising(1, 2);
     let k = Kernel::default();
     let get = |id: &FlowId| k.get(id);
-    e.on_tick(S, &get);
+    k.tick(&mut e, S);
     let mut r = Vec::new();
     let unreachable = srv(icmp(3, 3, Some(111), Verdict::Discarded), 0, 0);
     for i in 0..6u16 {
@@ -2218,11 +2333,11 @@ fn a_busy_sockets_problems_are_rate_limited() {
         remote: client(4001),
     };
     k.recv(shown, 3 * S);
-    r.extend(e.on_tick(4 * S, &get));
+    r.extend(k.tick(&mut e, 4 * S));
     let resumed: Vec<_> = r.iter().filter(|r| r.kind == ReportKind::Resumed).collect();
     assert_eq!(resumed.len(), 1, "{resumed:#?}");
     assert_eq!(resumed[0].remote, client(4001));
-    r.extend(e.on_tick(11 * S, &get));
+    r.extend(k.tick(&mut e, 11 * S));
     let sums = socket_summaries(&r);
     assert_eq!(sums.len(), 1, "{r:#?}");
     let s = sums[0].1;
@@ -2442,7 +2557,7 @@ fn summary_intervals_keep_to_the_first_ticks_grid() {
     let mut e = summarising(1, 5);
     let k = Kernel::default();
     let get = |id: &FlowId| k.get(id);
-    e.on_tick(S + 7 * MS, &get);
+    k.tick(&mut e, S + 7 * MS);
     let mut at = Vec::new();
     for t in 2..=41u64 {
         // Three flows each second keep the socket busy.
@@ -2456,7 +2571,7 @@ fn summary_intervals_keep_to_the_first_ticks_grid() {
         // Ticks a few milliseconds either side of the first one's grid: those that end the
         // intervals come early.
         let jitter = if t % 2 == 0 { 9 * MS } else { 3 * MS };
-        let r = e.on_tick(t * S + jitter, &get);
+        let r = k.tick(&mut e, t * S + jitter);
         at.extend(socket_summaries(&r).iter().map(|(ts, _)| ts / S));
     }
     assert_eq!(at, [11, 21, 31, 41]);
@@ -2592,12 +2707,11 @@ fn name(s: &str) -> Name {
 fn timer_reports_name_no_one_once_the_holder_exited() {
     let mut e = engine();
     let k = Kernel::default();
-    let get = |id: &FlowId| k.get(id);
     established(&mut e, &k);
-    assert!(e.on_tick(2 * S, &get).is_empty());
+    assert!(k.tick(&mut e, 2 * S).is_empty());
     assert!(run(&mut e, &[exit(100, 2 * S)]).is_empty());
     k.send(flow7(), 3 * S, 2);
-    let r = e.on_tick(14 * S, &get);
+    let r = k.tick(&mut e, 14 * S);
     assert_eq!(kinds(&r), [ReportKind::Silent]);
     // Its cgroup is kept, as the kernel keeps it: the new holder is, as a rule, its child.
     assert_eq!(who(&r[0]), (0, 0, NO_ONE, NO_ONE, 0, 25));
@@ -2612,7 +2726,7 @@ fn timer_reports_name_no_one_once_the_holder_exited() {
         ..ev(Fact::Holder, 15 * S)
     };
     assert!(run(&mut e, &[child]).is_empty());
-    let r = e.on_tick(130 * S, &get);
+    let r = k.tick(&mut e, 130 * S);
     assert_eq!(kinds(&r), [ReportKind::Close]);
     assert_eq!(who(&r[0]), (200, 200, name("nc"), name("nc"), 1000, 25));
 }
@@ -2634,9 +2748,8 @@ fn a_close_by_the_exiting_holder_names_it() {
 fn timer_reports_name_the_program_a_holder_execd() {
     let mut e = engine();
     let k = Kernel::default();
-    let get = |id: &FlowId| k.get(id);
     established(&mut e, &k);
-    assert!(e.on_tick(2 * S, &get).is_empty());
+    assert!(k.tick(&mut e, 2 * S).is_empty());
     let exec = KernelEvent {
         cookie: 0,
         who: Identity {
@@ -2650,12 +2763,12 @@ fn timer_reports_name_the_program_a_holder_execd() {
     };
     assert!(run(&mut e, &[exec]).is_empty());
     k.send(flow7(), 3 * S, 2);
-    let r = e.on_tick(14 * S, &get);
+    let r = k.tick(&mut e, 14 * S);
     assert_eq!(kinds(&r), [ReportKind::Silent]);
     assert_eq!(who(&r[0]), (100, 100, name("socat"), name("socat"), 0, 25));
     // ... and then exited.
     assert!(run(&mut e, &[exit(100, 15 * S)]).is_empty());
-    let r = e.on_tick(130 * S, &get);
+    let r = k.tick(&mut e, 130 * S);
     assert_eq!(kinds(&r), [ReportKind::Close]);
     assert_eq!(who(&r[0]), (0, 0, NO_ONE, NO_ONE, 0, 25));
 }
@@ -2666,9 +2779,8 @@ fn timer_reports_name_the_program_a_holder_execd() {
 fn a_reused_pid_names_only_the_new_process() {
     let mut e = engine();
     let k = Kernel::default();
-    let get = |id: &FlowId| k.get(id);
     established(&mut e, &k);
-    assert!(e.on_tick(2 * S, &get).is_empty());
+    assert!(k.tick(&mut e, 2 * S).is_empty());
     let other = FlowId {
         cookie: 8,
         remote: addr("10.0.0.3:53"),
@@ -2690,10 +2802,10 @@ fn a_reused_pid_names_only_the_new_process() {
     );
     assert_eq!(kinds(&r), [ReportKind::Connect, ReportKind::Establish]);
     assert_eq!(who(&r[0]).0, 100);
-    assert!(e.on_tick(4 * S, &get).is_empty());
+    assert!(k.tick(&mut e, 4 * S).is_empty());
     k.send(flow7(), 4 * S, 2);
     k.send(other, 4 * S, 2);
-    let r = e.on_tick(15 * S, &get);
+    let r = k.tick(&mut e, 15 * S);
     assert_eq!(kinds(&r), [ReportKind::Silent, ReportKind::Silent]);
     let by_cookie = |c: u64| r.iter().find(|r| r.cookie == c).map(who).unwrap();
     assert_eq!(by_cookie(7), (0, 0, NO_ONE, NO_ONE, 0, 25));
@@ -2753,6 +2865,7 @@ fn counters_absorbed_before_a_tick_are_that_ticks() {
     );
     let read = |id: &FlowId| k.get(id);
     let tick = |asks: &mut Engine, absorbs: &mut Engine, now: u64| {
+        k.wake(&mut [&mut *asks, &mut *absorbs]);
         let asked = asks.on_tick(now, &read);
         for (id, c) in k.0.borrow().iter() {
             absorbs.absorb(id, c);

@@ -64,7 +64,13 @@ pub struct Pipeline<K> {
     /// The cgroup v2 mount (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts).
     cgroup_mount: Option<PathBuf>,
     state_roots: Arc<StateRoots>,
+    /// `health.ringbuf_full` when the last read of every flow made up for lost wake records.
+    ring_losses_seen: u64,
+    last_full_read_ns: u64,
 }
+
+/// The shortest time between two reads of every flow made for lost records.
+const FULL_READ_PERIOD_NS: u64 = 5_000_000_000;
 
 impl<K: FlowCounters> Pipeline<K> {
     pub fn new(
@@ -91,6 +97,8 @@ impl<K: FlowCounters> Pipeline<K> {
                 .ok()
                 .and_then(|m| container::v2_mount(&m)),
             state_roots: Arc::new(StateRoots::default()),
+            ring_losses_seen: 0,
+            last_full_read_ns: 0,
         }
     }
 
@@ -139,6 +147,12 @@ impl<K: FlowCounters> Pipeline<K> {
                 if self.pending.is_empty() && self.ready(&mut ev, netns_cookie, false) {
                     self.process(ev, reports);
                 } else {
+                    // The flow's next looks must not wait for it: it may be a first datagram
+                    // (of a recreated kernel entry, or an answer), which no wake record repeats.
+                    self.engine.wake(&FlowId {
+                        cookie: ev.cookie,
+                        remote: ev.remote,
+                    });
                     self.pending.push_back((ev, netns_cookie));
                 }
             }
@@ -270,12 +284,22 @@ impl<K: FlowCounters> Pipeline<K> {
     /// The engine's timers, at CLOCK_BOOTTIME `now`.
     pub fn tick(&mut self, now: u64) -> io::Result<()> {
         self.processes.tick();
-        // One lookup per flow the tick looks at, unless that is most of them: a bulk read
-        // of the whole map costs about a third of a lookup per entry.
-        let due = self.engine.due(now);
         let engine = &mut self.engine;
-        let bulk = due.saturating_mul(3) > engine.stats().flows_tracked
-            && self.kernel.read_all(&mut |id, c| engine.absorb(id, c));
+        // The ring lost records, wake records among them maybe: a read of every flow wakes
+        // those that moved (at most every few seconds, for it costs a third of a
+        // microsecond per flow).
+        let lost = self.health.ringbuf_full > self.ring_losses_seen
+            && now.saturating_sub(self.last_full_read_ns) >= FULL_READ_PERIOD_NS;
+        let mut bulk = lost && self.kernel.read_all(&mut |id, c| engine.absorb(id, c));
+        if bulk {
+            self.ring_losses_seen = self.health.ringbuf_full;
+            self.last_full_read_ns = now;
+        }
+        // One lookup per flow the tick looks at, unless that is most of them.
+        let due = engine.due(now);
+        bulk = bulk
+            || due.saturating_mul(3) > engine.stats().flows_tracked
+                && self.kernel.read_all(&mut |id, c| engine.absorb(id, c));
         let kernel = &self.kernel;
         let mut reports = if bulk {
             self.engine.on_tick(now, &|_| None)
@@ -491,6 +515,35 @@ mod tests {
         p.tick(6 * S).unwrap();
         assert_eq!(reads(&p), (2, 1));
         assert_eq!(reports.len(), 4, "the wake record reports nothing");
+    }
+
+    /// A record held back behind a namespace scan still wakes its flow: a first datagram
+    /// (an answer, a recreated kernel entry) has no wake record to repeat it. And when the
+    /// ring lost records, the next tick reads every flow, whatever is due.
+    #[test]
+    fn held_records_and_lost_ones_wake_flows() {
+        const S: u64 = 1_000_000_000;
+        let mut p = pipeline();
+        let mut reports = Vec::new();
+        p.record(&first_tx(1, 0), &mut reports);
+        p.tick(2 * S).unwrap();
+        p.tick(4 * S).unwrap();
+        assert_eq!(p.engine.due(5 * S), 0, "asleep");
+        let mut answer = first_tx(1, 8);
+        answer[std::mem::offset_of!(Event, kind)..][..2]
+            .copy_from_slice(&(EventKind::FirstRx as u16).to_ne_bytes());
+        p.record(&answer, &mut reports);
+        assert_eq!(p.netns_asks(), HashSet::from([8]), "held for its namespace");
+        assert_eq!(p.engine.due(6 * S), 1);
+        p.tick(6 * S).unwrap();
+        let reads = p.kernel.bulk_reads;
+        p.tick(20 * S).unwrap();
+        assert_eq!(p.kernel.bulk_reads, reads, "nothing due");
+        p.health.ringbuf_full = 3;
+        p.tick(21 * S).unwrap();
+        assert_eq!(p.kernel.bulk_reads, reads + 1, "records were lost");
+        p.tick(22 * S).unwrap();
+        assert_eq!(p.kernel.bulk_reads, reads + 1, "no more since");
     }
 
     /// Idle flows are forgotten in the kernel, whether their CLOSE was printed or, on a busy

@@ -711,8 +711,9 @@ struct Engine {
     rss: Vec<(usize, f64, f64)>,
     /// (peers, bytes per peer remembered across flows, none with a live flow).
     peers_rss: Vec<(usize, f64)>,
-    /// (flows, the time of one tick in ms).
-    ticks: Vec<(usize, Spread)>,
+    /// (flows, the time of one tick in ms while every flow sleeps, the time of the tick that
+    /// found them all awake and put them to sleep in ms).
+    ticks: Vec<(usize, Spread, f64)>,
 }
 
 /// Builds `udpmon/benches/NAME.rs`; returns its executable.
@@ -846,7 +847,12 @@ fn engine(plan: &Plan, bin: &FsPath, pipeline_bin: &FsPath) -> anyhow::Result<En
         if ms.is_empty() {
             bail!("{} printed no tick_ns", bin.display());
         }
-        ticks.push((n, spread(&ms)));
+        let first = l
+            .iter()
+            .find(|(k, _)| k == "first_tick_ns")
+            .map(|(_, v)| v / 1e6)
+            .with_context(|| format!("{} printed no first_tick_ns", bin.display()))?;
+        ticks.push((n, spread(&ms), first));
     }
     Ok(Engine {
         rate: engine_rate,
@@ -1297,11 +1303,12 @@ fn table(
             yes_no(*one <= 128.0 && *many <= 128.0),
         ]);
     }
-    for (n, ms) in &eng.ticks {
+    for (n, ms, first) in &eng.ticks {
         tb.row([
             &format!(
                 "engine: one tick (SILENT, RESUMED, idle checks; once a second) at {} flows, \
-                 4 per socket",
+                 4 per socket, none due (the tick that found them all awake and put them to \
+                 sleep: {first:.1} ms)",
                 si(*n as f64)
             ),
             "-",

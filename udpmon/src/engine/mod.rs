@@ -137,6 +137,8 @@ struct Socket {
     summarised: bool,
     /// Flows opened in the current summary interval.
     new_flows: u32,
+    /// In `Engine::flowless`, once.
+    listed: bool,
 }
 
 /// The last process seen on a local port, for naming it when a peer keeps sending there.
@@ -354,13 +356,10 @@ impl Engine {
         self.expired.clear();
         if ev.fact == Fact::Wake {
             // Nothing about its owner: only which flow the next tick must look at.
-            let id = FlowId {
+            self.wake(&FlowId {
                 cookie: ev.cookie,
                 remote: ev.remote,
-            };
-            if let Some(r) = self.flows.find(&id) {
-                self.flows.wake(r);
-            }
+            });
             return;
         }
         let socketless = match &ev.fact {
@@ -401,19 +400,38 @@ impl Engine {
 
     /// Lists a socket without flows for `forget`, if it is still there.
     fn list_flowless(&mut self, cookie: u64) {
-        if let Some(s) = self.sockets.get(&cookie) {
+        if let Some(s) = self.sockets.get_mut(&cookie)
+            && !s.listed
+        {
+            s.listed = true;
             let until = s.seen_ns.saturating_add(ns(self.cfg.idle_timeout));
             self.flowless.push(Reverse((until, cookie)));
         }
     }
 
+    /// The next tick looks at this flow, if the engine tracks it: the kernel said it moves,
+    /// or an event about it is held back before it reaches [`Engine::on_event`].
+    pub fn wake(&mut self, id: &FlowId) {
+        if let Some(r) = self.flows.find(id) {
+            self.flows.wake(r);
+        }
+    }
+
     /// Folds in a flow's kernel counters read in bulk before a tick (which then needs no
-    /// counters of its own); a flow the engine does not track is passed over.
+    /// counters of its own); a flow the engine does not track is passed over. A sleeping
+    /// flow whose counters moved wakes: its wake record may have been lost.
     pub fn absorb(&mut self, id: &FlowId, c: &Counters) {
-        if let Some(flow) = self.flows.find(id).and_then(|r| self.flows.get_mut(r))
-            && flow.absorb(c)
-        {
+        let Some(r) = self.flows.find(id) else {
+            return;
+        };
+        let Some(flow) = self.flows.get_mut(r) else {
+            return;
+        };
+        if flow.absorb(c) {
             self.stats.kernel_entries_renewed += 1;
+        }
+        if c.last_ns() > self.flows.last_seen(r) {
+            self.flows.wake(r);
         }
     }
 
@@ -657,10 +675,11 @@ impl Engine {
             && at <= now
         {
             self.flowless.pop();
-            // A socket with flows is listed again when its last one goes.
-            let Some(s) = self.sockets.get(&cookie) else {
+            let Some(s) = self.sockets.get_mut(&cookie) else {
                 continue;
             };
+            s.listed = false;
+            // A socket with flows is listed again when its last one goes.
             if s.preexisting || self.flows.has_cookie(cookie) {
                 continue;
             }
@@ -668,6 +687,7 @@ impl Engine {
             if until <= now {
                 self.sockets.remove(&cookie);
             } else {
+                s.listed = true;
                 self.flowless.push(Reverse((until, cookie)));
             }
         }
@@ -708,6 +728,7 @@ impl Engine {
                 preexisting: false,
                 summarised: false,
                 new_flows: 0,
+                listed: false,
             }
         });
         sock.seen_ns = sock.seen_ns.max(ev.ts_ns);
@@ -1067,7 +1088,10 @@ impl Engine {
             flow.first_rx_ns()
         };
         if first.is_some() {
-            // The kernel can report a direction's first datagram twice (two CPUs racing).
+            // The kernel can report a direction's first datagram twice (two CPUs racing), and
+            // again for a flow whose entry its LRU map dropped: then this record, not a wake,
+            // says that the flow moves.
+            self.flows.wake(r);
             return;
         }
         if via == Via::Send {

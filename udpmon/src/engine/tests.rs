@@ -733,9 +733,10 @@ fn zero_cookie_and_addressless_events_are_ignored() {
     assert_eq!(e.stats().events_ignored, 2);
 }
 
-/// A kernel flow map the tests can change between ticks, and the [`Fact::Wake`] records the
-/// kernel makes as it does: for a datagram after more than `WAKE_NS` without any, and (where
-/// the kernel's is a first-datagram record) for one that makes a new entry.
+/// A kernel flow map the tests can change between ticks, and the [`Fact::Wake`] records it
+/// makes as the kernel does: for a datagram on an entry after more than `WAKE_NS` without
+/// any, unless it is its direction's first (the kernel's record is then a first datagram's,
+/// which a test feeds itself, as it does for a new entry's).
 #[derive(Default)]
 struct Kernel(RefCell<HashMap<FlowId, Counters>>, RefCell<Vec<FlowId>>);
 
@@ -746,8 +747,12 @@ impl Kernel {
         if c.first_ns == 0 {
             c.first_ns = ts;
         }
-        let fresh = c.tx_datagrams == 0 && c.rx_datagrams == 0;
-        if fresh || ts.saturating_sub(c.last_ns()) > udpmon_common::WAKE_NS {
+        let again = if tx > 0 {
+            c.tx_datagrams > 0
+        } else {
+            c.rx_datagrams > 0
+        };
+        if again && ts.saturating_sub(c.last_ns()) > udpmon_common::WAKE_NS {
             self.1.borrow_mut().push(id);
         }
         c.tx_datagrams += tx;
@@ -1222,6 +1227,12 @@ mod props {
         Exit,
         Exec,
         Tick,
+        /// The kernel's LRU map drops a flow's entry (no record): its next datagram makes a
+        /// new one, reported as a first datagram.
+        Drop {
+            cookie: u64,
+            peer: u8,
+        },
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -1242,6 +1253,7 @@ mod props {
             1 => peer.prop_map(|peer| Step::NoSocket { peer }),
             1 => prop_oneof![Just(Step::Exit), Just(Step::Exec)],
             3 => Just(Step::Tick),
+            1 => (1..5u64, 0..4u8).prop_map(|(cookie, peer)| Step::Drop { cookie, peer }),
         ]
     }
 
@@ -1257,6 +1269,7 @@ mod props {
             8 => (cookie.clone(), peer.clone(), tx)
                 .prop_map(|(cookie, peer, tx)| Step::Traffic { cookie, peer, tx }),
             6 => Just(Step::Tick),
+            1 => (cookie.clone(), peer.clone()).prop_map(|(cookie, peer)| Step::Drop { cookie, peer }),
             1 => (cookie.clone(), peer, 0..4u8, 1..4u8)
                 .prop_map(|(cookie, peer, code, verdict)| Step::Icmp { cookie, peer, code, verdict }),
             1 => cookie.prop_map(|cookie| Step::Close { cookie }),
@@ -1507,6 +1520,14 @@ mod props {
                 }
                 Step::NoSocket { peer } => e.on(&kev(Fact::NoSocket, ts, 0, remote(peer)), &get),
                 Step::Exit => e.on(&exit(100, ts), &get),
+                Step::Drop { cookie, peer } => {
+                    let id = FlowId {
+                        cookie,
+                        remote: remote(peer),
+                    };
+                    kernel.0.borrow_mut().remove(&id);
+                    Vec::new()
+                }
                 Step::Exec => e.on(&ev(Fact::Exec, ts), &get),
                 Step::Tick => {
                     kernel.wake(&mut [&mut e.e, &mut e.sleepless]);
@@ -1515,6 +1536,7 @@ mod props {
             };
             chk.check(&reports, &e.e)?;
             prop_assert_eq!(e.e.expired(), e.sleepless.expired());
+            prop_assert_eq!(e.e.stats(), e.sleepless.stats());
             // What the caller does after an expiry or eviction, so that the flow's next
             // datagram is reported as new; each one reported closed, or summarised.
             for id in e.e.expired() {
@@ -1610,6 +1632,26 @@ fn a_kernel_entry_recreated_under_pressure_keeps_its_counts() {
     assert_eq!((st.rx_datagrams, st.rx_bytes), (1, 10));
     assert_eq!(st.last_tx_ns, 3 * S);
     assert_eq!(e.stats().kernel_entries_renewed, 1);
+}
+
+/// A flow whose wake record was lost sleeps on, until a read of every flow finds that its
+/// counters moved.
+#[test]
+fn a_bulk_read_wakes_a_flow_whose_wake_was_lost() {
+    let mut e = engine();
+    let k = Kernel::default();
+    established(&mut e, &k);
+    k.tick(&mut e, 2 * S);
+    k.tick(&mut e, 4 * S);
+    assert_eq!(e.due(5 * S), 0, "asleep");
+    k.send(flow7(), 5 * S, 3);
+    k.1.borrow_mut().clear();
+    assert_eq!(e.due(6 * S), 0, "no wake came");
+    e.absorb(&flow7(), &k.get(&flow7()).unwrap());
+    assert_eq!(e.due(7 * S), 1);
+    let r = e.on_tick(7 * S, &none);
+    assert!(r.is_empty());
+    assert_eq!(kinds(&k.tick(&mut e, 15 * S)), [ReportKind::Silent]);
 }
 
 /// Issue 12: a server that predates udpmon and stays quiet past `--idle-timeout` still has
@@ -2878,9 +2920,20 @@ fn counters_absorbed_before_a_tick_are_that_ticks() {
     k.send(flow7(), 3 * S, 4);
     let r = tick(&mut asks, &mut absorbs, 12 * S);
     assert_eq!(kinds(&r), [ReportKind::Silent]);
+    // The kernel's LRU map drops the entry; the next datagrams make a new one, with the
+    // records of first datagrams (repeats, to the engine), not wakes.
     k.0.borrow_mut().remove(&flow7());
     k.send(flow7(), 13 * S, 1);
     k.recv(flow7(), 13 * S + 5 * MS);
+    for e in [&mut asks, &mut absorbs] {
+        run(
+            e,
+            &[
+                ev(Fact::FirstTx { bytes: 10 }, 13 * S),
+                ev(Fact::FirstRx { bytes: 10 }, 13 * S + 5 * MS),
+            ],
+        );
+    }
     let r = tick(&mut asks, &mut absorbs, 14 * S);
     assert_eq!(kinds(&r), [ReportKind::Resumed]);
     assert_eq!(asks.stats().kernel_entries_renewed, 1);

@@ -24,6 +24,7 @@ mod metrics;
 mod peers;
 mod relay;
 mod scenarios;
+mod sleep;
 mod syscalls;
 mod util;
 

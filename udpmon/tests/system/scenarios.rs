@@ -57,6 +57,11 @@ pub const ALL: &[Scenario] = &[
         name: "silent_nft_drop",
         run: crate::firewall::silent_drop,
     },
+    // Issue 11: ticks skip sleeping flows; the kernel's wake record brings them back.
+    Scenario {
+        name: "wakes_after_quiet",
+        run: crate::sleep::wakes_after_quiet,
+    },
     Scenario {
         name: "nft_reject_admin_ipv4",
         run: |st| crate::firewall::reject_admin(st, false),

@@ -686,14 +686,14 @@ impl Engine {
             let until = s.seen_ns.saturating_add(idle);
             if until <= now {
                 self.sockets.remove(&cookie);
+                self.last_app_error.remove(&cookie);
             } else {
                 s.listed = true;
                 self.flowless.push(Reverse((until, cookie)));
             }
         }
-        let sockets = &self.sockets;
-        self.last_app_error
-            .retain(|cookie, _| sockets.contains_key(cookie));
+        // Still a walk of every entry: at most `--max-flows` of them, and more than a few
+        // only under a flood of datagrams to closed ports.
         self.refused_at
             .retain(|_, at| now.saturating_sub(*at) < idle);
         let cap = self.cfg.max_flows;

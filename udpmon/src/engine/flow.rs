@@ -340,6 +340,23 @@ impl Flow {
         matches!(self.state, State::Silent { reported: true, .. })
     }
 
+    /// Datagrams sent since the peer's last one (a lower bound, see `tx_at_rx`).
+    pub fn unanswered(&self) -> u64 {
+        self.counters.tx_datagrams.saturating_sub(self.tx_at_rx)
+    }
+
+    /// When the flow-level SILENT rule fires unless new traffic comes first: for an active,
+    /// established flow that sent `min_sends` or more since its peer's last datagram,
+    /// `silent_after_ns` after that datagram. The tick applies it; a sleeping flow is due then.
+    pub fn silent_at(&self, silent_after_ns: u64, min_sends: u64) -> Option<u64> {
+        let c = &self.counters;
+        (self.state == State::Active
+            && self.established
+            && c.last_tx_ns > c.last_rx_ns
+            && self.unanswered() >= min_sends)
+            .then(|| c.last_rx_ns.saturating_add(silent_after_ns))
+    }
+
     /// Folds in a read of the flow's kernel entry. Returns true when that entry is newer than
     /// the one read before (the kernel dropped and recreated it): what the old one counted is
     /// kept, and only what it counted after the previous read is lost.

@@ -498,23 +498,19 @@ impl Engine {
         if now.saturating_sub(last) < SLEEP_NS {
             return None;
         }
-        let c = &flow.counters;
-        let until = match flow.state {
-            // Covered by its peer's silence, which another flow's answer can end.
+        if matches!(
+            flow.state,
             State::Silent {
-                reported: false, ..
-            } => return None,
-            State::Active
-                if flow.established
-                    && c.last_tx_ns > c.last_rx_ns
-                    && c.tx_datagrams.saturating_sub(flow.tx_at_rx)
-                        >= self.cfg.silent_min_sends =>
-            {
-                c.last_rx_ns.saturating_add(ns(self.cfg.silent_after))
+                reported: false,
+                ..
             }
-            _ => u64::MAX,
-        };
-        Some(until.min(last.saturating_add(ns(self.cfg.idle_timeout))))
+        ) {
+            // Covered by its peer's silence, which another flow's answer can end.
+            return None;
+        }
+        let silent = flow.silent_at(ns(self.cfg.silent_after), self.cfg.silent_min_sends);
+        let idle = last.saturating_add(ns(self.cfg.idle_timeout));
+        Some(silent.map_or(idle, |at| at.min(idle)))
     }
 
     /// At a summary interval's end: a SUMMARY for each busy socket, and each socket's count
@@ -648,14 +644,12 @@ impl Engine {
             // nothing: its own silence from now on.
             flow.state = State::Active;
         }
-        let sends = c.tx_datagrams.saturating_sub(flow.tx_at_rx);
-        let no_reply_ns = now.saturating_sub(c.last_rx_ns);
-        if flow.state == State::Active
-            && flow.established
-            && c.last_tx_ns > c.last_rx_ns
-            && no_reply_ns >= ns(self.cfg.silent_after)
-            && sends >= self.cfg.silent_min_sends
+        if flow
+            .silent_at(ns(self.cfg.silent_after), self.cfg.silent_min_sends)
+            .is_some_and(|at| now >= at)
         {
+            let sends = flow.unanswered();
+            let no_reply_ns = now.saturating_sub(c.last_rx_ns);
             let reported = !flow.peer.is_linked() || self.peers.flow_goes_silent(&flow.peer);
             flow.state = State::Silent {
                 last_rx_ns: c.last_rx_ns,

@@ -3,7 +3,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_boot_ns};
-use udpmon_common::{Counter, EventKind, FlowKey, FlowStats, WAKE_NS};
+use udpmon_common::{Counter, Event, EventKind, FlowKey, FlowStats, WAKE_NS};
 
 use crate::{
     maps::{FLOWS, SENDERS, TupleKey, count, emit},
@@ -99,17 +99,10 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
     match seen {
         Seen::Again => return,
         Seen::Woke => {
+            // Both addresses, as the first datagram's record has them, so that userspace
+            // names the flow alike (a v4-mapped pair is unmapped only as a pair).
             emit(|ev| {
-                ev.kind = EventKind::Wake as u16;
-                ev.family = d.family;
-                ev.ts_ns = now;
-                ev.cookie = d.cookie;
-                // Both addresses, so that userspace names the flow as the first
-                // datagram's record did (a v4-mapped pair is unmapped only as a pair).
-                ev.local = d.local;
-                ev.remote = d.remote;
-                ev.lport = d.lport;
-                ev.rport = d.rport;
+                fill_flow(ev, EventKind::Wake, d, now);
                 true
             });
             return;
@@ -128,23 +121,30 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
         let _ = SENDERS.insert(tk, d.cookie, 0);
     }
     emit(|ev| {
-        ev.kind = match dir {
+        let kind = match dir {
             Dir::Tx => EventKind::FirstTx,
             Dir::Rx => EventKind::FirstRx,
-        } as u16;
-        ev.family = d.family;
-        ev.ts_ns = now;
-        ev.cookie = d.cookie;
-        ev.local = d.local;
-        ev.remote = d.remote;
-        ev.lport = d.lport;
-        ev.rport = d.rport;
+        };
+        fill_flow(ev, kind, d, now);
         ev.ret = d.bytes as i32;
         if d.sk != 0 {
             ev.netns = crate::kread::sock_netns(d.sk);
         }
         fill_identity(ev, in_task)
     });
+}
+
+/// A record of kind `kind` about datagram `d`'s flow, at `now`.
+#[inline(always)]
+fn fill_flow(ev: &mut Event, kind: EventKind, d: &Datagram, now: u64) {
+    ev.kind = kind as u16;
+    ev.family = d.family;
+    ev.ts_ns = now;
+    ev.cookie = d.cookie;
+    ev.local = d.local;
+    ev.remote = d.remote;
+    ev.lport = d.lport;
+    ev.rport = d.rport;
 }
 
 /// What a datagram was to its flow's userspace reader.

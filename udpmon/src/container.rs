@@ -527,7 +527,8 @@ pub enum Lookup {
 /// gone, so that the container's remaining events (a CLOSE at idle timeout, a SILENT) still
 /// name it; past `max` entries the least recently used ones are forgotten.
 pub struct ContainerMap {
-    entries: HashMap<u64, (Option<Arc<Container>>, u64)>,
+    /// hashbrown's hasher: looked up for most records and reports.
+    entries: hashbrown::HashMap<u64, (Option<Arc<Container>>, u64)>,
     /// Bumped on every use: the entries' recency.
     uses: u64,
     max: usize,
@@ -536,7 +537,7 @@ pub struct ContainerMap {
 impl ContainerMap {
     pub fn new(max: usize) -> Self {
         Self {
-            entries: HashMap::new(),
+            entries: hashbrown::HashMap::new(),
             uses: 0,
             max: max.max(1),
         }

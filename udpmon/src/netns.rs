@@ -42,8 +42,9 @@ pub enum Lookup {
 /// The cookie -> inode map, filled by [`scan`]s that the caller runs off its event loop.
 #[derive(Default)]
 pub struct NetnsMap {
-    by_cookie: HashMap<u64, u32>,
-    unresolvable: HashSet<u64>,
+    /// hashbrown's hasher: looked up for records whose hook did not see the namespace.
+    by_cookie: hashbrown::HashMap<u64, u32>,
+    unresolvable: hashbrown::HashSet<u64>,
 }
 
 impl NetnsMap {

@@ -3,6 +3,7 @@ use std::{
     borrow::Cow,
     cell::Cell,
     fmt::{self, Write as _},
+    io::Write as _,
 };
 
 use time::UtcOffset;
@@ -160,7 +161,7 @@ impl TextFormat {
             out.extend_from_slice(r.kind.label().as_bytes());
         });
         out.push(b' ');
-        out.extend_from_slice(detail(r).as_bytes());
+        detail(r, out);
         if let Some(c) = &r.container {
             out.push(b' ');
             out.extend_from_slice(container_note(c).as_bytes());
@@ -237,11 +238,13 @@ fn container_note(c: &Container) -> String {
     s
 }
 
-fn detail(r: &Report) -> String {
-    match &r.detail {
+/// The report's own words, written into the line (most reports: no allocation).
+fn detail(r: &Report, out: &mut Vec<u8>) {
+    // Writes into a Vec cannot fail.
+    let _ = match &r.detail {
         Detail::Opened {
             via: Via::Connect, ..
-        } => "connect(): flow opened, nothing sent yet".to_owned(),
+        } => out.write_all(b"connect(): flow opened, nothing sent yet"),
         Detail::Opened { via, bytes } => {
             let dir = if *via == Via::Send {
                 "first datagram sent"
@@ -249,16 +252,18 @@ fn detail(r: &Report) -> String {
                 "first datagram from a new peer"
             };
             match bytes {
-                Some(b) => format!("{dir}: {b} B"),
-                None => dir.to_owned(),
+                Some(b) => write!(out, "{dir}: {b} B"),
+                None => out.write_all(dir.as_bytes()),
             }
         }
-        Detail::Established { reply_after_ns } => format!(
+        Detail::Established { reply_after_ns } => write!(
+            out,
             "traffic both ways, first answer after {}",
             duration(*reply_after_ns)
         ),
-        Detail::Unreachable(u) => unreachable(r.family, r.local.port(), u),
-        Detail::Silent { no_reply_ns, sends } => format!(
+        Detail::Unreachable(u) => unreachable(out, r.family, r.local.port(), u),
+        Detail::Silent { no_reply_ns, sends } => write!(
+            out,
             "no reply for {} after {}, no ICMP",
             duration(*no_reply_ns),
             plural(*sends, "send")
@@ -266,14 +271,16 @@ fn detail(r: &Report) -> String {
         Detail::Resumed {
             after: Trouble::Silent,
             quiet_ns,
-        } => format!(
+        } => write!(
+            out,
             "peer answered again after {} of silence",
             duration(*quiet_ns)
         ),
         Detail::Resumed {
             after: Trouble::Unreachable,
             quiet_ns,
-        } => format!(
+        } => write!(
+            out,
             "peer answered again after {}, despite the ICMP error",
             duration(*quiet_ns)
         ),
@@ -282,16 +289,15 @@ fn detail(r: &Report) -> String {
             unanswered: u,
         } => {
             let heard = match u.last_answer_ns {
-                Some(_) => format!("last answer {} ago", duration(*no_reply_ns)),
-                None => format!(
-                    "never answered since first seen {} ago",
-                    duration(*no_reply_ns)
-                ),
+                Some(_) => "last answer",
+                None => "never answered since first seen",
             };
-            format!(
-                "peer unanswered: {} over {}, no ICMP; {heard}",
+            write!(
+                out,
+                "peer unanswered: {} over {}, no ICMP; {heard} {} ago",
                 unanswered_sends(u),
-                duration(u.for_ns)
+                duration(u.for_ns),
+                duration(*no_reply_ns)
             )
         }
         Detail::PeerResumed {
@@ -303,7 +309,8 @@ fn detail(r: &Report) -> String {
             } else {
                 "for the first time"
             };
-            format!(
+            write!(
+                out,
                 "peer answered {again} after {}; {} had gone unanswered",
                 duration(*quiet_ns),
                 unanswered_sends(u)
@@ -315,25 +322,26 @@ fn detail(r: &Report) -> String {
             after_unreachable_ns,
         } => {
             let call = if *op == Op::Send { "send" } else { "recv" };
-            let mut s = format!("{call} failed with {}", errno_name(*errno));
-            if let Some(after) = after_unreachable_ns {
-                let _ = write!(
-                    s,
+            let _ = write!(out, "{call} failed with {}", errno_name(*errno));
+            match after_unreachable_ns {
+                Some(after) => write!(
+                    out,
                     ": the application noticed the ICMP error {} later",
                     duration(*after)
-                );
+                ),
+                None => Ok(()),
             }
-            s
         }
-        Detail::Closed { reason, stats } => closed(*reason, stats),
-        Detail::Refused { last_owner } => format!(
+        Detail::Closed { reason, stats } => closed(out, *reason, stats),
+        Detail::Refused { last_owner } => write!(
+            out,
             "datagram to closed port {}{}",
             r.local.port(),
-            owner_note(last_owner.as_ref())
+            OwnerNote(last_owner.as_ref())
         ),
-        Detail::SocketSummary(s) => socket_summary(s),
-        Detail::PeerSummary(s) => peer_summary(r.family, s),
-    }
+        Detail::SocketSummary(s) => out.write_all(socket_summary(s).as_bytes()),
+        Detail::PeerSummary(s) => out.write_all(peer_summary(r.family, s).as_bytes()),
+    };
 }
 
 /// "busy socket, 10.0s: 4210 new flows (4210 accepted), 4200 established, 4190 closed (10
@@ -394,7 +402,7 @@ fn problems(p: &Problems) -> String {
         parts.push(format!("{} silent", p.silent));
     }
     if p.app_error > 0 {
-        parts.push(plural(p.app_error, "app error"));
+        parts.push(plural(p.app_error, "app error").to_string());
     }
     parts.join(", ")
 }
@@ -428,41 +436,53 @@ fn peer_summary(family: Family, s: &PeerSummary) -> String {
     )
 }
 
-fn unreachable(family: Family, local_port: u16, u: &UnreachableInfo) -> String {
-    let what = format!("{} from {}", icmp_name(family, u.ty, u.code), u.from);
+fn unreachable(
+    out: &mut Vec<u8>,
+    family: Family,
+    local_port: u16,
+    u: &UnreachableInfo,
+) -> std::io::Result<()> {
+    write!(out, "{} from {}", icmp_name(family, u.ty, u.code), u.from)?;
     let errno = u.errno.map(errno_name);
     match u.verdict {
         Verdict::Notified => match errno {
-            Some(e) => format!("{what}; next send/recv fails with {e}"),
-            None => format!("{what}; next send/recv fails"),
+            Some(e) => write!(out, "; next send/recv fails with {e}"),
+            None => write!(out, "; next send/recv fails"),
         },
         Verdict::Queued => match errno {
-            Some(e) => format!("{what} queued on the error queue (IP_RECVERR): {e}"),
-            None => format!("{what} queued on the error queue (IP_RECVERR)"),
+            Some(e) => write!(out, " queued on the error queue (IP_RECVERR): {e}"),
+            None => write!(out, " queued on the error queue (IP_RECVERR)"),
         },
-        Verdict::Discarded if u.connected => format!(
-            "{what} discarded: not fatal to a connected socket without IP_RECVERR, the application cannot know"
+        Verdict::Discarded if u.connected => write!(
+            out,
+            " discarded: not fatal to a connected socket without IP_RECVERR, the application cannot know"
         ),
-        Verdict::Discarded => format!(
-            "{what} discarded: unconnected socket without IP_RECVERR, the application cannot know"
+        Verdict::Discarded => write!(
+            out,
+            " discarded: unconnected socket without IP_RECVERR, the application cannot know"
         ),
-        Verdict::NoSocket => format!(
-            "{what}: no socket on local port {local_port} any more{}",
-            owner_note(u.last_owner.as_ref())
+        Verdict::NoSocket => write!(
+            out,
+            ": no socket on local port {local_port} any more{}",
+            OwnerNote(u.last_owner.as_ref())
         ),
     }
 }
 
-fn owner_note(owner: Option<&Identity>) -> String {
-    match owner {
-        Some(o) if o.is_known() => {
-            format!(
+/// " (last owner: NAME pid N)", or nothing when the owner is unknown.
+struct OwnerNote<'a>(Option<&'a Identity>);
+
+impl fmt::Display for OwnerNote<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(o) if o.is_known() => write!(
+                f,
                 " (last owner: {} pid {})",
                 Escaped(&process_name(&o.process, &o.comm)),
                 o.tgid
-            )
+            ),
+            _ => Ok(()),
         }
-        _ => String::new(),
     }
 }
 
@@ -540,7 +560,7 @@ impl fmt::Write for CharCount {
     }
 }
 
-fn closed(reason: CloseReason, s: &CloseStats) -> String {
+fn closed(out: &mut Vec<u8>, reason: CloseReason, s: &CloseStats) -> std::io::Result<()> {
     let what = match reason {
         CloseReason::Closed => "closed",
         CloseReason::Idle => "expired idle",
@@ -549,49 +569,55 @@ fn closed(reason: CloseReason, s: &CloseStats) -> String {
         CloseReason::Reconnected => "reconnected to another peer",
     };
     let more = if s.preexisting { ">" } else { "" };
-    let mut out = format!(
+    write!(
+        out,
         "{what} after {more}{}: tx {}/{} B, rx {}/{} B",
         duration(s.duration_ns),
         plural(s.tx_datagrams, "dgram"),
         s.tx_bytes,
         plural(s.rx_datagrams, "dgram"),
         s.rx_bytes
-    );
+    )?;
     if s.icmp_errors > 0 {
-        let _ = write!(out, ", {}", plural(s.icmp_errors, "ICMP error"));
+        write!(out, ", {}", plural(s.icmp_errors, "ICMP error"))?;
     }
     if s.app_errors > 0 {
-        let _ = write!(out, ", {}", plural(s.app_errors, "app error"));
+        write!(out, ", {}", plural(s.app_errors, "app error"))?;
     }
-    out
+    Ok(())
 }
 
 /// "15 dgrams from 15 sockets": a peer's flows all have the same remote end, so each is a
 /// socket of its own.
-fn unanswered_sends(u: &Unanswered) -> String {
-    format!(
-        "{} from {}",
-        plural(u.sends, "dgram"),
-        plural(u.flows, "socket")
-    )
+fn unanswered_sends(u: &Unanswered) -> impl fmt::Display {
+    fmt::from_fn(move |f| {
+        write!(
+            f,
+            "{} from {}",
+            plural(u.sends, "dgram"),
+            plural(u.flows, "socket")
+        )
+    })
 }
 
-fn plural(n: u64, what: &str) -> String {
-    if n == 1 {
-        format!("1 {what}")
-    } else {
-        format!("{n} {what}s")
-    }
+fn plural(n: u64, what: &str) -> impl fmt::Display {
+    fmt::from_fn(move |f| {
+        if n == 1 {
+            write!(f, "1 {what}")
+        } else {
+            write!(f, "{n} {what}s")
+        }
+    })
 }
 
 /// Short human durations: microseconds below 1 ms (replies on a LAN), whole milliseconds
 /// below 1 s, else seconds with one decimal.
-fn duration(ns: u64) -> String {
-    match ns {
-        0..1_000_000 => format!("{}us", ns / 1_000),
-        1_000_000..1_000_000_000 => format!("{}ms", ns / 1_000_000),
-        _ => format!("{:.1}s", ns as f64 / 1e9),
-    }
+fn duration(ns: u64) -> impl fmt::Display {
+    fmt::from_fn(move |f| match ns {
+        0..1_000_000 => write!(f, "{}us", ns / 1_000),
+        1_000_000..1_000_000_000 => write!(f, "{}ms", ns / 1_000_000),
+        _ => write!(f, "{:.1}s", ns as f64 / 1e9),
+    })
 }
 
 /// The ICMP message in words (RFC 792 / RFC 4443 names).
@@ -651,10 +677,10 @@ mod tests {
 
     #[test]
     fn durations_read_naturally() {
-        assert_eq!(duration(42_000), "42us");
-        assert_eq!(duration(120_000_000), "120ms");
-        assert_eq!(duration(3_240_000_000), "3.2s");
-        assert_eq!(duration(125_000_000_000), "125.0s");
+        assert_eq!(duration(42_000).to_string(), "42us");
+        assert_eq!(duration(120_000_000).to_string(), "120ms");
+        assert_eq!(duration(3_240_000_000).to_string(), "3.2s");
+        assert_eq!(duration(125_000_000_000).to_string(), "125.0s");
     }
 
     #[test]

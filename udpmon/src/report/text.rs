@@ -135,17 +135,22 @@ impl TextFormat {
     pub fn write(&self, r: &Report, out: &mut Vec<u8>) {
         self.time(out, r.ts_ns);
         out.push(b' ');
-        padded(out, 7, Align::Right, |out| match r.who.tgid {
-            0 => out.push(b'-'),
-            p => write::decimal(out, u64::from(p)),
-        });
+        // Right-aligned: the spaces go first, as many as the value's width leaves.
+        match r.who.tgid {
+            0 => out.extend_from_slice(b"      -"),
+            p => {
+                let p = u64::from(p);
+                out.resize(out.len() + 7usize.saturating_sub(write::width(p)), b' ');
+                write::decimal(out, p);
+            }
+        }
         out.push(b' ');
         let name = process_name(&r.who.process, &r.who.comm);
         if name
             .bytes()
             .all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
         {
-            padded(out, COMM_WIDTH, Align::Left, |out| {
+            padded(out, COMM_WIDTH, |out| {
                 out.extend_from_slice(name.as_bytes());
             });
         } else {
@@ -154,10 +159,10 @@ impl TextFormat {
         }
         for a in [r.local, r.remote] {
             out.push(b' ');
-            padded(out, ADDR_WIDTH, Align::Left, |out| write::addr(out, a));
+            padded(out, ADDR_WIDTH, |out| write::addr(out, a));
         }
         out.push(b' ');
-        padded(out, 11, Align::Left, |out| {
+        padded(out, 11, |out| {
             out.extend_from_slice(r.kind.label().as_bytes());
         });
         out.push(b' ');
@@ -199,23 +204,15 @@ impl TextFormat {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Align {
-    Left,
-    Right,
-}
-
-/// What `put` writes, padded with spaces to `width` bytes (ASCII only: bytes are columns).
+/// What `put` writes, left-aligned: padded with spaces to `width` bytes (ASCII only: bytes
+/// are columns).
 #[inline(always)]
-fn padded(out: &mut Vec<u8>, width: usize, align: Align, put: impl FnOnce(&mut Vec<u8>)) {
+fn padded(out: &mut Vec<u8>, width: usize, put: impl FnOnce(&mut Vec<u8>)) {
     let at = out.len();
     put(out);
     let fill = width.saturating_sub(out.len() - at);
     if fill > 0 {
         out.resize(out.len() + fill, b' ');
-        if let Align::Right = align {
-            out[at..].rotate_right(fill);
-        }
     }
 }
 

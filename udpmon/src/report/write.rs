@@ -7,10 +7,16 @@
 //! the stores and waits for them (a third of the JSON writer's time, by `perf annotate`).
 use std::{io::Write as _, net::SocketAddr};
 
+/// How many digits `v` has in decimal.
+#[inline(always)]
+pub(super) fn width(v: u64) -> usize {
+    v.checked_ilog10().map_or(1, |l| l as usize + 1)
+}
+
 /// `v` in decimal.
 #[inline(always)]
 pub(super) fn decimal(out: &mut Vec<u8>, v: u64) {
-    let len = v.checked_ilog10().map_or(1, |l| l as usize + 1);
+    let len = width(v);
     let at = out.len();
     out.extend_from_slice(&[0u8; 20]); // u64::MAX has 20 digits
     fill_digits(&mut out[at..at + 20], v, len);
@@ -47,7 +53,7 @@ pub(super) fn addr(out: &mut Vec<u8>, a: SocketAddr) {
         n += 1;
     }
     let port = u64::from(a.port());
-    let len = port.checked_ilog10().map_or(1, |l| l as usize + 1);
+    let len = width(port);
     fill_digits(&mut b[n..n + 5], port, len);
     out.truncate(at + n + len);
 }

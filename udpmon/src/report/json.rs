@@ -68,7 +68,10 @@
 //!   first UNREACHABLE of the run is printed; `icmp` (as for unreachable, that first
 //!   error's) and the run's UNREACHABLE events in the interval, printed or not, in
 //!   `problems.unreachable`, those not printed in `folded.unreachable` (every other count 0)
-use std::{cell::Cell, io::Write as _};
+use std::{
+    cell::{Cell, RefCell},
+    io::Write as _,
+};
 
 use time::OffsetDateTime;
 
@@ -89,6 +92,8 @@ pub struct JsonFormat {
     /// The last wall-clock second written and its `YYYY-MM-DDTHH:MM:SS`: reports come in
     /// bursts within a second, and the calendar is the costly part of a stamp.
     second: Cell<Option<(i128, [u8; 19])>>,
+    /// The last owner written and its keys' text (see [`JsonFormat::who`]).
+    who: RefCell<Option<(Identity, Vec<u8>)>>,
 }
 
 /// serde_json's escaping, also safe on a terminal: JSON itself requires escaping only C0
@@ -250,6 +255,7 @@ impl JsonFormat {
         Self {
             clock,
             second: Cell::new(None),
+            who: RefCell::new(None),
         }
     }
 
@@ -269,15 +275,9 @@ impl JsonFormat {
     pub fn write(&self, r: &Report, out: &mut Vec<u8>) {
         let mut o = Obj::open(out);
         self.ts(o.key("ts"), r.ts_ns);
-        o.name("event", r.kind.name())
-            .num("pid", r.who.tgid)
-            .num("tid", r.who.pid)
-            .comm("comm", &r.who.comm)
-            .comm("process", &r.who.process)
-            .num("uid", r.who.uid)
-            .num("cgroup", r.who.cgroup)
-            .num("netns", r.who.netns)
-            .num("cookie", r.cookie)
+        o.name("event", r.kind.name());
+        self.who(&mut o, &r.who);
+        o.num("cookie", r.cookie)
             .name("family", family_name(r.family))
             .addr("local", r.local)
             .addr("remote", r.remote);
@@ -289,6 +289,36 @@ impl JsonFormat {
         }
         self.detail(&r.detail, &mut o);
         o.close();
+    }
+
+    /// `"pid"` to `"netns"`. They are the same for every report of one thread's sockets,
+    /// which at a busy server is nearly every report: the last owner's text is kept and
+    /// copied when the next report has the same owner.
+    fn who(&self, o: &mut Obj<'_>, who: &Identity) {
+        let mut last = self.who.borrow_mut();
+        if let Some((id, text)) = &*last
+            && id == who
+        {
+            o.out.extend_from_slice(text);
+            return;
+        }
+        let at = o.out.len();
+        o.num("pid", who.tgid)
+            .num("tid", who.pid)
+            .comm("comm", &who.comm)
+            .comm("process", &who.process)
+            .num("uid", who.uid)
+            .num("cgroup", who.cgroup)
+            .num("netns", who.netns);
+        let written = &o.out[at..];
+        match &mut *last {
+            Some((id, text)) => {
+                *id = *who;
+                text.clear();
+                text.extend_from_slice(written);
+            }
+            None => *last = Some((*who, written.to_vec())),
+        }
     }
 
     /// RFC 3339 UTC with nanoseconds, quoted: `"2026-11-27T23:41:00.123456789Z"`.

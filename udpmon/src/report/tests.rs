@@ -828,6 +828,39 @@ fn formatter_dispatches() {
     assert!(j.format(&r).starts_with(r#"{"ts":"#));
 }
 
+/// One formatter writing reports of several owners in turn (it keeps the last owner's text)
+/// writes each as a fresh one does: every field of the owner counts.
+#[test]
+fn json_lines_of_changing_owners() {
+    let base = close(CloseReason::Closed);
+    let mut owners = vec![base.who, nc_owner(), hostile_owner(), Identity::default()];
+    for change in 0..7 {
+        let mut w = base.who;
+        match change {
+            0 => w.tgid += 1,
+            1 => w.pid += 1,
+            2 => w.comm = "nd".into(),
+            3 => w.process = "nc2".into(),
+            4 => w.uid += 1,
+            5 => w.cgroup += 1,
+            _ => w.netns += 1,
+        }
+        owners.push(w);
+    }
+    let j = JsonFormat::new(CLOCK);
+    for (i, w) in owners.iter().chain(owners.iter().rev()).enumerate() {
+        let r = Report {
+            who: *w,
+            ..base.clone()
+        };
+        assert_eq!(
+            j.format(&r),
+            JsonFormat::new(CLOCK).format(&r),
+            "owner {i}: {w:?}"
+        );
+    }
+}
+
 #[test]
 fn wall_clock_is_boot_time_plus_offset() {
     assert_eq!(CLOCK.wall(1000 * S).unix_timestamp(), 1_795_822_860);

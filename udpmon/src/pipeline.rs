@@ -261,14 +261,9 @@ impl<K: FlowCounters> Pipeline<K> {
 
     /// One event through the engine.
     fn process(&mut self, ev: KernelEvent, reports: &mut Vec<Report>) {
-        let closing = match ev.fact {
-            Fact::Close => self.engine.flows_of(ev.cookie),
-            _ => Vec::new(),
-        };
         let kernel = &self.kernel;
         self.engine.on_event(&ev, &|id| kernel.now(id), reports);
-        // The socket is gone: so are its kernel flow entries.
-        for id in closing.iter().chain(self.engine.expired()) {
+        for id in self.engine.to_forget() {
             self.kernel.forget(id);
         }
     }
@@ -306,7 +301,7 @@ impl<K: FlowCounters> Pipeline<K> {
         } else {
             self.engine.on_tick(now, &|id| kernel.now(id))
         };
-        for id in self.engine.expired() {
+        for id in self.engine.to_forget() {
             self.kernel.forget(id);
         }
         self.emit(&mut reports)

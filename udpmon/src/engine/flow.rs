@@ -797,8 +797,9 @@ impl FlowTable {
     }
 
     /// A socket's flows, in address order.
-    pub fn of_cookie(&self, cookie: u64) -> Vec<FlowId> {
-        let mut ids = Vec::new();
+    /// A socket's flows, in id order, into `ids` (cleared first).
+    pub fn of_cookie(&self, cookie: u64, ids: &mut Vec<FlowId>) {
+        ids.clear();
         let slots = &self.slots;
         let mut i = self
             .heads
@@ -813,7 +814,6 @@ impl FlowTable {
             i = s.next;
         }
         ids.sort_unstable();
-        ids
     }
 
     pub fn has_cookie(&self, cookie: u64) -> bool {
@@ -865,8 +865,10 @@ mod tests {
         {
             t.insert(fid, Flow::new(l, Family::V4, i as u64), i as u64);
         }
+        let mut ids = vec![id(1, "1.1.1.1:1")];
+        t.of_cookie(7, &mut ids);
         assert_eq!(
-            t.of_cookie(7),
+            ids,
             vec![
                 id(7, "0.0.0.0:0"),
                 id(7, "10.0.0.2:53"),
@@ -955,7 +957,9 @@ mod tests {
                     for c in 1..6 {
                         let of: Vec<_> = model.keys().filter(|id| id.cookie == c).copied().collect();
                         prop_assert_eq!(t.has_cookie(c), !of.is_empty());
-                        prop_assert_eq!(t.of_cookie(c), of);
+                        let mut ids = Vec::new();
+                        t.of_cookie(c, &mut ids);
+                        prop_assert_eq!(ids, of);
                     }
                     for (id, at) in &model {
                         prop_assert_eq!(t.last_activity(id), Some(*at));

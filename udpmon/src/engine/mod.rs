@@ -18,8 +18,9 @@
 //!   unreachable flow is its ESTABLISH.
 //! - After a flow's expiry (reason `idle`) or eviction the caller should delete its kernel
 //!   entry: the kernel reports only a flow's first datagram each way, so otherwise new
-//!   traffic on that flow would never reopen it. [`Engine::expired`] names them, whether
-//!   their CLOSE was reported or counted in a summary.
+//!   traffic on that flow would never reopen it. So should it after its socket's close, to
+//!   free the entry. [`Engine::to_forget`] names them, whether their CLOSE was reported or
+//!   counted in a summary.
 //! - SILENT and RESUMED also have a peer scope, across the flows one program opens to one
 //!   peer (a resolver's fresh socket per query); its rules, and how the two scopes share a
 //!   silence, are in `peer.rs`.
@@ -170,8 +171,11 @@ pub struct Engine {
     busy: BTreeMap<u64, Busy>,
     /// When the current summary interval ends (0: at the first tick, which starts it).
     interval_end_ns: u64,
-    /// The flows the last call expired or evicted (see [`Engine::expired`]).
-    expired: Vec<FlowId>,
+    /// The flows the last call closed whose kernel entries must go (see
+    /// [`Engine::to_forget`]).
+    forget: Vec<FlowId>,
+    /// A closing socket's flows, in order (kept for its room).
+    closing: Vec<FlowId>,
     /// (when it may be forgotten, cookie) of sockets that were without flows: `forget`
     /// looks at them then, rather than at every socket every tick. Sockets that close are
     /// not listed (their entries would stay for the idle timeout).
@@ -243,7 +247,8 @@ impl Engine {
             peers: PeerTable::new(max_flows),
             busy: BTreeMap::new(),
             interval_end_ns: 0,
-            expired: Vec::new(),
+            forget: Vec::new(),
+            closing: Vec::new(),
             flowless: BinaryHeap::new(),
             due: Vec::new(),
             due_at: None,
@@ -269,15 +274,18 @@ impl Engine {
     }
 
     /// The flows of a socket, in address order.
+    #[cfg(test)]
     pub fn flows_of(&self, cookie: u64) -> Vec<FlowId> {
-        self.flows.of_cookie(cookie)
+        let mut ids = Vec::new();
+        self.flows.of_cookie(cookie, &mut ids);
+        ids
     }
 
-    /// The flows the last [`Engine::on_event`] or [`Engine::on_tick`] closed for being idle
-    /// or to make room, whose kernel entries the caller should delete. Held only until the
-    /// next call, so that a caller that does not care holds nothing.
-    pub fn expired(&self) -> &[FlowId] {
-        &self.expired
+    /// The flows the last [`Engine::on_event`] or [`Engine::on_tick`] closed for being idle,
+    /// to make room or with their socket, whose kernel entries the caller should delete.
+    /// Held only until the next call, so that a caller that does not care holds nothing.
+    pub fn to_forget(&self) -> &[FlowId] {
+        &self.forget
     }
 
     #[cfg(test)]
@@ -354,7 +362,7 @@ impl Engine {
     /// (a socket's close, a disconnect, an eviction), so the caller must keep the kernel's
     /// entries until this returns.
     pub fn on_event(&mut self, ev: &KernelEvent, counters: CountersFn<'_>, out: &mut Vec<Report>) {
-        self.expired.clear();
+        self.forget.clear();
         if ev.fact == Fact::Wake {
             // Nothing about its owner: only which flow the next tick must look at.
             self.wake(&FlowId {
@@ -459,7 +467,7 @@ impl Engine {
     /// awake or whose sleep ended (see [`Engine::next_look`]).
     pub fn on_tick(&mut self, now_ns: u64, counters: CountersFn<'_>) -> Vec<Report> {
         let mut out = Vec::new();
-        self.expired.clear();
+        self.forget.clear();
         self.due(now_ns);
         self.due_at = None;
         // In the table's order: the reports of one tick share its time. A tick opens no
@@ -940,8 +948,11 @@ impl Engine {
         if reason != CloseReason::Closed && !self.flows.has_cookie(id.cookie) {
             self.list_flowless(id.cookie);
         }
-        if matches!(reason, CloseReason::Idle | CloseReason::Evicted) {
-            self.expired.push(*id);
+        if matches!(
+            reason,
+            CloseReason::Idle | CloseReason::Evicted | CloseReason::Closed
+        ) {
+            self.forget.push(*id);
         }
         if let Some(c) = counters(id)
             && flow.absorb(&c)
@@ -1381,9 +1392,12 @@ impl Engine {
     }
 
     fn close_socket(&mut self, ev: &KernelEvent, counters: CountersFn<'_>, out: &mut Vec<Report>) {
-        for id in self.flows.of_cookie(ev.cookie) {
-            self.close_flow(&id, CloseReason::Closed, ev.ts_ns, counters, out);
+        let mut ids = std::mem::take(&mut self.closing);
+        self.flows.of_cookie(ev.cookie, &mut ids);
+        for id in &ids {
+            self.close_flow(id, CloseReason::Closed, ev.ts_ns, counters, out);
         }
+        self.closing = ids;
         if let Some(mut b) = self.busy.remove(&ev.cookie)
             && b.worth_reporting()
         {

@@ -1535,11 +1535,11 @@ mod props {
                 }
             };
             chk.check(&reports, &e.e)?;
-            prop_assert_eq!(e.e.expired(), e.sleepless.expired());
+            prop_assert_eq!(e.e.to_forget(), e.sleepless.to_forget());
             prop_assert_eq!(e.e.stats(), e.sleepless.stats());
             // What the caller does after an expiry or eviction, so that the flow's next
             // datagram is reported as new; each one reported closed, or summarised.
-            for id in e.e.expired() {
+            for id in e.e.to_forget() {
                 kernel.0.borrow_mut().remove(id);
             }
             for r in &reports {
@@ -1550,7 +1550,7 @@ mod props {
                         cookie: r.cookie,
                         remote: r.remote,
                     };
-                    prop_assert!(e.e.expired().contains(&id), "{:?} not expired", r);
+                    prop_assert!(e.e.to_forget().contains(&id), "{:?} not expired", r);
                 }
             }
         }

@@ -142,6 +142,9 @@ struct Socket {
     listed: bool,
 }
 
+/// A REFUSED datagram's (netns, local, remote): reported once per idle timeout.
+type RefusedKey = (u32, SocketAddr, SocketAddr);
+
 /// The last process seen on a local port, for naming it when a peer keeps sending there.
 #[derive(Debug)]
 struct PortOwner {
@@ -164,7 +167,11 @@ pub struct Engine {
     /// (netns, local port) -> last owner.
     port_owners: HashMap<(u32, u16), PortOwner>,
     /// (netns, local, remote) -> time of the last REFUSED report.
-    refused_at: HashMap<(u32, SocketAddr, SocketAddr), u64>,
+    refused_at: HashMap<RefusedKey, u64>,
+    /// (report time, key) of every REFUSED report: the tick forgets a key when its latest
+    /// report is older than the idle timeout, instead of walking the table. An entry whose
+    /// key was reported again since is stale and skipped.
+    refused_expiry: BinaryHeap<Reverse<(u64, RefusedKey)>>,
     peers: PeerTable,
     /// Summaries in the making, of busy sockets and of those whose summarised flows are not
     /// all closed yet, in cookie order (the order their summaries are reported in).
@@ -243,6 +250,7 @@ impl Engine {
             last_app_error: HashMap::new(),
             port_owners: HashMap::new(),
             refused_at: HashMap::new(),
+            refused_expiry: BinaryHeap::new(),
             // Peers with live flows are never evicted, so at least one peer per flow.
             peers: PeerTable::new(max_flows),
             busy: BTreeMap::new(),
@@ -700,10 +708,14 @@ impl Engine {
                 self.flowless.push(Reverse((until, cookie)));
             }
         }
-        // Still a walk of every entry: at most `--max-flows` of them, and more than a few
-        // only under a flood of datagrams to closed ports.
-        self.refused_at
-            .retain(|_, at| now.saturating_sub(*at) < idle);
+        while let Some(Reverse((at, key))) = self.refused_expiry.peek()
+            && now.saturating_sub(*at) >= idle
+        {
+            if self.refused_at.get(key) == Some(at) {
+                self.refused_at.remove(key);
+            }
+            self.refused_expiry.pop();
+        }
         let cap = self.cfg.max_flows;
         if self.port_owners.len() > cap {
             let mut closed: Vec<_> = self
@@ -1435,6 +1447,7 @@ impl Engine {
                     return;
                 }
                 e.insert(ev.ts_ns);
+                self.refused_expiry.push(Reverse((ev.ts_ns, key)));
             }
             Entry::Vacant(e) => {
                 // A flood of distinct sources must not grow the table without bound; past
@@ -1445,6 +1458,7 @@ impl Engine {
                     return;
                 }
                 e.insert(ev.ts_ns);
+                self.refused_expiry.push(Reverse((ev.ts_ns, key)));
             }
         }
         let last_owner = self.last_owner(ev.who.netns, ev.local.port());

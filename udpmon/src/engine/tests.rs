@@ -580,6 +580,45 @@ fn refused_is_rate_limited_and_names_the_last_owner() {
     assert_eq!(e.stats().refused_suppressed, 3);
 }
 
+/// A flood of distinct sources fills the table (the flow bound) and the rest is suppressed
+/// until a tick forgets the tuples reported longer than the idle timeout ago; a tuple
+/// reported again since stays.
+#[test]
+fn refused_tuples_are_forgotten_after_the_idle_timeout() {
+    let mut e = Engine::new(EngineConfig {
+        max_flows: 3,
+        ..EngineConfig::default()
+    });
+    let idle = ns(e.config().idle_timeout);
+    let from = |n: u8, ts| KernelEvent {
+        cookie: 0,
+        task_unrelated: true,
+        local: addr("10.0.0.1:5000"),
+        remote: SocketAddr::new(IpAddr::from([10, 0, 0, n]), 53),
+        ..ev(Fact::NoSocket, ts)
+    };
+    let refused =
+        |e: &mut Engine, n, ts| kinds(&e.on(&from(n, ts), &none)) == [ReportKind::Refused];
+    assert!(refused(&mut e, 2, S));
+    assert!(refused(&mut e, 3, 2 * S));
+    assert!(refused(&mut e, 4, 3 * S));
+    assert!(!refused(&mut e, 5, 3 * S), "the table is full");
+    // .2 again after the idle timeout: reported, its time renewed.
+    assert!(refused(&mut e, 2, S + idle));
+    e.on_tick(2 * S + idle, &none);
+    // .3 is forgotten (room for .5), .2 and .4 are not.
+    assert!(refused(&mut e, 5, 2 * S + idle));
+    assert!(!refused(&mut e, 6, 2 * S + idle), "full again");
+    assert!(!refused(&mut e, 2, 2 * S + idle), "renewed at S + idle");
+    e.on_tick(3 * S + idle, &none);
+    assert!(refused(&mut e, 6, 3 * S + idle));
+    e.on_tick(4 * S + 2 * idle, &none);
+    for n in [7, 8, 9] {
+        assert!(refused(&mut e, n, 4 * S + 2 * idle), "all forgotten: {n}");
+    }
+    assert_eq!(e.stats().refused_suppressed, 3);
+}
+
 #[test]
 fn a_ports_last_owner_is_the_socket_that_used_it_last() {
     // Two programs' sockets on one port (SO_REUSEPORT), taking turns, then one closing.

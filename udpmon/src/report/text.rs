@@ -13,8 +13,8 @@ use crate::{
     container::Container,
     decode::{Family, Verdict},
     engine::{
-        CloseReason, CloseStats, Detail, Folded, Identity, Name, Op, PeerSummary, Problems, Report,
-        SocketSummary, Trouble, Unanswered, UnreachableInfo, Via, rules::errno_name,
+        CloseReason, CloseStats, Detail, Identity, Name, Op, PeerSummary, Report, SocketSummary,
+        Trouble, Unanswered, UnreachableInfo, Via, rules::errno_name,
     },
 };
 
@@ -235,251 +235,277 @@ fn container_note(c: &Container) -> String {
     s
 }
 
-/// The report's own words, written into the line (most reports: no allocation).
+/// A report's words, written straight into the line: through the `fmt` machinery they were
+/// a quarter of a text line's cost.
+struct Words<'a>(&'a mut Vec<u8>);
+
+impl Words<'_> {
+    fn s(&mut self, s: &str) -> &mut Self {
+        self.0.extend_from_slice(s.as_bytes());
+        self
+    }
+
+    fn n(&mut self, v: impl Into<u64>) -> &mut Self {
+        write::decimal(self.0, v.into());
+        self
+    }
+
+    /// Anything else: addresses, escaped names.
+    fn d(&mut self, v: impl fmt::Display) -> &mut Self {
+        // Writes into a Vec cannot fail.
+        let _ = write!(self.0, "{v}");
+        self
+    }
+
+    /// Short human durations: microseconds below 1 ms (replies on a LAN), whole
+    /// milliseconds below 1 s, else seconds with one decimal.
+    fn duration(&mut self, ns: u64) -> &mut Self {
+        match ns {
+            0..1_000_000 => self.n(ns / 1_000).s("us"),
+            1_000_000..1_000_000_000 => self.n(ns / 1_000_000).s("ms"),
+            _ => self.d(format_args!("{:.1}s", ns as f64 / 1e9)),
+        }
+    }
+
+    fn plural(&mut self, n: u64, what: &str) -> &mut Self {
+        self.n(n).s(" ").s(what);
+        if n != 1 {
+            self.s("s");
+        }
+        self
+    }
+
+    /// "N what" for each nonzero count, separated by ", ".
+    fn counts(&mut self, counts: &[(u64, &str)]) -> &mut Self {
+        let mut sep = "";
+        for &(n, what) in counts.iter().filter(|(n, _)| *n > 0) {
+            self.s(sep).n(n).s(" ").s(what);
+            sep = ", ";
+        }
+        self
+    }
+}
+
+/// The report's own words.
 fn detail(r: &Report, out: &mut Vec<u8>) {
-    // Writes into a Vec cannot fail.
-    let _ = match &r.detail {
+    let w = &mut Words(out);
+    match &r.detail {
         Detail::Opened {
             via: Via::Connect, ..
-        } => out.write_all(b"connect(): flow opened, nothing sent yet"),
+        } => {
+            w.s("connect(): flow opened, nothing sent yet");
+        }
         Detail::Opened { via, bytes } => {
-            let dir = if *via == Via::Send {
+            w.s(if *via == Via::Send {
                 "first datagram sent"
             } else {
                 "first datagram from a new peer"
-            };
-            match bytes {
-                Some(b) => write!(out, "{dir}: {b} B"),
-                None => out.write_all(dir.as_bytes()),
+            });
+            if let Some(b) = bytes {
+                w.s(": ").n(*b).s(" B");
             }
         }
-        Detail::Established { reply_after_ns } => write!(
-            out,
-            "traffic both ways, first answer after {}",
-            duration(*reply_after_ns)
-        ),
-        Detail::Unreachable(u) => unreachable(out, r.family, r.local.port(), u),
-        Detail::Silent { no_reply_ns, sends } => write!(
-            out,
-            "no reply for {} after {}, no ICMP",
-            duration(*no_reply_ns),
-            plural(*sends, "send")
-        ),
+        Detail::Established { reply_after_ns } => {
+            w.s("traffic both ways, first answer after ")
+                .duration(*reply_after_ns);
+        }
+        Detail::Unreachable(u) => unreachable(w, r.family, r.local.port(), u),
+        Detail::Silent { no_reply_ns, sends } => {
+            w.s("no reply for ")
+                .duration(*no_reply_ns)
+                .s(" after ")
+                .plural(*sends, "send")
+                .s(", no ICMP");
+        }
         Detail::Resumed {
             after: Trouble::Silent,
             quiet_ns,
-        } => write!(
-            out,
-            "peer answered again after {} of silence",
-            duration(*quiet_ns)
-        ),
+        } => {
+            w.s("peer answered again after ")
+                .duration(*quiet_ns)
+                .s(" of silence");
+        }
         Detail::Resumed {
             after: Trouble::Unreachable,
             quiet_ns,
-        } => write!(
-            out,
-            "peer answered again after {}, despite the ICMP error",
-            duration(*quiet_ns)
-        ),
+        } => {
+            w.s("peer answered again after ")
+                .duration(*quiet_ns)
+                .s(", despite the ICMP error");
+        }
         Detail::PeerSilent {
             no_reply_ns,
             unanswered: u,
         } => {
-            let heard = match u.last_answer_ns {
-                Some(_) => "last answer",
-                None => "never answered since first seen",
-            };
-            write!(
-                out,
-                "peer unanswered: {} over {}, no ICMP; {heard} {} ago",
-                unanswered_sends(u),
-                duration(u.for_ns),
-                duration(*no_reply_ns)
-            )
+            w.s("peer unanswered: ");
+            unanswered_sends(w, u)
+                .s(" over ")
+                .duration(u.for_ns)
+                .s(", no ICMP; ")
+                .s(match u.last_answer_ns {
+                    Some(_) => "last answer ",
+                    None => "never answered since first seen ",
+                })
+                .duration(*no_reply_ns)
+                .s(" ago");
         }
         Detail::PeerResumed {
             quiet_ns,
             unanswered: u,
         } => {
-            let again = if u.last_answer_ns.is_some() {
-                "again"
-            } else {
-                "for the first time"
-            };
-            write!(
-                out,
-                "peer answered {again} after {}; {} had gone unanswered",
-                duration(*quiet_ns),
-                unanswered_sends(u)
-            )
+            w.s("peer answered ")
+                .s(if u.last_answer_ns.is_some() {
+                    "again"
+                } else {
+                    "for the first time"
+                })
+                .s(" after ")
+                .duration(*quiet_ns)
+                .s("; ");
+            unanswered_sends(w, u).s(" had gone unanswered");
         }
         Detail::AppError {
             op,
             errno,
             after_unreachable_ns,
         } => {
-            let call = if *op == Op::Send { "send" } else { "recv" };
-            let _ = write!(out, "{call} failed with {}", errno_name(*errno));
-            match after_unreachable_ns {
-                Some(after) => write!(
-                    out,
-                    ": the application noticed the ICMP error {} later",
-                    duration(*after)
-                ),
-                None => Ok(()),
+            w.s(if *op == Op::Send { "send" } else { "recv" })
+                .s(" failed with ")
+                .s(&errno_name(*errno));
+            if let Some(after) = after_unreachable_ns {
+                w.s(": the application noticed the ICMP error ")
+                    .duration(*after)
+                    .s(" later");
             }
         }
-        Detail::Closed { reason, stats } => closed(out, *reason, stats),
-        Detail::Refused { last_owner } => write!(
-            out,
-            "datagram to closed port {}{}",
-            r.local.port(),
-            OwnerNote(last_owner.as_ref())
-        ),
-        Detail::SocketSummary(s) => out.write_all(socket_summary(s).as_bytes()),
-        Detail::PeerSummary(s) => out.write_all(peer_summary(r.family, s).as_bytes()),
-    };
+        Detail::Closed { reason, stats } => closed(w, *reason, stats),
+        Detail::Refused { last_owner } => {
+            w.s("datagram to closed port ").n(r.local.port());
+            owner_note(w, last_owner.as_ref());
+        }
+        Detail::SocketSummary(s) => socket_summary(w, s),
+        Detail::PeerSummary(s) => peer_summary(w, r.family, s),
+    }
 }
 
 /// "busy socket, 10.0s: 4210 new flows (4210 accepted), 4200 established, 4190 closed (10
 /// never established), 20 open; problems: 12 unreachable (12 discarded); folded: 7
 /// unreachable". Zero problem and folded counts are left out.
-fn socket_summary(s: &SocketSummary) -> String {
-    let how: Vec<String> = [(s.accepted, "accepted"), (s.connected, "connected")]
-        .into_iter()
-        .filter(|(n, _)| *n > 0)
-        .map(|(n, how)| format!("{n} {how}"))
-        .collect();
-    let how = if how.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", how.join(", "))
-    };
-    let mut out = format!(
-        "busy socket, {}: {}{how}, {} established, {} closed ({} never established), {} open",
-        duration(s.interval_ns),
-        plural(s.new_flows, "new flow"),
-        s.established,
-        s.closed,
-        s.never_established,
-        s.open
-    );
-    let p = problems(&s.problems);
-    if !p.is_empty() {
-        let _ = write!(out, "; problems: {p}");
+fn socket_summary(w: &mut Words<'_>, s: &SocketSummary) {
+    w.s("busy socket, ")
+        .duration(s.interval_ns)
+        .s(": ")
+        .plural(s.new_flows, "new flow");
+    if s.accepted > 0 || s.connected > 0 {
+        w.s(" (")
+            .counts(&[(s.accepted, "accepted"), (s.connected, "connected")])
+            .s(")");
     }
-    let f = folded(&s.folded);
-    if !f.is_empty() {
-        let _ = write!(out, "; folded: {f}");
-    }
-    out
-}
-
-fn problems(p: &Problems) -> String {
-    let mut parts = Vec::new();
+    w.s(", ")
+        .n(s.established)
+        .s(" established, ")
+        .n(s.closed)
+        .s(" closed (")
+        .n(s.never_established)
+        .s(" never established), ")
+        .n(s.open)
+        .s(" open");
+    let p = &s.problems;
     let u = &p.unreachable;
-    if u.total() > 0 {
-        let verdicts: Vec<String> = [
-            (u.notified, "notified"),
-            (u.queued, "queued"),
-            (u.discarded, "discarded"),
-            (u.no_socket, "no socket"),
-        ]
-        .into_iter()
-        .filter(|(n, _)| *n > 0)
-        .map(|(n, v)| format!("{n} {v}"))
-        .collect();
-        parts.push(format!(
-            "{} unreachable ({})",
-            u.total(),
-            verdicts.join(", ")
-        ));
+    if u.total() > 0 || p.silent > 0 || p.app_error > 0 {
+        w.s("; problems: ");
+        let mut sep = "";
+        if u.total() > 0 {
+            w.n(u.total())
+                .s(" unreachable (")
+                .counts(&[
+                    (u.notified, "notified"),
+                    (u.queued, "queued"),
+                    (u.discarded, "discarded"),
+                    (u.no_socket, "no socket"),
+                ])
+                .s(")");
+            sep = ", ";
+        }
+        if p.silent > 0 {
+            w.s(sep).n(p.silent).s(" silent");
+            sep = ", ";
+        }
+        if p.app_error > 0 {
+            w.s(sep).plural(p.app_error, "app error");
+        }
     }
-    if p.silent > 0 {
-        parts.push(format!("{} silent", p.silent));
-    }
-    if p.app_error > 0 {
-        parts.push(plural(p.app_error, "app error").to_string());
-    }
-    parts.join(", ")
-}
-
-fn folded(f: &Folded) -> String {
-    [
+    let f = &s.folded;
+    let folded = [
         (f.unreachable, "unreachable"),
         (f.silent, "silent"),
         (f.app_error, "app-error"),
         (f.resumed, "resumed"),
-    ]
-    .into_iter()
-    .filter(|(n, _)| *n > 0)
-    .map(|(n, k)| format!("{n} {k}"))
-    .collect::<Vec<_>>()
-    .join(", ")
+    ];
+    if folded.iter().any(|(n, _)| *n > 0) {
+        w.s("; folded: ").counts(&folded);
+    }
 }
 
 /// "9.5s: 41 flows drew ICMP port unreachable from 10.0.0.9 (discarded); 40 UNREACHABLE
 /// lines folded".
-fn peer_summary(family: Family, s: &PeerSummary) -> String {
+fn peer_summary(w: &mut Words<'_>, family: Family, s: &PeerSummary) {
     let u = &s.icmp;
-    format!(
-        "{}: {} drew {} from {} ({}); {} folded",
-        duration(s.interval_ns),
-        plural(s.unreachable, "flow"),
-        icmp_name(family, u.ty, u.code),
-        u.from,
-        verdict_name(u.verdict),
-        plural(s.folded, "UNREACHABLE line")
-    )
+    w.duration(s.interval_ns)
+        .s(": ")
+        .plural(s.unreachable, "flow")
+        .s(" drew ")
+        .s(&icmp_name(family, u.ty, u.code))
+        .s(" from ")
+        .d(u.from)
+        .s(" (")
+        .s(verdict_name(u.verdict))
+        .s("); ")
+        .plural(s.folded, "UNREACHABLE line")
+        .s(" folded");
 }
 
-fn unreachable(
-    out: &mut Vec<u8>,
-    family: Family,
-    local_port: u16,
-    u: &UnreachableInfo,
-) -> std::io::Result<()> {
-    write!(out, "{} from {}", icmp_name(family, u.ty, u.code), u.from)?;
+fn unreachable(w: &mut Words<'_>, family: Family, local_port: u16, u: &UnreachableInfo) {
+    w.s(&icmp_name(family, u.ty, u.code)).s(" from ").d(u.from);
     let errno = u.errno.map(errno_name);
     match u.verdict {
-        Verdict::Notified => match errno {
-            Some(e) => write!(out, "; next send/recv fails with {e}"),
-            None => write!(out, "; next send/recv fails"),
-        },
-        Verdict::Queued => match errno {
-            Some(e) => write!(out, " queued on the error queue (IP_RECVERR): {e}"),
-            None => write!(out, " queued on the error queue (IP_RECVERR)"),
-        },
-        Verdict::Discarded if u.connected => write!(
-            out,
-            " discarded: not fatal to a connected socket without IP_RECVERR, the application cannot know"
-        ),
-        Verdict::Discarded => write!(
-            out,
-            " discarded: unconnected socket without IP_RECVERR, the application cannot know"
-        ),
-        Verdict::NoSocket => write!(
-            out,
-            ": no socket on local port {local_port} any more{}",
-            OwnerNote(u.last_owner.as_ref())
-        ),
+        Verdict::Notified => {
+            w.s("; next send/recv fails");
+            if let Some(e) = errno {
+                w.s(" with ").s(&e);
+            }
+        }
+        Verdict::Queued => {
+            w.s(" queued on the error queue (IP_RECVERR)");
+            if let Some(e) = errno {
+                w.s(": ").s(&e);
+            }
+        }
+        Verdict::Discarded if u.connected => {
+            w.s(" discarded: not fatal to a connected socket without IP_RECVERR, the application cannot know");
+        }
+        Verdict::Discarded => {
+            w.s(" discarded: unconnected socket without IP_RECVERR, the application cannot know");
+        }
+        Verdict::NoSocket => {
+            w.s(": no socket on local port ")
+                .n(local_port)
+                .s(" any more");
+            owner_note(w, u.last_owner.as_ref());
+        }
     }
 }
 
 /// " (last owner: NAME pid N)", or nothing when the owner is unknown.
-struct OwnerNote<'a>(Option<&'a Identity>);
-
-impl fmt::Display for OwnerNote<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Some(o) if o.is_known() => write!(
-                f,
-                " (last owner: {} pid {})",
-                Escaped(&process_name(&o.process, &o.comm)),
-                o.tgid
-            ),
-            _ => Ok(()),
-        }
+fn owner_note(w: &mut Words<'_>, owner: Option<&Identity>) {
+    if let Some(o) = owner
+        && o.is_known()
+    {
+        w.s(" (last owner: ")
+            .d(Escaped(&process_name(&o.process, &o.comm)))
+            .s(" pid ")
+            .n(o.tgid)
+            .s(")");
     }
 }
 
@@ -557,64 +583,40 @@ impl fmt::Write for CharCount {
     }
 }
 
-fn closed(out: &mut Vec<u8>, reason: CloseReason, s: &CloseStats) -> std::io::Result<()> {
-    let what = match reason {
+fn closed(w: &mut Words<'_>, reason: CloseReason, s: &CloseStats) {
+    w.s(match reason {
         CloseReason::Closed => "closed",
         CloseReason::Idle => "expired idle",
         CloseReason::Evicted => "evicted (flow table full)",
         CloseReason::Disconnected => "disconnected",
         CloseReason::Reconnected => "reconnected to another peer",
-    };
-    let more = if s.preexisting { ">" } else { "" };
-    write!(
-        out,
-        "{what} after {more}{}: tx {}/{} B, rx {}/{} B",
-        duration(s.duration_ns),
-        plural(s.tx_datagrams, "dgram"),
-        s.tx_bytes,
-        plural(s.rx_datagrams, "dgram"),
-        s.rx_bytes
-    )?;
+    })
+    .s(" after ")
+    .s(if s.preexisting { ">" } else { "" })
+    .duration(s.duration_ns)
+    .s(": tx ")
+    .plural(s.tx_datagrams, "dgram")
+    .s("/")
+    .n(s.tx_bytes)
+    .s(" B, rx ")
+    .plural(s.rx_datagrams, "dgram")
+    .s("/")
+    .n(s.rx_bytes)
+    .s(" B");
     if s.icmp_errors > 0 {
-        write!(out, ", {}", plural(s.icmp_errors, "ICMP error"))?;
+        w.s(", ").plural(s.icmp_errors, "ICMP error");
     }
     if s.app_errors > 0 {
-        write!(out, ", {}", plural(s.app_errors, "app error"))?;
+        w.s(", ").plural(s.app_errors, "app error");
     }
-    Ok(())
 }
 
 /// "15 dgrams from 15 sockets": a peer's flows all have the same remote end, so each is a
 /// socket of its own.
-fn unanswered_sends(u: &Unanswered) -> impl fmt::Display {
-    fmt::from_fn(move |f| {
-        write!(
-            f,
-            "{} from {}",
-            plural(u.sends, "dgram"),
-            plural(u.flows, "socket")
-        )
-    })
-}
-
-fn plural(n: u64, what: &str) -> impl fmt::Display {
-    fmt::from_fn(move |f| {
-        if n == 1 {
-            write!(f, "1 {what}")
-        } else {
-            write!(f, "{n} {what}s")
-        }
-    })
-}
-
-/// Short human durations: microseconds below 1 ms (replies on a LAN), whole milliseconds
-/// below 1 s, else seconds with one decimal.
-fn duration(ns: u64) -> impl fmt::Display {
-    fmt::from_fn(move |f| match ns {
-        0..1_000_000 => write!(f, "{}us", ns / 1_000),
-        1_000_000..1_000_000_000 => write!(f, "{}ms", ns / 1_000_000),
-        _ => write!(f, "{:.1}s", ns as f64 / 1e9),
-    })
+fn unanswered_sends<'w, 'a>(w: &'w mut Words<'a>, u: &Unanswered) -> &'w mut Words<'a> {
+    w.plural(u.sends, "dgram")
+        .s(" from ")
+        .plural(u.flows, "socket")
 }
 
 /// The ICMP message in words (RFC 792 / RFC 4443 names).
@@ -672,12 +674,38 @@ fn icmp_name(family: Family, ty: u8, code: u8) -> String {
 mod tests {
     use super::*;
 
+    fn words(put: impl FnOnce(&mut Words<'_>)) -> String {
+        let mut out = Vec::new();
+        put(&mut Words(&mut out));
+        String::from_utf8(out).unwrap()
+    }
+
     #[test]
     fn durations_read_naturally() {
-        assert_eq!(duration(42_000).to_string(), "42us");
-        assert_eq!(duration(120_000_000).to_string(), "120ms");
-        assert_eq!(duration(3_240_000_000).to_string(), "3.2s");
-        assert_eq!(duration(125_000_000_000).to_string(), "125.0s");
+        assert_eq!(
+            words(|w| {
+                w.duration(42_000);
+            }),
+            "42us"
+        );
+        assert_eq!(
+            words(|w| {
+                w.duration(120_000_000);
+            }),
+            "120ms"
+        );
+        assert_eq!(
+            words(|w| {
+                w.duration(3_240_000_000);
+            }),
+            "3.2s"
+        );
+        assert_eq!(
+            words(|w| {
+                w.duration(125_000_000_000);
+            }),
+            "125.0s"
+        );
     }
 
     #[test]

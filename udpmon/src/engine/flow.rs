@@ -796,7 +796,6 @@ impl FlowTable {
         ids
     }
 
-    /// A socket's flows, in address order.
     /// A socket's flows, in id order, into `ids` (cleared first).
     pub fn of_cookie(&self, cookie: u64, ids: &mut Vec<FlowId>) {
         ids.clear();

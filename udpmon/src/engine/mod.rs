@@ -180,11 +180,11 @@ pub struct Engine {
     interval_end_ns: u64,
     /// The flows the last call closed whose kernel entries must go (see
     /// [`Engine::to_forget`]).
-    forget: Vec<FlowId>,
+    to_forget: Vec<FlowId>,
     /// A closing socket's flows, in order (kept for its room).
     closing: Vec<FlowId>,
-    /// (when it may be forgotten, cookie) of sockets that were without flows: `forget`
-    /// looks at them then, rather than at every socket every tick. Sockets that close are
+    /// (when it may be forgotten, cookie) of sockets that were without flows: the tick's
+    /// `forget` looks at them then, rather than at every socket every tick. Sockets that close are
     /// not listed (their entries would stay for the idle timeout).
     flowless: BinaryHeap<Reverse<(u64, u64)>>,
     /// The flows the tick at `due_at` looks at, taken by [`Engine::due`].
@@ -255,7 +255,7 @@ impl Engine {
             peers: PeerTable::new(max_flows),
             busy: BTreeMap::new(),
             interval_end_ns: 0,
-            forget: Vec::new(),
+            to_forget: Vec::new(),
             closing: Vec::new(),
             flowless: BinaryHeap::new(),
             due: Vec::new(),
@@ -281,7 +281,7 @@ impl Engine {
         }
     }
 
-    /// The flows of a socket, in address order.
+    /// The flows of a socket, in id order.
     #[cfg(test)]
     pub fn flows_of(&self, cookie: u64) -> Vec<FlowId> {
         let mut ids = Vec::new();
@@ -293,7 +293,7 @@ impl Engine {
     /// to make room or with their socket, whose kernel entries the caller should delete.
     /// Held only until the next call, so that a caller that does not care holds nothing.
     pub fn to_forget(&self) -> &[FlowId] {
-        &self.forget
+        &self.to_forget
     }
 
     #[cfg(test)]
@@ -370,7 +370,7 @@ impl Engine {
     /// (a socket's close, a disconnect, an eviction), so the caller must keep the kernel's
     /// entries until this returns.
     pub fn on_event(&mut self, ev: &KernelEvent, counters: CountersFn<'_>, out: &mut Vec<Report>) {
-        self.forget.clear();
+        self.to_forget.clear();
         if ev.fact == Fact::Wake {
             // Nothing about its owner: only which flow the next tick must look at.
             self.wake(&FlowId {
@@ -475,7 +475,7 @@ impl Engine {
     /// awake or whose sleep ended (see [`Engine::next_look`]).
     pub fn on_tick(&mut self, now_ns: u64, counters: CountersFn<'_>) -> Vec<Report> {
         let mut out = Vec::new();
-        self.forget.clear();
+        self.to_forget.clear();
         self.due(now_ns);
         self.due_at = None;
         // In the table's order: the reports of one tick share its time. A tick opens no
@@ -964,7 +964,7 @@ impl Engine {
             reason,
             CloseReason::Idle | CloseReason::Evicted | CloseReason::Closed
         ) {
-            self.forget.push(*id);
+            self.to_forget.push(*id);
         }
         if let Some(c) = counters(id)
             && flow.absorb(&c)

@@ -350,6 +350,11 @@ fn icmp_on_an_unknown_flow_creates_it_without_a_connect() {
     let r = run(&mut e, &[ev(Fact::Close, 2 * S)]);
     assert_eq!(kinds(&r), [ReportKind::Close]);
     assert_eq!(close_stats(&r[0]).1.icmp_errors, 1);
+    assert_eq!(
+        e.to_forget(),
+        [flow7()],
+        "its kernel entry goes with the socket"
+    );
 }
 
 #[test]

@@ -139,6 +139,7 @@ impl<'a> Obj<'a> {
     /// the four pieces.
     #[inline(always)]
     fn key(&mut self, k: &str) -> &mut Vec<u8> {
+        debug_assert!(k.len() <= 27, "key {k} too long");
         let comma = usize::from(!std::mem::take(&mut self.empty));
         let at = self.out.len();
         self.out.extend_from_slice(&[b','; 32]);

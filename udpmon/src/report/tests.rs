@@ -644,6 +644,30 @@ fn containers_in_json_text_and_journal() {
         t.format(&unnamed),
         format!("{plain} [container:{HOSTILE_ESCAPED} b5f1cf47c845]")
     );
+    // A pod's namespace shows only with the pod; nothing at all without names.
+    for (pod, namespace, name, note) in [
+        (Some("web-1"), None, None, "[containerd:web-1 b5f1cf47c845]"),
+        (
+            None,
+            Some("default"),
+            Some("app"),
+            "[containerd:app b5f1cf47c845]",
+        ),
+        (None, None, None, "[containerd b5f1cf47c845]"),
+    ] {
+        let r = Report {
+            container: Some(std::sync::Arc::new(Container {
+                id: CONTAINER_ID.into(),
+                runtime: Some(Runtime::Containerd),
+                pod: pod.map(Into::into),
+                namespace: namespace.map(Into::into),
+                name: name.map(Into::into),
+                ..Container::default()
+            })),
+            ..close(CloseReason::Closed)
+        };
+        assert_eq!(t.format(&r), format!("{plain} {note}"));
+    }
 }
 
 #[test]

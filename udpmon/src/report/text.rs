@@ -168,8 +168,7 @@ impl TextFormat {
         out.push(b' ');
         detail(r, out);
         if let Some(c) = &r.container {
-            out.push(b' ');
-            out.extend_from_slice(container_note(c).as_bytes());
+            container_note(Words(out).s(" "), c);
         }
     }
 
@@ -219,20 +218,20 @@ fn padded(out: &mut Vec<u8>, width: usize, put: impl FnOnce(&mut Vec<u8>)) {
 /// `[podman:udpmon-test b5f1cf47c845]`, `[containerd:kube-system/coredns-5d78c9869d-abcde/coredns
 /// 3f2a1b0c9d8e]`: at the end of the line, where its length disturbs no column. Names come from
 /// the runtimes' files, so they are escaped like process names.
-fn container_note(c: &Container) -> String {
-    let mut s = String::from("[");
-    s.push_str(c.runtime.map_or("container", |r| r.name()));
-    let pod = match (&c.namespace, &c.pod) {
-        (Some(ns), Some(pod)) => Some(format!("{ns}/{pod}")),
-        (None, Some(pod)) => Some(pod.clone()),
-        _ => None,
-    };
-    let names: Vec<&str> = pod.iter().chain(&c.name).map(String::as_str).collect();
-    if !names.is_empty() {
-        let _ = write!(s, ":{}", Escaped(&names.join("/")));
+fn container_note(w: &mut Words<'_>, c: &Container) {
+    w.s("[").s(c.runtime.map_or("container", |r| r.name()));
+    // The pod's namespace only with the pod.
+    let names = [
+        c.namespace.as_deref().filter(|_| c.pod.is_some()),
+        c.pod.as_deref(),
+        c.name.as_deref(),
+    ];
+    let mut sep = ":";
+    for name in names.into_iter().flatten() {
+        w.s(sep).d(Escaped(name));
+        sep = "/";
     }
-    let _ = write!(s, " {}]", c.short_id());
-    s
+    w.s(" ").s(c.short_id()).s("]");
 }
 
 /// A report's words, written straight into the line: through the `fmt` machinery they were

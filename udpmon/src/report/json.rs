@@ -135,8 +135,8 @@ impl<'a> Obj<'a> {
     }
 
     /// `,"k":` (no comma first in the object). Keys are literals of at most 27 bytes: the
-    /// line grows by a fixed 32, written in place and cut to length, one capacity check for
-    /// the four pieces.
+    /// line grows by a fixed 32 commas (the first is the separator, when one is due), the rest
+    /// is written in place and the line cut to length: one capacity check for the four pieces.
     #[inline(always)]
     fn key(&mut self, k: &str) -> &mut Vec<u8> {
         debug_assert!(k.len() <= 27, "key {k} too long");

@@ -176,8 +176,9 @@ impl Udpmon {
 
     /// As [`Udpmon::start`], through a wrapper command (`setpriv ...`) that runs udpmon.
     pub fn start_under(wrapper: &[String], st: Strategy, extra: &[&str]) -> Result<Udpmon, String> {
-        // What a failed scenario's udpmon owed is not this one's.
+        // What a failed scenario's udpmon owed or lost is not this one's.
         SHORT.set(0);
+        LOST.set(None);
         let bin = udpmon_bin();
         let mut cmd = match wrapper.split_first() {
             Some((w, args)) => {
@@ -250,6 +251,9 @@ impl Udpmon {
             },
             Line::Err(l) => {
                 eprintln!("  [udpmon] {l}");
+                if lost_records(&l) && LOST.with_borrow(Option::is_none) {
+                    LOST.set(Some(l.clone()));
+                }
                 self.stderr.push(l);
             }
         }
@@ -274,11 +278,7 @@ impl Udpmon {
             }
             if Instant::now() > end {
                 let missing = format!("no {what} event within {:?}", deadline(20));
-                if let Some(lost) = self.stderr.iter().find(|l| lost_records(l)) {
-                    panic::panic_any(Inconclusive(format!(
-                        "{missing}, and udpmon reported {lost:?}"
-                    )));
-                }
+                inconclusive_if_lost(&missing);
                 panic!("{missing}; udpmon printed:\n{}", self.dump());
             }
             self.drain(Duration::from_millis(100));
@@ -433,6 +433,19 @@ thread_local! {
     /// Datagrams the CLOSEs asserted so far were short of (`util::assert_close`), which the
     /// running udpmon must have reported lost by its exit.
     static SHORT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// The running udpmon's first warning that it lost kernel records, if any.
+    static LOST: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// An awaited event did not come as awaited (`missing` says how): when the running udpmon
+/// has reported lost records, that event may be one of them, and the scenario is
+/// [`Inconclusive`]. Otherwise returns, for the caller to fail.
+pub fn inconclusive_if_lost(missing: &str) {
+    if let Some(lost) = LOST.with_borrow(Clone::clone) {
+        panic::panic_any(Inconclusive(format!(
+            "{missing}, and udpmon reported {lost:?}"
+        )));
+    }
 }
 
 /// Counts asserted short by `short` datagrams: the running udpmon owes a loss report.

@@ -184,8 +184,8 @@ pub struct Engine {
     /// A closing socket's flows, in order (kept for its room).
     closing: Vec<FlowId>,
     /// (when it may be forgotten, cookie) of sockets that were without flows: the tick's
-    /// `forget` looks at them then, rather than at every socket every tick. Sockets that close are
-    /// not listed (their entries would stay for the idle timeout).
+    /// `forget` looks at them then, rather than at every socket every tick. Sockets that
+    /// close are not listed (their entries would stay for the idle timeout).
     flowless: BinaryHeap<Reverse<(u64, u64)>>,
     /// The flows the tick at `due_at` looks at, taken by [`Engine::due`].
     due: Vec<FlowRef>,
@@ -1439,28 +1439,19 @@ impl Engine {
     fn refused(&mut self, ev: &KernelEvent, out: &mut Vec<Report>) {
         let key = (ev.who.netns, ev.local, ev.remote);
         let idle = ns(self.cfg.idle_timeout);
-        let full = self.refused_at.len() >= self.cfg.max_flows;
-        match self.refused_at.entry(key) {
-            Entry::Occupied(mut e) => {
-                if ev.ts_ns.saturating_sub(*e.get()) < idle {
-                    self.stats.refused_suppressed += 1;
-                    return;
-                }
-                e.insert(ev.ts_ns);
-                self.refused_expiry.push(Reverse((ev.ts_ns, key)));
-            }
-            Entry::Vacant(e) => {
-                // A flood of distinct sources must not grow the table without bound; past
-                // the flow bound, further tuples are counted, not reported, until entries
-                // expire at a tick.
-                if full {
-                    self.stats.refused_suppressed += 1;
-                    return;
-                }
-                e.insert(ev.ts_ns);
-                self.refused_expiry.push(Reverse((ev.ts_ns, key)));
-            }
+        let suppressed = match self.refused_at.get(&key) {
+            Some(at) => ev.ts_ns.saturating_sub(*at) < idle,
+            // A flood of distinct sources must not grow the table without bound; past the
+            // flow bound, further tuples are counted, not reported, until entries expire at
+            // a tick.
+            None => self.refused_at.len() >= self.cfg.max_flows,
+        };
+        if suppressed {
+            self.stats.refused_suppressed += 1;
+            return;
         }
+        self.refused_at.insert(key, ev.ts_ns);
+        self.refused_expiry.push(Reverse((ev.ts_ns, key)));
         let last_owner = self.last_owner(ev.who.netns, ev.local.port());
         out.push(Report::new(
             ReportKind::Refused,

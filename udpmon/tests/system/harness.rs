@@ -176,9 +176,8 @@ impl Udpmon {
 
     /// As [`Udpmon::start`], through a wrapper command (`setpriv ...`) that runs udpmon.
     pub fn start_under(wrapper: &[String], st: Strategy, extra: &[&str]) -> Result<Udpmon, String> {
-        // What a failed scenario's udpmon owed or lost is not this one's.
+        // What a failed scenario's udpmon owed is not this one's.
         SHORT.set(0);
-        LOST.set(None);
         let bin = udpmon_bin();
         let mut cmd = match wrapper.split_first() {
             Some((w, args)) => {
@@ -278,7 +277,9 @@ impl Udpmon {
             }
             if Instant::now() > end {
                 let missing = format!("no {what} event within {:?}", deadline(20));
-                inconclusive_if_lost(&missing);
+                // This udpmon's own warnings: another one running beside it may lose what
+                // this one did not.
+                inconclusive(&missing, self.stderr.iter().find(|l| lost_records(l)));
                 panic!("{missing}; udpmon printed:\n{}", self.dump());
             }
             self.drain(Duration::from_millis(100));
@@ -433,19 +434,30 @@ thread_local! {
     /// Datagrams the CLOSEs asserted so far were short of (`util::assert_close`), which the
     /// running udpmon must have reported lost by its exit.
     static SHORT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-    /// The running udpmon's first warning that it lost kernel records, if any.
+    /// The first warning that it lost kernel records of a udpmon of this scenario, for
+    /// checks that have no `Udpmon` at hand (`util::assert_close`).
     static LOST: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
 
-/// An awaited event did not come as awaited (`missing` says how): when the running udpmon
-/// has reported lost records, that event may be one of them, and the scenario is
+/// An awaited event did not come as awaited (`missing` says how): when udpmon has reported
+/// lost records (`lost`, its warning), that event may be one of them, and the scenario is
 /// [`Inconclusive`]. Otherwise returns, for the caller to fail.
-pub fn inconclusive_if_lost(missing: &str) {
-    if let Some(lost) = LOST.with_borrow(Clone::clone) {
+pub fn inconclusive(missing: &str, lost: Option<&String>) {
+    if let Some(lost) = lost {
         panic::panic_any(Inconclusive(format!(
             "{missing}, and udpmon reported {lost:?}"
         )));
     }
+}
+
+/// A scenario (or its second run) starts: earlier udpmons' losses are not its own.
+pub fn forget_losses() {
+    LOST.set(None);
+}
+
+/// [`inconclusive`], with the losses of the udpmon(s) running for this scenario.
+pub fn inconclusive_if_lost(missing: &str) {
+    inconclusive(missing, LOST.with_borrow(Clone::clone).as_ref());
 }
 
 /// Counts asserted short by `short` datagrams: the running udpmon owes a loss report.

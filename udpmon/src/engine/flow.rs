@@ -140,6 +140,11 @@ impl Counters {
     }
 }
 
+/// The low 32 bits of a count that only grows, for differences of less than 2^32.
+pub(super) fn low32(n: u64) -> u32 {
+    n as u32
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum State {
     Active,
@@ -221,10 +226,11 @@ pub(super) struct Flow {
     /// Its peer across flows, for flows the local side opened.
     pub peer: PeerLink,
     pub opened_ns: u64,
-    /// The rx count at the last tick that saw it change, and the tx count then minus the
-    /// sends that certainly followed that receive: "sends since the last reply" is
-    /// `counters.tx_datagrams - tx_at_rx`, a lower bound.
-    pub rx_seen: u64,
+    /// The rx count (its [`low32`]: only a change is looked for) at the last tick that saw
+    /// it change, and the tx count then minus the sends that certainly followed that
+    /// receive: "sends since the last reply" is `counters.tx_datagrams - tx_at_rx`, a lower
+    /// bound.
+    pub rx_seen: u32,
     pub tx_at_rx: u64,
     /// When the kernel entry whose counters were last read was created (0: none read yet).
     pub kernel_first_ns: u64,
@@ -249,6 +255,9 @@ pub(super) struct Flow {
     /// Summarised, and its last SILENT or UNREACHABLE was folded: so is the RESUMED.
     pub muted: bool,
 }
+
+// One per tracked flow: growth here is memory per flow (`cargo xtask bench`'s rss rows).
+const _: () = assert!(size_of::<Flow>() <= 176);
 
 impl Flow {
     pub fn new(local: SocketAddr, family: Family, ts_ns: u64) -> Self {

@@ -43,7 +43,7 @@ use std::{
 };
 
 use cookies::CookieMap;
-use flow::{Addr, Flow, FlowRef, FlowTable, State};
+use flow::{Addr, Flow, FlowRef, FlowTable, State, low32};
 pub use flow::{Counters, FlowId};
 use hashbrown::{HashMap, hash_map::Entry};
 use owners::{Held, Owners, UNKNOWN};
@@ -598,8 +598,8 @@ impl Engine {
             self.stats.kernel_entries_renewed += 1;
         }
         let c = flow.counters;
-        if c.rx_datagrams != flow.rx_seen {
-            flow.rx_seen = c.rx_datagrams;
+        if low32(c.rx_datagrams) != flow.rx_seen {
+            flow.rx_seen = low32(c.rx_datagrams);
             flow.tx_at_rx = c
                 .tx_datagrams
                 .saturating_sub(u64::from(c.last_tx_ns > c.last_rx_ns));

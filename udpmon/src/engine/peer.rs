@@ -64,7 +64,7 @@ use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 
 use super::{
     anywhere,
-    flow::Counters,
+    flow::{Addr, Counters, low32},
     owners::Held,
     report::{
         Detail, Identity, Name, PeerSummary, Report, ReportKind, Unanswered, UnreachableInfo,
@@ -138,8 +138,10 @@ pub(super) struct PeerLink {
     pub idx: u32,
     /// The peer's episode in which this flow's sends were last counted (0: never).
     pub epoch: u32,
-    /// The flow's datagrams sent that the peer has already been told about.
-    pub credited_tx: u64,
+    /// The flow's datagrams sent that the peer has already been told about, modulo 2^32:
+    /// only the difference to the flow's count is wanted, and a flow cannot send 2^32
+    /// datagrams between two looks at it (a second apart while it sends).
+    pub credited_tx: u32,
     /// Of those, the ones counted as unanswered in `epoch`: taken back when this flow
     /// brings the answer.
     pub counted: u32,
@@ -174,7 +176,7 @@ struct Peer {
     family: Family,
     /// The flows' local address (`None` until one is known): the port becomes 0 once they
     /// used several ports, the address the wildcard once they used several addresses.
-    local: Option<SocketAddr>,
+    local: Option<Addr>,
     /// When udpmon first saw a flow to it.
     first_seen_ns: u64,
     /// The peer's last datagram on any of its flows (0: none seen).
@@ -196,6 +198,9 @@ struct Peer {
     /// a reused slot inherits it with the slot's entry, so that no slot is listed twice.
     listed: bool,
 }
+
+// One per remembered peer, and per flow when each flow has a peer of its own.
+const _: () = assert!(size_of::<Peer>() <= 88);
 
 /// Sentinel index: no slot.
 const NIL: u32 = u32::MAX;
@@ -342,15 +347,20 @@ impl Peer {
             return;
         }
         let Some(cur) = &mut self.local else {
-            self.local = Some(seen);
+            self.local = Some(Addr::new(seen));
             return;
         };
-        if cur.port() != seen.port() {
-            cur.set_port(0);
+        let mut merged = cur.get();
+        if merged == seen {
+            return;
         }
-        if cur.ip() != seen.ip() {
-            cur.set_ip(anywhere(self.family).ip());
+        if merged.port() != seen.port() {
+            merged.set_port(0);
         }
+        if merged.ip() != seen.ip() {
+            merged.set_ip(anywhere(self.family).ip());
+        }
+        *cur = Addr::new(merged);
     }
 
     fn unanswered(&self, now: u64) -> Unanswered {
@@ -416,7 +426,7 @@ impl Peer {
             (&owner, key.netns),
             self.family,
             (
-                self.local.unwrap_or_else(|| anywhere(self.family)),
+                self.local.map_or_else(|| anywhere(self.family), Addr::get),
                 key.remote(),
             ),
             detail,
@@ -602,11 +612,12 @@ impl PeerTable {
                 out.push(p.report(key, ReportKind::Resumed, at, detail));
             }
         }
-        let new = c.tx_datagrams.saturating_sub(link.credited_tx);
+        let sent = low32(c.tx_datagrams);
+        let new = u64::from(sent.wrapping_sub(link.credited_tx));
         if new == 0 {
             return;
         }
-        link.credited_tx = c.tx_datagrams;
+        link.credited_tx = sent;
         let answered_or_refused = p.last_answer_ns.max(p.last_icmp_ns);
         if c.last_tx_ns <= answered_or_refused {
             // Every one of them went out before the last answer or error.
@@ -860,7 +871,7 @@ mod tests {
     fn local_keeps_the_address_and_drops_a_varying_port() {
         let mut t = PeerTable::new(4);
         let a = t.attach(key(9), &held("dnsmasq"), Family::V4, local(4000), 1);
-        let p = |t: &PeerTable| t.slots[a.idx as usize].peer.local;
+        let p = |t: &PeerTable| t.slots[a.idx as usize].peer.local.map(Addr::get);
         assert_eq!(p(&t), Some(local(4000)));
         t.attach(key(9), &held("dnsmasq"), Family::V4, local(4000), 2);
         assert_eq!(p(&t), Some(local(4000)), "one socket address, kept");
@@ -874,7 +885,10 @@ mod tests {
         let b = t.attach(key(8), &held("dnsmasq"), Family::V4, wild, 5);
         assert_eq!(t.slots[b.idx as usize].peer.local, None);
         t.attach(key(8), &held("dnsmasq"), Family::V4, local(5000), 6);
-        assert_eq!(t.slots[b.idx as usize].peer.local, Some(local(5000)));
+        assert_eq!(
+            t.slots[b.idx as usize].peer.local.map(Addr::get),
+            Some(local(5000))
+        );
     }
 
     #[test]

@@ -177,9 +177,13 @@ impl PodSel {
     }
 }
 
-/// Which reports to print. Empty lists mean "no constraint".
+/// Which reports to print: `None` (no flag) passes every report without a look at it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Filter {
+pub struct Filter(Option<Rules>);
+
+/// The filter's flags. Empty lists mean "no constraint".
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Rules {
     pids: Vec<u32>,
     comms: Vec<Name>,
     ports: Vec<u16>,
@@ -201,7 +205,7 @@ impl From<&Cli> for Filter {
             (false, true) => Some(Family::V6),
             _ => None,
         };
-        Self {
+        let rules = Rules {
             pids: cli.pid.clone(),
             comms,
             ports: cli.port.clone(),
@@ -212,7 +216,8 @@ impl From<&Cli> for Filter {
             pods: cli.pod.clone(),
             family,
             events: cli.events.clone(),
-        }
+        };
+        Self((rules != Rules::default()).then_some(rules))
     }
 }
 
@@ -222,6 +227,12 @@ fn any_of<T>(allowed: &[T], is: impl FnMut(&T) -> bool) -> bool {
 
 impl Filter {
     pub fn matches(&self, r: &Report) -> bool {
+        self.0.as_ref().is_none_or(|rules| rules.matches(r))
+    }
+}
+
+impl Rules {
+    fn matches(&self, r: &Report) -> bool {
         // REFUSED and ICMP errors for closed sockets have no process of their own; the
         // process and cgroup filters apply to the last owner they name (and the container
         // ones to its container, which the report carries).

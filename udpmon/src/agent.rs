@@ -20,7 +20,8 @@ use udpmon_common::{FlowKey, FlowStats};
 use crate::{
     clock,
     container::{self, Ask},
-    engine::{Counters, Engine, FlowId},
+    engine::{Counters, Engine, FlowId, OpenSockets},
+    existing,
     filter::Filter,
     flowmap::{Batches, Removals},
     health::{self, Warner},
@@ -46,6 +47,9 @@ type NetnsScan = tokio::task::JoinHandle<anyhow::Result<HashMap<u64, u32>>>;
 
 /// Cgroups being resolved to containers, off the event loop.
 type ContainerLookup = tokio::task::JoinHandle<HashMap<u64, Option<container::Container>>>;
+
+/// A dump of the open sockets, off the event loop, and how long it took.
+type SocketDump = tokio::task::JoinHandle<(anyhow::Result<Vec<OpenSockets>>, Duration)>;
 
 /// Why the agent stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -203,8 +207,16 @@ impl Agent {
         let mut scan: Option<(NetnsScan, HashSet<u64>)> = None;
         // A container lookup in progress, and the cgroups it was started for.
         let mut lookup: Option<(ContainerLookup, Vec<u64>)> = None;
+        // A dump of the open sockets in progress, for closes that lost records carried.
+        let mut dump: Option<SocketDump> = None;
         let stop = loop {
             let p = &mut self.pipeline;
+            if dump.is_none() && p.wants_open_sockets(clock::boot_ns()) {
+                dump = Some(tokio::task::spawn_blocking(|| {
+                    let start = Instant::now();
+                    (existing::open_sockets(), start.elapsed())
+                }));
+            }
             if scan.is_none() {
                 let asked = p.netns_asks();
                 if !asked.is_empty() {
@@ -246,6 +258,13 @@ impl Agent {
                     };
                     self.pipeline.netns_found(found, &asked)
                 }
+                found = async { dump.as_mut().expect("guarded").await }, if dump.is_some() => {
+                    dump = None;
+                    let (found, took) =
+                        found.unwrap_or_else(|e| (Err(anyhow!("{e}")), Duration::ZERO));
+                    self.pipeline.open_sockets_found(found, took, clock::boot_ns());
+                    Ok(())
+                }
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
                     // A bounded batch, so that ticks, signals and output are served while
@@ -254,6 +273,7 @@ impl Agent {
                     // `select!` picks among the ready branches at random.
                     match self.drain(guard.get_inner_mut(), DRAIN_BATCH) {
                         Ok(Drained::Empty) => {
+                            self.pipeline.ring_empty(clock::boot_ns());
                             guard.clear_ready();
                             Ok(())
                         }
@@ -267,7 +287,18 @@ impl Agent {
                     jiff::tz::reset_system_time_zone_cache();
                     let offset = ClockOffset(clock::wall_minus_boot_ns());
                     self.pipeline.sinks.set_clock(offset);
-                    let r = self.pipeline.tick(clock::boot_ns());
+                    // A dump of the open sockets waits for the ring to be read past its start,
+                    // which a ring gone quiet shows only when looked at.
+                    let looked = if self.pipeline.holds_open_sockets() {
+                        self.drain(ring.get_mut(), DRAIN_BATCH).map(|d| {
+                            if matches!(d, Drained::Empty) {
+                                self.pipeline.ring_empty(clock::boot_ns());
+                            }
+                        })
+                    } else {
+                        Ok(())
+                    };
+                    let r = looked.and_then(|()| self.pipeline.tick(clock::boot_ns()));
                     self.check_health();
                     r
                 }

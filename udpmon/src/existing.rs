@@ -6,6 +6,9 @@
 //! sock_diag only dumps the caller's network namespace, so a dedicated thread `setns()`es into
 //! each namespace in turn (see `netns`): network namespaces are per thread, the rest of the
 //! process stays put. The sockets' owners come from the /proc scan (`procfs`).
+//!
+//! The same dumps, later, find the sockets whose Close record the ring lost
+//! ([`open_sockets`]).
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fmt,
@@ -18,6 +21,7 @@ use anyhow::{Context, anyhow};
 use crate::{
     container::{self, Ask},
     decode::{self, Fact, KernelEvent},
+    engine::OpenSockets,
     identity::{Identity, Name},
     netns::{self, network_namespaces},
     procfs::{comm_of, socket_owners},
@@ -170,6 +174,36 @@ pub fn existing_sockets() -> anyhow::Result<Existing> {
     })
 }
 
+/// The UDP sockets open now in every network namespace that could be dumped, for
+/// [`Engine::lost_closes`](crate::engine::Engine::lost_closes). Blocking: callers with an
+/// event loop run it elsewhere.
+pub fn open_sockets() -> anyhow::Result<Vec<OpenSockets>> {
+    let namespaces = network_namespaces().context("enumerating network namespaces")?;
+    let mut first_error = None;
+    let mut open = Vec::new();
+    for (inode, dump) in dump_namespaces(namespaces)? {
+        match (dump, u32::try_from(inode)) {
+            (Ok(d), Ok(netns)) => open.push(OpenSockets {
+                netns,
+                since_ns: d.ts_ns,
+                cookies: d.sockets.iter().map(|s| s.cookie).collect(),
+            }),
+            // Vanished since it was listed, or refused: its sockets are left alone.
+            (Err(e), _) => {
+                log::debug!("network namespace {inode}: {e:#}");
+                first_error.get_or_insert(e);
+            }
+            (Ok(_), Err(_)) => {}
+        }
+    }
+    if open.is_empty() {
+        return Err(first_error
+            .unwrap_or_else(|| anyhow!("no network namespace found"))
+            .context("dumping UDP sockets"));
+    }
+    Ok(open)
+}
+
 /// What one namespace held when it was dumped.
 struct NetnsDump {
     /// CLOCK_BOOTTIME just before the dump. Earlier than anything the hooks can report about a
@@ -288,6 +322,28 @@ mod tests {
             }
             None => assert_eq!(ev.who.cgroup, 0),
         }
+    }
+
+    #[test]
+    fn open_sockets_lists_an_open_socket_and_not_a_closed_one() {
+        if !needs_root() {
+            return;
+        }
+        let open = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let closed = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (open_cookie, closed_cookie) = (so_cookie(&open), so_cookie(&closed));
+        drop(closed);
+        let before = crate::clock::boot_ns();
+        let dumps = open_sockets().unwrap();
+        let own = inode_of("/proc/self/ns/net");
+        let d = dumps
+            .iter()
+            .find(|d| u64::from(d.netns) == own)
+            .expect("its own namespace dumped");
+        assert!(d.cookies.contains(&open_cookie));
+        assert!(!d.cookies.contains(&closed_cookie));
+        assert!(before <= d.since_ns && d.since_ns <= crate::clock::boot_ns());
+        drop(open);
     }
 
     #[test]

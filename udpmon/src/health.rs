@@ -42,6 +42,12 @@ pub struct Loss {
 }
 
 impl Health {
+    /// Records the ring never delivered, or delivered unreadable: any could have been a
+    /// socket's close.
+    pub fn records_lost(&self) -> u64 {
+        self.ringbuf_full + self.recursion_misses + self.kprobe_misses + self.decode_errors
+    }
+
     /// The counters whose growth means something was lost: what the warnings and the
     /// summary name, and the `reason` labels of `udpmon_events_lost_total`.
     pub fn losses(&self) -> [Loss; 12] {

@@ -8,12 +8,13 @@ use std::{
     io,
     path::PathBuf,
     sync::Arc,
+    time::Duration,
 };
 
 use crate::{
     container::{self, ContainerMap, StateRoots},
     decode::{self, Fact, KernelEvent},
-    engine::{Counters, Engine, FlowId, Report},
+    engine::{Counters, Engine, FlowId, OpenSockets, Report},
     filter::Filter,
     health::Health,
     netns::{Lookup, NetnsMap},
@@ -67,10 +68,24 @@ pub struct Pipeline<K> {
     /// `health.ringbuf_full` when the last read of every flow made up for lost wake records.
     ring_losses_seen: u64,
     last_full_read_ns: u64,
+    /// `health.records_lost()` when the last dump of the open sockets was asked for (see
+    /// [`Pipeline::wants_open_sockets`]), and when the next one may be.
+    losses_dumped: u64,
+    next_dump_ns: u64,
+    /// A dump waiting for the records from before it to be read.
+    open_sockets: Vec<OpenSockets>,
+    /// The ring's records are read up to this time: the newest record's, or when the ring
+    /// was last found empty.
+    read_up_to_ns: u64,
 }
 
 /// The shortest time between two reads of every flow made for lost records.
 const FULL_READ_PERIOD_NS: u64 = 5_000_000_000;
+
+/// The shortest time between two dumps of the open sockets made for lost records, and the
+/// most of a core they may take (a tenth: a dump that took 2 s waits 20 s).
+const DUMP_PERIOD: Duration = Duration::from_secs(10);
+const DUMP_SHARE: u32 = 10;
 
 impl<K: FlowCounters> Pipeline<K> {
     pub fn new(
@@ -99,6 +114,10 @@ impl<K: FlowCounters> Pipeline<K> {
             state_roots: Arc::new(StateRoots::default()),
             ring_losses_seen: 0,
             last_full_read_ns: 0,
+            losses_dumped: 0,
+            next_dump_ns: 0,
+            open_sockets: Vec::new(),
+            read_up_to_ns: 0,
         }
     }
 
@@ -127,6 +146,7 @@ impl<K: FlowCounters> Pipeline<K> {
         match decode::raw(bytes).and_then(|raw| Ok((decode::decode_event(&raw)?, raw.netns_cookie)))
         {
             Ok((mut ev, netns_cookie)) => {
+                self.read_up_to_ns = self.read_up_to_ns.max(ev.ts_ns);
                 if ev.fact == Fact::Wake {
                     // Names no one and waits for nothing: it only tells the next tick which
                     // flow to look at (a flow held back behind a scan wakes when it opens).
@@ -276,6 +296,70 @@ impl<K: FlowCounters> Pipeline<K> {
         self.emit(&mut reports)
     }
 
+    /// The ring held nothing more at CLOCK_BOOTTIME `now`.
+    pub fn ring_empty(&mut self, now: u64) {
+        self.read_up_to_ns = self.read_up_to_ns.max(now);
+    }
+
+    /// Whether to dump the open sockets now, for the closes that records lost since the
+    /// last dump may have carried (see [`Engine::lost_closes`]); once it is asked for, the
+    /// caller runs [`existing::open_sockets`](crate::existing::open_sockets) off the event
+    /// loop and hands the result to [`Pipeline::open_sockets_found`].
+    pub fn wants_open_sockets(&mut self, now: u64) -> bool {
+        let lost = self.health.records_lost();
+        if lost <= self.losses_dumped || now < self.next_dump_ns || !self.open_sockets.is_empty() {
+            return false;
+        }
+        self.losses_dumped = lost;
+        // Until the dump is in: one at a time.
+        self.next_dump_ns = u64::MAX;
+        true
+    }
+
+    /// A dump of the open sockets is waiting for the ring to be read past its start.
+    pub fn holds_open_sockets(&self) -> bool {
+        !self.open_sockets.is_empty()
+    }
+
+    /// A dump of the open sockets, which took `took`: applied at the first tick by which
+    /// the records from before it are read, so that a close still in the ring is not taken
+    /// for a lost one.
+    pub fn open_sockets_found(
+        &mut self,
+        found: anyhow::Result<Vec<OpenSockets>>,
+        took: Duration,
+        now: u64,
+    ) {
+        let wait = DUMP_PERIOD.max(took.saturating_mul(DUMP_SHARE));
+        self.next_dump_ns = now.saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
+        match found {
+            Ok(dumps) => self.open_sockets = dumps,
+            Err(e) => log::warn!("looking for closes the lost records carried: {e:#}"),
+        }
+    }
+
+    /// Closes the sockets a dump did not find, once the records from before it are read.
+    fn close_lost(&mut self, now: u64, reports: &mut Vec<Report>) {
+        let read = self.read_up_to_ns;
+        if self.open_sockets.iter().any(|d| d.since_ns > read) {
+            return;
+        }
+        let dumps = std::mem::take(&mut self.open_sockets);
+        let kernel = &self.kernel;
+        let closed = self
+            .engine
+            .lost_closes(&dumps, now, &|id| kernel.now(id), reports);
+        for id in self.engine.to_forget() {
+            self.kernel.forget(id);
+        }
+        if closed > 0 {
+            log::warn!(
+                "closes lost with the records: {closed} sockets found gone by a dump of the \
+                 open sockets, their flows reported closed now"
+            );
+        }
+    }
+
     /// The engine's timers, at CLOCK_BOOTTIME `now`.
     pub fn tick(&mut self, now: u64) -> io::Result<()> {
         self.processes.tick();
@@ -303,6 +387,9 @@ impl<K: FlowCounters> Pipeline<K> {
         };
         for id in self.engine.to_forget() {
             self.kernel.forget(id);
+        }
+        if !self.open_sockets.is_empty() {
+            self.close_lost(now, &mut reports);
         }
         self.emit(&mut reports)
     }
@@ -539,6 +626,53 @@ mod tests {
         assert_eq!(p.kernel.bulk_reads, reads + 1, "records were lost");
         p.tick(22 * S).unwrap();
         assert_eq!(p.kernel.bulk_reads, reads + 1, "no more since");
+    }
+
+    /// Lost records ask for a dump of the open sockets, at most one at a time and one per
+    /// period; a dump waits until the records from before it are read, then closes the
+    /// sockets it did not find, forgetting their flows in the kernel.
+    #[test]
+    fn lost_records_look_for_lost_closes() {
+        const S: u64 = 1_000_000_000;
+        let mut p = pipeline();
+        let netns = 4026531840;
+        p.netns.learn(HashMap::from([(7, netns)]), &HashSet::new());
+        let mut reports = Vec::new();
+        p.record(&first_tx(1, 7), &mut reports);
+        assert!(!p.wants_open_sockets(2 * S), "nothing lost");
+        p.health.ringbuf_full = 1;
+        assert!(p.wants_open_sockets(2 * S));
+        assert!(!p.wants_open_sockets(3 * S), "one at a time");
+        let dump = OpenSockets {
+            netns,
+            since_ns: 4 * S,
+            cookies: HashSet::new(),
+        };
+        p.open_sockets_found(Ok(vec![dump]), Duration::from_secs(2), 5 * S);
+        p.tick(6 * S).unwrap();
+        assert_eq!(
+            p.engine.stats().closes_recovered,
+            0,
+            "records from before the dump may still be in the ring"
+        );
+        p.ring_empty(6 * S);
+        p.tick(7 * S).unwrap();
+        assert_eq!(p.engine.stats().closes_recovered, 1);
+        let remote = "10.0.0.2:53".parse().unwrap();
+        assert_eq!(p.kernel.forgotten, [FlowId { cookie: 1, remote }]);
+        p.health.decode_errors = 1;
+        assert!(
+            !p.wants_open_sockets(24 * S),
+            "a dump that took 2 s waits 20 s"
+        );
+        assert!(p.wants_open_sockets(25 * S));
+        p.open_sockets_found(Err(anyhow::anyhow!("no sock_diag")), Duration::ZERO, 26 * S);
+        p.health.ringbuf_full = 2;
+        assert!(
+            !p.wants_open_sockets(35 * S),
+            "nor a failed one sooner than 10 s"
+        );
+        assert!(p.wants_open_sockets(36 * S));
     }
 
     /// Idle flows are forgotten in the kernel, whether their CLOSE was printed or, on a busy

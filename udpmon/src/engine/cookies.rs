@@ -114,6 +114,10 @@ impl<V> CookieMap<V> {
         self.entries.swap_remove(i).1
     }
 
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &V)> {
+        self.entries.iter().map(|(c, v)| (*c, v))
+    }
+
     pub fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
         self.entries.iter_mut().map(|(_, v)| v)
     }

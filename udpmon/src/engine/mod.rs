@@ -36,7 +36,7 @@ mod summary;
 
 use std::{
     cmp::Reverse,
-    collections::{BTreeMap, BinaryHeap},
+    collections::{BTreeMap, BinaryHeap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
     time::Duration,
@@ -116,6 +116,18 @@ pub struct EngineStats {
     /// Flows of busy sockets counted in a SUMMARY instead of reported line by line (of
     /// `flows_opened`).
     pub flows_summarised: u64,
+    /// Sockets closed by [`Engine::lost_closes`]: their Close record was lost.
+    pub closes_recovered: u64,
+}
+
+/// The UDP sockets open in one network namespace, as a dump of it (sock_diag) found them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OpenSockets {
+    /// The namespace's inode, as [`Identity::netns`] names it.
+    pub netns: u32,
+    /// CLOCK_BOOTTIME just before the dump: a socket named since may be too new for it.
+    pub since_ns: u64,
+    pub cookies: HashSet<u64>,
 }
 
 /// What the engine knows about a socket. One per socket, and as many as flows when each
@@ -296,6 +308,38 @@ impl Engine {
         &self.to_forget
     }
 
+    /// Closes, at `now_ns`, the sockets that a dump of their namespace did not find although
+    /// the engine knew them before it began: their Close record was lost (a full ring, a
+    /// program run the kernel skipped), and without this their flows would end as idle, or,
+    /// for sockets from before udpmon started, never. Sockets named since a dump began may
+    /// be too new for it, and those of namespaces not dumped are left alone. Returns how
+    /// many were closed.
+    pub fn lost_closes(
+        &mut self,
+        dumps: &[OpenSockets],
+        now_ns: u64,
+        counters: CountersFn<'_>,
+        out: &mut Vec<Report>,
+    ) -> usize {
+        self.to_forget.clear();
+        let by_netns: HashMap<u32, &OpenSockets> = dumps.iter().map(|d| (d.netns, d)).collect();
+        let gone: Vec<u64> = self
+            .sockets
+            .iter()
+            .filter(|(cookie, s)| {
+                by_netns
+                    .get(&s.netns)
+                    .is_some_and(|d| s.seen_ns < d.since_ns && !d.cookies.contains(cookie))
+            })
+            .map(|(cookie, _)| cookie)
+            .collect();
+        for &cookie in &gone {
+            self.close_socket(cookie, now_ns, counters, out);
+        }
+        self.stats.closes_recovered += gone.len() as u64;
+        gone.len()
+    }
+
     #[cfg(test)]
     /// Every tracked flow, in id order.
     pub fn flows(&self) -> Vec<FlowId> {
@@ -401,7 +445,7 @@ impl Engine {
             Fact::Connect => self.connect(ev, counters, out),
             Fact::SendError { errno } => self.app_error(ev, Op::Send, *errno, out),
             Fact::RecvError { errno } => self.app_error(ev, Op::Recv, *errno, out),
-            Fact::Close => self.close_socket(ev, counters, out),
+            Fact::Close => self.close_socket(ev.cookie, ev.ts_ns, counters, out),
             Fact::Existing => self.existing(ev, counters, out),
             // Learned above: what the socket's next reports, timer-made ones included, name.
             Fact::Holder => {}
@@ -1403,22 +1447,28 @@ impl Engine {
         ));
     }
 
-    fn close_socket(&mut self, ev: &KernelEvent, counters: CountersFn<'_>, out: &mut Vec<Report>) {
+    fn close_socket(
+        &mut self,
+        cookie: u64,
+        ts_ns: u64,
+        counters: CountersFn<'_>,
+        out: &mut Vec<Report>,
+    ) {
         let mut ids = std::mem::take(&mut self.closing);
-        self.flows.of_cookie(ev.cookie, &mut ids);
+        self.flows.of_cookie(cookie, &mut ids);
         for id in &ids {
-            self.close_flow(id, CloseReason::Closed, ev.ts_ns, counters, out);
+            self.close_flow(id, CloseReason::Closed, ts_ns, counters, out);
         }
         self.closing = ids;
-        if let Some(mut b) = self.busy.remove(&ev.cookie)
+        if let Some(mut b) = self.busy.remove(&cookie)
             && b.worth_reporting()
         {
-            out.push(summary_report(&self.sockets, ev.cookie, &mut b, ev.ts_ns));
+            out.push(summary_report(&self.sockets, cookie, &mut b, ts_ns));
         }
-        let Some(sock) = self.sockets.remove(&ev.cookie) else {
+        let Some(sock) = self.sockets.remove(&cookie) else {
             return;
         };
-        self.last_app_error.remove(&ev.cookie);
+        self.last_app_error.remove(&cookie);
         let port = sock.local.get().port();
         if let Some(owner) = sock.owner
             && port != 0
@@ -1428,7 +1478,7 @@ impl Engine {
                 PortOwner {
                     owner,
                     // Never 0, which means open.
-                    closed_ns: ev.ts_ns.max(1),
+                    closed_ns: ts_ns.max(1),
                 },
             );
         }

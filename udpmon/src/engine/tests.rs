@@ -1,4 +1,8 @@
-use std::{cell::RefCell, collections::HashMap, net::IpAddr};
+use std::{
+    cell::RefCell,
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+};
 
 use super::*;
 use crate::decode::{Icmp, KernelEvent};
@@ -535,6 +539,56 @@ fn close_reports_every_flow_with_kernel_counters() {
     assert!(e.flows().is_empty());
     assert_eq!(e.stats().sockets_tracked, 0);
     assert_eq!(e.stats().flows_closed, 2);
+}
+
+/// A dump of the open sockets closes those the engine knew before it began and it did not
+/// find: their Close record was lost. Nothing else.
+#[test]
+fn a_dump_closes_the_sockets_whose_close_was_lost() {
+    let mut e = engine();
+    let netns = nc().netns;
+    // Socket 7 (a flow, then its close lost), 8 (from before udpmon, flowless, close lost),
+    // 9 (open), 10 (named only after the dump began), 11 (in a namespace not dumped).
+    let on = |cookie, fact, ts, ns| KernelEvent {
+        cookie,
+        who: Identity { netns: ns, ..nc() },
+        ..ev(fact, ts)
+    };
+    run(
+        &mut e,
+        &[
+            on(7, Fact::FirstTx { bytes: 3 }, S, netns),
+            on(8, Fact::Existing, S, netns),
+            on(9, Fact::FirstTx { bytes: 3 }, S, netns),
+            on(10, Fact::FirstTx { bytes: 3 }, 5 * S, netns),
+            on(11, Fact::FirstTx { bytes: 3 }, S, netns + 1),
+        ],
+    );
+    assert_eq!(e.stats().sockets_tracked, 5);
+    let dumps = [OpenSockets {
+        netns,
+        since_ns: 4 * S,
+        cookies: HashSet::from([9]),
+    }];
+    let mut out = Vec::new();
+    assert_eq!(e.lost_closes(&dumps, 6 * S, &none, &mut out), 2);
+    assert_eq!(kinds(&out), [ReportKind::Close]);
+    assert_eq!(out[0].cookie, 7);
+    let (reason, stats) = close_stats(&out[0]);
+    assert_eq!(reason, CloseReason::Closed);
+    assert_eq!(
+        stats.duration_ns,
+        5 * S,
+        "closed by the time it was found gone"
+    );
+    assert_eq!(e.to_forget(), [flow7()], "its kernel entry goes too");
+    let mut left: Vec<u64> = e.flows().iter().map(|f| f.cookie).collect();
+    left.sort_unstable();
+    assert_eq!(left, [9, 10, 11]);
+    assert_eq!(e.stats().sockets_tracked, 3);
+    assert_eq!(e.stats().closes_recovered, 2);
+    // The lost record, should it come after all, closes nothing twice.
+    assert!(run(&mut e, &[ev(Fact::Close, 7 * S)]).is_empty());
 }
 
 #[test]

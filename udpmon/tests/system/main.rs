@@ -20,6 +20,7 @@ mod holders;
 mod journald;
 mod kill;
 mod logfiles;
+mod lost;
 mod metrics;
 mod peers;
 mod relay;

@@ -62,6 +62,11 @@ pub const ALL: &[Scenario] = &[
         name: "wakes_after_quiet",
         run: crate::sleep::wakes_after_quiet,
     },
+    // A close the ring lost is found by a dump of the open sockets.
+    Scenario {
+        name: "lost_closes_recovered",
+        run: crate::lost::lost_closes_recovered,
+    },
     Scenario {
         name: "nft_reject_admin_ipv4",
         run: |st| crate::firewall::reject_admin(st, false),

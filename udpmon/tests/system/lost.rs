@@ -1,0 +1,124 @@
+//! When the ring loses records, a socket's close may be among them: udpmon then dumps the
+//! open sockets (sock_diag) and closes the ones it knew that are gone, rather than leaving
+//! their flows to end as idle minutes later (or never, for sockets from before it started).
+//!
+//! The scenario makes the ring lose records for sure: udpmon is stopped (SIGSTOP) while
+//! sockets each send one datagram and close, until the ring (4 MiB, 144 bytes a record,
+//! two records a socket) has long been full; then a socket whose CONNECT udpmon had already
+//! printed closes, and udpmon goes on (SIGCONT). Every flow whose CONNECT it printed must
+//! get its CLOSE, reason closed, well before the idle timeout could have closed any.
+use std::{
+    collections::HashSet,
+    net::UdpSocket,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{
+    behaviour::once,
+    harness::{Outcome, Strategy, Udpmon, deadline, is, s},
+    util::local_of,
+};
+
+/// Sockets of the burst: about three times what fills the ring.
+const BURST: usize = 45_000;
+
+pub fn lost_closes_recovered(st: Strategy) -> Outcome {
+    if let Err(o) = once(st) {
+        return o;
+    }
+    let mut u = Udpmon::start(st, &["--idle-timeout", "10m"]).expect("udpmon starts");
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to = sink.local_addr().unwrap();
+    let witness = UdpSocket::bind("127.0.0.1:0").unwrap();
+    witness.connect(to).unwrap();
+    witness.send(b"before").unwrap();
+    let local = local_of(&witness);
+    let ck = u.wait_for("the witness's connect", |v| {
+        is(v, "connect") && s(v, "local") == local
+    })["cookie"]
+        .clone();
+
+    u.kill(libc::SIGSTOP);
+    let start = Instant::now();
+    let mut sent = 0;
+    // Not scaled for slow VMs: a ring that a burst this long does not fill is a skip.
+    while sent < BURST && start.elapsed() < Duration::from_secs(20) {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.send_to(b"x", to).unwrap();
+        sent += 1;
+    }
+    drop(witness);
+    u.kill(libc::SIGCONT);
+
+    let Some(lost) = wait_for_stderr_or(&mut u, deadline(20), |l| {
+        l.contains("events lost:") && l.contains("ring-buffer drops")
+    }) else {
+        return Outcome::Skip(format!(
+            "{sent} sockets in {:?} did not fill udpmon's ring: nothing was lost to recover",
+            start.elapsed()
+        ));
+    };
+    eprintln!("  {sent} sockets in {:?}; udpmon: {lost}", start.elapsed());
+    u.wait_for_stderr("closes found by a dump", |l| {
+        l.contains("sockets found gone by a dump")
+    });
+
+    // Every flow that was reported open is reported closed.
+    let end = Instant::now() + deadline(30);
+    let (opened, closes) = loop {
+        let events = u.all(|v| is(v, "connect") || is(v, "close"));
+        let opened: HashSet<(String, String)> = events
+            .iter()
+            .filter(|v| is(v, "connect"))
+            .map(flow)
+            .collect();
+        let closes: Vec<&Value> = events.iter().filter(|v| is(v, "close")).collect();
+        let closed: HashSet<(String, String)> = closes.iter().map(|v| flow(v)).collect();
+        let unclosed = opened.difference(&closed).count();
+        if unclosed == 0 {
+            let closes: Vec<Value> = closes.into_iter().cloned().collect();
+            break (opened, closes);
+        }
+        assert!(
+            Instant::now() < end,
+            "{unclosed} of {} flows reported open got no CLOSE within {:?}",
+            opened.len(),
+            deadline(30)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(opened.len() > 1, "the burst's flows were reported too");
+    for c in &closes {
+        assert_eq!(s(c, "reason"), "closed", "{c}");
+    }
+    assert!(
+        closes.iter().any(|c| c["cookie"] == ck),
+        "the witness's CLOSE"
+    );
+    Outcome::Pass
+}
+
+/// A flow, as its events name it: cookie and peer.
+fn flow(v: &Value) -> (String, String) {
+    (v["cookie"].to_string(), s(v, "remote").to_string())
+}
+
+/// The first stderr line matching `pred` within `wait`, or None.
+fn wait_for_stderr_or(
+    u: &mut Udpmon,
+    wait: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> Option<String> {
+    let end = Instant::now() + wait;
+    loop {
+        if let Some(l) = u.stderr.iter().find(|l| pred(l)) {
+            return Some(l.clone());
+        }
+        if Instant::now() > end {
+            return None;
+        }
+        u.all(|_| false);
+    }
+}

@@ -350,10 +350,11 @@ impl Peer {
             self.local = Some(Addr::new(seen));
             return;
         };
-        let mut merged = cur.get();
-        if merged == seen {
+        let seen_packed = Addr::new(seen);
+        if *cur == seen_packed {
             return;
         }
+        let mut merged = cur.get();
         if merged.port() != seen.port() {
             merged.set_port(0);
         }
@@ -613,7 +614,7 @@ impl PeerTable {
             }
         }
         let sent = low32(c.tx_datagrams);
-        let new = u64::from(sent.wrapping_sub(link.credited_tx));
+        let new = sent.wrapping_sub(link.credited_tx);
         if new == 0 {
             return;
         }
@@ -640,10 +641,8 @@ impl PeerTable {
         if p.unanswered_sends == 0 {
             p.unanswered_since_ns = c.last_tx_ns;
         }
-        p.unanswered_sends += counted;
-        link.counted = link
-            .counted
-            .saturating_add(u32::try_from(counted).unwrap_or(u32::MAX));
+        p.unanswered_sends += u64::from(counted);
+        link.counted = link.counted.saturating_add(counted);
         if !p.listed && p.may_go_silent() {
             p.listed = true;
             self.candidates.push(link.idx);
@@ -889,6 +888,31 @@ mod tests {
             t.slots[b.idx as usize].peer.local.map(Addr::get),
             Some(local(5000))
         );
+        // IPv6, and an IPv4 address seen v4-mapped on a dual-stack socket.
+        let v6 = |ip: &str, port| SocketAddr::new(ip.parse().unwrap(), port);
+        let c = t.attach(key(7), &held("d"), Family::V6, v6("fd00::1", 53), 7);
+        let p = |t: &PeerTable| t.slots[c.idx as usize].peer.local.map(Addr::get);
+        assert_eq!(p(&t), Some(v6("fd00::1", 53)));
+        t.attach(key(7), &held("d"), Family::V6, v6("fd00::1", 54), 8);
+        assert_eq!(p(&t), Some(v6("fd00::1", 0)));
+        t.attach(key(7), &held("d"), Family::V6, v6("::ffff:10.0.0.1", 54), 9);
+        assert_eq!(p(&t), Some(anywhere(Family::V6)));
+    }
+
+    /// The sends a flow credited to its peer are kept as their low 32 bits: a count that
+    /// crosses 2^32 between two looks still adds what it sent.
+    #[test]
+    fn sends_are_credited_across_2_pow_32() {
+        let mut t = PeerTable::new(4);
+        let start = u64::from(u32::MAX) - 1;
+        let mut l = flow(&mut t, 1, start, 10);
+        let idx = l.idx as usize;
+        let p = |t: &PeerTable| t.slots[idx].peer.unanswered_sends;
+        let before = p(&t);
+        let mut out = Vec::new();
+        t.sync(&mut l, &sent(start + 5, 20), local(4000), 10, &mut out);
+        assert_eq!(p(&t), before + 5);
+        assert_eq!(l.counted, u32::MAX, "saturated, not wrapped");
     }
 
     #[test]

@@ -10,9 +10,8 @@
 //! The same dumps, later, find the sockets whose Close record the ring lost
 //! ([`open_sockets`]).
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     fmt,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -70,35 +69,19 @@ pub struct Existing {
 /// Every UDP socket open now, in every network namespace on the host, with its owner.
 pub fn existing_sockets() -> anyhow::Result<Existing> {
     let start = Instant::now();
-    let namespaces = network_namespaces().context("enumerating network namespaces")?;
-    let dumps = dump_namespaces(namespaces)?;
-
-    let mut stats = ExistingStats::default();
+    let (dumps, failed) = dump_namespaces(|sockets| sockets)?;
+    let mut stats = ExistingStats {
+        netns_scanned: dumps.len(),
+        netns_failed: failed,
+        ..ExistingStats::default()
+    };
     let mut netns_cookies = HashMap::new();
-    let mut first_error = None;
     let mut found = Vec::new();
-    for (inode, dump) in dumps {
-        match dump {
-            Ok(d) => {
-                stats.netns_scanned += 1;
-                if let (Some(cookie), Ok(inode)) = (d.cookie, u32::try_from(inode)) {
-                    netns_cookies.insert(cookie, inode);
-                }
-                found.extend(d.sockets.into_iter().map(|s| (inode, d.ts_ns, s)));
-            }
-            Err(e) => {
-                log::debug!("network namespace {inode}: {e:#}");
-                stats.netns_failed += 1;
-                first_error.get_or_insert(e);
-            }
+    for (inode, d) in dumps {
+        if let (Some(cookie), Ok(inode)) = (d.cookie, u32::try_from(inode)) {
+            netns_cookies.insert(cookie, inode);
         }
-    }
-    if stats.netns_scanned == 0 {
-        // Every namespace failing means sock_diag itself is unusable (no udp_diag, no
-        // privileges), which the caller must hear about rather than see zero sockets.
-        return Err(first_error
-            .unwrap_or_else(|| anyhow!("no network namespace found"))
-            .context("dumping UDP sockets"));
+        found.extend(d.sockets.into_iter().map(|s| (inode, d.ts_ns, s)));
     }
 
     // After the dumps, not before: every socket still open then is in some fd table now.
@@ -178,46 +161,40 @@ pub fn existing_sockets() -> anyhow::Result<Existing> {
 /// [`Engine::lost_closes`](crate::engine::Engine::lost_closes). Blocking: callers with an
 /// event loop run it elsewhere.
 pub fn open_sockets() -> anyhow::Result<Vec<OpenSockets>> {
-    let namespaces = network_namespaces().context("enumerating network namespaces")?;
-    let mut first_error = None;
-    let mut open = Vec::new();
-    for (inode, dump) in dump_namespaces(namespaces)? {
-        match (dump, u32::try_from(inode)) {
-            (Ok(d), Ok(netns)) => open.push(OpenSockets {
-                netns,
-                since_ns: d.ts_ns,
-                cookies: d.sockets.iter().map(|s| s.cookie).collect(),
-            }),
-            // Vanished since it was listed, or refused: its sockets are left alone.
-            (Err(e), _) => {
-                log::debug!("network namespace {inode}: {e:#}");
-                first_error.get_or_insert(e);
-            }
-            (Ok(_), Err(_)) => {}
-        }
-    }
-    if open.is_empty() {
-        return Err(first_error
-            .unwrap_or_else(|| anyhow!("no network namespace found"))
-            .context("dumping UDP sockets"));
-    }
-    Ok(open)
+    // Only the cookies are kept, namespace by namespace: a host may hold millions of sockets.
+    let (dumps, _) = dump_namespaces(|sockets| sockets.iter().map(|s| s.cookie).collect())?;
+    Ok(dumps
+        .into_iter()
+        .map(|(inode, d)| OpenSockets {
+            // nsfs inode numbers are 32-bit (`ns_common.inum`), as the hooks report them.
+            netns: inode as u32,
+            since_ns: d.ts_ns,
+            cookies: d.sockets,
+        })
+        .collect())
 }
 
-/// What one namespace held when it was dumped.
-struct NetnsDump {
+/// What one namespace held when it was dumped: its sockets, or what was kept of them.
+struct NetnsDump<T> {
     /// CLOCK_BOOTTIME just before the dump. Earlier than anything the hooks can report about a
     /// socket in the dump after it, so an Existing never lands after that socket's Close.
     ts_ns: u64,
     /// The namespace's cookie, for naming the namespaces of later events (`netns`).
     cookie: Option<u64>,
-    sockets: Vec<DiagSocket>,
+    sockets: T,
 }
 
-fn dump_namespaces(
-    namespaces: BTreeMap<u64, Vec<PathBuf>>,
-) -> anyhow::Result<Vec<(u64, anyhow::Result<NetnsDump>)>> {
-    netns::in_each(namespaces, || {
+/// Each namespace's dump, by inode.
+type Dumps<T> = Vec<(u64, NetnsDump<T>)>;
+
+/// The UDP sockets of every network namespace by inode, `keep` taking what is wanted of each
+/// namespace's in the scan thread; and how many namespaces could not be dumped (vanished
+/// since they were listed, or refused: their sockets are not in the result).
+fn dump_namespaces<T: Send + 'static>(
+    keep: fn(Vec<DiagSocket>) -> T,
+) -> anyhow::Result<(Dumps<T>, usize)> {
+    let namespaces = network_namespaces().context("enumerating network namespaces")?;
+    let dumps = netns::in_each(namespaces, move || {
         let ts_ns = crate::clock::boot_ns();
         let mut diag = SockDiag::open()?;
         let mut sockets = diag.dump(libc::AF_INET as u8).context("IPv4")?;
@@ -225,9 +202,28 @@ fn dump_namespaces(
         Ok(NetnsDump {
             ts_ns,
             cookie: netns::current_cookie().ok(),
-            sockets,
+            sockets: keep(sockets),
         })
-    })
+    })?;
+    let (mut ok, mut failed, mut first_error) = (Vec::new(), 0, None);
+    for (inode, dump) in dumps {
+        match dump {
+            Ok(d) => ok.push((inode, d)),
+            Err(e) => {
+                log::debug!("network namespace {inode}: {e:#}");
+                failed += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if ok.is_empty() {
+        // Every namespace failing means sock_diag itself is unusable (no udp_diag, no
+        // privileges), which the caller must hear about rather than see zero sockets.
+        return Err(first_error
+            .unwrap_or_else(|| anyhow!("no network namespace found"))
+            .context("dumping UDP sockets"));
+    }
+    Ok((ok, failed))
 }
 
 #[cfg(test)]

@@ -69,9 +69,16 @@ pub struct Pipeline<K> {
     ring_losses_seen: u64,
     last_full_read_ns: u64,
     /// `health.records_lost()` when the last dump of the open sockets was asked for (see
-    /// [`Pipeline::wants_open_sockets`]), and when the next one may be.
+    /// [`Pipeline::wants_open_sockets`]).
     losses_dumped: u64,
-    next_dump_ns: u64,
+    /// A dump is running.
+    dumping: bool,
+    /// The last dump missed sockets: the next one decides, as soon as `share_until_ns`.
+    dump_again: bool,
+    /// Until then, dumps would take more than their share of the time; until
+    /// `period_until_ns`, losses ask for no dump.
+    share_until_ns: u64,
+    period_until_ns: u64,
     /// A dump waiting for the records from before it to be read.
     open_sockets: Vec<OpenSockets>,
     /// The ring's records are read up to this time: the newest record's, or when the ring
@@ -82,8 +89,8 @@ pub struct Pipeline<K> {
 /// The shortest time between two reads of every flow made for lost records.
 const FULL_READ_PERIOD_NS: u64 = 5_000_000_000;
 
-/// The shortest time between two dumps of the open sockets made for lost records, and the
-/// most of a core they may take (a tenth: a dump that took 2 s waits 20 s).
+/// The shortest time between two dumps of the open sockets asked for by lost records, and
+/// the most of the time dumps may take (a tenth: a dump that took 2 s waits 20 s).
 const DUMP_PERIOD: Duration = Duration::from_secs(10);
 const DUMP_SHARE: u32 = 10;
 
@@ -115,7 +122,10 @@ impl<K: FlowCounters> Pipeline<K> {
             ring_losses_seen: 0,
             last_full_read_ns: 0,
             losses_dumped: 0,
-            next_dump_ns: 0,
+            dumping: false,
+            dump_again: false,
+            share_until_ns: 0,
+            period_until_ns: 0,
             open_sockets: Vec::new(),
             read_up_to_ns: 0,
         }
@@ -306,14 +316,17 @@ impl<K: FlowCounters> Pipeline<K> {
     /// caller runs [`existing::open_sockets`](crate::existing::open_sockets) off the event
     /// loop and hands the result to [`Pipeline::open_sockets_found`].
     pub fn wants_open_sockets(&mut self, now: u64) -> bool {
-        let lost = self.health.records_lost();
-        if lost <= self.losses_dumped || now < self.next_dump_ns || !self.open_sockets.is_empty() {
+        if self.dumping || !self.open_sockets.is_empty() || now < self.share_until_ns {
             return false;
         }
-        self.losses_dumped = lost;
-        // Until the dump is in: one at a time.
-        self.next_dump_ns = u64::MAX;
-        true
+        let lost = self.health.records_lost();
+        let wanted = self.dump_again || lost > self.losses_dumped && now >= self.period_until_ns;
+        if wanted {
+            self.losses_dumped = lost;
+            self.dump_again = false;
+            self.dumping = true;
+        }
+        wanted
     }
 
     /// A dump of the open sockets is waiting for the ring to be read past its start.
@@ -330,25 +343,30 @@ impl<K: FlowCounters> Pipeline<K> {
         took: Duration,
         now: u64,
     ) {
-        let wait = DUMP_PERIOD.max(took.saturating_mul(DUMP_SHARE));
-        self.next_dump_ns = now.saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
+        let after =
+            |d: Duration| now.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        self.dumping = false;
+        self.share_until_ns = after(took.saturating_mul(DUMP_SHARE));
+        self.period_until_ns = after(DUMP_PERIOD);
         match found {
             Ok(dumps) => self.open_sockets = dumps,
             Err(e) => log::warn!("looking for closes the lost records carried: {e:#}"),
         }
     }
 
-    /// Closes the sockets a dump did not find, once the records from before it are read.
+    /// Closes the sockets dumps did not find, once the records from before the last one are
+    /// read and processed (none held back for a scan or a lookup).
     fn close_lost(&mut self, now: u64, reports: &mut Vec<Report>) {
         let read = self.read_up_to_ns;
-        if self.open_sockets.iter().any(|d| d.since_ns > read) {
+        if self.open_sockets.iter().any(|d| d.since_ns > read) || !self.pending.is_empty() {
             return;
         }
         let dumps = std::mem::take(&mut self.open_sockets);
         let kernel = &self.kernel;
-        let closed = self
-            .engine
-            .lost_closes(&dumps, now, &|id| kernel.now(id), reports);
+        let (closed, suspects) =
+            self.engine
+                .lost_closes(&dumps, now, &|id| kernel.now(id), reports);
+        self.dump_again = suspects > 0;
         for id in self.engine.to_forget() {
             self.kernel.forget(id);
         }
@@ -628,9 +646,10 @@ mod tests {
         assert_eq!(p.kernel.bulk_reads, reads + 1, "no more since");
     }
 
-    /// Lost records ask for a dump of the open sockets, at most one at a time and one per
-    /// period; a dump waits until the records from before it are read, then closes the
-    /// sockets it did not find, forgetting their flows in the kernel.
+    /// Lost records ask for a dump of the open sockets, one at a time and one per period; a
+    /// dump waits until the records from before it are read; a socket it did not find asks
+    /// for another dump, as soon as the dumps' share of the time allows, and is closed when
+    /// that one does not find it either (its flows forgotten in the kernel).
     #[test]
     fn lost_records_look_for_lost_closes() {
         const S: u64 = 1_000_000_000;
@@ -643,36 +662,53 @@ mod tests {
         p.health.ringbuf_full = 1;
         assert!(p.wants_open_sockets(2 * S));
         assert!(!p.wants_open_sockets(3 * S), "one at a time");
-        let dump = OpenSockets {
-            netns,
-            since_ns: 4 * S,
-            cookies: HashSet::new(),
+        let dump = |since_ns| {
+            Ok(vec![OpenSockets {
+                netns,
+                since_ns,
+                cookies: HashSet::new(),
+            }])
         };
-        p.open_sockets_found(Ok(vec![dump]), Duration::from_secs(2), 5 * S);
+        let took = Duration::from_millis(100);
+        p.open_sockets_found(dump(4 * S), took, 5 * S);
         p.tick(6 * S).unwrap();
-        assert_eq!(
-            p.engine.stats().closes_recovered,
-            0,
-            "records from before the dump may still be in the ring"
+        assert!(
+            p.holds_open_sockets(),
+            "records from before the dump may be in the ring"
         );
         p.ring_empty(6 * S);
         p.tick(7 * S).unwrap();
+        assert!(!p.holds_open_sockets());
+        assert_eq!(
+            p.engine.stats().closes_recovered,
+            0,
+            "one dump closes nothing"
+        );
+        assert!(p.wants_open_sockets(7 * S), "a second dump at once");
+        p.open_sockets_found(dump(8 * S), took, 9 * S);
+        p.ring_empty(9 * S);
+        p.tick(10 * S).unwrap();
         assert_eq!(p.engine.stats().closes_recovered, 1);
         let remote = "10.0.0.2:53".parse().unwrap();
         assert_eq!(p.kernel.forgotten, [FlowId { cookie: 1, remote }]);
+        assert!(!p.wants_open_sockets(11 * S), "nothing lost since");
         p.health.decode_errors = 1;
         assert!(
-            !p.wants_open_sockets(24 * S),
-            "a dump that took 2 s waits 20 s"
+            !p.wants_open_sockets(18 * S),
+            "10 s between dumps for losses"
         );
-        assert!(p.wants_open_sockets(25 * S));
-        p.open_sockets_found(Err(anyhow::anyhow!("no sock_diag")), Duration::ZERO, 26 * S);
+        assert!(p.wants_open_sockets(19 * S));
+        p.open_sockets_found(
+            Err(anyhow::anyhow!("no sock_diag")),
+            Duration::from_secs(2),
+            20 * S,
+        );
         p.health.ringbuf_full = 2;
         assert!(
-            !p.wants_open_sockets(35 * S),
-            "nor a failed one sooner than 10 s"
+            !p.wants_open_sockets(39 * S),
+            "nor more than a tenth of the time"
         );
-        assert!(p.wants_open_sockets(36 * S));
+        assert!(p.wants_open_sockets(40 * S));
     }
 
     /// Idle flows are forgotten in the kernel, whether their CLOSE was printed or, on a busy

@@ -195,6 +195,8 @@ pub struct Engine {
     to_forget: Vec<FlowId>,
     /// A closing socket's flows, in order (kept for its room).
     closing: Vec<FlowId>,
+    /// Sockets the last dump of the open sockets did not find (see [`Engine::lost_closes`]).
+    suspects: HashSet<u64>,
     /// (when it may be forgotten, cookie) of sockets that were without flows: the tick's
     /// `forget` looks at them then, rather than at every socket every tick. Sockets that
     /// close are not listed (their entries would stay for the idle timeout).
@@ -269,6 +271,7 @@ impl Engine {
             interval_end_ns: 0,
             to_forget: Vec::new(),
             closing: Vec::new(),
+            suspects: HashSet::new(),
             flowless: BinaryHeap::new(),
             due: Vec::new(),
             due_at: None,
@@ -308,36 +311,41 @@ impl Engine {
         &self.to_forget
     }
 
-    /// Closes, at `now_ns`, the sockets that a dump of their namespace did not find although
-    /// the engine knew them before it began: their Close record was lost (a full ring, a
-    /// program run the kernel skipped), and without this their flows would end as idle, or,
-    /// for sockets from before udpmon started, never. Sockets named since a dump began may
-    /// be too new for it, and those of namespaces not dumped are left alone. Returns how
-    /// many were closed.
+    /// Closes, at `now_ns`, the sockets that two dumps in a row did not find in their
+    /// namespace although the engine knew them before each began: their Close record was
+    /// lost (a full ring, a program run the kernel skipped), and without this their flows
+    /// would end as idle, or, for sockets from before udpmon started, never. One dump is not
+    /// enough: the kernel resumes a dump by counting sockets, so a socket closing meanwhile
+    /// can make it skip another that is still open; the same socket skipped twice is not a
+    /// race. Sockets named since a dump began may be too new for it, and those of
+    /// namespaces not dumped are left alone. Returns how many were closed, and how many are
+    /// missing from this dump alone (the next one decides).
     pub fn lost_closes(
         &mut self,
         dumps: &[OpenSockets],
         now_ns: u64,
         counters: CountersFn<'_>,
         out: &mut Vec<Report>,
-    ) -> usize {
+    ) -> (usize, usize) {
         self.to_forget.clear();
         let by_netns: HashMap<u32, &OpenSockets> = dumps.iter().map(|d| (d.netns, d)).collect();
-        let gone: Vec<u64> = self
-            .sockets
-            .iter()
-            .filter(|(cookie, s)| {
-                by_netns
-                    .get(&s.netns)
-                    .is_some_and(|d| s.seen_ns < d.since_ns && !d.cookies.contains(cookie))
-            })
-            .map(|(cookie, _)| cookie)
-            .collect();
+        let missing = self.sockets.iter().filter(|(cookie, s)| {
+            by_netns
+                .get(&s.netns)
+                .is_some_and(|d| s.seen_ns < d.since_ns && !d.cookies.contains(cookie))
+        });
+        let (gone, suspects): (Vec<u64>, HashSet<u64>) = {
+            let (gone, suspects): (Vec<_>, Vec<_>) = missing
+                .map(|(cookie, _)| cookie)
+                .partition(|c| self.suspects.contains(c));
+            (gone, suspects.into_iter().collect())
+        };
+        self.suspects = suspects;
         for &cookie in &gone {
             self.close_socket(cookie, now_ns, counters, out);
         }
         self.stats.closes_recovered += gone.len() as u64;
-        gone.len()
+        (gone.len(), self.suspects.len())
     }
 
     #[cfg(test)]

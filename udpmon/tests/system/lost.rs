@@ -6,7 +6,8 @@
 //! sockets each send one datagram and close, until the ring (4 MiB, 144 bytes a record,
 //! two records a socket) has long been full; then a socket whose CONNECT udpmon had already
 //! printed closes, and udpmon goes on (SIGCONT). Every flow whose CONNECT it printed must
-//! get its CLOSE, reason closed, well before the idle timeout could have closed any.
+//! get its CLOSE, reason closed, well before the idle timeout could have closed any; and
+//! the sockets still open (one that sent before the stop, and the sink) none.
 use std::{
     collections::HashSet,
     net::UdpSocket,
@@ -31,12 +32,19 @@ pub fn lost_closes_recovered(st: Strategy) -> Outcome {
     let mut u = Udpmon::start(st, &["--idle-timeout", "10m"]).expect("udpmon starts");
     let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
     let to = sink.local_addr().unwrap();
+    let to_s = to.to_string();
+    let connected = |u: &mut Udpmon, what, sock: &UdpSocket| {
+        sock.connect(to).unwrap();
+        sock.send(b"before").unwrap();
+        let local = local_of(sock);
+        u.wait_for(what, |v| is(v, "connect") && s(v, "local") == local)["cookie"].clone()
+    };
     let witness = UdpSocket::bind("127.0.0.1:0").unwrap();
-    witness.connect(to).unwrap();
-    witness.send(b"before").unwrap();
-    let local = local_of(&witness);
-    let ck = u.wait_for("the witness's connect", |v| {
-        is(v, "connect") && s(v, "local") == local
+    let ck = connected(&mut u, "the witness's connect", &witness);
+    let stays = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let stays_ck = connected(&mut u, "the open socket's connect", &stays);
+    let sink_ck = u.wait_for("the sink's accept", |v| {
+        is(v, "accept") && s(v, "local") == to_s
     })["cookie"]
         .clone();
 
@@ -68,10 +76,13 @@ pub fn lost_closes_recovered(st: Strategy) -> Outcome {
     // Every flow that was reported open is reported closed.
     let end = Instant::now() + deadline(30);
     let (opened, closes) = loop {
-        let events = u.all(|v| is(v, "connect") || is(v, "close"));
+        let events = u.all(|v| {
+            (is(v, "connect") || is(v, "close")) && s(v, "remote") == to_s
+                || is(v, "close") && v["cookie"] == sink_ck
+        });
         let opened: HashSet<(String, String)> = events
             .iter()
-            .filter(|v| is(v, "connect"))
+            .filter(|v| is(v, "connect") && v["cookie"] != stays_ck)
             .map(flow)
             .collect();
         let closes: Vec<&Value> = events.iter().filter(|v| is(v, "close")).collect();
@@ -97,6 +108,12 @@ pub fn lost_closes_recovered(st: Strategy) -> Outcome {
         closes.iter().any(|c| c["cookie"] == ck),
         "the witness's CLOSE"
     );
+    let wrong: Vec<&Value> = closes
+        .iter()
+        .filter(|c| c["cookie"] == stays_ck || c["cookie"] == sink_ck)
+        .collect();
+    assert!(wrong.is_empty(), "open sockets reported closed: {wrong:?}");
+    drop(stays);
     Outcome::Pass
 }
 

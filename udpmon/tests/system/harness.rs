@@ -250,9 +250,6 @@ impl Udpmon {
             },
             Line::Err(l) => {
                 eprintln!("  [udpmon] {l}");
-                if lost_records(&l) && LOST.with_borrow(Option::is_none) {
-                    LOST.set(Some(l.clone()));
-                }
                 self.stderr.push(l);
             }
         }
@@ -277,9 +274,11 @@ impl Udpmon {
             }
             if Instant::now() > end {
                 let missing = format!("no {what} event within {:?}", deadline(20));
-                // This udpmon's own warnings: another one running beside it may lose what
-                // this one did not.
-                inconclusive(&missing, self.stderr.iter().find(|l| lost_records(l)));
+                if let Some(lost) = self.stderr.iter().find(|l| lost_records(l)) {
+                    panic::panic_any(Inconclusive(format!(
+                        "{missing}, and udpmon reported {lost:?}"
+                    )));
+                }
                 panic!("{missing}; udpmon printed:\n{}", self.dump());
             }
             self.drain(Duration::from_millis(100));
@@ -434,30 +433,6 @@ thread_local! {
     /// Datagrams the CLOSEs asserted so far were short of (`util::assert_close`), which the
     /// running udpmon must have reported lost by its exit.
     static SHORT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-    /// The first warning that it lost kernel records of a udpmon of this scenario, for
-    /// checks that have no `Udpmon` at hand (`util::assert_close`).
-    static LOST: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
-}
-
-/// An awaited event did not come as awaited (`missing` says how): when udpmon has reported
-/// lost records (`lost`, its warning), that event may be one of them, and the scenario is
-/// [`Inconclusive`]. Otherwise returns, for the caller to fail.
-pub fn inconclusive(missing: &str, lost: Option<&String>) {
-    if let Some(lost) = lost {
-        panic::panic_any(Inconclusive(format!(
-            "{missing}, and udpmon reported {lost:?}"
-        )));
-    }
-}
-
-/// A scenario (or its second run) starts: earlier udpmons' losses are not its own.
-pub fn forget_losses() {
-    LOST.set(None);
-}
-
-/// [`inconclusive`], with the losses of the udpmon(s) running for this scenario.
-pub fn inconclusive_if_lost(missing: &str) {
-    inconclusive(missing, LOST.with_borrow(Clone::clone).as_ref());
 }
 
 /// Counts asserted short by `short` datagrams: the running udpmon owes a loss report.

@@ -85,7 +85,6 @@ fn main() -> ExitCode {
                 Ok(()) => {}
             }
             let t = Instant::now();
-            harness::forget_losses();
             let mut res = panic::catch_unwind(|| (s.run)(st));
             // Once, and only for what udpmon itself said it lost (see `Inconclusive`).
             let lost = res
@@ -94,7 +93,6 @@ fn main() -> ExitCode {
                 .and_then(|e| e.downcast_ref::<Inconclusive>());
             if let Some(why) = lost.map(|i| i.0.clone()) {
                 println!("running {name} again (inconclusive): {why}");
-                harness::forget_losses();
                 res = panic::catch_unwind(|| (s.run)(st));
             }
             let secs = t.elapsed().as_secs_f64();

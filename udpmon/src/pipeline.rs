@@ -68,9 +68,10 @@ pub struct Pipeline<K> {
     /// `health.ringbuf_full` when the last read of every flow made up for lost wake records.
     ring_losses_seen: u64,
     last_full_read_ns: u64,
-    /// `health.records_lost()` when the last dump of the open sockets was asked for (see
-    /// [`Pipeline::wants_open_sockets`]).
+    /// `health.records_lost()` when the last dump of the open sockets that came in was
+    /// asked for (see [`Pipeline::wants_open_sockets`]), and when the running one was.
     losses_dumped: u64,
+    losses_asked: u64,
     /// A dump is running.
     dumping: bool,
     /// The last dump missed sockets: the next one decides, as soon as `share_until_ns`.
@@ -122,6 +123,7 @@ impl<K: FlowCounters> Pipeline<K> {
             ring_losses_seen: 0,
             last_full_read_ns: 0,
             losses_dumped: 0,
+            losses_asked: 0,
             dumping: false,
             dump_again: false,
             share_until_ns: 0,
@@ -322,8 +324,7 @@ impl<K: FlowCounters> Pipeline<K> {
         let lost = self.health.records_lost();
         let wanted = self.dump_again || lost > self.losses_dumped && now >= self.period_until_ns;
         if wanted {
-            self.losses_dumped = lost;
-            self.dump_again = false;
+            self.losses_asked = lost;
             self.dumping = true;
         }
         wanted
@@ -349,8 +350,16 @@ impl<K: FlowCounters> Pipeline<K> {
         self.share_until_ns = after(took.saturating_mul(DUMP_SHARE));
         self.period_until_ns = after(DUMP_PERIOD);
         match found {
-            Ok(dumps) => self.open_sockets = dumps,
-            Err(e) => log::warn!("looking for closes the lost records carried: {e:#}"),
+            Ok(dumps) => {
+                self.losses_dumped = self.losses_asked;
+                self.dump_again = false;
+                self.open_sockets = dumps;
+            }
+            // Asked for again, no sooner than a period from now.
+            Err(e) => {
+                self.share_until_ns = self.share_until_ns.max(self.period_until_ns);
+                log::warn!("looking for closes the lost records carried: {e:#}");
+            }
         }
     }
 
@@ -703,12 +712,18 @@ mod tests {
             Duration::from_secs(2),
             20 * S,
         );
-        p.health.ringbuf_full = 2;
         assert!(
             !p.wants_open_sockets(39 * S),
             "nor more than a tenth of the time"
         );
-        assert!(p.wants_open_sockets(40 * S));
+        assert!(
+            p.wants_open_sockets(40 * S),
+            "a failed dump is asked for again"
+        );
+        let failed = Err(anyhow::anyhow!("no sock_diag"));
+        p.open_sockets_found(failed, Duration::ZERO, 41 * S);
+        assert!(!p.wants_open_sockets(50 * S), "a failure waits a period");
+        assert!(p.wants_open_sockets(51 * S));
     }
 
     /// Idle flows are forgotten in the kernel, whether their CLOSE was printed or, on a busy

@@ -195,8 +195,9 @@ pub struct Engine {
     to_forget: Vec<FlowId>,
     /// A closing socket's flows, in order (kept for its room).
     closing: Vec<FlowId>,
-    /// Sockets the last dump of the open sockets did not find (see [`Engine::lost_closes`]).
-    suspects: HashSet<u64>,
+    /// Sockets a dump of the open sockets did not find, with when that dump began (see
+    /// [`Engine::lost_closes`]).
+    suspects: HashMap<u64, u64>,
     /// (when it may be forgotten, cookie) of sockets that were without flows: the tick's
     /// `forget` looks at them then, rather than at every socket every tick. Sockets that
     /// close are not listed (their entries would stay for the idle timeout).
@@ -271,7 +272,7 @@ impl Engine {
             interval_end_ns: 0,
             to_forget: Vec::new(),
             closing: Vec::new(),
-            suspects: HashSet::new(),
+            suspects: HashMap::new(),
             flowless: BinaryHeap::new(),
             due: Vec::new(),
             due_at: None,
@@ -317,9 +318,10 @@ impl Engine {
     /// would end as idle, or, for sockets from before udpmon started, never. One dump is not
     /// enough: the kernel resumes a dump by counting sockets, so a socket closing meanwhile
     /// can make it skip another that is still open; the same socket skipped twice is not a
-    /// race. Sockets named since a dump began may be too new for it, and those of
-    /// namespaces not dumped are left alone. Returns how many were closed, and how many are
-    /// missing from this dump alone (the next one decides).
+    /// race, as long as nothing named the socket in between. Sockets named since a dump
+    /// began may be too new for it, and those of namespaces not dumped are left alone (what
+    /// an earlier dump found stands). Returns how many were closed, and how many this dump
+    /// alone missed (for the next one to decide).
     pub fn lost_closes(
         &mut self,
         dumps: &[OpenSockets],
@@ -329,23 +331,32 @@ impl Engine {
     ) -> (usize, usize) {
         self.to_forget.clear();
         let by_netns: HashMap<u32, &OpenSockets> = dumps.iter().map(|d| (d.netns, d)).collect();
-        let missing = self.sockets.iter().filter(|(cookie, s)| {
-            by_netns
-                .get(&s.netns)
-                .is_some_and(|d| s.seen_ns < d.since_ns && !d.cookies.contains(cookie))
-        });
-        let (gone, suspects): (Vec<u64>, HashSet<u64>) = {
-            let (gone, suspects): (Vec<_>, Vec<_>) = missing
-                .map(|(cookie, _)| cookie)
-                .partition(|c| self.suspects.contains(c));
-            (gone, suspects.into_iter().collect())
-        };
+        let (mut gone, mut suspects, mut new) = (Vec::new(), HashMap::new(), 0);
+        for (cookie, s) in self.sockets.iter() {
+            let earlier = self.suspects.get(&cookie).copied();
+            let Some(d) = by_netns.get(&s.netns) else {
+                if let Some(since) = earlier {
+                    suspects.insert(cookie, since);
+                }
+                continue;
+            };
+            if s.seen_ns >= d.since_ns || d.cookies.contains(&cookie) {
+                continue;
+            }
+            match earlier {
+                Some(since) if s.seen_ns < since => gone.push(cookie),
+                _ => {
+                    suspects.insert(cookie, d.since_ns);
+                    new += 1;
+                }
+            }
+        }
         self.suspects = suspects;
         for &cookie in &gone {
             self.close_socket(cookie, now_ns, counters, out);
         }
         self.stats.closes_recovered += gone.len() as u64;
-        (gone.len(), self.suspects.len())
+        (gone.len(), new)
     }
 
     #[cfg(test)]

@@ -378,6 +378,7 @@ impl Agent {
         p.health.kernel_entries_renewed = es.kernel_entries_renewed;
         p.health.flows_tracked = es.flows_tracked as u64;
         p.health.peers_evicted = es.peers_evicted;
+        p.health.closes_recovered = es.closes_recovered;
         p.health.recursion_misses = self.probes.recursion_misses();
         p.health.kprobe_misses = self.probes.kprobe_misses();
         p.health.unwritten = p.sinks.unwritten();

@@ -29,6 +29,9 @@ pub struct Health {
     pub unwritten: u64,
     /// Peers whose state the engine dropped at its cap (their silences start afresh).
     pub peers_evicted: u64,
+    /// Sockets whose close a lost record carried, found gone by dumps of the open sockets
+    /// and closed then (not a loss: what made up for one).
+    pub closes_recovered: u64,
 }
 
 /// One loss counter.
@@ -133,7 +136,7 @@ impl Health {
 
     pub fn summary(&self) -> String {
         format!(
-            "events read {}, ring-buffer drops {}, decode errors {}, flows tracked {}, flows evicted {}, live flows dropped by the kernel map {}, kernel read failures {}, flow-map insert failures {}, uncounted sends (no socket cookie) {}, program runs skipped (recursion) {}, kprobe misses {}, closed-port reports rate-limited {}, events left unread at exit {}, events not written {}, peers evicted {}",
+            "events read {}, ring-buffer drops {}, decode errors {}, flows tracked {}, flows evicted {}, live flows dropped by the kernel map {}, kernel read failures {}, flow-map insert failures {}, uncounted sends (no socket cookie) {}, program runs skipped (recursion) {}, kprobe misses {}, closed-port reports rate-limited {}, events left unread at exit {}, events not written {}, peers evicted {}, closes recovered after lost records {}",
             self.events_read,
             self.ringbuf_full,
             self.decode_errors,
@@ -148,7 +151,8 @@ impl Health {
             self.no_socket_suppressed,
             self.unread_at_exit,
             self.unwritten,
-            self.peers_evicted
+            self.peers_evicted,
+            self.closes_recovered
         )
     }
 }

@@ -16,6 +16,8 @@
 //!   ([`Health::losses`]), plus kernel read failures.
 //! - `udpmon_events_read_total`: ring-buffer records read from the kernel.
 //! - `udpmon_flows_tracked`: flows the engine tracks now.
+//! - `udpmon_closes_recovered_total`: sockets whose close a lost record carried, found gone
+//!   by dumps of the open sockets and reported closed then.
 //! - `udpmon_build_info{version,strategy}` = 1: the hook strategy in use (`fentry`, `kprobe`,
 //!   `tracepoint`).
 //!
@@ -259,6 +261,14 @@ impl Collector for HealthCollector {
             None,
             tracked.metric_type(),
         )?)?;
+        let recovered = ConstCounter::new(h.closes_recovered);
+        recovered.encode(encoder.encode_descriptor(
+            "closes_recovered",
+            "Sockets whose close a lost record carried, found gone by dumps of the open \
+             sockets and reported closed then.",
+            None,
+            recovered.metric_type(),
+        )?)?;
         Ok(())
     }
 }
@@ -477,6 +487,7 @@ mod tests {
                     "udpmon_events_lost counter",
                     "udpmon_events_read counter",
                     "udpmon_flows_tracked gauge",
+                    "udpmon_closes_recovered counter",
                 ]
             } else {
                 // The 0.0.4 format names a counter's family with its _total suffix.
@@ -488,6 +499,7 @@ mod tests {
                     "udpmon_events_lost_total counter",
                     "udpmon_events_read_total counter",
                     "udpmon_flows_tracked gauge",
+                    "udpmon_closes_recovered_total counter",
                 ]
             };
             assert_eq!(types, want, "{text}");
@@ -652,6 +664,7 @@ mod tests {
             unread_at_exit: 111,
             unwritten: 112,
             peers_evicted: 113,
+            closes_recovered: 4,
         };
         let mut exported: Vec<u64> = losses(&h).map(|(_, n)| n).collect();
         exported.sort();
@@ -672,6 +685,10 @@ mod tests {
             Some("2")
         );
         assert_eq!(value(&text, "udpmon_flows_tracked").as_deref(), Some("3"));
+        assert_eq!(
+            value(&text, "udpmon_closes_recovered_total").as_deref(),
+            Some("4")
+        );
     }
 
     #[test]

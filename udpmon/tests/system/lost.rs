@@ -19,7 +19,7 @@ use serde_json::Value;
 use crate::{
     behaviour::once,
     harness::{Outcome, Strategy, Udpmon, deadline, is, s},
-    util::local_of,
+    util::{exit_count, exit_summary, local_of},
 };
 
 /// Sockets of the burst: about three times what fills the ring.
@@ -114,6 +114,12 @@ pub fn lost_closes_recovered(st: Strategy) -> Outcome {
         .collect();
     assert!(wrong.is_empty(), "open sockets reported closed: {wrong:?}");
     drop(stays);
+    let (_, stderr) = u.stop();
+    let recovered = exit_count(
+        exit_summary(&stderr),
+        "closes recovered after lost records ",
+    );
+    assert!(recovered >= 1, "the exit summary counts them: {stderr:?}");
     Outcome::Pass
 }
 

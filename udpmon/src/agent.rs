@@ -273,7 +273,6 @@ impl Agent {
                     // `select!` picks among the ready branches at random.
                     match self.drain(guard.get_inner_mut(), DRAIN_BATCH) {
                         Ok(Drained::Empty) => {
-                            self.pipeline.ring_empty(clock::boot_ns());
                             guard.clear_ready();
                             Ok(())
                         }
@@ -290,11 +289,7 @@ impl Agent {
                     // A dump of the open sockets waits for the ring to be read past its start,
                     // which a ring gone quiet shows only when looked at.
                     let looked = if self.pipeline.holds_open_sockets() {
-                        self.drain(ring.get_mut(), DRAIN_BATCH).map(|d| {
-                            if matches!(d, Drained::Empty) {
-                                self.pipeline.ring_empty(clock::boot_ns());
-                            }
-                        })
+                        self.drain(ring.get_mut(), DRAIN_BATCH).map(drop)
                     } else {
                         Ok(())
                     };
@@ -340,7 +335,7 @@ impl Agent {
     }
 
     /// Decodes and processes up to `limit` records from the ring buffer, then writes the
-    /// reports.
+    /// reports. An empty ring tells the pipeline how far it has read.
     fn drain(&mut self, rb: &mut RingBuf<MapData>, limit: usize) -> io::Result<Drained> {
         let mut reports = Vec::new();
         let mut left = limit;
@@ -349,6 +344,7 @@ impl Agent {
                 break Drained::More;
             }
             let Some(item) = rb.next() else {
+                self.pipeline.ring_empty(clock::boot_ns());
                 break Drained::Empty;
             };
             left -= 1;

@@ -415,7 +415,7 @@ impl<K: FlowCounters> Pipeline<K> {
         for id in self.engine.to_forget() {
             self.kernel.forget(id);
         }
-        if !self.open_sockets.is_empty() {
+        if self.holds_open_sockets() {
             self.close_lost(now, &mut reports);
         }
         self.emit(&mut reports)

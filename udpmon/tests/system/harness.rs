@@ -326,17 +326,25 @@ impl Udpmon {
 
     /// Waits until udpmon has written a line matching `pred` on stderr; returns it.
     pub fn wait_for_stderr(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let end = Instant::now() + deadline(20);
-        loop {
-            if let Some(l) = self.stderr.iter().find(|l| pred(l)) {
-                return l.clone();
-            }
-            assert!(
-                Instant::now() < end,
+        self.stderr_within(deadline(20), pred).unwrap_or_else(|| {
+            panic!(
                 "udpmon wrote no {what} on stderr within {:?}: {:?}",
                 deadline(20),
                 self.stderr
-            );
+            )
+        })
+    }
+
+    /// The first line udpmon wrote on stderr matching `pred`, waited for up to `wait`.
+    pub fn stderr_within(&mut self, wait: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let end = Instant::now() + wait;
+        loop {
+            if let Some(l) = self.stderr.iter().find(|l| pred(l)) {
+                return Some(l.clone());
+            }
+            if Instant::now() >= end {
+                return None;
+            }
             self.drain(Duration::from_millis(100));
         }
     }

@@ -60,7 +60,7 @@ pub fn lost_closes_recovered(st: Strategy) -> Outcome {
     drop(witness);
     u.kill(libc::SIGCONT);
 
-    let Some(lost) = wait_for_stderr_or(&mut u, deadline(20), |l| {
+    let Some(lost) = u.stderr_within(deadline(20), |l| {
         l.contains("events lost:") && l.contains("ring-buffer drops")
     }) else {
         return Outcome::Skip(format!(
@@ -126,22 +126,4 @@ pub fn lost_closes_recovered(st: Strategy) -> Outcome {
 /// A flow, as its events name it: cookie and peer.
 fn flow(v: &Value) -> (String, String) {
     (v["cookie"].to_string(), s(v, "remote").to_string())
-}
-
-/// The first stderr line matching `pred` within `wait`, or None.
-fn wait_for_stderr_or(
-    u: &mut Udpmon,
-    wait: Duration,
-    pred: impl Fn(&str) -> bool,
-) -> Option<String> {
-    let end = Instant::now() + wait;
-    loop {
-        if let Some(l) = u.stderr.iter().find(|l| pred(l)) {
-            return Some(l.clone());
-        }
-        if Instant::now() > end {
-            return None;
-        }
-        u.all(|_| false);
-    }
 }

@@ -1,9 +1,12 @@
 //! Per-datagram accounting: the only code on the hot path. It updates the flow's counters
-//! and emits an event only on the first datagram of each direction.
+//! and emits an event only on the first datagram of each direction (again on the next one
+//! when the ring had no room for it) and when a quiet flow moves again.
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_boot_ns};
-use udpmon_common::{Counter, Event, EventKind, FlowKey, FlowStats, WAKE_NS};
+use udpmon_common::{
+    Counter, Event, EventKind, FIRST_RX_LOST, FIRST_TX_LOST, FlowKey, FlowStats, WAKE_NS,
+};
 
 use crate::{
     maps::{FLOWS, SENDERS, TupleKey, count, emit},
@@ -64,8 +67,12 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
     };
     // SAFETY: BPF helper without preconditions.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let seen = match FLOWS.get_ptr_mut(key) {
-        Some(st) => bump(st, dir, d.bytes, now),
+    let lost_bit = match dir {
+        Dir::Tx => FIRST_TX_LOST,
+        Dir::Rx => FIRST_RX_LOST,
+    };
+    let (seen, st) = match FLOWS.get_ptr_mut(key) {
+        Some(st) => (bump(st, dir, d.bytes, now, lost_bit), Some(st)),
         None => {
             let mut st = FlowStats {
                 first_ns: now,
@@ -84,13 +91,13 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
                 }
             }
             match FLOWS.insert(key, st, BPF_NOEXIST as u64) {
-                Ok(()) => Seen::First,
+                Ok(()) => (Seen::First, None),
                 // Another CPU created it between our lookup and insert.
                 Err(_) => match FLOWS.get_ptr_mut(key) {
-                    Some(st) => bump(st, dir, d.bytes, now),
+                    Some(st) => (bump(st, dir, d.bytes, now, lost_bit), Some(st)),
                     None => {
                         count(Counter::FlowInsertFailed);
-                        Seen::Again
+                        (Seen::Again, None)
                     }
                 },
             }
@@ -100,14 +107,15 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
         Seen::Again => return,
         Seen::Woke => {
             // Both addresses, as the first datagram's record has them, so that userspace
-            // names the flow alike (a v4-mapped pair is unmapped only as a pair).
+            // names the flow alike (a v4-mapped pair is unmapped only as a pair). A lost one
+            // needs no retry: userspace reads every flow's counters after a loss.
             emit(|ev| {
                 fill_flow(ev, EventKind::Wake, d, now);
                 true
             });
             return;
         }
-        Seen::First => {}
+        Seen::First | Seen::Retry => {}
     }
     if dir == Dir::Tx {
         let tk = TupleKey {
@@ -120,7 +128,7 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
         };
         let _ = SENDERS.insert(tk, d.cookie, 0);
     }
-    emit(|ev| {
+    let sent = emit(|ev| {
         let kind = match dir {
             Dir::Tx => EventKind::FirstTx,
             Dir::Rx => EventKind::FirstRx,
@@ -132,6 +140,24 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
         }
         fill_identity(ev, in_task)
     });
+    if sent == (seen == Seen::Retry) {
+        let st = match st {
+            Some(st) => Some(st),
+            None => FLOWS.get_ptr_mut(key),
+        };
+        if let Some(st) = st {
+            // SAFETY: a map value valid for this program run. Not atomic (an atomic OR needs
+            // 5.12): the other direction's update racing this one on another CPU can undo
+            // it, costing that flow one repeated first record, or its retry.
+            unsafe {
+                if sent {
+                    (*st).first_lost &= !lost_bit;
+                } else {
+                    (*st).first_lost |= lost_bit;
+                }
+            }
+        }
+    }
 }
 
 /// A record of kind `kind` about datagram `d`'s flow, at `now`.
@@ -152,13 +178,15 @@ fn fill_flow(ev: &mut Event, kind: EventKind, d: &Datagram, now: u64) {
 enum Seen {
     /// The first of its direction.
     First,
+    /// The first of its direction whose record was lost (`FlowStats::first_lost`).
+    Retry,
     /// The first after more than `WAKE_NS` without any.
     Woke,
     Again,
 }
 
 #[inline(always)]
-fn bump(st: *mut FlowStats, dir: Dir, bytes: u32, now: u64) -> Seen {
+fn bump(st: *mut FlowStats, dir: Dir, bytes: u32, now: u64, lost_bit: u64) -> Seen {
     // SAFETY: `st` points into a map value that stays valid for this program run; the
     // counters are only ever updated atomically.
     unsafe {
@@ -185,6 +213,8 @@ fn bump(st: *mut FlowStats, dir: Dir, bytes: u32, now: u64) -> Seen {
         *last = now;
         if prev == 0 {
             Seen::First
+        } else if (*st).first_lost & lost_bit != 0 {
+            Seen::Retry
         } else if now.saturating_sub(quiet_since) > WAKE_NS {
             Seen::Woke
         } else {

@@ -173,12 +173,12 @@ pub fn count(c: Counter) {
 /// Builds an event in place in the ring buffer: `fill` gets a zeroed record and returns
 /// whether to send it (false discards it, e.g. for udpmon's own sockets). Each program run
 /// owns its reservation, so programs that interrupt each other on a CPU cannot mix their
-/// events, and nothing is copied.
+/// events, and nothing is copied. False when the ring had no room (counted).
 #[inline(always)]
-pub fn emit(fill: impl FnOnce(&mut Event) -> bool) {
+pub fn emit(fill: impl FnOnce(&mut Event) -> bool) -> bool {
     let Some(mut rec) = EVENTS.reserve::<Event>(0) else {
         count(Counter::RingbufFull);
-        return;
+        return false;
     };
     // Zeroed a word at a time: `Event::zeroed()` would be a call to a byte-at-a-time memset.
     let words = rec.as_mut_ptr() as *mut u64;
@@ -193,6 +193,7 @@ pub fn emit(fill: impl FnOnce(&mut Event) -> bool) {
     } else {
         rec.discard(0);
     }
+    true
 }
 
 /// A field of a BTF-typed kernel pointer (tp_btf and fentry arguments, and pointers loaded

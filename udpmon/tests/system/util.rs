@@ -28,6 +28,25 @@ pub fn local_of(sock: &UdpSocket) -> String {
     sock.local_addr().expect("local_addr").to_string()
 }
 
+/// A socket's cookie (SO_COOKIE), as udpmon prints it: what names a socket when its port
+/// may have been another's a moment ago.
+pub fn cookie_of(sock: &UdpSocket) -> u64 {
+    let mut cookie = 0u64;
+    let mut len = mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` outlive the call and have the sizes passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "SO_COOKIE: {}", io::Error::last_os_error());
+    cookie
+}
+
 /// Whether a UDP port is bound in a namespace (its udp table lists it).
 fn udp_port_bound(netns: &str, port: u16, v6: bool) -> bool {
     let table = if v6 {

@@ -46,25 +46,29 @@ pub fn on_skb(ctx: &SkBuffContext, dir: Dir, sent_by: impl FnOnce(u64)) {
         6 if proto6 == IPPROTO_UDP => true,
         _ => return,
     };
-    // Words, not bytes, and left uninitialised for the helper to fill: zeroing it would be a
-    // call to a byte-at-a-time memset.
-    let mut h = MaybeUninit::<[u32; HDR_WORDS]>::uninit();
-    let w = h.as_mut_ptr() as *mut u32;
-    let ihl = (vihl & 0x0f) as u32 * 4;
-    let loaded = if v6 {
-        load(skb, 0, w, HDR_WORDS as u32 * 4)
-    } else if ihl == 20 {
-        load(skb, 0, w, HDRS4)
-    } else {
-        // IPv4 options: the UDP header goes where it would be without them.
-        // SAFETY: word 5 of 12.
-        load(skb, 0, w, 20) && load(skb, ihl, unsafe { w.add(5) }, 8)
+    // A block, so that the raw words' stack room is free again for the flow's (the verifier
+    // allows 5.10's egress program just that much).
+    let u = {
+        // Words, not bytes, and left uninitialised for the helper to fill: zeroing it would
+        // be a call to a byte-at-a-time memset.
+        let mut h = MaybeUninit::<[u32; HDR_WORDS]>::uninit();
+        let w = h.as_mut_ptr() as *mut u32;
+        let ihl = (vihl & 0x0f) as u32 * 4;
+        let loaded = if v6 {
+            load(skb, 0, w, HDR_WORDS as u32 * 4)
+        } else if ihl == 20 {
+            load(skb, 0, w, HDRS4)
+        } else {
+            // IPv4 options: the UDP header goes where it would be without them.
+            // SAFETY: word 5 of 12.
+            load(skb, 0, w, 20) && load(skb, ihl, unsafe { w.add(5) }, 8)
+        };
+        if !loaded {
+            return;
+        }
+        // SAFETY: only words the helper wrote are read (IPv4: 0..7, IPv6: 0..12).
+        udp_words(|i| unsafe { w.add(i).read() }, v6)
     };
-    if !loaded {
-        return;
-    }
-    // SAFETY: only words the helper wrote are read (IPv4: 0..7, IPv6: 0..12).
-    let u = udp_words(|i| unsafe { w.add(i).read() }, v6);
     // SAFETY: the helper accepts the program's own skb context.
     let cookie = unsafe { bpf_get_socket_cookie(skb as *mut _) };
     sent_by(cookie);

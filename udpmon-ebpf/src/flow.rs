@@ -71,8 +71,8 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
         Dir::Tx => FIRST_TX_LOST,
         Dir::Rx => FIRST_RX_LOST,
     };
-    let (seen, st) = match FLOWS.get_ptr_mut(key) {
-        Some(st) => (bump(st, dir, d.bytes, now, lost_bit), Some(st)),
+    let seen = match FLOWS.get_ptr_mut(key) {
+        Some(st) => bump(st, dir, d.bytes, now, lost_bit),
         None => {
             let mut st = FlowStats {
                 first_ns: now,
@@ -91,13 +91,13 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
                 }
             }
             match FLOWS.insert(key, st, BPF_NOEXIST as u64) {
-                Ok(()) => (Seen::First, None),
+                Ok(()) => Seen::First,
                 // Another CPU created it between our lookup and insert.
                 Err(_) => match FLOWS.get_ptr_mut(key) {
-                    Some(st) => (bump(st, dir, d.bytes, now, lost_bit), Some(st)),
+                    Some(st) => bump(st, dir, d.bytes, now, lost_bit),
                     None => {
                         count(Counter::FlowInsertFailed);
-                        (Seen::Again, None)
+                        Seen::Again
                     }
                 },
             }
@@ -140,21 +140,17 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
         }
         fill_identity(ev, in_task)
     });
-    if sent == (seen == Seen::Retry) {
-        let st = match st {
-            Some(st) => Some(st),
-            None => FLOWS.get_ptr_mut(key),
-        };
-        if let Some(st) = st {
-            // SAFETY: a map value valid for this program run. Not atomic (an atomic OR needs
-            // 5.12): the other direction's update racing this one on another CPU can undo
-            // it, costing that flow one repeated first record, or its retry.
-            unsafe {
-                if sent {
-                    (*st).first_lost &= !lost_bit;
-                } else {
-                    (*st).first_lost |= lost_bit;
-                }
+    if sent == (seen == Seen::Retry)
+        && let Some(st) = FLOWS.get_ptr_mut(key)
+    {
+        // SAFETY: a map value valid for this program run. Not atomic (an atomic OR needs
+        // 5.12): the other direction's update racing this one on another CPU can undo it,
+        // costing that flow one repeated first record, or its retry.
+        unsafe {
+            if sent {
+                (*st).first_lost &= !lost_bit;
+            } else {
+                (*st).first_lost |= lost_bit;
             }
         }
     }

@@ -375,8 +375,10 @@ impl Agent {
         p.health.flows_tracked = es.flows_tracked as u64;
         p.health.peers_evicted = es.peers_evicted;
         p.health.closes_recovered = es.closes_recovered;
-        p.health.recursion_misses = self.probes.recursion_misses();
-        p.health.kprobe_misses = self.probes.kprobe_misses();
+        let misses = self.probes.misses();
+        p.health.recursion_misses = misses.recursion;
+        p.health.kprobe_misses = misses.kprobe;
+        p.health.close_misses = misses.closes;
         p.health.unwritten = p.sinks.unwritten();
         if let Some(msg) = self.warner.check(Instant::now(), &p.health) {
             warn!("events lost: {msg}");

@@ -23,6 +23,9 @@ pub struct Health {
     pub recursion_misses: u64,
     /// kprobe hits the kernel could not serve (kretprobe instances exhausted, re-entry).
     pub kprobe_misses: u64,
+    /// Of those two, the misses of the programs that see sockets close: not a loss of its
+    /// own, what tells whether a close may have been lost (`close_losses`).
+    pub close_misses: u64,
     /// Ring-buffer records still there at exit when the output was already closed.
     pub unread_at_exit: u64,
     /// Events the output (a full disk) or the journal did not take.
@@ -45,10 +48,11 @@ pub struct Loss {
 }
 
 impl Health {
-    /// Records the ring never delivered, or delivered unreadable: any could have been a
-    /// socket's close.
-    pub fn records_lost(&self) -> u64 {
-        self.ringbuf_full + self.recursion_misses + self.kprobe_misses + self.decode_errors
+    /// The losses that may have carried a socket's close: records the ring never delivered
+    /// or delivered unreadable (any could have been one), and skipped runs of the programs
+    /// that see closes.
+    pub fn close_losses(&self) -> u64 {
+        self.ringbuf_full + self.decode_errors + self.close_misses
     }
 
     /// The counters whose growth means something was lost: what the warnings and the

@@ -661,6 +661,8 @@ mod tests {
             flows_tracked: 3,
             recursion_misses: 109,
             kprobe_misses: 110,
+            // A part of the two above, not a loss of its own.
+            close_misses: 5,
             unread_at_exit: 111,
             unwritten: 112,
             peers_evicted: 113,

@@ -68,7 +68,7 @@ pub struct Pipeline<K> {
     /// `health.ringbuf_full` when the last read of every flow made up for lost wake records.
     ring_losses_seen: u64,
     last_full_read_ns: u64,
-    /// `health.records_lost()` when the last dump of the open sockets that came in was
+    /// `health.close_losses()` when the last dump of the open sockets that came in was
     /// asked for (see [`Pipeline::wants_open_sockets`]), and when the running one was.
     losses_dumped: u64,
     losses_asked: u64,
@@ -321,7 +321,7 @@ impl<K: FlowCounters> Pipeline<K> {
         if self.dumping || !self.open_sockets.is_empty() || now < self.share_until_ns {
             return false;
         }
-        let lost = self.health.records_lost();
+        let lost = self.health.close_losses();
         let wanted = self.dump_again || lost > self.losses_dumped && now >= self.period_until_ns;
         if wanted {
             self.losses_asked = lost;
@@ -668,6 +668,12 @@ mod tests {
         let mut reports = Vec::new();
         p.record(&first_tx(1, 7), &mut reports);
         assert!(!p.wants_open_sockets(2 * S), "nothing lost");
+        p.health.recursion_misses = 5;
+        p.health.kprobe_misses = 2;
+        assert!(
+            !p.wants_open_sockets(2 * S),
+            "skipped runs of programs that see no close"
+        );
         p.health.ringbuf_full = 1;
         assert!(p.wants_open_sockets(2 * S));
         assert!(!p.wants_open_sockets(3 * S), "one at a time");
@@ -724,6 +730,15 @@ mod tests {
         p.open_sockets_found(failed, Duration::ZERO, 41 * S);
         assert!(!p.wants_open_sockets(50 * S), "a failure waits a period");
         assert!(p.wants_open_sockets(51 * S));
+        p.open_sockets_found(dump(52 * S), took, 52 * S);
+        p.ring_empty(53 * S);
+        p.tick(53 * S).unwrap();
+        assert!(!p.wants_open_sockets(70 * S), "nothing lost since");
+        p.health.close_misses = 1;
+        assert!(
+            p.wants_open_sockets(70 * S),
+            "a skipped run of a program that sees closes"
+        );
     }
 
     /// Idle flows are forgotten in the kernel, whether their CLOSE was printed or, on a busy

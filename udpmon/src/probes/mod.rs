@@ -300,41 +300,67 @@ fn recv_flags_arg(btf: &crate::btf::KernelBtf) -> u32 {
         .map_or(3, |i| i as u32)
 }
 
+/// The programs that see a socket's close where a run can be skipped (trampolines and
+/// kprobes; the tracepoint strategy's cgroup `sock_release` never is): their misses, unlike
+/// the others', may have lost a close, which dumps of the open sockets then look for.
+const CLOSE_PROGRAMS: [&str; 3] = [
+    program::UDP_DESTROY_ENTRY,
+    program::UDPV6_DESTROY_ENTRY,
+    program::UDP_DESTROY_KP,
+];
+
+/// Program runs the kernel skipped or could not serve: each is an event or a count lost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Misses {
+    /// Runs skipped because the program was already running on that CPU, summed over
+    /// udpmon's programs.
+    pub recursion: u64,
+    /// kprobe hits the kernel could not serve (see `KprobeLink::missed`).
+    pub kprobe: u64,
+    /// Of both, those of the [`CLOSE_PROGRAMS`].
+    pub closes: u64,
+}
+
 /// The loaded, attached programs. Dropping it detaches everything.
 pub struct Probes {
     pub ebpf: Ebpf,
     pub strategy: Strategy,
     /// What this kernel could not give, one line per missing optional hook.
     pub degraded: Vec<String>,
-    /// The kprobe strategy's links, held here so that their misses can be read.
-    kprobe_links: Vec<stats::KprobeLink>,
-    /// The miss counts (recursion, kprobe) read last, when the programs were detached.
-    final_misses: Option<(u64, u64)>,
+    /// The kprobe strategy's links and their programs, held here so that their misses can
+    /// be read.
+    kprobe_links: Vec<(&'static str, stats::KprobeLink)>,
+    /// The misses read last, when the programs were detached.
+    final_misses: Option<Misses>,
 }
 
 impl Probes {
-    /// Program runs the kernel skipped because the program was already running on that CPU:
-    /// each is an event or a count lost.
-    pub fn recursion_misses(&self) -> u64 {
-        if let Some((r, _)) = self.final_misses {
-            return r;
+    pub fn misses(&self) -> Misses {
+        if let Some(m) = self.final_misses {
+            return m;
         }
-        self.ebpf
-            .programs()
-            .filter_map(|(_, p)| p.fd().ok())
-            .filter_map(|fd| stats::prog_recursion_misses(fd.as_fd()).ok())
-            .sum()
-    }
-
-    /// kprobe hits the kernel could not serve (see `KprobeLink::missed`).
-    pub fn kprobe_misses(&self) -> u64 {
-        if let Some((_, k)) = self.final_misses {
-            return k;
+        let mut m = Misses::default();
+        for (name, prog) in self.ebpf.programs() {
+            let Some(n) = prog
+                .fd()
+                .ok()
+                .and_then(|fd| stats::prog_recursion_misses(fd.as_fd()).ok())
+            else {
+                continue;
+            };
+            m.recursion += n;
+            if CLOSE_PROGRAMS.contains(&name) {
+                m.closes += n;
+            }
         }
-        self.kprobe_links
-            .iter()
-            .filter_map(|l| l.missed().ok())
-            .sum()
+        for (name, link) in &self.kprobe_links {
+            let n = link.missed().unwrap_or(0);
+            m.kprobe += n;
+            if CLOSE_PROGRAMS.contains(name) {
+                m.closes += n;
+            }
+        }
+        m
     }
 
     /// Gives the kernel side the holders of the sockets the startup scan found (`since_ns`:
@@ -386,7 +412,7 @@ impl Probes {
     /// Detaches every program, so that nothing more reaches the maps: what the ring buffer
     /// holds then is all there will be. The maps stay readable.
     pub fn detach(&mut self) {
-        self.final_misses = Some((self.recursion_misses(), self.kprobe_misses()));
+        self.final_misses = Some(self.misses());
         self.kprobe_links.clear();
         for (name, prog) in self.ebpf.programs_mut() {
             // The other strategies' programs were never loaded.
@@ -553,7 +579,7 @@ fn attach(
     btf: &Btf,
     hook: &Hook,
     cgroup: &mut Option<fs::File>,
-    kprobe_links: &mut Vec<stats::KprobeLink>,
+    kprobe_links: &mut Vec<(&'static str, stats::KprobeLink)>,
 ) -> anyhow::Result<()> {
     let prog = ebpf
         .program_mut(hook.program)
@@ -637,7 +663,7 @@ fn attach(
             // to read its miss count; before that, aya keeps its perf-event attachment.
             if aya::features().bpf_perf_link() {
                 let link = FdLink::try_from(p.take_link(id)?)?;
-                kprobe_links.push(stats::KprobeLink::open(link.info()?.id())?);
+                kprobe_links.push((hook.program, stats::KprobeLink::open(link.info()?.id())?));
             }
         }
     }

@@ -25,18 +25,15 @@ pub struct FlowStats {
     pub tx_bytes: u64,
     pub rx_datagrams: u64,
     pub rx_bytes: u64,
-    /// The directions ([`FIRST_TX_LOST`], [`FIRST_RX_LOST`]) whose first-datagram record the
-    /// ring buffer had no room for: the next datagram that way sends it again, so that a
-    /// flow is not left unknown to userspace for its whole life by one full ring.
-    pub first_lost: u64,
+    /// 1 while the ring buffer had no room for the first-datagram record of that direction:
+    /// the next datagram that way sends it again, so that a flow is not left unknown to
+    /// userspace for its whole life by one full ring. One word per direction, so that each
+    /// is a plain store that cannot undo the other's.
+    pub tx_first_lost: u32,
+    pub rx_first_lost: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<FlowStats>() == 64);
-
-/// See [`FlowStats::first_lost`].
-pub const FIRST_TX_LOST: u64 = 1;
-/// See [`FlowStats::first_lost`].
-pub const FIRST_RX_LOST: u64 = 2;
 
 /// A flow quiet for longer than this (no datagram either way) that moves again is reported
 /// with a [`Wake`](crate::EventKind::Wake) record. Userspace lets a flow sleep (stops reading

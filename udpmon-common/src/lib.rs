@@ -12,7 +12,7 @@ pub mod owner;
 pub mod stats;
 
 pub use event::{Event, EventKind};
-pub use flow::{FIRST_RX_LOST, FIRST_TX_LOST, FlowKey, FlowStats, SLEEP_NS, WAKE_NS};
+pub use flow::{FlowKey, FlowStats, SLEEP_NS, WAKE_NS};
 pub use offsets::{IcmpFreeCallers, Offsets};
 pub use owner::Owner;
 pub use stats::{COUNTERS, Counter};

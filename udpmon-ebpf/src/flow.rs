@@ -4,12 +4,10 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_boot_ns};
-use udpmon_common::{
-    Counter, Event, EventKind, FIRST_RX_LOST, FIRST_TX_LOST, FlowKey, FlowStats, WAKE_NS,
-};
+use udpmon_common::{Counter, Event, EventKind, FlowKey, FlowStats, WAKE_NS};
 
 use crate::{
-    maps::{FLOWS, SENDERS, TupleKey, count, emit},
+    maps::{FLOWS, SENDERS, TupleKey, count, emit, try_emit},
     owner::fill_identity,
     packet::UdpHeaders,
 };
@@ -67,12 +65,8 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
     };
     // SAFETY: BPF helper without preconditions.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let lost_bit = match dir {
-        Dir::Tx => FIRST_TX_LOST,
-        Dir::Rx => FIRST_RX_LOST,
-    };
     let seen = match FLOWS.get_ptr_mut(key) {
-        Some(st) => bump(st, dir, d.bytes, now, lost_bit),
+        Some(st) => bump(st, dir, d.bytes, now),
         None => {
             let mut st = FlowStats {
                 first_ns: now,
@@ -94,7 +88,7 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
                 Ok(()) => Seen::First,
                 // Another CPU created it between our lookup and insert.
                 Err(_) => match FLOWS.get_ptr_mut(key) {
-                    Some(st) => bump(st, dir, d.bytes, now, lost_bit),
+                    Some(st) => bump(st, dir, d.bytes, now),
                     None => {
                         count(Counter::FlowInsertFailed);
                         Seen::Again
@@ -117,7 +111,7 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
         }
         Seen::First | Seen::Retry => {}
     }
-    if dir == Dir::Tx {
+    if seen == Seen::First && dir == Dir::Tx {
         let tk = TupleKey {
             local: d.local,
             remote: d.remote,
@@ -128,7 +122,7 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
         };
         let _ = SENDERS.insert(tk, d.cookie, 0);
     }
-    let sent = emit(|ev| {
+    let fill = |ev: &mut Event| {
         let kind = match dir {
             Dir::Tx => EventKind::FirstTx,
             Dir::Rx => EventKind::FirstRx,
@@ -139,19 +133,32 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
             ev.netns = crate::kread::sock_netns(d.sk);
         }
         fill_identity(ev, in_task)
-    });
-    if sent == (seen == Seen::Retry)
-        && let Some(st) = FLOWS.get_ptr_mut(key)
-    {
-        // SAFETY: a map value valid for this program run. Not atomic (an atomic OR needs
-        // 5.12): the other direction's update racing this one on another CPU can undo it,
-        // costing that flow one repeated first record, or its retry.
-        unsafe {
-            if sent {
-                (*st).first_lost &= !lost_bit;
-            } else {
-                (*st).first_lost |= lost_bit;
-            }
+    };
+    let lost = match seen {
+        Seen::First => !emit(fill),
+        // The loss was counted when the first record was: a retry that finds the ring still
+        // full is not another one.
+        _ => !try_emit(fill),
+    };
+    let flag = match (seen, lost) {
+        (Seen::First, true) => 1,
+        (Seen::Retry, false) => 0,
+        _ => return,
+    };
+    if let Some(st) = FLOWS.get_ptr_mut(key) {
+        // SAFETY: a map value valid for this program run; only this direction's word.
+        unsafe { *first_lost(st, dir) = flag };
+    }
+}
+
+/// `dir`'s flag in `st`: whether its first record is still to be sent.
+#[inline(always)]
+fn first_lost(st: *mut FlowStats, dir: Dir) -> *mut u32 {
+    // SAFETY: the address of a field of the map value the caller holds; nothing is read.
+    unsafe {
+        match dir {
+            Dir::Tx => &raw mut (*st).tx_first_lost,
+            Dir::Rx => &raw mut (*st).rx_first_lost,
         }
     }
 }
@@ -174,7 +181,8 @@ fn fill_flow(ev: &mut Event, kind: EventKind, d: &Datagram, now: u64) {
 enum Seen {
     /// The first of its direction.
     First,
-    /// The first of its direction whose record was lost (`FlowStats::first_lost`).
+    /// A later one of a direction whose first record found the ring full
+    /// (`FlowStats::tx_first_lost`): it sends that record now.
     Retry,
     /// The first after more than `WAKE_NS` without any.
     Woke,
@@ -182,7 +190,7 @@ enum Seen {
 }
 
 #[inline(always)]
-fn bump(st: *mut FlowStats, dir: Dir, bytes: u32, now: u64, lost_bit: u64) -> Seen {
+fn bump(st: *mut FlowStats, dir: Dir, bytes: u32, now: u64) -> Seen {
     // SAFETY: `st` points into a map value that stays valid for this program run; the
     // counters are only ever updated atomically.
     unsafe {
@@ -209,7 +217,7 @@ fn bump(st: *mut FlowStats, dir: Dir, bytes: u32, now: u64, lost_bit: u64) -> Se
         *last = now;
         if prev == 0 {
             Seen::First
-        } else if (*st).first_lost & lost_bit != 0 {
+        } else if *first_lost(st, dir) != 0 {
             Seen::Retry
         } else if now.saturating_sub(quiet_since) > WAKE_NS {
             Seen::Woke

@@ -2,6 +2,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -12,7 +13,17 @@ use udpmon_common::{
 /// Transitions only. 4 MiB holds ~29000 events: a second and more of new flows at 20k/s
 /// while userspace is busy with its once-a-second pass over every flow.
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES as u32, 0);
+
+const RING_BYTES: u64 = 4 << 20;
+
+/// A record as the ring holds it: its 8-byte header, and the event rounded up to 8 bytes.
+const RECORD_BYTES: u64 = 8 + size_of::<Event>().next_multiple_of(8) as u64;
+
+/// 1 while userspace waits for the ring to wake it, 0 while it reads the ring on a short
+/// timer (see [`emit`]).
+#[map]
+pub static READER_WAITS: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Per-flow counters. Size is set by userspace from `--max-flows`.
 #[map]
@@ -176,8 +187,21 @@ pub fn count(c: Counter) {
 /// events, and nothing is copied. False when the ring had no room (counted).
 #[inline(always)]
 pub fn emit(fill: impl FnOnce(&mut Event) -> bool) -> bool {
-    let Some(mut rec) = EVENTS.reserve::<Event>(0) else {
+    let sent = try_emit(fill);
+    if !sent {
         count(Counter::RingbufFull);
+    }
+    sent
+}
+
+/// [`emit`], for a record whose loss was already counted: a full ring is not looked at
+/// twice, nor counted.
+#[inline(always)]
+pub fn try_emit(fill: impl FnOnce(&mut Event) -> bool) -> bool {
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) + RECORD_BYTES > RING_BYTES {
+        return false;
+    }
+    let Some(mut rec) = EVENTS.reserve::<Event>(0) else {
         return false;
     };
     // Zeroed a word at a time: `Event::zeroed()` would be a call to a byte-at-a-time memset.
@@ -188,12 +212,33 @@ pub fn emit(fill: impl FnOnce(&mut Event) -> bool) -> bool {
     }
     // SAFETY: every byte was just written, and all-zero is a valid Event.
     if fill(unsafe { rec.assume_init_mut() }) {
-        rec.submit(0);
+        rec.submit(wakeup());
         count(Counter::EventsSent);
     } else {
-        rec.discard(0);
+        rec.discard(BPF_RB_NO_WAKEUP as u64);
     }
     true
+}
+
+/// The ring holds this much when a record wakes its reader even while it reads on a timer:
+/// an eighth of the ring, which fills that far in milliseconds only under a burst.
+const WAKE_AT_BYTES: u64 = RING_BYTES / 8;
+
+/// How a record is submitted: waking userspace only when it waits for the ring, or when the
+/// ring fills up. The kernel's default wakes it whenever it had read everything before, so a
+/// reader that keeps up is woken for nearly every record: an IRQ-work interrupt on the
+/// producer's CPU and a wakeup of the reader each, where reading on a timer takes a batch.
+#[inline(always)]
+fn wakeup() -> u64 {
+    // SAFETY: an array value, valid for the program run.
+    let waits = READER_WAITS
+        .get_ptr(0)
+        .is_some_and(|w| unsafe { core::ptr::read_volatile(w) } != 0);
+    if waits || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKE_AT_BYTES {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
 }
 
 /// A field of a BTF-typed kernel pointer (tp_btf and fentry arguments, and pointers loaded

@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::anyhow;
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf};
 use log::warn;
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -36,7 +36,16 @@ use crate::{
 /// that a full ring cannot hold up ticks, signals or output for long.
 const DRAIN_BATCH: usize = 4096;
 
+/// While records flow, the ring is read this often, and the kernel does not wake udpmon for
+/// each record (see udpmon-ebpf's `emit`); after `IDLE_POLLS` reads in a row that found
+/// nothing, udpmon waits for the kernel to wake it instead, so an idle host costs no timer.
+const POLL: Duration = Duration::from_millis(10);
+const IDLE_POLLS: u32 = 50;
+
 enum Drained {
+    /// The ring was empty.
+    Nothing,
+    /// Read to the end.
     Empty,
     /// The batch ended with records still in the ring.
     More,
@@ -106,10 +115,31 @@ impl FlowCounters for KernelFlows {
     }
 }
 
+/// How udpmon learns that the ring has records: reading it every [`POLL`], or waiting for the
+/// kernel to wake it, as the programs are told through the map READER_WAITS.
+struct Reader {
+    waits: Array<MapData, u32>,
+    waiting: bool,
+    /// Reads in a row that found nothing.
+    empty: u32,
+}
+
+impl Reader {
+    fn wait(&mut self, waiting: bool) -> io::Result<()> {
+        self.waits
+            .set(0, u32::from(waiting), 0)
+            .map_err(|e| io::Error::other(format!("writing map READER_WAITS: {e}")))?;
+        self.waiting = waiting;
+        self.empty = 0;
+        Ok(())
+    }
+}
+
 pub struct Agent {
     probes: Probes,
     pipeline: Pipeline<KernelFlows>,
     healthmap: PerCpuArray<MapData, u64>,
+    reader: Reader,
     /// Forward the programs' aya-log records (udpmon -vv).
     pub kernel_log: bool,
     warner: Warner,
@@ -137,6 +167,11 @@ impl Agent {
         };
         let flows = BpfHashMap::try_from(flows)?;
         let healthmap = PerCpuArray::try_from(take(map::HEALTH)?)?;
+        let reader = Reader {
+            waits: Array::try_from(take(map::READER_WAITS)?)?,
+            waiting: false,
+            empty: 0,
+        };
         let kernel = KernelFlows {
             map: flows,
             fd: flows_fd,
@@ -147,6 +182,7 @@ impl Agent {
             probes,
             pipeline: Pipeline::new(kernel, engine, namespaces, filter, sinks),
             healthmap,
+            reader,
             kernel_log: false,
             warner: Warner::new(Duration::from_secs(10)),
         })
@@ -202,6 +238,8 @@ impl Agent {
         );
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut poll = tokio::time::interval(POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.pipeline.sinks.start()?;
         // A scan of the network namespaces in progress, and the cookies it was started for.
         let mut scan: Option<(NetnsScan, HashSet<u64>)> = None;
@@ -267,16 +305,46 @@ impl Agent {
                 }
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
+                    // Woken: records flow again, read them on the timer.
+                    let polling = if self.reader.waiting {
+                        self.reader.wait(false)
+                    } else {
+                        Ok(())
+                    };
                     // A bounded batch, so that ticks, signals and output are served while
                     // producers keep the ring full. Readiness is cleared only once the ring is
                     // empty (or a wakeup is lost); until then this branch stays ready and
                     // `select!` picks among the ready branches at random.
-                    match self.drain(guard.get_inner_mut(), DRAIN_BATCH) {
-                        Ok(Drained::Empty) => {
+                    match polling.and_then(|()| self.drain(guard.get_inner_mut(), DRAIN_BATCH)) {
+                        Ok(Drained::Nothing | Drained::Empty) => {
                             guard.clear_ready();
                             Ok(())
                         }
                         Ok(Drained::More) => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                }
+                _ = poll.tick(), if !self.reader.waiting => {
+                    match self.drain(ring.get_mut(), DRAIN_BATCH) {
+                        Ok(Drained::Nothing) => {
+                            self.reader.empty += 1;
+                            if self.reader.empty < IDLE_POLLS {
+                                Ok(())
+                            } else {
+                                // A record submitted as the programs learn that udpmon waits
+                                // may have gone without a wakeup: one more read after.
+                                self.reader.wait(true).and_then(|()| {
+                                    match self.drain(ring.get_mut(), DRAIN_BATCH)? {
+                                        Drained::Nothing => Ok(()),
+                                        _ => self.reader.wait(false),
+                                    }
+                                })
+                            }
+                        }
+                        Ok(_) => {
+                            self.reader.empty = 0;
+                            Ok(())
+                        }
                         Err(e) => Err(e),
                     }
                 }
@@ -287,8 +355,9 @@ impl Agent {
                     let offset = ClockOffset(clock::wall_minus_boot_ns());
                     self.pipeline.sinks.set_clock(offset);
                     // A dump of the open sockets waits for the ring to be read past its start,
-                    // which a ring gone quiet shows only when looked at.
-                    let looked = if self.pipeline.holds_open_sockets() {
+                    // which a ring gone quiet shows only when looked at. And a record that went
+                    // without a wakeup as udpmon began to wait for one waits no longer.
+                    let looked = if self.pipeline.holds_open_sockets() || self.reader.waiting {
                         self.drain(ring.get_mut(), DRAIN_BATCH).map(drop)
                     } else {
                         Ok(())
@@ -345,7 +414,11 @@ impl Agent {
             }
             let Some(item) = rb.next() else {
                 self.pipeline.ring_empty(clock::boot_ns());
-                break Drained::Empty;
+                break if left == limit {
+                    Drained::Nothing
+                } else {
+                    Drained::Empty
+                };
             };
             left -= 1;
             self.pipeline.record(&item, &mut reports);

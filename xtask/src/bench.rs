@@ -58,8 +58,8 @@ pub struct BenchArgs {
     #[arg(long, requires = "vm")]
     vm_realtime: bool,
     /// Another udpmon binary (say, built from an older commit) to measure as the extra
-    /// configuration "udpmon (against)" in the hot-path and per-program steps, side by side
-    /// with this tree's in the same run.
+    /// configuration "udpmon (against)" in the hot-path, per-program and new-flow ramp
+    /// steps, side by side with this tree's in the same run.
     #[arg(long, value_name = "PATH", conflicts_with = "vm")]
     against: Option<PathBuf>,
 }
@@ -150,7 +150,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 
     let hot = hot_path(&plan, &bins, &tmp)?;
     let progs = prog_costs(&plan, &bins, &tmp)?;
-    let pipe = pipeline(&plan, &bins.udpmon)?;
+    let pipe = pipeline(&plan, &bins)?;
     let eng = engine(&plan, &engine_bin, &pipeline_bin)?;
     let start = startup(&plan, &bins.udpmon, &tmp)?;
 
@@ -647,51 +647,78 @@ fn prog_run(
 struct RampStep {
     target: u64,
     base_rate: Vec<f64>,
+    udpmon: RampRuns,
+    /// `--against`'s runs, alternated with this tree's.
+    against: Option<RampRuns>,
+}
+
+/// One udpmon binary's runs of a ramp step.
+#[derive(Default)]
+struct RampRuns {
     rate: Vec<f64>,
     cpu_pct: Vec<f64>,
     drops: u64,
     events: Vec<f64>,
 }
 
-fn pipeline(plan: &Plan, bin: &FsPath) -> anyhow::Result<Vec<RampStep>> {
+impl RampRuns {
+    fn run(&mut self, bin: &FsPath, target: u64, dur: Duration) -> anyhow::Result<()> {
+        // The output goes to /dev/null: this measures the agent, not the disk.
+        let mut u = Udpmon::spawn(bin, HOST_STRATEGY, FsPath::new("/dev/null"))?;
+        u.wait_ready(Duration::from_secs(60))?;
+        let cpu0 = u.cpu_secs()?;
+        let t0 = Instant::now();
+        let (_, rate) = load::new_flows(target, dur)?;
+        let load_secs = t0.elapsed().as_secs_f64();
+        thread::sleep(Duration::from_millis(500));
+        let cpu = u.cpu_secs()? - cpu0;
+        let s = u.stop()?;
+        self.rate.push(rate);
+        self.cpu_pct.push(cpu / load_secs * 100.0);
+        self.drops += s.get("ring-buffer drops").copied().unwrap_or(0);
+        self.events
+            .push(s.get("events read").copied().unwrap_or(0) as f64);
+        Ok(())
+    }
+}
+
+fn pipeline(plan: &Plan, bins: &Bins) -> anyhow::Result<Vec<RampStep>> {
     println!(
         "\n[bench] event pipeline: new flows/s ramp {:?}, {} repetition(s) of {:?}",
         plan.ramp, plan.ramp_reps, plan.ramp_dur
     );
-    let drain = Duration::from_millis(500);
     let mut steps = Vec::new();
     for &target in &plan.ramp {
         let mut st = RampStep {
             target,
             base_rate: Vec::new(),
-            rate: Vec::new(),
-            cpu_pct: Vec::new(),
-            drops: 0,
-            events: Vec::new(),
+            udpmon: RampRuns::default(),
+            against: bins.against.as_ref().map(|_| RampRuns::default()),
         };
-        for _ in 0..plan.ramp_reps {
+        for rep in 0..plan.ramp_reps {
             let (_, base) = load::new_flows(target, plan.ramp_dur)?;
             st.base_rate.push(base);
-            // The output goes to /dev/null: this measures the agent, not the disk.
-            let mut u = Udpmon::spawn(bin, HOST_STRATEGY, FsPath::new("/dev/null"))?;
-            u.wait_ready(Duration::from_secs(60))?;
-            let cpu0 = u.cpu_secs()?;
-            let t0 = Instant::now();
-            let (_, rate) = load::new_flows(target, plan.ramp_dur)?;
-            let load_secs = t0.elapsed().as_secs_f64();
-            thread::sleep(drain);
-            let cpu = u.cpu_secs()? - cpu0;
-            let s = u.stop()?;
-            st.rate.push(rate);
-            st.cpu_pct.push(cpu / load_secs * 100.0);
-            st.drops += s.get("ring-buffer drops").copied().unwrap_or(0);
-            st.events
-                .push(s.get("events read").copied().unwrap_or(0) as f64);
+            // Which binary goes first alternates, as in the hot path.
+            let this_first = rep % 2 == 0;
+            if this_first {
+                st.udpmon.run(&bins.udpmon, target, plan.ramp_dur)?;
+            }
+            if let (Some(runs), Some(bin)) = (&mut st.against, &bins.against) {
+                runs.run(bin, target, plan.ramp_dur)?;
+            }
+            if !this_first {
+                st.udpmon.run(&bins.udpmon, target, plan.ramp_dur)?;
+            }
         }
         println!(
-            "[bench]   {target}/s: achieved {} , drops {}",
-            si(spread(&st.rate).median),
-            st.drops
+            "[bench]   {target}/s: achieved {} , drops {}{}",
+            si(spread(&st.udpmon.rate).median),
+            st.udpmon.drops,
+            st.against.as_ref().map_or(String::new(), |a| format!(
+                "; against: achieved {}, drops {}",
+                si(spread(&a.rate).median),
+                a.drops
+            )),
         );
         steps.push(st);
     }
@@ -1210,18 +1237,33 @@ fn table(
     targets(&mut tb, hot, progs);
     // A step counts at the rate it achieved: past the generator's own limit, offering more
     // is not reaching more.
-    let mut best_zero: Option<f64> = None;
-    let mut clean = true;
-    for s in pipe {
-        let rate = spread(&s.rate);
-        clean &= s.drops == 0;
-        if clean {
-            best_zero = Some(best_zero.unwrap_or(0.0).max(rate.median));
+    let best_zero = |runs: &dyn Fn(&RampStep) -> Option<&RampRuns>| {
+        let mut best: Option<f64> = None;
+        for r in pipe.iter().map_while(runs) {
+            if r.drops != 0 {
+                break;
+            }
+            best = Some(best.unwrap_or(0.0).max(spread(&r.rate).median));
         }
+        best
+    };
+    let ramp_cell = |r: &RampRuns| {
+        format!(
+            "achieves {}/s; ring-buffer drops {} (sum over {} runs); events read {}; udpmon CPU \
+             {} of one core",
+            si(spread(&r.rate).median),
+            r.drops,
+            r.rate.len(),
+            si(spread(&r.events).median),
+            fmt_spread(spread(&r.cpu_pct), 1, " %"),
+        )
+    };
+    for s in pipe {
+        let rate = spread(&s.udpmon.rate);
         let (target, met) = if s.target == 150_000 {
             (
                 "0 drops, at >= 95 % of the offered rate",
-                yes_no(s.drops == 0 && rate.median >= 0.95 * s.target as f64),
+                yes_no(s.udpmon.drops == 0 && rate.median >= 0.95 * s.target as f64),
             )
         } else {
             ("-", "-")
@@ -1229,21 +1271,15 @@ fn table(
         tb.row([
             &format!("new flows at {}/s offered", si(s.target as f64)),
             &format!("generator achieves {}/s", si(spread(&s.base_rate).median)),
-            &format!(
-                "achieves {}/s; ring-buffer drops {} (sum over {} runs); events read {}; \
-                 udpmon CPU {} of one core",
-                si(rate.median),
-                s.drops,
-                s.rate.len(),
-                si(spread(&s.events).median),
-                fmt_spread(spread(&s.cpu_pct), 1, " %"),
-            ),
-            "-",
+            &ramp_cell(&s.udpmon),
+            &s.against.as_ref().map_or("-".to_string(), ramp_cell),
             "-",
             target,
             met,
         ]);
     }
+    let zero = |b: Option<f64>| b.map_or("none".to_string(), |r| format!("{}/s", si(r)));
+    let ours = best_zero(&|s| Some(&s.udpmon));
     tb.row([
         &format!(
             "highest new-flow rate achieved with zero ring-buffer drops (ramp {} offered)",
@@ -1254,11 +1290,15 @@ fn table(
                 .join(", ")
         ),
         "-",
-        &best_zero.map_or("none".to_string(), |r| format!("{}/s", si(r))),
-        "-",
+        &zero(ours),
+        &if bins.against.is_some() {
+            zero(best_zero(&|s| s.against.as_ref()))
+        } else {
+            "-".to_string()
+        },
         "-",
         ">= 150k/s",
-        yes_no(best_zero.is_some_and(|r| r >= 0.95 * 150_000.0)),
+        yes_no(ours.is_some_and(|r| r >= 0.95 * 150_000.0)),
     ]);
     tb.row([
         "engine: events/s on one core (FirstTx, FirstRx, Close; 4 peers per socket, 1000 \

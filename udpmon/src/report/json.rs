@@ -18,7 +18,8 @@
 //!
 //! and, by event:
 //! - connect, accept: `via` (`connect`, `send`, `recv`), `bytes` (first datagram's payload;
-//!   null for connect())
+//!   null for connect(); when the first datagram's record was lost, the payload of the one
+//!   that reported the flow, and `ts` its time)
 //! - establish: `reply_after_ms` (first datagram one way to first the other way)
 //! - unreachable: `icmp` {`type`, `code`, `from`, `errno` (name or null), `fatal` (bool or
 //!   null), `verdict` (`notified`, `queued`, `discarded`, `no-socket`)}; with verdict

@@ -78,9 +78,9 @@ pub fn lost_closes_recovered(st: Strategy) -> Outcome {
         l.contains("sockets found gone by a dump")
     });
 
-    // A flow whose first record was lost is reported at its next datagram. Sends closer
-    // together than a wake (1 s of quiet) could be the only other way it is ever learned.
-    // (The sink's side of it is in the sink's summary: the burst made it a busy socket.)
+    // A flow whose first record was lost is reported at its next datagram, and nothing else
+    // would report it. (The sink's side of it is in the sink's summary: the burst made it a
+    // busy socket.)
     let end = Instant::now() + deadline(30);
     let late_connects = |u: &mut Udpmon| {
         u.all(|v| is(v, "connect") && v["cookie"] == late_ck && s(v, "remote") == to_s)

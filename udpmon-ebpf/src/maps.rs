@@ -198,7 +198,10 @@ pub fn emit(fill: impl FnOnce(&mut Event) -> bool) -> bool {
 /// twice, nor counted.
 #[inline(always)]
 pub fn try_emit(fill: impl FnOnce(&mut Event) -> bool) -> bool {
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) + RECORD_BYTES > RING_BYTES {
+    // The ring's fill before this record, read without its lock: checked first so that a
+    // full ring costs no reservation, and reused for the wakeup.
+    let before = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    if before + RECORD_BYTES > RING_BYTES {
         return false;
     }
     let Some(mut rec) = EVENTS.reserve::<Event>(0) else {
@@ -212,7 +215,7 @@ pub fn try_emit(fill: impl FnOnce(&mut Event) -> bool) -> bool {
     }
     // SAFETY: every byte was just written, and all-zero is a valid Event.
     if fill(unsafe { rec.assume_init_mut() }) {
-        rec.submit(wakeup());
+        rec.submit(wakeup(before));
         count(Counter::EventsSent);
     } else {
         rec.discard(BPF_RB_NO_WAKEUP as u64);
@@ -220,21 +223,28 @@ pub fn try_emit(fill: impl FnOnce(&mut Event) -> bool) -> bool {
     true
 }
 
-/// The ring holds this much when a record wakes its reader even while it reads on a timer:
+/// The record that fills the ring past this wakes its reader even while it reads on a timer:
 /// an eighth of the ring, which fills that far in milliseconds only under a burst.
 const WAKE_AT_BYTES: u64 = RING_BYTES / 8;
 
-/// How a record is submitted: waking userspace only when it waits for the ring, or when the
-/// ring fills up. The kernel's default wakes it whenever it had read everything before, so a
-/// reader that keeps up is woken for nearly every record: an IRQ-work interrupt on the
-/// producer's CPU and a wakeup of the reader each, where reading on a timer takes a batch.
+/// While the reader waits, records wake it only until the ring holds this much: it is on
+/// its way then, or stopped, and a wakeup per record would be the cost this saves.
+const WAKE_WAITING_BYTES: u64 = 64 << 10;
+
+/// How a record is submitted into a ring that held `before` bytes: waking userspace only
+/// when it waits for the ring, or when this record fills it past an eighth. The kernel's
+/// default wakes it whenever it had read everything before, so a reader that keeps up is
+/// woken for nearly every record: an IRQ-work interrupt on the producer's CPU and a wakeup
+/// of the reader each, where reading on a timer takes a batch. One wakeup is enough: the
+/// reader reads until the ring is empty before it looks for another.
 #[inline(always)]
-fn wakeup() -> u64 {
+fn wakeup(before: u64) -> u64 {
     // SAFETY: an array value, valid for the program run.
     let waits = READER_WAITS
         .get_ptr(0)
         .is_some_and(|w| unsafe { core::ptr::read_volatile(w) } != 0);
-    if waits || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKE_AT_BYTES {
+    let crosses = before < WAKE_AT_BYTES && before + RECORD_BYTES >= WAKE_AT_BYTES;
+    if waits && before < WAKE_WAITING_BYTES || crosses {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64

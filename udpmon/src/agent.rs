@@ -38,9 +38,10 @@ const DRAIN_BATCH: usize = 4096;
 
 /// While records flow, the ring is read this often, and the kernel does not wake udpmon for
 /// each record (see udpmon-ebpf's `emit`); after `IDLE_POLLS` reads in a row that found
-/// nothing, udpmon waits for the kernel to wake it instead, so an idle host costs no timer.
+/// nothing, udpmon waits for the kernel to wake it instead, so that a quiet host, or one
+/// with a record now and then, costs no 10 ms timer.
 const POLL: Duration = Duration::from_millis(10);
-const IDLE_POLLS: u32 = 50;
+const IDLE_POLLS: u32 = 5;
 
 enum Drained {
     /// The ring was empty.
@@ -120,18 +121,27 @@ impl FlowCounters for KernelFlows {
 struct Reader {
     waits: Array<MapData, u32>,
     waiting: bool,
-    /// Reads in a row that found nothing.
+    /// False once READER_WAITS could not be written.
+    can_wait: bool,
+    /// Reads of the ring in a row that found nothing.
     empty: u32,
 }
 
 impl Reader {
-    fn wait(&mut self, waiting: bool) -> io::Result<()> {
-        self.waits
-            .set(0, u32::from(waiting), 0)
-            .map_err(|e| io::Error::other(format!("writing map READER_WAITS: {e}")))?;
-        self.waiting = waiting;
+    /// Tells the programs whether udpmon waits for their wakeup. If the map cannot be
+    /// written, udpmon reads the ring on the timer from then on, which needs no wakeup.
+    fn wait(&mut self, waiting: bool) {
         self.empty = 0;
-        Ok(())
+        if !self.can_wait {
+            return;
+        }
+        if let Err(e) = self.waits.set(0, u32::from(waiting), 0) {
+            warn!("writing map READER_WAITS: {e}; reading the ring every {POLL:?} from now on");
+            self.can_wait = false;
+            self.waiting = false;
+            return;
+        }
+        self.waiting = waiting;
     }
 }
 
@@ -170,6 +180,7 @@ impl Agent {
         let reader = Reader {
             waits: Array::try_from(take(map::READER_WAITS)?)?,
             waiting: false,
+            can_wait: true,
             empty: 0,
         };
         let kernel = KernelFlows {
@@ -306,16 +317,14 @@ impl Agent {
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
                     // Woken: records flow again, read them on the timer.
-                    let polling = if self.reader.waiting {
-                        self.reader.wait(false)
-                    } else {
-                        Ok(())
-                    };
+                    if self.reader.waiting {
+                        self.reader.wait(false);
+                    }
                     // A bounded batch, so that ticks, signals and output are served while
                     // producers keep the ring full. Readiness is cleared only once the ring is
                     // empty (or a wakeup is lost); until then this branch stays ready and
                     // `select!` picks among the ready branches at random.
-                    match polling.and_then(|()| self.drain(guard.get_inner_mut(), DRAIN_BATCH)) {
+                    match self.drain(guard.get_inner_mut(), DRAIN_BATCH) {
                         Ok(Drained::Nothing | Drained::Empty) => {
                             guard.clear_ready();
                             Ok(())
@@ -328,24 +337,20 @@ impl Agent {
                     match self.drain(ring.get_mut(), DRAIN_BATCH) {
                         Ok(Drained::Nothing) => {
                             self.reader.empty += 1;
-                            if self.reader.empty < IDLE_POLLS {
+                            if self.reader.empty < IDLE_POLLS || !self.reader.can_wait {
                                 Ok(())
                             } else {
                                 // A record submitted as the programs learn that udpmon waits
                                 // may have gone without a wakeup: one more read after.
-                                self.reader.wait(true).and_then(|()| {
-                                    match self.drain(ring.get_mut(), DRAIN_BATCH)? {
-                                        Drained::Nothing => Ok(()),
-                                        _ => self.reader.wait(false),
+                                self.reader.wait(true);
+                                self.drain(ring.get_mut(), DRAIN_BATCH).map(|d| {
+                                    if !matches!(d, Drained::Nothing) {
+                                        self.reader.wait(false);
                                     }
                                 })
                             }
                         }
-                        Ok(_) => {
-                            self.reader.empty = 0;
-                            Ok(())
-                        }
-                        Err(e) => Err(e),
+                        r => r.map(drop),
                     }
                 }
                 _ = tick.tick() => {
@@ -420,6 +425,8 @@ impl Agent {
                     Drained::Empty
                 };
             };
+            // Whichever branch reads records, they flow: the timer goes on.
+            self.reader.empty = 0;
             left -= 1;
             self.pipeline.record(&item, &mut reports);
         };

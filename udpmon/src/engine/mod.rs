@@ -705,7 +705,9 @@ impl Engine {
         }
         self.flows.heard(r, c.last_ns());
         if now.saturating_sub(self.flows.last_seen(r)) >= ns(self.cfg.idle_timeout) {
-            self.close_flow(&id, CloseReason::Idle, now, counters, out);
+            // Its counters were read just above: reading them again would be a second system
+            // call for each flow that expires.
+            self.close_flow(&id, CloseReason::Idle, now, &|_| None, out);
             return;
         }
         let Some(flow) = self.flows.get_mut(r) else {

@@ -1,4 +1,8 @@
-use std::{cell::RefCell, collections::HashMap, net::IpAddr};
+use std::{
+    cell::{Cell, RefCell},
+    collections::HashMap,
+    net::IpAddr,
+};
 
 use super::*;
 use crate::decode::{Icmp, KernelEvent};
@@ -1057,7 +1061,13 @@ fn idle_flows_expire() {
     k.send(flow7(), 50 * S, 1);
     let idle = ns(e.config().idle_timeout);
     assert!(k.tick(&mut e, 50 * S + idle - 1).is_empty());
-    let r = k.tick(&mut e, 50 * S + idle);
+    let reads = Cell::new(0);
+    k.wake(&mut [&mut e]);
+    let r = e.on_tick(50 * S + idle, &|id| {
+        reads.set(reads.get() + 1);
+        k.get(id)
+    });
+    assert_eq!(reads.get(), 1, "the expiring flow's counters are read once");
     assert_eq!(kinds(&r), [ReportKind::Close]);
     let (reason, stats) = close_stats(&r[0]);
     assert_eq!(reason, CloseReason::Idle);

@@ -1031,7 +1031,12 @@ impl Engine {
         ) {
             self.to_forget.push(*id);
         }
-        if let Some(c) = counters(id)
+        // A summarised flow's close is one count in its socket's summary. Unless its peer
+        // takes what it sent, its counters would be read for nothing: a system call for
+        // each client of a busy server.
+        let summed = flow.summarised && self.busy.contains_key(&id.cookie);
+        if (!summed || flow.peer.is_linked())
+            && let Some(c) = counters(id)
             && flow.absorb(&c)
         {
             self.stats.kernel_entries_renewed += 1;
@@ -1045,9 +1050,7 @@ impl Engine {
             self.peers.detach(&flow.peer, flow.silence_reported());
         }
         self.stats.flows_closed += 1;
-        if flow.summarised
-            && let Some(b) = self.busy.get_mut(&id.cookie)
-        {
+        if summed && let Some(b) = self.busy.get_mut(&id.cookie) {
             b.closed(flow.established);
             if let Some(sock) = self.sockets.get_mut(&id.cookie) {
                 sock.seen_ns = sock.seen_ns.max(ts_ns);

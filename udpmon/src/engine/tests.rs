@@ -2560,6 +2560,31 @@ fn a_busy_sockets_close_reports_its_last_summary() {
     }
 }
 
+/// A busy server's summarised clients are counted, not reported: their closes read no
+/// counters (a system call each), while those of the flows reported line by line do.
+#[test]
+fn summarised_flows_close_without_reading_counters() {
+    let mut e = summarising(2, 5);
+    e.on_tick(S, &none);
+    for i in 0..5u16 {
+        let ts = 2 * S + u64::from(i) * MS;
+        e.on(&srv(Fact::FirstRx { bytes: 40 }, ts, 5000 + i), &none);
+        e.on(&srv(Fact::FirstTx { bytes: 90 }, ts + MS, 5000 + i), &none);
+    }
+    assert_eq!(e.stats().flows_summarised, 3);
+    let reads = std::cell::Cell::new(0);
+    let counting = |_: &FlowId| {
+        reads.set(reads.get() + 1);
+        None
+    };
+    let r = e.on(&srv(Fact::Close, 3 * S, 0), &counting);
+    assert_eq!(count(&r, ReportKind::Close), 2, "{r:#?}");
+    assert_eq!(reads.get(), 2, "only the reported flows' counters are read");
+    let sums = socket_summaries(&r);
+    assert_eq!((sums[0].1.new_flows, sums[0].1.closed), (3, 3));
+    assert_eq!(e.to_forget().len(), 5, "every kernel entry goes");
+}
+
 // Issue 15, item 3: a peer whose fresh flows keep drawing the same ICMP error.
 
 fn peer_summaries(r: &[Report]) -> Vec<(u64, PeerSummary)> {

@@ -1032,8 +1032,8 @@ impl Engine {
             self.to_forget.push(*id);
         }
         // A summarised flow's close is one count in its socket's summary. Unless its peer
-        // takes what it sent, its counters would be read for nothing: a system call for
-        // each client of a busy server.
+        // takes what it sent or heard, its counters would be read for nothing: a system
+        // call for each client of a busy server.
         let summed = flow.summarised && self.busy.contains_key(&id.cookie);
         if (!summed || flow.peer.is_linked())
             && let Some(c) = counters(id)

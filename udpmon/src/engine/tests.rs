@@ -2572,7 +2572,7 @@ fn summarised_flows_close_without_reading_counters() {
         e.on(&srv(Fact::FirstTx { bytes: 90 }, ts + MS, 5000 + i), &none);
     }
     assert_eq!(e.stats().flows_summarised, 3);
-    let reads = std::cell::Cell::new(0);
+    let reads = Cell::new(0);
     let counting = |_: &FlowId| {
         reads.set(reads.get() + 1);
         None

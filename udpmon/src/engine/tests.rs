@@ -2585,6 +2585,35 @@ fn summarised_flows_close_without_reading_counters() {
     assert_eq!(e.to_forget().len(), 5, "every kernel entry goes");
 }
 
+/// A busy socket that opens its flows itself (a client of many servers): each flow has a
+/// peer, which takes what the flow sent and heard since the last tick, so even a summarised
+/// flow's close reads its counters.
+#[test]
+fn summarised_flows_with_a_peer_read_their_counters_at_close() {
+    let mut e = summarising(2, 5);
+    e.on_tick(S, &none);
+    for i in 0..5u16 {
+        e.on(
+            &srv(
+                Fact::FirstTx { bytes: 40 },
+                2 * S + u64::from(i) * MS,
+                5000 + i,
+            ),
+            &none,
+        );
+    }
+    assert_eq!(e.stats().flows_summarised, 3);
+    let reads = Cell::new(0);
+    let counting = |_: &FlowId| {
+        reads.set(reads.get() + 1);
+        None
+    };
+    let r = e.on(&srv(Fact::Close, 3 * S, 0), &counting);
+    assert_eq!(reads.get(), 5, "every flow's peer takes its counts: {r:#?}");
+    let sums = socket_summaries(&r);
+    assert_eq!((sums[0].1.new_flows, sums[0].1.closed), (3, 3));
+}
+
 // Issue 15, item 3: a peer whose fresh flows keep drawing the same ICMP error.
 
 fn peer_summaries(r: &[Report]) -> Vec<(u64, PeerSummary)> {

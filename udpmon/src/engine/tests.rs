@@ -2586,8 +2586,8 @@ fn summarised_flows_close_without_reading_counters() {
 }
 
 /// A busy socket that opens its flows itself (a client of many servers): each flow has a
-/// peer, which takes what the flow sent and heard since the last tick, so even a summarised
-/// flow's close reads its counters.
+/// peer, which takes what the flow sent and heard since it last took them, so even a
+/// summarised flow's close reads its counters.
 #[test]
 fn summarised_flows_with_a_peer_read_their_counters_at_close() {
     let mut e = summarising(2, 5);
@@ -2609,7 +2609,11 @@ fn summarised_flows_with_a_peer_read_their_counters_at_close() {
         None
     };
     let r = e.on(&srv(Fact::Close, 3 * S, 0), &counting);
-    assert_eq!(reads.get(), 5, "every flow's peer takes its counts: {r:#?}");
+    assert_eq!(
+        reads.get(),
+        5,
+        "every flow with a peer has its counters read: {r:#?}"
+    );
     let sums = socket_summaries(&r);
     assert_eq!((sums[0].1.new_flows, sums[0].1.closed), (3, 3));
 }

@@ -2560,6 +2560,17 @@ fn a_busy_sockets_close_reports_its_last_summary() {
     }
 }
 
+/// Closes the server socket at `ts`: its reports, and how many flows' counters were read.
+fn close_server_counting_reads(e: &mut Engine, ts: u64) -> (Vec<Report>, u32) {
+    let reads = Cell::new(0);
+    let counting = |_: &FlowId| {
+        reads.set(reads.get() + 1);
+        None
+    };
+    let r = e.on(&srv(Fact::Close, ts, 0), &counting);
+    (r, reads.get())
+}
+
 /// A busy server's summarised clients are counted, not reported: their closes read no
 /// counters (a system call each), while those of the flows reported line by line do.
 #[test]
@@ -2572,14 +2583,9 @@ fn summarised_flows_close_without_reading_counters() {
         e.on(&srv(Fact::FirstTx { bytes: 90 }, ts + MS, 5000 + i), &none);
     }
     assert_eq!(e.stats().flows_summarised, 3);
-    let reads = Cell::new(0);
-    let counting = |_: &FlowId| {
-        reads.set(reads.get() + 1);
-        None
-    };
-    let r = e.on(&srv(Fact::Close, 3 * S, 0), &counting);
+    let (r, reads) = close_server_counting_reads(&mut e, 3 * S);
     assert_eq!(count(&r, ReportKind::Close), 2, "{r:#?}");
-    assert_eq!(reads.get(), 2, "only the reported flows' counters are read");
+    assert_eq!(reads, 2, "only the reported flows' counters are read");
     let sums = socket_summaries(&r);
     assert_eq!((sums[0].1.new_flows, sums[0].1.closed), (3, 3));
     assert_eq!(e.to_forget().len(), 5, "every kernel entry goes");
@@ -2603,15 +2609,9 @@ fn summarised_flows_with_a_peer_read_their_counters_at_close() {
         );
     }
     assert_eq!(e.stats().flows_summarised, 3);
-    let reads = Cell::new(0);
-    let counting = |_: &FlowId| {
-        reads.set(reads.get() + 1);
-        None
-    };
-    let r = e.on(&srv(Fact::Close, 3 * S, 0), &counting);
+    let (r, reads) = close_server_counting_reads(&mut e, 3 * S);
     assert_eq!(
-        reads.get(),
-        5,
+        reads, 5,
         "every flow with a peer has its counters read: {r:#?}"
     );
     let sums = socket_summaries(&r);

@@ -75,7 +75,8 @@ pub mod verdict {
     pub const QUEUED: u8 = 2;
     /// A socket matched, but the kernel dropped the error: the application cannot know.
     pub const DISCARDED: u8 = 3;
-    /// No local socket matched the datagram the ICMP is about.
+    /// No socket was told of the error (cookie 0): userspace tells an error whose socket it
+    /// tracks, which the kernel discarded, from one no local socket matched.
     pub const NO_SOCKET: u8 = 4;
 }
 

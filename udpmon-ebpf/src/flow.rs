@@ -7,7 +7,7 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_boot_ns};
 use udpmon_common::{Counter, Event, EventKind, FlowKey, FlowStats, WAKE_NS};
 
 use crate::{
-    maps::{FLOWS, SENDERS, TupleKey, count, emit, try_emit},
+    maps::{FLOWS, count, emit, try_emit},
     owner::fill_identity,
     packet::UdpHeaders,
 };
@@ -110,17 +110,6 @@ pub fn on_datagram(d: &Datagram, dir: Dir, in_task: bool) {
             return;
         }
         Seen::First | Seen::Retry => {}
-    }
-    if seen == Seen::First && dir == Dir::Tx {
-        let tk = TupleKey {
-            local: d.local,
-            remote: d.remote,
-            lport: d.lport,
-            rport: d.rport,
-            family: d.family,
-            _pad: 0,
-        };
-        let _ = SENDERS.insert(tk, d.cookie, 0);
     }
     let fill = |ev: &mut Event| {
         let kind = match dir {

@@ -7,8 +7,15 @@
 //! 2. the ICMP skb is freed (consume_skb, or kfree_skb) as soon as icmp_rcv/icmpv6_rcv are
 //!    done with it, on the same CPU: `on_skb_freed` recognises it, parses the datagram it
 //!    quotes and reports the error with the slot's verdict if the slot is about that
-//!    datagram's socket, else as discarded (or no socket). One skb is handled at a time
-//!    from report to free, so two errors in one NAPI batch cannot take each other's verdict.
+//!    datagram's socket, else as told to no socket, with no cookie: userspace finds the
+//!    flow among those it tracks (the error was discarded) or finds none (no socket). One
+//!    skb is handled at a time from report to free, so two errors in one NAPI batch cannot
+//!    take each other's verdict.
+//!
+//! The kernel drops an error it found a socket for but did not tell (an unconnected socket
+//! without IP_RECVERR) without saying which socket: a map from each flow's addresses to its
+//! socket, filled at every first send, would say, but its insert was half the egress
+//! program's time per new flow, and userspace knows every flow it tracks by those addresses.
 use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
 use udpmon_common::{
     EventKind,
@@ -17,7 +24,7 @@ use udpmon_common::{
 
 use crate::{
     kread::{Kernel, read},
-    maps::{ERROR_REPORT, ErrorReport, SENDERS, TupleKey, emit, field, off},
+    maps::{ERROR_REPORT, ErrorReport, emit, field, off},
     owner::fill_identity,
     packet::{Bytes, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, l3, udp},
 };
@@ -135,19 +142,6 @@ pub fn on_skb_freed(skb: u64) {
             ev.verdict = r.verdict;
             ev.icmp_errno = r.errno;
             ev.flags |= r.flags;
-        } else {
-            let tk = TupleKey {
-                local: inner.saddr,
-                remote: inner.daddr,
-                lport: sport,
-                rport: dport,
-                family: inner.family,
-                _pad: 0,
-            };
-            // SAFETY: the value is copied out at once.
-            if let Some(c) = unsafe { SENDERS.get(tk) } {
-                ev.cookie = *c;
-            }
         }
         if ev.verdict == 0 {
             ev.verdict = if ev.cookie != 0 {

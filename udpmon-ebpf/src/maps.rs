@@ -54,12 +54,6 @@ pub static HOLDER_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 pub static HOLDER_SEEN: PerCpuArray<HolderSeen> = PerCpuArray::with_max_entries(1, 0);
 
-/// (local address and port, remote address and port, family) -> cookie of the socket that
-/// sent there, to tie an ICMP error to a socket when the kernel itself drops the error.
-/// Sized as FLOWS by userspace.
-#[map]
-pub static SENDERS: LruHashMap<TupleKey, u64> = LruHashMap::with_max_entries(65536, 0);
-
 /// Last time a datagram to a closed local port was reported, per tuple (rate limit).
 #[map]
 pub static NO_SOCKET_SEEN: LruHashMap<TupleKey, u64> = LruHashMap::with_max_entries(4096, 0);

@@ -23,7 +23,8 @@ pub enum Verdict {
     Queued,
     /// A socket matched, but the error was dropped: the application cannot know.
     Discarded,
-    /// No socket matched the datagram the ICMP is about.
+    /// No socket matched the datagram the ICMP is about. In a kernel record: no socket was
+    /// told, which the engine tells from [`Verdict::Discarded`] by the flows it tracks.
     NoSocket,
 }
 

@@ -200,6 +200,10 @@ impl Addr {
         };
         SocketAddr::new(ip, u16::from_ne_bytes(self.port))
     }
+
+    pub fn port(self) -> u16 {
+        u16::from_ne_bytes(self.port)
+    }
 }
 
 impl Hash for Addr {
@@ -286,10 +290,6 @@ impl Flow {
 
     pub fn local(&self) -> SocketAddr {
         self.local.get()
-    }
-
-    pub fn set_local(&mut self, local: SocketAddr) {
-        self.local = Addr::new(local);
     }
 
     pub fn first_tx_ns(&self) -> Option<u64> {
@@ -449,6 +449,9 @@ pub(super) struct FlowTable {
     index: HashTable<u32>,
     /// The first slot of each socket's list, hashed by cookie.
     heads: HashTable<u32>,
+    /// Slot numbers, hashed by local port and remote address: an ICMP error that no socket
+    /// was told of names only the datagram it quotes (see [`FlowTable::sent`]).
+    by_tuple: HashTable<u32>,
     hasher: DefaultHashBuilder,
     oldest: Option<Oldest>,
     /// Slots of awake flows (and of flows that left the list since: their `due` says so).
@@ -465,6 +468,7 @@ impl Default for FlowTable {
             len: 0,
             index: HashTable::new(),
             heads: HashTable::new(),
+            by_tuple: HashTable::new(),
             hasher: DefaultHashBuilder::default(),
             oldest: None,
             awake: Vec::new(),
@@ -493,6 +497,15 @@ fn hash_id(h: &DefaultHashBuilder, cookie: u64, remote: &Addr) -> u64 {
 
 fn hash_cookie(h: &DefaultHashBuilder, cookie: u64) -> u64 {
     h.hash_one(cookie)
+}
+
+fn hash_tuple(h: &DefaultHashBuilder, port: u16, remote: &Addr) -> u64 {
+    h.hash_one((port, remote))
+}
+
+/// A slot's key in `by_tuple` (a free slot's is never asked for).
+fn tuple_hash(h: &DefaultHashBuilder, s: &Slot) -> u64 {
+    hash_tuple(h, s.flow.as_ref().map_or(0, |f| f.local.port()), &s.remote)
 }
 
 impl FlowTable {
@@ -560,9 +573,12 @@ impl FlowTable {
         let vacant = match entry {
             hash_table::Entry::Occupied(e) => {
                 let i = *e.get();
-                let s = &mut slots[i as usize];
+                // Its local port may differ, and with it the slot's key in `by_tuple`.
+                self.unindex_tuple(i);
+                let s = &mut self.slots[i as usize];
                 s.flow = Some(flow);
                 s.at = ts_ns;
+                self.index_tuple(i);
                 self.note_activity(ts_ns, &id);
                 self.wake(FlowRef(i));
                 return FlowRef(i);
@@ -604,6 +620,7 @@ impl FlowTable {
             next,
             flow: Some(flow),
         };
+        self.index_tuple(i);
         self.len += 1;
         self.note_activity(ts_ns, &id);
         self.wake(FlowRef(i));
@@ -621,6 +638,8 @@ impl FlowTable {
             })
             .ok()?;
         let (i, _) = entry.remove();
+        self.unindex_tuple(i);
+        let (slots, hasher) = (&mut self.slots, &self.hasher);
         let (prev, next) = {
             let s = &slots[i as usize];
             (s.prev, s.next)
@@ -649,6 +668,43 @@ impl FlowTable {
         self.free = i;
         self.len -= 1;
         flow
+    }
+
+    fn index_tuple(&mut self, i: u32) {
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        let h = tuple_hash(hasher, &slots[i as usize]);
+        self.by_tuple
+            .insert_unique(h, i, |&j| tuple_hash(hasher, &slots[j as usize]));
+    }
+
+    fn unindex_tuple(&mut self, i: u32) {
+        let h = tuple_hash(&self.hasher, &self.slots[i as usize]);
+        if let Ok(e) = self.by_tuple.find_entry(h, |&j| j == i) {
+            e.remove();
+        }
+    }
+
+    /// Sets a flow's local address, keeping `by_tuple` true to it.
+    pub fn set_local(&mut self, r: FlowRef, local: SocketAddr) {
+        self.unindex_tuple(r.0);
+        if let Some(f) = &mut self.slots[r.0 as usize].flow {
+            f.local = Addr::new(local);
+        }
+        self.index_tuple(r.0);
+    }
+
+    /// The flows that sent, or could have sent, a datagram from local port `port` to
+    /// `remote`, with their sockets' cookies: the candidates for an ICMP error about it.
+    pub fn sent(&self, port: u16, remote: SocketAddr) -> impl Iterator<Item = (u64, &Flow)> {
+        let remote = Addr::new(remote);
+        let slots = &self.slots;
+        self.by_tuple
+            .iter_hash(hash_tuple(&self.hasher, port, &remote))
+            .filter_map(move |&i| {
+                let s = &slots[i as usize];
+                let f = s.flow.as_ref()?;
+                (s.remote == remote && f.local.port() == port).then_some((s.cookie, f))
+            })
     }
 
     /// Records activity that an event reported at `ts_ns`, and wakes the flow.
@@ -903,8 +959,9 @@ mod tests {
 
         #[derive(Clone, Debug)]
         enum Op {
-            Insert(u64, u8, u64),
+            Insert(u64, u8, u64, u16),
             Touch(u64, u8, u64),
+            SetPort(u64, u8, u16),
             Remove(u64, u8),
             Evict,
         }
@@ -912,9 +969,11 @@ mod tests {
         fn op() -> impl Strategy<Value = Op> {
             let (cookie, peer, ts) = (1..6u64, 0..6u8, 0..40u64);
             prop_oneof![
-                3 => (cookie.clone(), peer.clone(), ts.clone())
-                    .prop_map(|(c, p, t)| Op::Insert(c, p, t)),
+                3 => (cookie.clone(), peer.clone(), ts.clone(), 0..3u16)
+                    .prop_map(|(c, p, t, l)| Op::Insert(c, p, t, l)),
                 4 => (cookie.clone(), peer.clone(), ts).prop_map(|(c, p, t)| Op::Touch(c, p, t)),
+                1 => (cookie.clone(), peer.clone(), 0..3u16)
+                    .prop_map(|(c, p, l)| Op::SetPort(c, p, l)),
                 1 => (cookie, peer).prop_map(|(c, p)| Op::Remove(c, p)),
                 3 => Just(Op::Evict),
             ]
@@ -929,17 +988,26 @@ mod tests {
         }
 
         proptest! {
-            /// The lazily kept order by activity (and the socket lists) against a plain map.
+            /// The lazily kept order by activity (and the socket lists, and the flows by
+            /// local port and peer) against plain maps.
             #[test]
             fn matches_a_full_ordering(ops in prop::collection::vec(op(), 1..300)) {
                 let mut t = FlowTable::default();
                 let mut model: BTreeMap<FlowId, u64> = BTreeMap::new();
-                let l: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+                let mut ports: BTreeMap<FlowId, u16> = BTreeMap::new();
+                let l = |port| SocketAddr::new(IpAddr::from([10, 0, 0, 1]), port);
                 for op in ops {
                     match op {
-                        Op::Insert(c, p, ts) => {
-                            t.insert(fid(c, p), Flow::new(l, Family::V4, ts), ts);
+                        Op::Insert(c, p, ts, port) => {
+                            t.insert(fid(c, p), Flow::new(l(port), Family::V4, ts), ts);
                             model.insert(fid(c, p), ts);
+                            ports.insert(fid(c, p), port);
+                        }
+                        Op::SetPort(c, p, port) => {
+                            if let Some(r) = t.find(&fid(c, p)) {
+                                t.set_local(r, l(port));
+                                ports.insert(fid(c, p), port);
+                            }
                         }
                         Op::Touch(c, p, ts) => {
                             t.touch(&fid(c, p), ts);
@@ -950,6 +1018,7 @@ mod tests {
                         Op::Remove(c, p) => {
                             let gone = t.remove(&fid(c, p)).is_some();
                             prop_assert_eq!(gone, model.remove(&fid(c, p)).is_some());
+                            ports.remove(&fid(c, p));
                         }
                         Op::Evict => {
                             let want = model.iter().map(|(id, at)| (*at, *id)).min();
@@ -957,6 +1026,7 @@ mod tests {
                             if let Some((_, id)) = want {
                                 t.remove(&id);
                                 model.remove(&id);
+                                ports.remove(&id);
                             }
                         }
                     }
@@ -971,6 +1041,18 @@ mod tests {
                     }
                     for (id, at) in &model {
                         prop_assert_eq!(t.last_activity(id), Some(*at));
+                    }
+                    prop_assert_eq!(t.by_tuple.len(), model.len());
+                    for (port, p) in (0..3u16).flat_map(|l| (0..6u8).map(move |p| (l, p))) {
+                        let remote = fid(0, p).remote;
+                        let mut sent: Vec<u64> = t.sent(port, remote).map(|(c, _)| c).collect();
+                        sent.sort_unstable();
+                        let want: Vec<u64> = ports
+                            .iter()
+                            .filter(|(id, l)| **l == port && id.remote == remote)
+                            .map(|(id, _)| id.cookie)
+                            .collect();
+                        prop_assert_eq!(sent, want);
                     }
                 }
             }

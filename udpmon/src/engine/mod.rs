@@ -442,6 +442,14 @@ impl Engine {
             });
             return;
         }
+        let told;
+        let ev = match self.untold(ev) {
+            Some(e) => {
+                told = e;
+                &told
+            }
+            None => ev,
+        };
         let socketless = match &ev.fact {
             Fact::NoSocket | Fact::Exit | Fact::Exec => true,
             Fact::Icmp(icmp) => icmp.verdict == Verdict::NoSocket || ev.cookie == 0,
@@ -1138,6 +1146,14 @@ impl Engine {
             }
         };
         let found = self.flows.find(&id);
+        if let Some(r) = found
+            && self
+                .flows
+                .get(r)
+                .is_some_and(|f| refines_local(f.local().port(), &local))
+        {
+            self.flows.set_local(r, local);
+        }
         let Some((r, flow)) = found.and_then(|r| Some((r, self.flows.get_mut(r)?))) else {
             let mut flow = Flow::new(local, ev.family, ev.ts_ns);
             flow.counters = seen;
@@ -1166,9 +1182,6 @@ impl Engine {
             }
             return;
         };
-        if refines_local(flow.local().port(), &local) {
-            flow.set_local(local);
-        }
         if flow.kernel_first_ns == 0 && flow.first_tx_ns().is_none() && flow.first_rx_ns().is_none()
         {
             // A flow opened by connect() or learned at startup: this datagram made its entry.
@@ -1376,6 +1389,42 @@ impl Engine {
             Detail::Unreachable(info),
             out,
         );
+    }
+
+    /// `ev` as about the tracked flow it is about, if it is an ICMP error that the kernel
+    /// told no socket of (no cookie): a tracked flow that sent the datagram it quotes (same
+    /// namespace, local port and address, and peer) means the kernel found that flow's
+    /// socket and discarded the error; none, that no socket matched (the socket is gone).
+    /// Of sockets that sent alike (a reuseport group), the newest (largest cookie) is named:
+    /// which one the kernel found is not known.
+    fn untold(&self, ev: &KernelEvent) -> Option<KernelEvent> {
+        let Fact::Icmp(icmp) = &ev.fact else {
+            return None;
+        };
+        if ev.cookie != 0 {
+            return None;
+        }
+        let cookie = self
+            .flows
+            .sent(ev.local.port(), ev.remote)
+            .filter(|(cookie, f)| {
+                let ip = f.local().ip();
+                (ip == ev.local.ip() || ip.is_unspecified())
+                    && self
+                        .sockets
+                        .get(cookie)
+                        .is_some_and(|s| s.netns == ev.who.netns)
+            })
+            .map(|(cookie, _)| cookie)
+            .max()?;
+        Some(KernelEvent {
+            cookie,
+            fact: Fact::Icmp(Icmp {
+                verdict: Verdict::Discarded,
+                ..icmp.clone()
+            }),
+            ..ev.clone()
+        })
     }
 
     /// An ICMP error about a datagram whose socket is gone: reported by addresses, naming

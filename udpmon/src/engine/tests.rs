@@ -422,6 +422,78 @@ fn icmp_for_a_closed_socket_names_the_ports_last_owner() {
     assert!(e.flows().is_empty(), "no flow for a socket that is gone");
 }
 
+/// An ICMP error the kernel told no socket of, as its record has it: no cookie, softirq.
+fn untold_icmp(netns: u32, local: &str, ts_ns: u64) -> KernelEvent {
+    let e = ev(icmp(3, 3, None, Verdict::NoSocket), ts_ns);
+    KernelEvent {
+        cookie: 0,
+        task_unrelated: true,
+        local: addr(local),
+        who: Identity {
+            tgid: 0,
+            pid: 0,
+            comm: "swapper/1".into(),
+            netns,
+            ..e.who
+        },
+        ..e
+    }
+}
+
+#[test]
+fn an_untold_icmp_error_is_the_discarded_error_of_the_flow_that_sent_the_datagram() {
+    let mut e = engine();
+    let (here, there) = (4026531833, 4026532000);
+    // Socket 7 here, and socket 9 in another namespace with the same addresses and peer:
+    // a container's twin, newer, so that the largest cookie alone would name it.
+    let twin = KernelEvent {
+        cookie: 9,
+        who: Identity {
+            netns: there,
+            ..nc()
+        },
+        ..ev(Fact::FirstTx { bytes: 3 }, S)
+    };
+    run(&mut e, &[ev(Fact::FirstTx { bytes: 3 }, S), twin]);
+    let r = run(&mut e, &[untold_icmp(here, "10.0.0.1:5000", 2 * S)]);
+    assert_eq!(kinds(&r), [ReportKind::Unreachable]);
+    assert_eq!(r[0].cookie, 7, "{r:?}");
+    assert_eq!((r[0].who.tgid, r[0].who.netns), (100, here), "{r:?}");
+    let Detail::Unreachable(u) = &r[0].detail else {
+        panic!("{r:?}")
+    };
+    assert_eq!(u.verdict, Verdict::Discarded);
+    let r = run(&mut e, &[untold_icmp(there, "10.0.0.1:5000", 3 * S)]);
+    assert_eq!(r[0].cookie, 9, "{r:?}");
+    // Another local address on the same port: not a datagram either socket sent.
+    let r = run(&mut e, &[untold_icmp(here, "10.0.0.3:5000", 4 * S)]);
+    assert_eq!(r[0].cookie, 0, "{r:?}");
+    let Detail::Unreachable(u) = &r[0].detail else {
+        panic!("{r:?}")
+    };
+    assert_eq!(u.verdict, Verdict::NoSocket);
+    let r = run(&mut e, &[ev(Fact::Close, 5 * S)]);
+    assert_eq!(close_stats(&r[0]).1.icmp_errors, 1, "{r:?}");
+}
+
+#[test]
+fn an_untold_icmp_error_finds_a_flow_by_the_local_port_it_has_now() {
+    let mut e = engine();
+    // Learned by connect() before the socket had a port; its first datagram gives it one.
+    let connect = KernelEvent {
+        local: addr("0.0.0.0:0"),
+        connected: true,
+        ..ev(Fact::Connect, S)
+    };
+    run(&mut e, &[connect, ev(Fact::FirstTx { bytes: 3 }, 2 * S)]);
+    let r = run(&mut e, &[untold_icmp(nc().netns, "10.0.0.1:5000", 3 * S)]);
+    assert_eq!(
+        (r[0].cookie, r[0].local),
+        (7, addr("10.0.0.1:5000")),
+        "{r:?}"
+    );
+}
+
 #[test]
 fn app_error_lands_on_the_connected_flow() {
     let mut e = engine();

@@ -529,7 +529,6 @@ fn load_strategy(
         .override_global(aya_log::LEVEL, &log_level, false)
         .map_max_entries(map::FLOWS, flows)
         .map_max_entries(map::OWNERS, side)
-        .map_max_entries(map::SENDERS, side)
         .map_max_entries(map::PROCESSES, side)
         .map_max_entries(map::HOLDERS, side)
         .load(EBPF_OBJECT)

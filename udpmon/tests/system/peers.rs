@@ -186,11 +186,11 @@ pub fn peers(st: Strategy, v6: bool, recverr: bool) -> Outcome {
     Outcome::Pass
 }
 
-/// Issue 10: a dropped ICMP error is tied to its socket through the kernel's "who sent to
-/// this peer" map, which must tell apart two sockets on the same local port in two network
-/// namespaces (containers) talking to the same closed peer port. Each first datagram fills
-/// the map; a later one only finds the socket through it, so socket A's second error must
-/// not go to socket B, whose first datagram came last.
+/// Issue 10: the kernel does not say which socket an ICMP error it dropped was about; udpmon
+/// finds the flow that sent the quoted datagram, and must tell apart two sockets on the same
+/// local port in two network namespaces (containers) talking to the same closed peer port.
+/// Socket A's second error must not go to socket B, the newer one, whose first datagram
+/// came last.
 pub fn same_port_two_netns(st: Strategy) -> Outcome {
     let h = TwoHosts::new("sp");
     let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
@@ -210,8 +210,8 @@ pub fn same_port_two_netns(st: Strategy) -> Outcome {
     for v in [&ua, &ub] {
         assert_eq!(v["icmp"]["verdict"], "discarded", "{v}");
     }
-    // Not a first datagram: only the map can name A's socket for this error, which the
-    // engine counts on the flow without a line of its own. A datagram to another closed port
+    // A repeated error about A's flow, which the engine counts on the flow without a line of
+    // its own. A datagram to another closed port
     // then draws an error that does get a line, and comes back after the first.
     a.send_to(b"a2", dead).unwrap();
     let sentinel = addr(SERVER4, 10);

@@ -1393,7 +1393,7 @@ impl Engine {
 
     /// `ev` as about the tracked flow it is about, if it is an ICMP error that the kernel
     /// told no socket of (no cookie): a tracked flow that sent the datagram it quotes (same
-    /// namespace, local port and address, and peer) means the kernel found that flow's
+    /// namespace, local port and address, and peer) means that the kernel found that flow's
     /// socket and discarded the error; none, that no socket matched (the socket is gone).
     /// Of sockets that sent alike (a reuseport group), the newest (largest cookie) is named:
     /// which one the kernel found is not known.
@@ -1404,18 +1404,23 @@ impl Engine {
         if ev.cookie != 0 {
             return None;
         }
-        let cookie = self
+        // A socket whose namespace is not known (no hook named it) is a candidate only when
+        // none in the error's namespace sent alike.
+        let (_, cookie) = self
             .flows
             .sent(ev.local.port(), ev.remote)
-            .filter(|(cookie, f)| {
+            .filter(|(_, f)| {
                 let ip = f.local().ip();
-                (ip == ev.local.ip() || ip.is_unspecified())
-                    && self
-                        .sockets
-                        .get(cookie)
-                        .is_some_and(|s| s.netns == ev.who.netns)
+                ip == ev.local.ip() || ip.is_unspecified()
             })
-            .map(|(cookie, _)| cookie)
+            .filter_map(|(cookie, _)| {
+                let netns = self.sockets.get(&cookie)?.netns;
+                if netns == ev.who.netns {
+                    Some((true, cookie))
+                } else {
+                    (netns == 0 || ev.who.netns == 0).then_some((false, cookie))
+                }
+            })
             .max()?;
         Some(KernelEvent {
             cookie,

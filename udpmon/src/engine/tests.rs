@@ -474,6 +474,22 @@ fn an_untold_icmp_error_is_the_discarded_error_of_the_flow_that_sent_the_datagra
     assert_eq!(u.verdict, Verdict::NoSocket);
     let r = run(&mut e, &[ev(Fact::Close, 5 * S)]);
     assert_eq!(close_stats(&r[0]).1.icmp_errors, 1, "{r:?}");
+    // A socket whose namespace no hook named: the error's own namespace has no other.
+    let unnamed = KernelEvent {
+        cookie: 11,
+        who: Identity { netns: 0, ..nc() },
+        ..ev(Fact::FirstTx { bytes: 3 }, 6 * S)
+    };
+    run(&mut e, &[unnamed]);
+    // Another code, so that socket 9's flow reports again.
+    let host_unreachable = KernelEvent {
+        fact: icmp(3, 1, None, Verdict::NoSocket),
+        ..untold_icmp(there, "10.0.0.1:5000", 7 * S)
+    };
+    let r = run(&mut e, &[host_unreachable]);
+    assert_eq!(r[0].cookie, 9, "the namespace's own socket first: {r:?}");
+    let r = run(&mut e, &[untold_icmp(here, "10.0.0.1:5000", 8 * S)]);
+    assert_eq!(r[0].cookie, 11, "{r:?}");
 }
 
 #[test]

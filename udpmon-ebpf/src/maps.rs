@@ -108,8 +108,8 @@ pub struct HolderSeen {
     pub epoch: u64,
 }
 
-/// Both ends of a datagram: two sockets on one port in two network namespaces (containers)
-/// talking to the same peer differ at least by their local address.
+/// Both ends of a datagram, for REFUSED's rate limit per tuple (two namespaces that use the
+/// same addresses share a slot: it limits reports, it names no socket).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct TupleKey {

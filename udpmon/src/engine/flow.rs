@@ -686,6 +686,9 @@ impl FlowTable {
 
     /// Sets a flow's local address, keeping `by_tuple` true to it.
     pub fn set_local(&mut self, r: FlowRef, local: SocketAddr) {
+        if self.slots[r.0 as usize].flow.is_none() {
+            return;
+        }
         self.unindex_tuple(r.0);
         if let Some(f) = &mut self.slots[r.0 as usize].flow {
             f.local = Addr::new(local);

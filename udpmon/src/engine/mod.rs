@@ -16,9 +16,9 @@
 //! - RESUMED ends SILENT or UNREACHABLE when the peer's last datagram is newer than the
 //!   trouble, and only for a peer that had been heard before; a first reply to an
 //!   unreachable flow is its ESTABLISH.
-//! - After a flow's expiry (reason `idle`) or eviction the caller should delete its kernel
-//!   entry: the kernel reports only a flow's first datagram each way, so otherwise new
-//!   traffic on that flow would never reopen it. So should it after its socket's close, to
+//! - After a flow's close the caller should delete its kernel entry: the kernel reports only
+//!   a flow's first datagram each way, so otherwise new traffic on that flow (after an
+//!   expiry, an eviction, a disconnect) would never reopen it, and its socket's close should
 //!   free the entry. [`Engine::to_forget`] names them, whether their CLOSE was reported or
 //!   counted in a summary.
 //! - SILENT and RESUMED also have a peer scope, across the flows one program opens to one
@@ -305,8 +305,8 @@ impl Engine {
         ids
     }
 
-    /// The flows the last [`Engine::on_event`] or [`Engine::on_tick`] closed for being idle,
-    /// to make room or with their socket, whose kernel entries the caller should delete.
+    /// The flows the last [`Engine::on_event`] or [`Engine::on_tick`] closed, whose kernel
+    /// entries the caller should delete.
     /// Held only until the next call, so that a caller that does not care holds nothing.
     pub fn to_forget(&self) -> &[FlowId] {
         &self.to_forget
@@ -1033,12 +1033,7 @@ impl Engine {
         if reason != CloseReason::Closed && !self.flows.has_cookie(id.cookie) {
             self.list_flowless(id.cookie);
         }
-        if matches!(
-            reason,
-            CloseReason::Idle | CloseReason::Evicted | CloseReason::Closed
-        ) {
-            self.to_forget.push(*id);
-        }
+        self.to_forget.push(*id);
         // A summarised flow's close is one count in its socket's summary. Unless its peer
         // takes what it sent or heard, its counters would be read for nothing: a system
         // call for each client of a busy server.

@@ -280,6 +280,9 @@ fn disconnect_closes_the_connected_flow_only() {
     assert_eq!(kinds(&r), [ReportKind::Close]);
     assert_eq!(r[0].remote, addr("10.0.0.2:53"));
     assert_eq!(close_stats(&r[0]).0, CloseReason::Disconnected);
+    // Or a datagram sent to that peer later would add to the kernel entry, reported by no
+    // record: the flow would never reopen.
+    assert_eq!(e.to_forget(), [flow7()], "its kernel entry goes");
     assert_eq!(e.flows_of(7).len(), 1);
     assert!(run(&mut e, &[disconnect]).is_empty());
 }
@@ -1751,20 +1754,18 @@ mod props {
             chk.check(&reports, &e.e)?;
             prop_assert_eq!(e.e.to_forget(), e.sleepless.to_forget());
             prop_assert_eq!(e.e.stats(), e.sleepless.stats());
-            // What the caller does after an expiry or eviction, so that the flow's next
+            // What the caller does after a close, so that the flow's next
             // datagram is reported as new; each one reported closed, or summarised.
             for id in e.e.to_forget() {
                 kernel.0.borrow_mut().remove(id);
             }
             for r in &reports {
-                if let Detail::Closed { reason, .. } = r.detail
-                    && matches!(reason, CloseReason::Idle | CloseReason::Evicted)
-                {
+                if let Detail::Closed { .. } = r.detail {
                     let id = FlowId {
                         cookie: r.cookie,
                         remote: r.remote,
                     };
-                    prop_assert!(e.e.to_forget().contains(&id), "{:?} not expired", r);
+                    prop_assert!(e.e.to_forget().contains(&id), "{:?} kept in the kernel", r);
                 }
             }
         }

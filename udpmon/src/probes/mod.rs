@@ -515,8 +515,8 @@ fn load_strategy(
     let log_level: u8 = if opts.kernel_log { 5 } else { 0 };
     // The kernel's flow map gets headroom over the engine's `--max-flows` table: an LRU map
     // evicts before it is full (free entries wait in per-CPU lists), and the engine, not the
-    // kernel, must be the one that drops a flow, with a CLOSE. The per-socket and per-peer side
-    // maps hold one entry per live socket or sending flow at most: `--max-flows` bounds them.
+    // kernel, must be the one that drops a flow, with a CLOSE. The side maps hold one entry per
+    // live socket or process holding one at most: `--max-flows` bounds them.
     let flows = kernel_flow_entries(opts.max_flows);
     let side = opts.max_flows.max(1024);
     let helpers = tracing_helpers(kbtf);

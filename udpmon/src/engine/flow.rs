@@ -575,10 +575,11 @@ impl FlowTable {
                 let i = *e.get();
                 // Its local port may differ, and with it the slot's key in `by_tuple`.
                 self.unindex_tuple(i);
+                let h = hash_tuple(&self.hasher, flow.local.port(), &remote);
                 let s = &mut self.slots[i as usize];
                 s.flow = Some(flow);
                 s.at = ts_ns;
-                self.index_tuple(i);
+                self.index_tuple(i, h);
                 self.note_activity(ts_ns, &id);
                 self.wake(FlowRef(i));
                 return FlowRef(i);
@@ -611,6 +612,7 @@ impl FlowTable {
                 NIL
             }
         };
+        let th = hash_tuple(hasher, flow.local.port(), &remote);
         slots[i as usize] = Slot {
             cookie: id.cookie,
             remote,
@@ -620,7 +622,7 @@ impl FlowTable {
             next,
             flow: Some(flow),
         };
-        self.index_tuple(i);
+        self.index_tuple(i, th);
         self.len += 1;
         self.note_activity(ts_ns, &id);
         self.wake(FlowRef(i));
@@ -670,9 +672,10 @@ impl FlowTable {
         flow
     }
 
-    fn index_tuple(&mut self, i: u32) {
+    /// Adds slot `i` to `by_tuple` under `h`, its [`tuple_hash`] (the caller has the port and
+    /// remote at hand: reading them back from the slot it just wrote cost more than hashing).
+    fn index_tuple(&mut self, i: u32, h: u64) {
         let (slots, hasher) = (&self.slots, &self.hasher);
-        let h = tuple_hash(hasher, &slots[i as usize]);
         self.by_tuple
             .insert_unique(h, i, |&j| tuple_hash(hasher, &slots[j as usize]));
     }
@@ -690,10 +693,12 @@ impl FlowTable {
             return;
         }
         self.unindex_tuple(r.0);
-        if let Some(f) = &mut self.slots[r.0 as usize].flow {
+        let s = &mut self.slots[r.0 as usize];
+        if let Some(f) = &mut s.flow {
             f.local = Addr::new(local);
         }
-        self.index_tuple(r.0);
+        let h = hash_tuple(&self.hasher, local.port(), &s.remote);
+        self.index_tuple(r.0, h);
     }
 
     /// The flows that sent, or could have sent, a datagram from local port `port` to

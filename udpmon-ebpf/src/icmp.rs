@@ -13,9 +13,10 @@
 //!    take each other's verdict.
 //!
 //! The kernel drops an error it found a socket for but did not tell (an unconnected socket
-//! without IP_RECVERR) without saying which socket: a map from each flow's addresses to its
-//! socket, filled at every first send, would say, but its insert was half the egress
-//! program's time per new flow, and userspace knows every flow it tracks by those addresses.
+//! without IP_RECVERR, or a connected one for an error that is not fatal) without saying
+//! which socket: a map from each flow's addresses to its socket, filled at every first send,
+//! would say, but its insert was half the egress program's time per new flow, and userspace
+//! knows every flow it tracks by those addresses.
 use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
 use udpmon_common::{
     EventKind,

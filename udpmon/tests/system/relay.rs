@@ -286,3 +286,38 @@ pub fn reconnect(st: Strategy) -> Outcome {
     }
     Outcome::Pass
 }
+
+/// A socket goes back to a peer it left: its second flow there counts its own datagrams
+/// only. The first flow's kernel entry goes with its CLOSE (reason reconnected, seen by every
+/// strategy); kept, it would go on counting, no record would report the return, and the
+/// second flow's CLOSE would add up both.
+pub fn reconnect_back(st: Strategy) -> Outcome {
+    let h = TwoHosts::new("rb");
+    let mut u = Udpmon::start(st, &[]).expect("udpmon starts");
+    let me = std::process::id() as u64;
+    let peers: Vec<String> = (1..=2).map(|i| addr(SERVER4, 7800 + i)).collect();
+    let psocks: Vec<UdpSocket> = peers.iter().map(|p| udp_socket_in(&h.server, p)).collect();
+    let a = udp_socket_in(&h.client, &addr(CLIENT4, 0));
+    a.set_read_timeout(Some(deadline(10))).unwrap();
+    a.connect(&peers[0]).unwrap();
+    exchange(&a, &psocks[0]);
+    let ck = wait_connect(&mut u, me, &peers[0])["cookie"].clone();
+    a.connect(&peers[1]).unwrap();
+    exchange(&a, &psocks[1]);
+    // Its line is written after the kernel entry is deleted (the pipeline deletes the
+    // ended flows' entries before it flushes the output).
+    let left = u.wait_for("the first flow's close", |v| {
+        is(v, "close") && of_flow(v, &ck, &peers[0])
+    });
+    assert_close(&left, "reconnected", (1, 2), (1, 3));
+    a.connect(&peers[0]).unwrap();
+    exchange(&a, &psocks[0]);
+    drop(a);
+    let back = u.wait_for("the second flow's close", |v| {
+        is(v, "close") && of_flow(v, &ck, &peers[0]) && v["reason"] == "closed"
+    });
+    assert_close(&back, "closed", (1, 2), (1, 3));
+    let twice = ["connect", "establish", "close"].repeat(2);
+    assert_story(&mut u, "back to peer 0", &ck, &peers[0], &twice);
+    Outcome::Pass
+}

@@ -105,6 +105,10 @@ pub const ALL: &[Scenario] = &[
         name: "disconnect_reconnect",
         run: crate::relay::reconnect,
     },
+    Scenario {
+        name: "reconnect_back",
+        run: crate::relay::reconnect_back,
+    },
     // Issue 3, point 8: every send and receive syscall variant.
     Scenario {
         name: "syscalls_ipv4",

@@ -12,8 +12,8 @@
 //!    skb is handled at a time from report to free, so two errors in one NAPI batch cannot
 //!    take each other's verdict.
 //!
-//! The kernel drops an error it found a socket for but did not tell (an unconnected socket
-//! without IP_RECVERR, or a connected one for an error that is not fatal) without saying
+//! The kernel drops an error it found a socket for but did not tell (a socket without
+//! IP_RECVERR that is unconnected, or connected and the error not fatal) without saying
 //! which socket: a map from each flow's addresses to its socket, filled at every first send,
 //! would say, but its insert was half the egress program's time per new flow, and userspace
 //! knows every flow it tracks by those addresses.

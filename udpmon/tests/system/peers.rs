@@ -211,8 +211,8 @@ pub fn same_port_two_netns(st: Strategy) -> Outcome {
         assert_eq!(v["icmp"]["verdict"], "discarded", "{v}");
     }
     // A repeated error about A's flow, which the engine counts on the flow without a line of
-    // its own. A datagram to another closed port
-    // then draws an error that does get a line, and comes back after the first.
+    // its own. A datagram to another closed port then draws an error that does get a line,
+    // and comes back after the first.
     a.send_to(b"a2", dead).unwrap();
     let sentinel = addr(SERVER4, 10);
     a.send_to(b"a3", sentinel.parse::<SocketAddr>().unwrap())

@@ -304,8 +304,9 @@ pub fn reconnect_back(st: Strategy) -> Outcome {
     let ck = wait_connect(&mut u, me, &peers[0])["cookie"].clone();
     a.connect(&peers[1]).unwrap();
     exchange(&a, &psocks[1]);
-    // Its line is written after the kernel entry is deleted (the pipeline deletes the
-    // ended flows' entries before it flushes the output).
+    // Its line is written after the kernel entry is deleted: the pipeline deletes the ended
+    // flows' entries before it flushes a batch's output (unless that output passes 256 KiB
+    // first, which this scenario's few lines never do).
     let left = u.wait_for("the first flow's close", |v| {
         is(v, "close") && of_flow(v, &ck, &peers[0])
     });

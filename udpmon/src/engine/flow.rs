@@ -504,7 +504,7 @@ fn hash_tuple(h: &DefaultHashBuilder, port: u16, remote: &Addr) -> u64 {
 }
 
 /// A slot's key in `by_tuple` (a free slot's is never asked for).
-fn tuple_hash(h: &DefaultHashBuilder, s: &Slot) -> u64 {
+fn slot_tuple_hash(h: &DefaultHashBuilder, s: &Slot) -> u64 {
     hash_tuple(h, s.flow.as_ref().map_or(0, |f| f.local.port()), &s.remote)
 }
 
@@ -672,16 +672,17 @@ impl FlowTable {
         flow
     }
 
-    /// Adds slot `i` to `by_tuple` under `h`, its [`tuple_hash`] (the caller has the port and
-    /// remote at hand: reading them back from the slot it just wrote cost more than hashing).
+    /// Adds slot `i` to `by_tuple` under `h`, its [`slot_tuple_hash`] (the caller has the port
+    /// and remote at hand: reading them back from the slot it just wrote cost more than
+    /// hashing).
     fn index_tuple(&mut self, i: u32, h: u64) {
         let (slots, hasher) = (&self.slots, &self.hasher);
         self.by_tuple
-            .insert_unique(h, i, |&j| tuple_hash(hasher, &slots[j as usize]));
+            .insert_unique(h, i, |&j| slot_tuple_hash(hasher, &slots[j as usize]));
     }
 
     fn unindex_tuple(&mut self, i: u32) {
-        let h = tuple_hash(&self.hasher, &self.slots[i as usize]);
+        let h = slot_tuple_hash(&self.hasher, &self.slots[i as usize]);
         if let Ok(e) = self.by_tuple.find_entry(h, |&j| j == i) {
             e.remove();
         }

@@ -390,41 +390,6 @@ fn repeated_icmp_is_counted_not_reported() {
     assert_eq!(close_stats(&r[3]).1.icmp_errors, 4);
 }
 
-#[test]
-fn icmp_for_a_closed_socket_names_the_ports_last_owner() {
-    let mut e = engine();
-    run(
-        &mut e,
-        &[ev(Fact::FirstTx { bytes: 3 }, S), ev(Fact::Close, 2 * S)],
-    );
-    let orphan = KernelEvent {
-        cookie: 0,
-        task_unrelated: true,
-        who: Identity {
-            tgid: 0,
-            pid: 0,
-            comm: "swapper/1".into(),
-            ..ev(icmp(3, 3, None, Verdict::NoSocket), 3 * S).who
-        },
-        ..ev(icmp(3, 3, None, Verdict::NoSocket), 3 * S)
-    };
-    let r = run(&mut e, &[orphan]);
-    assert_eq!(kinds(&r), [ReportKind::Unreachable]);
-    assert_eq!(
-        (r[0].cookie, r[0].who.tgid, &*r[0].who.comm.to_str()),
-        (0, 0, "")
-    );
-    assert_eq!(r[0].who.netns, 4026531833);
-    let Detail::Unreachable(u) = &r[0].detail else {
-        panic!("{r:?}")
-    };
-    assert_eq!(u.verdict, Verdict::NoSocket);
-    assert_eq!(u.errno, Some(libc::ECONNREFUSED));
-    let owner = u.last_owner.as_ref().expect("last owner");
-    assert_eq!((owner.tgid, &*owner.comm.to_str()), (100, "nc"));
-    assert!(e.flows().is_empty(), "no flow for a socket that is gone");
-}
-
 /// An ICMP error the kernel told no socket of, as its record has it: no cookie, softirq.
 fn untold_icmp(netns: u32, local: &str, ts_ns: u64) -> KernelEvent {
     let e = ev(icmp(3, 3, None, Verdict::NoSocket), ts_ns);
@@ -441,6 +406,30 @@ fn untold_icmp(netns: u32, local: &str, ts_ns: u64) -> KernelEvent {
         },
         ..e
     }
+}
+
+#[test]
+fn icmp_for_a_closed_socket_names_the_ports_last_owner() {
+    let mut e = engine();
+    run(
+        &mut e,
+        &[ev(Fact::FirstTx { bytes: 3 }, S), ev(Fact::Close, 2 * S)],
+    );
+    let r = run(&mut e, &[untold_icmp(nc().netns, "10.0.0.1:5000", 3 * S)]);
+    assert_eq!(kinds(&r), [ReportKind::Unreachable]);
+    assert_eq!(
+        (r[0].cookie, r[0].who.tgid, &*r[0].who.comm.to_str()),
+        (0, 0, "")
+    );
+    assert_eq!(r[0].who.netns, 4026531833);
+    let Detail::Unreachable(u) = &r[0].detail else {
+        panic!("{r:?}")
+    };
+    assert_eq!(u.verdict, Verdict::NoSocket);
+    assert_eq!(u.errno, Some(libc::ECONNREFUSED));
+    let owner = u.last_owner.as_ref().expect("last owner");
+    assert_eq!((owner.tgid, &*owner.comm.to_str()), (100, "nc"));
+    assert!(e.flows().is_empty(), "no flow for a socket that is gone");
 }
 
 #[test]

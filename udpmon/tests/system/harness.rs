@@ -38,8 +38,15 @@ fn lost_records(stderr_line: &str) -> bool {
 /// A scenario that cannot be judged: an event it waits for never came, and udpmon reported
 /// meanwhile that it lost records (the kernel skipped program runs, the ring was full). The
 /// event may be one of those, so the runner runs the scenario once more, and the second run
-/// is judged in full. Raised with `panic_any` from [`Udpmon::wait_for`].
+/// is judged in full. Raised with `panic_any` from [`Udpmon::wait_for`]. Any other failure of
+/// a run in which udpmon said it lost records ([`take_lost`]) is rerun the same way: a lost
+/// connect() record makes the first datagram the CONNECT, a lost close leaves a CLOSE to the
+/// dump of open sockets.
 pub struct Inconclusive(pub String);
+
+/// How long, in host seconds (see [`deadline`]), [`Udpmon::wait_for`] still waits once udpmon
+/// has reported lost records. The slowest passing scenario's whole run is under 20 VM seconds.
+const LOSS_GRACE: u64 = 5;
 
 /// The hook strategies, and their `--hooks` names, as udpmon itself defines them.
 pub use udpmon::probes::Strategy;
@@ -250,6 +257,14 @@ impl Udpmon {
             },
             Line::Err(l) => {
                 eprintln!("  [udpmon] {l}");
+                // Not one of util's asserting helpers: this runs while a failed scenario
+                // unwinds too, where a panic aborts.
+                let lost = lost_records(&l)
+                    || (l.contains("udpmon: stopped;")
+                        && crate::util::summary_losses(&l).is_some_and(|n| n > 0));
+                if lost {
+                    LOST.with_borrow_mut(|first| _ = first.get_or_insert_with(|| l.clone()));
+                }
                 self.stderr.push(l);
             }
         }
@@ -266,15 +281,27 @@ impl Udpmon {
     }
 
     /// Waits until an event matching `pred` has been printed; returns it.
+    ///
+    /// Once udpmon has said it lost records, the wait is cut to [`LOSS_GRACE`]: the event may
+    /// be among them, and the scenario is then rerun (see [`Inconclusive`]) instead of waiting
+    /// out the whole deadline for a record that is gone.
     pub fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let end = Instant::now() + deadline(20);
+        let start = Instant::now();
+        let mut end = start + deadline(20);
+        let mut lost: Option<String> = None;
         loop {
             if let Some(v) = self.seen.iter().find(|v| pred(v)) {
                 return v.clone();
             }
+            if lost.is_none() {
+                lost = self.stderr.iter().find(|l| lost_records(l)).cloned();
+                if lost.is_some() {
+                    end = end.min(Instant::now() + deadline(LOSS_GRACE));
+                }
+            }
             if Instant::now() > end {
-                let missing = format!("no {what} event within {:?}", deadline(20));
-                if let Some(lost) = self.stderr.iter().find(|l| lost_records(l)) {
+                let missing = format!("no {what} event within {:?}", start.elapsed());
+                if let Some(lost) = lost {
                     panic::panic_any(Inconclusive(format!(
                         "{missing}, and udpmon reported {lost:?}"
                     )));
@@ -441,6 +468,15 @@ thread_local! {
     /// Datagrams the CLOSEs asserted so far were short of (`util::assert_close`), which the
     /// running udpmon must have reported lost by its exit.
     static SHORT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// The first thing a udpmon of the scenario running said about records it lost: a
+    /// warning, or an exit summary with losses in it.
+    static LOST: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// What udpmon said it lost during the scenario run since the last call, if anything; see
+/// [`Inconclusive`] for why the runner asks.
+pub fn take_lost() -> Option<String> {
+    LOST.take()
 }
 
 /// Counts asserted short by `short` datagrams: the running udpmon owes a loss report.
@@ -459,6 +495,19 @@ impl Drop for Udpmon {
                 self.settle();
             }
             return;
+        }
+        // A failed scenario: udpmon's exit summary tells the runner whether it lost records
+        // (`take_lost`). No assertion here, a panic while unwinding aborts.
+        if std::thread::panicking() && self.running() {
+            // SAFETY: kill on our own child's pid.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let end = Instant::now() + deadline(5);
+            while self.running() && Instant::now() < end {
+                self.drain(Duration::from_millis(50));
+            }
+            while let Ok(line) = self.rx.recv_timeout(Duration::from_millis(200)) {
+                self.take(line);
+            }
         }
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -4,9 +4,9 @@
 //! Every scenario runs once per hook strategy. A strategy the tier requires
 //! (`harness::must_attach`) that does not attach FAILS its scenarios; one it does not require,
 //! or a tool that is missing, makes the scenario SKIPPED with the reason. A scenario that
-//! waited in vain for an event while udpmon reported losing records runs once more
-//! (`harness::Inconclusive`). The last line has libtest's shape
-//! so that runners can collect it: `test result: ok. N passed; M failed; K skipped`.
+//! failed while udpmon reported losing records runs once more (`harness::Inconclusive`). The
+//! last line has libtest's shape so that runners can collect it:
+//! `test result: ok. N passed; M failed; K skipped`.
 mod behaviour;
 mod busy;
 mod containers;
@@ -85,13 +85,19 @@ fn main() -> ExitCode {
                 Ok(()) => {}
             }
             let t = Instant::now();
+            harness::take_lost();
             let mut res = panic::catch_unwind(|| (s.run)(st));
             // Once, and only for what udpmon itself said it lost (see `Inconclusive`).
-            let lost = res
-                .as_ref()
-                .err()
-                .and_then(|e| e.downcast_ref::<Inconclusive>());
-            if let Some(why) = lost.map(|i| i.0.clone()) {
+            let lost = harness::take_lost();
+            let why = match res.as_ref().err() {
+                Some(e) if let Some(i) = e.downcast_ref::<Inconclusive>() => Some(i.0.clone()),
+                Some(e) if let Some(lost) = lost => Some(format!(
+                    "{}; udpmon said: {lost}",
+                    panic_message(e.as_ref())
+                )),
+                _ => None,
+            };
+            if let Some(why) = why {
                 println!("running {name} again (inconclusive): {why}");
                 res = panic::catch_unwind(|| (s.run)(st));
             }
@@ -106,12 +112,7 @@ fn main() -> ExitCode {
                     skipped += 1;
                 }
                 Err(e) => {
-                    let msg = e
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .or_else(|| e.downcast_ref::<Inconclusive>().map(|i| i.0.clone()))
-                        .unwrap_or_default();
+                    let msg = panic_message(e.as_ref());
                     println!("test {name} ... FAILED ({secs:.1}s): {msg}");
                     failed += 1;
                 }
@@ -128,4 +129,12 @@ fn main() -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+fn panic_message(e: &(dyn std::any::Any + Send)) -> String {
+    e.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+        .or_else(|| e.downcast_ref::<Inconclusive>().map(|i| i.0.clone()))
+        .unwrap_or_default()
 }

@@ -190,22 +190,26 @@ pub fn exit_summary(stderr: &[String]) -> &str {
 
 /// The count after `label` in udpmon's exit summary.
 pub fn exit_count(summary: &str, label: &str) -> u64 {
-    summary
-        .split(label)
-        .nth(1)
-        .and_then(|rest| {
-            rest.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no '{label}' count in {summary}"))
+    try_exit_count(summary, label).unwrap_or_else(|| panic!("no '{label}' count in {summary}"))
+}
+
+fn try_exit_count(summary: &str, label: &str) -> Option<u64> {
+    let rest = summary.split(label).nth(1)?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// What udpmon says it lost, from its exit summary: records the kernel could not queue or
 /// udpmon not decode or map, and events it could not write.
 pub fn losses(stderr: &[String]) -> u64 {
     let summary = exit_summary(stderr);
+    summary_losses(summary).unwrap_or_else(|| panic!("loss counts missing from {summary}"))
+}
+
+/// As [`losses`], from the summary line itself; `None` when a count is missing from it.
+pub fn summary_losses(summary: &str) -> Option<u64> {
     [
         "ring-buffer drops ",
         "decode errors ",
@@ -215,7 +219,7 @@ pub fn losses(stderr: &[String]) -> u64 {
         "events not written ",
     ]
     .iter()
-    .map(|l| exit_count(summary, l))
+    .map(|l| try_exit_count(summary, l))
     .sum()
 }
 

@@ -40,38 +40,48 @@ pub fn icmp_free_callers() -> Result<IcmpFreeCallers, String> {
 /// A function's range ends where the next symbol above its start begins. /proc/kallsyms
 /// lists the kernel's own symbols in address order but a module's in its own, so every
 /// address is compared rather than taking the next line.
+///
+/// Read as bytes: the file has a line per kernel symbol (hundreds of thousands), and this
+/// runs at every start, beside the BTF parse.
 fn parse(r: impl Read) -> Result<IcmpFreeCallers, String> {
     let mut addrs = Vec::with_capacity(1 << 18);
     let mut start = [None; IcmpFreeCallers::RANGES];
     let (mut stext, mut etext) = (None, None);
-    let mut line = String::new();
+    let mut line = Vec::with_capacity(256);
     let mut r = BufReader::with_capacity(1 << 16, r);
     loop {
         line.clear();
-        match r.read_line(&mut line) {
+        match r.read_until(b'\n', &mut line) {
             Ok(0) => break,
             Ok(_) => {}
             Err(e) => return Err(format!("/proc/kallsyms: {e}")),
         }
-        let mut f = line.split_ascii_whitespace();
+        // `<address> <kind> <name>[\t[<module>]]`
+        let mut f = line
+            .split(u8::is_ascii_whitespace)
+            .filter(|f| !f.is_empty());
         let (Some(addr), Some(_kind), Some(name)) = (f.next(), f.next(), f.next()) else {
             continue;
         };
-        let Ok(addr) = u64::from_str_radix(addr, 16) else {
+        let Some(addr) = hex(addr) else {
             continue;
         };
         addrs.push(addr);
-        if let Some(i) = CALLERS.iter().position(|names| names.contains(&name)) {
+        if let Some(i) = CALLERS
+            .iter()
+            .position(|names| names.iter().any(|n| n.as_bytes() == name))
+        {
             start[i].get_or_insert(addr);
         }
         match name {
-            "_stext" => stext = Some(addr),
-            "_etext" => etext = Some(addr),
+            b"_stext" => stext = Some(addr),
+            b"_etext" => etext = Some(addr),
             _ => {}
         }
-        if let Some((base, _)) = name.split_once('.')
-            && UNSPLIT.contains(&base)
+        if let Some(dot) = name.iter().position(|&b| b == b'.')
+            && let Some(base) = UNSPLIT.iter().find(|u| u.as_bytes() == &name[..dot])
         {
+            let name = String::from_utf8_lossy(name);
             return Err(format!("{name} in /proc/kallsyms: a split {base}"));
         }
     }
@@ -98,6 +108,17 @@ fn parse(r: impl Read) -> Result<IcmpFreeCallers, String> {
     Ok(IcmpFreeCallers {
         text: [stext, etext],
         ranges,
+    })
+}
+
+/// A kallsyms address: hexadecimal digits, at most 16.
+fn hex(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 16 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        let v = (d as char).to_digit(16)?;
+        Some(n << 4 | u64::from(v))
     })
 }
 

@@ -9,7 +9,11 @@ use aya_build::{Package, Toolchain};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, SymbolKind};
 
 fn main() -> anyhow::Result<()> {
-    let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
+    let cargo_metadata::Metadata {
+        packages,
+        target_directory,
+        ..
+    } = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()
         .context("MetadataCommand::exec")?;
@@ -21,6 +25,15 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("udpmon-ebpf manifest has no parent"))?;
+    // aya-build builds under OUT_DIR, which differs for every profile and host target (clippy,
+    // tests, release, musl): each would build the same eBPF object, core library included,
+    // from scratch. One directory under the workspace's target directory serves them all;
+    // the nested cargo locks it and rebuilds only what changed.
+    let out = std::env::var("OUT_DIR").context("OUT_DIR")?;
+    let shared = target_directory.join("ebpf");
+    std::fs::create_dir_all(&shared).with_context(|| format!("creating {shared}"))?;
+    // SAFETY: the build script has no other thread; aya-build reads OUT_DIR, and only it.
+    unsafe { std::env::set_var("OUT_DIR", &shared) };
     aya_build::build_ebpf(
         [Package {
             name: ebpf.name.as_str(),
@@ -29,11 +42,12 @@ fn main() -> anyhow::Result<()> {
         }],
         Toolchain::default(),
     )?;
-    let out = std::env::var("OUT_DIR").context("OUT_DIR")?;
-    write_names(
-        &Path::new(&out).join("udpmon"),
-        &Path::new(&out).join("ebpf_names.rs"),
-    )
+    // SAFETY: as above.
+    unsafe { std::env::set_var("OUT_DIR", &out) };
+    let obj = Path::new(&out).join("udpmon");
+    std::fs::copy(shared.join("udpmon"), &obj)
+        .with_context(|| format!("copying the eBPF object to {}", obj.display()))?;
+    write_names(&obj, &Path::new(&out).join("ebpf_names.rs"))
 }
 
 /// One constant per program (a function in a section of its own: subprograms live in

@@ -33,10 +33,15 @@ const KIND_ENUM64: u8 = 19;
 /// Bounds typedef chains and anonymous-member nesting so malformed BTF cannot loop us forever.
 const MAX_DEPTH: usize = 32;
 
-/// The kernel's BTF, decoded once. Type ids index `types`; id 0 is `void`.
+/// The kernel's BTF. Type ids index `types`; id 0 is `void`. Only each type's header is
+/// decoded up front: udpmon looks at a few dozen of the kernel's hundred thousand types, and
+/// this runs at every start. Their members, enumerators and parameters are read from
+/// `records` when asked for.
 pub struct KernelBtf {
     types: Vec<Type>,
     strings: Vec<u8>,
+    /// The type section: what follows each type's header.
+    records: Vec<u8>,
 }
 
 #[derive(Default)]
@@ -46,16 +51,10 @@ struct Type {
     /// Size for structs, unions, ints and enums; the referenced type for typedefs,
     /// qualifiers and FUNC (its FUNC_PROTO).
     size_or_type: u32,
-    data: Data,
-}
-
-#[derive(Default)]
-enum Data {
-    Members(Vec<Member>),
-    Enumerators(Vec<(u32, i64)>),
-    Params(Vec<u32>),
-    #[default]
-    None,
+    /// How many members, enumerators or parameters follow, at byte `at` of `records`.
+    vlen: u16,
+    kind_flag: bool,
+    at: u32,
 }
 
 #[derive(Clone, Copy)]
@@ -205,7 +204,11 @@ impl KernelBtf {
             types.push(ty);
             pos += len;
         }
-        Ok(Self { types, strings })
+        Ok(Self {
+            types,
+            strings,
+            records: type_sec.to_vec(),
+        })
     }
 
     /// Byte offset of a dotted member path inside `struct <struct_name>`, looking through
@@ -227,10 +230,11 @@ impl KernelBtf {
         let mut found_enum = false;
         for id in self.ids_named(enum_name, &[KIND_ENUM, KIND_ENUM64]) {
             found_enum = true;
-            if let Data::Enumerators(values) = &self.types[id as usize].data
-                && let Some((_, v)) = values.iter().find(|(n, _)| self.name(*n) == variant)
+            if let Some(v) = self
+                .enumerators(id)
+                .find(|&(n, _)| self.is_named(n, variant))
             {
-                return Ok(*v);
+                return Ok(v.1);
             }
         }
         Err(if found_enum {
@@ -251,10 +255,10 @@ impl KernelBtf {
             .ids_named(func, &[KIND_FUNC])
             .next()
             .ok_or_else(no_func)?;
-        let proto = self.types[id as usize].size_or_type as usize;
-        match self.types.get(proto).map(|t| &t.data) {
-            Some(Data::Params(p)) => Ok(p.iter().map(|&n| self.name(n).to_owned()).collect()),
-            _ => Err(malformed(format!("FUNC {func} has no FUNC_PROTO"))),
+        let proto = self.types[id as usize].size_or_type;
+        match self.params(proto) {
+            Some(p) => Ok(p.map(|n| self.name(n).to_owned()).collect()),
+            None => Err(malformed(format!("FUNC {func} has no FUNC_PROTO"))),
         }
     }
 
@@ -286,10 +290,7 @@ impl KernelBtf {
         if ptr.kind != KIND_PTR {
             return None;
         }
-        match &self.types.get(ptr.size_or_type as usize)?.data {
-            Data::Params(p) => Some(p.len().saturating_sub(1)),
-            _ => None,
-        }
+        Some(self.params(ptr.size_or_type)?.count().saturating_sub(1))
     }
 
     fn name(&self, off: u32) -> &str {
@@ -301,20 +302,74 @@ impl KernelBtf {
         std::str::from_utf8(&tail[..end]).unwrap_or("")
     }
 
+    /// Whether the string at `off` is `name`, without measuring or checking the string first:
+    /// [`Self::ids_named`] asks this of every type.
+    fn is_named(&self, off: u32, name: &str) -> bool {
+        let end = off as usize + name.len();
+        self.strings.get(off as usize..end) == Some(name.as_bytes())
+            && self.strings.get(end) == Some(&0)
+    }
+
     fn ids_named<'a>(&'a self, name: &'a str, kinds: &'a [u8]) -> impl Iterator<Item = u32> + 'a {
         (1..self.types.len() as u32).filter(move |&id| {
             let t = &self.types[id as usize];
-            kinds.contains(&t.kind) && self.name(t.name) == name
+            kinds.contains(&t.kind) && self.is_named(t.name, name)
         })
     }
 
+    /// Word `w` of record `r` of type `t`, whose records are `stride` words each. In bounds:
+    /// `parse_type` checked that the whole record fits.
+    fn record(&self, t: &Type, stride: usize, r: usize, w: usize) -> u32 {
+        u32_at(&self.records, t.at as usize + 4 * (r * stride + w)).unwrap_or(0)
+    }
+
+    /// (name, value) of each enumerator of `id`, if it is an enum.
+    fn enumerators(&self, id: u32) -> impl Iterator<Item = (u32, i64)> + '_ {
+        let t = &self.types[id as usize];
+        let (n, stride) = match t.kind {
+            KIND_ENUM => (t.vlen as usize, 2),
+            KIND_ENUM64 => (t.vlen as usize, 3),
+            _ => (0, 0),
+        };
+        (0..n).map(move |r| {
+            let lo = self.record(t, stride, r, 1);
+            // kind_flag marks a signed ENUM; ENUM64 keeps all 64 bits either way.
+            let value = match (t.kind, t.kind_flag) {
+                (KIND_ENUM64, _) => {
+                    (u64::from(self.record(t, stride, r, 2)) << 32 | u64::from(lo)) as i64
+                }
+                (_, true) => i64::from(lo as i32),
+                (_, false) => i64::from(lo),
+            };
+            (self.record(t, stride, r, 0), value)
+        })
+    }
+
+    /// The parameter names of FUNC_PROTO `id`; `None` if it is not one.
+    fn params(&self, id: u32) -> Option<impl Iterator<Item = u32> + '_> {
+        let t = self.types.get(id as usize)?;
+        (t.kind == KIND_FUNC_PROTO)
+            .then(|| (0..t.vlen as usize).map(move |r| self.record(t, 2, r, 0)))
+    }
+
     /// Members of `id` once typedefs and qualifiers are peeled off, if it is a struct or union.
-    fn members_of(&self, mut id: u32) -> Option<&[Member]> {
+    fn members_of(&self, mut id: u32) -> Option<Vec<Member>> {
         for _ in 0..MAX_DEPTH {
             let t = self.types.get(id as usize)?;
-            match (t.kind, &t.data) {
-                (_, Data::Members(m)) => return Some(m),
-                (KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG, _) => {
+            match t.kind {
+                KIND_STRUCT | KIND_UNION => {
+                    let members = (0..t.vlen as usize).map(|r| {
+                        let off = self.record(t, 3, r, 2);
+                        Member {
+                            name: self.record(t, 3, r, 0),
+                            ty: self.record(t, 3, r, 1),
+                            bit_offset: if t.kind_flag { off & 0xff_ffff } else { off },
+                            bits: if t.kind_flag { off >> 24 } else { 0 },
+                        }
+                    });
+                    return Some(members.collect());
+                }
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
                     id = t.size_or_type;
                 }
                 _ => return None,
@@ -333,7 +388,7 @@ impl KernelBtf {
         members.iter().find_map(|m| match self.name(m.name) {
             n if n == name => Some(*m),
             "" => {
-                let inner = self.find_member(self.members_of(m.ty)?, name, depth + 1)?;
+                let inner = self.find_member(&self.members_of(m.ty)?, name, depth + 1)?;
                 Some(Member {
                     bit_offset: m.bit_offset.checked_add(inner.bit_offset)?,
                     ..inner
@@ -354,7 +409,7 @@ impl KernelBtf {
             if part.is_empty() {
                 return Err(no_member());
             }
-            let m = self.find_member(self.members_of(ty).ok_or_else(no_member)?, part, 0);
+            let m = self.find_member(&self.members_of(ty).ok_or_else(no_member)?, part, 0);
             let m = m.ok_or_else(no_member)?;
             bit_offset = bit_offset.checked_add(m.bit_offset).ok_or_else(no_member)?;
             (ty, bits) = (m.ty, m.bits);
@@ -393,45 +448,14 @@ fn parse_type(sec: &[u8], pos: usize, id: u32) -> Result<(Type, usize), BtfError
     let words = 3 + extra + stride * vlen;
     // The whole record must fit even when nothing in its trailer is decoded.
     word(words - 1)?;
-    let rec = |r: usize, w: usize| word(3 + r * stride + w);
-    let data = match kind {
-        KIND_STRUCT | KIND_UNION => {
-            let mut members = Vec::with_capacity(vlen);
-            for r in 0..vlen {
-                let (name, ty, off) = (rec(r, 0)?, rec(r, 1)?, rec(r, 2)?);
-                let bit_offset = if kind_flag { off & 0xff_ffff } else { off };
-                let bits = if kind_flag { off >> 24 } else { 0 };
-                members.push(Member {
-                    name,
-                    ty,
-                    bit_offset,
-                    bits,
-                });
-            }
-            Data::Members(members)
-        }
-        KIND_ENUM | KIND_ENUM64 => {
-            let mut values = Vec::with_capacity(vlen);
-            for r in 0..vlen {
-                let lo = rec(r, 1)?;
-                // kind_flag marks a signed ENUM; ENUM64 keeps all 64 bits either way.
-                let value = match (kind, kind_flag) {
-                    (KIND_ENUM64, _) => (u64::from(rec(r, 2)?) << 32 | u64::from(lo)) as i64,
-                    (_, true) => i64::from(lo as i32),
-                    (_, false) => i64::from(lo),
-                };
-                values.push((rec(r, 0)?, value));
-            }
-            Data::Enumerators(values)
-        }
-        KIND_FUNC_PROTO => Data::Params((0..vlen).map(|r| rec(r, 0)).collect::<Result<_, _>>()?),
-        _ => Data::None,
-    };
     let ty = Type {
         name,
         kind,
         size_or_type,
-        data,
+        vlen: vlen as u16,
+        kind_flag,
+        at: u32::try_from(pos + 4 * (3 + extra))
+            .map_err(|_| malformed("type section over 4 GiB"))?,
     };
     Ok((ty, 4 * words))
 }

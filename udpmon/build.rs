@@ -2,18 +2,18 @@
 //! can embed it in the udpmon binary, and names its programs and maps for the loader
 //! (`ebpf_names.rs`): userspace refers to them through these constants, so renaming a
 //! kernel program or map fails to compile instead of failing to load on some kernel.
-use std::{fmt::Write as _, path::Path};
+use std::{
+    fmt::Write as _,
+    fs::File,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, SymbolKind};
 
 fn main() -> anyhow::Result<()> {
-    let cargo_metadata::Metadata {
-        packages,
-        target_directory,
-        ..
-    } = cargo_metadata::MetadataCommand::new()
+    let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()
         .context("MetadataCommand::exec")?;
@@ -27,11 +27,15 @@ fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("udpmon-ebpf manifest has no parent"))?;
     // aya-build builds under OUT_DIR, which differs for every profile and host target (clippy,
     // tests, release, musl): each would build the same eBPF object, core library included,
-    // from scratch. One directory under the workspace's target directory serves them all;
-    // the nested cargo locks it and rebuilds only what changed.
-    let out = std::env::var("OUT_DIR").context("OUT_DIR")?;
-    let shared = target_directory.join("ebpf");
-    std::fs::create_dir_all(&shared).with_context(|| format!("creating {shared}"))?;
+    // from scratch. One directory serves them all, and the nested cargo rebuilds only what
+    // changed. Build scripts of two profiles can run at once: the lock keeps each one's
+    // build and copy apart from the other's.
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR")?);
+    let shared = shared_dir(&out)?;
+    std::fs::create_dir_all(&shared).with_context(|| format!("creating {}", shared.display()))?;
+    let lock = File::create(shared.join(".lock"))
+        .and_then(|f| f.lock().map(|()| f))
+        .with_context(|| format!("locking {}", shared.display()))?;
     // SAFETY: the build script has no other thread; aya-build reads OUT_DIR, and only it.
     unsafe { std::env::set_var("OUT_DIR", &shared) };
     aya_build::build_ebpf(
@@ -44,10 +48,35 @@ fn main() -> anyhow::Result<()> {
     )?;
     // SAFETY: as above.
     unsafe { std::env::set_var("OUT_DIR", &out) };
-    let obj = Path::new(&out).join("udpmon");
-    std::fs::copy(shared.join("udpmon"), &obj)
-        .with_context(|| format!("copying the eBPF object to {}", obj.display()))?;
-    write_names(&obj, &Path::new(&out).join("ebpf_names.rs"))
+    let obj = out.join("udpmon");
+    if shared != out {
+        std::fs::copy(shared.join("udpmon"), &obj)
+            .with_context(|| format!("copying the eBPF object to {}", obj.display()))?;
+    }
+    drop(lock);
+    write_names(&obj, &out.join("ebpf_names.rs"))
+}
+
+/// Where every profile's build scripts build the eBPF object: under the target directory,
+/// one directory per architecture and byte order, which the object depends on. Cargo tags
+/// the target directory with CACHEDIR.TAG, and with `--target` also its `<triple>`
+/// directory inside: the nearest tagged ancestor of OUT_DIR, or its parent if tagged too.
+/// Without a tag, OUT_DIR.
+fn shared_dir(out: &Path) -> anyhow::Result<PathBuf> {
+    let cfg = |key: &str| std::env::var(key).with_context(|| key.to_owned());
+    let (arch, endian) = (
+        cfg("CARGO_CFG_TARGET_ARCH")?,
+        cfg("CARGO_CFG_TARGET_ENDIAN")?,
+    );
+    let tagged = |d: &&Path| d.join("CACHEDIR.TAG").is_file();
+    let target = out
+        .ancestors()
+        .find(tagged)
+        .map(|d| d.parent().filter(tagged).unwrap_or(d));
+    Ok(match target {
+        Some(target) => target.join("ebpf").join(format!("{arch}-{endian}")),
+        None => out.to_path_buf(),
+    })
 }
 
 /// One constant per program (a function in a section of its own: subprograms live in

@@ -2,7 +2,7 @@
 //! JSON events, real programs, and waiting for conditions with deadlines.
 use std::{
     fs,
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Write as _},
     net::UdpSocket,
     os::fd::AsRawFd as _,
     panic,
@@ -255,17 +255,32 @@ impl Udpmon {
                 Ok(v) => self.seen.push(v),
                 Err(e) => panic!("udpmon printed a line that is not JSON ({e}): {l}"),
             },
-            Line::Err(l) => {
-                eprintln!("  [udpmon] {l}");
-                // Not one of util's asserting helpers: this runs while a failed scenario
-                // unwinds too, where a panic aborts.
-                let lost = lost_records(&l)
-                    || (l.contains("udpmon: stopped;")
-                        && crate::util::summary_losses(&l).is_some_and(|n| n > 0));
-                if lost {
-                    LOST.with_borrow_mut(|first| _ = first.get_or_insert_with(|| l.clone()));
-                }
-                self.stderr.push(l);
+            Line::Err(l) => self.take_stderr(l),
+        }
+    }
+
+    /// Asserts nothing: it also serves a failed scenario while it unwinds, where a panic
+    /// aborts the whole run.
+    fn take_stderr(&mut self, l: String) {
+        let _ = writeln!(std::io::stderr(), "  [udpmon] {l}");
+        let lost = lost_records(&l)
+            || (l.contains("udpmon: stopped;")
+                && crate::util::summary_losses(&l).is_some_and(|n| n > 0));
+        if lost {
+            LOST.with_borrow_mut(|first| _ = first.get_or_insert_with(|| l.clone()));
+        }
+        self.stderr.push(l);
+    }
+
+    /// After a failure: udpmon's stderr until it has exited and both pipes ended, or `end`.
+    /// Its events are not looked at, nor is anything asserted (see [`Self::take_stderr`]).
+    fn drain_after_failure(&mut self, end: Instant) {
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            match self.rx.recv_timeout(left) {
+                Ok(Line::Err(l)) => self.take_stderr(l),
+                Ok(Line::Out(_)) => {}
+                // Both pipes ended, or the time is up.
+                Err(_) => return,
             }
         }
     }
@@ -497,17 +512,13 @@ impl Drop for Udpmon {
             return;
         }
         // A failed scenario: udpmon's exit summary tells the runner whether it lost records
-        // (`take_lost`). No assertion here, a panic while unwinding aborts.
-        if std::thread::panicking() && self.running() {
-            // SAFETY: kill on our own child's pid.
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-            let end = Instant::now() + deadline(5);
-            while self.running() && Instant::now() < end {
-                self.drain(Duration::from_millis(50));
+        // (`take_lost`).
+        if std::thread::panicking() {
+            if self.running() {
+                // SAFETY: kill on our own child's pid.
+                unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
             }
-            while let Ok(line) = self.rx.recv_timeout(Duration::from_millis(200)) {
-                self.take(line);
-            }
+            self.drain_after_failure(Instant::now() + deadline(5));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -99,7 +99,14 @@ fn main() -> ExitCode {
             };
             if let Some(why) = why {
                 println!("running {name} again (inconclusive): {why}");
-                res = panic::catch_unwind(|| (s.run)(st));
+                res = match panic::catch_unwind(|| (s.run)(st)) {
+                    // The first run got far enough to fail: a skip now is not a verdict.
+                    Ok(Outcome::Skip(skip)) => Err(Box::new(format!(
+                        "{why}; and the second run skipped: {skip}"
+                    ))
+                        as Box<dyn std::any::Any + Send>),
+                    second => second,
+                };
             }
             let secs = t.elapsed().as_secs_f64();
             match res {

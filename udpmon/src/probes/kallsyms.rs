@@ -63,7 +63,10 @@ fn parse(r: impl Read) -> Result<IcmpFreeCallers, String> {
         let (Some(addr), Some(_kind), Some(name)) = (f.next(), f.next(), f.next()) else {
             continue;
         };
-        let Some(addr) = hex(addr) else {
+        let Some(addr) = str::from_utf8(addr)
+            .ok()
+            .and_then(|a| u64::from_str_radix(a, 16).ok())
+        else {
             continue;
         };
         addrs.push(addr);
@@ -108,17 +111,6 @@ fn parse(r: impl Read) -> Result<IcmpFreeCallers, String> {
     Ok(IcmpFreeCallers {
         text: [stext, etext],
         ranges,
-    })
-}
-
-/// A kallsyms address: hexadecimal digits, at most 16.
-fn hex(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 16 {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |n, &d| {
-        let v = (d as char).to_digit(16)?;
-        Some(n << 4 | u64::from(v))
     })
 }
 

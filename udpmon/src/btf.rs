@@ -2,7 +2,7 @@
 //! member offsets, enumerator values and function parameter names at load time. Rust eBPF has no
 //! CO-RE, and aya 0.14 keeps its BTF member lookup private, so the programs get their offsets
 //! from here (see `udpmon_common::Offsets`).
-use std::{error::Error, fmt, path::Path};
+use std::{error::Error, fmt, ops::Range, path::Path};
 
 use udpmon_common::Offsets;
 
@@ -39,9 +39,11 @@ const MAX_DEPTH: usize = 32;
 /// `records` when asked for.
 pub struct KernelBtf {
     types: Vec<Type>,
-    strings: Vec<u8>,
+    /// The file as read: `records` and `strings` are where its sections are.
+    bytes: Vec<u8>,
     /// The type section: what follows each type's header.
-    records: Vec<u8>,
+    records: Range<usize>,
+    strings: Range<usize>,
 }
 
 #[derive(Default)]
@@ -172,16 +174,16 @@ impl KernelBtf {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&bytes)
+        Self::parse(bytes)
     }
 
-    pub fn parse(bytes: &[u8]) -> Result<Self, BtfError> {
+    pub fn parse(bytes: Vec<u8>) -> Result<Self, BtfError> {
         match bytes.get(..2).map(|m| u16::from_le_bytes([m[0], m[1]])) {
             Some(MAGIC) => {}
             Some(m) => return Err(BtfError::BadMagic(m)),
             None => return Err(malformed("shorter than its magic")),
         }
-        let hdr = |i: usize| u32_at(bytes, 4 + 4 * i).ok_or_else(|| malformed("truncated header"));
+        let hdr = |i: usize| u32_at(&bytes, 4 + 4 * i).ok_or_else(|| malformed("truncated header"));
         // hdr_len may grow in future versions; the sections are relative to its end.
         let (hdr_len, type_off, type_len, str_off, str_len) =
             (hdr(0)?, hdr(1)?, hdr(2)?, hdr(3)?, hdr(4)?);
@@ -190,13 +192,16 @@ impl KernelBtf {
         }
         let section = |off: u32, len: u32, what: &str| {
             let start = hdr_len as usize + off as usize;
-            bytes
-                .get(start..start + len as usize)
-                .ok_or_else(|| malformed(format!("{what} section out of bounds")))
+            let range = start..start + len as usize;
+            match bytes.get(range.clone()) {
+                Some(_) => Ok(range),
+                None => Err(malformed(format!("{what} section out of bounds"))),
+            }
         };
-        let type_sec = section(type_off, type_len, "type")?;
-        let strings = section(str_off, str_len, "string")?.to_vec();
+        let records = section(type_off, type_len, "type")?;
+        let strings = section(str_off, str_len, "string")?;
 
+        let type_sec = &bytes[records.clone()];
         let (mut types, mut pos) = (vec![Type::default()], 0);
         while pos < type_sec.len() {
             let id = types.len() as u32;
@@ -206,8 +211,9 @@ impl KernelBtf {
         }
         Ok(Self {
             types,
+            bytes,
+            records,
             strings,
-            records: type_sec.to_vec(),
         })
     }
 
@@ -293,9 +299,13 @@ impl KernelBtf {
         Some(self.params(ptr.size_or_type)?.count().saturating_sub(1))
     }
 
+    fn strings(&self) -> &[u8] {
+        &self.bytes[self.strings.clone()]
+    }
+
     fn name(&self, off: u32) -> &str {
         // An offset or string that is out of range simply never matches a name we look for.
-        let Some(tail) = self.strings.get(off as usize..) else {
+        let Some(tail) = self.strings().get(off as usize..) else {
             return "";
         };
         let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
@@ -306,8 +316,8 @@ impl KernelBtf {
     /// [`Self::ids_named`] asks this of every type.
     fn is_named(&self, off: u32, name: &str) -> bool {
         let end = off as usize + name.len();
-        self.strings.get(off as usize..end) == Some(name.as_bytes())
-            && self.strings.get(end) == Some(&0)
+        let strings = self.strings();
+        strings.get(off as usize..end) == Some(name.as_bytes()) && strings.get(end) == Some(&0)
     }
 
     fn ids_named<'a>(&'a self, name: &'a str, kinds: &'a [u8]) -> impl Iterator<Item = u32> + 'a {
@@ -317,39 +327,40 @@ impl KernelBtf {
         })
     }
 
-    /// Word `w` of record `r` of type `t`, whose records are `stride` words each. In bounds:
-    /// `parse_type` checked that the whole record fits.
-    fn record(&self, t: &Type, stride: usize, r: usize, w: usize) -> u32 {
-        u32_at(&self.records, t.at as usize + 4 * (r * stride + w)).unwrap_or(0)
+    /// Word `w` of record `r` of type `t`. In bounds: `parse_type` checked that the whole
+    /// record fits.
+    fn record(&self, t: &Type, r: usize, w: usize) -> u32 {
+        let stride = trailer(t.kind).map_or(0, |(_, stride)| stride);
+        u32_at(
+            &self.bytes,
+            self.records.start + t.at as usize + 4 * (r * stride + w),
+        )
+        .unwrap_or(0)
     }
 
     /// (name, value) of each enumerator of `id`, if it is an enum.
     fn enumerators(&self, id: u32) -> impl Iterator<Item = (u32, i64)> + '_ {
         let t = &self.types[id as usize];
-        let (n, stride) = match t.kind {
-            KIND_ENUM => (t.vlen as usize, 2),
-            KIND_ENUM64 => (t.vlen as usize, 3),
-            _ => (0, 0),
+        let n = match t.kind {
+            KIND_ENUM | KIND_ENUM64 => t.vlen as usize,
+            _ => 0,
         };
         (0..n).map(move |r| {
-            let lo = self.record(t, stride, r, 1);
+            let lo = self.record(t, r, 1);
             // kind_flag marks a signed ENUM; ENUM64 keeps all 64 bits either way.
             let value = match (t.kind, t.kind_flag) {
-                (KIND_ENUM64, _) => {
-                    (u64::from(self.record(t, stride, r, 2)) << 32 | u64::from(lo)) as i64
-                }
+                (KIND_ENUM64, _) => (u64::from(self.record(t, r, 2)) << 32 | u64::from(lo)) as i64,
                 (_, true) => i64::from(lo as i32),
                 (_, false) => i64::from(lo),
             };
-            (self.record(t, stride, r, 0), value)
+            (self.record(t, r, 0), value)
         })
     }
 
     /// The parameter names of FUNC_PROTO `id`; `None` if it is not one.
     fn params(&self, id: u32) -> Option<impl Iterator<Item = u32> + '_> {
         let t = self.types.get(id as usize)?;
-        (t.kind == KIND_FUNC_PROTO)
-            .then(|| (0..t.vlen as usize).map(move |r| self.record(t, 2, r, 0)))
+        (t.kind == KIND_FUNC_PROTO).then(|| (0..t.vlen as usize).map(move |r| self.record(t, r, 0)))
     }
 
     /// Members of `id` once typedefs and qualifiers are peeled off, if it is a struct or union.
@@ -359,10 +370,10 @@ impl KernelBtf {
             match t.kind {
                 KIND_STRUCT | KIND_UNION => {
                     let members = (0..t.vlen as usize).map(|r| {
-                        let off = self.record(t, 3, r, 2);
+                        let off = self.record(t, r, 2);
                         Member {
-                            name: self.record(t, 3, r, 0),
-                            ty: self.record(t, 3, r, 1),
+                            name: self.record(t, r, 0),
+                            ty: self.record(t, r, 1),
                             bit_offset: if t.kind_flag { off & 0xff_ffff } else { off },
                             bits: if t.kind_flag { off >> 24 } else { 0 },
                         }
@@ -426,6 +437,20 @@ impl KernelBtf {
     }
 }
 
+/// What follows a type's common 3-word header: `extra` fixed words, then `vlen` records of
+/// `stride` words. None for a kind udpmon does not know.
+fn trailer(kind: u8) -> Option<(usize, usize)> {
+    Some(match kind {
+        KIND_INT | KIND_VAR | KIND_DECL_TAG => (1, 0),
+        KIND_ARRAY => (3, 0),
+        KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => (0, 3),
+        KIND_ENUM | KIND_FUNC_PROTO => (0, 2),
+        KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
+        | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => (0, 0),
+        _ => return None,
+    })
+}
+
 /// Decodes the type record at `pos`; returns it and its length in bytes.
 fn parse_type(sec: &[u8], pos: usize, id: u32) -> Result<(Type, usize), BtfError> {
     let word = |i: usize| {
@@ -435,16 +460,7 @@ fn parse_type(sec: &[u8], pos: usize, id: u32) -> Result<(Type, usize), BtfError
     let vlen = (info & 0xffff) as usize;
     let kind = ((info >> 24) & 0x1f) as u8;
     let kind_flag = info >> 31 == 1;
-    // After the common 3-word header: `extra` fixed words, then `vlen` records of `stride` words.
-    let (extra, stride) = match kind {
-        KIND_INT | KIND_VAR | KIND_DECL_TAG => (1, 0),
-        KIND_ARRAY => (3, 0),
-        KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => (0, 3),
-        KIND_ENUM | KIND_FUNC_PROTO => (0, 2),
-        KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
-        | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => (0, 0),
-        _ => return Err(BtfError::UnknownKind { id, kind }),
-    };
+    let (extra, stride) = trailer(kind).ok_or(BtfError::UnknownKind { id, kind })?;
     let words = 3 + extra + stride * vlen;
     // The whole record must fit even when nothing in its trailer is decoded.
     word(words - 1)?;
@@ -674,7 +690,7 @@ mod tests {
     }
 
     fn btf() -> KernelBtf {
-        KernelBtf::parse(&sample().build()).expect("sample BTF parses")
+        KernelBtf::parse(sample().build()).expect("sample BTF parses")
     }
 
     /// The error and its sources, as a loader would log them.
@@ -760,25 +776,25 @@ mod tests {
         let mut bad = good.clone();
         bad[0] = 0x9e;
         assert_eq!(
-            err(KernelBtf::parse(&bad).map(|_| ())),
+            err(KernelBtf::parse(bad.clone()).map(|_| ())),
             "not little-endian BTF: magic 0xeb9e"
         );
-        let big_endian = KernelBtf::parse(&[0xeb, 0x9f]).map(|_| ());
+        let big_endian = KernelBtf::parse(vec![0xeb, 0x9f]).map(|_| ());
         assert_eq!(err(big_endian), "not little-endian BTF: magic 0x9feb");
         for (len, what) in [(1, "shorter than its magic"), (10, "truncated header")]
             .into_iter()
             .chain([(good.len() - 1, "string section out of bounds")])
         {
-            let e = err(KernelBtf::parse(&good[..len]).map(|_| ()));
+            let e = err(KernelBtf::parse(good[..len].to_vec()).map(|_| ()));
             assert_eq!(e, format!("malformed BTF: {what}"));
         }
         let mut b = Builder::new();
         b.add("int", KIND_INT, 4, &[]); // INT without its encoding word
-        let e = err(KernelBtf::parse(&b.build()).map(|_| ()));
+        let e = err(KernelBtf::parse(b.build()).map(|_| ()));
         assert_eq!(e, "malformed BTF: type 1 is truncated");
         let mut b = Builder::new();
         b.add("x", 20, 0, &[]);
-        let e = err(KernelBtf::parse(&b.build()).map(|_| ()));
+        let e = err(KernelBtf::parse(b.build()).map(|_| ()));
         assert_eq!(e, "BTF type 1 has unknown kind 20");
     }
 
@@ -794,7 +810,7 @@ mod tests {
         let reason = |values: &[(&str, i64)]| {
             let mut b = Builder::new();
             b.enumeration("skb_drop_reason", true, values);
-            no_socket_reason(&KernelBtf::parse(&b.build()).unwrap())
+            no_socket_reason(&KernelBtf::parse(b.build()).unwrap())
         };
         assert_eq!(reason(&[("SKB_DROP_REASON_NO_SOCKET", 3)]).unwrap(), 3);
         assert_eq!(reason(&[("SKB_DROP_REASON_OTHER", 1)]).unwrap(), u32::MAX);
@@ -832,8 +848,14 @@ mod tests {
             (o.fl4_daddr, o.fl4_ports),
             (o.fl4_saddr + 4, o.fl4_saddr + 8)
         );
-        assert_eq!(o.fl6_saddr, o.fl6_daddr + 16);
-        assert!(o.fl6_ports > o.fl6_saddr && o.skb_sk < skb && o.skb_refdst < skb);
+        // The kprobe strategy reads each of these runs of fields with one helper call where
+        // they lie as here, and a field at a time otherwise (udpmon-ebpf/src/kread.rs).
+        assert_eq!(
+            (o.fl6_saddr, o.fl6_ports),
+            (o.fl6_daddr + 16, o.fl6_daddr + 36)
+        );
+        assert_eq!(o.skb_data, o.skb_head + 8);
+        assert!(o.skb_sk < skb && o.skb_refdst < skb);
         assert!(btf.has_func("udp_send_skb") && btf.has_func("udp_v6_send_skb"));
         let task = btf.struct_size("task_struct").unwrap();
         assert!(

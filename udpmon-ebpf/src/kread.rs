@@ -68,6 +68,46 @@ pub trait Kernel {
         };
         crate::packet::addr_bytes(w)
     }
+
+    /// A route's (`struct flowi4`, or `flowi6` when `v6`) source and destination addresses,
+    /// as `Event` holds them, and its ports, in network order.
+    #[inline(always)]
+    fn route(fl: u64, v6: bool) -> Route {
+        route_by_field::<Self>(fl, v6)
+    }
+
+    /// `skb->head` and `skb->data`.
+    #[inline(always)]
+    fn head_data(skb: u64) -> (u64, u64) {
+        (
+            Self::get(skb, off!(skb_head)),
+            Self::get(skb, off!(skb_data)),
+        )
+    }
+}
+
+/// What [`Kernel::route`] returns.
+pub struct Route {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+}
+
+#[inline(always)]
+fn route_by_field<K: Kernel + ?Sized>(fl: u64, v6: bool) -> Route {
+    let (s, d, ports) = if v6 {
+        (off!(fl6_saddr), off!(fl6_daddr), off!(fl6_ports))
+    } else {
+        (off!(fl4_saddr), off!(fl4_daddr), off!(fl4_ports))
+    };
+    // `ports` is `fl_ip_dport` then `fl_ip_sport`, each a member of its own.
+    Route {
+        saddr: K::addr(fl, s, v6),
+        daddr: K::addr(fl, d, v6),
+        dport: K::get(fl, ports),
+        sport: K::get(fl, ports + 2),
+    }
 }
 
 /// BTF-typed pointers (fentry/fexit and tp_btf arguments, and pointers loaded from them).
@@ -83,9 +123,65 @@ impl Kernel for Btf {
 /// Raw pointers (kprobes).
 pub struct Probe;
 
+/// Where the kernel lays fields out next to each other, one `bpf_probe_read_kernel` reads
+/// them together: each read is a helper call, most of a kprobe program's own cost per
+/// datagram. The layouts are checked on the offsets, which the verifier knows as constants
+/// (so only one branch is loaded); another layout is read a field at a time.
 impl Kernel for Probe {
     #[inline(always)]
     fn get<T: Copy + Default>(base: u64, off: u32) -> T {
         read(base, off)
+    }
+
+    #[inline(always)]
+    fn route(fl: u64, v6: bool) -> Route {
+        if v6 {
+            // daddr, saddr, flowlabel, then the ports.
+            let d = off!(fl6_daddr);
+            if off!(fl6_saddr) == d + 16 && off!(fl6_ports) == d + 36 {
+                let mut b = [0u8; 40];
+                read_buf(fl, d, &mut b);
+                let mut r = Route {
+                    saddr: [0; 16],
+                    daddr: [0; 16],
+                    dport: u16::from_ne_bytes([b[36], b[37]]),
+                    sport: u16::from_ne_bytes([b[38], b[39]]),
+                };
+                r.daddr.copy_from_slice(&b[..16]);
+                r.saddr.copy_from_slice(&b[16..32]);
+                return r;
+            }
+        } else {
+            // saddr, daddr, then the ports.
+            let s = off!(fl4_saddr);
+            if off!(fl4_daddr) == s + 4 && off!(fl4_ports) == s + 8 {
+                let mut b = [0u8; 12];
+                read_buf(fl, s, &mut b);
+                let mut r = Route {
+                    saddr: [0; 16],
+                    daddr: [0; 16],
+                    dport: u16::from_ne_bytes([b[8], b[9]]),
+                    sport: u16::from_ne_bytes([b[10], b[11]]),
+                };
+                r.saddr[..4].copy_from_slice(&b[..4]);
+                r.daddr[..4].copy_from_slice(&b[4..8]);
+                return r;
+            }
+        }
+        route_by_field::<Self>(fl, v6)
+    }
+
+    #[inline(always)]
+    fn head_data(skb: u64) -> (u64, u64) {
+        let (head, data) = (off!(skb_head), off!(skb_data));
+        if data == head + 8 {
+            let mut w = [0u64; 2];
+            // SAFETY: the two words' 16 bytes, any bits valid.
+            read_buf(skb, head, unsafe {
+                core::slice::from_raw_parts_mut(w.as_mut_ptr().cast::<u8>(), 16)
+            });
+            return (w[0], w[1]);
+        }
+        (read(skb, head), read(skb, data))
     }
 }

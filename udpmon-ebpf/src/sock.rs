@@ -73,37 +73,19 @@ pub fn on_send_skb<K: Kernel>(skb: u64, fl: u64, v6: bool) {
         return;
     }
     note_holder::<K>(sk, false, || cookie);
-    let (family, local, remote, ports) = if v6 {
-        (
-            AF_INET6,
-            K::addr(fl, off!(fl6_saddr), true),
-            K::addr(fl, off!(fl6_daddr), true),
-            off!(fl6_ports),
-        )
-    } else {
-        (
-            AF_INET,
-            K::addr(fl, off!(fl4_saddr), false),
-            K::addr(fl, off!(fl4_daddr), false),
-            off!(fl4_ports),
-        )
-    };
-    // `ports` is `fl_ip_dport` then `fl_ip_sport`, each a member of its own.
-    let rport: u16 = K::get(fl, ports);
-    let lport: u16 = K::get(fl, ports + 2);
+    let r = K::route(fl, v6);
     // As the kernel computes it there: skb->len minus the transport offset, minus the header.
     let len: u32 = K::get(skb, off!(skb_len));
-    let data: u64 = K::get(skb, off!(skb_data));
-    let head: u64 = K::get(skb, off!(skb_head));
+    let (head, data) = K::head_data(skb);
     let th: u16 = K::get(skb, off!(skb_transport_header));
     let l4_off = (head + th as u64).wrapping_sub(data) as u32;
     let d = Datagram {
         cookie,
-        family,
-        local,
-        remote,
-        lport: u16::from_be(lport),
-        rport: u16::from_be(rport),
+        family: if v6 { AF_INET6 } else { AF_INET },
+        local: r.saddr,
+        remote: r.daddr,
+        lport: u16::from_be(r.sport),
+        rport: u16::from_be(r.dport),
         bytes: len.saturating_sub(l4_off).saturating_sub(UDP_HDR),
         sk,
     };

@@ -126,7 +126,7 @@ pub struct Probe;
 /// Where the kernel lays fields out next to each other, one `bpf_probe_read_kernel` reads
 /// them together: each read is a helper call, most of a kprobe program's own cost per
 /// datagram. The layouts are checked on the offsets, which the verifier knows as constants
-/// (so only one branch is loaded); another layout is read a field at a time.
+/// (so it follows only the branch that applies); another layout is read a field at a time.
 impl Kernel for Probe {
     #[inline(always)]
     fn get<T: Copy + Default>(base: u64, off: u32) -> T {
@@ -175,12 +175,8 @@ impl Kernel for Probe {
     fn head_data(skb: u64) -> (u64, u64) {
         let (head, data) = (off!(skb_head), off!(skb_data));
         if data == head + 8 {
-            let mut w = [0u64; 2];
-            // SAFETY: the two words' 16 bytes, any bits valid.
-            read_buf(skb, head, unsafe {
-                core::slice::from_raw_parts_mut(w.as_mut_ptr().cast::<u8>(), 16)
-            });
-            return (w[0], w[1]);
+            let [head, data]: [u64; 2] = read(skb, head);
+            return (head, data);
         }
         (read(skb, head), read(skb, data))
     }

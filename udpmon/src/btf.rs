@@ -303,6 +303,10 @@ impl KernelBtf {
         &self.bytes[self.strings.clone()]
     }
 
+    fn records(&self) -> &[u8] {
+        &self.bytes[self.records.clone()]
+    }
+
     fn name(&self, off: u32) -> &str {
         // An offset or string that is out of range simply never matches a name we look for.
         let Some(tail) = self.strings().get(off as usize..) else {
@@ -331,11 +335,7 @@ impl KernelBtf {
     /// record fits.
     fn record(&self, t: &Type, r: usize, w: usize) -> u32 {
         let stride = trailer(t.kind).map_or(0, |(_, stride)| stride);
-        u32_at(
-            &self.bytes,
-            self.records.start + t.at as usize + 4 * (r * stride + w),
-        )
-        .unwrap_or(0)
+        u32_at(self.records(), t.at as usize + 4 * (r * stride + w)).unwrap_or(0)
     }
 
     /// (name, value) of each enumerator of `id`, if it is an enum.
@@ -776,7 +776,7 @@ mod tests {
         let mut bad = good.clone();
         bad[0] = 0x9e;
         assert_eq!(
-            err(KernelBtf::parse(bad.clone()).map(|_| ())),
+            err(KernelBtf::parse(bad).map(|_| ())),
             "not little-endian BTF: magic 0xeb9e"
         );
         let big_endian = KernelBtf::parse(vec![0xeb, 0x9f]).map(|_| ());

@@ -604,7 +604,9 @@ fn attach(
                 }
                 let lines: Vec<&str> = log.lines().collect();
                 let tail = lines[lines.len().saturating_sub(6)..].join("\n    ");
-                anyhow!("load failed: {io_error}; verifier log ends:\n    {tail}")
+                // Worded for the system tests too: a program the kernel's verifier refuses
+                // is udpmon's bug, and they fail on it even where the hook is optional.
+                anyhow!("refused by the kernel's verifier ({io_error}); its log ends:\n    {tail}")
             }
             e => e.into(),
         }

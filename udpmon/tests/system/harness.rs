@@ -136,6 +136,11 @@ pub fn refused_expected() -> bool {
     kernel_version() >= (5, 17)
 }
 
+/// Whether udpmon's message `l` says the kernel's verifier refused one of its programs.
+pub fn verifier_refused(l: &str) -> bool {
+    l.contains("refused by the kernel's verifier")
+}
+
 /// Whether udpmon can attach this strategy here: start it and see.
 pub fn strategy_available(st: Strategy) -> Result<(), String> {
     match Udpmon::start(st, &[]) {
@@ -229,6 +234,12 @@ impl Udpmon {
         let end = Instant::now() + deadline(60);
         loop {
             if u.stderr.iter().any(|l| l.contains("watching UDP sockets")) {
+                // An optional hook only warns when it does not load, which is right for a
+                // kernel that lacks it, but a program the verifier refuses is a regression
+                // that would otherwise show only as a missing event somewhere.
+                if let Some(l) = u.stderr.iter().find(|l| verifier_refused(l)) {
+                    return Err(format!("udpmon attached, but {l}"));
+                }
                 return Ok(u);
             }
             if let Ok(Some(status)) = u.child.try_wait() {

@@ -72,6 +72,11 @@ fn main() -> ExitCode {
                 continue;
             }
             match &avail {
+                Err(why) if harness::verifier_refused(why) => {
+                    println!("test {name} ... FAILED ({why})");
+                    failed += 1;
+                    continue;
+                }
                 Err(why) if harness::must_attach(st) => {
                     println!("test {name} ... FAILED (tier {tier} requires it: {why})");
                     failed += 1;

@@ -221,12 +221,25 @@ struct Rare {
     app_errors: u64,
     last_app_errno: Option<i32>,
     earlier: Option<Counters>,
+    /// [`State::Unreachable`]'s `since_ns` and `icmp`, while the flow is in that state.
+    unreachable: Option<(u64, (u8, u8, Verdict))>,
+}
+
+/// [`State`]'s variant, stored in [`Flow`] without its payload: `last_rx_ns` is
+/// [`Flow::trouble_rx_ns`], and an unreachable flow's ICMP and time are in [`Rare`], which
+/// such a flow has for its ICMP error count anyway. A `State` in place took 24 bytes of
+/// every flow, this takes 9.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StateKind {
+    Active,
+    Silent,
+    SilentReported,
+    Unreachable,
 }
 
 #[derive(Clone, Debug)]
 pub(super) struct Flow {
     pub counters: Counters,
-    pub state: State,
     /// Its peer across flows, for flows the local side opened.
     pub peer: PeerLink,
     pub opened_ns: u64,
@@ -235,18 +248,24 @@ pub(super) struct Flow {
     /// receive: "sends since the last reply" is `counters.tx_datagrams - tx_at_rx`, a lower
     /// bound.
     pub rx_seen: u32,
-    pub tx_at_rx: u64,
+    /// [`low32`], as `credited_tx` in [`PeerLink`]: it is never above the tx count, which a
+    /// flow cannot raise by 2^32 without a reply to be unanswered.
+    pub tx_at_rx: u32,
     /// When the kernel entry whose counters were last read was created (0: none read yet).
     pub kernel_first_ns: u64,
-    /// Valid when `has_first_tx` / `has_first_rx` (an `Option<u64>` takes twice the room).
-    first_tx_ns: u64,
-    first_rx_ns: u64,
+    /// The flow's first datagram in either direction, valid when `has_first_tx` or
+    /// `has_first_rx`: the other direction's first one only ever needs the time between the
+    /// two ([`Flow::set_first`]).
+    first_ns: u64,
+    /// `last_rx_ns` of the [`State`] (0 while active).
+    trouble_rx_ns: u64,
     /// Error counts, the last APP-ERROR's errno, and what earlier kernel entries of this
     /// flow counted (the kernel's LRU map can drop a live flow's entry under pressure, and
     /// the next datagram starts a new one from zero).
     rare: Option<Box<Rare>>,
     local: Addr,
     pub family: Family,
+    state: StateKind,
     has_first_tx: bool,
     has_first_rx: bool,
     /// Learned from a socket that existed before udpmon started.
@@ -261,23 +280,23 @@ pub(super) struct Flow {
 }
 
 // One per tracked flow: growth here is memory per flow (`cargo xtask bench`'s rss rows).
-const _: () = assert!(size_of::<Flow>() <= 176);
+const _: () = assert!(size_of::<Flow>() <= 152);
 
 impl Flow {
     pub fn new(local: SocketAddr, family: Family, ts_ns: u64) -> Self {
         Self {
             counters: Counters::default(),
-            state: State::Active,
             peer: PeerLink::NONE,
             opened_ns: ts_ns,
             rx_seen: 0,
             tx_at_rx: 0,
             kernel_first_ns: 0,
-            first_tx_ns: 0,
-            first_rx_ns: 0,
+            first_ns: 0,
+            trouble_rx_ns: 0,
             rare: None,
             local: Addr::new(local),
             family,
+            state: StateKind::Active,
             has_first_tx: false,
             has_first_rx: false,
             preexisting: false,
@@ -292,22 +311,80 @@ impl Flow {
         self.local.get()
     }
 
-    pub fn first_tx_ns(&self) -> Option<u64> {
-        self.has_first_tx.then_some(self.first_tx_ns)
+    /// Whether the flow's first datagram was seen: sent (`tx`) or received.
+    pub fn has_first(&self, tx: bool) -> bool {
+        if tx {
+            self.has_first_tx
+        } else {
+            self.has_first_rx
+        }
     }
 
-    pub fn first_rx_ns(&self) -> Option<u64> {
-        self.has_first_rx.then_some(self.first_rx_ns)
+    /// Notes the flow's first datagram sent (`tx`) or received, at `ts_ns`. Returns the time
+    /// between the first datagrams of the two directions once both are known: how long the
+    /// reply took.
+    pub fn set_first(&mut self, tx: bool, ts_ns: u64) -> Option<u64> {
+        let other = self.has_first(!tx);
+        let reply_after = other.then(|| ts_ns.abs_diff(self.first_ns));
+        if !other {
+            self.first_ns = ts_ns;
+        }
+        if tx {
+            self.has_first_tx = true;
+        } else {
+            self.has_first_rx = true;
+        }
+        reply_after
     }
 
-    pub fn set_first_tx_ns(&mut self, ts_ns: u64) {
-        self.first_tx_ns = ts_ns;
-        self.has_first_tx = true;
+    pub fn state(&self) -> State {
+        let last_rx_ns = self.trouble_rx_ns;
+        match self.state {
+            StateKind::Active => State::Active,
+            StateKind::Silent | StateKind::SilentReported => State::Silent {
+                last_rx_ns,
+                reported: self.state == StateKind::SilentReported,
+            },
+            StateKind::Unreachable => {
+                let (since_ns, icmp) = self
+                    .rare
+                    .as_ref()
+                    .and_then(|r| r.unreachable)
+                    .expect("an unreachable flow keeps its ICMP in `rare`");
+                State::Unreachable {
+                    since_ns,
+                    icmp,
+                    last_rx_ns,
+                }
+            }
+        }
     }
 
-    pub fn set_first_rx_ns(&mut self, ts_ns: u64) {
-        self.first_rx_ns = ts_ns;
-        self.has_first_rx = true;
+    pub fn set_state(&mut self, state: State) {
+        let (kind, last_rx_ns, unreachable) = match state {
+            State::Active => (StateKind::Active, 0, None),
+            State::Silent {
+                last_rx_ns,
+                reported,
+            } => {
+                let kind = if reported {
+                    StateKind::SilentReported
+                } else {
+                    StateKind::Silent
+                };
+                (kind, last_rx_ns, None)
+            }
+            State::Unreachable {
+                since_ns,
+                icmp,
+                last_rx_ns,
+            } => (StateKind::Unreachable, last_rx_ns, Some((since_ns, icmp))),
+        };
+        if unreachable.is_some() || self.state == StateKind::Unreachable {
+            self.rare_mut().unreachable = unreachable;
+        }
+        self.state = kind;
+        self.trouble_rx_ns = last_rx_ns;
     }
 
     fn rare_mut(&mut self) -> &mut Rare {
@@ -346,12 +423,12 @@ impl Flow {
 
     /// In a flow-level SILENT that was reported.
     pub fn silence_reported(&self) -> bool {
-        matches!(self.state, State::Silent { reported: true, .. })
+        self.state == StateKind::SilentReported
     }
 
     /// Datagrams sent since the peer's last one (a lower bound, see `tx_at_rx`).
     pub fn unanswered(&self) -> u64 {
-        self.counters.tx_datagrams.saturating_sub(self.tx_at_rx)
+        u64::from(low32(self.counters.tx_datagrams).wrapping_sub(self.tx_at_rx))
     }
 
     /// When the flow-level SILENT rule fires unless new traffic comes first: for an active,
@@ -359,7 +436,7 @@ impl Flow {
     /// `silent_after_ns` after that datagram. The tick applies it; a sleeping flow is due then.
     pub fn silent_at(&self, silent_after_ns: u64, min_sends: u64) -> Option<u64> {
         let c = &self.counters;
-        (self.state == State::Active
+        (self.state == StateKind::Active
             && self.established
             && c.last_tx_ns > c.last_rx_ns
             && self.unanswered() >= min_sends)

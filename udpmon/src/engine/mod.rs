@@ -586,7 +586,7 @@ impl Engine {
             return None;
         }
         if matches!(
-            flow.state,
+            flow.state(),
             State::Silent {
                 reported: false,
                 ..
@@ -671,16 +671,17 @@ impl Engine {
         let c = flow.counters;
         if low32(c.rx_datagrams) != flow.rx_seen {
             flow.rx_seen = low32(c.rx_datagrams);
-            flow.tx_at_rx = c
-                .tx_datagrams
-                .saturating_sub(u64::from(c.last_tx_ns > c.last_rx_ns));
+            flow.tx_at_rx = low32(
+                c.tx_datagrams
+                    .saturating_sub(u64::from(c.last_tx_ns > c.last_rx_ns)),
+            );
         }
         if flow.peer.is_linked() {
             let local = flow.local();
             self.peers
                 .sync(&mut flow.peer, &c, local, flow.opened_ns, out);
         }
-        let resumed = match flow.state {
+        let resumed = match flow.state() {
             State::Silent {
                 last_rx_ns,
                 reported,
@@ -689,7 +690,7 @@ impl Engine {
                 since_ns,
                 last_rx_ns,
                 ..
-            } if c.last_rx_ns > since_ns && flow.first_rx_ns().is_some() => {
+            } if c.last_rx_ns > since_ns && flow.has_first(false) => {
                 Some((Trouble::Unreachable, last_rx_ns, true))
             }
             _ => None,
@@ -698,7 +699,7 @@ impl Engine {
             if flow.silence_reported() {
                 self.peers.flow_silence_ended(&flow.peer);
             }
-            flow.state = State::Active;
+            flow.set_state(State::Active);
             let quiet_ns = c.last_rx_ns.saturating_sub(before_ns);
             // A silence reported at peer scope ends with the peer's RESUMED, not the flow's.
             if reported {
@@ -722,7 +723,7 @@ impl Engine {
             return;
         };
         if matches!(
-            flow.state,
+            flow.state(),
             State::Silent {
                 reported: false,
                 ..
@@ -731,7 +732,7 @@ impl Engine {
         {
             // Its peer's silence (which covered this flow's) ended, but this flow still hears
             // nothing: its own silence from now on.
-            flow.state = State::Active;
+            flow.set_state(State::Active);
         }
         if flow
             .silent_at(ns(self.cfg.silent_after), self.cfg.silent_min_sends)
@@ -740,10 +741,10 @@ impl Engine {
             let sends = flow.unanswered();
             let no_reply_ns = now.saturating_sub(c.last_rx_ns);
             let reported = !flow.peer.is_linked() || self.peers.flow_goes_silent(&flow.peer);
-            flow.state = State::Silent {
+            flow.set_state(State::Silent {
                 last_rx_ns: c.last_rx_ns,
                 reported,
-            };
+            });
             if reported {
                 self.flow_report(
                     r,
@@ -1154,11 +1155,7 @@ impl Engine {
             flow.counters = seen;
             // The kernel created the flow's entry with this datagram, at this time.
             flow.kernel_first_ns = ev.ts_ns;
-            if via == Via::Send {
-                flow.set_first_tx_ns(ev.ts_ns);
-            } else {
-                flow.set_first_rx_ns(ev.ts_ns);
-            }
+            flow.set_first(via == Via::Send, ev.ts_ns);
             let r = self.open_flow(id, flow, ev.ts_ns, counters, out);
             let kind = if via == Via::Send {
                 ReportKind::Connect
@@ -1177,28 +1174,18 @@ impl Engine {
             }
             return;
         };
-        if flow.kernel_first_ns == 0 && flow.first_tx_ns().is_none() && flow.first_rx_ns().is_none()
-        {
+        if flow.kernel_first_ns == 0 && !flow.has_first(true) && !flow.has_first(false) {
             // A flow opened by connect() or learned at startup: this datagram made its entry.
             flow.kernel_first_ns = ev.ts_ns;
         }
-        let first = if via == Via::Send {
-            flow.first_tx_ns()
-        } else {
-            flow.first_rx_ns()
-        };
-        if first.is_some() {
+        if flow.has_first(via == Via::Send) {
             // The kernel can report a direction's first datagram twice (two CPUs racing), and
             // again for a flow whose entry its LRU map dropped: then this record, not a wake,
             // says that the flow moves.
             self.flows.wake(r);
             return;
         }
-        if via == Via::Send {
-            flow.set_first_tx_ns(ev.ts_ns);
-        } else {
-            flow.set_first_rx_ns(ev.ts_ns);
-        }
+        let reply_after_ns = flow.set_first(via == Via::Send, ev.ts_ns);
         flow.counters.merge(&seen);
         if via == Via::Recv {
             // The peer answers: whatever the trouble was, it is over. A peer heard before
@@ -1206,7 +1193,7 @@ impl Engine {
             if flow.silence_reported() {
                 self.peers.flow_silence_ended(&flow.peer);
             }
-            flow.state = State::Active;
+            flow.set_state(State::Active);
         }
         if flow.peer.is_linked() {
             let c = flow.counters;
@@ -1214,10 +1201,7 @@ impl Engine {
             self.peers
                 .sync(&mut flow.peer, &c, local, flow.opened_ns, out);
         }
-        let established = match (flow.first_tx_ns(), flow.first_rx_ns()) {
-            (Some(tx), Some(rx)) if !flow.established => Some(tx.abs_diff(rx)),
-            _ => None,
-        };
+        let established = reply_after_ns.filter(|_| !flow.established);
         flow.established |= established.is_some();
         self.flows.seen(r, ev.ts_ns);
         if let Some(reply_after_ns) = established {
@@ -1349,17 +1333,17 @@ impl Engine {
             self.peers.icmp(flow.peer.idx, ev.ts_ns);
         }
         let key = (icmp.ty, icmp.code, icmp.verdict);
-        if matches!(flow.state, State::Unreachable { icmp: seen, .. } if seen == key) {
+        if matches!(flow.state(), State::Unreachable { icmp: seen, .. } if seen == key) {
             return;
         }
         if flow.silence_reported() {
             self.peers.flow_silence_ended(&flow.peer);
         }
-        flow.state = State::Unreachable {
+        flow.set_state(State::Unreachable {
             since_ns: ev.ts_ns,
             icmp: key,
             last_rx_ns: flow.counters.last_rx_ns,
-        };
+        });
         // A summarised flow's problems are rate-limited by its socket instead.
         if self.cfg.summary.is_some()
             && flow.peer.is_linked()
@@ -1477,7 +1461,7 @@ impl Engine {
                 return;
             }
             flow.set_last_app_errno(Some(errno));
-            let after_unreachable_ns = match flow.state {
+            let after_unreachable_ns = match flow.state() {
                 State::Unreachable { since_ns, .. } => Some(ev.ts_ns.saturating_sub(since_ns)),
                 _ => None,
             };

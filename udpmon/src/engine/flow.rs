@@ -526,9 +526,6 @@ pub(super) struct FlowTable {
     index: HashTable<u32>,
     /// The first slot of each socket's list, hashed by cookie.
     heads: HashTable<u32>,
-    /// Slot numbers, hashed by local port and remote address: an ICMP error that no socket
-    /// was told of names only the datagram it quotes (see [`FlowTable::sent`]).
-    by_tuple: HashTable<u32>,
     hasher: DefaultHashBuilder,
     oldest: Option<Oldest>,
     /// Slots of awake flows (and of flows that left the list since: their `due` says so).
@@ -545,7 +542,6 @@ impl Default for FlowTable {
             len: 0,
             index: HashTable::new(),
             heads: HashTable::new(),
-            by_tuple: HashTable::new(),
             hasher: DefaultHashBuilder::default(),
             oldest: None,
             awake: Vec::new(),
@@ -574,15 +570,6 @@ fn hash_id(h: &DefaultHashBuilder, cookie: u64, remote: &Addr) -> u64 {
 
 fn hash_cookie(h: &DefaultHashBuilder, cookie: u64) -> u64 {
     h.hash_one(cookie)
-}
-
-fn hash_tuple(h: &DefaultHashBuilder, port: u16, remote: &Addr) -> u64 {
-    h.hash_one((port, remote))
-}
-
-/// A slot's key in `by_tuple` (a free slot's is never asked for).
-fn slot_tuple_hash(h: &DefaultHashBuilder, s: &Slot) -> u64 {
-    hash_tuple(h, s.flow.as_ref().map_or(0, |f| f.local.port()), &s.remote)
 }
 
 impl FlowTable {
@@ -650,13 +637,9 @@ impl FlowTable {
         let vacant = match entry {
             hash_table::Entry::Occupied(e) => {
                 let i = *e.get();
-                // Its local port may differ, and with it the slot's key in `by_tuple`.
-                self.unindex_tuple(i);
-                let h = hash_tuple(&self.hasher, flow.local.port(), &remote);
                 let s = &mut self.slots[i as usize];
                 s.flow = Some(flow);
                 s.at = ts_ns;
-                self.index_tuple(i, h);
                 self.note_activity(ts_ns, &id);
                 self.wake(FlowRef(i));
                 return FlowRef(i);
@@ -689,7 +672,6 @@ impl FlowTable {
                 NIL
             }
         };
-        let th = hash_tuple(hasher, flow.local.port(), &remote);
         slots[i as usize] = Slot {
             cookie: id.cookie,
             remote,
@@ -699,7 +681,6 @@ impl FlowTable {
             next,
             flow: Some(flow),
         };
-        self.index_tuple(i, th);
         self.len += 1;
         self.note_activity(ts_ns, &id);
         self.wake(FlowRef(i));
@@ -717,8 +698,6 @@ impl FlowTable {
             })
             .ok()?;
         let (i, _) = entry.remove();
-        self.unindex_tuple(i);
-        let (slots, hasher) = (&mut self.slots, &self.hasher);
         let (prev, next) = {
             let s = &slots[i as usize];
             (s.prev, s.next)
@@ -749,48 +728,10 @@ impl FlowTable {
         flow
     }
 
-    /// Adds slot `i` to `by_tuple` under `h`, its [`slot_tuple_hash`] (the caller has the port
-    /// and remote at hand: reading them back from the slot it just wrote cost more than
-    /// hashing).
-    fn index_tuple(&mut self, i: u32, h: u64) {
-        let (slots, hasher) = (&self.slots, &self.hasher);
-        self.by_tuple
-            .insert_unique(h, i, |&j| slot_tuple_hash(hasher, &slots[j as usize]));
-    }
-
-    fn unindex_tuple(&mut self, i: u32) {
-        let h = slot_tuple_hash(&self.hasher, &self.slots[i as usize]);
-        if let Ok(e) = self.by_tuple.find_entry(h, |&j| j == i) {
-            e.remove();
-        }
-    }
-
-    /// Sets a flow's local address, keeping `by_tuple` true to it.
     pub fn set_local(&mut self, r: FlowRef, local: SocketAddr) {
-        if self.slots[r.0 as usize].flow.is_none() {
-            return;
-        }
-        self.unindex_tuple(r.0);
-        let s = &mut self.slots[r.0 as usize];
-        if let Some(f) = &mut s.flow {
+        if let Some(f) = &mut self.slots[r.0 as usize].flow {
             f.local = Addr::new(local);
         }
-        let h = hash_tuple(&self.hasher, local.port(), &s.remote);
-        self.index_tuple(r.0, h);
-    }
-
-    /// The flows that sent, or could have sent, a datagram from local port `port` to
-    /// `remote`, with their sockets' cookies: the candidates for an ICMP error about it.
-    pub fn sent(&self, port: u16, remote: SocketAddr) -> impl Iterator<Item = (u64, &Flow)> {
-        let remote = Addr::new(remote);
-        let slots = &self.slots;
-        self.by_tuple
-            .iter_hash(hash_tuple(&self.hasher, port, &remote))
-            .filter_map(move |&i| {
-                let s = &slots[i as usize];
-                let f = s.flow.as_ref()?;
-                (s.remote == remote && f.local.port() == port).then_some((s.cookie, f))
-            })
     }
 
     /// Records activity that an event reported at `ts_ns`, and wakes the flow.
@@ -1074,8 +1015,8 @@ mod tests {
         }
 
         proptest! {
-            /// The lazily kept order by activity (and the socket lists, and the flows by
-            /// local port and peer) against plain maps.
+            /// The lazily kept order by activity (and the socket lists, and the flows' local
+            /// ports) against plain maps.
             #[test]
             fn matches_a_full_ordering(ops in prop::collection::vec(op(), 1..300)) {
                 let mut t = FlowTable::default();
@@ -1128,17 +1069,9 @@ mod tests {
                     for (id, at) in &model {
                         prop_assert_eq!(t.last_activity(id), Some(*at));
                     }
-                    prop_assert_eq!(t.by_tuple.len(), model.len());
-                    for (port, p) in (0..3u16).flat_map(|l| (0..6u8).map(move |p| (l, p))) {
-                        let remote = fid(0, p).remote;
-                        let mut sent: Vec<u64> = t.sent(port, remote).map(|(c, _)| c).collect();
-                        sent.sort_unstable();
-                        let want: Vec<u64> = ports
-                            .iter()
-                            .filter(|(id, l)| **l == port && id.remote == remote)
-                            .map(|(id, _)| id.cookie)
-                            .collect();
-                        prop_assert_eq!(sent, want);
+                    for (id, port) in &ports {
+                        let local = t.find(id).and_then(|r| t.get(r)).map(|f| f.local().port());
+                        prop_assert_eq!(local, Some(*port));
                     }
                 }
             }

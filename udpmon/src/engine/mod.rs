@@ -30,6 +30,7 @@ mod cookies;
 mod flow;
 mod owners;
 mod peer;
+mod ports;
 mod report;
 pub mod rules;
 mod summary;
@@ -48,6 +49,7 @@ pub use flow::{Counters, FlowId};
 use hashbrown::{HashMap, hash_map::Entry};
 use owners::{Held, Owners, UNKNOWN};
 use peer::{PeerKey, PeerTable};
+use ports::Ports;
 pub use report::{
     ByVerdict, CloseReason, CloseStats, Detail, Folded, Identity, Name, Op, PeerSummary, Problems,
     Report, ReportKind, Scope, SocketSummary, Trouble, Unanswered, UnreachableInfo, Via,
@@ -157,15 +159,6 @@ struct Socket {
 /// A REFUSED datagram's (netns, local, remote): reported once per idle timeout.
 type RefusedKey = (u32, SocketAddr, SocketAddr);
 
-/// The last process seen on a local port, for naming it when a peer keeps sending there.
-#[derive(Debug)]
-struct PortOwner {
-    owner: Arc<Held>,
-    /// When its socket closed; 0 while it is open (an `Option` would make every entry of
-    /// this table, one per port in use, a third larger).
-    closed_ns: u64,
-}
-
 pub struct Engine {
     cfg: EngineConfig,
     flows: FlowTable,
@@ -176,8 +169,8 @@ pub struct Engine {
     /// The last APP-ERROR reported for a call not tied to a tracked flow (errno, remote),
     /// by socket: rare, so not a field of every socket.
     last_app_error: HashMap<u64, (i32, SocketAddr)>,
-    /// (netns, local port) -> last owner.
-    port_owners: HashMap<(u32, u16), PortOwner>,
+    /// Open sockets by local port, and who left each port last.
+    ports: Ports,
     /// (netns, local, remote) -> time of the last REFUSED report.
     refused_at: HashMap<RefusedKey, u64>,
     /// (report time, key) of every REFUSED report: the tick forgets a key when its latest
@@ -263,7 +256,7 @@ impl Engine {
             owners: Owners::default(),
             unknown: Arc::new(Held::new(UNKNOWN)),
             last_app_error: HashMap::new(),
-            port_owners: HashMap::new(),
+            ports: Ports::default(),
             refused_at: HashMap::new(),
             refused_expiry: BinaryHeap::new(),
             // Peers with live flows are never evicted, so at least one peer per flow.
@@ -775,6 +768,9 @@ impl Engine {
             }
             let until = s.seen_ns.saturating_add(idle);
             if until <= now {
+                // Named on its port as of its last event, as if it had closed then.
+                let (port, seen_ns) = (s.local.port(), s.seen_ns);
+                self.vacate(cookie, port, seen_ns);
                 self.sockets.remove(&cookie);
                 self.last_app_error.remove(&cookie);
             } else {
@@ -790,21 +786,7 @@ impl Engine {
             }
             self.refused_expiry.pop();
         }
-        let cap = self.cfg.max_flows;
-        if self.port_owners.len() > cap {
-            let mut closed: Vec<_> = self
-                .port_owners
-                .iter()
-                .filter(|(_, o)| o.closed_ns != 0)
-                .map(|(k, o)| (o.closed_ns, *k))
-                .collect();
-            closed.sort_unstable();
-            // Down to three quarters, so that a table at the bound is not sorted every tick.
-            let excess = self.port_owners.len() - cap * 3 / 4;
-            for (_, k) in closed.into_iter().take(excess) {
-                self.port_owners.remove(&k);
-            }
-        }
+        self.ports.trim(self.cfg.max_flows);
         self.owners.purge();
     }
 
@@ -831,10 +813,10 @@ impl Engine {
         if ev.who.netns != 0 {
             sock.netns = ev.who.netns;
         }
-        if refines_local(sock.local.get().port(), &ev.local) {
+        let old_port = sock.local.port();
+        if refines_local(old_port, &ev.local) {
             sock.local = Addr::new(ev.local);
         }
-        let port = sock.local.get().port();
         if !ev.task_unrelated {
             // As the socket's namespace knows it (a hook may not have seen it).
             let who = Identity {
@@ -850,35 +832,64 @@ impl Engine {
         if ev.connected && ev.fact != Fact::Connect && !unspecified(&ev.remote) {
             sock.connected = Some(Addr::new(ev.remote));
         }
-        if let Some(owner) = &sock.owner
-            && port != 0
-        {
-            match self.port_owners.entry((sock.netns, port)) {
-                // Nearly every event: the port's owner as it was.
-                Entry::Occupied(e)
-                    if e.get().closed_ns == 0 && Arc::ptr_eq(&e.get().owner, owner) => {}
-                Entry::Occupied(mut e) => {
-                    e.insert(PortOwner {
-                        owner: owner.clone(),
-                        closed_ns: 0,
-                    });
-                }
-                Entry::Vacant(e) => {
-                    e.insert(PortOwner {
-                        owner: owner.clone(),
-                        closed_ns: 0,
-                    });
-                }
-            }
+        if sock.local.port() != old_port {
+            self.port_changed(ev.cookie, old_port, ev.ts_ns);
         }
         created
     }
 
+    /// The socket's record has a new local port, where its old one was `old_port` (0: none).
+    fn port_changed(&mut self, cookie: u64, old_port: u16, ts_ns: u64) {
+        self.vacate(cookie, old_port, ts_ns);
+        let Some(port) = self.sockets.get(&cookie).map(|s| s.local.port()) else {
+            return;
+        };
+        if port != 0 {
+            let sockets = &self.sockets;
+            self.ports.add(port, cookie, |c| {
+                sockets.get(&c).map_or(0, |s| s.local.port())
+            });
+        }
+    }
+
+    /// The socket leaves `port` (0: none) at `ts_ns`, where its owner is named from then on
+    /// until another is.
+    fn vacate(&mut self, cookie: u64, port: u16, ts_ns: u64) {
+        if port == 0 {
+            return;
+        }
+        self.ports.remove(port, cookie);
+        if let Some(s) = self.sockets.get(&cookie)
+            && let Some(owner) = &s.owner
+        {
+            self.ports.left(s.netns, port, owner.clone(), ts_ns);
+        }
+    }
+
+    /// The open sockets on (netns, port) that have an owner.
+    fn open_on(&self, netns: u32, port: u16) -> impl Iterator<Item = &Socket> {
+        self.ports
+            .candidates(port)
+            .filter_map(|c| self.sockets.get(&c))
+            .filter(move |s| s.netns == netns && s.local.port() == port && s.owner.is_some())
+    }
+
+    /// The process last seen on (netns, port): of its open sockets, the one an event named
+    /// last, unless a socket left the port after that.
     fn last_owner(&self, netns: u32, port: u16) -> Option<Identity> {
+        let open = self
+            .open_on(netns, port)
+            .max_by_key(|s| s.seen_ns)
+            .and_then(|s| Some((s.owner.as_ref()?, s.seen_ns)));
+        let owner = match (open, self.ports.last_left(netns, port)) {
+            (Some((o, seen)), Some((_, left))) if seen >= left => o,
+            (_, Some((o, _))) | (Some((o, _)), None) => o,
+            (None, None) => return None,
+        };
         // In the port's namespace, which the owner may have been learned outside of.
-        self.port_owners.get(&(netns, port)).map(|p| Identity {
+        Some(Identity {
             netns,
-            ..*p.owner.learned()
+            ..*owner.learned()
         })
     }
 
@@ -1220,7 +1231,9 @@ impl Engine {
         if unspecified(&ev.remote) {
             sock.connected = None;
             // An autobound port is released by a disconnect; the next send binds a new one.
+            let port = sock.local.port();
             sock.local = Addr::new(SocketAddr::new(sock.local.get().ip(), 0));
+            self.port_changed(ev.cookie, port, ev.ts_ns);
             if let Some(old) = old {
                 let id = FlowId {
                     cookie: ev.cookie,
@@ -1385,19 +1398,24 @@ impl Engine {
         }
         // A socket whose namespace is not known (no hook named it) is a candidate only when
         // none in the error's namespace sent alike.
+        let port = ev.local.port();
         let (_, cookie) = self
-            .flows
-            .sent(ev.local.port(), ev.remote)
-            .filter(|(_, f)| {
-                let ip = f.local().ip();
-                ip == ev.local.ip() || ip.is_unspecified()
-            })
-            .filter_map(|(cookie, _)| {
-                let netns = self.sockets.get(&cookie)?.netns;
-                if netns == ev.who.netns {
+            .ports
+            .candidates(port)
+            .filter_map(|cookie| {
+                let s = self.sockets.get(&cookie)?;
+                let r = self.flows.find(&FlowId {
+                    cookie,
+                    remote: ev.remote,
+                })?;
+                let ip = self.flows.get(r)?.local().ip();
+                if s.local.port() != port || !(ip == ev.local.ip() || ip.is_unspecified()) {
+                    return None;
+                }
+                if s.netns == ev.who.netns {
                     Some((true, cookie))
                 } else {
-                    (netns == 0 || ev.who.netns == 0).then_some((false, cookie))
+                    (s.netns == 0 || ev.who.netns == 0).then_some((false, cookie))
                 }
             })
             .max()?;
@@ -1522,23 +1540,12 @@ impl Engine {
         {
             out.push(summary_report(&self.sockets, cookie, &mut b, ts_ns));
         }
-        let Some(sock) = self.sockets.remove(&cookie) else {
+        let Some(port) = self.sockets.get(&cookie).map(|s| s.local.port()) else {
             return;
         };
+        self.vacate(cookie, port, ts_ns);
+        self.sockets.remove(&cookie);
         self.last_app_error.remove(&cookie);
-        let port = sock.local.get().port();
-        if let Some(owner) = sock.owner
-            && port != 0
-        {
-            self.port_owners.insert(
-                (sock.netns, port),
-                PortOwner {
-                    owner,
-                    // Never 0, which means open.
-                    closed_ns: ts_ns.max(1),
-                },
-            );
-        }
     }
 
     /// A peer sending to a local port without a socket: one REFUSED per (local, remote) per

@@ -831,6 +831,52 @@ fn a_ports_last_owner_is_the_socket_that_used_it_last() {
     assert_eq!(last_owner(&mut e, 6 * S + 1), dig_owner);
 }
 
+/// A socket that leaves its port without a close (a disconnect releases an autobound port; a
+/// socket quiet for long enough is forgotten) is named there as of then, until another is.
+#[test]
+fn a_port_left_without_a_close_names_the_socket_that_left_it() {
+    let mut e = engine();
+    let refused_owner = |e: &mut Engine, port: u16, ts| {
+        let refused = KernelEvent {
+            cookie: 0,
+            task_unrelated: true,
+            local: SocketAddr::new(addr("10.0.0.1:0").ip(), port),
+            remote: SocketAddr::new(addr("10.0.0.9:0").ip(), u16::try_from(ts / S).unwrap()),
+            ..ev(Fact::NoSocket, ts)
+        };
+        let r = e.on(&refused, &none);
+        r[0].last_owner().map(|o| o.tgid)
+    };
+    let dig = |fact, port, ts| KernelEvent {
+        cookie: 8,
+        local: SocketAddr::new(addr("10.0.0.1:0").ip(), port),
+        who: Identity {
+            tgid: 200,
+            pid: 200,
+            ..nc()
+        },
+        ..ev(fact, ts)
+    };
+    let disconnect = KernelEvent {
+        remote: addr("0.0.0.0:0"),
+        ..ev(Fact::Connect, 2 * S)
+    };
+    run(&mut e, &[ev(Fact::Connect, S), disconnect]);
+    assert_eq!(e.stats().sockets_tracked, 1, "still open, without a port");
+    assert_eq!(refused_owner(&mut e, 5000, 3 * S), Some(100));
+    // Another socket takes the port.
+    run(&mut e, &[dig(Fact::FirstTx { bytes: 1 }, 5000, 4 * S)]);
+    assert_eq!(refused_owner(&mut e, 5000, 5 * S), Some(200));
+    // Both go quiet, their flows expire, and in the end they are forgotten: the port names
+    // the one seen there last, as of its last event.
+    let idle = ns(e.config().idle_timeout);
+    e.on_tick(4 * S + idle, &none);
+    e.on_tick(4 * S + 2 * idle, &none);
+    assert_eq!(e.stats().sockets_tracked, 0, "both forgotten");
+    assert_eq!(refused_owner(&mut e, 5000, 6 * S + 2 * idle), Some(200));
+    assert_eq!(refused_owner(&mut e, 6000, 7 * S + 2 * idle), None);
+}
+
 #[test]
 fn existing_sockets_are_learned_silently() {
     let mut e = engine();

@@ -959,12 +959,9 @@ impl Engine {
         let Some(flow) = self.flows.get_mut(r) else {
             return;
         };
-        // As learned, as the last owner of a closed port is (an ICMP error after the socket
-        // closed finds its peer by that one).
-        let key = PeerKey::new(owner.learned(), netns, id.remote);
         flow.peer = self
             .peers
-            .attach(key, owner, flow.family, flow.local(), ts_ns);
+            .attach(owner, (netns, id.remote), flow.family, flow.local(), ts_ns);
     }
 
     /// Tells a flow's peer what the flow's counters show now.

@@ -80,12 +80,19 @@ pub(super) fn can_answer(remote: &SocketAddr) -> bool {
     }
 }
 
-/// Who a peer is (see the module's rules). The remote address is held as bytes: a
-/// `SocketAddr` would make the key half as large again.
+/// Who a peer is (see the module's rules).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct PeerKey {
-    netns: u32,
     program: Name,
+    at: PeerAddr,
+}
+
+/// A peer's key but its program: what the table keeps of a key, since the program is its
+/// owner's (every flow that joins a peer has an owner of that program).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PeerAddr {
+    netns: u32,
+    /// As bytes: a `SocketAddr` would make it half as large again.
     ip: [u8; 16],
     port: u16,
     v6: bool,
@@ -95,32 +102,54 @@ impl Hash for PeerKey {
     // Word-sized writes: the derived hash feeds the name and the address byte by byte, and
     // hashing was the largest cost of a new flow's peer lookup.
     fn hash<H: Hasher>(&self, h: &mut H) {
+        let a = &self.at;
         h.write_u128(self.program.word());
-        h.write_u128(u128::from_ne_bytes(self.ip));
-        h.write_u64(u64::from(self.netns) << 32 | u64::from(self.port) << 8 | u64::from(self.v6));
+        h.write_u128(u128::from_ne_bytes(a.ip));
+        h.write_u64(u64::from(a.netns) << 32 | u64::from(a.port) << 8 | u64::from(a.v6));
+    }
+}
+
+/// The program a peer is keyed by: the process's name, or the thread's when that is unknown.
+fn program(owner: &Identity) -> Name {
+    if owner.process.is_empty() {
+        owner.comm
+    } else {
+        owner.process
     }
 }
 
 impl PeerKey {
     pub fn new(owner: &Identity, netns: u32, remote: SocketAddr) -> Self {
-        let program = if owner.process.is_empty() {
-            &owner.comm
-        } else {
-            &owner.process
-        };
         let (ip, v6) = match remote.ip() {
             IpAddr::V4(a) => (a.to_ipv6_mapped().octets(), false),
             IpAddr::V6(a) => (a.octets(), true),
         };
         Self {
-            netns,
-            program: *program,
-            ip,
-            port: remote.port(),
-            v6,
+            program: program(owner),
+            at: PeerAddr {
+                netns,
+                ip,
+                port: remote.port(),
+                v6,
+            },
         }
     }
 
+    /// The key of the peer in `slot`, whose address is `at`.
+    fn of(at: PeerAddr, slot: &Slot) -> Self {
+        Self {
+            program: program(slot.peer.owner.learned()),
+            at,
+        }
+    }
+
+    #[cfg(test)]
+    fn remote(&self) -> SocketAddr {
+        self.at.remote()
+    }
+}
+
+impl PeerAddr {
     fn remote(&self) -> SocketAddr {
         let a = Ipv6Addr::from(self.ip);
         let ip = match a.to_ipv4_mapped() {
@@ -213,10 +242,11 @@ struct Slot {
 }
 
 /// The slots' keys, and a hash table of slot numbers over them: each key is held once, and
-/// a table entry is 4 bytes instead of a key's copy.
+/// a table entry is 4 bytes instead of a key's copy. A key's program is its slot's owner's,
+/// so the methods that compare or hash keys take the slots.
 struct PeerIndex {
     /// By slot.
-    keys: Vec<PeerKey>,
+    addrs: Vec<PeerAddr>,
     table: HashTable<u32>,
     hasher: DefaultHashBuilder,
 }
@@ -224,7 +254,7 @@ struct PeerIndex {
 impl PeerIndex {
     fn new() -> Self {
         Self {
-            keys: Vec::new(),
+            addrs: Vec::new(),
             table: HashTable::new(),
             hasher: DefaultHashBuilder::default(),
         }
@@ -240,33 +270,33 @@ impl PeerIndex {
         self.hasher.hash_one(key)
     }
 
-    fn get(&self, key: &PeerKey, hash: u64) -> Option<u32> {
-        let keys = &self.keys;
+    fn get(&self, key: &PeerKey, hash: u64, slots: &[Slot]) -> Option<u32> {
+        let addrs = &self.addrs;
         self.table
-            .find(hash, |&i| keys[i as usize] == *key)
+            .find(hash, |&i| {
+                addrs[i as usize] == key.at
+                    && program(slots[i as usize].peer.owner.learned()) == key.program
+            })
             .copied()
     }
 
-    #[cfg(test)]
-    fn contains_key(&self, key: &PeerKey) -> bool {
-        self.get(key, self.hash(key)).is_some()
-    }
-
     /// Files `key` (whose hash is `hash`) under slot `i`, the next slot or one whose key was
-    /// removed.
-    fn insert(&mut self, key: PeerKey, hash: u64, i: u32) {
-        let (keys, hasher) = (&mut self.keys, &self.hasher);
-        match keys.get_mut(i as usize) {
-            Some(k) => *k = key,
-            None => keys.push(key),
+    /// removed, whose peer is already the key's.
+    fn insert(&mut self, key: PeerKey, hash: u64, i: u32, slots: &[Slot]) {
+        let (addrs, hasher) = (&mut self.addrs, &self.hasher);
+        match addrs.get_mut(i as usize) {
+            Some(a) => *a = key.at,
+            None => addrs.push(key.at),
         }
-        self.table
-            .insert_unique(hash, i, |&j| hasher.hash_one(keys[j as usize]));
+        self.table.insert_unique(hash, i, |&j| {
+            hasher.hash_one(PeerKey::of(addrs[j as usize], &slots[j as usize]))
+        });
     }
 
-    /// Unfiles slot `i` (its key stays until the slot is reused).
-    fn remove(&mut self, i: u32) {
-        let key = &self.keys[i as usize];
+    /// Unfiles slot `i`, whose peer is still the key's (its address stays until the slot is
+    /// reused).
+    fn remove(&mut self, i: u32, slots: &[Slot]) {
+        let key = PeerKey::of(self.addrs[i as usize], &slots[i as usize]);
         if let Ok(e) = self
             .table
             .find_entry(self.hasher.hash_one(key), |&j| j == i)
@@ -395,7 +425,7 @@ impl Peer {
 
     /// The SUMMARY of a run's interval, ending it at `now`; none when it folded nothing
     /// (its errors were printed).
-    fn run_summary(&self, key: &PeerKey, e: &mut ErrorRun, now: u64) -> Option<Report> {
+    fn run_summary(&self, at: &PeerAddr, e: &mut ErrorRun, now: u64) -> Option<Report> {
         let folded = std::mem::take(&mut e.folded);
         let unreachable = std::mem::take(&mut e.unreachable);
         let since = std::mem::replace(&mut e.since_ns, now);
@@ -408,15 +438,19 @@ impl Peer {
             unreachable,
             folded,
         }));
-        Some(self.report(key, ReportKind::Summary, now, detail))
+        Some(self.report(at, ReportKind::Summary, now, detail))
     }
 
-    fn report(&self, key: &PeerKey, kind: ReportKind, ts_ns: u64, detail: Detail) -> Report {
+    fn report(&self, at: &PeerAddr, kind: ReportKind, ts_ns: u64, detail: Detail) -> Report {
         let o = self.owner.now();
         // A process that has exited since is no pid, but the peer is still its program's.
         let owner = Identity {
-            process: if o.tgid == 0 { key.program } else { o.process },
-            netns: key.netns,
+            process: if o.tgid == 0 {
+                program(self.owner.learned())
+            } else {
+                o.process
+            },
+            netns: at.netns,
             ..*o
         };
         // No one socket: the flows each had their own.
@@ -424,11 +458,11 @@ impl Peer {
             kind,
             ts_ns,
             0,
-            (&owner, key.netns),
+            (&owner, at.netns),
             self.family,
             (
                 self.local.map_or_else(|| anywhere(self.family), Addr::get),
-                key.remote(),
+                at.remote(),
             ),
             detail,
         )
@@ -495,14 +529,17 @@ impl PeerTable {
     /// flowless one when full). The peer is named after this, its most recent, flow's owner.
     pub fn attach(
         &mut self,
-        key: PeerKey,
         owner: &Arc<Held>,
+        (netns, remote): (u32, SocketAddr),
         family: Family,
         local: SocketAddr,
         ts_ns: u64,
     ) -> PeerLink {
+        // As learned, as the last owner of a closed port is (an ICMP error after the socket
+        // closed finds its peer by that one).
+        let key = PeerKey::new(owner.learned(), netns, remote);
         let hash = self.index.hash(&key);
-        let idx = if let Some(i) = self.index.get(&key, hash) {
+        let idx = if let Some(i) = self.index.get(&key, hash, &self.slots) {
             if self.slots[i as usize].peer.flows == 0 {
                 self.unlink(i);
             }
@@ -529,13 +566,13 @@ impl PeerTable {
                 self.unlink(victim);
                 if let Some(mut e) = self.runs.remove(&victim) {
                     let s = &self.slots[victim as usize];
-                    let key = &self.index.keys[victim as usize];
+                    let at = &self.index.addrs[victim as usize];
                     // Covering the run up to now, reported at the interval's end.
-                    if let Some(r) = s.peer.run_summary(key, &mut e, ts_ns) {
+                    if let Some(r) = s.peer.run_summary(at, &mut e, ts_ns) {
                         self.orphans.push(r);
                     }
                 }
-                self.index.remove(victim);
+                self.index.remove(victim, &self.slots);
                 // The slot's entry in `candidates` stays: `tick` drops it unless the new
                 // peer qualifies by then.
                 let listed = self.slots[victim as usize].peer.listed;
@@ -543,7 +580,7 @@ impl PeerTable {
                 self.evicted += 1;
                 victim
             };
-            self.index.insert(key, hash, i);
+            self.index.insert(key, hash, i, &self.slots);
             i
         };
         self.slots[idx as usize].peer.merge_local(local);
@@ -601,16 +638,16 @@ impl PeerTable {
                 && let Some(mut e) = self.runs.remove(&link.idx)
             {
                 // The peer answers: its run of errors is over.
-                let key = &self.index.keys[link.idx as usize];
-                out.extend(p.run_summary(key, &mut e, at));
+                let addr = &self.index.addrs[link.idx as usize];
+                out.extend(p.run_summary(addr, &mut e, at));
             }
             if reported {
                 let detail = Detail::PeerResumed {
                     quiet_ns,
                     unanswered,
                 };
-                let key = &self.index.keys[link.idx as usize];
-                out.push(p.report(key, ReportKind::Resumed, at, detail));
+                let addr = &self.index.addrs[link.idx as usize];
+                out.push(p.report(addr, ReportKind::Resumed, at, detail));
             }
         }
         let sent = low32(c.tx_datagrams);
@@ -661,7 +698,7 @@ impl PeerTable {
 
     /// The peer's slot, if it is remembered.
     pub fn find(&self, key: &PeerKey) -> Option<u32> {
-        self.index.get(key, self.index.hash(key))
+        self.index.get(key, self.index.hash(key), &self.slots)
     }
 
     /// A new UNREACHABLE for the peer (one per flow and error; see the module's rules):
@@ -692,8 +729,8 @@ impl PeerTable {
             // Another error, or one after a long quiet: a new run.
             Some(false) => {
                 if let Some(mut old) = self.runs.remove(&idx) {
-                    let key = &self.index.keys[idx as usize];
-                    out.extend(s.peer.run_summary(key, &mut old, ts_ns));
+                    let at = &self.index.addrs[idx as usize];
+                    out.extend(s.peer.run_summary(at, &mut old, ts_ns));
                 }
             }
             None => {}
@@ -717,10 +754,10 @@ impl PeerTable {
     /// and the end of the runs without an error for `idle_ns`.
     pub fn end_interval(&mut self, now: u64, idle_ns: u64, out: &mut Vec<Report>) {
         let mut reports = std::mem::take(&mut self.orphans);
-        let (slots, keys) = (&self.slots, &self.index.keys);
+        let (slots, addrs) = (&self.slots, &self.index.addrs);
         self.runs.retain(|&idx, e| {
             let p = &slots[idx as usize].peer;
-            reports.extend(p.run_summary(&keys[idx as usize], e, now));
+            reports.extend(p.run_summary(&addrs[idx as usize], e, now));
             now.saturating_sub(e.last_ns) < idle_ns
         });
         // A stable order, whatever the table's.
@@ -764,7 +801,7 @@ impl PeerTable {
 
     /// The peer-scope SILENT rule, for every peer that may meet it.
     pub fn tick(&mut self, now: u64, silent_after_ns: u64, min_sends: u64, out: &mut Vec<Report>) {
-        let (slots, keys) = (&mut self.slots, &self.index.keys);
+        let (slots, addrs) = (&mut self.slots, &self.index.addrs);
         // Slot order, as a walk of every slot would report them.
         self.candidates.sort_unstable();
         self.candidates.retain(|&i| {
@@ -789,7 +826,7 @@ impl PeerTable {
                 no_reply_ns: now.saturating_sub(p.heard_ns()),
                 unanswered: p.unanswered(now),
             };
-            out.push(p.report(&keys[i as usize], ReportKind::Silent, now, detail));
+            out.push(p.report(&addrs[i as usize], ReportKind::Silent, now, detail));
             false
         });
     }
@@ -833,12 +870,8 @@ mod tests {
         }
     }
 
-    fn key(n: u8) -> PeerKey {
-        PeerKey::new(
-            &owner("dnsmasq"),
-            5,
-            SocketAddr::new(IpAddr::from([10, 0, 0, n]), 53),
-        )
+    fn remote(n: u8) -> SocketAddr {
+        SocketAddr::new(IpAddr::from([10, 0, 0, n]), 53)
     }
 
     fn local(port: u16) -> SocketAddr {
@@ -869,33 +902,39 @@ mod tests {
     #[test]
     fn local_keeps_the_address_and_drops_a_varying_port() {
         let mut t = PeerTable::new(4);
-        let a = t.attach(key(9), &held("dnsmasq"), Family::V4, local(4000), 1);
+        let a = t.attach(&held("dnsmasq"), (5, remote(9)), Family::V4, local(4000), 1);
         let p = |t: &PeerTable| t.slots[a.idx as usize].peer.local.map(Addr::get);
         assert_eq!(p(&t), Some(local(4000)));
-        t.attach(key(9), &held("dnsmasq"), Family::V4, local(4000), 2);
+        t.attach(&held("dnsmasq"), (5, remote(9)), Family::V4, local(4000), 2);
         assert_eq!(p(&t), Some(local(4000)), "one socket address, kept");
-        t.attach(key(9), &held("dnsmasq"), Family::V4, local(4001), 3);
+        t.attach(&held("dnsmasq"), (5, remote(9)), Family::V4, local(4001), 3);
         assert_eq!(p(&t), Some(local(0)));
         let other = SocketAddr::new(IpAddr::from([10, 0, 1, 1]), 4002);
-        t.attach(key(9), &held("dnsmasq"), Family::V4, other, 4);
+        t.attach(&held("dnsmasq"), (5, remote(9)), Family::V4, other, 4);
         assert_eq!(p(&t), Some(anywhere(Family::V4)));
         // An address not known yet (a connect() seen before the bind) changes nothing.
         let wild = anywhere(Family::V4);
-        let b = t.attach(key(8), &held("dnsmasq"), Family::V4, wild, 5);
+        let b = t.attach(&held("dnsmasq"), (5, remote(8)), Family::V4, wild, 5);
         assert_eq!(t.slots[b.idx as usize].peer.local, None);
-        t.attach(key(8), &held("dnsmasq"), Family::V4, local(5000), 6);
+        t.attach(&held("dnsmasq"), (5, remote(8)), Family::V4, local(5000), 6);
         assert_eq!(
             t.slots[b.idx as usize].peer.local.map(Addr::get),
             Some(local(5000))
         );
         // IPv6, and an IPv4 address seen v4-mapped on a dual-stack socket.
         let v6 = |ip: &str, port| SocketAddr::new(ip.parse().unwrap(), port);
-        let c = t.attach(key(7), &held("d"), Family::V6, v6("fd00::1", 53), 7);
+        let c = t.attach(&held("d"), (5, remote(7)), Family::V6, v6("fd00::1", 53), 7);
         let p = |t: &PeerTable| t.slots[c.idx as usize].peer.local.map(Addr::get);
         assert_eq!(p(&t), Some(v6("fd00::1", 53)));
-        t.attach(key(7), &held("d"), Family::V6, v6("fd00::1", 54), 8);
+        t.attach(&held("d"), (5, remote(7)), Family::V6, v6("fd00::1", 54), 8);
         assert_eq!(p(&t), Some(v6("fd00::1", 0)));
-        t.attach(key(7), &held("d"), Family::V6, v6("::ffff:10.0.0.1", 54), 9);
+        t.attach(
+            &held("d"),
+            (5, remote(7)),
+            Family::V6,
+            v6("::ffff:10.0.0.1", 54),
+            9,
+        );
         assert_eq!(p(&t), Some(anywhere(Family::V6)));
     }
 
@@ -918,24 +957,24 @@ mod tests {
     #[test]
     fn only_flowless_peers_are_evicted_least_recently_used_first() {
         let mut t = PeerTable::new(3);
-        let a = t.attach(key(1), &held("a"), Family::V4, local(1), 1);
-        let b = t.attach(key(2), &held("b"), Family::V4, local(2), 2);
-        let c = t.attach(key(3), &held("c"), Family::V4, local(3), 3);
+        let a = t.attach(&held("a"), (5, remote(1)), Family::V4, local(1), 1);
+        let b = t.attach(&held("b"), (5, remote(2)), Family::V4, local(2), 2);
+        let c = t.attach(&held("c"), (5, remote(3)), Family::V4, local(3), 3);
         t.detach(&b, false);
         t.detach(&a, false);
         // Full: the new peer takes b's slot (flowless longest), not c's (live).
-        let d = t.attach(key(4), &held("d"), Family::V4, local(4), 4);
+        let d = t.attach(&held("d"), (5, remote(4)), Family::V4, local(4), 4);
         assert_eq!((d.idx, t.evicted(), t.len()), (b.idx, 1, 3));
-        assert!(!t.index.contains_key(&key(2)));
+        assert_eq!(t.find(&PeerKey::new(&owner("b"), 5, remote(2))), None);
         // a comes back: the same peer, no eviction.
-        let a2 = t.attach(key(1), &held("a"), Family::V4, local(1), 5);
+        let a2 = t.attach(&held("a"), (5, remote(1)), Family::V4, local(1), 5);
         assert_eq!((a2.idx, t.evicted()), (a.idx, 1));
         // Every peer has a live flow: the next one takes no part rather than evicting one.
-        let e = t.attach(key(5), &held("e"), Family::V4, local(5), 6);
+        let e = t.attach(&held("e"), (5, remote(5)), Family::V4, local(5), 6);
         assert!(!e.is_linked());
         assert_eq!((t.evicted(), t.len()), (1, 3));
         t.detach(&c, false);
-        let e = t.attach(key(5), &held("e"), Family::V4, local(5), 7);
+        let e = t.attach(&held("e"), (5, remote(5)), Family::V4, local(5), 7);
         assert_eq!((e.idx, t.evicted()), (c.idx, 2));
     }
 
@@ -951,7 +990,13 @@ mod tests {
     /// A flow to peer `n` that sent `sends` datagrams at `at`, told to the table.
     fn flow(t: &mut PeerTable, n: u8, sends: u64, at: u64) -> PeerLink {
         let mut out = Vec::new();
-        let mut l = t.attach(key(n), &held("dnsmasq"), Family::V4, local(4000), at);
+        let mut l = t.attach(
+            &held("dnsmasq"),
+            (5, remote(n)),
+            Family::V4,
+            local(4000),
+            at,
+        );
         t.sync(&mut l, &sent(sends, at), local(4000), at, &mut out);
         assert!(out.is_empty());
         l
@@ -991,8 +1036,8 @@ mod tests {
         assert_eq!(
             remotes,
             [
-                (ReportKind::Silent, key(2).remote()),
-                (ReportKind::Silent, key(3).remote())
+                (ReportKind::Silent, remote(2)),
+                (ReportKind::Silent, remote(3))
             ]
         );
         assert!(
@@ -1050,7 +1095,7 @@ mod tests {
         assert_eq!(listed(&t), [c1.idx], "not listed twice");
         t.tick(200, 100, 2, &mut out);
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].remote, key(3).remote());
+        assert_eq!(out[0].remote, remote(3));
         assert!(t.candidates.is_empty());
         // A new peer that does not qualify: the inherited entry goes at the next tick.
         let mut t = PeerTable::new(1);
@@ -1084,7 +1129,13 @@ mod tests {
             now += 1 + next(3);
             match next(10) {
                 0..=1 if flows.len() < 4 => {
-                    let l = t.attach(key(next(6) as u8), &held("d"), Family::V4, local(1), now);
+                    let l = t.attach(
+                        &held("d"),
+                        (5, remote(next(6) as u8)),
+                        Family::V4,
+                        local(1),
+                        now,
+                    );
                     if l.is_linked() {
                         flows.push((l, Counters::default(), now));
                     }
@@ -1121,7 +1172,7 @@ mod tests {
                         assert!(!s.peer.may_go_silent() || s.peer.listed);
                     }
                     let (after, min_sends) = (5 + next(10), 1 + next(3));
-                    let want: Vec<_> = (t.slots.iter().zip(&t.index.keys))
+                    let want: Vec<_> = (t.slots.iter().zip(&t.index.addrs))
                         .filter(|(s, _)| {
                             let p = &s.peer;
                             p.silence == Silence::None

@@ -866,21 +866,16 @@ impl Engine {
         }
     }
 
-    /// The open sockets on (netns, port) that have an owner.
-    fn open_on(&self, netns: u32, port: u16) -> impl Iterator<Item = &Socket> {
-        self.ports
-            .candidates(port)
-            .filter_map(|c| self.sockets.get(&c))
-            .filter(move |s| s.netns == netns && s.local.port() == port && s.owner.is_some())
-    }
-
     /// The process last seen on (netns, port): of its open sockets, the one an event named
     /// last, unless a socket left the port after that.
     fn last_owner(&self, netns: u32, port: u16) -> Option<Identity> {
         let open = self
-            .open_on(netns, port)
-            .max_by_key(|s| s.seen_ns)
-            .and_then(|s| Some((s.owner.as_ref()?, s.seen_ns)));
+            .ports
+            .candidates(port)
+            .filter_map(|c| self.sockets.get(&c))
+            .filter(|s| s.netns == netns && s.local.port() == port)
+            .filter_map(|s| Some((s.owner.as_ref()?, s.seen_ns)))
+            .max_by_key(|&(_, seen)| seen);
         let owner = match (open, self.ports.last_left(netns, port)) {
             (Some((o, seen)), Some((_, left))) if seen >= left => o,
             (_, Some((o, _))) | (Some((o, _)), None) => o,

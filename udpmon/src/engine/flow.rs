@@ -227,8 +227,8 @@ struct Rare {
 
 /// [`State`]'s variant, stored in [`Flow`] without its payload: `last_rx_ns` is
 /// [`Flow::trouble_rx_ns`], and an unreachable flow's ICMP and time are in [`Rare`], which
-/// such a flow has for its ICMP error count anyway. A `State` in place took 24 bytes of
-/// every flow, this takes 9.
+/// such a flow has for its ICMP error count anyway: 9 bytes of every flow instead of a
+/// `State`'s 24.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum StateKind {
     Active,
@@ -245,18 +245,18 @@ pub(super) struct Flow {
     pub opened_ns: u64,
     /// The rx count (its [`low32`]: only a change is looked for) at the last tick that saw
     /// it change, and the tx count then minus the sends that certainly followed that
-    /// receive: "sends since the last reply" is `counters.tx_datagrams - tx_at_rx`, a lower
-    /// bound.
+    /// receive, whose difference to the tx count is "sends since the last reply", a lower
+    /// bound ([`Flow::unanswered`]).
     pub rx_seen: u32,
-    /// [`low32`], as `credited_tx` in [`PeerLink`]: it is never above the tx count, which a
-    /// flow cannot raise by 2^32 without a reply to be unanswered.
+    /// [`low32`], as `credited_tx` in [`PeerLink`]: the difference is exact while fewer than
+    /// 2^32 sends follow the last reply, and SILENT comes long before that.
     pub tx_at_rx: u32,
     /// When the kernel entry whose counters were last read was created (0: none read yet).
     pub kernel_first_ns: u64,
     /// The flow's first datagram in either direction, valid when `has_first_tx` or
     /// `has_first_rx`: the other direction's first one only ever needs the time between the
     /// two ([`Flow::set_first`]).
-    first_ns: u64,
+    first_datagram_ns: u64,
     /// `last_rx_ns` of the [`State`] (0 while active).
     trouble_rx_ns: u64,
     /// Error counts, the last APP-ERROR's errno, and what earlier kernel entries of this
@@ -291,7 +291,7 @@ impl Flow {
             rx_seen: 0,
             tx_at_rx: 0,
             kernel_first_ns: 0,
-            first_ns: 0,
+            first_datagram_ns: 0,
             trouble_rx_ns: 0,
             rare: None,
             local: Addr::new(local),
@@ -325,9 +325,9 @@ impl Flow {
     /// reply took.
     pub fn set_first(&mut self, tx: bool, ts_ns: u64) -> Option<u64> {
         let other = self.has_first(!tx);
-        let reply_after = other.then(|| ts_ns.abs_diff(self.first_ns));
+        let reply_after = other.then(|| ts_ns.abs_diff(self.first_datagram_ns));
         if !other {
-            self.first_ns = ts_ns;
+            self.first_datagram_ns = ts_ns;
         }
         if tx {
             self.has_first_tx = true;

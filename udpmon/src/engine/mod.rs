@@ -154,6 +154,10 @@ struct Socket {
     new_flows: u32,
     /// In `Engine::flowless`, once.
     listed: bool,
+    /// Neighbours in the list of open sockets on its local port, most recently named first
+    /// (cookies; 0: none): see `ports.rs`.
+    port_prev: u64,
+    port_next: u64,
 }
 
 /// A REFUSED datagram's (netns, local, remote): reported once per idle timeout.
@@ -751,7 +755,7 @@ impl Engine {
     }
 
     /// Drops sockets without flows that nothing has named for the idle timeout, expired
-    /// REFUSED rate-limit entries, and the oldest closed port owners beyond the flow bound.
+    /// REFUSED rate-limit entries, and the ports left longest ago beyond the flow bound.
     fn forget(&mut self, now: u64) {
         let idle = ns(self.cfg.idle_timeout);
         while let Some(&Reverse((at, cookie))) = self.flowless.peek()
@@ -768,7 +772,7 @@ impl Engine {
             }
             let until = s.seen_ns.saturating_add(idle);
             if until <= now {
-                // Named on its port as of its last event, as if it had closed then.
+                // Named on its port as of when it was last active, as if it had closed then.
                 let (port, seen_ns) = (s.local.port(), s.seen_ns);
                 self.vacate(cookie, port, seen_ns);
                 self.sockets.remove(&cookie);
@@ -806,6 +810,8 @@ impl Engine {
                 summarised: false,
                 new_flows: 0,
                 listed: false,
+                port_prev: 0,
+                port_next: 0,
             }
         });
         sock.seen_ns = sock.seen_ns.max(ev.ts_ns);
@@ -834,58 +840,10 @@ impl Engine {
         }
         if sock.local.port() != old_port {
             self.port_changed(ev.cookie, old_port, ev.ts_ns);
+        } else if sock.port_prev != 0 && sock.owner.is_some() {
+            self.named_on_port(ev.cookie);
         }
         created
-    }
-
-    /// The socket's record has a new local port, where its old one was `old_port` (0: none).
-    fn port_changed(&mut self, cookie: u64, old_port: u16, ts_ns: u64) {
-        self.vacate(cookie, old_port, ts_ns);
-        let Some(port) = self.sockets.get(&cookie).map(|s| s.local.port()) else {
-            return;
-        };
-        if port != 0 {
-            let sockets = &self.sockets;
-            self.ports.add(port, cookie, |c| {
-                sockets.get(&c).map_or(0, |s| s.local.port())
-            });
-        }
-    }
-
-    /// The socket leaves `port` (0: none) at `ts_ns`, where its owner is named from then on
-    /// until another is.
-    fn vacate(&mut self, cookie: u64, port: u16, ts_ns: u64) {
-        if port == 0 {
-            return;
-        }
-        self.ports.remove(port, cookie);
-        if let Some(s) = self.sockets.get(&cookie)
-            && let Some(owner) = &s.owner
-        {
-            self.ports.left(s.netns, port, owner.clone(), ts_ns);
-        }
-    }
-
-    /// The process last seen on (netns, port): of its open sockets, the one an event named
-    /// last, unless a socket left the port after that.
-    fn last_owner(&self, netns: u32, port: u16) -> Option<Identity> {
-        let open = self
-            .ports
-            .candidates(port)
-            .filter_map(|c| self.sockets.get(&c))
-            .filter(|s| s.netns == netns && s.local.port() == port)
-            .filter_map(|s| Some((s.owner.as_ref()?, s.seen_ns)))
-            .max_by_key(|&(_, seen)| seen);
-        let owner = match (open, self.ports.last_left(netns, port)) {
-            (Some((o, seen)), Some((_, left))) if seen >= left => o,
-            (_, Some((o, _))) | (Some((o, _)), None) => o,
-            (None, None) => return None,
-        };
-        // In the port's namespace, which the owner may have been learned outside of.
-        Some(Identity {
-            netns,
-            ..*owner.learned()
-        })
     }
 
     /// The event's peer; for a connected socket whose hook could not see the address, the
@@ -1390,25 +1348,19 @@ impl Engine {
         }
         // A socket whose namespace is not known (no hook named it) is a candidate only when
         // none in the error's namespace sent alike.
-        let port = ev.local.port();
         let (_, cookie) = self
-            .ports
-            .candidates(port)
-            .filter_map(|cookie| {
-                let s = self.sockets.get(&cookie)?;
+            .on_port(ev.local.port())
+            .filter_map(|(cookie, s)| {
+                let netns_known = s.netns == ev.who.netns;
+                if !netns_known && s.netns != 0 && ev.who.netns != 0 {
+                    return None;
+                }
                 let r = self.flows.find(&FlowId {
                     cookie,
                     remote: ev.remote,
                 })?;
                 let ip = self.flows.get(r)?.local().ip();
-                if s.local.port() != port || !(ip == ev.local.ip() || ip.is_unspecified()) {
-                    return None;
-                }
-                if s.netns == ev.who.netns {
-                    Some((true, cookie))
-                } else {
-                    (s.netns == 0 || ev.who.netns == 0).then_some((false, cookie))
-                }
+                (ip == ev.local.ip() || ip.is_unspecified()).then_some((netns_known, cookie))
             })
             .max()?;
         Some(KernelEvent {

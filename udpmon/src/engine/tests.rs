@@ -1570,6 +1570,9 @@ mod props {
         }
 
         fn check(&mut self, reports: &[Report], e: &Engine) -> Result<(), TestCaseError> {
+            if let Err(why) = e.check_ports() {
+                prop_assert!(false, "{why}");
+            }
             for r in reports {
                 let id = FlowId {
                     cookie: r.cookie,

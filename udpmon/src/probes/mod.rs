@@ -602,6 +602,9 @@ fn attach(
                         "the kernel refuses this program type (EPERM before verification)"
                     );
                 }
+                if log.is_empty() {
+                    return anyhow!("the kernel refused to load it ({io_error}), saying nothing");
+                }
                 let lines: Vec<&str> = log.lines().collect();
                 let tail = lines[lines.len().saturating_sub(6)..].join("\n    ");
                 // Worded for the system tests too: a program the kernel's verifier refuses

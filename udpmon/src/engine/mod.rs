@@ -773,10 +773,8 @@ impl Engine {
             let until = s.seen_ns.saturating_add(idle);
             if until <= now {
                 // Named on its port as of when it was last active, as if it had closed then.
-                let (port, seen_ns) = (s.local.port(), s.seen_ns);
-                self.vacate(cookie, port, seen_ns);
-                self.sockets.remove(&cookie);
-                self.last_app_error.remove(&cookie);
+                let seen_ns = s.seen_ns;
+                self.drop_socket(cookie, seen_ns);
             } else {
                 s.listed = true;
                 self.flowless.push(Reverse((until, cookie)));
@@ -1484,6 +1482,11 @@ impl Engine {
         {
             out.push(summary_report(&self.sockets, cookie, &mut b, ts_ns));
         }
+        self.drop_socket(cookie, ts_ns);
+    }
+
+    /// Forgets a socket that closed or went quiet, its port naming it as of `ts_ns`.
+    fn drop_socket(&mut self, cookie: u64, ts_ns: u64) {
         let Some(port) = self.sockets.get(&cookie).map(|s| s.local.port()) else {
             return;
         };
